@@ -1,0 +1,52 @@
+"""`make run`: serve Chattle in the foreground until Ctrl-C.
+
+One worker runs `python chattle.py` on the in-memory bus. More workers run gunicorn
+on the shared Redis bus, with a local redis-server started for it when no --redis is
+given, so the multi-worker setup is one command.
+"""
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from bench.servers import ChattleServer, RedisServer
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="gunicorn workers; more than 1 uses the shared Redis bus (default %(default)s)")
+    parser.add_argument("--redis", default=os.environ.get("CHATTLE_REDIS_URL", ""),
+                        help="Redis URL of the shared bus; empty with --workers > 1 starts a local redis-server")
+    args = parser.parse_args(argv)
+
+    redis = None
+    redis_url = args.redis
+    if args.workers > 1 and not redis_url:
+        redis = RedisServer()
+        redis_url = redis.url
+        print("run: started redis-server (pid %d) on %s, data in %s" % (redis.pid, redis_url, redis.workdir))
+    server = ChattleServer(port=args.port, workers=args.workers, redis_url=redis_url or None, log_path="-")
+    print("run: chattle on %s/ (%s, pid %d); open it in two browser windows. Ctrl-C stops."
+          % (server.url, "gunicorn x%d" % args.workers if server.gunicorn else "python chattle.py", server.pid))
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    try:
+        while not stopping and server.alive():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        code = server.stop()
+        if redis is not None:
+            redis.stop()
+    if not server.alive() and code not in (0, -signal.SIGTERM, None) and not stopping:
+        print(server.log_tail(), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Start and stop the processes a run needs: a Chattle server and a redis-server.
+
+One place for it, used by `make run`, `make load`, `make bench` and the tests alike.
+Every process is started here, remembered by its pid and ended by that pid only.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host=LOOPBACK):
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def get_json(url, timeout=5.0):
+    """(status, decoded body) of a GET; errors answered by the server are returned, not raised."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read() or b"null")
+    except urllib.error.HTTPError as error:
+        body = error.read()
+        try:
+            return error.code, json.loads(body or b"null")
+        except ValueError:
+            return error.code, body
+
+
+def post_json(url, payload, timeout=5.0):
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+class Process:
+    """A child process we started; stop() ends it (and only it) by pid."""
+
+    def __init__(self, argv, env=None, cwd=ROOT, log_path=None):
+        self.argv = argv
+        self.log_path = log_path
+        # "-": share our terminal; a path: append there; None: discard
+        self._log = None if log_path == "-" else open(log_path, "ab") if log_path else subprocess.DEVNULL
+        self.popen = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL)
+        self.pid = self.popen.pid
+
+    def alive(self):
+        return self.popen.poll() is None
+
+    def signal(self, signum):
+        if self.alive():
+            os.kill(self.pid, signum)
+
+    def stop(self, grace=10.0):
+        if self.alive():
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+            self._log = subprocess.DEVNULL
+        return self.popen.returncode
+
+    def log_tail(self, lines=30):
+        if not self.log_path or self.log_path == "-" or not os.path.exists(self.log_path):
+            return ""
+        with open(self.log_path, "rb") as log:
+            return b"\n".join(log.read().splitlines()[-lines:]).decode("utf-8", "replace")
+
+
+def wait_until(check, timeout, what, process=None, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and not process.alive():
+            raise RuntimeError("%s: the process exited early (code %s)\n%s"
+                               % (what, process.popen.returncode, process.log_tail()))
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(interval)
+    raise RuntimeError("%s: not ready after %gs\n%s" % (what, timeout, process.log_tail() if process else ""))
+
+
+class RedisServer(Process):
+    """A real redis-server on a loopback port, its data in its own directory."""
+
+    def __init__(self, workdir=None, port=None, appendonly=True):
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise FileNotFoundError("redis-server is not installed; `apt-get install redis-server` "
+                                    "(or point REDIS= at a running one)")
+        self.workdir = workdir or tempfile.mkdtemp(prefix="chattle-redis-")
+        self.port = port or free_port()
+        self.url = "redis://%s:%d/0" % (LOOPBACK, self.port)
+        argv = [exe, "--port", str(self.port), "--bind", LOOPBACK, "--dir", self.workdir,
+                "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
+                "--protected-mode", "yes", "--maxclients", "10000"]
+        super().__init__(argv, cwd=self.workdir, log_path=os.path.join(self.workdir, "redis.log"))
+        wait_until(self.ping, 10, "redis-server on port %d" % self.port, self)
+
+    def ping(self):
+        with socket.create_connection((LOOPBACK, self.port), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+
+    def restart(self):
+        """Stop and start again on the same port and directory (AOF replays)."""
+        self.stop()
+        self.__init__(self.workdir, self.port, appendonly=True)
+
+
+class ChattleServer(Process):
+    """Chattle under `python chattle.py` (one process) or gunicorn with N gevent workers."""
+
+    def __init__(self, port=None, workers=1, redis_url=None, env=None, log_path=None, gunicorn=None,
+                 python=sys.executable, extra_args=()):
+        self.port = port or free_port()
+        self.url = "http://%s:%d" % (LOOPBACK, self.port)
+        self.workers = workers
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env["PYTHONUNBUFFERED"] = "1"
+        if redis_url:
+            full_env["CHATTLE_REDIS_URL"] = redis_url
+        self.gunicorn = workers > 1 if gunicorn is None else gunicorn
+        if self.gunicorn:
+            argv = [python, "-m", "gunicorn", "--config", os.path.join(ROOT, "gunicorn.conf.py"),
+                    "--bind", "%s:%d" % (LOOPBACK, self.port), "--workers", str(workers), *extra_args, "chattle"]
+        else:
+            argv = [python, os.path.join(ROOT, "chattle.py"), "--host", LOOPBACK, "--port", str(self.port),
+                    *extra_args]
+        if log_path is None:
+            log_path = tempfile.mkstemp(prefix="chattle-server-", suffix=".log")[1]
+        super().__init__(argv, env=full_env, log_path=log_path)
+        wait_until(self.healthy, 30, "chattle on %s" % self.url, self)
+        if self.gunicorn:
+            wait_until(lambda: len(self.worker_pids()) >= workers, 30, "%d gunicorn workers" % workers, self)
+
+    def healthy(self):
+        status, _body = get_json(self.url + "/health", timeout=1)
+        return status == 200
+
+    def worker_pids(self):
+        """The pids that serve requests: gunicorn's workers, or the single process."""
+        if not self.gunicorn:
+            return [self.pid]
+        import psutil
+        try:
+            return [child.pid for child in psutil.Process(self.pid).children()]
+        except psutil.NoSuchProcess:
+            return []

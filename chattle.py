@@ -1,0 +1,519 @@
+#!/usr/bin/env python3
+"""Chattle: a Bottle + gevent long-poll chat server.
+
+Every waiting client is a greenlet parked on its room's gevent Event; a post swaps
+in a fresh Event and sets the old one, waking every held poll at once (the
+"Event-based broadcast path"). The contract with every client is the wire protocol
+described in README.md (version 1).
+
+    python chattle.py [--port 8080]                                  # one process
+    gunicorn --bind 0.0.0.0:8080 --worker-class gevent --workers 1 chattle
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402  (everything below must see the patched stdlib)
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections import deque  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.event import Event  # noqa: E402
+from bottle import Bottle, HTTPResponse, request, response, static_file, template  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STATIC_ROOT = os.path.join(HERE, "static")
+VIEWS_ROOT = os.path.join(HERE, "views")
+
+PROTOCOL_VERSION = 1
+
+###############################################################################
+# Settings: argparse flags for `python chattle.py`, CHATTLE_* variables for gunicorn
+###############################################################################
+
+ROOM_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+MAX_BODY_BYTES = 16 * 1024
+MAX_FROM_CHARS = 40
+MAX_CONTENT_CHARS = 2000
+MAX_POLL_TIMEOUT = 60.0
+MAX_LIMIT = 1000
+DEFAULT_LIMIT_SINCE = 100
+DEFAULT_LIMIT_RECENT = 50
+BODY_READ_TIMEOUT = 10.0  # a client that promises a body and stalls must not hold a greenlet
+
+# (flag, environment variable, type, default, help)
+SETTINGS = [
+    ("host", "CHATTLE_HOST", str, "127.0.0.1", "address to listen on"),
+    ("port", "CHATTLE_PORT", int, 8080, "TCP port to listen on"),
+    ("history", "CHATTLE_HISTORY", int, 500, "messages retained per room; older ones count as 'missed'"),
+    ("poll_timeout", "CHATTLE_POLL_TIMEOUT", float, 25.0,
+     "seconds a poll is held when the client gives no 'timeout' (0 to 60)"),
+    ("redis", "CHATTLE_REDIS_URL", str, "",
+     "share one history between workers and hosts through Redis, e.g. redis://127.0.0.1:6379/0; "
+     "empty keeps the in-memory bus"),
+    ("access_log", "CHATTLE_ACCESS_LOG", int, 0,
+     "1 logs every request (costly with thousands of held polls)"),
+]
+
+
+class Settings:
+    def __init__(self, **values):
+        for name, _env, kind, default, _help in SETTINGS:
+            setattr(self, name, kind(values.get(name, default)))
+        if not 1 <= self.history:
+            raise SystemExit("chattle: --history must be at least 1")
+        if not 0 <= self.poll_timeout <= MAX_POLL_TIMEOUT:
+            raise SystemExit("chattle: --poll-timeout must be between 0 and %g seconds" % MAX_POLL_TIMEOUT)
+
+    @classmethod
+    def from_environ(cls, environ=os.environ):
+        values = {}
+        for name, env, kind, _default, _help in SETTINGS:
+            if env in environ:
+                try:
+                    values[name] = kind(environ[env])
+                except ValueError:
+                    raise SystemExit("chattle: %s=%r is not a valid %s" % (env, environ[env], kind.__name__))
+        return cls(**values)
+
+
+def parse_args(argv=None):
+    defaults = Settings.from_environ()
+    parser = argparse.ArgumentParser(
+        description="Chattle long-poll chat server (gevent pywsgi). "
+        "Every flag can also be set with the CHATTLE_* variable named in its help.")
+    for name, env, kind, _default, help_text in SETTINGS:
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
+                            help="%s (env %s, default %%(default)s)" % (help_text, env))
+    return Settings(**vars(parser.parse_args(argv)))
+
+
+###############################################################################
+# JSON answers and errors
+###############################################################################
+
+JSON_TYPE = "application/json; charset=utf-8"
+
+
+def encode(obj):
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def json_error(status, message, **headers):
+    """An HTTPResponse to raise: every error the protocol names is a JSON object."""
+    headers["Content-Type"] = JSON_TYPE
+    return HTTPResponse(encode({"error": message}), status, headers)
+
+
+###############################################################################
+# Rooms: a bounded history and the Event its held polls wait on
+###############################################################################
+
+class Room:
+    """One room's retained messages, and the two verbs: add a message, wait for one.
+
+    Each message is kept as (id, its JSON encoding), encoded once when it arrives,
+    so a fan-out to N waiters on one cursor joins the fragments once and sends the
+    same bytes N times.
+    """
+
+    __slots__ = ("name", "messages", "last_id", "_posted", "_answers", "_name_json", "registry")
+
+    ANSWER_CACHE_SIZE = 64
+
+    def __init__(self, name, history, registry):
+        self.name = name
+        self.messages = deque(maxlen=history)
+        self.last_id = 0
+        self._posted = Event()
+        self._answers = {}
+        self._name_json = encode(name)
+        self.registry = registry
+
+    # -- verb 1 ---------------------------------------------------------------
+    def add(self, message_id, fragment):
+        """Retain a message and wake every poll held on this room.
+
+        A fresh Event per post: a woken waiter never sees a set Event it would spin
+        on, and a waiter that checks `last_id` and then waits cannot miss a post,
+        since nothing yields between its check and its wait.
+        """
+        if message_id <= self.last_id:
+            return  # the bus may deliver an entry a poll already fetched from it
+        self.messages.append((message_id, fragment))
+        self.last_id = message_id
+        self._answers.clear()
+        posted, self._posted = self._posted, Event()
+        posted.set()
+
+    # -- verb 2 ---------------------------------------------------------------
+    def wait_for_news(self, since, timeout):
+        """Hold the calling greenlet until a message after `since` exists, or timeout."""
+        if self.last_id > since or timeout <= 0:
+            return
+        deadline = time.monotonic() + timeout
+        registry = self.registry
+        registry.waiters += 1
+        try:
+            while self.last_id <= since and not registry.closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._posted.wait(remaining)
+        finally:
+            registry.waiters -= 1
+
+    def wake_all(self):
+        posted, self._posted = self._posted, Event()
+        posted.set()
+
+    # -- answers ----------------------------------------------------------------
+    def answer(self, since, limit):
+        """The encoded poll answer for `since` (None: the newest) as the room is now."""
+        key = (since, limit)
+        body = self._answers.get(key)
+        if body is None:
+            body = self._encode_answer(since, limit)
+            if len(self._answers) >= self.ANSWER_CACHE_SIZE:
+                self._answers.clear()
+            self._answers[key] = body
+        return body
+
+    def _encode_answer(self, since, limit):
+        self.registry.encodes += 1
+        messages = self.messages
+        reset = since is not None and since > self.last_id
+        missed = 0
+        if since is None or reset:
+            chosen = list(messages)[-limit:] if limit < len(messages) else list(messages)
+            cursor = self.last_id
+        else:
+            first_id = messages[0][0] if messages else self.last_id + 1
+            missed = max(0, first_id - 1 - since)
+            start = since + 1 + missed - first_id  # index of the first message to send
+            chosen = [messages[i] for i in range(start, min(start + limit, len(messages)))]
+            cursor = chosen[-1][0] if chosen else since
+        parts = [b'{"room":', self._name_json, b',"messages":[',
+                 b",".join(fragment for _id, fragment in chosen),
+                 b'],"cursor":%d,"missed":%d' % (cursor, missed)]
+        if reset:
+            parts.append(b',"reset":true')
+        parts.append(b"}")
+        return b"".join(parts)
+
+
+class Rooms:
+    """Every room this worker knows, created on first use, and the worker's counters."""
+
+    def __init__(self, history):
+        self.history = history
+        self.by_name = {}
+        self.waiters = 0      # polls held right now
+        self.encodes = 0      # poll answers encoded (a fan-out on one cursor costs one)
+        self.closing = False  # set on shutdown: held polls answer at once
+
+    def get(self, name):
+        room = self.by_name.get(name)
+        if room is None:
+            room = self.by_name[name] = Room(name, self.history, self)
+        return room
+
+    def retained(self):
+        return sum(len(room.messages) for room in self.by_name.values())
+
+    def close(self):
+        """Answer every held poll now, so a graceful stop is not held up by long-polls."""
+        self.closing = True
+        for room in list(self.by_name.values()):
+            room.wake_all()
+
+
+###############################################################################
+# Buses: how a post reaches every worker's rooms
+###############################################################################
+
+class BusUnavailable(Exception):
+    """The shared bus cannot be reached; nothing was written."""
+
+
+class MemoryBus:
+    """One process, no setup: the post is the wake-up."""
+
+    name = "memory"
+
+    def __init__(self, rooms):
+        self.rooms = rooms
+
+    def publish(self, room_name, sender, content):
+        room = self.rooms.get(room_name)
+        message = {"id": room.last_id + 1, "from": sender, "content": content, "ts": time.time()}
+        room.add(message["id"], encode(message))
+        return message
+
+    def healthy(self):
+        return True
+
+    def close(self):
+        pass
+
+
+def make_bus(settings, rooms):
+    if settings.redis:
+        raise SystemExit("chattle: the Redis bus is not available in this build")
+    return MemoryBus(rooms)
+
+
+###############################################################################
+# Input checks
+###############################################################################
+
+_CONTROL_IN_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_IN_CONTENT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def query_number(name, kind, low, high, default):
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value != value or not low <= value <= high:  # value != value: NaN
+        raise json_error(400, "query parameter %r must be %s from %s to %s, got %r"
+                         % (name, "an integer" if kind is int else "a number", low, high, raw[:40]))
+    return value
+
+
+def read_json_object():
+    media_type = request.environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise json_error(415, "send the message as JSON with 'Content-Type: application/json'")
+    raw_length = request.environ.get("CONTENT_LENGTH") or ""
+    if raw_length:
+        if not raw_length.isdigit():
+            raise json_error(400, "Content-Length %r is not a byte count" % raw_length[:40])
+        if int(raw_length) > MAX_BODY_BYTES:
+            raise json_error(413, "body of %s bytes is over the %d byte limit" % (raw_length, MAX_BODY_BYTES),
+                             Connection="close")
+        to_read = int(raw_length)
+    else:
+        to_read = MAX_BODY_BYTES + 1  # chunked: read one byte past the limit to see it
+    try:
+        with gevent.Timeout(BODY_READ_TIMEOUT):
+            body = request.environ["wsgi.input"].read(to_read)
+    except gevent.Timeout:
+        raise json_error(400, "the body did not arrive within %g seconds" % BODY_READ_TIMEOUT,
+                         Connection="close")
+    except (OSError, ValueError) as exc:
+        raise json_error(400, "the body could not be read: %s" % exc, Connection="close")
+    if len(body) > MAX_BODY_BYTES:
+        raise json_error(413, "body is over the %d byte limit" % MAX_BODY_BYTES, Connection="close")
+    if raw_length and len(body) < to_read:
+        raise json_error(400, "the body ended after %d of %d bytes" % (len(body), to_read), Connection="close")
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise json_error(400, 'body is not JSON; send {"from": "<name>", "content": "<text>"}')
+    if not isinstance(payload, dict):
+        raise json_error(400, 'body must be a JSON object: {"from": "<name>", "content": "<text>"}')
+    return payload
+
+
+def checked_message(payload):
+    sender, content = payload.get("from"), payload.get("content")
+    if not isinstance(sender, str):
+        raise json_error(400, "'from' is required and must be a string of 1 to %d characters" % MAX_FROM_CHARS)
+    if not isinstance(content, str):
+        raise json_error(400, "'content' is required and must be a string of 1 to %d characters"
+                         % MAX_CONTENT_CHARS)
+    sender = sender.strip()
+    if not 1 <= len(sender) <= MAX_FROM_CHARS:
+        raise json_error(400, "'from' must be 1 to %d characters after trimming, got %d"
+                         % (MAX_FROM_CHARS, len(sender)))
+    if not 1 <= len(content) <= MAX_CONTENT_CHARS:
+        raise json_error(400, "'content' must be 1 to %d characters, got %d" % (MAX_CONTENT_CHARS, len(content)))
+    if _CONTROL_IN_NAME.search(sender):
+        raise json_error(400, "'from' may not contain control characters")
+    if _CONTROL_IN_CONTENT.search(content):
+        raise json_error(400, "'content' may not contain control characters other than newline and tab")
+    return sender, content
+
+
+###############################################################################
+# The application
+###############################################################################
+
+app = Bottle()
+application = app  # the name gunicorn and other WSGI servers look for
+
+settings = Settings.from_environ()
+rooms = Rooms(settings.history)
+bus = None  # made on first use, in the process that serves (after gunicorn forks)
+
+
+def configure(new_settings):
+    """Apply settings before serving; replaces the rooms and the bus."""
+    global settings, rooms, bus
+    if bus is not None:
+        bus.close()
+    settings = new_settings
+    rooms = Rooms(settings.history)
+    bus = None
+
+
+def get_bus():
+    global bus
+    if bus is None:
+        bus = make_bus(settings, rooms)
+    return bus
+
+
+def json_answer(body, status=200):
+    response.status = status
+    response.content_type = JSON_TYPE
+    if rooms.closing:
+        response.set_header("Connection", "close")
+    return body
+
+
+ROOM_URL = "/rooms/<room:re:%s>" % ROOM_PATTERN
+
+
+@app.get("/")
+@app.get(ROOM_URL)
+def chat_page(room="lobby"):
+    return template("index", room=room, template_lookup=[VIEWS_ROOT])
+
+
+@app.get("/static/<path:path>")
+def static(path):
+    return static_file(path, root=STATIC_ROOT)
+
+
+@app.get("/msgs")
+@app.get(ROOM_URL + "/msgs")
+def poll_messages(room="lobby"):
+    since = query_number("since", int, 0, sys.maxsize, None)
+    limit = query_number("limit", int, 1, MAX_LIMIT,
+                         DEFAULT_LIMIT_RECENT if since is None else DEFAULT_LIMIT_SINCE)
+    timeout = query_number("timeout", float, 0, MAX_POLL_TIMEOUT, settings.poll_timeout)
+    get_bus()
+    chat = rooms.get(room)
+    if since is not None:
+        chat.wait_for_news(since, timeout)
+    return json_answer(chat.answer(since, limit))
+
+
+@app.post("/msgs")
+@app.post(ROOM_URL + "/msgs")
+def post_message(room="lobby"):
+    sender, content = checked_message(read_json_object())
+    try:
+        message = get_bus().publish(room, sender, content)
+    except BusUnavailable as exc:
+        raise json_error(503, "the shared bus is unreachable (%s); nothing was written, retry later" % exc,
+                         **{"Retry-After": "1"})
+    return json_answer(encode({"room": room, "id": message["id"], "ts": message["ts"]}), 201)
+
+
+@app.get("/health")
+def health():
+    current = get_bus()
+    ok = current.healthy()
+    body = encode({"status": "ok" if ok else "degraded", "bus": current.name, "pid": os.getpid()})
+    return json_answer(body, 200 if ok else 503)
+
+
+@app.get("/stats")
+def stats():
+    return json_answer(encode({
+        "pid": os.getpid(),
+        "bus": get_bus().name,
+        "waiters": rooms.waiters,
+        "rooms": len(rooms.by_name),
+        "messages": rooms.retained(),
+        "rss_bytes": rss_bytes(),
+        "encodes": rooms.encodes,
+        "protocol": PROTOCOL_VERSION,
+    }))
+
+
+def rss_bytes():
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def error_page(error):
+    """Every error Bottle raises itself (404, 405, a crash) answers as JSON too."""
+    response.content_type = JSON_TYPE
+    if error.status_code == 404:
+        message = ("no such route: %s %s; rooms are named by %s"
+                   % (request.method, request.path[:200], ROOM_PATTERN))
+    elif error.status_code == 405:
+        message = "%s is not allowed here; use %s" % (request.method, response.get_header("Allow", "GET"))
+    elif error.status_code >= 500:
+        message = "the server failed on this request; it was not applied, please retry"
+    else:
+        message = str(error.body)[:200]
+    return encode({"error": message})
+
+
+app.default_error_handler = error_page
+
+
+###############################################################################
+# Serving with `python chattle.py`
+###############################################################################
+
+def raise_descriptor_limit():
+    """Each held poll is a socket: take the hard limit, not the shell's soft one."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return None
+
+
+def serve(new_settings):
+    from gevent.pywsgi import WSGIServer
+
+    configure(new_settings)
+    raise_descriptor_limit()
+    server = WSGIServer((settings.host, settings.port), app, backlog=4096,
+                        log=sys.stderr if settings.access_log else None)
+
+    def stop(*_signal):
+        rooms.close()
+        gevent.spawn(server.stop, timeout=5)
+
+    gevent.signal_handler(signal.SIGTERM, stop)
+    gevent.signal_handler(signal.SIGINT, stop)
+    try:
+        server.start()
+    except OSError as exc:
+        raise SystemExit("chattle: cannot listen on %s:%s (%s); pick another --port"
+                         % (settings.host, settings.port, exc.strerror or exc))
+    get_bus()
+    print("chattle: serving on http://%s:%d/ (bus: %s, pid %d)"
+          % (settings.host, server.server_port, bus.name, os.getpid()), flush=True)
+    server.serve_forever()
+    if bus is not None:
+        bus.close()
+
+
+if __name__ == "__main__":
+    serve(parse_args())

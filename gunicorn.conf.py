@@ -1,0 +1,60 @@
+"""Gunicorn settings for Chattle, sized for long-polls; read from the working directory
+by the seed's command:
+
+    gunicorn --bind 0.0.0.0:8080 --worker-class gevent --workers 1 chattle
+
+Flags given on the command line override what is set here.
+"""
+
+import os
+import resource
+import signal
+
+worker_class = "gevent"
+bind = os.environ.get("CHATTLE_BIND", "127.0.0.1:8080")
+workers = int(os.environ.get("CHATTLE_WORKERS", "1"))
+
+# Every held poll is an open socket. The gevent worker admits only `worker_connections`
+# at once and leaves the rest queued in the listen backlog, silently: so take the hard
+# descriptor limit and give nearly all of it to connections (a few are kept for the
+# listener, logs, Redis and the worker's own pipes).
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if _soft < _hard:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+DESCRIPTORS_RESERVED = 100
+worker_connections = max(1000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - DESCRIPTORS_RESERVED)
+backlog = 4096
+
+# Timeouts, in the order they must nest:
+#   poll timeout (what a client asks for, at most the protocol's 60 s)
+#   < client timeout (the page and the load clients give up 10 s after their poll timeout)
+#   < graceful timeout (a stopping worker waits this long for requests in flight).
+# Held polls do not depend on the last one: on SIGTERM each worker answers them at once.
+POLL_TIMEOUT_MAX = 60
+CLIENT_TIMEOUT_MARGIN = 10
+graceful_timeout = POLL_TIMEOUT_MAX + CLIENT_TIMEOUT_MARGIN + 5
+assert POLL_TIMEOUT_MAX < POLL_TIMEOUT_MAX + CLIENT_TIMEOUT_MARGIN < graceful_timeout
+timeout = 30     # heartbeat: a gevent worker that cannot notify the arbiter for 30 s is stuck
+keepalive = 10   # a long-poll client asks again at once; reuse its connection
+
+accesslog = os.environ.get("CHATTLE_GUNICORN_ACCESSLOG") or None
+
+
+def post_worker_init(worker):
+    """On SIGTERM, answer every held poll at once instead of sitting out the graceful timeout."""
+    import gevent
+    import chattle
+
+    stop = worker.handle_exit
+
+    def handle_exit(signum, frame):
+        stop(signum, frame)
+        gevent.spawn(chattle.rooms.close)
+
+    signal.signal(signal.SIGTERM, handle_exit)
+
+
+def worker_exit(server, worker):
+    import chattle
+    if chattle.bus is not None:
+        chattle.bus.close()
