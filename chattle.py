@@ -155,8 +155,8 @@ class Room:
     # -- verb 2 ---------------------------------------------------------------
     def wait_for_news(self, since, timeout):
         """Hold the calling greenlet until a message after `since` exists, or timeout."""
-        if self.last_id > since or timeout <= 0:
-            return
+        if self.last_id != since or timeout <= 0:
+            return  # news already, or a cursor from the future: "reset" answers at once
         deadline = time.monotonic() + timeout
         registry = self.registry
         registry.waiters += 1
@@ -256,6 +256,10 @@ class MemoryBus:
         room.add(message["id"], encode(message))
         return message
 
+    def room(self, room_name, since=None):
+        """The room a poll after `since` is answered from (the shared bus may load it first)."""
+        return self.rooms.get(room_name)
+
     def healthy(self):
         return True
 
@@ -263,9 +267,218 @@ class MemoryBus:
         pass
 
 
+class RedisBus:
+    """Many workers and hosts, one history: Redis Streams hold every room's messages.
+
+    A post runs one Lua script that takes the room's next id (INCR) and appends the
+    message under that id to the room's stream and to the global stream
+    `chattle:posts`, all or nothing. `ts` comes from Redis' own clock (TIME inside the
+    script), so every worker stamps with the same clock. One reader greenlet per worker
+    follows `chattle:posts` with a blocking XREAD and adds each message to the rooms
+    this worker serves; that add is the local, cheap wake-up. A room is loaded from its
+    stream the first time a poll on this worker names it, so the local copy is always
+    the room's newest `history` messages, contiguous, exactly as one process would have
+    them: `missed` and `reset` are judged as in the in-memory bus.
+    """
+
+    name = "redis"
+    POSTS = "chattle:posts"
+    POSTS_RETAINED = 10000      # the reader only needs recent entries; a longer outage resyncs rooms
+    READ_BLOCK_MS = 5000
+    READ_BATCH = 500
+    BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0
+    POOL_SIZE = 64              # posts and loads share it; a full pool waits, then answers 503
+    SOCKET_TIMEOUT = 2.0
+
+    # KEYS: the room's last id, the room's stream, the global stream.
+    # ARGV: room, from, content, room stream length, global stream length.
+    PUBLISH_SCRIPT = """
+local id = redis.call('INCR', KEYS[1])
+local now = redis.call('TIME')
+local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id .. '-0', 'f', ARGV[2], 'c', ARGV[3], 't', ts)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[1], 'i', id,
+           'f', ARGV[2], 'c', ARGV[3], 't', ts)
+return {id, ts}
+"""
+
+    def __init__(self, rooms, url, history):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.redis = redis
+        self.rooms = rooms
+        self.history = history
+        # No retries: a post whose reply was lost must not be written twice.
+        no_retry = Retry(NoBackoff(), 0)
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=self.POOL_SIZE, timeout=self.SOCKET_TIMEOUT, decode_responses=True,
+            socket_timeout=self.SOCKET_TIMEOUT, socket_connect_timeout=self.SOCKET_TIMEOUT, retry=no_retry)
+        self.client = redis.Redis(connection_pool=pool, retry=no_retry)
+        self.reader_client = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=self.READ_BLOCK_MS / 1000.0 + 5,
+            socket_connect_timeout=self.SOCKET_TIMEOUT, retry=no_retry, single_connection_client=True)
+        self.publish_script = self.client.register_script(self.PUBLISH_SCRIPT)
+        self.loaded = {}            # room name -> True, or the Event a load in progress sets
+        self.reader_ok = False
+        self.seen = None            # the last global stream entry the reader has applied
+        self.closing = False
+        self.reader = gevent.spawn(self._follow)
+
+    @staticmethod
+    def room_keys(room_name):
+        return "chattle:room:%s:last" % room_name, "chattle:room:%s:stream" % room_name
+
+    @staticmethod
+    def fragment(message_id, sender, content, ts):
+        return encode({"id": message_id, "from": sender, "content": content, "ts": float(ts)})
+
+    # -- posts ---------------------------------------------------------------------
+    def publish(self, room_name, sender, content):
+        last_key, stream_key = self.room_keys(room_name)
+        try:
+            message_id, ts = self.publish_script(
+                keys=[last_key, stream_key, self.POSTS],
+                args=[room_name, sender, content, self.history, self.POSTS_RETAINED])
+        except self.redis.RedisError as exc:
+            raise BusUnavailable(type(exc).__name__)
+        message = {"id": int(message_id), "from": sender, "content": content, "ts": float(ts)}
+        room = self.rooms.by_name.get(room_name)
+        # The reader will deliver it too; adding it here now only when it is the very
+        # next id keeps the local copy contiguous and wakes this worker's polls sooner.
+        if room is not None and self.loaded.get(room_name) is True and room.last_id == message["id"] - 1:
+            room.add(message["id"], self.fragment(message["id"], sender, content, ts))
+        return message
+
+    # -- polls -----------------------------------------------------------------------
+    def room(self, room_name, since=None):
+        """The room with its local copy current enough to answer a poll after `since`."""
+        room = self.rooms.get(room_name)
+        state = self.loaded.get(room_name)
+        if state is not True:
+            if state is None:
+                self._load(room_name, room)
+            else:
+                state.wait()
+                if self.loaded.get(room_name) is not True:
+                    raise BusUnavailable("the room could not be loaded")
+        if since is not None and since > room.last_id:
+            # A cursor another worker handed out before this worker's reader caught up
+            # is not from the future: ask Redis before answering "reset".
+            self._catch_up(room_name, room)
+        return room
+
+    def _load(self, room_name, room):
+        loading = self.loaded[room_name] = Event()
+        try:
+            self._sync(room_name, room)
+            self.loaded[room_name] = True
+        except self.redis.RedisError as exc:
+            del self.loaded[room_name]
+            raise BusUnavailable(type(exc).__name__)
+        finally:
+            loading.set()
+
+    def _catch_up(self, room_name, room):
+        try:
+            self._sync(room_name, room)
+        except self.redis.RedisError as exc:
+            raise BusUnavailable(type(exc).__name__)
+
+    def _sync(self, room_name, room):
+        """Bring the local copy up to Redis: the newest `history` messages, contiguous."""
+        last_key, stream_key = self.room_keys(room_name)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(last_key)
+        pipe.xrevrange(stream_key, "+", "-", count=self.history)
+        last, newest_first = pipe.execute()
+        last = int(last or 0)
+        if last < room.last_id:
+            # Redis lost what this worker holds (a wipe, or a crash inside the fsync
+            # window): forget it, so clients holding those ids are told "reset".
+            room.messages.clear()
+            room.last_id = 0
+        entries = [(int(entry_id.split("-")[0]), fields) for entry_id, fields in reversed(newest_first)]
+        entries = [(message_id, fields) for message_id, fields in entries if message_id > room.last_id]
+        if entries and entries[0][0] > room.last_id + 1:
+            room.messages.clear()  # the copy would have a hole: start it afresh from Redis
+        for message_id, fields in entries:
+            room.add(message_id, self.fragment(message_id, fields["f"], fields["c"], fields["t"]))
+
+    # -- the reader ----------------------------------------------------------------
+    def _follow(self):
+        backoff = self.BACKOFF_FIRST
+        while not self.closing:
+            try:
+                if not self.reader_ok:
+                    self._resume()
+                    self.reader_ok = True
+                    backoff = self.BACKOFF_FIRST
+                reply = self.reader_client.xread({self.POSTS: self.seen}, count=self.READ_BATCH,
+                                                 block=self.READ_BLOCK_MS)
+                for _stream, entries in reply or ():
+                    for entry_id, fields in entries:
+                        self._apply(fields)
+                        self.seen = entry_id
+            except (self.redis.RedisError, OSError, ValueError):
+                # ValueError: redis-py reading from a socket closed under it
+                self.reader_ok = False
+                try:
+                    self.reader_client.connection.disconnect()
+                except Exception:
+                    pass
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, self.BACKOFF_MAX)
+
+    def _resume(self):
+        """After a start or an outage: fix where to read from, then fill every loaded room,
+        so anything written meanwhile (even if trimmed from the global stream) is seen."""
+        if self.seen is None:
+            newest = self.reader_client.xrevrange(self.POSTS, "+", "-", count=1)
+            self.seen = newest[0][0] if newest else "0-0"
+        for room_name, state in list(self.loaded.items()):
+            if state is True:
+                self._sync(room_name, self.rooms.get(room_name))
+
+    def _apply(self, fields):
+        room_name = fields["r"]
+        state = self.loaded.get(room_name)
+        if state is None:
+            return  # no poll has named it here; its first poll loads it from its stream
+        if state is not True:
+            state.wait()
+            if self.loaded.get(room_name) is not True:
+                return
+        room = self.rooms.get(room_name)
+        message_id = int(fields["i"])
+        if message_id > room.last_id + 1:
+            self._sync(room_name, room)  # entries trimmed from the global stream: fetch them
+        else:
+            room.add(message_id, self.fragment(message_id, fields["f"], fields["c"], fields["t"]))
+
+    # -- state -------------------------------------------------------------------------
+    def healthy(self):
+        # Redis answering is what counts: the reader reconnects within BACKOFF_MAX of it.
+        try:
+            return bool(self.client.ping())
+        except self.redis.RedisError:
+            return False
+
+    def close(self):
+        self.closing = True
+        self.reader.kill(block=True, timeout=1)  # before its socket is closed under it
+        for client in (self.client, self.reader_client):
+            try:
+                client.close()
+                client.connection_pool.disconnect()
+            except Exception:
+                pass
+
+
 def make_bus(settings, rooms):
     if settings.redis:
-        raise SystemExit("chattle: the Redis bus is not available in this build")
+        return RedisBus(rooms, settings.redis, settings.history)
     return MemoryBus(rooms)
 
 
@@ -404,8 +617,10 @@ def poll_messages(room="lobby"):
     limit = query_number("limit", int, 1, MAX_LIMIT,
                          DEFAULT_LIMIT_RECENT if since is None else DEFAULT_LIMIT_SINCE)
     timeout = query_number("timeout", float, 0, MAX_POLL_TIMEOUT, settings.poll_timeout)
-    get_bus()
-    chat = rooms.get(room)
+    try:
+        chat = get_bus().room(room, since)
+    except BusUnavailable as exc:
+        raise json_error(503, "the shared bus is unreachable (%s); retry later" % exc, **{"Retry-After": "1"})
     if since is not None:
         chat.wait_for_news(since, timeout)
     return json_answer(chat.answer(since, limit))

@@ -52,6 +52,7 @@ def post_worker_init(worker):
         gevent.spawn(chattle.rooms.close)
 
     signal.signal(signal.SIGTERM, handle_exit)
+    chattle.get_bus()  # the shared bus's reader follows Redis before the first request arrives
 
 
 def worker_exit(server, worker):

@@ -1,0 +1,175 @@
+"""What one held poll is made of: a map for memory work.
+
+Runs chattle's app under gevent pywsgi in this process with tracemalloc on, parks N
+polls from a separate client process (the rig's --hold-only mode), and compares
+snapshots taken idle and holding: the top allocation sites per held poll, the
+greenlets per poll and the C stack each one has saved, the RSS that tracemalloc does
+not see, and the kernel's socket memory (not in any process's RSS).
+
+    python -m bench.anatomy [--polls 2000]
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import tracemalloc  # noqa: E402
+
+import gevent  # noqa: E402
+import greenlet  # noqa: E402
+from gevent import subprocess  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import chattle  # noqa: E402
+from bench.measures import summed_rss  # noqa: E402
+from bench.servers import LOOPBACK  # noqa: E402
+
+
+def kernel_tcp_bytes():
+    """Kernel memory of all TCP sockets (/proc/net/sockstat 'mem', in pages)."""
+    try:
+        with open("/proc/net/sockstat") as stat:
+            for line in stat:
+                if line.startswith("TCP:"):
+                    fields = line.split()
+                    return int(fields[fields.index("mem") + 1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def socket_buffer_sizes():
+    """SO_RCVBUF/SO_SNDBUF of a freshly accepted loopback socket, as the server gets them."""
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    sizes = (accepted.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+             accepted.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+    for sock in (accepted, client, listener):
+        sock.close()
+    return sizes
+
+
+def live_greenlets():
+    return [obj for obj in gc.get_objects() if isinstance(obj, greenlet.greenlet)]
+
+
+def measure(polls=2000, top=15):
+    from gevent.pywsgi import WSGIServer
+
+    chattle.configure(chattle.Settings())
+    chattle.raise_descriptor_limit()
+    server = WSGIServer((LOOPBACK, 0), chattle.app, backlog=4096, log=None)
+    server.start()
+    url = "http://%s:%d" % (LOOPBACK, server.server_port)
+    room = chattle.rooms.get("anatomy")
+    chattle.get_bus().publish("anatomy", "anatomy", "warm-up")
+    client = None
+    try:
+        # Warm every code path once (routing, a held poll, an answer) before the idle snapshot.
+        warm = subprocess.Popen([sys.executable, "-m", "bench.rig", "--park", "20", "--url", url, "--room",
+                                 "anatomy", "--cursor", str(room.last_id)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        warm.stdout.readline()
+        deadline = time.monotonic() + 30
+        while chattle.rooms.waiters < 20 and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        chattle.get_bus().publish("anatomy", "anatomy", "warm")
+        warm.communicate(timeout=60)
+
+        gc.collect()
+        tracemalloc.start(1)
+        idle_snapshot = tracemalloc.take_snapshot()
+        idle_rss = summed_rss([os.getpid()])
+        idle_kernel = kernel_tcp_bytes()
+        idle_greenlets = len(live_greenlets())
+
+        client = subprocess.Popen([sys.executable, "-m", "bench.rig", "--park", str(polls), "--url", url,
+                                   "--room", "anatomy", "--cursor", str(room.last_id), "--hold-only"],
+                                  cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+        parked = json.loads(client.stdout.readline())["parked"]
+        deadline = time.monotonic() + 60
+        while chattle.rooms.waiters < parked and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        held = chattle.rooms.waiters
+        gevent.sleep(0.3)
+        gc.collect()
+        holding_snapshot = tracemalloc.take_snapshot()
+        holding_rss = summed_rss([os.getpid()])
+        holding_kernel = kernel_tcp_bytes()
+        greenlets = live_greenlets()
+        saved_stack = sum(getattr(g, "_stack_saved", 0) or 0 for g in greenlets)
+        holding_greenlets = len(greenlets)
+        del greenlets
+        tracemalloc.stop()
+    finally:
+        if client is not None:
+            client.stdin.write("go\n")
+            client.stdin.close()
+            client.wait(30)
+        chattle.rooms.close()
+        server.stop(timeout=5)
+        chattle.configure(chattle.Settings())
+
+    held = max(held, 1)
+    stats = holding_snapshot.compare_to(idle_snapshot, "lineno")
+    traced_delta = sum(stat.size_diff for stat in stats)
+    rcvbuf, sndbuf = socket_buffer_sizes()
+    sites = []
+    for stat in sorted(stats, key=lambda s: -s.size_diff)[:top]:
+        frame = stat.traceback[0]
+        sites.append({"site": "%s:%d" % (os.path.relpath(frame.filename, ROOT) if frame.filename.startswith(ROOT)
+                                         else shorten(frame.filename), frame.lineno),
+                      "bytes_per_poll": stat.size_diff / held, "count": stat.count_diff})
+    return {
+        "held": held,
+        "rss_per_poll": (holding_rss - idle_rss) / held,
+        "traced_per_poll": traced_delta / held,
+        "untraced_per_poll": (holding_rss - idle_rss - traced_delta) / held,
+        "greenlets_per_poll": (holding_greenlets - idle_greenlets) / held,
+        "saved_stack_per_poll": saved_stack / held,
+        "stack_note": "%.0f B saved C stack" % (saved_stack / held),
+        "so_rcvbuf": rcvbuf,
+        "so_sndbuf": sndbuf,
+        # Both ends of each connection live in this kernel: halve for the server's share.
+        "kernel_tcp_per_poll": (holding_kernel - idle_kernel) / held / 2,
+        "top_sites": sites,
+    }
+
+
+def shorten(path):
+    marker = "site-packages" + os.sep
+    return path.split(marker, 1)[1] if marker in path else os.path.basename(path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Allocation map of one held poll (tracemalloc, in-process)")
+    parser.add_argument("--polls", type=int, default=2000, help="held polls to divide by (default %(default)s)")
+    parser.add_argument("--top", type=int, default=15, help="allocation sites to list (default %(default)s)")
+    args = parser.parse_args(argv)
+    result = measure(args.polls, args.top)
+    print("held polls: %d" % result["held"])
+    for key in ("rss_per_poll", "traced_per_poll", "untraced_per_poll", "saved_stack_per_poll",
+                "kernel_tcp_per_poll"):
+        print("%-22s %8.0f B" % (key, result[key]))
+    print("greenlets per poll: %.2f; SO_RCVBUF %d B, SO_SNDBUF %d B (kernel, reserved lazily)"
+          % (result["greenlets_per_poll"], result["so_rcvbuf"], result["so_sndbuf"]))
+    for site in result["top_sites"]:
+        print("%8.0f B/poll  %7d blocks  %s" % (site["bytes_per_poll"], site["count"], site["site"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

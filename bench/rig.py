@@ -1,0 +1,304 @@
+"""The lean client rig: park N long-polls on raw sockets, post once, time every answer.
+
+No Locust and no HTTP library: each held poll is one non-blocking socket on an epoll
+epoll set, so the client costs little CPU next to the server it measures. A held poll
+count larger than one process should hold is split over several client processes
+(`python -m bench.rig --park ...`, one JSON line out when parked and one when done),
+all on 127.0.0.1.
+
+    rig = Rig("http://127.0.0.1:8080", room="bench")
+    point = rig.run(5000, server_pids=[1234])   # park, confirm, post, collect
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import select
+import selectors
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+
+from bench.measures import DeliveryLedger, latency_summary, summed_rss, wakeup_latency
+from bench.servers import ROOT, get_json, post_json
+
+POLL_TIMEOUT = 60          # the protocol's longest hold: nothing times out while we measure
+PER_PROCESS = 8000         # sockets per client process, well under the 20000 descriptor limit
+CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.IGNORECASE)
+
+
+def raise_descriptor_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def cpu_seconds_self():
+    times = os.times()
+    return times.user + times.system
+
+
+# -- the client process -----------------------------------------------------------------
+
+class Poll:
+    __slots__ = ("sock", "buffer", "received_at", "body")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = b""
+        self.received_at = None
+        self.body = None
+
+    def feed(self, data):
+        """Append bytes; True once the whole answer (headers + Content-Length body) is in."""
+        buffer = self.buffer = self.buffer + data if self.buffer else data
+        head_end = buffer.find(b"\r\n\r\n")
+        if head_end < 0:
+            return False
+        length = CONTENT_LENGTH.search(buffer, 0, head_end)
+        if length is None:
+            return False  # chunked or close-delimited: finished when the server closes
+        end = head_end + 4 + int(length.group(1))
+        if len(buffer) >= end:
+            self.body = buffer[head_end + 4:end]
+            return True
+        return False
+
+
+def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold_only=False,
+                     out=sys.stdout, stdin=sys.stdin):
+    """Open `count` polls on `since=cursor`, report "parked", then time their answers."""
+    raise_descriptor_limit()
+    request = ("GET /rooms/%s/msgs?since=%d&timeout=%d HTTP/1.1\r\nHost: %s:%d\r\n"
+               "Connection: close\r\n\r\n" % (room, cursor, POLL_TIMEOUT, host, port)).encode()
+    # select.epoll itself, not selectors: its per-event bookkeeping would double the
+    # client's CPU per answer and push the rig towards being the bottleneck.
+    epoll = select.epoll()
+    by_fd = {}
+    polls, failed = [], 0
+    deadline = time.monotonic() + connect_timeout + count / 500.0
+    for _ in range(count):
+        if time.monotonic() > deadline:
+            failed += 1
+            continue
+        try:
+            # A blocking connect returns once the kernel has the handshake: the server's
+            # accept loop keeps pace with it, so the backlog never overflows.
+            sock = socket.create_connection((host, port), timeout=connect_timeout)
+            sock.sendall(request)
+            sock.setblocking(False)
+        except OSError:
+            failed += 1
+            continue
+        poll = Poll(sock)
+        polls.append(poll)
+        epoll.register(sock.fileno(), select.EPOLLIN)
+        by_fd[sock.fileno()] = poll
+    out.write(json.dumps({"parked": len(polls), "failed": failed}) + "\n")
+    out.flush()
+    if hold_only:
+        stdin.readline()  # the parent says when to let go
+        for poll in polls:
+            poll.sock.close()
+        return
+    cpu_parked = cpu_seconds_self()
+    pending = len(polls)
+    deadline = time.monotonic() + POLL_TIMEOUT + 10
+    while pending and time.monotonic() < deadline:
+        for fd, _mask in epoll.poll(1.0):
+            poll = by_fd[fd]
+            try:
+                data = poll.sock.recv(8192)  # an answer is a few hundred bytes
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if data and not poll.feed(data):
+                continue
+            poll.received_at = time.time()
+            epoll.unregister(fd)  # closed after the timing: a close is not a delivery
+            pending -= 1
+    cpu_collect = cpu_seconds_self() - cpu_parked
+    for poll in polls:
+        poll.sock.close()
+    epoll.close()
+    answered = [poll for poll in polls if poll.received_at is not None]
+    out.write(json.dumps({
+        "received_at": [poll.received_at for poll in answered],
+        "bodies_ok": sum(1 for poll in answered if poll.body is not None),
+        "first_ids": [first_message_id(poll.body) for poll in answered],
+        "unanswered": len(polls) - len(answered),
+        "cpu_seconds": cpu_collect,
+    }) + "\n")
+    out.flush()
+
+
+def first_message_id(body):
+    try:
+        messages = json.loads(body)["messages"]
+        return messages[0]["id"] if messages else None
+    except (TypeError, ValueError, KeyError, IndexError):
+        return None
+
+
+# -- the parent: spreads the polls, confirms they are held, posts, gathers ----------------
+
+def held_waiters(url, expected_pids=None, probes=40, per_pid=None):
+    """Polls held right now, summed over the workers that answer /stats.
+
+    /stats answers for whichever worker accepts the connection, so with several workers
+    one probe sees one worker: probe many times on fresh connections and keep the
+    newest figure of each pid. While polls are being parked the figure only rises, so
+    the newest is also the largest seen.
+    """
+    per_pid = {} if per_pid is None else per_pid
+    for _ in range(probes):
+        status, body = get_json(url + "/stats", timeout=5)
+        if status == 200 and isinstance(body, dict):
+            per_pid[body["pid"]] = body["waiters"]
+        if expected_pids and set(expected_pids) <= set(per_pid):
+            break
+    return sum(per_pid.values()), per_pid
+
+
+def wait_until_held(url, count, expected_pids=None, timeout=60.0):
+    """Probe /stats until the summed waiters reach `count` (or the deadline passes)."""
+    deadline = time.monotonic() + timeout
+    per_pid = {}
+    held = 0
+    while time.monotonic() < deadline:
+        held, per_pid = held_waiters(url, expected_pids, probes=max(4, 4 * len(expected_pids or [1])),
+                                     per_pid=per_pid)
+        if held >= count:
+            break
+        time.sleep(0.2)
+    return held, per_pid
+
+
+def cpu_seconds_of(pids):
+    import psutil
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class Rig:
+    def __init__(self, url, room="bench", per_process=PER_PROCESS):
+        self.url = url.rstrip("/")
+        parsed = urllib.parse.urlsplit(self.url)
+        self.host, self.port = parsed.hostname, parsed.port or 80
+        self.room = room
+        self.per_process = per_process
+
+    def cursor(self):
+        """The room's last id (posting one message first, so the room exists)."""
+        status, body = get_json("%s/rooms/%s/msgs?limit=1" % (self.url, self.room))
+        if status == 200 and body["cursor"] > 0:
+            return body["cursor"]
+        status, body = post_json("%s/rooms/%s/msgs" % (self.url, self.room), {"from": "rig", "content": "warm-up"})
+        if status != 201:
+            raise RuntimeError("warm-up post answered %s: %s" % (status, body))
+        return body["id"]
+
+    def start_clients(self, count, cursor, hold_only=False):
+        clients = []
+        remaining = count
+        while remaining > 0:
+            share = min(self.per_process, remaining)
+            argv = [sys.executable, "-m", "bench.rig", "--park", str(share), "--url", self.url,
+                    "--room", self.room, "--cursor", str(cursor)]
+            if hold_only:
+                argv.append("--hold-only")
+            clients.append(subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            text=True))
+            remaining -= share
+        return clients
+
+    @staticmethod
+    def read_line(client, what, timeout):
+        """One JSON line from a client process, bounded by its own deadline."""
+        ready = selectors.DefaultSelector()
+        ready.register(client.stdout, selectors.EVENT_READ)
+        if not ready.select(timeout):
+            client.kill()
+            raise RuntimeError("client %d: no %s line within %gs" % (client.pid, what, timeout))
+        line = client.stdout.readline()
+        if not line:
+            raise RuntimeError("client %d exited before its %s line (code %s)" % (client.pid, what, client.wait()))
+        return json.loads(line)
+
+    def run(self, count, server_pids=None, rss_idle=None):
+        """Park `count` polls, confirm they are held, post once, time every answer."""
+        cursor = self.cursor()
+        if server_pids and rss_idle is None:
+            rss_idle = summed_rss(server_pids)
+        clients = self.start_clients(count, cursor)
+        parked = sum(self.read_line(c, "parked", 60 + count / 200.0)["parked"] for c in clients)
+        held, per_pid = wait_until_held(self.url, parked, server_pids, timeout=30 + count / 500.0)
+        time.sleep(0.3)  # let the last accepted sockets settle before reading memory
+        rss_holding = summed_rss(server_pids) if server_pids else None
+        cpu_before = cpu_seconds_of(server_pids) if server_pids else None
+        posted_at = time.time()
+        status, answer = post_json("%s/rooms/%s/msgs" % (self.url, self.room), {"from": "rig", "content": "wake"})
+        if status != 201:
+            for client in clients:
+                client.kill()
+            raise RuntimeError("the post answered %s: %s" % (status, answer))
+        results = [self.read_line(c, "results", POLL_TIMEOUT + 30) for c in clients]
+        for client in clients:
+            client.wait(10)
+        cpu_server = cpu_seconds_of(server_pids) - cpu_before if server_pids else None
+        received = [t for r in results for t in r["received_at"]]
+        latencies = [wakeup_latency(t, answer["ts"]) for t in received]
+        ledgers = 0
+        for first_id in (i for r in results for i in r["first_ids"]):
+            ledger = DeliveryLedger(cursor)
+            if first_id is not None:
+                ledger.record(first_id)
+            ledgers += ledger.complete(answer["id"])
+        cpu_client = sum(r["cpu_seconds"] for r in results)
+        point = {
+            "requested": count,
+            "parked": parked,
+            "held_confirmed": held,
+            "held_per_pid": {str(k): v for k, v in per_pid.items()},
+            "delivered": len(received),
+            "complete_listeners": ledgers,
+            "latency": latency_summary(latencies),
+            "last_delivery_s": (max(received) - posted_at) if received else None,
+            "client_cpu_s": cpu_client,
+            "server_cpu_s": cpu_server,
+            "client_bound": bool(cpu_server is not None and cpu_client > 0.25 * cpu_server),
+            "rss_idle": rss_idle,
+            "rss_holding": rss_holding,
+            "bytes_per_poll": ((rss_holding - rss_idle) / parked) if rss_holding and parked else None,
+        }
+        return point
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Client process of the bench rig (started by bench.sweep)")
+    parser.add_argument("--park", type=int, required=True, help="how many polls this process holds")
+    parser.add_argument("--url", required=True, help="server, e.g. http://127.0.0.1:8080")
+    parser.add_argument("--room", default="bench", help="room to poll (default %(default)s)")
+    parser.add_argument("--cursor", type=int, required=True, help="the since= every poll sends")
+    parser.add_argument("--hold-only", action="store_true",
+                        help="park, report, then hold until stdin gets a line (no timing)")
+    args = parser.parse_args(argv)
+    parsed = urllib.parse.urlsplit(args.url)
+    park_and_collect(parsed.hostname, parsed.port or 80, args.room, args.cursor, args.park,
+                     hold_only=args.hold_only)
+
+
+if __name__ == "__main__":
+    main()

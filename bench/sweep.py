@@ -1,0 +1,273 @@
+"""`make bench`: capacity sweep over held-poll counts and worker counts.
+
+For every (workers, held polls) point, repeated: start a fresh server (one worker:
+python chattle.py on the in-memory bus; more: gunicorn on a shared redis-server), park
+the polls with the lean rig, post once, time every answer. The median repeat of each
+point is reported, with charts, results.json and results.csv under reports/<ts>-bench/.
+
+    python -m bench.sweep                       # default sweep (a few minutes)
+    python -m bench.sweep --quick               # about a minute
+    python -m bench.sweep --target http://host:port [--target-pid PID]
+"""
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+
+from bench.measures import summed_rss
+from bench.rig import Rig, raise_descriptor_limit
+from bench.servers import ChattleServer, RedisServer
+from reports.page import machine_description, machine_line, new_report_dir, write_html, write_json
+
+DESCRIPTOR_MARGIN = 200  # listener, logs, redis and the worker's pipes
+
+
+def median_point(repeats):
+    """The repeat whose p99 is the median one, so every figure of a point comes from one run."""
+    ordered = sorted(repeats, key=lambda p: p["latency"]["p99"] if p["latency"]["p99"] is not None else 1e9)
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["repeats"] = len(repeats)
+    chosen["p99_of_repeats"] = [p["latency"]["p99"] for p in repeats]
+    per_poll = [p["bytes_per_poll"] for p in repeats if p["bytes_per_poll"] is not None]
+    chosen["bytes_per_poll_median"] = statistics.median(per_poll) if per_poll else None
+    return chosen
+
+
+def measure_point(workers, count, redis_url, log_dir):
+    server = ChattleServer(workers=workers, redis_url=redis_url if workers > 1 else None,
+                           log_path=os.path.join(log_dir, "server-w%d-n%d.log" % (workers, count)))
+    try:
+        pids = server.worker_pids()
+        rig = Rig(server.url)
+        rig.cursor()  # the room exists and its code paths are warm before the idle reading
+        time.sleep(0.2)
+        point = rig.run(count, server_pids=pids, rss_idle=summed_rss(pids))
+    finally:
+        server.stop()
+    point["workers"] = workers
+    return point
+
+
+def capacity(points, slo):
+    """Per worker count: the largest held-poll count whose p99 stays under the SLO and
+    where every poll was answered (None when even the smallest point misses it)."""
+    best = {}
+    for point in points:
+        ok = (point["latency"]["p99"] is not None and point["latency"]["p99"] < slo
+              and point["delivered"] == point["requested"])
+        key = point["workers"]
+        best.setdefault(key, None)
+        if ok and (best[key] is None or point["requested"] > best[key]):
+            best[key] = point["requested"]
+    return best
+
+
+def write_charts(report_dir, points, slo, caption_tail):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_workers = {}
+    for point in points:
+        by_workers.setdefault(point["workers"], []).append(point)
+    charts = []
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for workers, series in sorted(by_workers.items(), key=lambda kv: str(kv[0])):
+        series.sort(key=lambda p: p["requested"])
+        xs = [p["requested"] for p in series]
+        line, = ax.plot(xs, [p["latency"]["p50"] * 1000 for p in series], marker="o",
+                        label="%s worker(s) p50" % workers)
+        ax.plot(xs, [p["latency"]["p99"] * 1000 for p in series], marker="s", linestyle="--",
+                color=line.get_color(), label="%s worker(s) p99" % workers)
+    ax.axhline(slo * 1000, color="#b3261e", linewidth=1, linestyle=":", label="SLO %g ms" % (slo * 1000))
+    ax.set_xlabel("held polls")
+    ax.set_ylabel("wake-up latency (ms)")
+    ax.set_title("Wake-up latency after one post")
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(report_dir, "latency.png"), dpi=90)
+    plt.close(fig)
+    charts.append(("latency.png", "Wake-up latency (receive time minus the message's ts), p50 solid and p99 "
+                   "dashed, against the number of held polls; one line per worker count. " + caption_tail))
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for workers, series in sorted(by_workers.items(), key=lambda kv: str(kv[0])):
+        series = [p for p in series if p.get("bytes_per_poll_median") is not None]
+        if series:
+            ax.plot([p["requested"] for p in series], [p["bytes_per_poll_median"] / 1024 for p in series],
+                    marker="o", label="%s worker(s)" % workers)
+    ax.set_xlabel("held polls")
+    ax.set_ylabel("KiB of RSS per held poll")
+    ax.set_title("Memory per held poll (rise in summed worker RSS / held polls)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(report_dir, "memory.png"), dpi=90)
+    plt.close(fig)
+    charts.append(("memory.png", "Memory per held poll: the rise in summed RSS of all worker processes "
+                   "over their idle RSS, divided by the polls held (median of repeats). Kernel socket "
+                   "buffers are not in RSS; see the anatomy. " + caption_tail))
+
+    best = capacity(points, slo)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [str(w) for w in sorted(best, key=str)]
+    values = [best[w] or 0 for w in sorted(best, key=str)]
+    bars = ax.bar(labels, values, color="#3b6fb6")
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, value, "%d" % value, ha="center", va="bottom")
+    ax.set_xlabel("workers")
+    ax.set_ylabel("held polls")
+    ax.set_title("Capacity: most held polls with p99 wake-up < %g ms" % (slo * 1000))
+    fig.tight_layout()
+    fig.savefig(os.path.join(report_dir, "capacity.png"), dpi=90)
+    plt.close(fig)
+    charts.append(("capacity.png", "Capacity per worker count: the largest held-poll count measured whose "
+                   "p99 wake-up latency stayed under %g ms with every poll answered (0: none did). It is a "
+                   "lower bound: the sweep only tries the listed counts. " % (slo * 1000) + caption_tail))
+    return charts, best
+
+
+CSV_FIELDS = ["workers", "requested", "parked", "held_confirmed", "delivered", "p50_ms", "p95_ms", "p99_ms",
+              "max_ms", "last_delivery_ms", "bytes_per_poll", "server_cpu_s", "client_cpu_s", "client_bound",
+              "repeats"]
+
+
+def csv_row(point):
+    lat = point["latency"]
+
+    def ms(value):
+        return None if value is None else round(value * 1000, 3)
+    return {"workers": point["workers"], "requested": point["requested"], "parked": point["parked"],
+            "held_confirmed": point["held_confirmed"], "delivered": point["delivered"],
+            "p50_ms": ms(lat["p50"]), "p95_ms": ms(lat["p95"]), "p99_ms": ms(lat["p99"]), "max_ms": ms(lat["max"]),
+            "last_delivery_ms": ms(point["last_delivery_s"]), "bytes_per_poll": point.get("bytes_per_poll_median"),
+            "server_cpu_s": point["server_cpu_s"], "client_cpu_s": point["client_cpu_s"],
+            "client_bound": point["client_bound"], "repeats": point.get("repeats")}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Capacity sweep: held polls x workers, wake-up latency and memory")
+    parser.add_argument("--counts", default="1000,2000,5000,10000,15000",
+                        help="held-poll counts, comma-separated (default %(default)s)")
+    parser.add_argument("--workers", default="1,2,4", help="worker counts (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per point; the median is reported")
+    parser.add_argument("--slo", type=float, default=0.5, help="p99 wake-up SLO in seconds (default %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="1k and 2k polls, 1 and 2 workers, 1 repeat")
+    parser.add_argument("--target", help="measure this running server instead of starting one (URL)")
+    parser.add_argument("--target-pid", type=int, action="append", default=[],
+                        help="pid(s) serving --target, for RSS and CPU figures (repeatable)")
+    parser.add_argument("--anatomy", type=int, default=2000,
+                        help="held polls for the per-poll memory anatomy (0 skips it; default %(default)s)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.counts, args.workers, args.repeats, args.anatomy = "1000,2000", "1,2", 1, 1000
+    counts = [int(c) for c in args.counts.split(",")]
+    workers_list = [int(w) for w in args.workers.split(",")]
+
+    # One client process holds at most PER_PROCESS sockets, but a single server process
+    # holds them all: cap the counts by what its descriptor limit allows.
+    limit = raise_descriptor_limit() - DESCRIPTOR_MARGIN
+    skipped = [c for c in counts if c > limit]
+    counts = [c for c in counts if c <= limit]
+    report_dir = new_report_dir("bench")
+    info = machine_description()
+    started = time.monotonic()
+    points, redis = [], None
+    try:
+        if args.target:
+            workers_list = ["target"]
+        elif any(w > 1 for w in workers_list):
+            redis = RedisServer(appendonly=False)
+        for workers in workers_list:
+            for count in counts:
+                repeats = []
+                for repeat in range(args.repeats):
+                    if args.target:
+                        pids = args.target_pid
+                        point = Rig(args.target, room="bench-%d" % os.getpid()).run(count, server_pids=pids or None)
+                        point["workers"] = "target"
+                    else:
+                        point = measure_point(workers, count, redis.url if redis else None, report_dir)
+                    repeats.append(point)
+                    lat = point["latency"]
+                    print("workers=%s polls=%d repeat=%d: held %d, delivered %d, p50 %.1f ms, p99 %.1f ms, "
+                          "%s B/poll, server cpu %s s, client cpu %.2f s%s"
+                          % (workers, count, repeat + 1, point["held_confirmed"], point["delivered"],
+                             (lat["p50"] or 0) * 1000, (lat["p99"] or 0) * 1000,
+                             "%.0f" % point["bytes_per_poll"] if point["bytes_per_poll"] else "-",
+                             "%.2f" % point["server_cpu_s"] if point["server_cpu_s"] is not None else "-",
+                             point["client_cpu_s"], " CLIENT-BOUND" if point["client_bound"] else ""),
+                          flush=True)
+                points.append(median_point(repeats))
+    finally:
+        if redis is not None:
+            redis.stop()
+
+    anatomy = None
+    if args.anatomy and not args.target:
+        from bench import anatomy as anatomy_module
+        anatomy = anatomy_module.measure(args.anatomy)
+
+    workload = ("Workload: N polls on one room, since=cursor, timeout=60 s, one post wakes all; "
+                "raw HTTP/1.1 on 127.0.0.1, client in %s process(es) of at most 8000 sockets; "
+                "median of %d repeat(s); 1 worker = python chattle.py (memory bus), more = gunicorn gevent "
+                "workers on a shared redis-server." % ("separate", args.repeats))
+    if args.target:
+        workload = "Target %s (not started by the sweep). " % args.target + workload
+    caption_tail = "Machine: %s. %s" % (machine_line(info), workload)
+    charts, best = write_charts(report_dir, points, args.slo, caption_tail)
+    results = {"machine": info, "slo_s": args.slo, "counts": counts, "skipped_counts": skipped,
+               "workers": workers_list, "repeats": args.repeats, "capacity": {str(k): v for k, v in best.items()},
+               "points": points, "anatomy": anatomy, "elapsed_s": time.monotonic() - started,
+               "target": args.target}
+    write_json(os.path.join(report_dir, "results.json"), results)
+    with open(os.path.join(report_dir, "results.csv"), "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for point in points:
+            writer.writerow(csv_row(point))
+
+    rows = [("capacity (p99 < %g ms), %s workers" % (args.slo * 1000, w), best[w] if best[w] else "none", "")
+            for w in sorted(best, key=str)]
+    for point in points:
+        row = csv_row(point)
+        rows.append(("%s worker(s), %d polls" % (point["workers"], point["requested"]),
+                     "p50 %s ms, p99 %s ms, last %s ms, %s B/poll, server CPU %s s, client CPU %.2f s%s"
+                     % (row["p50_ms"], row["p99_ms"], row["last_delivery_ms"],
+                        "%.0f" % row["bytes_per_poll"] if row["bytes_per_poll"] else "-",
+                        "%.2f" % row["server_cpu_s"] if row["server_cpu_s"] is not None else "-",
+                        row["client_cpu_s"], " (client-bound)" if row["client_bound"] else ""),
+                     "fail" if row["delivered"] != row["requested"] else ""))
+    notes = ["A point is marked client-bound when the rig used more than a quarter of the server's CPU "
+             "time during the fan-out: its latency then partly measures the client."]
+    if skipped:
+        notes.append("Skipped counts over the descriptor limit (%d): %s" % (limit, skipped))
+    if anatomy:
+        rows.append(("anatomy: held polls", anatomy["held"], ""))
+        rows.append(("anatomy: RSS per held poll", "%.0f B" % anatomy["rss_per_poll"], ""))
+        rows.append(("anatomy: traced Python allocations per poll", "%.0f B" % anatomy["traced_per_poll"], ""))
+        rows.append(("anatomy: greenlets per poll / saved stack per poll",
+                     "%.2f / %s" % (anatomy["greenlets_per_poll"], anatomy.get("stack_note", "")), ""))
+        rows.append(("anatomy: socket buffers (kernel, not in RSS)",
+                     "SO_RCVBUF %s B, SO_SNDBUF %s B per server socket; kernel TCP memory %.0f B per poll"
+                     % (anatomy["so_rcvbuf"], anatomy["so_sndbuf"], anatomy["kernel_tcp_per_poll"]), ""))
+        for site in anatomy["top_sites"][:12]:
+            rows.append(("  %s" % site["site"], "%.0f B/poll (%d blocks total)"
+                         % (site["bytes_per_poll"], site["count"]), ""))
+    write_html(os.path.join(report_dir, "report.html"), "Chattle capacity sweep",
+               caption_tail, rows, charts, notes=notes,
+               links=[("results.json", "results.json"), ("results.csv", "results.csv")])
+    print("capacity (p99 < %g ms): %s" % (args.slo * 1000, ", ".join("%s workers: %s" % (w, best[w])
+                                                                     for w in sorted(best, key=str))))
+    print("report: %s (%.0f s)" % (os.path.join(report_dir, "report.html"), time.monotonic() - started))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

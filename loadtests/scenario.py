@@ -1,0 +1,52 @@
+"""The stages of a load run, as data (no Locust import: the orchestrator uses it too).
+
+Every process (the orchestrator, Locust's master and each Locust worker) computes the
+same table from the same knobs, so posters know when a burst stage is on without any
+message from the master.
+"""
+
+import math
+
+# Seconds the client waits beyond the server's poll timeout before it calls a poll lost.
+CLIENT_TIMEOUT_MARGIN = 10.0
+
+# Seconds a stage needs at least; shorter runs squeeze the burst stage, never these.
+HOLD_SECONDS = 8      # everyone held, nothing posted: the idle cost of a held poll
+DRAIN_SECONDS = 6     # posters quiet, listeners still polling: the last posts arrive
+RAMP_DOWN_SECONDS = 3
+
+
+def build_stages(listeners, posters, duration, spawn_rate):
+    """[{name, start, end, users, spawn_rate, posting}], covering `duration` seconds.
+
+    ramp: listeners (and the few posters) connect; hold: nobody posts, so the held
+    polls and RSS are the idle figures; bursts: posters post bursts; drain: posters
+    stop, listeners receive the rest; ramp-down: everyone leaves.
+    """
+    users = listeners + posters
+    ramp = max(2, math.ceil(users / spawn_rate)) + 2
+    fixed = ramp + HOLD_SECONDS + DRAIN_SECONDS + RAMP_DOWN_SECONDS
+    bursts = duration - fixed
+    if bursts < 3:
+        raise ValueError("a %gs run cannot ramp %d users at %g/s, hold, burst and drain: give it at least %ds"
+                         % (duration, users, spawn_rate, fixed + 3))
+    stages = []
+    start = 0.0
+    for name, length, count, posting in (("ramp", ramp, users, False), ("hold", HOLD_SECONDS, users, False),
+                                         ("bursts", bursts, users, True), ("drain", DRAIN_SECONDS, users, False),
+                                         ("ramp-down", RAMP_DOWN_SECONDS, 0, False)):
+        stages.append({"name": name, "start": start, "end": start + length, "users": count,
+                       "spawn_rate": spawn_rate if count else max(spawn_rate, users), "posting": posting})
+        start += length
+    return stages
+
+
+def stage_at(stages, elapsed):
+    for stage in stages:
+        if stage["start"] <= elapsed < stage["end"]:
+            return stage
+    return None
+
+
+def room_name(index):
+    return "load-%d" % index

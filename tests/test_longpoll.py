@@ -1,0 +1,271 @@
+"""Long-polls against a real server process over real sockets on 127.0.0.1.
+
+The test process is gevent-patched, so each held poll is a greenlet with its own
+socket; hundreds of them cost the test little. Waits are on conditions with generous
+deadlines, never on how fast something happened.
+"""
+
+import json
+import socket
+import time
+
+import gevent
+import psutil
+
+from bench.measures import DeliveryLedger, delivery_summary
+from bench.servers import get_json, post_json
+
+GENEROUS = 30.0
+
+
+class HttpConnection:
+    """A minimal HTTP/1.1 client on one raw socket, so keep-alive and early closes are visible."""
+
+    def __init__(self, port, timeout=GENEROUS):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buffer = b""
+
+    def send(self, method, path, body=None, headers=None):
+        lines = ["%s %s HTTP/1.1" % (method, path), "Host: 127.0.0.1"]
+        if body is not None:
+            if not isinstance(body, bytes):
+                body = json.dumps(body).encode()
+            lines += ["Content-Type: application/json", "Content-Length: %d" % len(body)]
+        lines += ["%s: %s" % item for item in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
+
+    def _fill(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        self.buffer += chunk
+
+    def receive(self):
+        """(status, headers with lower-case names, decoded JSON body or raw bytes)."""
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers["content-length"])
+        while len(self.buffer) < length:
+            self._fill()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        if headers.get("content-type", "").startswith("application/json"):
+            body = json.loads(body)
+        return int(status_line.split()[1]), headers, body
+
+    def request(self, method, path, body=None, headers=None):
+        self.send(method, path, body, headers)
+        return self.receive()
+
+    def server_closed(self, within=GENEROUS):
+        """True once the server has closed its end (it may have answered first)."""
+        self.sock.settimeout(within)
+        try:
+            while self.sock.recv(65536):
+                pass
+            return True
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        self.sock.close()
+
+
+def stats(server):
+    status, body = get_json(server.url + "/stats")
+    assert status == 200
+    return body
+
+
+def wait_for(check, what, timeout=GENEROUS):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        gevent.sleep(0.05)
+    raise AssertionError("not after %gs: %s" % (timeout, what))
+
+
+def wait_for_waiters(server, count):
+    wait_for(lambda: stats(server)["waiters"] == count, "%d held polls (%r)" % (count, stats(server)))
+
+
+def post(server, room, content="hi", sender="ann"):
+    status, body = post_json(server.url + "/rooms/%s/msgs" % room, {"from": sender, "content": content})
+    assert status == 201, body
+    return body
+
+
+def held_poll(port, path):
+    connection = HttpConnection(port)
+    try:
+        return connection.request("GET", path)
+    finally:
+        connection.close()
+
+
+def test_one_post_wakes_300_held_polls(start_chattle):
+    server = start_chattle()
+    polls = [gevent.spawn(held_poll, server.port, "/rooms/crowd/msgs?since=0&timeout=50") for _ in range(300)]
+    wait_for_waiters(server, 300)
+    assert not any(greenlet.ready() for greenlet in polls)
+    posted = post(server, "crowd", "to everyone")
+    gevent.joinall(polls, timeout=GENEROUS, raise_error=True)
+    assert all(greenlet.ready() for greenlet in polls)
+    for greenlet in polls:
+        status, _headers, body = greenlet.value
+        assert status == 200
+        assert body["messages"] == [{"id": 1, "from": "ann", "content": "to everyone", "ts": posted["ts"]}]
+        assert body["cursor"] == 1 and body["missed"] == 0
+    assert stats(server)["waiters"] == 0
+
+
+def test_timeout_is_honoured(start_chattle):
+    server = start_chattle()
+    post(server, "quiet")
+    started = time.monotonic()
+    status, _headers, body = held_poll(server.port, "/rooms/quiet/msgs?since=1&timeout=2")
+    elapsed = time.monotonic() - started
+    assert status == 200 and body == {"room": "quiet", "messages": [], "cursor": 1, "missed": 0}
+    assert 1.5 <= elapsed < GENEROUS, elapsed
+
+
+def test_cursor_from_the_future_is_answered_at_once(start_chattle):
+    server = start_chattle()
+    post(server, "past")
+    post(server, "past")
+    poll = gevent.spawn(held_poll, server.port, "/rooms/past/msgs?since=40&timeout=60")
+    poll.join(timeout=GENEROUS)  # far under the 60 s it asked for
+    assert poll.ready(), "a cursor from the future was held"
+    status, _headers, body = poll.get()
+    assert status == 200 and body["reset"] is True and body["cursor"] == 2
+    assert [message["id"] for message in body["messages"]] == [1, 2]
+
+
+def test_a_vanished_client_is_released_by_its_timeout(start_chattle):
+    server = start_chattle()
+    process = psutil.Process(server.pid)
+    post(server, "gone")
+    stats(server)
+    baseline = process.num_fds()
+    connection = HttpConnection(server.port)
+    connection.send("GET", "/rooms/gone/msgs?since=1&timeout=2")
+    wait_for_waiters(server, 1)
+    assert process.num_fds() > baseline
+    connection.close()
+    wait_for_waiters(server, 0)
+    wait_for(lambda: process.num_fds() <= baseline,
+             "descriptors back to %d (now %d)" % (baseline, process.num_fds()))
+
+
+def test_200_up_to_date_polls_leave_the_server_idle(start_chattle):
+    """The seed waited on one Event and cleared it after waking: polls that re-arrived
+    before the clear found it set and spun. Held polls must consume no CPU."""
+    server = start_chattle()
+    process = psutil.Process(server.pid)
+    connections = [HttpConnection(server.port) for _ in range(200)]
+    for connection in connections:
+        connection.send("GET", "/rooms/idle/msgs?since=0&timeout=30")
+    wait_for_waiters(server, 200)
+    post(server, "idle")
+
+    def repoll(connection):  # straight back with the new cursor, right after the broadcast
+        status, _headers, body = connection.receive()
+        assert status == 200 and body["cursor"] == 1
+        connection.send("GET", "/rooms/idle/msgs?since=1&timeout=30")
+
+    gevent.joinall([gevent.spawn(repoll, connection) for connection in connections],
+                   timeout=GENEROUS, raise_error=True)
+    wait_for_waiters(server, 200)
+    before = process.cpu_times()
+    gevent.sleep(2.0)
+    after = process.cpu_times()
+    used = (after.user - before.user) + (after.system - before.system)
+    assert stats(server)["waiters"] == 200
+    assert used < 0.5, "the server used %.2f s of CPU in 2 s holding 200 polls" % used
+    for connection in connections:
+        connection.close()
+
+
+def test_a_burst_reaches_every_listener_once_in_order(start_chattle):
+    server = start_chattle()
+    listeners, posts = 100, 200
+    ledgers = [DeliveryLedger(0) for _ in range(listeners)]
+    deadline = time.monotonic() + 60
+
+    def listen(ledger):
+        connection = HttpConnection(server.port)
+        cursor = 0
+        try:
+            while cursor < posts and time.monotonic() < deadline:
+                status, _headers, body = connection.request(
+                    "GET", "/rooms/burst/msgs?since=%d&timeout=10&limit=1000" % cursor)
+                assert status == 200 and body["missed"] == 0 and "reset" not in body
+                for message in body["messages"]:
+                    ledger.record(message["id"])
+                cursor = body["cursor"]
+        finally:
+            connection.close()
+
+    greenlets = [gevent.spawn(listen, ledger) for ledger in ledgers]
+    wait_for_waiters(server, listeners)
+    poster = HttpConnection(server.port)
+    for number in range(1, posts + 1):  # back to back on one keep-alive connection
+        status, _headers, body = poster.request("POST", "/rooms/burst/msgs",
+                                                {"from": "poster", "content": "burst %d" % number})
+        assert status == 201 and body["id"] == number
+    poster.close()
+    gevent.joinall(greenlets, timeout=90, raise_error=True)
+    summary = delivery_summary(ledgers, lambda ledger: posts)
+    assert summary["complete"], summary
+    assert summary["received"] == listeners * posts
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(start_chattle):
+    server = start_chattle()
+    connection = HttpConnection(server.port)
+    status, headers, body = connection.request("GET", "/health")
+    assert status == 200 and body["status"] == "ok" and headers.get("connection", "").lower() != "close"
+    status, _headers, body = connection.request("POST", "/rooms/ka/msgs", {"from": "ann", "content": "one"})
+    assert status == 201 and body["id"] == 1
+    status, _headers, body = connection.request("GET", "/rooms/ka/msgs?since=0")
+    assert status == 200 and [message["content"] for message in body["messages"]] == ["one"]
+    status, _headers, body = connection.request("GET", "/nope")
+    assert status == 404 and "error" in body
+    status, _headers, body = connection.request("GET", "/stats")
+    assert status == 200
+    connection.close()
+
+
+def test_oversized_body_is_refused_and_the_connection_closed(start_chattle):
+    server = start_chattle()
+    connection = HttpConnection(server.port)
+    head = ("POST /msgs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Content-Length: 10000000\r\n\r\n").encode()
+    connection.sock.sendall(head + b'{"from": "ann", "content": "' + b"x" * 1000)
+    status, headers, body = connection.receive()  # answered without the other 9.99 MB
+    assert status == 413 and "16384" in body["error"]
+    assert headers.get("connection", "").lower() == "close"
+    assert connection.server_closed()
+    connection.close()
+    assert stats(server)["messages"] == 0
+
+
+def test_oversized_chunked_body_is_413(start_chattle):
+    server = start_chattle()
+    connection = HttpConnection(server.port)
+    head = ("POST /msgs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    chunk = b" " * 4096
+    connection.sock.sendall(head + b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5)))
+    status, _headers, body = connection.receive()
+    assert status == 413 and "error" in body
+    connection.close()
+    assert stats(server)["messages"] == 0

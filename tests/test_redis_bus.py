@@ -1,0 +1,132 @@
+"""The shared Redis bus inside the test process, against a real redis-server.
+
+Two RedisBus objects with their own Rooms stand for two workers: what one accepts,
+the other must serve, with the same ids, `missed` and `reset` as one process would.
+"""
+
+import json
+import os
+import shutil
+
+import gevent
+import pytest
+
+import chattle
+from tests.conftest import call_wsgi
+
+
+def wait_for(check, timeout=10.0, what="condition"):
+    with gevent.Timeout(timeout, AssertionError("not true after %gs: %s" % (timeout, what))):
+        while not check():
+            gevent.sleep(0.01)
+
+
+def answer(room, since, limit=100):
+    return json.loads(room.answer(since, limit))
+
+
+@pytest.fixture
+def workers(redis_server):
+    """Two buses on one redis-server, each with its own rooms, as two workers would be."""
+    made = []
+
+    def make(history=50):
+        rooms = chattle.Rooms(history)
+        bus = chattle.RedisBus(rooms, redis_server.url, history)
+        made.append(bus)
+        wait_for(bus.healthy, what="bus connected")
+        return bus
+
+    yield make
+    for bus in made:
+        bus.close()
+
+
+def test_ids_are_dense_across_workers_and_every_worker_serves_every_post(workers):
+    first, second = workers(), workers()
+    first_room, second_room = first.room("hall", 0), second.room("hall", 0)
+    ids = [bus.publish("hall", "ann", "m%d" % n)["id"] for n in range(10) for bus in (first, second)]
+    assert ids == list(range(1, 21))
+    for room in (first_room, second_room):
+        wait_for(lambda: room.last_id == 20, what="reader delivered every post")
+        got = answer(room, 0)
+        assert [m["id"] for m in got["messages"]] == ids
+        assert got["missed"] == 0 and got["cursor"] == 20
+    assert first_room.answer(0, 100) == second_room.answer(0, 100)  # same bytes in both workers
+
+
+def test_a_room_first_seen_late_is_loaded_with_exact_missed(workers):
+    writer = workers(history=5)
+    for n in range(12):
+        writer.publish("late", "bob", "m%d" % n)
+    newcomer = workers(history=5)
+    room = newcomer.room("late", 2)
+    got = answer(room, 2)
+    assert [m["id"] for m in got["messages"]] == [8, 9, 10, 11, 12]
+    assert got["missed"] == 5  # ids 3..7 are no longer retained
+    assert "reset" not in got
+
+
+def test_a_cursor_from_a_faster_worker_is_not_a_reset(workers):
+    fast, slow = workers(), workers()
+    slow.room("race", 0)
+    slow.reader.kill()  # this worker's reader falls behind for good
+    for n in range(3):
+        fast.publish("race", "cy", "m%d" % n)
+    room = slow.room("race", 3)
+    got = answer(room, 3)
+    assert "reset" not in got and got["cursor"] == 3 and room.last_id == 3
+
+
+def test_a_cursor_from_the_future_is_a_reset(workers):
+    bus = workers()
+    bus.publish("future", "di", "hello")
+    got = answer(bus.room("future", 99), 99)
+    assert got["reset"] is True and got["cursor"] == 1
+
+
+def test_a_redis_that_lost_its_data_resets_the_worker_copy(workers, redis_server):
+    bus = workers()
+    for n in range(4):
+        bus.publish("wiped", "ed", "m%d" % n)
+    room = bus.room("wiped", 0)
+    wait_for(lambda: room.last_id == 4)
+    redis_server.stop()
+    shutil.rmtree(os.path.join(redis_server.workdir, "appendonlydir"))
+    redis_server.__init__(redis_server.workdir, redis_server.port)  # same port, empty data
+    wait_for(lambda: room.last_id == 0, what="the reader noticed the loss")
+    bus.publish("wiped", "ed", "after")
+    wait_for(lambda: room.last_id == 1)
+    got = answer(bus.room("wiped", 4), 4)
+    assert got["reset"] is True and [m["content"] for m in got["messages"]] == ["after"]
+
+
+def test_the_app_on_the_redis_bus(redis_server):
+    chattle.configure(chattle.Settings(history=50, redis=redis_server.url))
+    try:
+        wait_for(lambda: call_wsgi("GET", "/health").status == 200, what="health ok")
+        assert call_wsgi("GET", "/health").json["bus"] == "redis"
+        posted = call_wsgi("POST", "/rooms/app/msgs", body=json.dumps({"from": "fi", "content": "x"}),
+                           headers={"Content-Type": "application/json"})
+        assert posted.status == 201 and posted.json["id"] == 1
+        polled = call_wsgi("GET", "/rooms/app/msgs", query="since=0&timeout=5")
+        assert [m["content"] for m in polled.json["messages"]] == ["x"]
+    finally:
+        chattle.configure(chattle.Settings())
+
+
+def test_redis_down_answers_503_and_health_degraded(redis_server):
+    chattle.configure(chattle.Settings(history=50, redis=redis_server.url))
+    try:
+        wait_for(lambda: call_wsgi("GET", "/health").status == 200, what="health ok")
+        redis_server.stop()
+        posted = call_wsgi("POST", "/rooms/down/msgs", body=json.dumps({"from": "gu", "content": "x"}),
+                           headers={"Content-Type": "application/json"})
+        assert posted.status == 503 and posted.header("Retry-After")
+        assert "error" in posted.json
+        wait_for(lambda: call_wsgi("GET", "/health").status == 503, what="health degraded")
+        assert call_wsgi("GET", "/health").json["status"] == "degraded"
+        polled = call_wsgi("GET", "/rooms/down/msgs", query="since=0&timeout=1")
+        assert polled.status == 503 and polled.header("Retry-After")
+    finally:
+        chattle.configure(chattle.Settings())
