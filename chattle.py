@@ -488,6 +488,10 @@ def make_bus(settings, rooms):
 
 _CONTROL_IN_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _CONTROL_IN_CONTENT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# JSON may escape half a surrogate pair ("\ud800"): no UTF-8 can carry it back out.
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+# Plain decimals only: Python's int() and float() also take "1_0", " 7 ", "1e3", "inf".
+_PLAIN_NUMBER = {int: re.compile(r"-?[0-9]{1,30}"), float: re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?")}
 
 
 def query_number(name, kind, low, high, default):
@@ -495,7 +499,7 @@ def query_number(name, kind, low, high, default):
     if raw is None:
         return default
     try:
-        value = kind(raw)
+        value = kind(raw) if _PLAIN_NUMBER[kind].fullmatch(raw) else None
     except ValueError:
         value = None
     if value is None or value != value or not low <= value <= high:  # value != value: NaN
@@ -556,6 +560,11 @@ def checked_message(payload):
         raise json_error(400, "'from' may not contain control characters")
     if _CONTROL_IN_CONTENT.search(content):
         raise json_error(400, "'content' may not contain control characters other than newline and tab")
+    for field, text in (("from", sender), ("content", content)):
+        half_pair = _LONE_SURROGATE.search(text)
+        if half_pair:
+            raise json_error(400, "'%s' holds half of a UTF-16 surrogate pair (\\u%04x); send valid Unicode"
+                             % (field, ord(half_pair.group())))
     return sender, content
 
 
@@ -703,12 +712,33 @@ def raise_descriptor_limit():
         return None
 
 
+def closing_handler_class():
+    from gevent.pywsgi import WSGIHandler
+
+    class ClosingHandler(WSGIHandler):
+        """pywsgi reads and discards whatever body the application left unread, even when
+        the answer closes the connection: a refused 10 MB upload (413) would still be read
+        in full, and a client that never sends it would hold its greenlet for good. An
+        answer that closes the connection has no next request to find, so skip that read."""
+
+        def run_application(self):
+            try:
+                super().run_application()
+            finally:
+                body = self.wsgi_input
+                if self.close_connection and body is not None:
+                    body.content_length = body.position
+                    body.chunked_input = False
+
+    return ClosingHandler
+
+
 def serve(new_settings):
     from gevent.pywsgi import WSGIServer
 
     configure(new_settings)
     raise_descriptor_limit()
-    server = WSGIServer((settings.host, settings.port), app, backlog=4096,
+    server = WSGIServer((settings.host, settings.port), app, backlog=4096, handler_class=closing_handler_class(),
                         log=sys.stderr if settings.access_log else None)
 
     def stop(*_signal):

@@ -39,6 +39,10 @@ keepalive = 10   # a long-poll client asks again at once; reuse its connection
 
 accesslog = os.environ.get("CHATTLE_GUNICORN_ACCESSLOG") or None
 
+# Nothing here uses gunicorn's control socket, and its one default path per user would be
+# fought over by every master started at once (tests, sweeps, several workers' runs).
+control_socket_disable = True
+
 
 def post_worker_init(worker):
     """On SIGTERM, answer every held poll at once instead of sitting out the graceful timeout."""
@@ -53,6 +57,18 @@ def post_worker_init(worker):
 
     signal.signal(signal.SIGTERM, handle_exit)
     chattle.get_bus()  # the shared bus's reader follows Redis before the first request arrives
+
+
+def pre_request(worker, req):
+    """Close the connection after refusing a declared body over the limit (413).
+
+    Gunicorn drops an application's `Connection: close` header, so without this it keeps
+    the connection and reads the rest of the refused body to find the next request."""
+    import chattle
+
+    for name, value in req.headers:
+        if name == "CONTENT-LENGTH" and value.strip().isdigit() and int(value) > chattle.MAX_BODY_BYTES:
+            req.must_close = True
 
 
 def worker_exit(server, worker):

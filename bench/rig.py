@@ -1,6 +1,6 @@
 """The lean client rig: park N long-polls on raw sockets, post once, time every answer.
 
-No Locust and no HTTP library: each held poll is one non-blocking socket on an epoll
+No Locust and no HTTP library: each held poll is one non-blocking socket in an
 epoll set, so the client costs little CPU next to the server it measures. A held poll
 count larger than one process should hold is split over several client processes
 (`python -m bench.rig --park ...`, one JSON line out when parked and one when done),

@@ -29,7 +29,12 @@ def main(argv=None):
         redis = RedisServer()
         redis_url = redis.url
         print("run: started redis-server (pid %d) on %s, data in %s" % (redis.pid, redis_url, redis.workdir))
-    server = ChattleServer(port=args.port, workers=args.workers, redis_url=redis_url or None, log_path="-")
+    try:
+        server = ChattleServer(port=args.port, workers=args.workers, redis_url=redis_url or None, log_path="-")
+    except BaseException:
+        if redis is not None:
+            redis.stop()  # the redis-server started for this run must not outlive it
+        raise
     print("run: chattle on %s/ (%s, pid %d); open it in two browser windows. Ctrl-C stops."
           % (server.url, "gunicorn x%d" % args.workers if server.gunicorn else "python chattle.py", server.pid))
     stopping = []

@@ -121,6 +121,7 @@ def write_charts(report_dir, points, slo, caption_tail):
     bars = ax.bar(labels, values, color="#3b6fb6")
     for bar, value in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, value, "%d" % value, ha="center", va="bottom")
+    ax.set_ylim(0, max(values + [1]) * 1.15)  # room for the figures above the bars
     ax.set_xlabel("workers")
     ax.set_ylabel("held polls")
     ax.set_title("Capacity: most held polls with p99 wake-up < %g ms" % (slo * 1000))

@@ -18,8 +18,12 @@ from locust import constant, events, task
 from locust.contrib.fasthttp import FastHttpUser
 
 from bench.measures import DeliveryLedger, wakeup_latency
+from bench.servers import get_json
 from loadtests.scenario import CLIENT_TIMEOUT_MARGIN, build_stages, room_name, stage_at
 from loadtests.shapes import StagedShape  # noqa: F401  (Locust finds the shape in the locustfile)
+
+CATCH_UP_POLLS = 20        # answers of up to 1000 messages each, when a listener stops
+CATCH_UP_TIMEOUT = 15.0
 
 
 @events.init_command_line_parser.add_listener
@@ -115,6 +119,41 @@ class Listener(FastHttpUser):
                           "ledger": DeliveryLedger(cursor), "latencies": 0, "polls": 0}
             Seen.listeners.append(self.entry)
 
+    def on_stop(self):
+        """Catch up before leaving: a listener stopped in the middle of a slow fan-out has not
+        lost the messages still on their way, so fetch what the server holds (timeout=0)
+        and judge completeness on that; a message the server no longer has stays lost."""
+        if self.entry is None:
+            return
+        ledger = self.entry["ledger"]
+        for _ in range(CATCH_UP_POLLS):
+            url = "%s/rooms/%s/msgs?since=%d&timeout=0&limit=1000" % (self.host, self.room, ledger.next_expected - 1)
+            try:
+                status, body = get_json(url, timeout=CATCH_UP_TIMEOUT)
+            except OSError as exc:
+                Seen.errors.append([time.time(), "listener", "catch-up poll: %s" % exc])
+                return
+            if status != 200:
+                Seen.errors.append([time.time(), "listener", "catch-up poll: %s" % status])
+                return
+            if not self.receive(body, time.time()):
+                return
+
+    def receive(self, body, received_at):
+        """Record one poll answer; how many messages it held."""
+        entry = self.entry
+        ledger = entry["ledger"]
+        entry["polls"] += 1
+        if body.get("reset"):
+            Seen.errors.append([received_at, "listener", "server answered reset: it lost the room's history"])
+        ledger.missed_reported += body.get("missed", 0)
+        for message in body["messages"]:
+            ledger.record(message["id"])
+            Seen.received_at.append(received_at)
+            Seen.latency.append(wakeup_latency(received_at, message["ts"]))
+            entry["latencies"] += 1
+        return len(body["messages"])
+
     @task
     def poll(self):
         entry = self.entry
@@ -128,15 +167,7 @@ class Listener(FastHttpUser):
                 time.sleep(1)
                 return
             body = answer.json()
-        entry["polls"] += 1
-        if body.get("reset"):
-            Seen.errors.append([received_at, "listener", "server answered reset: it lost the room's history"])
-        ledger.missed_reported += body.get("missed", 0)
-        for message in body["messages"]:
-            ledger.record(message["id"])
-            Seen.received_at.append(received_at)
-            Seen.latency.append(wakeup_latency(received_at, message["ts"]))
-            entry["latencies"] += 1
+        self.receive(body, received_at)
 
 
 class Poster(FastHttpUser):

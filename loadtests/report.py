@@ -17,6 +17,7 @@ from reports.page import machine_description, machine_line, write_html, write_js
 CPU_BOUND_PERCENT = 90.0      # Locust's own warning threshold
 CPU_BOUND_SECONDS = 3         # consecutive samples at or above it
 TARGET_REACHED_FRACTION = 0.95
+CONTENDED_PERCENT = 50.0      # other processes' mean CPU, in % of one core, that makes figures suspect
 
 
 def load_raw(raw_dir):
@@ -103,6 +104,9 @@ def build_summary(report_dir, run_info, samples, cursors):
     held = [row["held_polls"] for row in samples if row.get("held_polls") is not None]
     cpu = [row["server_cpu"] for row in samples if row.get("server_cpu") is not None]
     bound = client_bound(report_dir, samples)
+    others = [row["machine_cpu"] - (row.get("server_cpu") or 0) - (row.get("client_cpu") or 0)
+              for row in samples if row.get("machine_cpu") is not None]
+    others_mean = max(0.0, sum(others) / len(others)) if others else None
     locust = locust_totals(report_dir)
     memory = memory_figures(samples, run_info)
     users = run_info["users"]
@@ -136,6 +140,8 @@ def build_summary(report_dir, run_info, samples, cursors):
         "posts": len(raw["posts"]), "deliveries": latency["count"], "final_cursors": final_ids,
         "held_polls_peak": max(held) if held else None, "server_cpu_mean": sum(cpu) / len(cpu) if cpu else None,
         "server_cpu_max": max(cpu) if cpu else None, "memory": memory, "locust": locust,
+        "other_processes_cpu_mean": others_mean,
+        "machine_contended": others_mean is not None and others_mean >= CONTENDED_PERCENT,
         "errors": raw["errors"][:50], "error_count": len(raw["errors"]),
     }, raw
 
@@ -293,13 +299,18 @@ def draw_charts(report_dir, summary, raw, samples):
     _shade_stages(axis, stages)
     for key, colour, label in (("server_cpu", "#1f5fbf", "server CPU %"), ("client_cpu", "#e08a00", "Locust CPU %")):
         axis.plot(t, [np.nan if row.get(key) is None else row[key] for row in rows], color=colour, label=label)
+    others = [np.nan if row.get("machine_cpu") is None else
+              max(0.0, row["machine_cpu"] - (row.get("server_cpu") or 0) - (row.get("client_cpu") or 0))
+              for row in rows]
+    axis.plot(t, others, color="#888", linewidth=0.8, label="every other process on the machine")
     axis.axhline(CPU_BOUND_PERCENT, color="#b3261e", linestyle=":", label="client-bound threshold")
     axis.set_ylabel("% of one core")
     axis.set_xlabel("seconds since Locust started")
     axis.legend(fontsize=8)
     save(fig, "cpu.png",
          "CPU of the server (summed over its serving processes) and of the Locust processes, in %% of one core, "
-         "each second. Server and load generator share this machine's cores; a Locust process at the dotted "
+         "each second; grey is the rest of the machine's CPU use (all cores, minus those two). Server and load "
+         "generator share this machine's cores; a Locust process at the dotted "
          "line makes the latency figures client-bound. %s. %s." % (what, machine))
     return charts
 
@@ -329,6 +340,10 @@ def build_report(report_dir, run_info, samples, cursors):
              ("server CPU mean / max", "-" if summary["server_cpu_mean"] is None
               else "%.0f%% / %.0f%%" % (summary["server_cpu_mean"], summary["server_cpu_max"]), "")]
     notes = ["Latency figures are client-bound: %s." % summary["client_bound"]] if summary["client_bound"] else []
+    if summary["machine_contended"]:
+        notes.append("Other processes used %.0f%% of a core on average during the run: server and load generator "
+                     "competed with them for the CPU, so latency is worse than on a quiet machine."
+                     % summary["other_processes_cpu_mean"])
     write_html(os.path.join(report_dir, "report.html"), "Chattle load run", "%s. %s" % (
         _what_ran(run_info), summary["machine_line"]), rows, charts, notes=notes,
         links=[("locust.html", "Locust's own report"), ("summary.json", "summary.json"),
@@ -358,6 +373,9 @@ def print_summary(summary, report_dir):
     if summary["server_cpu_mean"] is not None:
         print("  server CPU           mean %.0f%%, max %.0f%% of a core"
               % (summary["server_cpu_mean"], summary["server_cpu_max"]))
+    if summary.get("other_processes_cpu_mean") is not None:
+        print("  other processes CPU  mean %.0f%% of a core%s" % (summary["other_processes_cpu_mean"],
+              " (CONTENDED machine: latency is worse than on a quiet one)" if summary["machine_contended"] else ""))
     print("  Locust requests      %s, failures %s" % (summary["locust"]["requests"], summary["locust"]["failures"]))
     for entry in summary["checks"]:
         print("  [%s] %s: %s" % ("ok" if entry["passed"] else "FAIL", entry["check"], entry["detail"]))

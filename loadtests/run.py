@@ -207,6 +207,9 @@ class Sampler(threading.Thread):
             row["server_rss"] = stats_rss
             row["server_cpu"] = None
         client = self._cpu(self._locust_pids())
+        import psutil
+        # In % of one core like the others, so "everything else" is machine - server - client.
+        row["machine_cpu"] = psutil.cpu_percent(None) * (psutil.cpu_count() or 1)
         row["client_cpu"] = sum(client) if client else None
         row["client_cpu_max_process"] = max(client) if client else None
         self.samples.append(row)
@@ -331,12 +334,13 @@ def main(argv=None):
     finally:
         if sampler is not None and sampler.is_alive():
             sampler.stop()
-        if locust is not None:
-            locust.stop(grace=15)
-        if server is not None:
-            server.stop()
-        if redis is not None:
-            redis.stop()
+        # Each stop on its own: one that fails must not leave the others running.
+        for started, grace in ((locust, 15), (server, 10), (redis, 10)):
+            if started is not None:
+                try:
+                    started.stop(grace=grace)
+                except Exception as exc:  # noqa: BLE001
+                    print("load: could not stop pid %d: %s" % (started.pid, exc), file=sys.stderr)
 
     if interrupted:
         return 130

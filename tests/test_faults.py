@@ -87,7 +87,8 @@ def test_sigterm_to_the_master_answers_held_polls_promptly(start_chattle, redis_
     # The graceful timeout is 75 s; 20 s is a generous bound that still proves it was not waited out.
     gevent.joinall(holders, timeout=20)
     assert len(answers) == 20, answers
-    assert set(answers) <= {200, "RemoteDisconnected", "ConnectionResetError"}, answers
+    closed_cleanly = {"RemoteDisconnected", "ConnectionResetError", "IncompleteRead", "BadStatusLine"}
+    assert set(answers) <= {200} | closed_cleanly, answers
     wait_for(lambda: not server.alive(), 30, "the master exited")
     assert time.monotonic() - stopped_at < 60
 

@@ -94,7 +94,16 @@ def wait_for(check, what, timeout=GENEROUS):
 
 
 def wait_for_waiters(server, count):
-    wait_for(lambda: stats(server)["waiters"] == count, "%d held polls (%r)" % (count, stats(server)))
+    seen = []
+
+    def held():
+        seen.append(stats(server)["waiters"])
+        return seen[-1] == count
+
+    try:
+        wait_for(held, "%d held polls" % count)
+    except AssertionError as error:
+        raise AssertionError("%s; the server held %s" % (error, seen[-1:])) from None
 
 
 def post(server, room, content="hi", sender="ann"):
@@ -200,13 +209,13 @@ def test_a_burst_reaches_every_listener_once_in_order(start_chattle):
     ledgers = [DeliveryLedger(0) for _ in range(listeners)]
     deadline = time.monotonic() + 60
 
-    def listen(ledger):
+    def listen(ledger):  # small pages: every listener walks its cursor through many polls
         connection = HttpConnection(server.port)
         cursor = 0
         try:
             while cursor < posts and time.monotonic() < deadline:
                 status, _headers, body = connection.request(
-                    "GET", "/rooms/burst/msgs?since=%d&timeout=10&limit=1000" % cursor)
+                    "GET", "/rooms/burst/msgs?since=%d&timeout=10&limit=7" % cursor)
                 assert status == 200 and body["missed"] == 0 and "reset" not in body
                 for message in body["messages"]:
                     ledger.record(message["id"])
@@ -217,9 +226,10 @@ def test_a_burst_reaches_every_listener_once_in_order(start_chattle):
     greenlets = [gevent.spawn(listen, ledger) for ledger in ledgers]
     wait_for_waiters(server, listeners)
     poster = HttpConnection(server.port)
-    for number in range(1, posts + 1):  # back to back on one keep-alive connection
-        status, _headers, body = poster.request("POST", "/rooms/burst/msgs",
-                                                {"from": "poster", "content": "burst %d" % number})
+    for number in range(1, posts + 1):  # pipelined on one keep-alive connection: back to back
+        poster.send("POST", "/rooms/burst/msgs", {"from": "poster", "content": "burst %d" % number})
+    for number in range(1, posts + 1):
+        status, _headers, body = poster.receive()
         assert status == 201 and body["id"] == number
     poster.close()
     gevent.joinall(greenlets, timeout=90, raise_error=True)
@@ -239,6 +249,8 @@ def test_keep_alive_serves_several_requests_on_one_connection(start_chattle):
     assert status == 200 and [message["content"] for message in body["messages"]] == ["one"]
     status, _headers, body = connection.request("GET", "/nope")
     assert status == 404 and "error" in body
+    status, _headers, body = connection.request("GET", "/rooms/a%20b/msgs?since=0")
+    assert status == 404 and "error" in body
     status, _headers, body = connection.request("GET", "/stats")
     assert status == 200
     connection.close()
@@ -253,7 +265,7 @@ def test_oversized_body_is_refused_and_the_connection_closed(start_chattle):
     status, headers, body = connection.receive()  # answered without the other 9.99 MB
     assert status == 413 and "16384" in body["error"]
     assert headers.get("connection", "").lower() == "close"
-    assert connection.server_closed()
+    assert connection.server_closed(within=10)
     connection.close()
     assert stats(server)["messages"] == 0
 
@@ -269,3 +281,18 @@ def test_oversized_chunked_body_is_413(start_chattle):
     assert status == 413 and "error" in body
     connection.close()
     assert stats(server)["messages"] == 0
+
+
+def test_a_stalled_body_is_answered_and_the_connection_closed(start_chattle):
+    """A client that promises a body and stops sending gets a 400 after the read timeout,
+    and the connection is closed rather than waited on for the rest."""
+    server = start_chattle()
+    connection = HttpConnection(server.port)
+    connection.sock.sendall(b"POST /msgs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 100\r\n\r\n" + b'{"from": "ann"')
+    status, headers, body = connection.receive()
+    assert status == 400 and "did not arrive" in body["error"]
+    assert headers.get("connection", "").lower() == "close"
+    assert connection.server_closed(within=10)
+    connection.close()
+    assert stats(server)["waiters"] == 0 and stats(server)["messages"] == 0

@@ -222,6 +222,19 @@ def test_bad_content_is_400(wsgi, payload):
     assert_error(post(wsgi, "/msgs", payload), 400, "'content'")
 
 
+@pytest.mark.parametrize("body, field", [
+    (rb'{"from": "\ud800", "content": "x"}', "'from'"),
+    (rb'{"from": "ann", "content": "half \udc00 a pair"}', "'content'"),
+])
+def test_lone_surrogate_escapes_are_400_not_500(wsgi, body, field):
+    assert_error(post(wsgi, "/msgs", body), 400, field)
+
+
+def test_escaped_surrogate_pair_is_one_character(wsgi):
+    assert post(wsgi, "/msgs", rb'{"from": "ann", "content": "\ud83d\ude00"}').status == 201
+    assert poll(wsgi, "/msgs", since=0)["messages"][0]["content"] == "\U0001F600"
+
+
 def test_rejected_posts_write_nothing(wsgi):
     post(wsgi, "/msgs", {"from": "", "content": "x"})
     post(wsgi, "/msgs", {"from": "ann", "content": "x" * 2001})
@@ -235,6 +248,8 @@ def test_rejected_posts_write_nothing(wsgi):
     ("limit", "0"), ("limit", "1001"), ("limit", "x"), ("limit", "-5"),
     ("timeout", "-1"), ("timeout", "61"), ("timeout", "nan"), ("timeout", "inf"), ("timeout", "x"),
     ("timeout", "-inf"), ("timeout", "60.001"),
+    ("since", "1_0"), ("since", "%201"), ("since", "99999999999999999999999"), ("timeout", "1_0"),
+    ("timeout", "1e1"), ("limit", "%D9%A1"),  # an Arabic-Indic digit one, which int() would take
 ])
 def test_query_number_out_of_range_is_400(wsgi, name, value):
     query = "%s=%s" % (name, value)
