@@ -256,7 +256,8 @@ def main(argv=None):
         rows.append(("anatomy: greenlets per poll / saved stack per poll",
                      "%.2f / %s" % (anatomy["greenlets_per_poll"], anatomy.get("stack_note", "")), ""))
         rows.append(("anatomy: socket buffers (kernel, not in RSS)",
-                     "SO_RCVBUF %s B, SO_SNDBUF %s B per server socket; kernel TCP memory %.0f B per poll"
+                     "SO_RCVBUF %s B, SO_SNDBUF %s B per server socket (reserved when data queues); "
+                     "kernel TCP memory %.0f B per poll (system-wide, blurred by other processes)"
                      % (anatomy["so_rcvbuf"], anatomy["so_sndbuf"], anatomy["kernel_tcp_per_poll"]), ""))
         for site in anatomy["top_sites"][:12]:
             rows.append(("  %s" % site["site"], "%.0f B/poll (%d blocks total)"

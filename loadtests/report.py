@@ -219,6 +219,10 @@ def draw_charts(report_dir, summary, raw, samples):
         edges = np.flatnonzero(np.diff(seconds)) + 1
         xs, per = [], {50: [], 95: [], 99: []}
         for second, chunk in zip(np.split(seconds, edges), np.split(values, edges)):
+            if xs and second[0] + 0.5 - xs[-1] > 1.5:  # no deliveries in between: break the line
+                xs.append(np.nan)
+                for q in per:
+                    per[q].append(np.nan)
             xs.append(second[0] + 0.5)
             for q in per:
                 per[q].append(np.percentile(chunk, q))
@@ -262,6 +266,8 @@ def draw_charts(report_dir, summary, raw, samples):
         # Only while (nearly) everyone is held: between two polls a listener still costs
         # memory but is not counted, which would inflate the quotient.
         steady = (held > 100) & (held >= 0.9 * np.nanmax(held)) if np.isfinite(held).any() else held > 100
+        if stages:  # after ramp-down the server still counts polls of listeners that left
+            steady &= t < stages[-1]["start"]
         per_poll = np.where(steady, (rss - idle) / np.where(held > 0, held, 1) / 1024.0, np.nan)
         other = axis.twinx()
         other.plot(t, per_poll, color="#b3261e", linestyle="--", marker=".", label="KiB per held poll (right axis)")

@@ -15,7 +15,7 @@ import pytest
 import chattle
 from bench.servers import ChattleServer, get_json
 
-ROUNDS = {100: 200, 1000: 40, 10000: 8}
+ROUNDS = {100: 200, 1000: 40, 10000: 15}
 SOCKET_POLLS = 200
 SOCKET_ROUNDS = 15
 
