@@ -23,6 +23,7 @@ baseline saved on this machine (pytest-benchmark keeps one per machine and Pytho
 import argparse
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def compare(storage, select, env=None):
     with tempfile.TemporaryDirectory() as scratch:
         now_json = os.path.join(scratch, "now.json")
         code = run_suite(storage, ["--benchmark-compare=" + number,
-                                   "--benchmark-compare-fail=median:%g%%" % loosest,
+                                   "--benchmark-compare-fail=median:%d%%" % math.ceil(loosest),
                                    "--benchmark-json=" + now_json], select, env=env)
         if not os.path.exists(now_json):
             print("regress: the benchmarks did not run (exit %d)" % code)

@@ -120,7 +120,9 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
                 data = b""
             if data and not poll.feed(data):
                 continue
-            poll.received_at = time.time()
+            if data:
+                poll.received_at = time.time()
+            # else: closed before a whole answer; it stays unanswered, never a delivery
             epoll.unregister(fd)  # closed after the timing: a close is not a delivery
             pending -= 1
     cpu_collect = cpu_seconds_self() - cpu_parked

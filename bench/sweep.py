@@ -251,7 +251,7 @@ def main(argv=None):
         notes.append("Skipped counts over the descriptor limit (%d): %s" % (limit, skipped))
     if anatomy:
         rows.append(("anatomy: held polls", anatomy["held"], ""))
-        rows.append(("anatomy: RSS per held poll", "%.0f B" % anatomy["rss_per_poll"], ""))
+        rows.append(("anatomy: RSS per held poll (under tracemalloc, includes its bookkeeping)", "%.0f B" % anatomy["rss_per_poll"], ""))
         rows.append(("anatomy: traced Python allocations per poll", "%.0f B" % anatomy["traced_per_poll"], ""))
         rows.append(("anatomy: greenlets per poll / saved stack per poll",
                      "%.2f / %s" % (anatomy["greenlets_per_poll"], anatomy.get("stack_note", "")), ""))
