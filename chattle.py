@@ -123,7 +123,7 @@ class Room:
     same bytes N times.
     """
 
-    __slots__ = ("name", "messages", "last_id", "_posted", "_answers", "_name_json", "registry")
+    __slots__ = ("name", "messages", "last_id", "waiting", "_posted", "_answers", "_name_json", "registry")
 
     ANSWER_CACHE_SIZE = 64
 
@@ -131,6 +131,7 @@ class Room:
         self.name = name
         self.messages = deque(maxlen=history)
         self.last_id = 0
+        self.waiting = 0  # polls held on this room now
         self._posted = Event()
         self._answers = {}
         self._name_json = encode(name)
@@ -160,6 +161,7 @@ class Room:
         deadline = time.monotonic() + timeout
         registry = self.registry
         registry.waiters += 1
+        self.waiting += 1
         try:
             while self.last_id <= since and not registry.closing:
                 remaining = deadline - time.monotonic()
@@ -168,10 +170,17 @@ class Room:
                 self._posted.wait(remaining)
         finally:
             registry.waiters -= 1
+            self.waiting -= 1
 
     def wake_all(self):
         posted, self._posted = self._posted, Event()
         posted.set()
+
+    def forget(self):
+        """Drop every message (the shared bus lost them): the next poll is told "reset"."""
+        self.messages.clear()
+        self.last_id = 0
+        self._answers.clear()
 
     # -- answers ----------------------------------------------------------------
     def answer(self, since, limit):
@@ -224,6 +233,14 @@ class Rooms:
             room = self.by_name[name] = Room(name, self.history, self)
         return room
 
+    def release(self, room):
+        """Forget a room nobody posted to and nobody waits on: polling made-up room
+        names must not grow the worker's memory. True when it was dropped."""
+        if room.last_id or room.waiting or self.by_name.get(room.name) is not room:
+            return False
+        del self.by_name[room.name]
+        return True
+
     def retained(self):
         return sum(len(room.messages) for room in self.by_name.values())
 
@@ -259,6 +276,9 @@ class MemoryBus:
     def room(self, room_name, since=None):
         """The room a poll after `since` is answered from (the shared bus may load it first)."""
         return self.rooms.get(room_name)
+
+    def forget(self, room_name):
+        pass
 
     def healthy(self):
         return True
@@ -397,8 +417,7 @@ return {id, ts}
         if last < room.last_id:
             # Redis lost what this worker holds (a wipe, or a crash inside the fsync
             # window): forget it, so clients holding those ids are told "reset".
-            room.messages.clear()
-            room.last_id = 0
+            room.forget()
         entries = [(int(entry_id.split("-")[0]), fields) for entry_id, fields in reversed(newest_first)]
         entries = [(message_id, fields) for message_id, fields in entries if message_id > room.last_id]
         if entries and entries[0][0] > room.last_id + 1:
@@ -456,6 +475,11 @@ return {id, ts}
             self._sync(room_name, room)  # entries trimmed from the global stream: fetch them
         else:
             room.add(message_id, self.fragment(message_id, fields["f"], fields["c"], fields["t"]))
+
+    def forget(self, room_name):
+        """The worker dropped an unused room: its next poll loads it from Redis again."""
+        if self.loaded.get(room_name) is True:
+            del self.loaded[room_name]
 
     # -- state -------------------------------------------------------------------------
     def healthy(self):
@@ -632,7 +656,10 @@ def poll_messages(room="lobby"):
         raise json_error(503, "the shared bus is unreachable (%s); retry later" % exc, **{"Retry-After": "1"})
     if since is not None:
         chat.wait_for_news(since, timeout)
-    return json_answer(chat.answer(since, limit))
+    body = chat.answer(since, limit)
+    if rooms.release(chat):
+        bus.forget(room)
+    return json_answer(body)
 
 
 @app.post("/msgs")

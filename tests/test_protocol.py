@@ -484,3 +484,12 @@ def test_closing_answers_held_polls_at_once(wsgi):
         assert greenlet.value.status == 200 and greenlet.value.json["messages"] == []
         assert greenlet.value.json["cursor"] == 1
         assert greenlet.value.header("Connection") == "close"
+
+
+def test_polling_made_up_rooms_does_not_grow_the_worker(wsgi):
+    for number in range(200):
+        assert wsgi("GET", "/rooms/nobody-%d/msgs?since=0&timeout=0" % number).status == 200
+    assert wsgi("GET", "/stats").json["rooms"] == 0
+    wsgi("POST", "/rooms/kept/msgs", '{"from": "ann", "content": "hi"}', {"Content-Type": "application/json"})
+    wsgi("GET", "/rooms/kept/msgs?since=0&timeout=0")
+    assert wsgi("GET", "/stats").json["rooms"] == 1
