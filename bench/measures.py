@@ -127,3 +127,14 @@ def memory_per_connection(rss_idle, rss_holding, held):
     if held <= 0:
         return None
     return (rss_holding - rss_idle) / held
+
+
+# -- fan-out cost ---------------------------------------------------------------------------
+
+def time_per_waiter(last_delivery_s, waiters):
+    """Seconds of fan-out per woken waiter: from the post to the last answer received,
+    divided by the waiters woken. Wall-clock, so it includes the rig's reading; the same
+    rig reads every server, which keeps ratios between servers fair."""
+    if last_delivery_s is None or not waiters:
+        return None
+    return last_delivery_s / waiters

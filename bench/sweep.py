@@ -8,6 +8,11 @@ point is reported, with charts, results.json and results.csv under reports/<ts>-
     python -m bench.sweep                       # default sweep (a few minutes)
     python -m bench.sweep --quick               # about a minute
     python -m bench.sweep --target http://host:port [--target-pid PID]
+    python -m bench.sweep --no-peers            # skip the aiohttp reference server
+
+Beside Chattle's one-worker points, the aiohttp reference server of bench/peers/ is
+measured by the same rig at the same counts, and the report states the ratios
+Chattle / aiohttp of memory per held poll and of time per waiter.
 """
 
 import argparse
@@ -17,12 +22,13 @@ import statistics
 import sys
 import time
 
-from bench.measures import summed_rss
+from bench.measures import summed_rss, time_per_waiter
 from bench.rig import Rig, raise_descriptor_limit
-from bench.servers import ChattleServer, RedisServer
+from bench.servers import ChattleServer, PeerServer, RedisServer
 from reports.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
 DESCRIPTOR_MARGIN = 200  # listener, logs, redis and the worker's pipes
+PEER_LABEL = "aiohttp reference"
 
 
 def median_point(repeats):
@@ -37,8 +43,11 @@ def median_point(repeats):
 
 
 def measure_point(workers, count, redis_url, log_dir):
-    server = ChattleServer(workers=workers, redis_url=redis_url if workers > 1 else None,
-                           log_path=os.path.join(log_dir, "server-w%d-n%d.log" % (workers, count)))
+    if workers == PEER_LABEL:
+        server = PeerServer(log_path=os.path.join(log_dir, "peer-aiohttp-n%d.log" % count))
+    else:
+        server = ChattleServer(workers=workers, redis_url=redis_url if workers > 1 else None,
+                               log_path=os.path.join(log_dir, "server-w%d-n%d.log" % (workers, count)))
     try:
         pids = server.worker_pids()
         rig = Rig(server.url)
@@ -49,6 +58,36 @@ def measure_point(workers, count, redis_url, log_dir):
         server.stop()
     point["workers"] = workers
     return point
+
+
+def peer_ratios(points):
+    """Per count measured for both: Chattle (one worker) / aiohttp reference, for memory per
+    held poll and time per waiter (bench.measures.time_per_waiter). Above 1: Chattle costs more."""
+    chattle = {p["requested"]: p for p in points if p["workers"] == 1}
+    ratios = []
+    for peer in (p for p in points if p["workers"] == PEER_LABEL):
+        ours = chattle.get(peer["requested"])
+        if ours is None:
+            continue
+        mem_ours, mem_peer = ours.get("bytes_per_poll_median"), peer.get("bytes_per_poll_median")
+        tpw_ours = time_per_waiter(ours["last_delivery_s"], ours["delivered"])
+        tpw_peer = time_per_waiter(peer["last_delivery_s"], peer["delivered"])
+        ratios.append({
+            "requested": peer["requested"],
+            "chattle_bytes_per_poll": mem_ours, "aiohttp_bytes_per_poll": mem_peer,
+            "memory_ratio": mem_ours / mem_peer if mem_ours and mem_peer and mem_peer > 0 else None,
+            "chattle_s_per_waiter": tpw_ours, "aiohttp_s_per_waiter": tpw_peer,
+            "time_per_waiter_ratio": tpw_ours / tpw_peer if tpw_ours and tpw_peer else None,
+        })
+    return ratios
+
+
+def series_label(workers):
+    return PEER_LABEL if workers == PEER_LABEL else "%s worker(s)" % workers
+
+
+def fmt(value, pattern="%.0f", scale=1):
+    return "-" if value is None else pattern % (value * scale)
 
 
 def capacity(points, slo):
@@ -80,9 +119,9 @@ def write_charts(report_dir, points, slo, caption_tail):
         series.sort(key=lambda p: p["requested"])
         xs = [p["requested"] for p in series]
         line, = ax.plot(xs, [p["latency"]["p50"] * 1000 for p in series], marker="o",
-                        label="%s worker(s) p50" % workers)
+                        label="%s p50" % series_label(workers))
         ax.plot(xs, [p["latency"]["p99"] * 1000 for p in series], marker="s", linestyle="--",
-                color=line.get_color(), label="%s worker(s) p99" % workers)
+                color=line.get_color(), label="%s p99" % series_label(workers))
     ax.axhline(slo * 1000, color="#b3261e", linewidth=1, linestyle=":", label="SLO %g ms" % (slo * 1000))
     ax.set_xlabel("held polls")
     ax.set_ylabel("wake-up latency (ms)")
@@ -93,14 +132,15 @@ def write_charts(report_dir, points, slo, caption_tail):
     fig.savefig(os.path.join(report_dir, "latency.png"), dpi=90)
     plt.close(fig)
     charts.append(("latency.png", "Wake-up latency (receive time minus the message's ts), p50 solid and p99 "
-                   "dashed, against the number of held polls; one line per worker count. " + caption_tail))
+                   "dashed, against the number of held polls; one line per worker count, and one for the "
+                   "aiohttp reference server (one process) when measured. " + caption_tail))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for workers, series in sorted(by_workers.items(), key=lambda kv: str(kv[0])):
         series = [p for p in series if p.get("bytes_per_poll_median") is not None]
         if series:
             ax.plot([p["requested"] for p in series], [p["bytes_per_poll_median"] / 1024 for p in series],
-                    marker="o", label="%s worker(s)" % workers)
+                    marker="o", label=series_label(workers))
     ax.set_xlabel("held polls")
     ax.set_ylabel("KiB of RSS per held poll")
     ax.set_title("Memory per held poll (rise in summed worker RSS / held polls)")
@@ -114,7 +154,7 @@ def write_charts(report_dir, points, slo, caption_tail):
                    "over their idle RSS, divided by the polls held (median of repeats). Kernel socket "
                    "buffers are not in RSS; see the anatomy. " + caption_tail))
 
-    best = capacity(points, slo)
+    best = capacity([p for p in points if p["workers"] != PEER_LABEL], slo)
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [str(w) for w in sorted(best, key=str)]
     values = [best[w] or 0 for w in sorted(best, key=str)]
@@ -136,7 +176,7 @@ def write_charts(report_dir, points, slo, caption_tail):
 
 CSV_FIELDS = ["workers", "requested", "parked", "held_confirmed", "delivered", "p50_ms", "p95_ms", "p99_ms",
               "max_ms", "last_delivery_ms", "bytes_per_poll", "server_cpu_s", "client_cpu_s", "client_bound",
-              "repeats"]
+              "repeats", "us_per_waiter"]
 
 
 def csv_row(point):
@@ -144,12 +184,16 @@ def csv_row(point):
 
     def ms(value):
         return None if value is None else round(value * 1000, 3)
+
+    def us(value):
+        return None if value is None else round(value * 1e6, 2)
     return {"workers": point["workers"], "requested": point["requested"], "parked": point["parked"],
             "held_confirmed": point["held_confirmed"], "delivered": point["delivered"],
             "p50_ms": ms(lat["p50"]), "p95_ms": ms(lat["p95"]), "p99_ms": ms(lat["p99"]), "max_ms": ms(lat["max"]),
             "last_delivery_ms": ms(point["last_delivery_s"]), "bytes_per_poll": point.get("bytes_per_poll_median"),
             "server_cpu_s": point["server_cpu_s"], "client_cpu_s": point["client_cpu_s"],
-            "client_bound": point["client_bound"], "repeats": point.get("repeats")}
+            "client_bound": point["client_bound"], "repeats": point.get("repeats"),
+            "us_per_waiter": us(time_per_waiter(point["last_delivery_s"], point["delivered"]))}
 
 
 def main(argv=None):
@@ -163,6 +207,9 @@ def main(argv=None):
     parser.add_argument("--target", help="measure this running server instead of starting one (URL)")
     parser.add_argument("--target-pid", type=int, action="append", default=[],
                         help="pid(s) serving --target, for RSS and CPU figures (repeatable)")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the aiohttp reference server at the same counts and report the "
+                             "ratios Chattle / aiohttp (default on; --no-peers skips it)")
     parser.add_argument("--anatomy", type=int, default=2000,
                         help="held polls for the per-poll memory anatomy (0 skips it; default %(default)s)")
     args = parser.parse_args(argv)
@@ -185,7 +232,9 @@ def main(argv=None):
             workers_list = ["target"]
         elif any(w > 1 for w in workers_list):
             redis = RedisServer(appendonly=False)
-        for workers in workers_list:
+        # The peer is one process on an in-memory store: it pairs with the one-worker points.
+        measured = workers_list + ([PEER_LABEL] if args.peers and not args.target else [])
+        for workers in measured:
             for count in counts:
                 repeats = []
                 for repeat in range(args.repeats):
@@ -218,12 +267,16 @@ def main(argv=None):
     workload = ("Workload: N polls on one room, since=cursor, timeout=60 s, one post wakes all; "
                 "raw HTTP/1.1 on 127.0.0.1, client in %s process(es) of at most 8000 sockets; "
                 "median of %d repeat(s); 1 worker = python chattle.py (memory bus), more = gunicorn gevent "
-                "workers on a shared redis-server." % ("separate", args.repeats))
+                "workers on a shared redis-server%s." % ("separate", args.repeats,
+                                                          "; aiohttp reference = python -m bench.peers.aiohttp_chat, "
+                                                          "one process, in memory" if args.peers else ""))
     if args.target:
         workload = "Target %s (not started by the sweep). " % args.target + workload
     caption_tail = "Machine: %s. %s" % (machine_line(info), workload)
     charts, best = write_charts(report_dir, points, args.slo, caption_tail)
-    results = {"machine": info, "slo_s": args.slo, "counts": counts, "skipped_counts": skipped,
+    ratios = peer_ratios(points)
+    results = {"peer": PEER_LABEL if args.peers and not args.target else None, "peer_ratios": ratios,
+               "machine": info, "slo_s": args.slo, "counts": counts, "skipped_counts": skipped,
                "workers": workers_list, "repeats": args.repeats, "capacity": {str(k): v for k, v in best.items()},
                "points": points, "anatomy": anatomy, "elapsed_s": time.monotonic() - started,
                "target": args.target}
@@ -236,16 +289,28 @@ def main(argv=None):
 
     rows = [("capacity (p99 < %g ms), %s workers" % (args.slo * 1000, w), best[w] if best[w] else "none", "")
             for w in sorted(best, key=str)]
+    for ratio in ratios:
+        rows.append(("Chattle / aiohttp reference, %d polls: memory per held poll" % ratio["requested"],
+                     "%s (%s / %s B)" % (fmt(ratio["memory_ratio"], "%.2f"), fmt(ratio["chattle_bytes_per_poll"]),
+                                         fmt(ratio["aiohttp_bytes_per_poll"])), ""))
+        rows.append(("Chattle / aiohttp reference, %d polls: time per waiter" % ratio["requested"],
+                     "%s (%s / %s us)" % (fmt(ratio["time_per_waiter_ratio"], "%.2f"),
+                                          fmt(ratio["chattle_s_per_waiter"], "%.1f", 1e6),
+                                          fmt(ratio["aiohttp_s_per_waiter"], "%.1f", 1e6)), ""))
     for point in points:
         row = csv_row(point)
-        rows.append(("%s worker(s), %d polls" % (point["workers"], point["requested"]),
-                     "p50 %s ms, p99 %s ms, last %s ms, %s B/poll, server CPU %s s, client CPU %.2f s%s"
-                     % (row["p50_ms"], row["p99_ms"], row["last_delivery_ms"],
+        rows.append(("%s, %d polls" % (series_label(point["workers"]), point["requested"]),
+                     "p50 %s ms, p99 %s ms, last %s ms, %s us/waiter, %s B/poll, server CPU %s s, client CPU %.2f s%s"
+                     % (row["p50_ms"], row["p99_ms"], row["last_delivery_ms"], row["us_per_waiter"],
                         "%.0f" % row["bytes_per_poll"] if row["bytes_per_poll"] else "-",
                         "%.2f" % row["server_cpu_s"] if row["server_cpu_s"] is not None else "-",
                         row["client_cpu_s"], " (client-bound)" if row["client_bound"] else ""),
                      "fail" if row["delivered"] != row["requested"] else ""))
-    notes = ["A point is marked client-bound when the rig used more than a quarter of the server's CPU "
+    notes = ["Ratios Chattle / aiohttp reference: memory per held poll is the rise in server RSS per held "
+             "poll; time per waiter is the time from the post to the last answer received, divided by the "
+             "waiters answered (bench.measures.time_per_waiter). Both servers are one process on an "
+             "in-memory store, measured by the same rig at the same count; above 1 Chattle costs more.",
+             "A point is marked client-bound when the rig used more than a quarter of the server's CPU "
              "time during the fan-out: its latency then partly measures the client."]
     if skipped:
         notes.append("Skipped counts over the descriptor limit (%d): %s" % (limit, skipped))
@@ -265,6 +330,9 @@ def main(argv=None):
     write_html(os.path.join(report_dir, "report.html"), "Chattle capacity sweep",
                caption_tail, rows, charts, notes=notes,
                links=[("results.json", "results.json"), ("results.csv", "results.csv")])
+    for ratio in ratios:
+        print("Chattle / aiohttp reference at %d polls: memory per held poll %s, time per waiter %s"
+              % (ratio["requested"], fmt(ratio["memory_ratio"], "%.2f"), fmt(ratio["time_per_waiter_ratio"], "%.2f")))
     print("capacity (p99 < %g ms): %s" % (args.slo * 1000, ", ".join("%s workers: %s" % (w, best[w])
                                                                      for w in sorted(best, key=str))))
     print("report: %s (%.0f s)" % (os.path.join(report_dir, "report.html"), time.monotonic() - started))
