@@ -25,7 +25,9 @@ from collections import deque  # noqa: E402
 
 import gevent  # noqa: E402
 from gevent.event import Event  # noqa: E402
+import bottle  # noqa: E402
 from bottle import Bottle, HTTPResponse, request, response, static_file, template  # noqa: E402
+from greenlet import getcurrent  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATIC_ROOT = os.path.join(HERE, "static")
@@ -596,7 +598,37 @@ def checked_message(payload):
 # The application
 ###############################################################################
 
+def greenlet_local_property(name):
+    """Bottle keeps `request` and `response` in six thread-locals; gevent makes each one a
+    gevent.local whose first use in every new greenlet builds its own dict and weak
+    reference, which was the largest single cost of answering a woken poll. The greenlet's
+    own __dict__ holds the same per-greenlet state, and goes with the greenlet."""
+    key = "chattle.bottle." + name
+
+    def fget(_self):
+        try:
+            return getcurrent().__dict__[key]
+        except KeyError:
+            raise RuntimeError("Request context not initialized.")
+
+    def fset(_self, value):
+        getcurrent().__dict__[key] = value
+
+    def fdel(_self):
+        del getcurrent().__dict__[key]
+
+    return property(fget, fset, fdel)
+
+
+for _cls, _names in ((bottle.LocalRequest, ("environ",)),
+                     (bottle.LocalResponse, ("_status_line", "_status_code", "_cookies", "_headers", "body"))):
+    for _name in _names:
+        setattr(_cls, _name, greenlet_local_property("%s.%s" % (_cls.__name__, _name)))
+
 app = Bottle()
+# Every route returns bytes or raises HTTPResponse itself: the JSON and template plugins
+# would only wrap each answer in one more call (a cost paid per woken poll).
+app.uninstall(True)
 application = app  # the name gunicorn and other WSGI servers look for
 
 settings = Settings.from_environ()
@@ -739,6 +771,69 @@ def raise_descriptor_limit():
         return None
 
 
+READ_BUFFER_BYTES = 1024
+MAX_HEADER_LINE = 65536  # http.client's limits, which pywsgi's own parser applies
+MAX_HEADERS = 100
+
+
+class RequestHeaders:
+    """The request headers, read the way http.client.parse_headers reads them (same line
+    and count limits, same folding, the same stop at a line that is not a header), without
+    handing each request to email.feedparser: that parser was the largest single cost of
+    parking a poll. Offers just what pywsgi's handler asks of its header object."""
+
+    __slots__ = ("status", "fields")
+
+    def __init__(self, rfile, *_args):
+        self.status = ""
+        self.fields = []  # [name, value] in arrival order; repeated names kept
+        in_headers = True
+        lines = 0
+        while True:
+            line = rfile.readline(MAX_HEADER_LINE + 1)
+            if len(line) > MAX_HEADER_LINE:
+                self.status = "Line too long"
+                return
+            if line in (b"\r\n", b"\n", b""):
+                return
+            lines += 1
+            if lines > MAX_HEADERS:
+                raise ValueError("got more than %d headers" % MAX_HEADERS)
+            if not in_headers:
+                continue  # after a malformed line the rest is not headers (as email treats it)
+            text = line.decode("latin-1").rstrip("\r\n")
+            if text[:1] in (" ", "\t"):
+                if self.fields:
+                    self.fields[-1][1] += "\r\n" + text
+                continue
+            name, colon, value = text.partition(":")
+            if not colon or not name or " " in name or "\t" in name:
+                in_headers = False
+                continue
+            self.fields.append([name, value.lstrip(" \t")])
+
+    def get(self, name, default=None):
+        name = name.lower()
+        for field_name, value in self.fields:
+            if field_name.lower() == name:
+                return value
+        return default
+
+    getheader = get
+
+    def __delitem__(self, name):
+        name = name.lower()
+        self.fields = [field for field in self.fields if field[0].lower() != name]
+
+    @property
+    def typeheader(self):
+        return self.get("content-type")
+
+    @property
+    def headers(self):
+        return ["%s: %s\r\n" % (name, value) for name, value in self.fields]
+
+
 def closing_handler_class():
     from gevent.pywsgi import WSGIHandler
 
@@ -747,6 +842,19 @@ def closing_handler_class():
         the answer closes the connection: a refused 10 MB upload (413) would still be read
         in full, and a client that never sends it would hold its greenlet for good. An
         answer that closes the connection has no next request to find, so skip that read."""
+
+        def __init__(self, sock, address, server, rfile=None):
+            # pywsgi's default 8 KiB read buffer lives as long as the connection, so it
+            # was a third of every held poll's memory; chattle's requests fit in far less
+            # (longer lines and bodies still read whole, in more recv calls).
+            super().__init__(sock, address, server, rfile or sock.makefile("rb", READ_BUFFER_BYTES))
+
+        MessageClass = RequestHeaders
+
+        def log_request(self):
+            # pywsgi formats the access-log line (dates, strings) even when it has no log.
+            if settings.access_log:
+                super().log_request()
 
         def run_application(self):
             try:

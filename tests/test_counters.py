@@ -156,3 +156,129 @@ def test_regress_gate_fails_when_the_broadcast_path_is_slower(tmp_path):
     slowed = run_gate(tmp_path, slowdown_us=100)
     assert slowed.returncode != 0, slowed.stdout + slowed.stderr
     assert "SLOWER, FAILS" in slowed.stdout, slowed.stdout
+
+
+# -- the pywsgi handler: bytes held per parked poll, work per answer -------------------------
+
+HELD_POLLS = 200
+# Measured in-process on this tree (gevent 26.9, Python 3.11), server and client side
+# together: about 13.3 KB traced per held poll; 16.4 KB with bottle's request/response in
+# gevent.local (a dict and weak reference per local per greenlet); 23.1 KB with pywsgi's
+# own handler as well (its 8 KiB read buffer per connection). The bound admits neither.
+MAX_BYTES_PER_HELD_POLL = 15 * 1024
+# About 129 Python calls per answered GET with chattle's handler, 194 with pywsgi's own
+# (email.feedparser header parsing, access-log formatting even with no log).
+MAX_CALLS_PER_ANSWER = 160
+
+
+def held_poll_bytes(handler_class, held=HELD_POLLS):
+    """Park `held` real polls on a socket server in this process; traced bytes per poll."""
+    from gevent import socket
+    from gevent.pywsgi import WSGIServer
+
+    server = WSGIServer(("127.0.0.1", 0), chattle.app, handler_class=handler_class, log=None)
+    server.start()
+    clients = []
+    try:
+        chattle.get_bus().publish("held", "ann", "before")
+        since = chattle.rooms.get("held").last_id
+        request = ("GET /rooms/held/msgs?since=%d&timeout=30 HTTP/1.1\r\nHost: t\r\n"
+                   "User-Agent: held-poll-counter\r\nAccept: application/json\r\n\r\n" % since).encode()
+        tracemalloc.start(1)
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(held):
+            client = socket.create_connection(("127.0.0.1", server.server_port))
+            client.sendall(request)
+            clients.append(client)
+        for _ in range(3000):
+            if chattle.rooms.waiters >= held:
+                break
+            gevent.sleep(0.01)
+        parked = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        assert chattle.rooms.waiters == held, "polls did not all park"
+        chattle.get_bus().publish("held", "bob", "wake")
+        for client in clients:
+            client.settimeout(30)
+            assert client.recv(4096).startswith(b"HTTP/1.1 200 OK")
+        return (parked - before) / held
+    finally:
+        for client in clients:
+            client.close()
+        server.stop(timeout=1)
+
+
+def calls_per_answer(handler_class, requests=20):
+    """Python function calls made to answer one GET poll (no wait), over `requests`
+    requests on one keep-alive connection that this greenlet serves itself."""
+    import sys
+
+    from gevent import socket
+    from gevent.pywsgi import WSGIServer
+
+    server = WSGIServer(("127.0.0.1", 0), chattle.app, handler_class=handler_class, log=None)
+    chattle.get_bus().publish("calls", "ann", "hello")
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"GET /rooms/calls/msgs?limit=10 HTTP/1.1\r\nHost: t\r\nUser-Agent: call-counter\r\n"
+                   b"Accept: application/json\r\n\r\n" * requests)
+    theirs.shutdown(socket.SHUT_WR)
+    counted = [0]
+
+    def count(_frame, event, _arg):
+        if event == "call":
+            counted[0] += 1
+
+    handler = handler_class(ours, ("127.0.0.1", 1), server)
+    sys.setprofile(count)
+    try:
+        handler.handle()
+    finally:
+        sys.setprofile(None)
+    received = b""
+    while True:
+        chunk = theirs.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    theirs.close()
+    assert received.count(b"HTTP/1.1 200 OK") == requests
+    return counted[0] / requests
+
+
+def test_a_held_poll_holds_few_bytes(app_state):
+    per_poll = held_poll_bytes(chattle.closing_handler_class())
+    print("traced bytes per held poll:", per_poll)
+    assert per_poll <= MAX_BYTES_PER_HELD_POLL
+
+
+def test_pywsgis_own_handler_would_break_the_held_poll_bound(app_state):
+    from gevent.pywsgi import WSGIHandler
+
+    assert held_poll_bytes(WSGIHandler) > MAX_BYTES_PER_HELD_POLL
+
+
+def test_bottles_thread_locals_would_break_the_held_poll_bound(app_state, monkeypatch):
+    import bottle
+
+    for cls, names in ((bottle.LocalRequest, ("environ",)),
+                       (bottle.LocalResponse, ("_status_line", "_status_code", "_cookies", "_headers", "body"))):
+        for name in names:
+            monkeypatch.setattr(cls, name, bottle._local_property())
+    assert held_poll_bytes(chattle.closing_handler_class()) > MAX_BYTES_PER_HELD_POLL
+
+
+def test_an_answer_takes_few_calls(app_state):
+    per_answer = calls_per_answer(chattle.closing_handler_class())
+    print("python calls per answer:", per_answer)
+    assert per_answer <= MAX_CALLS_PER_ANSWER
+
+
+def test_pywsgis_own_handler_would_break_the_call_bound(app_state):
+    from gevent.pywsgi import WSGIHandler
+
+    assert calls_per_answer(WSGIHandler) > MAX_CALLS_PER_ANSWER
+
+
+def test_no_plugin_wraps_a_route():
+    # Each plugin wrapper is one more call per answer, and per woken poll in a fan-out.
+    assert all(route.call is route.callback for route in chattle.app.routes)
