@@ -868,13 +868,18 @@ def closing_handler_class():
     return ClosingHandler
 
 
-def serve(new_settings):
+def make_server(host, port):
+    """The gevent pywsgi server `python chattle.py` runs (bench/anatomy.py measures it too)."""
     from gevent.pywsgi import WSGIServer
 
+    return WSGIServer((host, port), app, backlog=4096, handler_class=closing_handler_class(),
+                      log=sys.stderr if settings.access_log else None)
+
+
+def serve(new_settings):
     configure(new_settings)
     raise_descriptor_limit()
-    server = WSGIServer((settings.host, settings.port), app, backlog=4096, handler_class=closing_handler_class(),
-                        log=sys.stderr if settings.access_log else None)
+    server = make_server(settings.host, settings.port)
 
     def stop(*_signal):
         rooms.close()

@@ -67,11 +67,9 @@ def live_greenlets():
 
 
 def measure(polls=2000, top=15):
-    from gevent.pywsgi import WSGIServer
-
     chattle.configure(chattle.Settings())
     chattle.raise_descriptor_limit()
-    server = WSGIServer((LOOPBACK, 0), chattle.app, backlog=4096, log=None)
+    server = chattle.make_server(LOOPBACK, 0)
     server.start()
     url = "http://%s:%d" % (LOOPBACK, server.server_port)
     room = chattle.rooms.get("anatomy")
