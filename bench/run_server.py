@@ -39,17 +39,20 @@ def main(argv=None):
           % (server.url, "gunicorn x%d" % args.workers if server.gunicorn else "python chattle.py", server.pid))
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    died = False
     try:
         while not stopping and server.alive():
             time.sleep(0.5)
+        died = not stopping
     except KeyboardInterrupt:
         pass
     finally:
         code = server.stop()
         if redis is not None:
             redis.stop()
-    if not server.alive() and code not in (0, -signal.SIGTERM, None) and not stopping:
-        print(server.log_tail(), file=sys.stderr)
+    if died:
+        print("run: the server exited by itself (code %s); its output is above" % code, file=sys.stderr)
+        return 1
     return 0
 
 
