@@ -620,8 +620,10 @@ def greenlet_local_property(name):
     return property(fget, fset, fdel)
 
 
-for _cls, _names in ((bottle.LocalRequest, ("environ",)),
-                     (bottle.LocalResponse, ("_status_line", "_status_code", "_cookies", "_headers", "body"))):
+# Every per-request attribute Bottle keeps in a thread-local, by class.
+BOTTLE_LOCAL_STATE = ((bottle.LocalRequest, ("environ",)),
+                      (bottle.LocalResponse, ("_status_line", "_status_code", "_cookies", "_headers", "body")))
+for _cls, _names in BOTTLE_LOCAL_STATE:
     for _name in _names:
         setattr(_cls, _name, greenlet_local_property("%s.%s" % (_cls.__name__, _name)))
 

@@ -260,8 +260,7 @@ def test_pywsgis_own_handler_would_break_the_held_poll_bound(app_state):
 def test_bottles_thread_locals_would_break_the_held_poll_bound(app_state, monkeypatch):
     import bottle
 
-    for cls, names in ((bottle.LocalRequest, ("environ",)),
-                       (bottle.LocalResponse, ("_status_line", "_status_code", "_cookies", "_headers", "body"))):
+    for cls, names in chattle.BOTTLE_LOCAL_STATE:
         for name in names:
             monkeypatch.setattr(cls, name, bottle._local_property())
     assert held_poll_bytes(chattle.closing_handler_class()) > MAX_BYTES_PER_HELD_POLL
