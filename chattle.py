@@ -24,6 +24,10 @@ import time  # noqa: E402
 from collections import deque  # noqa: E402
 
 import gevent  # noqa: E402
+
+# Each spawned greenlet would record its spawner and the spawning stack, for debugging
+# tools; every held poll is a greenlet, so that record was kept once per waiter.
+gevent.config.track_greenlet_tree = False
 from gevent.event import Event  # noqa: E402
 import bottle  # noqa: E402
 from bottle import Bottle, HTTPResponse, request, response, static_file, template  # noqa: E402
@@ -836,22 +840,123 @@ class RequestHeaders:
         return ["%s: %s\r\n" % (name, value) for name, value in self.fields]
 
 
-def closing_handler_class():
+class RequestReader:
+    """A connection's request reader that keeps no buffer while nothing is pending.
+
+    pywsgi reads requests through a buffered file over the socket; its buffer (and a
+    SocketIO that counts itself as a reference to the socket, so that closing it ran
+    gevent's socket close path a second time) lived as long as the connection, through
+    the whole held poll. Here the bytes received and not yet consumed are all it holds:
+    once a request is read, nothing. Offers what pywsgi asks of its rfile."""
+
+    __slots__ = ("recv", "pending", "closed")
+
+    def __init__(self, sock):
+        self.recv = sock.recv
+        self.pending = b""
+        self.closed = False
+
+    def _more(self):
+        data = self.recv(READ_BUFFER_BYTES)
+        self.pending += data
+        return data
+
+    def readline(self, limit=-1):
+        while True:
+            pending = self.pending
+            end = pending.find(b"\n") + 1
+            if 0 < limit < (end or len(pending) + 1):
+                end = limit  # the caller's cap falls before the newline (or what there is)
+            if end or not self._more():
+                end = end or len(self.pending)
+                line, self.pending = self.pending[:end], self.pending[end:]
+                return line
+
+    def read(self, size=-1):
+        while size < 0 or len(self.pending) < size:
+            if not self._more():
+                break
+        if size < 0:
+            size = len(self.pending)
+        data, self.pending = self.pending[:size], self.pending[size:]
+        return data
+
+    def close(self):
+        self.closed = True
+        self.pending = b""
+
+
+class HttpDate:
+    """The Date header, formatted once a second rather than once per answer."""
+
+    __slots__ = ("second", "value")
+
+    def __init__(self):
+        self.second, self.value = -1, b""
+
+    def now(self):
+        second = int(time.time())
+        if second != self.second:
+            from gevent.pywsgi import format_date_time
+            self.second, self.value = second, format_date_time(second)
+        return self.value
+
+
+http_date = HttpDate()
+
+
+def pywsgi_handler_class():
+    """gevent.pywsgi's handler, with what a fan-out pays per woken poll taken out.
+
+    A woken poll is answered and its connection closed inside the fan-out, so every
+    step here is paid once per waiter: one send for the head and body together
+    (pywsgi sends them apart, and asks the kernel for SO_SNDBUF before each), one
+    plain close of the descriptor, and no access-log line formatted without a log."""
     from gevent.pywsgi import WSGIHandler
 
-    class ClosingHandler(WSGIHandler):
-        """pywsgi reads and discards whatever body the application left unread, even when
-        the answer closes the connection: a refused 10 MB upload (413) would still be read
-        in full, and a client that never sends it would hold its greenlet for good. An
-        answer that closes the connection has no next request to find, so skip that read."""
+    class ChattleHandler(WSGIHandler):
+        MessageClass = RequestHeaders
 
         def __init__(self, sock, address, server, rfile=None):
-            # pywsgi's default 8 KiB read buffer lives as long as the connection, so it
-            # was a third of every held poll's memory; chattle's requests fit in far less
-            # (longer lines and bodies still read whole, in more recv calls).
-            super().__init__(sock, address, server, rfile or sock.makefile("rb", READ_BUFFER_BYTES))
+            super().__init__(sock, address, server, rfile or RequestReader(sock))
 
-        MessageClass = RequestHeaders
+        def handle(self):
+            # pywsgi's own loop; only the closing at the end differs.
+            try:
+                while self.socket is not None:
+                    self.time_start = time.time()
+                    self.time_finish = 0
+                    result = self.handle_one_request()
+                    if result is None:
+                        break
+                    if result is True:
+                        continue
+                    self.status, response_body = result  # a canned 400/414 for bad requests
+                    self.socket.sendall(response_body)
+                    self.time_finish = self.time_finish or time.time()
+                    self.log_request()
+                    break
+            finally:
+                self.close_socket()
+
+        def close_socket(self):
+            sock = self.__dict__.pop("socket", None)
+            self.__dict__.pop("rfile", None)
+            self.__dict__.pop("wsgi_input", None)
+            if sock is None or sock.closed:
+                return
+            raw = sock._sock
+            try:
+                # Unread bytes at close make the kernel send a reset, which can destroy
+                # the answer before the client reads it: take them first (never blocks).
+                raw.recv(16384)
+            except OSError:
+                pass
+            # Nothing waits on this socket (this greenlet is its only user), so gevent's
+            # close path, which cancels waiters and defers the close past them, has
+            # nothing to do: close the descriptor and mark the wrapper closed.
+            raw.close()
+            sock._closed = True
 
         def log_request(self):
             # pywsgi formats the access-log line (dates, strings) even when it has no log.
@@ -859,6 +964,11 @@ def closing_handler_class():
                 super().log_request()
 
         def run_application(self):
+            """pywsgi reads and discards whatever body the application left unread, even
+            when the answer closes the connection: a refused 10 MB upload (413) would
+            still be read in full, and a client that never sends it would hold its
+            greenlet for good. An answer that closes the connection has no next request
+            to find, so that read is skipped."""
             try:
                 super().run_application()
             finally:
@@ -867,15 +977,77 @@ def closing_handler_class():
                     body.content_length = body.position
                     body.chunked_input = False
 
-    return ClosingHandler
+        def finalize_headers(self):
+            if self.provided_date is None:
+                self.provided_date = date = http_date.now()
+                self.response_headers.append((b"Date", date))
+            super().finalize_headers()
+
+        def _write_with_headers(self, data):
+            self.headers_sent = True
+            self.finalize_headers()
+            parts = [b"HTTP/1.1 ", self.status, b"\r\n"]
+            for name, value in self.response_headers:
+                parts += (name, b": ", value, b"\r\n")
+            parts.append(b"\r\n")
+            if data:
+                if self.response_use_chunked:
+                    parts += (b"%x\r\n" % len(data), data, b"\r\n")
+                else:
+                    parts.append(data)
+            self._sendall(b"".join(parts))
+
+        def _sendall(self, data):
+            try:
+                sent = self.socket.send(data)  # an answer fits the send buffer: one call
+                if sent < len(data):
+                    self.socket.sendall(memoryview(data)[sent:])
+            except OSError as exc:
+                self.status = "socket error: %s" % exc
+                if self.code > 0:
+                    self.code = -self.code
+                raise
+            self.response_length += len(data)
+
+    return ChattleHandler
+
+
+def pywsgi_server_class():
+    from gevent.pywsgi import WSGIServer
+
+    class ChattleServer(WSGIServer):
+        handler_class = pywsgi_handler_class()
+
+        def do_handle(self, sock, address):
+            # gevent's own spawns a function that unpacks (handle, close, args) with a
+            # *-call: one more level of C stack kept by every held poll's greenlet.
+            try:
+                self._spawn(self.serve_connection, sock, address)
+            except BaseException:
+                self.do_close(sock)
+                raise
+
+        def serve_connection(self, sock, address):
+            try:
+                self.handler_class(sock, address, self).handle()
+            finally:
+                self.do_close(sock)
+
+        def do_close(self, sock, *_address):
+            if not sock.closed:  # the handler closes its socket itself
+                sock.close()
+
+    return ChattleServer
 
 
 def make_server(host, port):
-    """The gevent pywsgi server `python chattle.py` runs (bench/anatomy.py measures it too)."""
-    from gevent.pywsgi import WSGIServer
+    """The gevent pywsgi server `python chattle.py` runs (bench/anatomy.py measures it too).
 
-    return WSGIServer((host, port), app, backlog=4096, handler_class=closing_handler_class(),
-                      log=sys.stderr if settings.access_log else None)
+    It is given `app.wsgi`, the Bottle application's own entry point, rather than `app`:
+    calling an instance goes through its type's __call__ slot, one more level of C stack
+    that every held poll's greenlet would keep while it waits."""
+    return pywsgi_server_class()((host, port), app.wsgi, backlog=4096,
+                                 log=sys.stderr if settings.access_log else None)
 
 
 def serve(new_settings):
