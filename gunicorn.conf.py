@@ -45,7 +45,8 @@ control_socket_disable = True
 
 
 def post_worker_init(worker):
-    """On SIGTERM, answer every held poll at once instead of sitting out the graceful timeout."""
+    """On SIGTERM, answer every held poll at once instead of sitting out the graceful
+    timeout; and tune the worker's garbage collector as `python chattle.py` does."""
     import gevent
     import chattle
 
@@ -57,6 +58,7 @@ def post_worker_init(worker):
 
     signal.signal(signal.SIGTERM, handle_exit)
     chattle.get_bus()  # the shared bus's reader follows Redis before the first request arrives
+    chattle.tune_garbage_collector()
 
 
 def pre_request(worker, req):

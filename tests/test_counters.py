@@ -6,6 +6,7 @@ waiter. `broadcast_violations` returns what broke, so the tests below can also s
 that an injected extra encode, allocation or switch is caught.
 """
 
+import time
 import tracemalloc
 
 import gevent
@@ -158,25 +159,36 @@ def test_regress_gate_fails_when_the_broadcast_path_is_slower(tmp_path):
     assert "SLOWER, FAILS" in slowed.stdout, slowed.stdout
 
 
-# -- the pywsgi handler: bytes held per parked poll, work per answer -------------------------
+# -- the pywsgi server: bytes held per parked poll, work per answer ---------------------------
 
 HELD_POLLS = 200
-# Measured in-process on this tree (gevent 26.9, Python 3.11), server and client side
-# together: about 13.3 KB traced per held poll; 16.4 KB with bottle's request/response in
-# gevent.local (a dict and weak reference per local per greenlet); 23.1 KB with pywsgi's
-# own handler as well (its 8 KiB read buffer per connection). The bound admits neither.
-MAX_BYTES_PER_HELD_POLL = 13 * 1024
-# About 129 Python calls per answered GET with chattle's handler, 194 with pywsgi's own
+# Measured in-process on this tree (gevent 26.9, greenlet 3.5, Python 3.11), server and
+# client side together: about 6.9 KB traced per held poll with chattle's server; 8.3 KB
+# with a gevent.Timeout per poll in place of the shared deadline timers and Event.wait in
+# place of park() (a timer each and a deeper saved C stack); 10.3 KB with bottle's request
+# and response in gevent.local; 17.9 KB with pywsgi's own server and handler. The bound
+# admits none of them.
+MAX_BYTES_PER_HELD_POLL = 7.5 * 1024
+# About 110 Python calls per answered GET with chattle's handler, 194 with pywsgi's own
 # (email.feedparser header parsing, access-log formatting even with no log).
-MAX_CALLS_PER_ANSWER = 160
+MAX_CALLS_PER_ANSWER = 130
 
 
-def held_poll_bytes(handler_class, held=HELD_POLLS):
-    """Park `held` real polls on a socket server in this process; traced bytes per poll."""
-    from gevent import socket
+def chattle_server():
+    return chattle.make_server("127.0.0.1", 0)
+
+
+def pywsgi_server():
     from gevent.pywsgi import WSGIServer
 
-    server = WSGIServer(("127.0.0.1", 0), chattle.app, handler_class=handler_class, log=None)
+    return WSGIServer(("127.0.0.1", 0), chattle.app, log=None)
+
+
+def held_poll_bytes(make_server=chattle_server, held=HELD_POLLS):
+    """Park `held` real polls on a server in this process; traced bytes per poll."""
+    from gevent import socket
+
+    server = make_server()
     server.start()
     clients = []
     try:
@@ -208,9 +220,10 @@ def held_poll_bytes(handler_class, held=HELD_POLLS):
         server.stop(timeout=1)
 
 
-def calls_per_answer(handler_class, requests=20):
-    """Python function calls made to answer one GET poll (no wait), over `requests`
-    requests on one keep-alive connection that this greenlet serves itself."""
+def answer_counters(handler_class, requests=20):
+    """Per answered GET poll (no wait), over `requests` requests on one keep-alive
+    connection that this greenlet serves itself: Python function calls, and the socket
+    calls (send, getsockopt) that reach the kernel."""
     import sys
 
     from gevent import socket
@@ -222,11 +235,13 @@ def calls_per_answer(handler_class, requests=20):
     theirs.sendall(b"GET /rooms/calls/msgs?limit=10 HTTP/1.1\r\nHost: t\r\nUser-Agent: call-counter\r\n"
                    b"Accept: application/json\r\n\r\n" * requests)
     theirs.shutdown(socket.SHUT_WR)
-    counted = [0]
+    counted = {"python calls": 0, "send": 0, "sendall": 0, "getsockopt": 0}
 
-    def count(_frame, event, _arg):
+    def count(_frame, event, arg):
         if event == "call":
-            counted[0] += 1
+            counted["python calls"] += 1
+        elif event == "c_call" and getattr(arg, "__name__", None) in counted:
+            counted[arg.__name__] += 1
 
     handler = handler_class(ours, ("127.0.0.1", 1), server)
     sys.setprofile(count)
@@ -242,19 +257,17 @@ def calls_per_answer(handler_class, requests=20):
         received += chunk
     theirs.close()
     assert received.count(b"HTTP/1.1 200 OK") == requests
-    return counted[0] / requests
+    return {name: value / requests for name, value in counted.items()}
 
 
 def test_a_held_poll_holds_few_bytes(app_state):
-    per_poll = held_poll_bytes(chattle.pywsgi_handler_class())
+    per_poll = held_poll_bytes()
     print("traced bytes per held poll:", per_poll)
     assert per_poll <= MAX_BYTES_PER_HELD_POLL
 
 
-def test_pywsgis_own_handler_would_break_the_held_poll_bound(app_state):
-    from gevent.pywsgi import WSGIHandler
-
-    assert held_poll_bytes(WSGIHandler) > MAX_BYTES_PER_HELD_POLL
+def test_pywsgis_own_server_would_break_the_held_poll_bound(app_state):
+    assert held_poll_bytes(pywsgi_server) > MAX_BYTES_PER_HELD_POLL
 
 
 def test_bottles_thread_locals_would_break_the_held_poll_bound(app_state, monkeypatch):
@@ -263,19 +276,173 @@ def test_bottles_thread_locals_would_break_the_held_poll_bound(app_state, monkey
     for cls, names in chattle.BOTTLE_LOCAL_STATE:
         for name in names:
             monkeypatch.setattr(cls, name, bottle._local_property())
-    assert held_poll_bytes(chattle.pywsgi_handler_class()) > MAX_BYTES_PER_HELD_POLL
+    assert held_poll_bytes() > MAX_BYTES_PER_HELD_POLL
 
 
-def test_an_answer_takes_few_calls(app_state):
-    per_answer = calls_per_answer(chattle.pywsgi_handler_class())
-    print("python calls per answer:", per_answer)
-    assert per_answer <= MAX_CALLS_PER_ANSWER
+def test_a_timer_per_held_poll_would_break_the_held_poll_bound(app_state, monkeypatch):
+    def wait_with_own_timeout(room, since, timeout):
+        event = room._wakeup.event_until(time.monotonic() + 3600)
+        chattle.rooms.waiters += 1
+        try:
+            while room.last_id <= since:
+                event.wait(timeout)  # gevent.Timeout and Event.wait, as before park()
+        finally:
+            chattle.rooms.waiters -= 1
+
+    monkeypatch.setattr(chattle.Room, "wait_for_news", wait_with_own_timeout)
+    assert held_poll_bytes() > MAX_BYTES_PER_HELD_POLL
 
 
-def test_pywsgis_own_handler_would_break_the_call_bound(app_state):
+def test_held_polls_share_their_deadline_timers(app_state, monkeypatch):
+    timeouts = []
+    monkeypatch.setattr(gevent.Timeout, "start", lambda self, *a, **k: timeouts.append(self))
+    room = chattle.rooms.get("deadlines")
+    chattle.get_bus().publish("deadlines", "ann", "before")
+    parked = [gevent.spawn(room.wait_for_news, room.last_id, 30) for _ in range(HELD_POLLS)]
+    gevent.sleep(0.05)
+    assert room.waiting == HELD_POLLS
+    assert timeouts == [], "a held poll started a timer of its own"
+    assert len(room._wakeup.by_tick) <= 3, "polls parked within one tick share one Event and timer"
+    chattle.get_bus().publish("deadlines", "bob", "wake")
+    gevent.joinall(parked, timeout=5)
+    assert room.waiting == 0 and room._wakeup.by_tick == {}
+
+
+def test_a_held_poll_is_never_answered_before_its_timeout(app_state):
+    room = chattle.rooms.get("deadlines")
+    chattle.get_bus().publish("deadlines", "ann", "before")
+    for timeout in (0.01, 0.07, 0.12):
+        started = time.monotonic()
+        room.wait_for_news(room.last_id, timeout)
+        elapsed = time.monotonic() - started
+        assert elapsed >= timeout, "answered after %.3fs of a %.2fs timeout" % (elapsed, timeout)
+
+
+def test_an_answer_takes_few_calls_and_one_send(app_state):
+    per_answer = answer_counters(chattle.pywsgi_handler_class())
+    print("per answer:", per_answer)
+    assert per_answer["python calls"] <= MAX_CALLS_PER_ANSWER
+    assert per_answer["send"] == 1, "head and body go out in one send"
+    assert per_answer["getsockopt"] == per_answer["sendall"] == 0
+
+
+def test_pywsgis_own_handler_would_break_the_answer_counters(app_state):
     from gevent.pywsgi import WSGIHandler
 
-    assert calls_per_answer(WSGIHandler) > MAX_CALLS_PER_ANSWER
+    per_answer = answer_counters(WSGIHandler)
+    assert per_answer["python calls"] > MAX_CALLS_PER_ANSWER
+    assert per_answer["send"] == 2 and per_answer["getsockopt"] == 2
+
+
+def fan_out_order(handler_class, polls=50):
+    """Park `polls` real polls on chattle's server, post once, and list what each
+    connection did in order: ("answered", n) when its answer was sent, ("closed", n)
+    when its connection was tidied up."""
+    from gevent import socket
+
+    events = []
+
+    class RecordingHandler(handler_class):
+        def _sendall(self, data):
+            super()._sendall(data)
+            events.append("answered")
+
+        def close_socket(self):
+            super().close_socket()
+            events.append("closed")
+
+    server_class = chattle.pywsgi_server_class()
+    server_class.handler_class = RecordingHandler
+    server = server_class(("127.0.0.1", 0), chattle.app.wsgi, log=None)
+    server.start()
+    clients = []
+    try:
+        since = chattle.get_bus().publish("order", "ann", "before")["id"]
+        for _ in range(polls):
+            client = socket.create_connection(("127.0.0.1", server.server_port))
+            client.sendall(b"GET /rooms/order/msgs?since=%d&timeout=30 HTTP/1.1\r\nHost: t\r\n"
+                           b"Connection: close\r\n\r\n" % since)
+            clients.append(client)
+        for _ in range(500):
+            if chattle.rooms.waiters >= polls:
+                break
+            gevent.sleep(0.01)
+        assert chattle.rooms.waiters == polls
+        del events[:]
+        chattle.get_bus().publish("order", "bob", "wake")
+        for client in clients:
+            client.settimeout(10)
+            assert client.recv(4096).startswith(b"HTTP/1.1 200 OK")
+        for _ in range(500):
+            if events.count("closed") >= polls:
+                break
+            gevent.sleep(0.01)
+        return events
+    finally:
+        for client in clients:
+            client.close()
+        server.stop(timeout=1)
+
+
+def test_a_fan_out_answers_every_waiter_before_tidying_up(app_state):
+    events = fan_out_order(chattle.pywsgi_handler_class())
+    assert events.count("answered") == events.count("closed") == 50
+    assert events.index("closed") == 50, "a connection was closed before every waiter had its answer"
+
+
+def test_tidying_up_inside_the_fan_out_is_caught(app_state):
+    class ClosingAtOnce(chattle.pywsgi_handler_class()):
+        def close_socket(self):  # closes as soon as the answer is out, as pywsgi does
+            sock = self.__dict__.pop("socket", None)
+            self.__dict__.pop("rfile", None)
+            if sock is not None:
+                sock.close()
+
+    events = fan_out_order(ClosingAtOnce)
+    assert events.index("closed") < 50
+
+
+def gc_collections_in_fan_out(waiters=2000):
+    """Collections of each generation while a fan-out wakes `waiters` parked polls."""
+    import gc
+
+    collections = [0, 0, 0]
+
+    def count(phase, info):
+        if phase == "start":
+            collections[info["generation"]] += 1
+
+    gc.callbacks.append(count)
+    try:
+        fan_out_counters(waiters)
+    finally:
+        gc.callbacks.remove(count)
+    return collections
+
+
+@pytest.fixture
+def restore_gc():
+    import gc
+
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+def test_a_fan_out_runs_few_young_collections_and_no_full_one(app_state, restore_gc):
+    chattle.tune_garbage_collector()
+    young, middle, full = gc_collections_in_fan_out()
+    print("collections during the fan-out:", young, middle, full)
+    assert full == 0 and middle == 0 and young <= 2
+
+
+def test_pythons_default_thresholds_would_break_the_collection_bound(app_state, restore_gc):
+    import gc
+
+    gc.set_threshold(700, 10, 10)
+    young, _middle, _full = gc_collections_in_fan_out()
+    assert young > 2
 
 
 def test_no_plugin_wraps_a_route():
