@@ -897,6 +897,9 @@ class RequestHeaders:
         name = name.lower()
         self.fields = [field for field in self.fields if field[0].lower() != name]
 
+    def items(self):
+        return [(name, value) for name, value in self.fields]
+
     @property
     def typeheader(self):
         return self.get("content-type")
@@ -971,16 +974,19 @@ class HttpDate:
 http_date = HttpDate()
 
 
-def pywsgi_handler_class():
-    """gevent.pywsgi's handler, with what a fan-out pays per woken poll taken out.
+def pywsgi_handler_class(base=None):
+    """gevent.pywsgi's handler (or `base`, a subclass of it such as gunicorn's), with
+    what a held poll keeps and what a fan-out pays per woken poll taken out.
 
     A woken poll is answered and its connection closed inside the fan-out, so every
     step here is paid once per waiter: one send for the head and body together
-    (pywsgi sends them apart, and asks the kernel for SO_SNDBUF before each), one
-    plain close of the descriptor, and no access-log line formatted without a log."""
-    from gevent.pywsgi import WSGIHandler
+    (pywsgi sends them apart, and asks the kernel for SO_SNDBUF before each), a plain
+    close of the descriptor after every waiter has its answer, and no access-log line
+    formatted without a log."""
+    if base is None:
+        from gevent.pywsgi import WSGIHandler as base
 
-    class ChattleHandler(WSGIHandler):
+    class ChattleHandler(base):
         MessageClass = RequestHeaders
 
         def __init__(self, sock, address, server, rfile=None):
@@ -1030,9 +1036,12 @@ def pywsgi_handler_class():
             finally:
                 raw.close()
 
+        def wants_access_log(self):
+            return settings.access_log
+
         def log_request(self):
             # pywsgi formats the access-log line (dates, strings) even when it has no log.
-            if settings.access_log:
+            if self.wants_access_log():
                 super().log_request()
 
         def run_application(self):
@@ -1052,8 +1061,10 @@ def pywsgi_handler_class():
         def get_environ(self):
             environ = super().get_environ()
             # The environ now carries every header (HTTP_*, CONTENT_*) and pywsgi reads
-            # the parsed ones no more; a held poll would keep both copies.
-            self.headers = None
+            # the parsed ones no more (an access log may list them); a held poll would
+            # keep both copies.
+            if not self.wants_access_log():
+                self.headers = None
             return environ
 
         def finalize_headers(self):
@@ -1091,19 +1102,27 @@ def pywsgi_handler_class():
     return ChattleHandler
 
 
-def pywsgi_server_class():
-    from gevent.pywsgi import WSGIServer
+def pywsgi_server_class(base=None):
+    """gevent.pywsgi's server (or `base`, a subclass of it such as gunicorn's) running
+    chattle's handler, one greenlet per connection."""
+    if base is None:
+        from gevent.pywsgi import WSGIServer as base
 
-    class ChattleServer(WSGIServer):
+    class ChattleServer(base):
         handler_class = pywsgi_handler_class()
 
         def do_handle(self, sock, address):
-            # Each connection gets a plain greenlet. gevent's Greenlet (with its links,
-            # result and exception slots, and the compiled run() between the greenlet
-            # and the handler) and its spawn function, which unpacks (handle, close,
-            # args) with a *-call, each cost every held poll memory and C stack.
+            # Without a pool (python chattle.py) a connection gets a plain greenlet.
+            # gevent's Greenlet (links, result and exception slots, a compiled run()
+            # between the greenlet and the handler) and its spawn function, which
+            # unpacks (handle, close, args) with a *-call, cost every held poll memory
+            # and C stack. A pool (gunicorn's worker_connections, and its graceful
+            # stop, which waits for the pool to drain) needs its Greenlets.
             try:
-                gevent.spawn_raw(self.serve_connection, sock, address)
+                if self.pool is None:
+                    gevent.spawn_raw(self.serve_connection, sock, address)
+                else:
+                    self.pool.spawn(self.serve_connection, sock, address)
             except BaseException:
                 self.do_close(sock)
                 raise
@@ -1111,7 +1130,7 @@ def pywsgi_server_class():
         def serve_connection(self, sock, address):
             try:
                 self.handler_class(sock, address, self).handle()
-            except BaseException:
+            except Exception:
                 # A plain greenlet has nobody to report to: report as gevent would.
                 self.loop.handle_error(self, *sys.exc_info())
             finally:
