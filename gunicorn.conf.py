@@ -86,8 +86,10 @@ def post_worker_init(worker):
 def pre_request(worker, req):
     """Close the connection after refusing a declared body over the limit (413).
 
-    Gunicorn drops an application's `Connection: close` header, so without this it keeps
-    the connection and reads the rest of the refused body to find the next request."""
+    Gunicorn's own gevent worker (`--worker-class gevent`) drops an application's
+    `Connection: close` header, so without this it keeps the connection and reads the
+    rest of the refused body to find the next request. ChattleWorker does not call this
+    hook: pywsgi honours the answer's `Connection: close` itself."""
     import chattle
 
     for name, value in req.headers:
