@@ -133,7 +133,7 @@ class Wakeup:
     timeout per poll (gevent.Timeout in Event.wait) gave every held poll a timer of
     its own, started when it parked and stopped when it woke, and about 0.4 KB;
     a post now stops one timer per tick. A tick's timer fires at or after the tick,
-    so a poll is never answered before its timeout, and at most one tick after it.
+    so a poll is never answered before its timeout, and normally within one tick after it.
     """
 
     __slots__ = ("by_tick",)
