@@ -1009,6 +1009,10 @@ def pywsgi_handler_class(base=None):
                     if result is None:
                         break
                     if result is True:
+                        # Answer first, read on after: see close_socket. A long-poll
+                        # client asks again at once, so by then its request is often
+                        # in already, and nothing parks on the socket to wait for it.
+                        gevent.sleep(0)
                         continue
                     self.status, response_body = result  # a canned 400/414 for bad requests
                     self.socket.sendall(response_body)

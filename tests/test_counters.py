@@ -346,18 +346,26 @@ def test_pywsgis_own_handler_would_break_the_answer_counters(app_state):
     assert per_answer["send"] == 2 and per_answer["getsockopt"] == 2
 
 
-def fan_out_order(handler_class, polls=50):
+def fan_out_order(handler_class, polls=50, keep_alive=False):
     """Park `polls` real polls on chattle's server, post once, and list what each
-    connection did in order: ("answered", n) when its answer was sent, ("closed", n)
-    when its connection was tidied up."""
+    connection did in order: "answered" when its answer was sent; then "closed" when
+    its connection was tidied up or, with `keep_alive`, "reading" when it started to
+    read its next request."""
     from gevent import socket
 
     events = []
+    after = "reading" if keep_alive else "closed"
 
     class RecordingHandler(handler_class):
         def _sendall(self, data):
             super()._sendall(data)
             events.append("answered")
+
+        def read_requestline(self):
+            if getattr(self, "answered_one", False):
+                events.append("reading")
+            self.answered_one = True
+            return super().read_requestline()
 
         def close_socket(self):
             super().close_socket()
@@ -370,10 +378,11 @@ def fan_out_order(handler_class, polls=50):
     clients = []
     try:
         since = chattle.get_bus().publish("order", "ann", "before")["id"]
+        connection = b"" if keep_alive else b"Connection: close\r\n"
         for _ in range(polls):
             client = socket.create_connection(("127.0.0.1", server.server_port))
-            client.sendall(b"GET /rooms/order/msgs?since=%d&timeout=30 HTTP/1.1\r\nHost: t\r\n"
-                           b"Connection: close\r\n\r\n" % since)
+            client.sendall(b"GET /rooms/order/msgs?since=%d&timeout=30 HTTP/1.1\r\nHost: t\r\n%s\r\n"
+                           % (since, connection))
             clients.append(client)
         for _ in range(500):
             if chattle.rooms.waiters >= polls:
@@ -386,10 +395,10 @@ def fan_out_order(handler_class, polls=50):
             client.settimeout(10)
             assert client.recv(4096).startswith(b"HTTP/1.1 200 OK")
         for _ in range(500):
-            if events.count("closed") >= polls:
+            if events.count(after) >= polls:
                 break
             gevent.sleep(0.01)
-        return events
+        return [event for event in events if event in ("answered", after)]
     finally:
         for client in clients:
             client.close()
@@ -412,6 +421,22 @@ def test_tidying_up_inside_the_fan_out_is_caught(app_state):
 
     events = fan_out_order(ClosingAtOnce)
     assert events.index("closed") < 50
+
+
+def test_a_keep_alive_fan_out_answers_every_waiter_before_reading_on(app_state):
+    events = fan_out_order(chattle.pywsgi_handler_class(), keep_alive=True)
+    assert events.count("answered") == events.count("reading") == 50
+    assert events.index("reading") == 50, "a connection read on before every waiter had its answer"
+
+
+def test_reading_on_inside_the_fan_out_is_caught(app_state):
+    from gevent.pywsgi import WSGIHandler
+
+    class ReadingOnAtOnce(chattle.pywsgi_handler_class()):
+        handle = WSGIHandler.handle  # pywsgi's loop: the next request is read straight away
+
+    events = fan_out_order(ReadingOnAtOnce, keep_alive=True)
+    assert events.index("reading") < 50
 
 
 def gc_collections_in_fan_out(waiters=2000):
