@@ -1000,7 +1000,8 @@ def pywsgi_handler_class(base=None):
             super().__init__(sock, address, server, rfile or RequestReader(sock))
 
         def handle(self):
-            # pywsgi's own loop; only the closing at the end differs.
+            # pywsgi's own loop, but for the yield before a keep-alive connection's next
+            # request and the closing at the end.
             try:
                 while self.socket is not None:
                     self.time_start = time.time()
