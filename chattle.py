@@ -1072,11 +1072,15 @@ def pywsgi_handler_class(base=None):
 
         def get_environ(self):
             environ = super().get_environ()
-            # The environ now carries every header (HTTP_*, CONTENT_*) and pywsgi reads
-            # the parsed ones no more (an access log may list them); a held poll would
-            # keep both copies.
+            # The environ now carries every header (HTTP_*, CONTENT_*), the path and the
+            # query, and pywsgi reads its parsed copies no more (an access log may list
+            # the headers and the request line); a held poll would keep both. Method
+            # and protocol are a few words used by every request: share one copy.
             if not self.wants_access_log():
-                self.headers = None
+                self.headers = self.requestline = None
+            self.path = None
+            environ["REQUEST_METHOD"] = self.command = sys.intern(self.command)
+            environ["SERVER_PROTOCOL"] = self.request_version = sys.intern(self.request_version)
             return environ
 
         def finalize_headers(self):

@@ -163,12 +163,12 @@ def test_regress_gate_fails_when_the_broadcast_path_is_slower(tmp_path):
 
 HELD_POLLS = 200
 # Measured in-process on this tree (gevent 26.9, greenlet 3.5, Python 3.11), server and
-# client side together: about 6.9 KB traced per held poll with chattle's server; 8.3 KB
+# client side together: about 6.7 KB traced per held poll with chattle's server; 8.0 KB
 # with a gevent.Timeout per poll in place of the shared deadline timers and Event.wait in
-# place of park() (a timer each and a deeper saved C stack); 10.3 KB with bottle's request
+# place of park() (a timer each and a deeper saved C stack); 9.9 KB with bottle's request
 # and response in gevent.local; 17.9 KB with pywsgi's own server and handler. The bound
 # admits none of them.
-MAX_BYTES_PER_HELD_POLL = 7.5 * 1024
+MAX_BYTES_PER_HELD_POLL = 7.3 * 1024
 # About 105 Python calls per answered GET with chattle's handler; 113 when the answer sets
 # its status and content type again (bottle's header handling, paid per woken poll); 194
 # with pywsgi's own handler (email.feedparser header parsing, access-log formatting even
