@@ -308,3 +308,47 @@ def test_a_stalled_body_is_answered_and_the_connection_closed(start_chattle):
     assert connection.server_closed(within=10)
     connection.close()
     assert stats(server)["waiters"] == 0 and stats(server)["messages"] == 0
+
+
+def test_a_chunked_post_in_pieces_is_accepted(start_chattle):
+    """A valid chunked body, sent in pieces smaller than a chunk header, is read whole by
+    the server's request reader (pywsgi reads chunk sizes a byte at a time)."""
+    server = start_chattle()
+    connection = HttpConnection(server.port)
+    body = json.dumps({"from": "ann", "content": "in chunks"}).encode()
+    wire = (b"POST /rooms/chunks/msgs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n" % (10, body[:10]) + b"%x\r\n%s\r\n" % (len(body) - 10, body[10:]) + b"0\r\n\r\n")
+    for start in range(0, len(wire), 7):
+        connection.sock.sendall(wire[start:start + 7])
+        gevent.sleep(0.001)
+    status, _headers, answer = connection.receive()
+    assert status == 201 and answer["id"] == 1
+    connection.close()
+    status, answer = get_json(server.url + "/rooms/chunks/msgs?since=0")
+    assert status == 200 and answer["messages"][0]["content"] == "in chunks"
+
+
+def test_pipelined_polls_on_one_connection_are_answered_in_order(start_chattle):
+    server = start_chattle()
+    post(server, "pipe")
+    connection = HttpConnection(server.port)
+    connection.sock.sendall(b"GET /rooms/pipe/msgs?since=0&timeout=0 HTTP/1.1\r\nHost: t\r\n\r\n"
+                            b"GET /rooms/pipe/msgs?since=1&timeout=0 HTTP/1.1\r\nHost: t\r\n\r\n")
+    first = connection.receive()
+    second = connection.receive()
+    assert first[0] == second[0] == 200
+    assert [m["id"] for m in first[2]["messages"]] == [1] and second[2]["messages"] == []
+    connection.close()
+
+
+def test_an_http_10_poll_is_answered_and_closed(start_chattle):
+    server = start_chattle()
+    post(server, "old")
+    connection = HttpConnection(server.port)
+    connection.sock.sendall(b"GET /rooms/old/msgs?since=0 HTTP/1.0\r\n\r\n")
+    status, headers, body = connection.receive()
+    assert status == 200 and body["cursor"] == 1
+    assert headers.get("connection", "").lower() == "close"
+    assert connection.server_closed(within=10)
+    connection.close()
