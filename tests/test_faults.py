@@ -11,17 +11,8 @@ import time
 
 import gevent
 
-from bench.servers import get_json
+from bench.servers import get_json, wait_until
 from tests.test_multiworker import Listener, Poster, post_once
-
-
-def wait_for(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        gevent.sleep(0.1)
-    raise AssertionError("not true after %gs: %s" % (timeout, what))
 
 
 def room_last_id(server, room):
@@ -53,11 +44,11 @@ def test_a_killed_worker_loses_no_message(start_chattle, redis_server):
     following = follow_all(followers, target, 120)
     poster = Poster(server.port, "kill")
     posting = gevent.spawn(poster.burst, 150, 2, 0.02)
-    wait_for(lambda: len(poster.acknowledged) >= 50, 60, "posts flowing")
+    wait_until(lambda: len(poster.acknowledged) >= 50, 60, "posts flowing")
     victim = followers[0].worker_pid
     os.kill(victim, signal.SIGKILL)
     posting.join(timeout=120)
-    wait_for(lambda: victim not in server.worker_pids() and len(server.worker_pids()) == 3, 60,
+    wait_until(lambda: victim not in server.worker_pids() and len(server.worker_pids()) == 3, 60,
              "gunicorn replaced the killed worker")
     target["last"] = room_last_id(server, "kill")
     gevent.joinall(following, timeout=120)
@@ -89,7 +80,7 @@ def test_sigterm_to_the_master_answers_held_polls_promptly(start_chattle, redis_
     assert len(answers) == 20, answers
     closed_cleanly = {"RemoteDisconnected", "ConnectionResetError", "IncompleteRead", "BadStatusLine"}
     assert set(answers) <= {200} | closed_cleanly, answers
-    wait_for(lambda: not server.alive(), 30, "the master exited")
+    wait_until(lambda: not server.alive(), 30, "the master exited")
     assert time.monotonic() - stopped_at < 60
 
 
@@ -103,21 +94,21 @@ def test_redis_outage_and_restarts_lose_nothing_and_reuse_no_id(start_chattle, r
     gevent.joinall([gevent.spawn(f.identify) for f in followers], timeout=30)
     target = {}
     following = follow_all(followers, target, 120)
-    wait_for(lambda: all(f.cursor == 3 for f in followers), 30, "listeners caught up")
+    wait_until(lambda: all(f.cursor == 3 for f in followers), 30, "listeners caught up")
 
     redis_server.stop()
     for _ in range(6):  # fresh connections, so both workers answer some
         status, body, retry_after = post_once(server.port, "out", "during the outage")
         assert status == 503 and retry_after and "error" in body, (status, body)
-    wait_for(lambda: get_json(server.url + "/health")[0] == 503, 30, "health degraded")
+    wait_until(lambda: get_json(server.url + "/health")[0] == 503, 30, "health degraded")
     assert get_json(server.url + "/health")[1]["status"] == "degraded"
     polls_before = sum(f.polls_started for f in followers)
-    wait_for(lambda: sum(f.polls_started for f in followers) >= polls_before + 2 * len(followers), 30,
+    wait_until(lambda: sum(f.polls_started for f in followers) >= polls_before + 2 * len(followers), 30,
              "held polls end at their timeout and poll again")
     assert all(not f.ledger.duplicated for f in followers)
 
     redis_server.restart()  # same port and directory: the AOF replays
-    wait_for(lambda: all(get_json(server.url + "/health")[0] == 200 for _ in range(4)), 30, "health back")
+    wait_until(lambda: all(get_json(server.url + "/health")[0] == 200 for _ in range(4)), 30, "health back")
     assert poster.post("after the outage") == 4  # nothing was written during it, no id reused
     target["last"] = 4
     gevent.joinall(following, timeout=60)

@@ -13,7 +13,7 @@ import gevent
 import psutil
 
 from bench.measures import DeliveryLedger, delivery_summary
-from bench.servers import get_json, post_json
+from bench.servers import get_json, post_json, wait_until
 
 GENEROUS = 30.0
 
@@ -84,15 +84,6 @@ def stats(server):
     return body
 
 
-def wait_for(check, what, timeout=GENEROUS):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        gevent.sleep(0.05)
-    raise AssertionError("not after %gs: %s" % (timeout, what))
-
-
 def settled_descriptor_count(process):
     """The process's open descriptors once connections just answered are closed too:
     the server closes a connection after the hub's current round, a moment after the
@@ -113,7 +104,7 @@ def wait_for_waiters(server, count):
         return seen[-1] == count
 
     try:
-        wait_for(held, "%d held polls" % count)
+        wait_until(held, GENEROUS, "%d held polls" % count)
     except AssertionError as error:
         raise AssertionError("%s; the server held %s" % (error, seen[-1:])) from None
 
@@ -182,7 +173,7 @@ def test_a_vanished_client_is_released_by_its_timeout(start_chattle):
     assert process.num_fds() > baseline
     connection.close()
     wait_for_waiters(server, 0)
-    wait_for(lambda: process.num_fds() <= baseline,
+    wait_until(lambda: process.num_fds() <= baseline, GENEROUS,
              "descriptors back to %d (now %d)" % (baseline, process.num_fds()))
 
 

@@ -8,17 +8,11 @@ import json
 import os
 import shutil
 
-import gevent
 import pytest
 
 import chattle
+from bench.servers import wait_until
 from tests.conftest import call_wsgi
-
-
-def wait_for(check, timeout=10.0, what="condition"):
-    with gevent.Timeout(timeout, AssertionError("not true after %gs: %s" % (timeout, what))):
-        while not check():
-            gevent.sleep(0.01)
 
 
 def answer(room, since, limit=100):
@@ -34,7 +28,7 @@ def workers(redis_server):
         rooms = chattle.Rooms(history)
         bus = chattle.RedisBus(rooms, redis_server.url, history)
         made.append(bus)
-        wait_for(bus.healthy, what="bus connected")
+        wait_until(bus.healthy, 10.0, "bus connected")
         return bus
 
     yield make
@@ -48,7 +42,7 @@ def test_ids_are_dense_across_workers_and_every_worker_serves_every_post(workers
     ids = [bus.publish("hall", "ann", "m%d" % n)["id"] for n in range(10) for bus in (first, second)]
     assert ids == list(range(1, 21))
     for room in (first_room, second_room):
-        wait_for(lambda: room.last_id == 20, what="reader delivered every post")
+        wait_until(lambda: room.last_id == 20, 10.0, "reader delivered every post")
         got = answer(room, 0)
         assert [m["id"] for m in got["messages"]] == ids
         assert got["missed"] == 0 and got["cursor"] == 20
@@ -90,13 +84,13 @@ def test_a_redis_that_lost_its_data_resets_the_worker_copy(workers, redis_server
     for n in range(4):
         bus.publish("wiped", "ed", "m%d" % n)
     room = bus.room("wiped", 0)
-    wait_for(lambda: room.last_id == 4)
+    wait_until(lambda: room.last_id == 4, 10.0, "the room's last id")
     redis_server.stop()
     shutil.rmtree(os.path.join(redis_server.workdir, "appendonlydir"))
     redis_server.__init__(redis_server.workdir, redis_server.port)  # same port, empty data
-    wait_for(lambda: room.last_id == 0, what="the reader noticed the loss")
+    wait_until(lambda: room.last_id == 0, 10.0, "the reader noticed the loss")
     bus.publish("wiped", "ed", "after")
-    wait_for(lambda: room.last_id == 1)
+    wait_until(lambda: room.last_id == 1, 10.0, "the room's last id")
     got = answer(bus.room("wiped", 4), 4)
     assert got["reset"] is True and [m["content"] for m in got["messages"]] == ["after"]
 
@@ -104,7 +98,7 @@ def test_a_redis_that_lost_its_data_resets_the_worker_copy(workers, redis_server
 def test_the_app_on_the_redis_bus(redis_server):
     chattle.configure(chattle.Settings(history=50, redis=redis_server.url))
     try:
-        wait_for(lambda: call_wsgi("GET", "/health").status == 200, what="health ok")
+        wait_until(lambda: call_wsgi("GET", "/health").status == 200, 10.0, "health ok")
         assert call_wsgi("GET", "/health").json["bus"] == "redis"
         posted = call_wsgi("POST", "/rooms/app/msgs", body=json.dumps({"from": "fi", "content": "x"}),
                            headers={"Content-Type": "application/json"})
@@ -118,13 +112,13 @@ def test_the_app_on_the_redis_bus(redis_server):
 def test_redis_down_answers_503_and_health_degraded(redis_server):
     chattle.configure(chattle.Settings(history=50, redis=redis_server.url))
     try:
-        wait_for(lambda: call_wsgi("GET", "/health").status == 200, what="health ok")
+        wait_until(lambda: call_wsgi("GET", "/health").status == 200, 10.0, "health ok")
         redis_server.stop()
         posted = call_wsgi("POST", "/rooms/down/msgs", body=json.dumps({"from": "gu", "content": "x"}),
                            headers={"Content-Type": "application/json"})
         assert posted.status == 503 and posted.header("Retry-After")
         assert "error" in posted.json
-        wait_for(lambda: call_wsgi("GET", "/health").status == 503, what="health degraded")
+        wait_until(lambda: call_wsgi("GET", "/health").status == 503, 10.0, "health degraded")
         assert call_wsgi("GET", "/health").json["status"] == "degraded"
         polled = call_wsgi("GET", "/rooms/down/msgs", query="since=0&timeout=1")
         assert polled.status == 503 and polled.header("Retry-After")
