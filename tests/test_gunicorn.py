@@ -15,7 +15,7 @@ import pytest
 
 import chattle
 from bench.servers import ROOT, Process, free_port, get_json, post_json, wait_until
-from test_longpoll import HttpConnection, wait_for
+from test_longpoll import GENEROUS, HttpConnection
 
 SEED_FLAGS = ["--worker-class", "gevent", "--workers", "1", "chattle"]
 
@@ -73,7 +73,7 @@ def test_post_and_long_poll_round_trip(gunicorn):
     assert status == 200 and health["bus"] == "memory" and health["pid"] != server.pid  # a worker answers
     assert post_json(server.url + "/rooms/g/msgs", {"from": "ann", "content": "first"})[0] == 201
     held = gevent.spawn(get_json, server.url + "/rooms/g/msgs?since=1&timeout=30", 40)
-    wait_for(lambda: get_json(server.url + "/stats")[1]["waiters"] == 1, "the poll is held")
+    wait_until(lambda: get_json(server.url + "/stats")[1]["waiters"] == 1, GENEROUS, "the poll is held")
     status, posted = post_json(server.url + "/rooms/g/msgs", {"from": "bob", "content": "second"})
     assert status == 201 and posted["id"] == 2
     status, body = held.get(timeout=30)
@@ -107,7 +107,7 @@ def test_sigterm_answers_held_polls_and_the_master_exits(gunicorn):
             connection.close()
 
     polls = [gevent.spawn(held_poll) for _ in range(20)]
-    wait_for(lambda: get_json(server.url + "/stats")[1]["waiters"] == 20, "20 held polls")
+    wait_until(lambda: get_json(server.url + "/stats")[1]["waiters"] == 20, GENEROUS, "20 held polls")
     server.signal(signal.SIGTERM)
     # graceful_timeout is 75 s and the polls asked for 60: answering within 20 s shows
     # the worker answered them on SIGTERM instead of sitting out either.
