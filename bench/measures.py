@@ -6,17 +6,27 @@ a load report and the same number in a capacity sweep mean the same thing.
 """
 
 import math
+import os
 
 
 # -- wake-up latency -----------------------------------------------------------------
 
-def wakeup_latency(received_at, message_ts):
-    """Seconds from the server accepting a post (its `ts`) to a listener receiving it.
+def wakeup_latency(arrived_at, message_ts):
+    """Seconds from the server accepting a post (its `ts`) to the answer carrying it
+    reaching the listener's host.
 
-    Both are wall-clock times on this machine (client and server share its clock on
-    loopback). Kept at full float precision: never rounded to milliseconds.
+    `arrived_at` is best the kernel's receive timestamp of the answer (SO_TIMESTAMPNS):
+    then a busy client, slow to read, does not show up as a slow server. Where only the
+    read time is known (the bench rig reads at once, so the two agree), pass that. Both
+    are wall-clock times on this machine (client and server share its clock on loopback).
     """
-    return received_at - message_ts
+    return arrived_at - message_ts
+
+
+def client_lag(read_at, arrived_at):
+    """Seconds an answer sat in the client host's socket buffer before the client read
+    it: the load generator's own queueing, reported apart from the server's latency."""
+    return read_at - arrived_at
 
 
 def percentile(sorted_values, fraction):
@@ -29,19 +39,89 @@ def percentile(sorted_values, fraction):
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
+LATENCY_HIGHEST_US = 3600 * 10 ** 6    # an hour: far beyond any poll's life
+LATENCY_DIGITS = 3                     # 0.1 % resolution at every magnitude, from 1 us
+
+
+class LatencyHistogram:
+    """Latencies in microseconds, in an HdrHistogram: fixed memory whatever the count,
+    3 significant digits from 1 us to an hour, and mergeable, so each load process
+    ships its deltas to the master and the master adds them up.
+
+    A value below 1 us (a clock step, or two clocks that disagree) is counted in
+    `below_resolution` and recorded as 1 us, never as a negative number.
+    """
+
+    __slots__ = ("_histogram", "below_resolution", "digits")
+
+    def __init__(self, digits=LATENCY_DIGITS):
+        from hdrh.histogram import HdrHistogram
+        self.digits = digits
+        self._histogram = HdrHistogram(1, LATENCY_HIGHEST_US, digits)
+        self.below_resolution = 0
+
+    def record(self, seconds):
+        microseconds = int(seconds * 1e6 + 0.5)
+        if microseconds < 1:
+            self.below_resolution += 1
+            microseconds = 1
+        elif microseconds > LATENCY_HIGHEST_US:
+            microseconds = LATENCY_HIGHEST_US
+        self._histogram.record_value(microseconds)
+
+    @property
+    def count(self):
+        return self._histogram.get_total_count()
+
+    def add(self, other):
+        if other.count:
+            self._histogram.add(other._histogram)
+        self.below_resolution += other.below_resolution
+        return self
+
+    def percentile(self, fraction):
+        """Seconds at or below which `fraction` of the values lie (None when empty)."""
+        if not self.count:
+            return None
+        return self._histogram.get_value_at_percentile(fraction * 100.0) / 1e6
+
+    def summary(self):
+        """count, p50, p95, p99, max and mean, in seconds: the figures every report prints."""
+        if not self.count:
+            return {"count": 0, "p50": None, "p95": None, "p99": None, "max": None, "mean": None,
+                    "below_resolution": self.below_resolution}
+        histogram = self._histogram
+        return {"count": histogram.get_total_count(), "p50": self.percentile(0.50), "p95": self.percentile(0.95),
+                "p99": self.percentile(0.99), "max": histogram.get_max_value() / 1e6,
+                "mean": histogram.get_mean_value() / 1e6, "below_resolution": self.below_resolution}
+
+    def to_dict(self):
+        """A compact, JSON- and msgpack-safe form (HdrHistogram's own compressed encoding)."""
+        return {"hdr": self._histogram.encode().decode("ascii") if self.count else None, "digits": self.digits,
+                "below_resolution": self.below_resolution}
+
+    @classmethod
+    def from_dict(cls, data):
+        from hdrh.histogram import HdrHistogram
+        histogram = cls(data.get("digits", LATENCY_DIGITS))
+        if data.get("hdr"):
+            histogram._histogram.add(HdrHistogram.decode(data["hdr"].encode("ascii")))
+        histogram.below_resolution = data.get("below_resolution", 0)
+        return histogram
+
+    def buckets(self):
+        """[(upper edge in seconds, count)] of the non-empty buckets, for histogram charts."""
+        return [(item.value_iterated_to / 1e6, item.count_at_value_iterated_to)
+                for item in self._histogram.get_recorded_iterator()]
+
+
 def latency_summary(latencies):
-    """count, p50, p95, p99, max and mean of a list of latencies, in seconds."""
-    values = sorted(latencies)
-    if not values:
-        return {"count": 0, "p50": None, "p95": None, "p99": None, "max": None, "mean": None}
-    return {
-        "count": len(values),
-        "p50": percentile(values, 0.50),
-        "p95": percentile(values, 0.95),
-        "p99": percentile(values, 0.99),
-        "max": values[-1],
-        "mean": sum(values) / len(values),
-    }
+    """count, p50, p95, p99, max and mean of a list of latencies, in seconds, through the
+    same HdrHistogram as the load test's, so bench and load percentiles mean one thing."""
+    histogram = LatencyHistogram()
+    for value in latencies:
+        histogram.record(value)
+    return histogram.summary()
 
 
 # -- delivery completeness ---------------------------------------------------------------
@@ -88,6 +168,23 @@ class DeliveryLedger:
     def complete(self, last_id):
         return self.lost(last_id) == 0 and self.duplicated == 0 and self.out_of_order == 0
 
+    def to_dict(self):
+        """Everything the ledger knows, JSON- and msgpack-safe (gaps are few when things go right)."""
+        return {"start": self.start, "next_expected": self.next_expected, "received": self.received,
+                "duplicated": self.duplicated, "out_of_order": self.out_of_order,
+                "missed_reported": self.missed_reported, "gaps": sorted(self._gaps)}
+
+    @classmethod
+    def from_dict(cls, data):
+        ledger = cls(data["start"])
+        ledger.next_expected = data["next_expected"]
+        ledger.received = data["received"]
+        ledger.duplicated = data["duplicated"]
+        ledger.out_of_order = data["out_of_order"]
+        ledger.missed_reported = data.get("missed_reported", 0)
+        ledger._gaps = set(data.get("gaps", ()))
+        return ledger
+
 
 def delivery_summary(ledgers, last_id_of_room):
     """Totals over many listeners; `last_id_of_room(ledger)` gives the final id it should reach."""
@@ -127,6 +224,24 @@ def memory_per_connection(rss_idle, rss_holding, held):
     if held <= 0:
         return None
     return (rss_holding - rss_idle) / held
+
+
+# -- CPU per delivery ----------------------------------------------------------------------
+
+def cpu_per_delivery(cpu_seconds, deliveries):
+    """Microseconds of CPU per message delivered to one listener: the same unit for the
+    server and for the load generator, so "the harness costs less than what it measures"
+    is one division (load-generator CPU / server CPU) read off two comparable figures."""
+    if cpu_seconds is None or not deliveries:
+        return None
+    return cpu_seconds / deliveries * 1e6
+
+
+def process_cpu_seconds(pid):
+    """User + system CPU seconds a live process has used so far, read from /proc/<pid>/stat."""
+    with open("/proc/%d/stat" % pid) as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- fan-out cost ---------------------------------------------------------------------------

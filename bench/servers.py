@@ -52,13 +52,13 @@ def post_json(url, payload, timeout=5.0):
 class Process:
     """A child process we started; stop() ends it (and only it) by pid."""
 
-    def __init__(self, argv, env=None, cwd=ROOT, log_path=None):
+    def __init__(self, argv, env=None, cwd=ROOT, log_path=None, own_session=False):
         self.argv = argv
         self.log_path = log_path
         # "-": share our terminal; a path: append there; None: discard
         self._log = None if log_path == "-" else open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.popen = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL)
+                                      stdin=subprocess.DEVNULL, start_new_session=own_session)
         self.pid = self.popen.pid
 
     def alive(self):
@@ -106,7 +106,7 @@ def wait_until(check, timeout, what, process=None, interval=0.05):
 class RedisServer(Process):
     """A real redis-server on a loopback port, its data in its own directory."""
 
-    def __init__(self, workdir=None, port=None, appendonly=True):
+    def __init__(self, workdir=None, port=None, appendonly=True, own_session=False):
         exe = shutil.which("redis-server")
         if exe is None:
             raise FileNotFoundError("redis-server is not installed; `apt-get install redis-server` "
@@ -117,7 +117,10 @@ class RedisServer(Process):
         argv = [exe, "--port", str(self.port), "--bind", LOOPBACK, "--dir", self.workdir,
                 "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
                 "--protected-mode", "yes", "--maxclients", "10000"]
-        super().__init__(argv, cwd=self.workdir, log_path=os.path.join(self.workdir, "redis.log"))
+        # own_session: a Ctrl-C at the terminal reaches only the orchestrator, which then
+        # stops what it started in order (load first, then servers) and writes its report.
+        super().__init__(argv, cwd=self.workdir, log_path=os.path.join(self.workdir, "redis.log"),
+                         own_session=own_session)
         wait_until(self.ping, 10, "redis-server on port %d" % self.port, self)
 
     def ping(self):
@@ -135,7 +138,7 @@ class ChattleServer(Process):
     """Chattle under `python chattle.py` (one process) or gunicorn with N gevent workers."""
 
     def __init__(self, port=None, workers=1, redis_url=None, env=None, log_path=None, gunicorn=None,
-                 python=sys.executable, extra_args=()):
+                 python=sys.executable, extra_args=(), own_session=False):
         self.port = port or free_port()
         self.url = "http://%s:%d" % (LOOPBACK, self.port)
         self.workers = workers
@@ -153,7 +156,7 @@ class ChattleServer(Process):
                     *extra_args]
         if log_path is None:
             log_path = tempfile.mkstemp(prefix="chattle-server-", suffix=".log")[1]
-        super().__init__(argv, env=full_env, log_path=log_path)
+        super().__init__(argv, env=full_env, log_path=log_path, own_session=own_session)
         wait_until(self.healthy, 30, "chattle on %s" % self.url, self)
         if self.gunicorn:
             wait_until(lambda: len(self.worker_pids()) >= workers, 30, "%d gunicorn workers" % workers, self)

@@ -1,100 +1,123 @@
 """Chattle load scenarios: Listeners hold long-polls on their room for the whole run,
-Posters post in bursts; the stages come from loadtests/shapes.py.
+Posters post in bursts; the stages come from loadtests/scenario.py, played by the shape
+in loadtests/shapes.py.
 
-Wake-up latency and delivery completeness are not Locust request stats: each Locust
-process keeps them at full precision and writes them to `<raw-dir>/locust-<pid>.json`
-when it stops; loadtests/run.py merges the files into the report. Run it through
-`make load` (python -m loadtests.run), which starts the server and sets the options.
+Both roles speak through `LongPollClient` (loadtests/longpoll.py), a lean keep-alive
+client that reads each answer with the kernel's receive timestamp and fires Locust's
+`events.request`. Wake-up latency, the client's own lag and delivery completeness are
+not Locust request statistics: each worker keeps them in a `WorkerTally` and ships them
+to the master in Locust's worker reports; the master adds them up and writes
+`<raw-dir>/run.json`. Run it through `make load` (python -m loadtests.run), which starts
+the server and sets the options.
 """
 
 import itertools
 import json
 import os
 import random
+import socket
 import time
-from array import array
 
-from locust import constant, events, task
-from locust.contrib.fasthttp import FastHttpUser
+import gevent
+from locust import User, constant, events, task
+from locust.runners import MasterRunner, WorkerRunner
 
-from bench.measures import DeliveryLedger, wakeup_latency
-from bench.servers import get_json
+from bench.httpframe import FramingError
+from bench.measures import DeliveryLedger, process_cpu_seconds
+from loadtests.longpoll import LongPollClient
 from loadtests.scenario import CLIENT_TIMEOUT_MARGIN, build_stages, room_name, stage_at
 from loadtests.shapes import StagedShape  # noqa: F401  (Locust finds the shape in the locustfile)
+from loadtests.tally import RunTally, WorkerTally
 
-CATCH_UP_POLLS = 20        # answers of up to 1000 messages each, when a listener stops
-CATCH_UP_TIMEOUT = 15.0
+CATCH_UP_POLLS = 50          # answers of up to 1000 messages each, when a listener stops
+LOST_CONTACT_SECONDS = 15.0  # failing this long without one good answer: the listener gives up
+RETRY_SECONDS = (0.5, 4.0)   # back-off after a failed request: first, longest
+
+TALLY = WorkerTally()        # this process's figures (on a worker)
+RUN = RunTally()             # the whole run's (on the master)
+listener_numbers = itertools.count()
+poster_numbers = itertools.count()
+
+
+class TestClock:
+    """When this process's test started: posters read the stage table against it."""
+    started = time.time()
+    cpu_at_start = 0.0
+
+
+@events.test_start.add_listener
+def remember_start(**_kwargs):
+    TestClock.started = time.time()
+    TestClock.cpu_at_start = process_cpu_seconds(os.getpid())
+    TALLY.test_started()
 
 
 @events.init_command_line_parser.add_listener
 def add_options(parser):
     group = parser.add_argument_group("chattle")
-    group.add_argument("--listeners", type=int, default=2000, help="listeners held at the target")
+    group.add_argument("--listeners", type=int, default=10000, help="listeners held at the target")
     group.add_argument("--posters", type=int, default=1, help="posters (fixed count, spawned first)")
     group.add_argument("--rooms", type=int, default=1, help="rooms; listeners are spread evenly over them")
-    group.add_argument("--run-seconds", type=float, default=110, help="length of the whole stage table")
+    group.add_argument("--run-seconds", type=float, default=150, help="length of the whole stage table")
     group.add_argument("--poll-timeout", type=float, default=20, help="the 'timeout' each poll asks the server for")
     group.add_argument("--burst-size", type=int, default=5, help="messages a poster sends back to back")
     group.add_argument("--burst-gap", type=float, default=8, help="mean seconds of quiet between a poster's bursts")
-    group.add_argument("--raw-dir", default="", help="where each Locust process writes its latencies and ledgers")
+    group.add_argument("--stop-rate", type=float, default=2500, help="listeners stopped per second at ramp-down")
+    group.add_argument("--raw-dir", default="", help="where the master writes run.json")
 
 
-# -- what this process saw, written out when it stops --------------------------------------------
+def stages_of(options):
+    return build_stages(options.listeners, options.posters, options.run_seconds, options.spawn_rate,
+                        options.stop_rate)
 
-class Seen:
-    listeners = []                 # one dict per listener started in this process
-    posts = []                     # [room, id, ts] of every accepted post
-    errors = []                    # [time, who, what]
-    received_at = array("d")       # per delivered message: when it arrived ...
-    latency = array("d")           # ... and its wake-up latency, full precision
-    test_started = None
-    listener_numbers = itertools.count()
-    poster_numbers = itertools.count()
+
+# -- worker to master ----------------------------------------------------------------------------
+
+@events.report_to_master.add_listener
+def ship_tally(client_id, data, **_kwargs):
+    data["chattle"] = TALLY.take_report(final=TALLY.live_listeners == 0 and TALLY.listeners_ended > 0)
+
+
+@events.worker_report.add_listener
+def add_tally(client_id, data, **_kwargs):
+    if "chattle" in data:
+        RUN.merge(client_id, data["chattle"])
+
+
+def report_now(environment):
+    """A report at once (the last listener of this worker has ended), not at the next tick:
+    the master ends the run only once every worker is drained. Locust's WorkerRunner
+    sends its reports with `_send_stats`; tests/test_locust_internals.py holds it to that."""
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner):
+        gevent.spawn(runner._send_stats)
+
+
+@events.quit.add_listener
+def write_run(**_kwargs):
+    environment = write_run.environment
+    if environment is None or not isinstance(environment.runner, MasterRunner):
+        return
+    raw_dir = environment.parsed_options.raw_dir
+    if raw_dir:
+        os.makedirs(raw_dir, exist_ok=True)
+        RUN.master = {"host": socket.gethostname(), "pid": os.getpid(),
+                      "cpu_seconds": process_cpu_seconds(os.getpid()) - TestClock.cpu_at_start}
+        RUN.write(os.path.join(raw_dir, "run.json"))
 
 
 @events.init.add_listener
-def apply_timeouts(environment, **_kwargs):
-    options = environment.parsed_options
-    if options is None:
-        return
-    # A poll the server holds for poll_timeout must not be cut by the client first: a
-    # silent cap at the client timeout would look like a server that never answers.
-    Listener.network_timeout = options.poll_timeout + CLIENT_TIMEOUT_MARGIN
-    Listener.connection_timeout = options.poll_timeout + CLIENT_TIMEOUT_MARGIN
-    Poster.fixed_count = options.posters
+def remember_environment(environment, **_kwargs):
+    write_run.environment = environment
+    StagedShape.run_tally = RUN
 
 
-@events.test_start.add_listener
-def remember_start(**_kwargs):
-    Seen.test_started = time.time()
-
-
-@events.test_stop.add_listener
-@events.quitting.add_listener
-def write_raw(environment, **_kwargs):
-    raw_dir = environment.parsed_options.raw_dir if environment.parsed_options else ""
-    if not raw_dir or not (Seen.listeners or Seen.posts or Seen.errors):
-        return
-    os.makedirs(raw_dir, exist_ok=True)
-    listeners = []
-    for entry in Seen.listeners:
-        ledger = entry["ledger"]
-        listeners.append({"listener": entry["listener"], "room": entry["room"], "start": ledger.start,
-                          "next_expected": ledger.next_expected, "received": ledger.received,
-                          "duplicated": ledger.duplicated, "out_of_order": ledger.out_of_order,
-                          "missed_reported": ledger.missed_reported, "gaps": sorted(ledger._gaps),
-                          "latencies": entry["latencies"], "polls": entry["polls"]})
-    data = {"pid": os.getpid(), "test_started": Seen.test_started, "listeners": listeners, "posts": Seen.posts,
-            "errors": Seen.errors, "received_at": list(Seen.received_at), "latency": list(Seen.latency)}
-    path = os.path.join(raw_dir, "locust-%d.json" % os.getpid())
-    with open(path + ".tmp", "w") as out:
-        json.dump(data, out)
-    os.replace(path + ".tmp", path)
+write_run.environment = None
 
 
 # -- the users ------------------------------------------------------------------------------------
 
-class Listener(FastHttpUser):
+class Listener(User):
     """Long-polls one room with its cursor for the whole run and checks every id it gets."""
 
     weight = 1
@@ -102,105 +125,134 @@ class Listener(FastHttpUser):
 
     def on_start(self):
         options = self.environment.parsed_options
-        number = next(Seen.listener_numbers)
-        self.room = room_name(number % options.rooms)
-        self.timeout = options.poll_timeout
-        self.entry = None
-        while self.entry is None:
-            with self.client.get("/rooms/%s/msgs" % self.room, name="poll (first, no since)",
-                                 catch_response=True) as answer:
-                if answer.status_code != 200:
-                    answer.failure("first poll answered %s" % answer.status_code)
-                    Seen.errors.append([time.time(), "listener", "first poll: %s" % answer.status_code])
-                    time.sleep(1)
-                    continue
-                cursor = answer.json()["cursor"]
-            self.entry = {"listener": "%d-%d" % (os.getpid(), number), "room": self.room,
-                          "ledger": DeliveryLedger(cursor), "latencies": 0, "polls": 0}
-            Seen.listeners.append(self.entry)
-
-    def on_stop(self):
-        """Catch up before leaving: a listener stopped in the middle of a slow fan-out has not
-        lost the messages still on their way, so fetch what the server holds (timeout=0)
-        and judge completeness on that; a message the server no longer has stays lost."""
-        if self.entry is None:
-            return
-        ledger = self.entry["ledger"]
-        for _ in range(CATCH_UP_POLLS):
-            url = "%s/rooms/%s/msgs?since=%d&timeout=0&limit=1000" % (self.host, self.room, ledger.next_expected - 1)
-            try:
-                status, body = get_json(url, timeout=CATCH_UP_TIMEOUT)
-            except OSError as exc:
-                Seen.errors.append([time.time(), "listener", "catch-up poll: %s" % exc])
-                return
-            if status != 200:
-                Seen.errors.append([time.time(), "listener", "catch-up poll: %s" % status])
-                return
-            if not self.receive(body, time.time()):
-                return
-
-    def receive(self, body, received_at):
-        """Record one poll answer; how many messages it held."""
-        entry = self.entry
-        ledger = entry["ledger"]
-        entry["polls"] += 1
-        if body.get("reset"):
-            Seen.errors.append([received_at, "listener", "server answered reset: it lost the room's history"])
-        ledger.missed_reported += body.get("missed", 0)
-        for message in body["messages"]:
-            ledger.record(message["id"])
-            Seen.received_at.append(received_at)
-            Seen.latency.append(wakeup_latency(received_at, message["ts"]))
-            entry["latencies"] += 1
-        return len(body["messages"])
+        self.number = next(listener_numbers)
+        self.name = "%s-%d" % (os.getpid(), self.number)
+        self.room = room_name(self.number % options.rooms)
+        self.poll_timeout = options.poll_timeout
+        self.client = LongPollClient(self.host, self.environment.events.request,
+                                     timeout=options.poll_timeout + CLIENT_TIMEOUT_MARGIN)
+        self.ledger = None
+        self.polls = 0
+        self.gave_up = None
+        self.trouble_since = None
+        self.retry = RETRY_SECONDS[0]
+        TALLY.listener_started()
+        while self.ledger is None and self.gave_up is None:
+            reply = self._ask("/rooms/%s/msgs" % self.room, "poll (first, no since)")
+            if reply is not None:
+                self.ledger = DeliveryLedger(json.loads(reply.body)["cursor"])
 
     @task
-    def poll(self):
-        entry = self.entry
-        ledger = entry["ledger"]
-        url = "/rooms/%s/msgs?since=%d&timeout=%g" % (self.room, ledger.next_expected - 1, self.timeout)
-        with self.client.get(url, name="poll (held)", catch_response=True) as answer:
-            received_at = time.time()
-            if answer.status_code != 200:
-                answer.failure("poll answered %s" % answer.status_code)
-                Seen.errors.append([received_at, "listener", "poll: %s %s" % (answer.status_code, answer.error)])
-                time.sleep(1)
-                return
-            body = answer.json()
-        self.receive(body, received_at)
+    def listen(self):
+        while self.gave_up is None:
+            reply = self._ask("/rooms/%s/msgs?since=%d&timeout=%g" % (self.room, self.ledger.next_expected - 1,
+                                                                      self.poll_timeout), "poll (held)")
+            if reply is not None:
+                self._take(reply, held=True)
+        gevent.sleep(3600)  # gave up: stay counted as a user, do nothing, until the run stops it
+
+    def _ask(self, path, name):
+        """One request; its reply, or None after a failure (counted, backed off, and after
+        LOST_CONTACT_SECONDS without one good answer the listener gives up)."""
+        try:
+            reply = self.client.get(path, name=name)
+            if reply.status == 200:
+                self.trouble_since, self.retry = None, RETRY_SECONDS[0]
+                return reply
+            trouble = "%s answered %d: %s" % (name, reply.status, reply.body[:200].decode("utf-8", "replace"))
+        except (OSError, FramingError) as exc:
+            trouble = "%s: %s" % (name, exc or type(exc).__name__)
+        TALLY.error("listener", trouble)
+        now = time.time()
+        self.trouble_since = self.trouble_since or now
+        if now - self.trouble_since >= LOST_CONTACT_SECONDS:
+            self.gave_up = "lost contact: %s" % trouble
+            return None
+        gevent.sleep(self.retry * random.uniform(0.5, 1.0))
+        self.retry = min(RETRY_SECONDS[1], self.retry * 2)
+        return None
+
+    def _take(self, reply, held):
+        """Record one poll answer; how many messages it held."""
+        body = json.loads(reply.body)
+        ledger = self.ledger
+        self.polls += 1
+        if body.get("reset"):
+            TALLY.error("listener", "the server answered reset: it lost the room's history")
+        ledger.missed_reported += body.get("missed", 0)
+        messages = body["messages"]
+        for message in messages:
+            ledger.record(message["id"])
+            if held:
+                TALLY.delivery(reply.arrived_at, reply.read_at, message["ts"], reply.stamped)
+        return len(messages)
+
+    def on_stop(self):
+        """Catch up before leaving: a listener stopped in the middle of a slow fan-out has
+        not lost the messages still on their way, so fetch what the server holds
+        (timeout=0) and judge completeness on that. Those catch-up messages count as
+        delivered but carry no wake-up latency: nobody was waiting for them."""
+        self.client.close()
+        caught_up = 0
+        if self.ledger is not None and self.gave_up is None:
+            catch_up = LongPollClient(self.host, None, timeout=CLIENT_TIMEOUT_MARGIN)
+            try:
+                for _ in range(CATCH_UP_POLLS):
+                    path = "/rooms/%s/msgs?since=%d&timeout=0&limit=1000" % (self.room, self.ledger.next_expected - 1)
+                    reply = catch_up.get(path, name="poll (catch-up)")
+                    if reply.status != 200:
+                        raise OSError("answered %d" % reply.status)
+                    taken = self._take(reply, held=False)
+                    caught_up += taken
+                    if not taken:
+                        break
+            except (OSError, FramingError, ValueError) as exc:
+                self.gave_up = "catch-up at stop failed: %s" % (exc or type(exc).__name__)
+                TALLY.error("listener", self.gave_up)
+            finally:
+                catch_up.close()
+        elif self.ledger is None and self.gave_up is None:
+            self.gave_up = "stopped before its first answer"
+        TALLY.listener_ended({"listener": self.name, "room": self.room,
+                              "ledger": self.ledger.to_dict() if self.ledger else None, "polls": self.polls,
+                              "caught_up": caught_up, "gave_up": self.gave_up})
+        if TALLY.live_listeners == 0:
+            report_now(self.environment)
 
 
-class Poster(FastHttpUser):
+class Poster(User):
     """Posts bursts (several messages back to back, then quiet) while a burst stage is on."""
 
     fixed_count = 1
     wait_time = constant(0)
 
     def on_start(self):
-        options = self.environment.parsed_options
-        self.number = next(Seen.poster_numbers)
-        self.options = options
-        self.stages = build_stages(options.listeners, options.posters, options.run_seconds, options.spawn_rate)
+        options = self.options = self.environment.parsed_options
+        self.number = next(poster_numbers)
+        self.stages = stages_of(options)
         self.next_room = self.number
+        self.client = LongPollClient(self.host, self.environment.events.request,
+                                     timeout=options.poll_timeout + CLIENT_TIMEOUT_MARGIN)
 
     @task
     def burst(self):
-        started = Seen.test_started or time.time()
-        stage = stage_at(self.stages, time.time() - started)
+        stage = stage_at(self.stages, time.time() - TestClock.started)
         if stage is None or not stage["posting"]:
-            time.sleep(0.25)
+            gevent.sleep(0.25)
             return
         room = room_name(self.next_room % self.options.rooms)
         self.next_room += 1
         for sequence in range(self.options.burst_size):
-            payload = {"from": "poster-%d" % self.number, "content": "burst message %d" % sequence}
-            with self.client.post("/rooms/%s/msgs" % room, json=payload, name="post",
-                                  catch_response=True) as answer:
-                if answer.status_code != 201:
-                    answer.failure("post answered %s" % answer.status_code)
-                    Seen.errors.append([time.time(), "poster", "post: %s" % answer.status_code])
-                    continue
-                accepted = answer.json()
-                Seen.posts.append([room, accepted["id"], accepted["ts"]])
+            payload = json.dumps({"from": "poster-%d" % self.number, "content": "burst message %d" % sequence})
+            try:
+                reply = self.client.post("/rooms/%s/msgs" % room, payload.encode(), name="post")
+            except (OSError, FramingError) as exc:
+                TALLY.error("poster", "post: %s" % (exc or type(exc).__name__))
+                continue
+            if reply.status != 201:
+                TALLY.error("poster", "post answered %d" % reply.status)
+                continue
+            accepted = json.loads(reply.body)
+            TALLY.post(room, accepted["id"], accepted["ts"])
         # Exponential gaps: bursts from several posters overlap sometimes, as in a real chat.
-        time.sleep(random.expovariate(1.0 / self.options.burst_gap))
+        gevent.sleep(random.expovariate(1.0 / self.options.burst_gap))

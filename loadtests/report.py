@@ -1,45 +1,31 @@
 """Turn one load run into its report: summary.json, PNG charts with captions, report.html.
 
-Inputs: the per-second samples of run.py, the raw files each Locust process wrote
-(raw/locust-<pid>.json: every latency at full precision, every listener's ledger, every
-post), the rooms' final cursors, and Locust's own CSV. Figures go through
-bench/measures.py so they mean what they mean everywhere else.
+Inputs: the per-second samples of run.py, raw/run.json (what the Locust master added up
+from its workers' reports: latency and client-lag HdrHistograms, every listener's
+ledger, every post, the errors, each process's CPU), the rooms' final cursors, and
+Locust's own CSV. Figures go through bench/measures.py so they mean what they mean
+everywhere else.
 """
 
+import collections
 import csv
-import glob
-import json
 import os
 
-from bench.measures import DeliveryLedger, delivery_summary, latency_summary, memory_per_connection
+from bench.measures import cpu_per_delivery, delivery_summary, memory_per_connection
+from loadtests.tally import RunTally
 from reports.page import machine_description, machine_line, write_html, write_json
 
-CPU_BOUND_PERCENT = 90.0      # Locust's own warning threshold
-CPU_BOUND_SECONDS = 3         # consecutive samples at or above it
 TARGET_REACHED_FRACTION = 0.95
 CONTENDED_PERCENT = 50.0      # other processes' mean CPU, in % of one core, that makes figures suspect
+CLIENT_LAG_SHARE = 0.10       # client lag p99 above this share of the server's p99: client-bound
+CLIENT_CPU_SHARE = 0.5        # load-generator CPU above this share of the server's: the harness is too dear
+MACHINE_BUSY_SHARE = 0.90     # a second in which everything together used this share of all cores is saturated
+MACHINE_BOUND_SHARE = 0.25    # more of the burst seconds saturated than this: machine-bound
 
 
-def load_raw(raw_dir):
-    merged = {"listeners": [], "posts": [], "errors": [], "received_at": [], "latency": [], "files": 0}
-    for path in sorted(glob.glob(os.path.join(raw_dir, "locust-*.json"))):
-        with open(path) as raw:
-            data = json.load(raw)
-        merged["files"] += 1
-        for key in ("listeners", "posts", "errors", "received_at", "latency"):
-            merged[key].extend(data[key])
-    return merged
-
-
-def ledger_of(entry):
-    ledger = DeliveryLedger(entry["start"])
-    ledger.next_expected = entry["next_expected"]
-    ledger.received = entry["received"]
-    ledger.duplicated = entry["duplicated"]
-    ledger.out_of_order = entry["out_of_order"]
-    ledger.missed_reported = entry["missed_reported"]
-    ledger._gaps = set(entry["gaps"])
-    return ledger
+def load_tally(report_dir):
+    path = os.path.join(report_dir, "raw", "run.json")
+    return RunTally.read(path) if os.path.exists(path) else None
 
 
 def locust_totals(report_dir):
@@ -58,25 +44,6 @@ def locust_totals(report_dir):
     return totals
 
 
-def client_bound(report_dir, samples):
-    """Why the load generator, not the server, may have limited the figures (None: it did not)."""
-    reasons = []
-    log_path = os.path.join(report_dir, "locust.log")
-    if os.path.exists(log_path):
-        with open(log_path, errors="replace") as log:
-            warnings = sum(1 for line in log if "CPU usage above" in line)
-        if warnings:
-            reasons.append("Locust warned %d time(s) 'CPU usage above 90%%'" % warnings)
-    run = longest = 0
-    for row in samples:
-        busy = (row.get("client_cpu_max_process") or 0) >= CPU_BOUND_PERCENT
-        run = run + 1 if busy else 0
-        longest = max(longest, run)
-    if longest >= CPU_BOUND_SECONDS:
-        reasons.append("a Locust process used >= %.0f%% CPU for %d s in a row" % (CPU_BOUND_PERCENT, longest))
-    return "; ".join(reasons) or None
-
-
 def memory_figures(samples, run_info):
     """Idle RSS before anyone connected, and RSS with the most polls held before the first post."""
     started = run_info.get("locust_started") or 0
@@ -90,60 +57,146 @@ def memory_figures(samples, run_info):
             "bytes_per_held_poll": memory_per_connection(min(idle), peak["server_rss"], peak["held_polls"])}
 
 
-def build_summary(report_dir, run_info, samples, cursors):
-    raw = load_raw(os.path.join(report_dir, "raw"))
-    ledgers = [ledger_of(entry) for entry in raw["listeners"]]
-    room_of = {id(ledger): entry["room"] for ledger, entry in zip(ledgers, raw["listeners"])}
+def machine_check(samples, run_info):
+    """Seconds in which server, load generator and everything else together used at least
+    MACHINE_BUSY_SHARE of all cores; during the bursts, more than MACHINE_BOUND_SHARE of
+    them makes the run machine-bound: its latencies include waiting for a core."""
+    cores = os.cpu_count() or 1
+    busy_mark = MACHINE_BUSY_SHARE * 100.0 * cores
+    origin = run_info.get("locust_started") or 0
+    bursts = next((stage for stage in run_info.get("stages") or [] if stage["name"] == "bursts"), None)
+    saturated, burst_seconds, burst_saturated = [], 0, 0
+    for row in samples:
+        if row.get("machine_cpu") is None:
+            continue
+        busy = row["machine_cpu"] >= busy_mark
+        if busy:
+            saturated.append(row["time"] - origin)
+        if bursts and bursts["start"] <= row["time"] - origin < bursts["end"]:
+            burst_seconds += 1
+            burst_saturated += busy
+    share = burst_saturated / burst_seconds if burst_seconds else None
+    return {"cores": cores, "busy_mark_percent": busy_mark, "saturated_seconds": saturated,
+            "burst_seconds": burst_seconds, "burst_seconds_saturated": burst_saturated, "burst_share": share,
+            "machine_bound": bool(share is not None and share > MACHINE_BOUND_SHARE)}
+
+
+def cpu_figures(tally, run_info, deliveries):
+    """CPU seconds of server and load generator over the run, both read from /proc, and
+    per delivery. The load generator's are what each Locust process read of itself at
+    its last report (workers) and when it wrote run.json (master); the sampler's
+    readings of the same pids are kept beside them."""
+    client = None
+    if tally is not None and tally.workers:
+        client = sum(worker.get("cpu_seconds") or 0.0 for worker in tally.workers.values())
+        client += (tally.master or {}).get("cpu_seconds") or 0.0
+    server = run_info.get("server_cpu_seconds")
+    return {"server_cpu_s": server, "client_cpu_s": client,
+            "client_cpu_s_sampled": run_info.get("client_cpu_seconds_sampled"),
+            "client_over_server": client / server if client is not None and server else None,
+            "server_us_per_delivery": cpu_per_delivery(server, deliveries),
+            "client_us_per_delivery": cpu_per_delivery(client, deliveries)}
+
+
+def listener_figures(tally, cursors):
+    """Completeness of every listener that listened to the end; those that gave up apart."""
+    entries = tally.ledgers() if tally is not None else []
     last_posted = {}
-    for room, message_id, _ts in raw["posts"]:
+    for room, message_id, _ts in (tally.posts if tally is not None else []):
         last_posted[room] = max(last_posted.get(room, 0), message_id)
     final_ids = dict(last_posted, **cursors)  # the server's word wins; posts are the fallback
-    delivery = delivery_summary(ledgers, lambda ledger: final_ids.get(room_of[id(ledger)], ledger.next_expected - 1))
-    delivery["missed_reported"] = sum(ledger.missed_reported for ledger in ledgers)
-    latency = latency_summary(raw["latency"])
+    listened = [(entry, ledger) for entry, ledger in entries if not entry["gave_up"] and ledger is not None]
+    room_of = {id(ledger): entry["room"] for entry, ledger in listened}
+    delivery = delivery_summary([ledger for _entry, ledger in listened],
+                                lambda ledger: final_ids.get(room_of[id(ledger)], ledger.next_expected - 1))
+    delivery["missed_reported"] = sum(ledger.missed_reported for _entry, ledger in listened)
+    delivery["caught_up_at_stop"] = sum(entry["caught_up"] for entry, _ledger in entries)
+    gave_up = [entry for entry, _ledger in entries if entry["gave_up"]]
+    reasons = collections.Counter(entry["gave_up"].split(":", 1)[0] for entry in gave_up)
+    delivery["gave_up"] = len(gave_up)
+    delivery["gave_up_reasons"] = dict(reasons.most_common())
+    delivery["gave_up_examples"] = [entry["gave_up"] for entry in gave_up[:5]]
+    delivery["received_by_those_who_gave_up"] = sum(ledger.received for entry, ledger in entries
+                                                     if entry["gave_up"] and ledger is not None)
+    return delivery, final_ids
+
+
+def build_summary(report_dir, run_info, samples, cursors):
+    tally = load_tally(report_dir)
+    delivery, final_ids = listener_figures(tally, cursors)
+    latency = tally.latency.summary() if tally else {"count": 0}
+    lag = tally.lag.summary() if tally else {"count": 0}
+    deliveries = delivery["received"] + delivery["received_by_those_who_gave_up"]
     held = [row["held_polls"] for row in samples if row.get("held_polls") is not None]
-    cpu = [row["server_cpu"] for row in samples if row.get("server_cpu") is not None]
-    bound = client_bound(report_dir, samples)
+    cpu_samples = [row["server_cpu"] for row in samples if row.get("server_cpu") is not None]
     others = [row["machine_cpu"] - (row.get("server_cpu") or 0) - (row.get("client_cpu") or 0)
               for row in samples if row.get("machine_cpu") is not None]
     others_mean = max(0.0, sum(others) / len(others)) if others else None
     locust = locust_totals(report_dir)
     memory = memory_figures(samples, run_info)
+    machine = machine_check(samples, run_info)
+    cpu = cpu_figures(tally, run_info, deliveries)
     users = run_info["users"]
+    posts = len(tally.posts) if tally else 0
+    client_bound = None
+    if lag.get("p99") is not None and latency.get("p99"):
+        if lag["p99"] > CLIENT_LAG_SHARE * latency["p99"]:
+            client_bound = ("client lag p99 %.1f ms is over %.0f%% of the server's wake-up p99 %.1f ms"
+                            % (lag["p99"] * 1000, CLIENT_LAG_SHARE * 100, latency["p99"] * 1000))
 
     checks = []
 
     def check(name, passed, detail):
         checks.append({"check": name, "passed": bool(passed), "detail": detail})
 
-    check("run completed", not run_info.get("run_error") and raw["files"] > 0,
-          run_info.get("run_error") or "%d Locust process(es) reported" % raw["files"])
+    workers = len(tally.workers) if tally else 0
+    check("run completed", not run_info.get("run_error") and not run_info.get("interrupted") and workers > 0,
+          run_info.get("run_error") or ("interrupted" if run_info.get("interrupted") else
+                                        "%d Locust worker(s) reported to the master" % workers))
     check("every message delivered once, in order", delivery["complete"] and delivery["listeners"] > 0,
-          "%(lost)d lost, %(duplicated)d duplicated, %(out_of_order)d out of order over %(listeners)d listeners"
-          % delivery)
-    check("messages were posted and delivered", len(raw["posts"]) > 0 and latency["count"] > 0,
-          "%d posts, %d deliveries" % (len(raw["posts"]), latency["count"]))
-    check("no request failed", not locust["failures"] and not raw["errors"],
-          "%s Locust failures, %d listener/poster errors" % (locust["failures"], len(raw["errors"])))
+          "%(lost)d lost, %(duplicated)d duplicated, %(out_of_order)d out of order over %(listeners)d listeners "
+          "that listened to the end" % delivery)
+    check("no listener gave up", delivery["gave_up"] == 0,
+          "%d gave up (%s)" % (delivery["gave_up"], ", ".join("%s: %d" % item for item in
+                                                               delivery["gave_up_reasons"].items()) or "none"))
+    check("messages were posted and delivered", posts > 0 and latency["count"] > 0,
+          "%d posts, %d deliveries" % (posts, deliveries))
+    error_count = tally.error_count if tally else 0
+    check("no request failed", not locust["failures"] and not error_count,
+          "%s Locust failures, %d listener/poster errors" % (locust["failures"], error_count))
     if held:
         check("target of held polls reached", max(held) >= TARGET_REACHED_FRACTION * users,
               "peak %d held of %d listeners" % (max(held), users))
-    check("load generator not CPU-bound", bound is None,
-          bound or "Locust stayed below %.0f%% CPU per process" % CPU_BOUND_PERCENT)
+    if cpu["client_over_server"] is not None:
+        check("load generator cheaper than the server", cpu["client_over_server"] <= CLIENT_CPU_SHARE,
+              "load-generator CPU %.1f s / server CPU %.1f s = %.2f (at most %.2f)"
+              % (cpu["client_cpu_s"], cpu["server_cpu_s"], cpu["client_over_server"], CLIENT_CPU_SHARE))
+    check("latency is the server's, not the client's", client_bound is None,
+          client_bound or ("client lag p99 %s within %.0f%% of the server's p99" %
+                           (_ms(lag.get("p99")), CLIENT_LAG_SHARE * 100)))
 
     return {
         "run": run_info, "machine": machine_description(), "machine_line": machine_line(),
         "passed": all(entry["passed"] for entry in checks), "checks": checks,
-        "client_bound": bound,
-        "latency_figures_are": "client-bound (the load generator ran out of CPU)" if bound else "the server's",
-        "wakeup_latency_s": latency, "delivery": delivery,
-        "posts": len(raw["posts"]), "deliveries": latency["count"], "final_cursors": final_ids,
-        "held_polls_peak": max(held) if held else None, "server_cpu_mean": sum(cpu) / len(cpu) if cpu else None,
-        "server_cpu_max": max(cpu) if cpu else None, "memory": memory, "locust": locust,
+        "client_bound": client_bound, "machine_check": machine,
+        "latency_figures_are": ("client-bound: " + client_bound) if client_bound else
+        ("the server's, on a machine-bound run (every core busy in %d of %d burst seconds)"
+         % (machine["burst_seconds_saturated"], machine["burst_seconds"])) if machine["machine_bound"]
+        else "the server's",
+        "wakeup_latency_s": latency, "client_lag_s": lag, "delivery": delivery,
+        "posts": posts, "deliveries": deliveries, "final_cursors": final_ids, "cpu": cpu,
+        "held_polls_peak": max(held) if held else None,
+        "server_cpu_mean": sum(cpu_samples) / len(cpu_samples) if cpu_samples else None,
+        "server_cpu_max": max(cpu_samples) if cpu_samples else None, "memory": memory, "locust": locust,
+        "load_workers": tally.workers if tally else {},
         "other_processes_cpu_mean": others_mean,
         "machine_contended": others_mean is not None and others_mean >= CONTENDED_PERCENT,
-        "errors": raw["errors"][:50], "error_count": len(raw["errors"]),
-    }, raw
+        "errors": tally.errors[:50] if tally else [], "error_count": error_count,
+    }, tally
+
+
+def _ms(value):
+    return "-" if value is None else "%.1f ms" % (value * 1000)
 
 
 # -- charts -------------------------------------------------------------------------------------------
@@ -165,7 +218,7 @@ def _shade_stages(axis, stages):
                   ha="center", va="bottom", fontsize=8, color="#5b6475")
 
 
-def draw_charts(report_dir, summary, raw, samples):
+def draw_charts(report_dir, summary, tally, samples):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -175,7 +228,7 @@ def draw_charts(report_dir, summary, raw, samples):
     origin = run.get("locust_started") or run["started"]
     stages = run.get("stages")
     what, machine = _what_ran(run), summary["machine_line"]
-    bound_note = (" The load generator was CPU-bound (%s): latency here is the client's limit, not the server's."
+    bound_note = (" CLIENT-BOUND (%s): these latencies are partly the load generator's own queueing."
                   % summary["client_bound"]) if summary["client_bound"] else ""
     charts = []
     t = np.array([row["time"] - origin for row in samples if "server_rss" in row])
@@ -206,53 +259,57 @@ def draw_charts(report_dir, summary, raw, samples):
          "and polls stay held after ramp-down until their timeout, as the server learns of a gone client "
          "only then." % (what, machine))
 
-    received_at = np.array(raw["received_at"]) - origin
-    latency_ms = np.array(raw["latency"]) * 1000.0
+    seconds = sorted(tally.seconds.items()) if tally else []
+    second_t = np.array([second + 0.5 - origin for second, _pair in seconds])
 
     # 2. latency percentiles over time
     fig, axis = plt.subplots(figsize=(9, 3.6))
     _shade_stages(axis, stages)
-    if latency_ms.size:
-        seconds = np.floor(received_at).astype(int)
-        order = np.argsort(seconds, kind="stable")
-        seconds, values = seconds[order], latency_ms[order]
-        edges = np.flatnonzero(np.diff(seconds)) + 1
-        xs, per = [], {50: [], 95: [], 99: []}
-        for second, chunk in zip(np.split(seconds, edges), np.split(values, edges)):
-            if xs and second[0] + 0.5 - xs[-1] > 1.5:  # no deliveries in between: break the line
-                xs.append(np.nan)
-                for q in per:
-                    per[q].append(np.nan)
-            xs.append(second[0] + 0.5)
-            for q in per:
-                per[q].append(np.percentile(chunk, q))
-        for q, colour in ((50, "#1f5fbf"), (95, "#e08a00"), (99, "#b3261e")):
-            axis.plot(xs, per[q], marker=".", color=colour, label="p%d" % q)
+    if seconds:
+        for q, colour in ((0.50, "#1f5fbf"), (0.95, "#e08a00"), (0.99, "#b3261e")):
+            axis.plot(second_t, [pair[0].percentile(q) * 1000 for _second, pair in seconds], marker=".",
+                      color=colour, label="server p%d" % round(q * 100))
+        axis.plot(second_t, [max(pair[1].percentile(0.99) * 1000, 0.001) for _second, pair in seconds],
+                  color="#555", linestyle="--", label="client lag p99")
         axis.set_yscale("log")
         axis.legend(fontsize=8)
-    axis.set_xlabel("seconds since Locust started (by receive time)")
-    axis.set_ylabel("wake-up latency, ms")
+    axis.set_xlabel("seconds since Locust started (by arrival time)")
+    axis.set_ylabel("ms")
     save(fig, "latency_over_time.png",
-         "Wake-up latency percentiles over time: for each second, p50 (blue), p95 (orange) and p99 (red) of "
-         "receive time minus the message's server 'ts', over every message every listener received in that "
-         "second. %s. %s.%s" % (what, machine, bound_note))
+         "Wake-up latency over time: for each second, p50 (blue), p95 (orange) and p99 (red) of the server's "
+         "wake-up latency (the kernel's arrival time of the answer minus the message's server 'ts') over every "
+         "message received in that second; dashed grey is the p99 of the client's own lag (user-space read "
+         "minus kernel arrival), which must stay far below the red line for the red line to be the server's. "
+         "A saw-tooth that climbs within each burst is a queue. %s. %s.%s" % (what, machine, bound_note))
 
     # 3. latency histogram
     fig, axis = plt.subplots(figsize=(9, 3.6))
-    if latency_ms.size:
-        low = max(0.01, latency_ms[latency_ms > 0].min() if (latency_ms > 0).any() else 0.01)
-        bins = np.logspace(np.log10(low), np.log10(max(latency_ms.max(), low * 10)), 60)
-        axis.hist(np.clip(latency_ms, low, None), bins=bins, color="#1f5fbf")
+    latency, lag = summary["wakeup_latency_s"], summary["client_lag_s"]
+    if tally is not None and tally.latency.count:
+        for histogram, colour, label in ((tally.latency, "#1f5fbf", "server wake-up latency"),
+                                         (tally.lag, "#888", "client lag")):
+            buckets = histogram.buckets()
+            if not buckets:
+                continue
+            edges = np.array([edge * 1000 for edge, _count in buckets])
+            counts = np.array([count for _edge, count in buckets], dtype=float)
+            bins = np.logspace(np.log10(max(edges.min(), 0.001)), np.log10(max(edges.max(), 0.01)) + 0.01, 60)
+            axis.hist(np.clip(edges, bins[0], bins[-1]), bins=bins, weights=counts, color=colour, alpha=0.75,
+                      label=label)
         axis.set_xscale("log")
-        lat = summary["wakeup_latency_s"]
         for key, colour in (("p50", "#1b7f3b"), ("p95", "#e08a00"), ("p99", "#b3261e")):
-            axis.axvline(lat[key] * 1000, color=colour, linestyle="--", label="%s %.1f ms" % (key, lat[key] * 1000))
+            axis.axvline(latency[key] * 1000, color=colour, linestyle="--",
+                         label="server %s %.1f ms" % (key, latency[key] * 1000))
         axis.legend(fontsize=8)
-    axis.set_xlabel("wake-up latency, ms (log scale)")
+    axis.set_xlabel("ms (log scale)")
     axis.set_ylabel("deliveries")
     save(fig, "latency_histogram.png",
-         "Wake-up latency histogram: every delivery of the run (%d), binned on a log scale; dashed lines are "
-         "p50, p95 and p99. %s. %s.%s" % (summary["deliveries"], what, machine, bound_note))
+         "Wake-up latency histogram: every delivery of a held poll (%d), binned on a log scale from the run's "
+         "HdrHistogram (3 significant digits); blue is the server's wake-up latency (kernel arrival minus "
+         "'ts'), grey the client's lag (read minus kernel arrival) of the same deliveries; dashed lines are the "
+         "server's p50, p95 and p99. Two blue humps are two regimes: messages that found their listener held, "
+         "and messages that waited for it to come back. %s. %s.%s"
+         % (latency.get("count") or 0, what, machine, bound_note))
 
     # 4. memory
     fig, axis = plt.subplots(figsize=(9, 3.6))
@@ -284,10 +341,11 @@ def draw_charts(report_dir, summary, raw, samples):
     # 5. posts and deliveries per second
     fig, axis = plt.subplots(figsize=(9, 3.6))
     _shade_stages(axis, stages)
-    end = stages[-1]["end"] if stages else (received_at.max() if received_at.size else 1)
+    end = stages[-1]["end"] if stages else 1
     bins = np.arange(0, int(end) + 2)
-    posts_t = np.array([ts for _room, _id, ts in raw["posts"]]) - origin
-    axis.hist(received_at, bins=bins, histtype="step", color="#1f5fbf", label="deliveries/s (messages received)")
+    posts_t = np.array([ts for _room, _id, ts in (tally.posts if tally else [])]) - origin
+    axis.bar(second_t - 0.5, [pair[0].count for _second, pair in seconds], width=1.0, align="edge",
+             color="#9bb8e8", label="deliveries/s (held polls' messages, by arrival)")
     axis.set_ylabel("deliveries per second")
     axis.set_xlabel("seconds since Locust started")
     other = axis.twinx()
@@ -297,59 +355,89 @@ def draw_charts(report_dir, summary, raw, samples):
     other.legend(loc="upper right", fontsize=8)
     save(fig, "throughput.png",
          "Posts and deliveries per second: red counts posts the server accepted (by their 'ts'), blue counts "
-         "messages listeners received (by receive time); one post in a room of L listeners is L deliveries. "
-         "%s. %s." % (what, machine))
+         "messages that reached a held poll (by kernel arrival time); one post in a room of L listeners is L "
+         "deliveries. Messages fetched by the catch-up at ramp-down are not in blue. %s. %s." % (what, machine))
 
     # 6. CPU
-    fig, axis = plt.subplots(figsize=(9, 3.0))
+    fig, axis = plt.subplots(figsize=(9, 3.2))
     _shade_stages(axis, stages)
-    for key, colour, label in (("server_cpu", "#1f5fbf", "server CPU %"), ("client_cpu", "#e08a00", "Locust CPU %")):
+    machine_check = summary["machine_check"]
+    for second in machine_check["saturated_seconds"]:
+        axis.axvspan(second - 0.5, second + 0.5, color="#f3c7c3", zorder=0.5, linewidth=0)
+    for key, colour, label in (("server_cpu", "#1f5fbf", "server"), ("client_cpu", "#e08a00", "load generator")):
         axis.plot(t, [np.nan if row.get(key) is None else row[key] for row in rows], color=colour, label=label)
     others = [np.nan if row.get("machine_cpu") is None else
               max(0.0, row["machine_cpu"] - (row.get("server_cpu") or 0) - (row.get("client_cpu") or 0))
               for row in rows]
-    axis.plot(t, others, color="#888", linewidth=0.8, label="every other process on the machine")
-    axis.axhline(CPU_BOUND_PERCENT, color="#b3261e", linestyle=":", label="client-bound threshold")
+    axis.plot(t, others, color="#888", linewidth=0.8, label="every other process")
+    axis.axhline(machine_check["busy_mark_percent"], color="#b3261e", linestyle=":",
+                 label="%.0f%% of all %d cores" % (MACHINE_BUSY_SHARE * 100, machine_check["cores"]))
     axis.set_ylabel("% of one core")
     axis.set_xlabel("seconds since Locust started")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, ncol=2)
+    cpu = summary["cpu"]
     save(fig, "cpu.png",
-         "CPU of the server (summed over its serving processes) and of the Locust processes, in %% of one core, "
-         "each second; grey is the rest of the machine's CPU use (all cores, minus those two). Server and load "
-         "generator share this machine's cores; a Locust process at the dotted "
-         "line makes the latency figures client-bound. %s. %s." % (what, machine))
+         "CPU each second, in %% of one core, read from /proc: the server (summed over its serving processes), "
+         "the load generator (Locust master and workers) and every other process (all cores' busy time minus "
+         "those two). Pink seconds are machine-saturated: everything together used at least %.0f%% of all "
+         "cores (%d of the %d burst seconds%s). Over the run the load generator used %s s of CPU against the "
+         "server's %s s (%s). %s. %s."
+         % (MACHINE_BUSY_SHARE * 100, machine_check["burst_seconds_saturated"], machine_check["burst_seconds"],
+            ": MACHINE-BOUND, so the latencies include waiting for a core" if machine_check["machine_bound"] else "",
+            _seconds(cpu["client_cpu_s"]), _seconds(cpu["server_cpu_s"]),
+            "ratio %.2f" % cpu["client_over_server"] if cpu["client_over_server"] is not None else "no ratio",
+            what, machine))
     return charts
 
 
+def _seconds(value):
+    return "-" if value is None else "%.1f" % value
+
+
 def build_report(report_dir, run_info, samples, cursors):
-    summary, raw = build_summary(report_dir, run_info, samples, cursors)
+    summary, tally = build_summary(report_dir, run_info, samples, cursors)
     write_json(os.path.join(report_dir, "samples.json"), samples)
-    charts = draw_charts(report_dir, summary, raw, samples)
+    charts = draw_charts(report_dir, summary, tally, samples)
     summary["charts"] = [name for name, _caption in charts]
     write_json(os.path.join(report_dir, "summary.json"), summary)
 
-    lat, mem = summary["wakeup_latency_s"], summary["memory"]
-
-    def ms(value):
-        return "-" if value is None else "%.1f ms" % (value * 1000)
+    lat, lag, mem, cpu = summary["wakeup_latency_s"], summary["client_lag_s"], summary["memory"], summary["cpu"]
     rows = [("result", "PASSED" if summary["passed"] else "FAILED", "pass" if summary["passed"] else "fail")]
     rows += [(c["check"], ("ok: " if c["passed"] else "FAILED: ") + c["detail"], "" if c["passed"] else "fail")
              for c in summary["checks"]]
     rows += [("held polls, peak", summary["held_polls_peak"], ""),
-             ("posts / deliveries", "%d / %d" % (summary["posts"], summary["deliveries"]), ""),
-             ("wake-up latency p50 / p95 / p99 / max", " / ".join(ms(lat[k]) for k in ("p50", "p95", "p99", "max"))
-              + ("  (client-bound)" if summary["client_bound"] else ""), ""),
+             ("posts / deliveries", "%d / %d (%d of them fetched by the catch-up at ramp-down)"
+              % (summary["posts"], summary["deliveries"], summary["delivery"]["caught_up_at_stop"]), ""),
+             ("server wake-up latency p50 / p95 / p99 / max",
+              " / ".join(_ms(lat.get(k)) for k in ("p50", "p95", "p99", "max")), ""),
+             ("client lag p50 / p95 / p99 / max", " / ".join(_ms(lag.get(k)) for k in ("p50", "p95", "p99", "max")),
+              ""),
+             ("latency figures are", summary["latency_figures_are"], ""),
+             ("CPU: load generator / server", _cpu_line(cpu), ""),
              ("server RSS idle / holding", "-" if not mem["rss_idle"] else "%.1f / %.1f MiB"
               % (mem["rss_idle"] / 2 ** 20, mem["rss_holding"] / 2 ** 20), ""),
              ("memory per held poll", "-" if mem["bytes_per_held_poll"] is None
               else "%.1f KiB" % (mem["bytes_per_held_poll"] / 1024), ""),
-             ("server CPU mean / max", "-" if summary["server_cpu_mean"] is None
-              else "%.0f%% / %.0f%%" % (summary["server_cpu_mean"], summary["server_cpu_max"]), "")]
+             ("machine-saturated burst seconds", "%d of %d" % (summary["machine_check"]["burst_seconds_saturated"],
+                                                               summary["machine_check"]["burst_seconds"]), "")]
+    for worker_id, worker in sorted(summary["load_workers"].items()):
+        rows.append(("load worker %s (pid %s on %s)" % (worker_id[-8:], worker["pid"], worker["host"]),
+                     "%s listeners, %s deliveries, %.1f s CPU" % (worker.get("listeners_started"),
+                                                                   worker.get("deliveries"),
+                                                                   worker.get("cpu_seconds") or 0), ""))
     notes = ["Latency figures are client-bound: %s." % summary["client_bound"]] if summary["client_bound"] else []
+    if summary["machine_check"]["machine_bound"]:
+        notes.append("Machine-bound: in %d of %d burst seconds server, load generator and everything else together "
+                     "used at least %.0f%% of all cores, so answers also waited for a core; the latencies are an "
+                     "upper bound of the server's." % (summary["machine_check"]["burst_seconds_saturated"],
+                                                        summary["machine_check"]["burst_seconds"],
+                                                        MACHINE_BUSY_SHARE * 100))
     if summary["machine_contended"]:
         notes.append("Other processes used %.0f%% of a core on average during the run: server and load generator "
                      "competed with them for the CPU, so latency is worse than on a quiet machine."
                      % summary["other_processes_cpu_mean"])
+    if run_info.get("interrupted"):
+        notes.append("The run was interrupted: this is the partial report of what happened until then.")
     write_html(os.path.join(report_dir, "report.html"), "Chattle load run", "%s. %s" % (
         _what_ran(run_info), summary["machine_line"]), rows, charts, notes=notes,
         links=[("locust.html", "Locust's own report"), ("summary.json", "summary.json"),
@@ -357,28 +445,42 @@ def build_report(report_dir, run_info, samples, cursors):
     return summary
 
 
+def _cpu_line(cpu):
+    if cpu["client_cpu_s"] is None or cpu["server_cpu_s"] is None:
+        return "load generator %s s, server %s s" % (_seconds(cpu["client_cpu_s"]), _seconds(cpu["server_cpu_s"]))
+    return ("%.1f s / %.1f s = %.2f; per delivery %.0f us / %.0f us"
+            % (cpu["client_cpu_s"], cpu["server_cpu_s"], cpu["client_over_server"], cpu["client_us_per_delivery"],
+               cpu["server_us_per_delivery"]))
+
+
 def print_summary(summary, report_dir):
-    lat, mem, delivery = summary["wakeup_latency_s"], summary["memory"], summary["delivery"]
+    lat, lag, mem, delivery = (summary["wakeup_latency_s"], summary["client_lag_s"], summary["memory"],
+                               summary["delivery"])
 
     def ms(value):
         return "-" if value is None else "%.1f" % (value * 1000)
+    machine = summary["machine_check"]
     print("=" * 78)
     print("Chattle load run: %s" % ("PASSED" if summary["passed"] else "FAILED"))
     print("  %s" % _what_ran(summary["run"]))
     print("  on %s" % summary["machine_line"])
     print("  held polls peak      %s of %d listeners" % (summary["held_polls_peak"], summary["run"]["users"]))
     print("  posts / deliveries   %d / %d" % (summary["posts"], summary["deliveries"]))
-    print("  wake-up latency ms   p50 %s  p95 %s  p99 %s  max %s%s"
-          % (ms(lat["p50"]), ms(lat["p95"]), ms(lat["p99"]), ms(lat["max"]),
-             "  (CLIENT-BOUND)" if summary["client_bound"] else ""))
-    print("  delivery             %(lost)d lost, %(duplicated)d duplicated, %(out_of_order)d out of order" % delivery)
+    print("  server wake-up ms    p50 %s  p95 %s  p99 %s  max %s  (kernel arrival - ts)"
+          % (ms(lat.get("p50")), ms(lat.get("p95")), ms(lat.get("p99")), ms(lat.get("max"))))
+    print("  client lag ms        p50 %s  p95 %s  p99 %s  max %s  (read - kernel arrival)%s"
+          % (ms(lag.get("p50")), ms(lag.get("p95")), ms(lag.get("p99")), ms(lag.get("max")),
+             "  CLIENT-BOUND" if summary["client_bound"] else ""))
+    print("  CPU                  %s" % _cpu_line(summary["cpu"]))
+    print("  machine              every core busy in %d of %d burst seconds%s"
+          % (machine["burst_seconds_saturated"], machine["burst_seconds"],
+             " (MACHINE-BOUND: latencies include waiting for a core)" if machine["machine_bound"] else ""))
+    print("  delivery             %(lost)d lost, %(duplicated)d duplicated, %(out_of_order)d out of order; "
+          "%(gave_up)d listener(s) gave up" % delivery)
     if mem["bytes_per_held_poll"] is not None:
         print("  server RSS           %.1f MiB idle, %.1f MiB holding %d polls: %.1f KiB per held poll"
               % (mem["rss_idle"] / 2 ** 20, mem["rss_holding"] / 2 ** 20, mem["held_at_peak"],
                  mem["bytes_per_held_poll"] / 1024))
-    if summary["server_cpu_mean"] is not None:
-        print("  server CPU           mean %.0f%%, max %.0f%% of a core"
-              % (summary["server_cpu_mean"], summary["server_cpu_max"]))
     if summary.get("other_processes_cpu_mean") is not None:
         print("  other processes CPU  mean %.0f%% of a core%s" % (summary["other_processes_cpu_mean"],
               " (CONTENDED machine: latency is worse than on a quiet one)" if summary["machine_contended"] else ""))

@@ -16,8 +16,9 @@ import sys
 import threading
 import time
 
+from bench.measures import process_cpu_seconds
 from bench.servers import ROOT, ChattleServer, Process, RedisServer, get_json
-from loadtests.scenario import CLIENT_TIMEOUT_MARGIN, build_stages, room_name, stage_at
+from loadtests.scenario import CLIENT_TIMEOUT_MARGIN, SETTLE_SECONDS, build_stages, room_name, stage_at
 from reports.page import new_report_dir, REPORTS_ROOT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,13 +58,15 @@ def parse_args(argv=None):
                         help="seconds each poll asks the server to hold it")
     parser.add_argument("--spawn-rate", type=float, default=float(conf["spawn-rate"]),
                         help="users started per second during the ramp")
+    parser.add_argument("--stop-rate", type=float, default=float(conf["stop-rate"]),
+                        help="listeners stopped per second at ramp-down (each catches up on what is on its way)")
     parser.add_argument("--workers", type=int, default=1,
                         help="server workers; more than 1 runs gunicorn on the shared Redis bus")
-    parser.add_argument("--client-processes", type=int, default=2,
-                        help="Locust worker processes (default %(default)s; 1 = a single local runner). "
-                             "One process answers for every listener's re-poll after each message "
-                             "of a burst, and with a fast fan-out it became the limit: above 90%% CPU "
-                             "for seconds at 2000 listeners, and its lag in the latencies")
+    parser.add_argument("--client-processes", type=int, default=0,
+                        help="Locust worker processes beside the master (0: as few as the open-file limit "
+                             "allows). One holds 10000 listeners at "
+                             "about a quarter of the server's CPU per delivery; more only help when the "
+                             "client lag says one is not keeping up and there are cores to spare")
     parser.add_argument("--host", default="",
                         help="URL of a Chattle already running elsewhere; then no server is started "
                              "and only /stats is sampled")
@@ -73,6 +76,23 @@ def parse_args(argv=None):
 
 
 # -- preflight ------------------------------------------------------------------------------------
+
+def protocol_problem(url):
+    """None when `url` answers /health and a poll as the protocol says; else why not, in one line."""
+    what = "%s does not speak the Chattle protocol" % url
+    try:
+        status, body = get_json(url + "/health", timeout=5)
+        if status not in (200, 503) or not isinstance(body, dict) or "status" not in body:
+            return "%s: GET /health answered %s %.80r, not {\"status\": ...}" % (what, status, body)
+        status, body = get_json(url + "/rooms/%s/msgs?limit=1" % room_name(0), timeout=5)
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("cursor"), int) \
+                or not isinstance(body.get("messages"), list):
+            return "%s: GET /rooms/%s/msgs answered %s %.80r, not {\"messages\": [...], \"cursor\": N}" % (
+                what, room_name(0), status, body)
+    except (OSError, ValueError) as exc:
+        return "%s: %s" % (what, exc)
+    return None
+
 
 def raise_descriptor_limit():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -87,19 +107,28 @@ def preflight(args):
     users = args.users + args.posters
     stages = None
     try:
-        stages = build_stages(args.users, args.posters, args.duration, args.spawn_rate)
+        stages = build_stages(args.users, args.posters, args.duration, args.spawn_rate, args.stop_rate)
     except ValueError as exc:
         problems.append(str(exc))
     if args.users < 1 or args.posters < 1 or args.rooms < 1:
         problems.append("--users, --posters and --rooms must each be at least 1")
 
     soft, hard = raise_descriptor_limit()
-    per_client = -(-users // max(1, args.client_processes)) + DESCRIPTORS_SPARE
+    if args.client_processes < 1:  # auto: as few as the descriptor limit allows
+        args.client_processes = max(1, -(-users // max(1, soft - DESCRIPTORS_SPARE)))
+    per_client = -(-users // args.client_processes) + DESCRIPTORS_SPARE
     if soft < per_client:
         problems.append("the load generator needs %d open files per Locust process but the limit is %d "
                         "(hard %d); raise it with `ulimit -Hn` / limits.conf, or use fewer --users or more "
                         "--client-processes" % (per_client, soft, hard))
-    notes.append("client open-file limit %d (raised from the soft limit to the hard one)" % soft)
+    notes.append("client open-file limit %d (raised from the soft limit to the hard one), %d Locust worker "
+                 "process(es)" % (soft, args.client_processes))
+    if args.host:
+        problem = protocol_problem(args.host.rstrip("/"))
+        if problem:
+            problems.append(problem)
+        else:
+            notes.append("%s speaks the Chattle protocol (/health, a poll without since)" % args.host)
 
     if not args.host:
         if args.workers > 1:
@@ -138,8 +167,10 @@ def preflight(args):
 # -- sampling the server and the load generator once a second --------------------------------------
 
 class Sampler(threading.Thread):
-    """Samples server RSS and CPU (summed over its serving pids), held polls (/stats waiters,
-    summed over every worker seen in the last seconds) and the Locust processes' CPU."""
+    """Once a second: server RSS and CPU (summed over its serving pids), held polls (/stats
+    waiters, summed over every worker seen in the last seconds), the Locust processes'
+    CPU, and the whole machine's. CPU is read from /proc and kept per pid as a running
+    total, so the run's CPU seconds come from the same readings as the chart."""
 
     def __init__(self, url, server=None, interval=1.0):
         super().__init__(daemon=True)
@@ -148,29 +179,39 @@ class Sampler(threading.Thread):
         self.started = time.time()
         self.locust_pid = None
         self._halt = threading.Event()
-        self._processes = {}
-        self._waiters = {}  # pid -> (waiters, seen at)
+        self._waiters = {}  # pid -> (waiters, seen at, rss)
+        self.cpu_seen = {}  # pid -> (first CPU seconds seen, last CPU seconds seen)
+        self.client_pids = set()
+        self._last_cpu = {}
+        self._last_time = None
+        self._machine = None
 
     def stop(self):
         self._halt.set()
         self.join(10)
 
-    def _cpu(self, pids):
-        import psutil
+    def cpu_seconds(self, pids, since_first_seen=False):
+        """CPU seconds of `pids` at their last reading (less their first, if asked)."""
+        return sum(last - (first if since_first_seen else 0.0)
+                   for pid, (first, last) in self.cpu_seen.items() if pid in pids)
+
+    def _cpu_percent(self, pids, elapsed):
+        """Per pid, % of one core since the previous sample (a pid's first reading sets its base)."""
         per_pid = []
         for pid in pids:
-            process = self._processes.get(pid)
             try:
-                if process is None:
-                    process = self._processes[pid] = psutil.Process(pid)
-                    process.cpu_percent(None)  # the first call only sets the baseline
-                    continue
-                per_pid.append(process.cpu_percent(None))
-            except psutil.NoSuchProcess:
-                self._processes.pop(pid, None)
+                now = process_cpu_seconds(pid)
+            except (OSError, ValueError, IndexError):
+                continue
+            first = self.cpu_seen.get(pid, (now, now))[0]
+            self.cpu_seen[pid] = (first, now)
+            before = self._last_cpu.get(pid)
+            self._last_cpu[pid] = now
+            if before is not None and elapsed:
+                per_pid.append(100.0 * (now - before) / elapsed)
         return per_pid
 
-    def _locust_pids(self):
+    def locust_pids(self):
         import psutil
         if self.locust_pid is None:
             return []
@@ -196,22 +237,35 @@ class Sampler(threading.Thread):
         rss = [value[2] for value in fresh if value[2] is not None]
         return sum(value[0] for value in fresh), (sum(rss) if rss else None)
 
+    def _machine_cpu(self):
+        """Every core's busy time since the last sample, in % of one core (/proc/stat)."""
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+        idle, total = fields[3] + fields[4], sum(fields[:8])
+        before, self._machine = self._machine, (idle, total)
+        if before is None or total == before[1]:
+            return None
+        cores = os.cpu_count() or 1
+        return 100.0 * cores * (1.0 - (idle - before[0]) / (total - before[1]))
+
     def sample(self):
         from bench.measures import summed_rss
         now = time.time()
+        elapsed = now - self._last_time if self._last_time else None
+        self._last_time = now
         waiters, stats_rss = self._held_polls()
         row = {"t": now - self.started, "time": now, "held_polls": waiters}
         if self.server is not None:
             pids = self.server.worker_pids()
             row["server_rss"] = summed_rss(pids)
-            row["server_cpu"] = sum(self._cpu(pids))
+            row["server_cpu"] = sum(self._cpu_percent(pids, elapsed)) if elapsed else None
         else:
             row["server_rss"] = stats_rss
             row["server_cpu"] = None
-        client = self._cpu(self._locust_pids())
-        import psutil
-        # In % of one core like the others, so "everything else" is machine - server - client.
-        row["machine_cpu"] = psutil.cpu_percent(None) * (psutil.cpu_count() or 1)
+        client_pids = self.locust_pids()
+        self.client_pids.update(client_pids)
+        client = self._cpu_percent(client_pids, elapsed) if elapsed else []
+        row["machine_cpu"] = self._machine_cpu()
         row["client_cpu"] = sum(client) if client else None
         row["client_cpu_max_process"] = max(client) if client else None
         self.samples.append(row)
@@ -256,6 +310,35 @@ def final_cursors(url, rooms):
 def stop_on_sigterm(_signum, _frame):
     raise KeyboardInterrupt  # the same clean-up path as Ctrl-C
 
+
+def locust_argv(args, url, report_dir, raw_dir):
+    return [sys.executable, "-m", "locust", "--config", LOCUST_CONF, "-f", os.path.join(HERE, "locustfile.py"),
+            "--headless", "--host", url, "--processes", str(args.client_processes),
+            "--listeners", str(args.users), "--posters", str(args.posters), "--rooms", str(args.rooms),
+            "--run-seconds", str(args.duration), "--spawn-rate", str(args.spawn_rate),
+            "--stop-rate", str(args.stop_rate), "--poll-timeout", str(args.poll_timeout),
+            "--burst-size", str(args.burst_size), "--burst-gap", str(args.burst_gap), "--raw-dir", raw_dir,
+            "--csv", os.path.join(report_dir, "locust"), "--html", os.path.join(report_dir, "locust.html")]
+
+
+def watch_locust(locust, sampler, stages, args):
+    """Print progress until Locust ends (bounded: the stage table, settling and a margin)."""
+    interactive = sys.stdout.isatty()
+    last_print = 0.0
+    started = time.time()
+    deadline = started + args.duration + SETTLE_SECONDS + 60
+    while locust.alive():
+        if time.time() > deadline:
+            raise RuntimeError("Locust did not finish within %gs of its stage table" % (SETTLE_SECONDS + 60))
+        if time.time() - last_print >= (1 if interactive else 10):
+            line = progress_line(sampler, stages, started, args.users)
+            print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)
+            last_print = time.time()
+        time.sleep(0.25)
+    if interactive:
+        print()
+
+
 def main(argv=None):
     args = parse_args(argv)
     stages, problems, notes = preflight(args)
@@ -275,22 +358,19 @@ def main(argv=None):
     redis = server = locust = sampler = None
     interrupted = False
     started_at = time.time()
-    locust_started = None
-    cursors, run_error = {}, None
+    locust_started = server_cpu_before = None
+    url, cursors, run_error = None, {}, None
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         if args.host:
             url = args.host.rstrip("/")
-            status, _body = get_json(url + "/health", timeout=5)
-            if status != 200:
-                raise RuntimeError("%s/health answered %s" % (url, status))
         else:
             redis_url = None
             if args.workers > 1:
-                redis = RedisServer()
+                redis = RedisServer(own_session=True)
                 redis_url = redis.url
                 print("load: redis-server pid %d on %s" % (redis.pid, redis_url))
-            server = ChattleServer(workers=args.workers, redis_url=redis_url,
+            server = ChattleServer(workers=args.workers, redis_url=redis_url, own_session=True,
                                    log_path=os.path.join(report_dir, "server.log"))
             url = server.url
             print("load: chattle %s on %s (pid %d)"
@@ -298,68 +378,66 @@ def main(argv=None):
         sampler = Sampler(url, server)
         sampler.start()
         time.sleep(2)  # idle samples before anyone connects: the baseline RSS
-
-        argv = [sys.executable, "-m", "locust", "--config", LOCUST_CONF,
-                "-f", os.path.join(HERE, "locustfile.py"), "--headless", "--host", url,
-                "--listeners", str(args.users), "--posters", str(args.posters), "--rooms", str(args.rooms),
-                "--run-seconds", str(args.duration), "--spawn-rate", str(args.spawn_rate),
-                "--poll-timeout", str(args.poll_timeout), "--burst-size", str(args.burst_size),
-                "--burst-gap", str(args.burst_gap), "--raw-dir", raw_dir,
-                "--csv", os.path.join(report_dir, "locust"), "--html", os.path.join(report_dir, "locust.html")]
-        if args.client_processes > 1:
-            argv += ["--processes", str(args.client_processes)]
+        if server is not None:
+            server_cpu_before = sum(process_cpu_seconds(pid) for pid in server.worker_pids())
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        locust = Process(argv, env=env, log_path=os.path.join(report_dir, "locust.log"))
+        locust = Process(locust_argv(args, url, report_dir, raw_dir), env=env, own_session=True,
+                         log_path=os.path.join(report_dir, "locust.log"))
         locust_started = time.time()
         sampler.locust_pid = locust.pid
-        interactive = sys.stdout.isatty()
-        last_print = 0.0
-        deadline = locust_started + args.duration + 60
-        while locust.alive():
-            if time.time() > deadline:
-                raise RuntimeError("Locust did not finish within %gs of its stage table" % 60)
-            if time.time() - last_print >= (1 if interactive else 10):
-                line = progress_line(sampler, stages, locust_started, args.users)
-                print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)
-                last_print = time.time()
-            time.sleep(0.25)
-        if interactive:
-            print()
-        sampler.stop()
-        cursors = final_cursors(url, args.rooms)
+        watch_locust(locust, sampler, stages, args)
     except KeyboardInterrupt:
         interrupted = True
-        print("\nload: interrupted; stopping what it started", file=sys.stderr)
+        print("\nload: interrupted; stopping what it started and writing the partial report", file=sys.stderr)
     except Exception as exc:  # noqa: BLE001  (reported below, and the run fails)
         run_error = str(exc)
         print("\nload: the run failed: %s" % exc, file=sys.stderr)
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        # Locust first (SIGTERM: it quits, and its master writes what it has), then the servers.
+        if locust is not None:
+            stop_quietly(locust, 20)
         if sampler is not None and sampler.is_alive():
             sampler.stop()
-        # Each stop on its own: one that fails must not leave the others running.
-        for started, grace in ((locust, 15), (server, 10), (redis, 10)):
+        server_cpu = None
+        if server is not None and server.alive() and server_cpu_before is not None:
+            server_cpu = sum(process_cpu_seconds(pid) for pid in server.worker_pids()) - server_cpu_before
+        if url is not None and (server is None or server.alive()):
+            try:
+                cursors = final_cursors(url, args.rooms)
+            except (OSError, RuntimeError, ValueError) as exc:
+                run_error = run_error or "final cursors: %s" % exc
+        for started, grace in ((server, 10), (redis, 10)):
             if started is not None:
-                try:
-                    started.stop(grace=grace)
-                except Exception as exc:  # noqa: BLE001
-                    print("load: could not stop pid %d: %s" % (started.pid, exc), file=sys.stderr)
+                stop_quietly(started, grace)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    if interrupted:
-        return 130
     from loadtests.report import build_report, print_summary
     run_info = {"users": args.users, "posters": args.posters, "rooms": args.rooms, "duration": args.duration,
                 "burst_size": args.burst_size, "burst_gap": args.burst_gap, "poll_timeout": args.poll_timeout,
                 "client_timeout": args.poll_timeout + CLIENT_TIMEOUT_MARGIN, "spawn_rate": args.spawn_rate,
-                "workers": args.workers, "client_processes": args.client_processes,
+                "stop_rate": args.stop_rate, "workers": args.workers, "client_processes": args.client_processes,
                 "host": args.host or None, "server": ("gunicorn x%d, redis bus" % args.workers if args.workers > 1
                                                       else "python chattle.py, memory bus") if not args.host
                 else "external %s" % args.host,
                 "started": started_at, "locust_started": locust_started, "stages": stages,
-                "preflight": notes, "run_error": run_error,
+                "preflight": notes, "run_error": run_error, "interrupted": interrupted,
+                "server_cpu_seconds": server_cpu,
+                "client_cpu_seconds_sampled": sampler.cpu_seconds(sampler.client_pids) if sampler else None,
                 "locust_exit_code": locust.popen.returncode if locust is not None else None}
     summary = build_report(report_dir, run_info, sampler.samples if sampler else [], cursors)
     print_summary(summary, report_dir)
+    if interrupted:
+        return 130
     return 0 if summary["passed"] else 1
+
+
+def stop_quietly(process, grace):
+    """Stop one process we started; a failure to stop one must not leave the others running."""
+    try:
+        process.stop(grace=grace)
+    except Exception as exc:  # noqa: BLE001
+        print("load: could not stop pid %d: %s" % (process.pid, exc), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,24 @@ CLIENT_TIMEOUT_MARGIN = 10.0
 # Seconds a stage needs at least; shorter runs squeeze the burst stage, never these.
 HOLD_SECONDS = 8      # everyone held, nothing posted: the idle cost of a held poll
 DRAIN_SECONDS = 6     # posters quiet, listeners still polling: the last posts arrive
-RAMP_DOWN_SECONDS = 3
+RAMP_DOWN_SECONDS = 3  # at least; more when stopping every listener at --stop-rate takes longer
+# After the table: seconds the shape waits at most for every listener to catch up and
+# report its ledger, before it ends the run anyway (the stragglers count as gave up).
+SETTLE_SECONDS = 30
 
 
-def build_stages(listeners, posters, duration, spawn_rate):
+def build_stages(listeners, posters, duration, spawn_rate, stop_rate=2500):
     """[{name, start, end, users, spawn_rate, posting}], covering `duration` seconds.
 
     ramp: listeners (and the few posters) connect; hold: nobody posts, so the held
     polls and RSS are the idle figures; bursts: posters post bursts; drain: posters
-    stop, listeners receive the rest; ramp-down: everyone leaves.
+    stop, listeners receive the rest; ramp-down: everyone leaves, at `stop_rate` a second,
+    each listener catching up on what is still on its way before it goes.
     """
     users = listeners + posters
     ramp = max(2, math.ceil(users / spawn_rate)) + 2
-    fixed = ramp + HOLD_SECONDS + DRAIN_SECONDS + RAMP_DOWN_SECONDS
+    ramp_down = max(RAMP_DOWN_SECONDS, math.ceil(users / stop_rate) + 1)
+    fixed = ramp + HOLD_SECONDS + DRAIN_SECONDS + ramp_down
     bursts = duration - fixed
     if bursts < 3:
         raise ValueError("a %gs run cannot ramp %d users at %g/s, hold, burst and drain: give it at least %ds"
@@ -34,9 +39,9 @@ def build_stages(listeners, posters, duration, spawn_rate):
     start = 0.0
     for name, length, count, posting in (("ramp", ramp, users, False), ("hold", HOLD_SECONDS, users, False),
                                          ("bursts", bursts, users, True), ("drain", DRAIN_SECONDS, users, False),
-                                         ("ramp-down", RAMP_DOWN_SECONDS, 0, False)):
+                                         ("ramp-down", ramp_down, 0, False)):
         stages.append({"name": name, "start": start, "end": start + length, "users": count,
-                       "spawn_rate": spawn_rate if count else max(spawn_rate, users), "posting": posting})
+                       "spawn_rate": spawn_rate if count else stop_rate, "posting": posting})
         start += length
     return stages
 

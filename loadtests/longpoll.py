@@ -1,0 +1,143 @@
+"""A lean HTTP/1.1 keep-alive client for Locust users, on gevent sockets.
+
+Why not FastHttpUser: profiled with py-spy at 5000 listeners (README, "Why a client of
+its own"), geventhttpclient's request/response objects, header parsing, cookie jar and
+Locust's ResponseContextManager cost about 300 us of load-generator CPU per delivery,
+three times what the server spends delivering it. A held poll needs none of that:
+one request line out, one short answer in, framed by `bench.httpframe` (the parser
+the bench rig uses too).
+
+Every answer is read with recvmsg() and the kernel's receive timestamp
+(SO_TIMESTAMPNS), so each `Reply` says when its last byte reached this host
+(`arrived_at`) and when this process got round to reading it (`read_at`). The first is
+what the server's wake-up latency ends on; the gap is the load generator's own lag.
+
+Each request fires Locust's `events.request`, as Locust's documentation asks of a
+custom client, so its request statistics, failures and CSV stay complete.
+"""
+
+import socket
+import struct
+import time
+import urllib.parse
+
+from bench.httpframe import FramingError, ResponseParser
+
+# Linux's SO_TIMESTAMPNS (also the SCM type of the control message); Python's socket
+# module does not name it.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+TIMESPEC = struct.Struct("@qq")
+ANCILLARY_SPACE = socket.CMSG_SPACE(TIMESPEC.size)
+RECEIVE_SIZE = 65536
+# A keep-alive connection idle longer than this is replaced before a request is sent on
+# it: a server may close idle connections (Chattle's keep-alive deadline), and a POST
+# sent into a connection the server is closing cannot safely be retried.
+IDLE_REUSE_SECONDS = 4.0
+
+
+class ConnectionLost(OSError):
+    """The server closed the connection, or it broke, before a whole answer arrived."""
+
+
+class Reply:
+    __slots__ = ("status", "body", "arrived_at", "read_at", "sent_at", "stamped")
+
+    def __init__(self, status, body, arrived_at, read_at, sent_at):
+        self.status = status
+        self.body = body
+        # Kernel receive time of the answer's last segment (wall clock); the read time
+        # when the kernel gave none (it turns stamping on in deferred work, so a
+        # process's very first answers may come without).
+        self.stamped = arrived_at is not None
+        self.arrived_at = arrived_at if self.stamped else read_at
+        self.read_at = read_at         # when this process read it (wall clock)
+        self.sent_at = sent_at
+
+
+class LongPollClient:
+    """One keep-alive connection to `base_url`; `get` and `post` send one request and wait
+    for its answer at most `timeout` seconds (a held poll's hold plus a margin)."""
+
+    def __init__(self, base_url, request_event=None, timeout=30.0, connect_timeout=10.0):
+        parsed = urllib.parse.urlsplit(base_url)
+        if parsed.scheme != "http" or not parsed.hostname:
+            raise ValueError("the long-poll client speaks plain http://host:port, not %r" % base_url)
+        self.address = (parsed.hostname, parsed.port or 80)
+        self.host_header = parsed.netloc
+        self.request_event = request_event
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._sock = None
+        self._parser = None
+        self._last_used = 0.0
+
+    # -- the connection ---------------------------------------------------------------
+
+    def _connect(self):
+        sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.settimeout(self.timeout)
+        self._sock = sock
+        self._parser = ResponseParser()
+
+    def close(self):
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    # -- one request ------------------------------------------------------------------
+
+    def get(self, path, name=None):
+        return self.request("GET", path, name=name)
+
+    def post(self, path, body, name=None, content_type="application/json"):
+        return self.request("POST", path, body, name=name, content_type=content_type)
+
+    def request(self, method, path, body=b"", name=None, content_type=None):
+        """Send one request and return its `Reply`; raises OSError (ConnectionLost,
+        socket.timeout) or FramingError after firing the request event as a failure."""
+        sent_at = time.time()
+        try:
+            if self._sock is None or sent_at - self._last_used > IDLE_REUSE_SECONDS:
+                self.close()
+                self._connect()
+            head = "%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, path, self.host_header)
+            if body:
+                head += "Content-Type: %s\r\nContent-Length: %d\r\n" % (content_type, len(body))
+            self._sock.sendall(head.encode("latin-1") + b"\r\n" + body)
+            reply = self._read(sent_at)
+        except (OSError, FramingError) as exc:
+            self.close()
+            self._fire(method, name or path, sent_at, 0, exc)
+            raise
+        self._last_used = reply.read_at
+        self._fire(method, name or path, sent_at, len(reply.body), None)
+        return reply
+
+    def _read(self, sent_at):
+        sock, parser = self._sock, self._parser
+        arrived_at = None
+        while True:
+            data, ancillary, _flags, _address = sock.recvmsg(RECEIVE_SIZE, ANCILLARY_SPACE)
+            if not data:
+                response = parser.feed_eof()
+                if response is None:
+                    raise ConnectionLost("the server closed the connection before answering")
+            else:
+                for level, kind, value in ancillary:
+                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                        seconds, nanoseconds = TIMESPEC.unpack_from(value)
+                        arrived_at = seconds + nanoseconds * 1e-9
+                response = parser.feed(data)
+                if response is None:
+                    continue
+            read_at = time.time()
+            if not response.keep_alive:
+                self.close()
+            return Reply(response.status, response.body, arrived_at, read_at, sent_at)
+
+    def _fire(self, method, name, sent_at, length, exception):
+        if self.request_event is not None:
+            self.request_event.fire(request_type=method, name=name, response_time=(time.time() - sent_at) * 1000.0,
+                                    response_length=length, exception=exception, context=None)

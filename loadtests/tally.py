@@ -1,0 +1,180 @@
+"""What the load processes saw, and how it travels to the master.
+
+Each Locust worker keeps a `WorkerTally`: latency and client-lag histograms (overall,
+3 significant digits; per second, 2), every ended listener's delivery ledger, every
+accepted post, the errors. Every Locust report (`events.report_to_master`, each 3 s,
+and once more when its last listener has ended) carries what is new since the last
+one; the master adds the reports up in a `RunTally` (`events.worker_report`) and writes
+it to `raw/run.json` for the report. Nothing goes through a shared disk, so the workers
+may run on other hosts.
+
+No Locust import here: the report reads `RunTally` back without starting Locust.
+"""
+
+import itertools
+import json
+import os
+import socket
+import time
+
+from bench.measures import DeliveryLedger, LatencyHistogram, client_lag, process_cpu_seconds, wakeup_latency
+
+SECOND_DIGITS = 2           # per-second histograms only draw the charts: 1 % is plenty
+ERRORS_KEPT = 200           # examples kept per process; every error is counted
+
+
+class WorkerTally:
+    """One load process's figures since its last report."""
+
+    def __init__(self):
+        self.reports = itertools.count(1)
+        self.cpu_at_start = 0.0     # CPU seconds at test start: imports and start-up are not load
+        self.listeners_started = 0
+        self.listeners_ended = 0
+        self.deliveries = 0
+        self.unstamped = 0          # answers without a kernel timestamp: their lag counts as latency
+        self._reset()
+
+    def _reset(self):
+        self.latency = LatencyHistogram()
+        self.lag = LatencyHistogram()
+        self.seconds = {}
+        self.ended = []
+        self.posts = []
+        self.errors = []
+        self.error_count = 0
+
+    # -- recording (listeners and posters call these) ------------------------------------
+
+    def delivery(self, arrived_at, read_at, message_ts, stamped=True):
+        self.unstamped += not stamped
+        latency, lag = wakeup_latency(arrived_at, message_ts), client_lag(read_at, arrived_at)
+        self.latency.record(latency)
+        self.lag.record(lag)
+        second = int(arrived_at)
+        pair = self.seconds.get(second)
+        if pair is None:
+            pair = self.seconds[second] = (LatencyHistogram(SECOND_DIGITS), LatencyHistogram(SECOND_DIGITS))
+        pair[0].record(latency)
+        pair[1].record(lag)
+        self.deliveries += 1
+
+    def test_started(self):
+        self.cpu_at_start = process_cpu_seconds(os.getpid())
+
+    def listener_started(self):
+        self.listeners_started += 1
+
+    def listener_ended(self, summary):
+        """`summary`: listener, room, ledger (DeliveryLedger.to_dict), polls, caught_up, gave_up."""
+        self.listeners_ended += 1
+        self.ended.append(summary)
+
+    def post(self, room, message_id, ts):
+        self.posts.append([room, message_id, ts])
+
+    def error(self, who, what):
+        self.error_count += 1
+        if len(self.errors) < ERRORS_KEPT:
+            self.errors.append([time.time(), who, what])
+
+    @property
+    def live_listeners(self):
+        return self.listeners_started - self.listeners_ended
+
+    # -- the report ------------------------------------------------------------------------
+
+    def take_report(self, final=False):
+        """What is new since the last report, msgpack-safe; per-second histograms of
+        seconds still running stay until a later report (all of them in a final one)."""
+        now = int(time.time())
+        done = [second for second in self.seconds if final or second < now]
+        report = {
+            "sequence": next(self.reports), "final": final, "host": socket.gethostname(), "pid": os.getpid(),
+            "cpu_seconds": process_cpu_seconds(os.getpid()) - self.cpu_at_start, "listeners_started": self.listeners_started,
+            "listeners_ended": self.listeners_ended, "deliveries": self.deliveries, "unstamped": self.unstamped,
+            "latency": self.latency.to_dict(), "lag": self.lag.to_dict(),
+            "seconds": [[second, self.seconds[second][0].to_dict(), self.seconds[second][1].to_dict()]
+                        for second in done],
+            "ended": self.ended, "posts": self.posts, "errors": self.errors, "error_count": self.error_count,
+        }
+        kept = {second: self.seconds[second] for second in self.seconds if second not in set(done)}
+        self._reset()
+        self.seconds = kept
+        return report
+
+
+class RunTally:
+    """The whole run, added up from every worker's reports (on the master)."""
+
+    def __init__(self):
+        self.latency = LatencyHistogram()
+        self.lag = LatencyHistogram()
+        self.seconds = {}
+        self.listeners = []
+        self.posts = []
+        self.errors = []
+        self.error_count = 0
+        self.workers = {}
+        self.master = None          # host, pid and CPU seconds of the master, set when it writes
+
+    def merge(self, worker_id, report):
+        worker = self.workers.setdefault(worker_id, {"host": report["host"], "pid": report["pid"], "reports": 0,
+                                                     "final": False, "last_report_at": None})
+        worker.update(reports=worker["reports"] + 1, last_report_at=time.time(), cpu_seconds=report["cpu_seconds"],
+                      listeners_started=report["listeners_started"], listeners_ended=report["listeners_ended"],
+                      deliveries=report["deliveries"], unstamped=report.get("unstamped", 0), final=worker["final"] or report["final"])
+        self.latency.add(LatencyHistogram.from_dict(report["latency"]))
+        self.lag.add(LatencyHistogram.from_dict(report["lag"]))
+        for second, latency, lag in report["seconds"]:
+            pair = self.seconds.get(second)
+            if pair is None:
+                pair = self.seconds[second] = (LatencyHistogram(SECOND_DIGITS), LatencyHistogram(SECOND_DIGITS))
+            pair[0].add(LatencyHistogram.from_dict(latency))
+            pair[1].add(LatencyHistogram.from_dict(lag))
+        for summary in report["ended"]:
+            self.listeners.append(dict(summary, worker=worker_id))
+        self.posts.extend(report["posts"])
+        room = ERRORS_KEPT * max(1, len(self.workers)) - len(self.errors)
+        self.errors.extend(report["errors"][:max(0, room)])
+        self.error_count += report["error_count"]
+
+    def drained(self):
+        """Every worker has reported, and every listener it started has ended (caught up or gave up)."""
+        return bool(self.workers) and all(worker["listeners_started"] == worker["listeners_ended"]
+                                          for worker in self.workers.values())
+
+    def ledgers(self):
+        return [(entry, DeliveryLedger.from_dict(entry["ledger"])) for entry in self.listeners]
+
+    # -- to and from raw/run.json ----------------------------------------------------------
+
+    def to_dict(self):
+        return {"latency": self.latency.to_dict(), "lag": self.lag.to_dict(),
+                "seconds": [[second, pair[0].to_dict(), pair[1].to_dict()]
+                            for second, pair in sorted(self.seconds.items())],
+                "listeners": self.listeners, "posts": self.posts, "errors": self.errors,
+                "error_count": self.error_count, "workers": self.workers,
+                "master": self.master}
+
+    @classmethod
+    def from_dict(cls, data):
+        tally = cls()
+        tally.latency = LatencyHistogram.from_dict(data["latency"])
+        tally.lag = LatencyHistogram.from_dict(data["lag"])
+        tally.seconds = {second: (LatencyHistogram.from_dict(latency), LatencyHistogram.from_dict(lag))
+                         for second, latency, lag in data["seconds"]}
+        tally.listeners, tally.posts = data["listeners"], data["posts"]
+        tally.errors, tally.error_count, tally.workers = data["errors"], data["error_count"], data["workers"]
+        tally.master = data.get("master")
+        return tally
+
+    def write(self, path):
+        with open(path + ".tmp", "w") as out:
+            json.dump(self.to_dict(), out)
+        os.replace(path + ".tmp", path)
+
+    @classmethod
+    def read(cls, path):
+        with open(path) as raw:
+            return cls.from_dict(json.load(raw))

@@ -1,0 +1,225 @@
+"""The load harness's parts, each on its own: the framing parser the rig and the load
+client share, the HdrHistogram latency figures, the ledger's travelling form, the
+worker-to-master tally, and the long-poll client's kernel timestamps on real sockets."""
+
+import json
+import socket
+import threading
+import time
+
+import gevent
+import msgpack
+import pytest
+
+from bench.httpframe import FramingError, ResponseParser
+from bench.measures import DeliveryLedger, LatencyHistogram, latency_summary, percentile
+from loadtests.longpoll import ConnectionLost, LongPollClient
+from loadtests.tally import RunTally, WorkerTally
+
+ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
+          b'{"cursor": 7}')
+
+
+# -- the framing parser ----------------------------------------------------------------------------
+
+def test_an_answer_fed_byte_by_byte_comes_out_once_whole():
+    parser = ResponseParser()
+    answers = [parser.feed(ANSWER[i:i + 1]) for i in range(len(ANSWER))]
+    assert answers[:-1] == [None] * (len(ANSWER) - 1)
+    assert answers[-1].status == 200 and answers[-1].body == b'{"cursor": 7}' and answers[-1].keep_alive
+    assert not parser.pending
+
+
+def test_pipelined_answers_are_cut_apart_and_the_rest_is_kept():
+    parser = ResponseParser()
+    second = ANSWER.replace(b"200 OK", b"201 Created")
+    first = parser.feed(ANSWER + second[:30])
+    assert first.status == 200 and parser.pending
+    assert parser.feed(second[30:]).status == 201
+
+
+def test_chunked_answers_in_pieces_with_an_extension_and_a_trailer():
+    wire = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;name=x\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: yes\r\n\r\n" + ANSWER)
+    parser = ResponseParser()
+    got = [answer for answer in (parser.feed(wire[i:i + 7]) for i in range(0, len(wire), 7)) if answer]
+    assert [answer.body for answer in got] == [b"hello world", b'{"cursor": 7}']
+
+
+def test_a_close_delimited_answer_ends_at_eof_and_closes():
+    parser = ResponseParser()
+    assert parser.feed(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\npart one,") is None
+    assert parser.feed(b" part two") is None
+    answer = parser.feed_eof()
+    assert answer.body == b"part one, part two" and not answer.keep_alive
+
+
+def test_connection_close_and_a_broken_stream_are_told_apart():
+    parser = ResponseParser()
+    answer = parser.feed(ANSWER.replace(b"Content-Type", b"Connection: close\r\nContent-Type"))
+    assert answer is not None and not answer.keep_alive
+    parser.feed(ANSWER[:40])
+    with pytest.raises(FramingError):
+        parser.feed_eof()
+    with pytest.raises(FramingError):
+        ResponseParser().feed(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+    with pytest.raises(FramingError):
+        ResponseParser().feed(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000)
+
+
+# -- latency figures ------------------------------------------------------------------------------
+
+def test_histogram_percentiles_match_the_exact_ones_to_three_digits():
+    values = [0.0001 * (1.003 ** i) for i in range(3000)]   # 100 us to about 0.8 s
+    histogram = LatencyHistogram()
+    for value in values:
+        histogram.record(value)
+    exact = sorted(values)
+    for fraction in (0.5, 0.95, 0.99):
+        assert histogram.percentile(fraction) == pytest.approx(percentile(exact, fraction), rel=2e-3)
+    assert histogram.summary()["max"] == pytest.approx(max(values), rel=1e-3)
+    assert latency_summary(values)["p99"] == histogram.summary()["p99"]
+
+
+def test_histograms_travel_and_add_up():
+    first, second = LatencyHistogram(), LatencyHistogram()
+    for i in range(1, 1001):
+        first.record(i / 1e4)
+        second.record(i / 1e3)
+    wire = msgpack.unpackb(msgpack.packb(first.to_dict()))   # as Locust ships a report
+    merged = LatencyHistogram.from_dict(wire).add(second)
+    assert merged.count == 2000
+    assert merged.percentile(0.25) == pytest.approx(0.0455, rel=2e-3)   # 455 of the first, 45 of the second
+    assert merged.summary()["max"] == pytest.approx(1.0, rel=1e-3)
+
+
+def test_values_below_a_microsecond_are_counted_never_negative():
+    histogram = LatencyHistogram()
+    histogram.record(-0.002)
+    histogram.record(0.0000001)
+    histogram.record(0.5)
+    assert histogram.below_resolution == 2
+    assert histogram.summary()["p50"] == pytest.approx(1e-6)
+    assert LatencyHistogram.from_dict(histogram.to_dict()).below_resolution == 2
+
+
+def test_a_ledger_travels_with_its_gaps():
+    ledger = DeliveryLedger(10)
+    for message_id in (11, 14, 12, 12, 16):
+        ledger.record(message_id)
+    copy = DeliveryLedger.from_dict(msgpack.unpackb(msgpack.packb(ledger.to_dict())))
+    assert copy.to_dict() == ledger.to_dict()
+    assert copy.lost(16) == ledger.lost(16) == 2      # 13 and 15
+    assert (copy.duplicated, copy.out_of_order) == (1, 1)
+
+
+# -- worker to master ------------------------------------------------------------------------------
+
+def test_worker_reports_add_up_to_the_run_exactly_once():
+    worker = WorkerTally()
+    worker.test_started()
+    now = time.time()
+    worker.listener_started()
+    for i in range(100):
+        worker.delivery(now - 1.0, now - 1.0 + 0.0002, now - 1.0 - 0.01 - i / 1e4)
+    worker.post("load-0", 1, now - 2)
+    first = msgpack.unpackb(msgpack.packb(worker.take_report()), strict_map_key=False)
+    worker.delivery(now, now + 0.0001, now - 0.02)
+    worker.listener_ended({"listener": "a", "room": "load-0", "ledger": DeliveryLedger(0).to_dict(), "polls": 3,
+                           "caught_up": 0, "gave_up": None})
+    last = msgpack.unpackb(msgpack.packb(worker.take_report(final=True)), strict_map_key=False)
+    run = RunTally()
+    run.merge("w1", first)
+    assert not run.drained()                       # a listener still running
+    run.merge("w1", last)
+    assert run.drained() and run.workers["w1"]["final"]
+    assert run.latency.count == run.lag.count == 101
+    assert sum(pair[0].count for pair in run.seconds.values()) == 101  # every second shipped once
+    assert run.posts == [["load-0", 1, now - 2]] and len(run.listeners) == 1
+    assert run.lag.percentile(0.5) == pytest.approx(0.0002, rel=2e-3)
+    assert run.latency.summary()["p50"] == pytest.approx(0.015, rel=5e-3)
+    again = RunTally.from_dict(json.loads(json.dumps(run.to_dict())))
+    assert again.latency.summary() == run.latency.summary()
+
+
+# -- the long-poll client on real sockets -----------------------------------------------------------
+
+def test_the_client_polls_with_keep_alive_and_fires_one_request_event_each(start_chattle):
+    server = start_chattle()
+    fired = []
+
+    class Event:
+        def fire(self, **kwargs):
+            fired.append(kwargs)
+    client = LongPollClient(server.url, Event(), timeout=10)
+    first = client.get("/rooms/client/msgs", name="first")
+    assert first.status == 200
+    connection = client._sock
+    posted = client.post("/rooms/client/msgs", json.dumps({"from": "t", "content": "hi"}).encode(), name="post")
+    assert posted.status == 201
+    cursor = json.loads(first.body)["cursor"]
+    poll = client.get("/rooms/client/msgs?since=%d&timeout=5" % cursor, name="poll")
+    assert json.loads(poll.body)["messages"][0]["content"] == "hi"
+    assert client._sock is connection               # one connection for all three
+    assert [event["name"] for event in fired] == ["first", "post", "poll"]
+    assert all(event["exception"] is None and event["response_time"] >= 0 for event in fired)
+    assert poll.sent_at <= poll.arrived_at <= poll.read_at
+    client.close()
+
+
+def test_kernel_arrival_shows_a_client_that_reads_late_as_client_lag():
+    """The answer reaches the socket at once; the client reads it 0.3 s later. The kernel
+    timestamp keeps the arrival time, so the stall shows as lag, not as latency."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    sent = {}
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        sent["at"] = time.time()
+        conn.sendall(ANSWER)
+        gevent.sleep(1.0)
+        conn.close()
+    server = gevent.spawn(serve)
+    client = LongPollClient("http://127.0.0.1:%d" % listener.getsockname()[1], None, timeout=5)
+    client._connect()
+    # The kernel turns receive timestamps on in deferred work after the first socket asks:
+    # give it a moment, or the very first answer of a process may come unstamped.
+    gevent.sleep(0.1)
+    sock = client._sock
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    gevent.sleep(0.3)                                  # the client is busy elsewhere
+    reply = client._read(time.time())
+    assert reply.stamped and sent["at"] <= reply.arrived_at
+    assert reply.read_at - reply.arrived_at > 0.25
+    client.close()
+    server.kill()
+    listener.close()
+
+
+def test_a_server_that_closes_mid_answer_is_a_lost_connection_not_an_answer():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(ANSWER[:50])
+        conn.close()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    fired = []
+
+    class Event:
+        def fire(self, **kwargs):
+            fired.append(kwargs)
+    client = LongPollClient("http://127.0.0.1:%d" % listener.getsockname()[1], Event(), timeout=5)
+    with pytest.raises((ConnectionLost, FramingError)):
+        client.get("/x", name="x")
+    assert fired and fired[0]["exception"] is not None
+    assert client._sock is None
+    thread.join(5)
+    listener.close()
