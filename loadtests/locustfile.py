@@ -19,18 +19,18 @@ import socket
 import time
 
 import gevent
+import gevent.event
 from locust import User, constant, events, task
-from locust.runners import MasterRunner, WorkerRunner
+from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner
 
 from bench.httpframe import FramingError
 from bench.measures import DeliveryLedger, process_cpu_seconds
-from loadtests.longpoll import LongPollClient
+from loadtests.longpoll import HeldPolls, LongPollClient
 from loadtests.scenario import CLIENT_TIMEOUT_MARGIN, build_stages, room_name, stage_at
 from loadtests.shapes import StagedShape  # noqa: F401  (Locust finds the shape in the locustfile)
 from loadtests.tally import RunTally, WorkerTally
 
 CATCH_UP_POLLS = 50          # answers of up to 1000 messages each, when a listener stops
-LOST_CONTACT_SECONDS = 15.0  # failing this long without one good answer: the listener gives up
 RETRY_SECONDS = (0.5, 4.0)   # back-off after a failed request: first, longest
 
 TALLY = WorkerTally()        # this process's figures (on a worker)
@@ -63,6 +63,8 @@ def add_options(parser):
     group.add_argument("--burst-size", type=int, default=5, help="messages a poster sends back to back")
     group.add_argument("--burst-gap", type=float, default=8, help="mean seconds of quiet between a poster's bursts")
     group.add_argument("--stop-rate", type=float, default=2500, help="listeners stopped per second at ramp-down")
+    group.add_argument("--lost-contact-seconds", type=float, default=15,
+                       help="a listener failing this long without one good answer gives up (lost contact)")
     group.add_argument("--raw-dir", default="", help="where the master writes run.json")
 
 
@@ -85,12 +87,28 @@ def add_tally(client_id, data, **_kwargs):
 
 
 def report_now(environment):
-    """A report at once (the last listener of this worker has ended), not at the next tick:
-    the master ends the run only once every worker is drained. Locust's WorkerRunner
-    sends its reports with `_send_stats`; tests/test_locust_internals.py holds it to that."""
+    """A report at once, not at the next tick: the master ends the run only once every
+    worker is drained. Locust's WorkerRunner sends its reports with `_send_stats`;
+    tests/test_locust_internals.py holds it to that."""
     runner = environment.runner
     if isinstance(runner, WorkerRunner):
-        gevent.spawn(runner._send_stats)
+        runner._send_stats()
+
+
+@events.test_stop.add_listener
+def report_at_stop(environment, **_kwargs):
+    """A worker's test_stop comes after every user's on_stop (each listener caught up) and
+    before it tells the master it stopped: the last ledgers reach the master first."""
+    report_now(environment)
+
+
+@events.quitting.add_listener
+def drain_before_quitting(environment, **_kwargs):
+    """Ctrl-C or SIGTERM: Locust's quit would give the workers half a second. Stop the test
+    properly first, so every listener catches up and its ledger reaches the master."""
+    runner = environment.runner
+    if isinstance(runner, MasterRunner) and runner.state in (STATE_SPAWNING, STATE_RUNNING):
+        runner.stop()
 
 
 @events.quit.add_listener
@@ -118,7 +136,11 @@ write_run.environment = None
 # -- the users ------------------------------------------------------------------------------------
 
 class Listener(User):
-    """Long-polls one room with its cursor for the whole run and checks every id it gets."""
+    """Long-polls one room with its cursor for the whole run and checks every id it gets.
+
+    Its first poll (no since: the cursor) goes through its own LongPollClient; then it
+    hands the connection to this process's HeldPolls, which answers for it until the
+    connection fails (the listener retries, backing off) or the run stops it."""
 
     weight = 1
     wait_time = constant(0)
@@ -136,24 +158,48 @@ class Listener(User):
         self.gave_up = None
         self.trouble_since = None
         self.retry = RETRY_SECONDS[0]
+        self.held = None
+        self.broken = gevent.event.Event()
+        self.broken_reason = None
         TALLY.listener_started()
         while self.ledger is None and self.gave_up is None:
             reply = self._ask("/rooms/%s/msgs" % self.room, "poll (first, no since)")
             if reply is not None:
                 self.ledger = DeliveryLedger(json.loads(reply.body)["cursor"])
 
+    def poll_path(self):
+        return "/rooms/%s/msgs?since=%d&timeout=%g" % (self.room, self.ledger.next_expected - 1, self.poll_timeout)
+
     @task
     def listen(self):
         while self.gave_up is None:
-            reply = self._ask("/rooms/%s/msgs?since=%d&timeout=%g" % (self.room, self.ledger.next_expected - 1,
-                                                                      self.poll_timeout), "poll (held)")
-            if reply is not None:
-                self._take(reply, held=True)
+            self.broken.clear()
+            try:
+                self.held = held_polls(self.environment).hold(self.client, self.poll_path(), self._answered,
+                                                              self._broke)
+            except OSError as exc:
+                self._trouble("poll (held): %s" % (exc or type(exc).__name__))
+                continue
+            self.broken.wait()
+            self.held = None
+            self._trouble(self.broken_reason)
         gevent.sleep(3600)  # gave up: stay counted as a user, do nothing, until the run stops it
 
+    def _answered(self, reply):
+        """HeldPolls calls this with each answer; the next poll's path, or None to stop."""
+        if reply.status != 200:
+            self._broke("poll (held) answered %d: %s" % (reply.status, reply.body[:200].decode("utf-8", "replace")))
+            return None
+        self.trouble_since, self.retry = None, RETRY_SECONDS[0]
+        self._take(reply, held=True)
+        return self.poll_path()
+
+    def _broke(self, reason):
+        self.broken_reason = reason
+        self.broken.set()
+
     def _ask(self, path, name):
-        """One request; its reply, or None after a failure (counted, backed off, and after
-        LOST_CONTACT_SECONDS without one good answer the listener gives up)."""
+        """One request on the listener's own client; its reply, or None after a failure."""
         try:
             reply = self.client.get(path, name=name)
             if reply.status == 200:
@@ -162,15 +208,20 @@ class Listener(User):
             trouble = "%s answered %d: %s" % (name, reply.status, reply.body[:200].decode("utf-8", "replace"))
         except (OSError, FramingError) as exc:
             trouble = "%s: %s" % (name, exc or type(exc).__name__)
+        self._trouble(trouble)
+        return None
+
+    def _trouble(self, trouble):
+        """Count a failure and back off; after --lost-contact-seconds without one good
+        answer the listener gives up, counted apart from messages the server lost."""
         TALLY.error("listener", trouble)
         now = time.time()
         self.trouble_since = self.trouble_since or now
-        if now - self.trouble_since >= LOST_CONTACT_SECONDS:
+        if now - self.trouble_since >= self.environment.parsed_options.lost_contact_seconds:
             self.gave_up = "lost contact: %s" % trouble
-            return None
+            return
         gevent.sleep(self.retry * random.uniform(0.5, 1.0))
         self.retry = min(RETRY_SECONDS[1], self.retry * 2)
-        return None
 
     def _take(self, reply, held):
         """Record one poll answer; how many messages it held."""
@@ -188,36 +239,85 @@ class Listener(User):
         return len(messages)
 
     def on_stop(self):
-        """Catch up before leaving: a listener stopped in the middle of a slow fan-out has
-        not lost the messages still on their way, so fetch what the server holds
-        (timeout=0) and judge completeness on that. Those catch-up messages count as
-        delivered but carry no wake-up latency: nobody was waiting for them."""
+        """Stop listening, then settle the account: the room's last id right after this
+        listener stopped is where its duty ends (`listened_until`); messages up to it still
+        on their way are fetched (timeout=0) and count as delivered, without a wake-up
+        latency, since nobody was waiting for them any more."""
+        if self.held is not None:
+            held_polls(self.environment).release(self.held)
         self.client.close()
-        caught_up = 0
+        caught_up, listened_until = 0, None
         if self.ledger is not None and self.gave_up is None:
-            catch_up = LongPollClient(self.host, None, timeout=CLIENT_TIMEOUT_MARGIN)
             try:
-                for _ in range(CATCH_UP_POLLS):
-                    path = "/rooms/%s/msgs?since=%d&timeout=0&limit=1000" % (self.room, self.ledger.next_expected - 1)
-                    reply = catch_up.get(path, name="poll (catch-up)")
-                    if reply.status != 200:
-                        raise OSError("answered %d" % reply.status)
-                    taken = self._take(reply, held=False)
-                    caught_up += taken
-                    if not taken:
-                        break
+                listened_until = ROOM_ENDS.last_id(self.host, self.room)
+                catch_up = LongPollClient(self.host, None, timeout=CLIENT_TIMEOUT_MARGIN)
+                try:
+                    for _ in range(CATCH_UP_POLLS):
+                        if self.ledger.next_expected > listened_until:
+                            break
+                        path = "/rooms/%s/msgs?since=%d&timeout=0&limit=1000" % (self.room,
+                                                                                 self.ledger.next_expected - 1)
+                        reply = catch_up.get(path, name="poll (catch-up)")
+                        if reply.status != 200:
+                            raise OSError("answered %d" % reply.status)
+                        taken = self._take(reply, held=False)
+                        caught_up += taken
+                        if not taken:
+                            break
+                finally:
+                    catch_up.close()
             except (OSError, FramingError, ValueError) as exc:
                 self.gave_up = "catch-up at stop failed: %s" % (exc or type(exc).__name__)
                 TALLY.error("listener", self.gave_up)
-            finally:
-                catch_up.close()
         elif self.ledger is None and self.gave_up is None:
             self.gave_up = "stopped before its first answer"
         TALLY.listener_ended({"listener": self.name, "room": self.room,
                               "ledger": self.ledger.to_dict() if self.ledger else None, "polls": self.polls,
-                              "caught_up": caught_up, "gave_up": self.gave_up})
+                              "caught_up": caught_up, "listened_until": listened_until, "gave_up": self.gave_up})
         if TALLY.live_listeners == 0:
-            report_now(self.environment)
+            gevent.spawn(report_now, self.environment)
+
+
+class RoomEnds:
+    """The last id of each room, asked of the server at most every half second per room
+    and shared by every listener of this process that stops meanwhile."""
+
+    FRESH_SECONDS = 0.5
+
+    def __init__(self):
+        self._known = {}       # room -> (asked at, AsyncResult of the last id)
+
+    def last_id(self, host, room):
+        asked = self._known.get(room)
+        if asked is not None and time.monotonic() - asked[0] < self.FRESH_SECONDS:
+            return asked[1].get(timeout=CLIENT_TIMEOUT_MARGIN)
+        result = gevent.event.AsyncResult()
+        self._known[room] = (time.monotonic(), result)
+        client = LongPollClient(host, None, timeout=CLIENT_TIMEOUT_MARGIN)
+        try:
+            reply = client.get("/rooms/%s/msgs?limit=1" % room)
+            if reply.status != 200:
+                raise OSError("the room's last id: answered %d" % reply.status)
+            result.set(json.loads(reply.body)["cursor"])
+        except (OSError, FramingError, ValueError) as exc:
+            self._known.pop(room, None)
+            result.set_exception(exc)
+            raise
+        finally:
+            client.close()
+        return result.get()
+
+
+ROOM_ENDS = RoomEnds()
+HELD_POLLS = []
+
+
+def held_polls(environment):
+    """This process's HeldPolls (made on first use: it needs the run's options)."""
+    if not HELD_POLLS:
+        options = environment.parsed_options
+        HELD_POLLS.append(HeldPolls(environment.events.request, options.poll_timeout + CLIENT_TIMEOUT_MARGIN))
+    return HELD_POLLS[0]
 
 
 class Poster(User):

@@ -16,6 +16,7 @@ Each request fires Locust's `events.request`, as Locust's documentation asks of 
 custom client, so its request statistics, failures and CSV stay complete.
 """
 
+import _socket
 import socket
 import struct
 import time
@@ -33,6 +34,7 @@ RECEIVE_SIZE = 65536
 # it: a server may close idle connections (Chattle's keep-alive deadline), and a POST
 # sent into a connection the server is closing cannot safely be retried.
 IDLE_REUSE_SECONDS = 4.0
+EPOLLIN = 0x001
 
 
 class ConnectionLost(OSError):
@@ -141,3 +143,173 @@ class LongPollClient:
         if self.request_event is not None:
             self.request_event.fire(request_type=method, name=name, response_time=(time.time() - sent_at) * 1000.0,
                                     response_length=length, exception=exception, context=None)
+
+
+# -- every held poll of a process on one epoll set ------------------------------------------
+
+class HeldPolls:
+    """The held polls of every listener in this process, driven by one greenlet.
+
+    A greenlet per listener, each blocked in its own recv, cost about 45 us of client
+    CPU per delivery here (README, "Why a client of its own"): every answer meant a
+    libev watcher started and stopped, two switches through the hub and a second
+    recvmsg. Here a listener hands its keep-alive connection over once; the driver
+    waits (cooperatively, through gevent) on one epoll descriptor, and when a fan-out
+    makes thousands of sockets readable it reads, hands the answer to its listener's
+    callback and sends the next poll for each, without a switch in between. The
+    listener's greenlet only waits for its connection to fail, or for the run to stop it.
+    """
+
+    def __init__(self, request_event=None, answer_deadline=30.0, name="poll (held)"):
+        self.request_event = request_event
+        self.answer_deadline = answer_deadline
+        self.name = name
+        self._epoll = None
+        self._held = {}
+        self._driver = None
+
+    def __len__(self):
+        return len(self._held)
+
+    def hold(self, client, path, on_answer, on_failure):
+        """Take `client`'s open connection and send `path` on it. Each whole answer goes to
+        `on_answer(reply)`, which returns the next path to poll (None: stop holding); a
+        failure goes once to `on_failure(reason)`. The connection is this object's now."""
+        import gevent
+        if client._sock is None or time.time() - client._last_used > IDLE_REUSE_SECONDS:
+            client.close()
+            client._connect()
+        held = HeldPoll(_raw_socket(client._sock), client.host_header, on_answer, on_failure)
+        client._sock = None
+        if self._epoll is None:
+            # gevent's monkey-patching hides select.epoll; the driver only ever calls it
+            # with a zero timeout, after gevent said the epoll descriptor is readable.
+            from gevent.monkey import get_original
+            self._epoll = get_original("select", "epoll")()
+        self._held[held.fd] = held
+        self._epoll.register(held.fd, EPOLLIN)
+        if not held.send(path):
+            self._drop(held, "could not send the poll")
+            return held
+        if self._driver is None or self._driver.dead:
+            self._driver = gevent.spawn(self._drive)
+        return held
+
+    def release(self, held):
+        """Stop holding (the listener stops): close without telling the listener."""
+        if self._held.pop(held.fd, None) is not None:
+            self._unregister(held)
+        held.close()
+
+    def _unregister(self, held):
+        try:
+            self._epoll.unregister(held.fd)
+        except (OSError, ValueError):
+            pass
+
+    def _drop(self, held, reason):
+        if self._held.pop(held.fd, None) is not None:
+            self._unregister(held)
+            held.close()
+            self._fire(held, 0, OSError(reason))
+            held.on_failure(reason)
+
+    def _fire(self, held, length, exception):
+        if self.request_event is not None:
+            self.request_event.fire(request_type="GET", name=self.name,
+                                    response_time=(time.time() - held.sent_at) * 1000.0,
+                                    response_length=length, exception=exception, context=None)
+
+    def _drive(self):
+        from gevent.socket import wait_read
+        epoll = self._epoll
+        next_sweep = time.monotonic() + 1.0
+        while self._held:
+            try:
+                wait_read(epoll.fileno(), timeout=1.0)
+            except socket.timeout:
+                pass
+            for fd, _events in epoll.poll(0, 4096):  # noqa: B020
+                held = self._held.get(fd)
+                if held is not None:
+                    self._readable(held)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + 1.0
+                self._sweep()
+
+    def _readable(self, held):
+        try:
+            data, ancillary, _flags, _address = held.sock.recvmsg(RECEIVE_SIZE, ANCILLARY_SPACE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._drop(held, "poll: %s" % exc)
+            return
+        if not data:
+            self._drop(held, "poll: the server closed the connection")
+            return
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = TIMESPEC.unpack_from(value)
+                held.arrived_at = seconds + nanoseconds * 1e-9
+        try:
+            response = held.parser.feed(data)
+        except FramingError as exc:
+            self._drop(held, "poll: %s" % exc)
+            return
+        while response is not None:
+            read_at = time.time()
+            self._fire(held, len(response.body), None)
+            reply = Reply(response.status, response.body, held.arrived_at, read_at, held.sent_at)
+            held.arrived_at = None
+            path = held.on_answer(reply)
+            if path is None or not response.keep_alive:
+                self.release(held)
+                if path is not None:
+                    held.on_failure("poll: the server closed the connection after its answer")
+                return
+            if not held.send(path):
+                self._drop(held, "could not send the next poll")
+                return
+            response = held.parser.feed(b"") if held.parser.pending else None
+
+    def _sweep(self):
+        """A poll unanswered past its deadline is a failure (the server never answered)."""
+        late = time.time() - self.answer_deadline
+        for held in [held for held in self._held.values() if held.sent_at < late]:
+            self._drop(held, "poll: no answer within %gs" % self.answer_deadline)
+
+
+class HeldPoll:
+    __slots__ = ("sock", "fd", "host_header", "parser", "on_answer", "on_failure", "sent_at", "arrived_at")
+
+    def __init__(self, sock, host_header, on_answer, on_failure):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.host_header = host_header
+        self.parser = ResponseParser()
+        self.on_answer = on_answer
+        self.on_failure = on_failure
+        self.sent_at = time.time()
+        self.arrived_at = None
+
+    def send(self, path):
+        """The next poll; False when it could not go out whole at once (a full send
+        buffer for a request of a hundred bytes means the connection is in trouble)."""
+        request = ("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path, self.host_header)).encode("latin-1")
+        self.sent_at = time.time()
+        try:
+            return self.sock.send(request) == len(request)
+        except OSError:
+            return False
+
+    def close(self):
+        self.sock.close()
+
+
+def _raw_socket(gevent_sock):
+    """The same connection as a plain non-blocking socket: the driver reads it directly,
+    never through gevent's per-socket waiting."""
+    raw = _socket.socket(fileno=gevent_sock.detach())
+    raw.setblocking(False)
+    return raw

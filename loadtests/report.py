@@ -106,9 +106,14 @@ def listener_figures(tally, cursors):
         last_posted[room] = max(last_posted.get(room, 0), message_id)
     final_ids = dict(last_posted, **cursors)  # the server's word wins; posts are the fallback
     listened = [(entry, ledger) for entry, ledger in entries if not entry["gave_up"] and ledger is not None]
-    room_of = {id(ledger): entry["room"] for entry, ledger in listened}
-    delivery = delivery_summary([ledger for _entry, ledger in listened],
-                                lambda ledger: final_ids.get(room_of[id(ledger)], ledger.next_expected - 1))
+    # A listener owes every id up to the room's last when it stopped listening
+    # (`listened_until`), and no more: later posts were never its to receive.
+    owed = {}
+    for entry, ledger in listened:
+        last = final_ids.get(entry["room"], ledger.next_expected - 1)
+        until = entry.get("listened_until")
+        owed[id(ledger)] = last if until is None else min(last, until)
+    delivery = delivery_summary([ledger for _entry, ledger in listened], lambda ledger: owed[id(ledger)])
     delivery["missed_reported"] = sum(ledger.missed_reported for _entry, ledger in listened)
     delivery["caught_up_at_stop"] = sum(entry["caught_up"] for entry, _ledger in entries)
     gave_up = [entry for entry, _ledger in entries if entry["gave_up"]]

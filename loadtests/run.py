@@ -60,6 +60,9 @@ def parse_args(argv=None):
                         help="users started per second during the ramp")
     parser.add_argument("--stop-rate", type=float, default=float(conf["stop-rate"]),
                         help="listeners stopped per second at ramp-down (each catches up on what is on its way)")
+    parser.add_argument("--lost-contact-seconds", type=float, default=float(conf["lost-contact-seconds"]),
+                        help="a listener failing this long without one good answer gives up and is counted "
+                             "as lost contact, apart from messages lost by the server")
     parser.add_argument("--workers", type=int, default=1,
                         help="server workers; more than 1 runs gunicorn on the shared Redis bus")
     parser.add_argument("--client-processes", type=int, default=0,
@@ -318,6 +321,7 @@ def locust_argv(args, url, report_dir, raw_dir):
             "--run-seconds", str(args.duration), "--spawn-rate", str(args.spawn_rate),
             "--stop-rate", str(args.stop_rate), "--poll-timeout", str(args.poll_timeout),
             "--burst-size", str(args.burst_size), "--burst-gap", str(args.burst_gap), "--raw-dir", raw_dir,
+            "--lost-contact-seconds", str(args.lost_contact_seconds),
             "--csv", os.path.join(report_dir, "locust"), "--html", os.path.join(report_dir, "locust.html")]
 
 

@@ -4,10 +4,16 @@ figures are checked against what the listeners themselves saved in raw/."""
 import glob
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
+
+from bench.servers import Process, free_port, get_json, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,41 +33,48 @@ def small_run(tmp_path_factory):
         return run, reports[0], json.load(summary)
 
 
-def raw_listeners(report_dir):
-    listeners, latencies = [], []
-    for path in glob.glob(os.path.join(report_dir, "raw", "locust-*.json")):
-        with open(path) as raw:
-            data = json.load(raw)
-        listeners.extend(data["listeners"])
-        latencies.extend(data["latency"])
-    return listeners, latencies
+def raw_run(report_dir):
+    with open(os.path.join(report_dir, "raw", "run.json")) as raw:
+        return json.load(raw)
+
+
+# Checks that judge this machine, not the pipeline: at 50 listeners the load generator's
+# fixed costs (master, heartbeats, reports) outweigh the server's tiny fan-outs, and
+# on a contended machine the client's lag can pass its share of a tiny p99.
+MACHINE_DEPENDENT = {"load generator cheaper than the server", "latency is the server's, not the client's"}
 
 
 def test_the_small_run_passes_its_checks(small_run):
     run, _report_dir, summary = small_run
     failed = [check for check in summary["checks"] if not check["passed"]]
-    # A run the load generator could not keep up with exits 1 by design: that is the
-    # machine, not the pipeline, so only the other checks must hold here.
-    assert [check for check in failed if check["check"] != "load generator not CPU-bound"] == [], run.stdout
+    assert [check for check in failed if check["check"] not in MACHINE_DEPENDENT] == [], run.stdout
     assert run.returncode == (0 if not failed else 1), run.stdout + run.stderr
     assert "Chattle load run:" in run.stdout
+    assert "server wake-up ms" in run.stdout and "client lag ms" in run.stdout
 
 
 def test_report_figures_match_what_the_listeners_saw(small_run):
     _run, report_dir, summary = small_run
-    listeners, latencies = raw_listeners(report_dir)
+    raw = raw_run(report_dir)
+    listeners = raw["listeners"]
     assert len(listeners) == 50 == summary["delivery"]["listeners"]
-    received = sum(listener["received"] for listener in listeners)
+    assert all(listener["gave_up"] is None for listener in listeners)
+    received = sum(listener["ledger"]["received"] for listener in listeners)
+    caught_up = sum(listener["caught_up"] for listener in listeners)
     assert received > 0
     assert summary["deliveries"] == received == summary["delivery"]["received"]
-    assert summary["wakeup_latency_s"]["count"] == received == len(latencies)
-    assert sum(listener["latencies"] for listener in listeners) == received
+    # every message of a held poll has a latency; catch-up messages at ramp-down have none
+    assert summary["wakeup_latency_s"]["count"] == received - caught_up == summary["client_lag_s"]["count"]
+    assert sum(worker["deliveries"] for worker in raw["workers"].values()) == received - caught_up
     assert summary["delivery"]["lost"] == summary["delivery"]["duplicated"] == 0
     assert summary["delivery"]["out_of_order"] == 0
     # every listener of a room ends at that room's final cursor, which the server reported
     for listener in listeners:
-        assert listener["next_expected"] - 1 == summary["final_cursors"][listener["room"]]
+        assert listener["ledger"]["next_expected"] - 1 == summary["final_cursors"][listener["room"]]
     assert summary["posts"] == sum(summary["final_cursors"].values())
+    cpu = summary["cpu"]
+    assert cpu["server_cpu_s"] > 0 and cpu["client_cpu_s"] > 0
+    assert cpu["client_over_server"] == pytest.approx(cpu["client_cpu_s"] / cpu["server_cpu_s"])
 
 
 def test_report_holds_every_chart_and_locusts_own_output(small_run):
@@ -85,3 +98,81 @@ def test_preflight_refuses_a_run_that_cannot_reach_its_target(tmp_path):
     assert run.returncode == 2
     assert "preflight refused" in run.stderr and "at least" in run.stderr
     assert os.listdir(str(tmp_path)) == []  # nothing was started, no report written
+
+
+def orchestrate(argv, tmp_path, timeout):
+    return subprocess.run([sys.executable, "-m", "loadtests.run", "--report-root", str(tmp_path), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_target_that_does_not_speak_the_protocol_is_refused_in_one_line(tmp_path):
+    port = free_port()
+    other = Process([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)], cwd=str(tmp_path))
+    try:
+        wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() or True, 10,
+                   "http.server", other)
+        run = orchestrate(["--users", "20", "--duration", "30", "--host", "http://127.0.0.1:%d" % port],
+                          tmp_path / "reports", 60)
+    finally:
+        other.stop()
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "does not speak the Chattle protocol" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "reports").exists() or os.listdir(str(tmp_path / "reports")) == []
+
+
+def test_listeners_whose_server_vanishes_count_as_lost_contact_not_lost_messages(tmp_path, start_chattle):
+    server = start_chattle()
+    argv = [sys.executable, "-m", "loadtests.run", "--report-root", str(tmp_path), "--host", server.url,
+            "--users", "30", "--duration", "40", "--spawn-rate", "30", "--lost-contact-seconds", "3"]
+    run = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: server_waiters(server) >= 30, 40, "30 held polls")
+        server.popen.kill()          # the server vanishes mid-run, holding every listener
+        server.popen.wait(10)
+        output, _ = run.communicate(timeout=150)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 1, output
+    with open(glob.glob(os.path.join(str(tmp_path), "*-load", "summary.json"))[0]) as summary_file:
+        summary = json.load(summary_file)
+    delivery = summary["delivery"]
+    assert delivery["gave_up"] == 30 and list(delivery["gave_up_reasons"]) == ["lost contact"], delivery
+    assert delivery["lost"] == 0 and delivery["listeners"] == 0
+    assert "lost contact" in output
+
+
+def server_waiters(server):
+    status, body = get_json(server.url + "/stats", timeout=2)
+    return body["waiters"] if status == 200 else 0
+
+
+def test_ctrl_c_stops_everything_and_writes_the_partial_report(tmp_path):
+    argv = [sys.executable, "-m", "loadtests.run", "--report-root", str(tmp_path), "--users", "30",
+            "--duration", "60", "--spawn-rate", "30"]
+    run = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = run.stdout.readline()
+            lines.append(line)
+            if "bursts" in line or not line:
+                break
+        run.send_signal(signal.SIGINT)
+        output, _ = run.communicate(timeout=90)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    output = "".join(lines) + output
+    assert run.returncode == 130, output
+    server_pid = int(re.search(r"chattle python chattle.py on \S+ \(pid (\d+)\)", output).group(1))
+    assert not os.path.exists("/proc/%d" % server_pid) or open("/proc/%d/stat" % server_pid).read().split()[2] == "Z"
+    report = glob.glob(os.path.join(str(tmp_path), "*-load"))[0]
+    with open(os.path.join(report, "report.html")) as page:
+        assert "interrupted" in page.read()
+    with open(os.path.join(report, "summary.json")) as summary_file:
+        summary = json.load(summary_file)
+    assert summary["run"]["interrupted"] and not summary["passed"]
+    assert summary["delivery"]["listeners"] == 30       # every listener caught up and reported on its way out
