@@ -13,7 +13,6 @@ all on 127.0.0.1.
 import argparse
 import json
 import os
-import re
 import resource
 import select
 import selectors
@@ -23,12 +22,12 @@ import sys
 import time
 import urllib.parse
 
+from bench.httpframe import FramingError, ResponseParser
 from bench.measures import DeliveryLedger, latency_summary, summed_rss, wakeup_latency
 from bench.servers import ROOT, get_json, post_json
 
 POLL_TIMEOUT = 60          # the protocol's longest hold: nothing times out while we measure
 PER_PROCESS = 8000         # sockets per client process, well under the 20000 descriptor limit
-CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.IGNORECASE)
 
 
 def raise_descriptor_limit():
@@ -46,28 +45,33 @@ def cpu_seconds_self():
 # -- the client process -----------------------------------------------------------------
 
 class Poll:
-    __slots__ = ("sock", "buffer", "received_at", "body")
+    __slots__ = ("sock", "parser", "received_at", "body")
 
     def __init__(self, sock):
         self.sock = sock
-        self.buffer = b""
+        self.parser = ResponseParser()
         self.received_at = None
         self.body = None
 
     def feed(self, data):
-        """Append bytes; True once the whole answer (headers + Content-Length body) is in."""
-        buffer = self.buffer = self.buffer + data if self.buffer else data
-        head_end = buffer.find(b"\r\n\r\n")
-        if head_end < 0:
+        """Append bytes; True once the whole answer is in (framed by bench.httpframe, the
+        parser the load test's client uses too)."""
+        response = self.parser.feed(data)
+        if response is None:
             return False
-        length = CONTENT_LENGTH.search(buffer, 0, head_end)
-        if length is None:
-            return False  # chunked or close-delimited: finished when the server closes
-        end = head_end + 4 + int(length.group(1))
-        if len(buffer) >= end:
-            self.body = buffer[head_end + 4:end]
-            return True
-        return False
+        self.body = response.body
+        return True
+
+    def feed_eof(self):
+        """The server closed: True if that completed a close-delimited answer."""
+        try:
+            response = self.parser.feed_eof()
+        except FramingError:
+            return False
+        if response is None:
+            return False
+        self.body = response.body
+        return True
 
 
 def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold_only=False,
@@ -118,9 +122,13 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
                 continue
             except OSError:
                 data = b""
-            if data and not poll.feed(data):
+            try:
+                complete = poll.feed(data) if data else poll.feed_eof()
+            except FramingError:
+                complete = False
+            if data and not complete:
                 continue
-            if data:
+            if complete:
                 poll.received_at = time.time()
             # else: closed before a whole answer; it stays unanswered, never a delivery
             epoll.unregister(fd)  # closed after the timing: a close is not a delivery

@@ -17,7 +17,7 @@ import threading
 import time
 
 from bench.measures import process_cpu_seconds
-from bench.servers import ROOT, ChattleServer, Process, RedisServer, get_json
+from bench.servers import LOOPBACK, ROOT, ChattleServer, Process, RedisServer, free_port, get_json
 from loadtests.scenario import CLIENT_TIMEOUT_MARGIN, SETTLE_SECONDS, build_stages, room_name, stage_at
 from reports.page import new_report_dir, REPORTS_ROOT
 
@@ -315,8 +315,14 @@ def stop_on_sigterm(_signum, _frame):
 
 
 def locust_argv(args, url, report_dir, raw_dir):
+    master_port = free_port()
     return [sys.executable, "-m", "locust", "--config", LOCUST_CONF, "-f", os.path.join(HERE, "locustfile.py"),
             "--headless", "--host", url, "--processes", str(args.client_processes),
+            # A port of its own on loopback: two runs on one machine (a test beside a run)
+            # must not hand each other's workers to the wrong master, as 5557 for all would.
+            # (forked workers dial --master-host/--master-port, the master listens on the bind pair)
+            "--master-bind-host", LOOPBACK, "--master-bind-port", str(master_port),
+            "--master-host", LOOPBACK, "--master-port", str(master_port),
             "--listeners", str(args.users), "--posters", str(args.posters), "--rooms", str(args.rooms),
             "--run-seconds", str(args.duration), "--spawn-rate", str(args.spawn_rate),
             "--stop-rate", str(args.stop_rate), "--poll-timeout", str(args.poll_timeout),
