@@ -28,7 +28,7 @@ venv: $(STAMP)
 # One worker: python chattle.py, in-memory bus.  WORKERS=N: gunicorn with N gevent
 # workers on the shared Redis bus (REDIS=url, or a local redis-server started for it).
 run: $(STAMP)
-	$(PY) -m bench.run_server --port $(PORT) --workers $(WORKERS) $(if $(REDIS),--redis $(REDIS))
+	$(PY) -m harness.run_server --port $(PORT) --workers $(WORKERS) $(if $(REDIS),--redis $(REDIS))
 
 test: $(STAMP)
 	$(PY) -m pytest tests

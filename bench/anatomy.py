@@ -32,7 +32,7 @@ if ROOT not in sys.path:
 
 import chattle  # noqa: E402
 from bench.measures import summed_rss  # noqa: E402
-from bench.servers import LOOPBACK  # noqa: E402
+from harness.processes import LOOPBACK  # noqa: E402
 
 
 def kernel_tcp_bytes():

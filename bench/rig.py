@@ -24,7 +24,7 @@ import time
 import urllib.parse
 
 from bench.measures import DeliveryLedger, latency_summary, summed_rss, wakeup_latency
-from bench.servers import ROOT, get_json, post_json
+from harness.processes import ROOT, get_json, post_json
 
 POLL_TIMEOUT = 60          # the protocol's longest hold: nothing times out while we measure
 PER_PROCESS = 8000         # sockets per client process, well under the 20000 descriptor limit

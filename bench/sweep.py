@@ -24,7 +24,7 @@ import time
 
 from bench.measures import summed_rss, time_per_waiter
 from bench.rig import Rig, raise_descriptor_limit
-from bench.servers import ChattleServer, PeerServer, RedisServer
+from harness.processes import ChattleServer, PeerServer, RedisServer
 from reports.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
 DESCRIPTOR_MARGIN = 200  # listener, logs, redis and the worker's pipes

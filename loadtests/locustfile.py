@@ -18,7 +18,7 @@ from locust import constant, events, task
 from locust.contrib.fasthttp import FastHttpUser
 
 from bench.measures import DeliveryLedger, wakeup_latency
-from bench.servers import get_json
+from harness.processes import get_json
 from loadtests.scenario import CLIENT_TIMEOUT_MARGIN, build_stages, room_name, stage_at
 from loadtests.shapes import StagedShape  # noqa: F401  (Locust finds the shape in the locustfile)
 

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from bench.servers import ROOT, ChattleServer, Process, RedisServer, get_json
+from harness.processes import ROOT, ChattleServer, Process, RedisServer, get_json
 from loadtests.scenario import CLIENT_TIMEOUT_MARGIN, build_stages, room_name, stage_at
 from reports.page import new_report_dir, REPORTS_ROOT
 

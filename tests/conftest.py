@@ -21,7 +21,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import chattle  # noqa: E402
-from bench.servers import ChattleServer, RedisServer  # noqa: E402
+from harness.processes import ChattleServer, RedisServer  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

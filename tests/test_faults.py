@@ -11,7 +11,7 @@ import time
 
 import gevent
 
-from bench.servers import get_json, wait_until
+from harness.processes import get_json, wait_until
 from tests.test_multiworker import Listener, Poster, post_once
 
 

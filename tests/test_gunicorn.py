@@ -14,7 +14,7 @@ import gevent
 import pytest
 
 import chattle
-from bench.servers import ROOT, Process, free_port, get_json, post_json, wait_until
+from harness.processes import ROOT, Process, free_port, get_json, post_json, wait_until
 from test_longpoll import GENEROUS, HttpConnection
 
 SEED_FLAGS = ["--worker-class", "gevent", "--workers", "1", "chattle"]

@@ -13,7 +13,7 @@ import gevent
 import psutil
 
 from bench.measures import DeliveryLedger, delivery_summary
-from bench.servers import get_json, post_json, wait_until
+from harness.processes import get_json, post_json, wait_until
 
 GENEROUS = 30.0
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 import chattle
-from bench.servers import wait_until
+from harness.processes import wait_until
 from tests.conftest import call_wsgi
 
 

@@ -1,4 +1,5 @@
-"""Start and stop the processes a run needs: a Chattle server and a redis-server.
+"""The harness's process library: start and stop what a run needs, a Chattle server, a
+reference peer and a redis-server.
 
 One place for it, used by `make run`, `make load`, `make bench` and the tests alike.
 Every process is started here, remembered by its pid and ended by that pid only.

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from bench.servers import ChattleServer, RedisServer
+from harness.processes import ChattleServer, RedisServer
 
 
 def main(argv=None):
