@@ -25,6 +25,7 @@ import time
 from bench.measures import summed_rss, time_per_waiter
 from bench.rig import Rig, raise_descriptor_limit
 from harness.processes import ChattleServer, PeerServer, RedisServer
+from harness.system_packages import require_or_exit
 from reports.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
 DESCRIPTOR_MARGIN = 200  # listener, logs, redis and the worker's pipes
@@ -223,6 +224,8 @@ def main(argv=None):
     limit = raise_descriptor_limit() - DESCRIPTOR_MARGIN
     skipped = [c for c in counts if c > limit]
     counts = [c for c in counts if c <= limit]
+    if not args.target and any(w > 1 for w in workers_list):
+        require_or_exit(["redis-server"], "bench")  # before the report directory: none is left empty
     report_dir = new_report_dir("bench")
     info = machine_description()
     started = time.monotonic()

@@ -7,7 +7,6 @@ Every process is started here, remembered by its pid and ended by that pid only.
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +15,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+
+from harness import system_packages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = "127.0.0.1"
@@ -108,10 +109,9 @@ class RedisServer(Process):
     """A real redis-server on a loopback port, its data in its own directory."""
 
     def __init__(self, workdir=None, port=None, appendonly=True):
-        exe = shutil.which("redis-server")
+        exe = system_packages.find("redis-server")
         if exe is None:
-            raise FileNotFoundError("redis-server is not installed; `apt-get install redis-server` "
-                                    "(or point REDIS= at a running one)")
+            raise system_packages.MissingProgram(["redis-server"])
         self.workdir = workdir or tempfile.mkdtemp(prefix="chattle-redis-")
         self.port = port or free_port()
         self.url = "redis://%s:%d/0" % (LOOPBACK, self.port)

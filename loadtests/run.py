@@ -17,6 +17,7 @@ import threading
 import time
 
 from harness.processes import ROOT, ChattleServer, Process, RedisServer, get_json
+from harness.system_packages import missing, missing_line
 from loadtests.scenario import CLIENT_TIMEOUT_MARGIN, build_stages, room_name, stage_at
 from reports.page import new_report_dir, REPORTS_ROOT
 
@@ -103,6 +104,8 @@ def preflight(args):
 
     if not args.host:
         if args.workers > 1:
+            if missing(["redis-server"]):
+                problems.append(missing_line(["redis-server"]))
             conf = runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py"))
             capacity = conf["worker_connections"] * args.workers
             if capacity < users:

@@ -11,7 +11,6 @@ monkey.patch_all()
 import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -21,17 +20,18 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import chattle  # noqa: E402
+from harness import system_packages  # noqa: E402
 from harness.processes import ChattleServer, RedisServer  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def require_program(path_or_name, install_hint):
-    """Skip loudly when a system program is missing; under CI a missing one is a failure."""
-    found = path_or_name if os.path.isabs(path_or_name) and os.access(path_or_name, os.X_OK) \
-        else shutil.which(path_or_name)
+def require_program(program):
+    """Where a system program of harness.system_packages is. `make test` installs them
+    first; run without make, a missing one skips loudly, and under CI it fails."""
+    found = system_packages.find(program)
     if not found:
-        message = "%s is not installed: %s" % (path_or_name, install_hint)
+        message = system_packages.missing_line([program])
         if IN_CI:
             pytest.fail("CI=true and " + message, pytrace=False)
         pytest.skip(message)
@@ -106,7 +106,7 @@ def wsgi(app_state):
 
 @pytest.fixture
 def redis_server(tmp_path):
-    require_program("redis-server", "apt-get install redis-server")
+    require_program("redis-server")
     workdir = tmp_path / "redis"
     workdir.mkdir()
     server = RedisServer(workdir=str(workdir), appendonly=True)
