@@ -9,22 +9,21 @@ process it starts is stopped by pid at the end, also on Ctrl-C or failure. Exit 
 
 import argparse
 import os
-import resource
 import runpy
 import signal
 import sys
 import threading
 import time
 
+from chattle_limits import CLIENT_TIMEOUT_MARGIN, POLL_TIMEOUT_MAX, raise_descriptor_limit
 from harness.processes import ROOT, ChattleServer, Process, RedisServer, get_json
 from harness.system_packages import missing, missing_line
-from loadtests.scenario import CLIENT_TIMEOUT_MARGIN, build_stages, room_name, stage_at
-from reports.page import new_report_dir, REPORTS_ROOT
+from loadtests.scenario import build_stages, room_name, stage_at
+from reports.page import REPORTS_ROOT, new_report_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCUST_CONF = os.path.join(HERE, "locust.conf")
 DESCRIPTORS_SPARE = 200       # logs, pipes, the master link, /stats probes
-POLL_TIMEOUT_MAX = 60         # the protocol's upper bound
 
 
 def conf_defaults(path=LOCUST_CONF):
@@ -74,13 +73,6 @@ def parse_args(argv=None):
 
 
 # -- preflight ------------------------------------------------------------------------------------
-
-def raise_descriptor_limit():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
 
 def preflight(args):
     """(stages, problems, notes): problems make the run refuse to start."""

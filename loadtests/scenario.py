@@ -7,8 +7,9 @@ message from the master.
 
 import math
 
-# Seconds the client waits beyond the server's poll timeout before it calls a poll lost.
-CLIENT_TIMEOUT_MARGIN = 10.0
+# Seconds the client waits beyond the server's poll timeout before it calls a poll lost
+# (stated in chattle_limits.py; named here too for loadtests/locustfile.py).
+from chattle_limits import CLIENT_TIMEOUT_MARGIN as CLIENT_TIMEOUT_MARGIN
 
 # Seconds a stage needs at least; shorter runs squeeze the burst stage, never these.
 HOLD_SECONDS = 8      # everyone held, nothing posted: the idle cost of a held poll

@@ -5,6 +5,8 @@
 so gunicorn.conf.py is picked up from the working directory exactly as it is in use.
 """
 
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,8 +16,9 @@ import gevent
 import pytest
 
 import chattle
+from chattle_limits import client_timeout
+from clients import GENEROUS, HttpConnection
 from harness.processes import ROOT, Process, free_port, get_json, post_json, wait_until
-from test_longpoll import GENEROUS, HttpConnection
 
 SEED_FLAGS = ["--worker-class", "gevent", "--workers", "1", "chattle"]
 
@@ -60,11 +63,30 @@ def test_config_is_sized_for_long_polls():
     config = effective_config()
     assert config["worker_class"] == "gevent"
     assert int(config["worker_connections"]) > 1000  # the default 1000 silently queues the rest
-    graceful, heartbeat = float(config["graceful_timeout"]), float(config["timeout"])
-    client_gives_up = chattle.MAX_POLL_TIMEOUT + 10  # what the page and the load clients use
-    assert chattle.MAX_POLL_TIMEOUT < client_gives_up < graceful
-    assert heartbeat > 0 and int(config["backlog"]) >= 1024
+    assert float(config["timeout"]) > 0 and int(config["backlog"]) >= 1024
     assert config["control_socket_disable"] == "True"
+
+
+def page_constant(name):
+    """A `var NAME = <number>;` of the page's script (static/chattle.js)."""
+    with open(os.path.join(ROOT, "static", "chattle.js")) as script:
+        return float(re.search(r"\bvar %s = (\d+(?:\.\d+)?);" % name, script.read()).group(1))
+
+
+def test_timeouts_nest_where_they_are_in_effect(wsgi):
+    """poll <= the server's longest hold < what a client waits < gunicorn's graceful timeout,
+    each figure read from where it acts: the server's answer, the page's script and the
+    configuration gunicorn really runs the seed's command with."""
+    longest_hold = chattle.MAX_POLL_TIMEOUT
+    assert wsgi("POST", "/rooms/t/msgs", body='{"from": "ann", "content": "hi"}',
+                headers={"Content-Type": "application/json"}).status == 201  # so a poll since 0 answers at once
+    assert wsgi("GET", "/rooms/t/msgs", query="since=0&timeout=%g" % longest_hold).status == 200
+    assert wsgi("GET", "/rooms/t/msgs", query="since=0&timeout=%g" % (longest_hold + 0.5)).status == 400
+    page_poll, page_gives_up = page_constant("POLL_TIMEOUT_S"), page_constant("POLL_ABORT_MS") / 1000
+    assert page_poll <= longest_hold
+    assert page_gives_up == client_timeout(page_poll)  # the rule the load clients and the rig follow too
+    graceful = float(effective_config()["graceful_timeout"])
+    assert longest_hold < client_timeout(longest_hold) < graceful
 
 
 def test_post_and_long_poll_round_trip(gunicorn):
