@@ -8,8 +8,6 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import io  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -20,6 +18,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import chattle  # noqa: E402
+from clients import call_wsgi  # noqa: E402
 from harness import system_packages  # noqa: E402
 from harness.processes import ChattleServer, RedisServer  # noqa: E402
 
@@ -40,55 +39,6 @@ def require_program(program):
 
 # -- in-process WSGI --------------------------------------------------------------------------
 
-class WsgiAnswer:
-    def __init__(self, status, headers, body):
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    @property
-    def json(self):
-        return json.loads(self.body)
-
-    def header(self, name):
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
-
-
-def call_wsgi(method, path, body=b"", headers=None, query=""):
-    """Call chattle.app directly, as a WSGI server would, and collect the whole answer."""
-    if "?" in path:
-        path, query = path.split("?", 1)
-    if isinstance(body, str):
-        body = body.encode("utf-8")
-    environ = {
-        "REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SERVER_NAME": "127.0.0.1",
-        "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(body), "wsgi.errors": io.StringIO(), "wsgi.version": (1, 0),
-        "wsgi.multithread": False, "wsgi.multiprocess": False, "wsgi.run_once": False,
-        "CONTENT_LENGTH": str(len(body)) if body else "",
-    }
-    for name, value in (headers or {}).items():
-        key = name.upper().replace("-", "_")
-        if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            environ[key] = value
-        else:
-            environ["HTTP_" + key] = value
-    captured = {}
-
-    def start_response(status, response_headers, exc_info=None):
-        captured["status"] = int(status.split()[0])
-        captured["headers"] = response_headers
-
-    chunks = chattle.app(environ, start_response)
-    data = b"".join(chunks)
-    if hasattr(chunks, "close"):
-        chunks.close()
-    return WsgiAnswer(captured["status"], captured["headers"], data)
-
-
 @pytest.fixture
 def app_state():
     """A fresh in-memory chattle (rooms and bus) for each in-process test."""
@@ -103,6 +53,12 @@ def wsgi(app_state):
 
 
 # -- real processes -----------------------------------------------------------------------------
+
+@pytest.fixture
+def chromium():
+    """Debian's chromium, the browser playwright drives (it never downloads one of its own)."""
+    return require_program("chromium")
+
 
 @pytest.fixture
 def redis_server(tmp_path):

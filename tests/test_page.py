@@ -17,7 +17,6 @@ import bottle
 import pytest
 
 import chattle
-from conftest import require_program
 
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page_driver.py")
 XSS = "<img src=x onerror=alert(1)>"
@@ -102,8 +101,8 @@ def run_driver_with_restart(start_chattle, tmp_path, chromium):
 
 
 @pytest.mark.slow
-def test_two_people_chat_in_headless_chromium(start_chattle, tmp_path):
-    seen = run_driver_with_restart(start_chattle, tmp_path, require_program("chromium"))
+def test_two_people_chat_in_headless_chromium(start_chattle, tmp_path, chromium):
+    seen = run_driver_with_restart(start_chattle, tmp_path, chromium)
     assert "error" not in seen, "stage %s failed:\n%s" % (seen.get("stage"), seen.get("error"))
     assert seen["stage"] == "done"
     assert seen["page_errors"] == [] and seen["dialogs"] == []

@@ -11,6 +11,7 @@ from bench.measures import time_per_waiter
 from bench.rig import Rig
 from harness.processes import PeerServer, get_json, post_json, wait_until
 
+
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory):
     server = PeerServer(log_path=str(tmp_path_factory.mktemp("peer") / "peer.log"))

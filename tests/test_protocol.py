@@ -11,6 +11,7 @@ import gevent
 import pytest
 
 import chattle
+from clients import WsgiAnswer
 
 JSON = {"Content-Type": "application/json"}
 
@@ -67,7 +68,6 @@ def call_raw(environ_extra, input_stream):
         captured["status"], captured["headers"] = int(status.split()[0]), headers
 
     body = b"".join(chattle.app(environ, start_response))
-    from conftest import WsgiAnswer
     return WsgiAnswer(captured["status"], captured["headers"], body)
 
 
