@@ -111,7 +111,8 @@ def stats(server):
     return body
 
 
-def wait_for_waiters(server, count):
+def wait_for_waiters(server, count, within=GENEROUS):
+    """Until the server holds exactly `count` polls; past `within`, a failure that says how many it held."""
     seen = []
 
     def held():
@@ -119,7 +120,7 @@ def wait_for_waiters(server, count):
         return seen[-1] == count
 
     try:
-        wait_until(held, GENEROUS, "%d held polls" % count)
+        wait_until(held, within, "%d held polls" % count)
     except RuntimeError as error:  # what wait_until raises at its deadline
         raise AssertionError("%s; the server held %s" % (error, seen[-1:])) from None
 

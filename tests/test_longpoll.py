@@ -10,6 +10,7 @@ import time
 
 import gevent
 import psutil
+import pytest
 
 from bench.measures import DeliveryLedger, delivery_summary
 from clients import GENEROUS, HttpConnection, held_poll, post, stats, wait_for_waiters
@@ -43,6 +44,12 @@ def test_one_post_wakes_300_held_polls(start_chattle):
         assert body["cursor"] == 1 and body["missed"] == 0
     assert stats(server)["waiters"] == 0
 
+
+
+def test_a_wait_for_held_polls_that_runs_out_says_how_many_were_held(start_chattle):
+    server = start_chattle()
+    with pytest.raises(AssertionError, match=r"(?s)1 held polls: not ready after 0.5s.*the server held \[0\]"):
+        wait_for_waiters(server, 1, within=0.5)
 
 def test_timeout_is_honoured(start_chattle):
     server = start_chattle()
