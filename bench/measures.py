@@ -7,7 +7,6 @@ a load report and the same number in a capacity sweep mean the same thing.
 
 import math
 
-
 # -- wake-up latency -----------------------------------------------------------------
 
 def wakeup_latency(received_at, message_ts):
