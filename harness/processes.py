@@ -20,6 +20,7 @@ from harness import system_packages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = "127.0.0.1"
+SEED_FLAGS = ["--worker-class", "gevent", "--workers", "1", "chattle"]  # the seed's, after its --bind
 
 
 def free_port(host=LOOPBACK):
@@ -172,6 +173,26 @@ class ChattleServer(Process):
             return [child.pid for child in psutil.Process(self.pid).children()]
         except psutil.NoSuchProcess:
             return []
+
+
+class SeedGunicorn(Process):
+    """The seed's deployment command as it stands, `gunicorn --bind 0.0.0.0:8080 --worker-class
+    gevent --workers 1 chattle`, on a loopback port, run from the repository root so that
+    gunicorn.conf.py is read from there as in use; with the gunicorn of `bin_dir`'s venv."""
+
+    def __init__(self, bin_dir=None, port=None, log_path=None):
+        bin_dir = bin_dir or os.path.dirname(sys.executable)
+        self.port = port or free_port()
+        self.url = "http://%s:%d" % (LOOPBACK, self.port)
+        if log_path is None:
+            log_path = tempfile.mkstemp(prefix="seed-gunicorn-", suffix=".log")[1]
+        super().__init__([os.path.join(bin_dir, "gunicorn"), "--bind", "%s:%d" % (LOOPBACK, self.port),
+                          *SEED_FLAGS], log_path=log_path)
+        wait_until(self.healthy, 30, "the seed's gunicorn on %s" % self.url, self)
+
+    def healthy(self):
+        status, _body = get_json(self.url + "/health", timeout=1)
+        return status == 200
 
 
 class PeerServer(Process):

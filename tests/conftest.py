@@ -20,7 +20,7 @@ if ROOT not in sys.path:
 import chattle  # noqa: E402
 from clients import call_wsgi  # noqa: E402
 from harness import system_packages  # noqa: E402
-from harness.processes import ChattleServer, RedisServer  # noqa: E402
+from harness.processes import ChattleServer, RedisServer, SeedGunicorn  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -84,3 +84,20 @@ def start_chattle(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+
+@pytest.fixture
+def seed_gunicorn(tmp_path):
+    """Factory: the seed's gunicorn command (harness.processes.SeedGunicorn), with this
+    venv's gunicorn or another's; every one started is stopped after the test."""
+    started = []
+
+    def start(bin_dir=None):
+        log_path = str(tmp_path / ("gunicorn-%d.log" % len(started)))
+        started.append(SeedGunicorn(bin_dir=bin_dir, log_path=log_path))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop(grace=20)

@@ -13,37 +13,11 @@ import sys
 import time
 
 import gevent
-import pytest
 
 import chattle
 from chattle_limits import client_timeout
 from clients import GENEROUS, HttpConnection
-from harness.processes import ROOT, Process, free_port, get_json, post_json, wait_until
-
-SEED_FLAGS = ["--worker-class", "gevent", "--workers", "1", "chattle"]
-
-
-def start_gunicorn(log_path):
-    port = free_port()
-    server = Process([sys.executable, "-m", "gunicorn", "--bind", "127.0.0.1:%d" % port, *SEED_FLAGS],
-                     cwd=ROOT, log_path=str(log_path))
-    server.port = port
-    server.url = "http://127.0.0.1:%d" % port
-    wait_until(lambda: get_json(server.url + "/health", timeout=1)[0] == 200, 30, "gunicorn /health", server)
-    return server
-
-
-@pytest.fixture
-def gunicorn(tmp_path):
-    started = []
-
-    def start():
-        started.append(start_gunicorn(tmp_path / ("gunicorn-%d.log" % len(started))))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.stop(grace=20)
+from harness.processes import ROOT, SEED_FLAGS, free_port, get_json, post_json, wait_until
 
 
 def effective_config():
@@ -89,8 +63,8 @@ def test_timeouts_nest_where_they_are_in_effect(wsgi):
     assert longest_hold < client_timeout(longest_hold) < graceful
 
 
-def test_post_and_long_poll_round_trip(gunicorn):
-    server = gunicorn()
+def test_post_and_long_poll_round_trip(seed_gunicorn):
+    server = seed_gunicorn()
     status, health = get_json(server.url + "/health")
     assert status == 200 and health["bus"] == "memory" and health["pid"] != server.pid  # a worker answers
     assert post_json(server.url + "/rooms/g/msgs", {"from": "ann", "content": "first"})[0] == 201
@@ -103,8 +77,8 @@ def test_post_and_long_poll_round_trip(gunicorn):
     assert [(message["id"], message["content"]) for message in body["messages"]] == [(2, "second")]
 
 
-def test_oversized_body_is_refused_and_the_connection_closed(gunicorn):
-    server = gunicorn()
+def test_oversized_body_is_refused_and_the_connection_closed(seed_gunicorn):
+    server = seed_gunicorn()
     connection = HttpConnection(server.port)
     connection.sock.sendall(b"POST /msgs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                             b"Content-Length: 10000000\r\n\r\n" + b"x" * 1000)
@@ -117,8 +91,8 @@ def test_oversized_body_is_refused_and_the_connection_closed(gunicorn):
     connection.close()
 
 
-def test_sigterm_answers_held_polls_and_the_master_exits(gunicorn):
-    server = gunicorn()
+def test_sigterm_answers_held_polls_and_the_master_exits(seed_gunicorn):
+    server = seed_gunicorn()
     post_json(server.url + "/rooms/stop/msgs", {"from": "ann", "content": "before"})
 
     def held_poll():
