@@ -79,11 +79,13 @@ class HttpConnection:
 
     def server_closed(self, within=GENEROUS):
         """True once the server has closed its end (it may have answered first)."""
-        self.sock.settimeout(within)
+        deadline = time.monotonic() + within
         try:
-            while self.sock.recv(65536):
-                pass
-            return True
+            while time.monotonic() < deadline:
+                self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                if not self.sock.recv(65536):
+                    return True
+            return False
         except ConnectionResetError:
             return True
         except socket.timeout:
