@@ -1,4 +1,5 @@
-# Chattle: every target builds the virtualenv first when pyproject.toml is newer than it.
+# Chattle: a target first installs the Debian packages it needs (system-packages), then
+# builds the virtualenv when pyproject.toml is newer than it.
 PYTHON3 ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
