@@ -1,4 +1,5 @@
-# Chattle: every target builds the virtualenv first when pyproject.toml is newer than it.
+# Chattle: a target first installs the Debian packages it needs (system-packages), then
+# builds the virtualenv when pyproject.toml is newer than it.
 PYTHON3 ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
@@ -13,9 +14,23 @@ ROOMS   ?=
 HOST    ?=
 QUICK   ?=
 
-.PHONY: all venv run test load bench regress regress-accept clean
+.PHONY: all venv system-packages lint run test test-fast load bench regress regress-accept clean
 
 all: test
+
+# The Debian packages the goals given need: redis-server for the tests, the sweep and
+# more than one worker; chromium for the page's test. harness/system_packages.py
+# installs the missing ones (apt-get as root, else `sudo -n apt-get`, never a prompt)
+# or stops at once with one line naming the command to run. It runs before the venv.
+GOALS   := $(or $(MAKECMDGOALS),all)
+SYSTEM_PROGRAMS := $(sort \
+  $(if $(filter all test,$(GOALS)),redis-server chromium) \
+  $(if $(filter test-fast bench,$(GOALS)),redis-server) \
+  $(if $(filter run,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(REDIS),,redis-server))) \
+  $(if $(filter load,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(HOST),,redis-server))))
+
+system-packages:
+	@$(PYTHON3) -m harness.system_packages $(SYSTEM_PROGRAMS)
 
 $(STAMP): pyproject.toml
 	$(PYTHON3) -m venv $(VENV)
@@ -27,18 +42,25 @@ venv: $(STAMP)
 
 # One worker: python chattle.py, in-memory bus.  WORKERS=N: gunicorn with N gevent
 # workers on the shared Redis bus (REDIS=url, or a local redis-server started for it).
-run: $(STAMP)
-	$(PY) -m bench.run_server --port $(PORT) --workers $(WORKERS) $(if $(REDIS),--redis $(REDIS))
+run: system-packages $(STAMP)
+	$(PY) -m harness.run_server --port $(PORT) --workers $(WORKERS) $(if $(REDIS),--redis $(REDIS))
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: system-packages lint
 	$(PY) -m pytest tests
 
-load: $(STAMP)
+# The inner loop: everything but the tests marked slow (the page, scale, the pipeline).
+test-fast: system-packages $(STAMP)
+	$(PY) -m pytest -m "not slow" tests
+
+load: system-packages $(STAMP)
 	$(PY) -m loadtests.run $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION)) \
 	  $(if $(ROOMS),--rooms $(ROOMS)) $(if $(filter-out 1,$(WORKERS)),--workers $(WORKERS)) \
 	  $(if $(HOST),--host $(HOST))
 
-bench: $(STAMP)
+bench: system-packages $(STAMP)
 	$(PY) -m bench.sweep $(if $(QUICK),--quick)
 
 # Compares with the saved baseline of this machine; the first run saves it.
@@ -49,6 +71,7 @@ regress: $(STAMP)
 regress-accept: $(STAMP)
 	$(PY) -m bench.regress --accept
 
+# Build products only: .benchmarks/ (this machine's accepted baselines) and reports/ stay.
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -31,10 +31,12 @@ import gevent  # noqa: E402
 # Each spawned greenlet would record its spawner and the spawning stack, for debugging
 # tools; every held poll is a greenlet, so that record was kept once per waiter.
 gevent.config.track_greenlet_tree = False
-from gevent.event import Event  # noqa: E402
 import bottle  # noqa: E402
 from bottle import Bottle, HTTPResponse, request, response, static_file, template  # noqa: E402
+from gevent.event import Event  # noqa: E402
 from greenlet import getcurrent  # noqa: E402
+
+from chattle_limits import POLL_TIMEOUT_MAX, raise_descriptor_limit  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATIC_ROOT = os.path.join(HERE, "static")
@@ -50,7 +52,7 @@ ROOM_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 MAX_BODY_BYTES = 16 * 1024
 MAX_FROM_CHARS = 40
 MAX_CONTENT_CHARS = 2000
-MAX_POLL_TIMEOUT = 60.0
+MAX_POLL_TIMEOUT = POLL_TIMEOUT_MAX  # what every client's timeout nests around: chattle_limits.py
 MAX_LIMIT = 1000
 DEFAULT_LIMIT_SINCE = 100
 DEFAULT_LIMIT_RECENT = 50
@@ -837,18 +839,6 @@ app.default_error_handler = error_page
 ###############################################################################
 # Serving with `python chattle.py`
 ###############################################################################
-
-def raise_descriptor_limit():
-    """Each held poll is a socket: take the hard limit, not the shell's soft one."""
-    try:
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, ValueError, OSError):
-        return None
-
 
 READ_BUFFER_BYTES = 1024
 MAX_HEADER_LINE = 65536  # http.client's limits, which pywsgi's own parser applies

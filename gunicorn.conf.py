@@ -7,10 +7,11 @@ Flags given on the command line override what is set here.
 """
 
 import os
-import resource
 import signal
 
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
+
+from chattle_limits import GRACEFUL_TIMEOUT, raise_descriptor_limit
 
 
 class ChattleWorker(GeventPyWSGIWorker):
@@ -40,22 +41,14 @@ workers = int(os.environ.get("CHATTLE_WORKERS", "1"))
 # at once and leaves the rest queued in the listen backlog, silently: so take the hard
 # descriptor limit and give nearly all of it to connections (a few are kept for the
 # listener, logs, Redis and the worker's own pipes).
-_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-if _soft < _hard:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
 DESCRIPTORS_RESERVED = 100
-worker_connections = max(1000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - DESCRIPTORS_RESERVED)
+worker_connections = max(1000, (raise_descriptor_limit()[0] or 0) - DESCRIPTORS_RESERVED)
 backlog = 4096
 
-# Timeouts, in the order they must nest:
-#   poll timeout (what a client asks for, at most the protocol's 60 s)
-#   < client timeout (the page and the load clients give up 10 s after their poll timeout)
-#   < graceful timeout (a stopping worker waits this long for requests in flight).
-# Held polls do not depend on the last one: on SIGTERM each worker answers them at once.
-POLL_TIMEOUT_MAX = 60
-CLIENT_TIMEOUT_MARGIN = 10
-graceful_timeout = POLL_TIMEOUT_MAX + CLIENT_TIMEOUT_MARGIN + 5
-assert POLL_TIMEOUT_MAX < POLL_TIMEOUT_MAX + CLIENT_TIMEOUT_MARGIN < graceful_timeout
+# A stopping worker waits longer than any client waits for a poll, which is longer than
+# any poll is held: the nesting is stated in chattle_limits.py and tested against what
+# gunicorn really runs with (tests/test_gunicorn.py).
+graceful_timeout = GRACEFUL_TIMEOUT
 timeout = 30     # heartbeat: a gevent worker that cannot notify the arbiter for 30 s is stuck
 keepalive = 10   # a long-poll client asks again at once; reuse its connection
 
@@ -70,6 +63,7 @@ def post_worker_init(worker):
     """On SIGTERM, answer every held poll at once instead of sitting out the graceful
     timeout; and tune the worker's garbage collector as `python chattle.py` does."""
     import gevent
+
     import chattle
 
     stop = worker.handle_exit

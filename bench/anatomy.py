@@ -31,8 +31,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import chattle  # noqa: E402
-from bench.measures import summed_rss  # noqa: E402
-from bench.servers import LOOPBACK  # noqa: E402
+from bench.measures import memory_per_connection, summed_rss  # noqa: E402
+from chattle_limits import raise_descriptor_limit  # noqa: E402
+from harness.processes import LOOPBACK  # noqa: E402
 
 
 def kernel_tcp_bytes():
@@ -68,7 +69,7 @@ def live_greenlets():
 
 def measure(polls=2000, top=15):
     chattle.configure(chattle.Settings())
-    chattle.raise_descriptor_limit()
+    raise_descriptor_limit()
     server = chattle.make_server(LOOPBACK, 0)
     server.start()
     url = "http://%s:%d" % (LOOPBACK, server.server_port)
@@ -131,11 +132,12 @@ def measure(polls=2000, top=15):
         sites.append({"site": "%s:%d" % (os.path.relpath(frame.filename, ROOT) if frame.filename.startswith(ROOT)
                                          else shorten(frame.filename), frame.lineno),
                       "bytes_per_poll": stat.size_diff / held, "count": stat.count_diff})
+    rss_per_poll = memory_per_connection(idle_rss, holding_rss, held)
     return {
         "held": held,
-        "rss_per_poll": (holding_rss - idle_rss) / held,
+        "rss_per_poll": rss_per_poll,
         "traced_per_poll": traced_delta / held,
-        "untraced_per_poll": (holding_rss - idle_rss - traced_delta) / held,
+        "untraced_per_poll": rss_per_poll - traced_delta / held,
         "greenlets_per_poll": (holding_greenlets - idle_greenlets) / held,
         "saved_stack_per_poll": saved_stack / held,
         "stack_note": "%.0f B saved C stack" % (saved_stack / held),

@@ -94,7 +94,8 @@ def accept(storage, select):
                    "floor_percent": FLOOR_PERCENT, "ceiling_percent": CEILING_PERCENT}, out, indent=2)
     print("regress: the noise of each median, and the gate it gets:")
     for name in sorted(moves):
-        print("  %-40s noise %5.1f%%  fails beyond +%.0f%%" % (name.split("::")[-1][-40:], moves[name], thresholds[name]))
+        print("  %-40s noise %5.1f%%  fails beyond +%.0f%%"
+              % (name.split("::")[-1][-40:], moves[name], thresholds[name]))
     return 0
 
 
@@ -126,8 +127,8 @@ def compare(storage, select, env=None):
         if change > threshold:
             verdict = "SLOWER, FAILS"
             code = code or 1
-        print("%-52s %12.3f %12.3f %+8.1f%% %5.0f%%  %s" % (name.split("::")[-1][-52:], baseline[name] * 1000, now[name] * 1000,
-                                                            change, threshold, verdict))
+        print("%-52s %12.3f %12.3f %+8.1f%% %5.0f%%  %s" % (name.split("::")[-1][-52:], baseline[name] * 1000,
+                                                            now[name] * 1000, change, threshold, verdict))
     print("regress: %s" % ("FAILED: the broadcast path got slower beyond the gate" if code else "passed"))
     return code
 

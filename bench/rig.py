@@ -13,7 +13,6 @@ all on 127.0.0.1.
 import argparse
 import json
 import os
-import resource
 import select
 import selectors
 import socket
@@ -23,18 +22,12 @@ import time
 import urllib.parse
 
 from bench.httpframe import FramingError, ResponseParser
-from bench.measures import DeliveryLedger, latency_summary, summed_rss, wakeup_latency
-from bench.servers import ROOT, get_json, post_json
+from bench.measures import DeliveryLedger, latency_summary, memory_per_connection, summed_rss, wakeup_latency
+from chattle_limits import POLL_TIMEOUT_MAX, client_timeout, raise_descriptor_limit
+from harness.processes import ROOT, get_json, post_json
 
-POLL_TIMEOUT = 60          # the protocol's longest hold: nothing times out while we measure
+POLL_TIMEOUT = POLL_TIMEOUT_MAX  # the protocol's longest hold: nothing times out while we measure
 PER_PROCESS = 8000         # sockets per client process, well under the 20000 descriptor limit
-
-
-def raise_descriptor_limit():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def cpu_seconds_self():
@@ -112,7 +105,7 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
         return
     cpu_parked = cpu_seconds_self()
     pending = len(polls)
-    deadline = time.monotonic() + POLL_TIMEOUT + 10
+    deadline = time.monotonic() + client_timeout(POLL_TIMEOUT)
     while pending and time.monotonic() < deadline:
         for fd, _mask in epoll.poll(1.0):
             poll = by_fd[fd]
@@ -291,7 +284,7 @@ class Rig:
             "client_bound": bool(cpu_server is not None and cpu_client > 0.25 * cpu_server),
             "rss_idle": rss_idle,
             "rss_holding": rss_holding,
-            "bytes_per_poll": ((rss_holding - rss_idle) / parked) if rss_holding and parked else None,
+            "bytes_per_poll": memory_per_connection(rss_idle, rss_holding, parked) if rss_holding else None,
         }
         return point
 

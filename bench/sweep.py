@@ -23,8 +23,10 @@ import sys
 import time
 
 from bench.measures import summed_rss, time_per_waiter
-from bench.rig import Rig, raise_descriptor_limit
-from bench.servers import ChattleServer, PeerServer, RedisServer
+from bench.rig import Rig
+from chattle_limits import raise_descriptor_limit
+from harness.processes import ChattleServer, PeerServer, RedisServer
+from harness.system_packages import require_or_exit
 from reports.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
 DESCRIPTOR_MARGIN = 200  # listener, logs, redis and the worker's pipes
@@ -220,9 +222,11 @@ def main(argv=None):
 
     # One client process holds at most PER_PROCESS sockets, but a single server process
     # holds them all: cap the counts by what its descriptor limit allows.
-    limit = raise_descriptor_limit() - DESCRIPTOR_MARGIN
+    limit = raise_descriptor_limit()[0] - DESCRIPTOR_MARGIN
     skipped = [c for c in counts if c > limit]
     counts = [c for c in counts if c <= limit]
+    if not args.target and any(w > 1 for w in workers_list):
+        require_or_exit(["redis-server"], "bench")  # before the report directory: none is left empty
     report_dir = new_report_dir("bench")
     info = machine_description()
     started = time.monotonic()
@@ -316,7 +320,8 @@ def main(argv=None):
         notes.append("Skipped counts over the descriptor limit (%d): %s" % (limit, skipped))
     if anatomy:
         rows.append(("anatomy: held polls", anatomy["held"], ""))
-        rows.append(("anatomy: RSS per held poll (under tracemalloc, includes its bookkeeping)", "%.0f B" % anatomy["rss_per_poll"], ""))
+        rows.append(("anatomy: RSS per held poll (under tracemalloc, includes its bookkeeping)",
+                     "%.0f B" % anatomy["rss_per_poll"], ""))
         rows.append(("anatomy: traced Python allocations per poll", "%.0f B" % anatomy["traced_per_poll"], ""))
         rows.append(("anatomy: greenlets per poll / saved stack per poll",
                      "%.2f / %s" % (anatomy["greenlets_per_poll"], anatomy.get("stack_note", "")), ""))

@@ -25,8 +25,9 @@ from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRu
 
 from bench.httpframe import FramingError
 from bench.measures import DeliveryLedger, process_cpu_seconds
+from chattle_limits import CLIENT_TIMEOUT_MARGIN
 from loadtests.longpoll import HeldPolls, LongPollClient
-from loadtests.scenario import CLIENT_TIMEOUT_MARGIN, build_stages, room_name, stage_at
+from loadtests.scenario import build_stages, room_name, stage_at
 from loadtests.shapes import StagedShape  # noqa: F401  (Locust finds the shape in the locustfile)
 from loadtests.tally import RunTally, WorkerTally
 

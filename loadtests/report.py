@@ -305,6 +305,9 @@ def draw_charts(report_dir, summary, tally, samples):
         for key, colour in (("p50", "#1b7f3b"), ("p95", "#e08a00"), ("p99", "#b3261e")):
             axis.axvline(latency[key] * 1000, color=colour, linestyle="--",
                          label="server %s %.1f ms" % (key, latency[key] * 1000))
+        if lag.get("p99") is not None:
+            axis.axvline(lag["p99"] * 1000, color="#555", linestyle=":",
+                         label="client lag p99 %.1f ms" % (lag["p99"] * 1000))
         axis.legend(fontsize=8)
     axis.set_xlabel("ms (log scale)")
     axis.set_ylabel("deliveries")

@@ -9,7 +9,6 @@ process it starts is stopped by pid at the end, also on Ctrl-C or failure. Exit 
 
 import argparse
 import os
-import resource
 import runpy
 import signal
 import sys
@@ -17,14 +16,15 @@ import threading
 import time
 
 from bench.measures import process_cpu_seconds
-from bench.servers import LOOPBACK, ROOT, ChattleServer, Process, RedisServer, free_port, get_json
-from loadtests.scenario import CLIENT_TIMEOUT_MARGIN, SETTLE_SECONDS, build_stages, room_name, stage_at
-from reports.page import new_report_dir, REPORTS_ROOT
+from chattle_limits import CLIENT_TIMEOUT_MARGIN, POLL_TIMEOUT_MAX, raise_descriptor_limit
+from harness.processes import LOOPBACK, ROOT, ChattleServer, Process, RedisServer, free_port, get_json
+from harness.system_packages import missing, missing_line
+from loadtests.scenario import SETTLE_SECONDS, build_stages, room_name, stage_at
+from reports.page import REPORTS_ROOT, new_report_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCUST_CONF = os.path.join(HERE, "locust.conf")
 DESCRIPTORS_SPARE = 200       # logs, pipes, the master link, /stats probes
-POLL_TIMEOUT_MAX = 60         # the protocol's upper bound
 
 
 def conf_defaults(path=LOCUST_CONF):
@@ -97,13 +97,6 @@ def protocol_problem(url):
     return None
 
 
-def raise_descriptor_limit():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
 def preflight(args):
     """(stages, problems, notes): problems make the run refuse to start."""
     problems, notes = [], []
@@ -135,6 +128,8 @@ def preflight(args):
 
     if not args.host:
         if args.workers > 1:
+            if missing(["redis-server"]):
+                problems.append(missing_line(["redis-server"]))
             conf = runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py"))
             capacity = conf["worker_connections"] * args.workers
             if capacity < users:

@@ -7,9 +7,6 @@ message from the master.
 
 import math
 
-# Seconds the client waits beyond the server's poll timeout before it calls a poll lost.
-CLIENT_TIMEOUT_MARGIN = 10.0
-
 # Seconds a stage needs at least; shorter runs squeeze the burst stage, never these.
 HOLD_SECONDS = 8      # everyone held, nothing posted: the idle cost of a held poll
 DRAIN_SECONDS = 6     # posters quiet, listeners still polling: the last posts arrive

@@ -91,8 +91,9 @@ class WorkerTally:
         done = [second for second in self.seconds if final or second < now]
         report = {
             "sequence": next(self.reports), "final": final, "host": socket.gethostname(), "pid": os.getpid(),
-            "cpu_seconds": process_cpu_seconds(os.getpid()) - self.cpu_at_start, "listeners_started": self.listeners_started,
-            "listeners_ended": self.listeners_ended, "deliveries": self.deliveries, "unstamped": self.unstamped,
+            "cpu_seconds": process_cpu_seconds(os.getpid()) - self.cpu_at_start,
+            "listeners_started": self.listeners_started, "listeners_ended": self.listeners_ended,
+            "deliveries": self.deliveries, "unstamped": self.unstamped,
             "latency": self.latency.to_dict(), "lag": self.lag.to_dict(),
             "seconds": [[second, self.seconds[second][0].to_dict(), self.seconds[second][1].to_dict()]
                         for second in done],
@@ -123,7 +124,8 @@ class RunTally:
                                                      "final": False, "last_report_at": None})
         worker.update(reports=worker["reports"] + 1, last_report_at=time.time(), cpu_seconds=report["cpu_seconds"],
                       listeners_started=report["listeners_started"], listeners_ended=report["listeners_ended"],
-                      deliveries=report["deliveries"], unstamped=report.get("unstamped", 0), final=worker["final"] or report["final"])
+                      deliveries=report["deliveries"], unstamped=report.get("unstamped", 0),
+                      final=worker["final"] or report["final"])
         self.latency.add(LatencyHistogram.from_dict(report["latency"]))
         self.lag.add(LatencyHistogram.from_dict(report["lag"]))
         for second, latency, lag in report["seconds"]:

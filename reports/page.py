@@ -74,7 +74,8 @@ def write_json(path, data):
 _STYLE = """
 body { font: 15px/1.5 system-ui, sans-serif; max-width: 1000px; margin: 2em auto; padding: 0 1em; color: #1d2330; }
 h1 { font-size: 1.6em; margin-bottom: .2em; } .sub { color: #5b6475; margin-top: 0; }
-table { border-collapse: collapse; margin: 1em 0; } td, th { padding: .25em .8em; border-bottom: 1px solid #e3e6ec; text-align: left; }
+table { border-collapse: collapse; margin: 1em 0; }
+td, th { padding: .25em .8em; border-bottom: 1px solid #e3e6ec; text-align: left; }
 th { background: #f4f6f9; } .fail { color: #b3261e; font-weight: 600; } .pass { color: #1b7f3b; font-weight: 600; }
 figure { margin: 2em 0; } figure img { max-width: 100%; border: 1px solid #e3e6ec; border-radius: 6px; }
 figcaption { color: #39414f; margin-top: .4em; } .note { background: #fff7e0; padding: .6em 1em; border-radius: 6px; }

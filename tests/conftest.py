@@ -8,10 +8,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import io  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -21,17 +18,19 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import chattle  # noqa: E402
-from bench.servers import ChattleServer, RedisServer  # noqa: E402
+from clients import call_wsgi  # noqa: E402
+from harness import system_packages  # noqa: E402
+from harness.processes import ChattleServer, RedisServer, SeedGunicorn  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def require_program(path_or_name, install_hint):
-    """Skip loudly when a system program is missing; under CI a missing one is a failure."""
-    found = path_or_name if os.path.isabs(path_or_name) and os.access(path_or_name, os.X_OK) \
-        else shutil.which(path_or_name)
+def require_program(program):
+    """Where a system program of harness.system_packages is. `make test` installs them
+    first; run without make, a missing one skips loudly, and under CI it fails."""
+    found = system_packages.find(program)
     if not found:
-        message = "%s is not installed: %s" % (path_or_name, install_hint)
+        message = system_packages.missing_line([program])
         if IN_CI:
             pytest.fail("CI=true and " + message, pytrace=False)
         pytest.skip(message)
@@ -39,55 +38,6 @@ def require_program(path_or_name, install_hint):
 
 
 # -- in-process WSGI --------------------------------------------------------------------------
-
-class WsgiAnswer:
-    def __init__(self, status, headers, body):
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    @property
-    def json(self):
-        return json.loads(self.body)
-
-    def header(self, name):
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
-
-
-def call_wsgi(method, path, body=b"", headers=None, query=""):
-    """Call chattle.app directly, as a WSGI server would, and collect the whole answer."""
-    if "?" in path:
-        path, query = path.split("?", 1)
-    if isinstance(body, str):
-        body = body.encode("utf-8")
-    environ = {
-        "REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SERVER_NAME": "127.0.0.1",
-        "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(body), "wsgi.errors": io.StringIO(), "wsgi.version": (1, 0),
-        "wsgi.multithread": False, "wsgi.multiprocess": False, "wsgi.run_once": False,
-        "CONTENT_LENGTH": str(len(body)) if body else "",
-    }
-    for name, value in (headers or {}).items():
-        key = name.upper().replace("-", "_")
-        if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            environ[key] = value
-        else:
-            environ["HTTP_" + key] = value
-    captured = {}
-
-    def start_response(status, response_headers, exc_info=None):
-        captured["status"] = int(status.split()[0])
-        captured["headers"] = response_headers
-
-    chunks = chattle.app(environ, start_response)
-    data = b"".join(chunks)
-    if hasattr(chunks, "close"):
-        chunks.close()
-    return WsgiAnswer(captured["status"], captured["headers"], data)
-
 
 @pytest.fixture
 def app_state():
@@ -105,8 +55,14 @@ def wsgi(app_state):
 # -- real processes -----------------------------------------------------------------------------
 
 @pytest.fixture
+def chromium():
+    """Debian's chromium, the browser playwright drives (it never downloads one of its own)."""
+    return require_program("chromium")
+
+
+@pytest.fixture
 def redis_server(tmp_path):
-    require_program("redis-server", "apt-get install redis-server")
+    require_program("redis-server")
     workdir = tmp_path / "redis"
     workdir.mkdir()
     server = RedisServer(workdir=str(workdir), appendonly=True)
@@ -128,3 +84,20 @@ def start_chattle(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+
+@pytest.fixture
+def seed_gunicorn(tmp_path):
+    """Factory: the seed's gunicorn command (harness.processes.SeedGunicorn), with this
+    venv's gunicorn or another's; every one started is stopped after the test."""
+    started = []
+
+    def start(bin_dir=None):
+        log_path = str(tmp_path / ("gunicorn-%d.log" % len(started)))
+        started.append(SeedGunicorn(bin_dir=bin_dir, log_path=log_path))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop(grace=20)

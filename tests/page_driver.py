@@ -5,7 +5,8 @@ Run as a plain Python process (no gevent): Playwright keeps its own event loop a
 threads, and a subprocess gives the test a hard bound on time. The test makes the
 assertions; this script only acts and records.
 
-    python tests/page_driver.py --url http://127.0.0.1:8080 --room e2e --screenshot /tmp/chattle-page.png
+    python tests/page_driver.py --url http://127.0.0.1:8080 --chromium /usr/bin/chromium --room e2e \
+        --screenshot /tmp/chattle-page.png
 
 With --handshake-dir the script stops after the conversation, writes `ready` there and
 waits for `go` (the test restarts the server meanwhile), then checks that the page
@@ -23,7 +24,6 @@ import urllib.request
 
 from playwright.sync_api import sync_playwright
 
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 XSS = "<img src=x onerror=alert(1)>"
@@ -110,7 +110,7 @@ def run(args, observed):
     page_url = "%s/rooms/%s" % (args.url, args.room)
     wait_ms = int(args.wait * 1000)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS, headless=True)
         try:
             ann = Person(browser, "ann", observed, wait_ms)
             bob = Person(browser, "bob", observed, wait_ms)
@@ -218,6 +218,7 @@ def run(args, observed):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Drive the Chattle page as two people in headless Chromium.")
     parser.add_argument("--url", required=True, help="base URL of a running server, e.g. http://127.0.0.1:8080")
+    parser.add_argument("--chromium", required=True, help="the browser's executable (Debian's chromium)")
     parser.add_argument("--room", default="e2e", help="room to chat in (default %(default)s)")
     parser.add_argument("--wait", type=float, default=20.0,
                         help="seconds any single wait may take before it fails (default %(default)s)")

@@ -252,6 +252,7 @@ def answer_counters(handler_class, requests=20):
     finally:
         sys.setprofile(None)
     received = b""
+    theirs.settimeout(30)  # the handler has returned: what it sent is there, or this fails
     while True:
         chunk = theirs.recv(65536)
         if not chunk:

@@ -11,14 +11,8 @@ import time
 
 import gevent
 
-from bench.servers import get_json, wait_until
-from tests.test_multiworker import Listener, Poster, post_once
-
-
-def room_last_id(server, room):
-    status, body = get_json("%s/rooms/%s/msgs?limit=1" % (server.url, room))  # no since: the newest
-    assert status == 200, body
-    return body["cursor"]
+from clients import Listener, Poster, post_once, room_last_id
+from harness.processes import get_json, wait_until
 
 
 def follow_all(followers, target, deadline_seconds):

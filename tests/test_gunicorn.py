@@ -5,42 +5,19 @@
 so gunicorn.conf.py is picked up from the working directory exactly as it is in use.
 """
 
+import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import gevent
-import pytest
 
 import chattle
-from bench.servers import ROOT, Process, free_port, get_json, post_json, wait_until
-from test_longpoll import GENEROUS, HttpConnection
-
-SEED_FLAGS = ["--worker-class", "gevent", "--workers", "1", "chattle"]
-
-
-def start_gunicorn(log_path):
-    port = free_port()
-    server = Process([sys.executable, "-m", "gunicorn", "--bind", "127.0.0.1:%d" % port, *SEED_FLAGS],
-                     cwd=ROOT, log_path=str(log_path))
-    server.port = port
-    server.url = "http://127.0.0.1:%d" % port
-    wait_until(lambda: get_json(server.url + "/health", timeout=1)[0] == 200, 30, "gunicorn /health", server)
-    return server
-
-
-@pytest.fixture
-def gunicorn(tmp_path):
-    started = []
-
-    def start():
-        started.append(start_gunicorn(tmp_path / ("gunicorn-%d.log" % len(started))))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.stop(grace=20)
+from chattle_limits import client_timeout
+from clients import GENEROUS, HttpConnection
+from harness.processes import ROOT, SEED_FLAGS, free_port, get_json, post_json, wait_until
 
 
 def effective_config():
@@ -60,15 +37,34 @@ def test_config_is_sized_for_long_polls():
     config = effective_config()
     assert config["worker_class"] == "gevent"
     assert int(config["worker_connections"]) > 1000  # the default 1000 silently queues the rest
-    graceful, heartbeat = float(config["graceful_timeout"]), float(config["timeout"])
-    client_gives_up = chattle.MAX_POLL_TIMEOUT + 10  # what the page and the load clients use
-    assert chattle.MAX_POLL_TIMEOUT < client_gives_up < graceful
-    assert heartbeat > 0 and int(config["backlog"]) >= 1024
+    assert float(config["timeout"]) > 0 and int(config["backlog"]) >= 1024
     assert config["control_socket_disable"] == "True"
 
 
-def test_post_and_long_poll_round_trip(gunicorn):
-    server = gunicorn()
+def page_constant(name):
+    """A `var NAME = <number>;` of the page's script (static/chattle.js)."""
+    with open(os.path.join(ROOT, "static", "chattle.js")) as script:
+        return float(re.search(r"\bvar %s = (\d+(?:\.\d+)?);" % name, script.read()).group(1))
+
+
+def test_timeouts_nest_where_they_are_in_effect(wsgi):
+    """poll <= the server's longest hold < what a client waits < gunicorn's graceful timeout,
+    each figure read from where it acts: the server's answer, the page's script and the
+    configuration gunicorn really runs the seed's command with."""
+    longest_hold = chattle.MAX_POLL_TIMEOUT
+    assert wsgi("POST", "/rooms/t/msgs", body='{"from": "ann", "content": "hi"}',
+                headers={"Content-Type": "application/json"}).status == 201  # so a poll since 0 answers at once
+    assert wsgi("GET", "/rooms/t/msgs", query="since=0&timeout=%g" % longest_hold).status == 200
+    assert wsgi("GET", "/rooms/t/msgs", query="since=0&timeout=%g" % (longest_hold + 0.5)).status == 400
+    page_poll, page_gives_up = page_constant("POLL_TIMEOUT_S"), page_constant("POLL_ABORT_MS") / 1000
+    assert page_poll <= longest_hold
+    assert page_gives_up == client_timeout(page_poll)  # the rule the load clients and the rig follow too
+    graceful = float(effective_config()["graceful_timeout"])
+    assert longest_hold < client_timeout(longest_hold) < graceful
+
+
+def test_post_and_long_poll_round_trip(seed_gunicorn):
+    server = seed_gunicorn()
     status, health = get_json(server.url + "/health")
     assert status == 200 and health["bus"] == "memory" and health["pid"] != server.pid  # a worker answers
     assert post_json(server.url + "/rooms/g/msgs", {"from": "ann", "content": "first"})[0] == 201
@@ -81,8 +77,8 @@ def test_post_and_long_poll_round_trip(gunicorn):
     assert [(message["id"], message["content"]) for message in body["messages"]] == [(2, "second")]
 
 
-def test_oversized_body_is_refused_and_the_connection_closed(gunicorn):
-    server = gunicorn()
+def test_oversized_body_is_refused_and_the_connection_closed(seed_gunicorn):
+    server = seed_gunicorn()
     connection = HttpConnection(server.port)
     connection.sock.sendall(b"POST /msgs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                             b"Content-Length: 10000000\r\n\r\n" + b"x" * 1000)
@@ -95,8 +91,8 @@ def test_oversized_body_is_refused_and_the_connection_closed(gunicorn):
     connection.close()
 
 
-def test_sigterm_answers_held_polls_and_the_master_exits(gunicorn):
-    server = gunicorn()
+def test_sigterm_answers_held_polls_and_the_master_exits(seed_gunicorn):
+    server = seed_gunicorn()
     post_json(server.url + "/rooms/stop/msgs", {"from": "ann", "content": "before"})
 
     def held_poll():

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from bench.servers import Process, free_port, get_json, wait_until
+from harness.processes import Process, free_port, get_json, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,82 +6,15 @@ deadlines, never on how fast something happened.
 """
 
 import json
-import socket
 import time
 
 import gevent
 import psutil
+import pytest
 
 from bench.measures import DeliveryLedger, delivery_summary
-from bench.servers import get_json, post_json, wait_until
-
-GENEROUS = 30.0
-
-
-class HttpConnection:
-    """A minimal HTTP/1.1 client on one raw socket, so keep-alive and early closes are visible."""
-
-    def __init__(self, port, timeout=GENEROUS):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buffer = b""
-
-    def send(self, method, path, body=None, headers=None):
-        lines = ["%s %s HTTP/1.1" % (method, path), "Host: 127.0.0.1"]
-        if body is not None:
-            if not isinstance(body, bytes):
-                body = json.dumps(body).encode()
-            lines += ["Content-Type: application/json", "Content-Length: %d" % len(body)]
-        lines += ["%s: %s" % item for item in (headers or {}).items()]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
-
-    def _fill(self):
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("the server closed the connection")
-        self.buffer += chunk
-
-    def receive(self):
-        """(status, headers with lower-case names, decoded JSON body or raw bytes)."""
-        while b"\r\n\r\n" not in self.buffer:
-            self._fill()
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers["content-length"])
-        while len(self.buffer) < length:
-            self._fill()
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        if headers.get("content-type", "").startswith("application/json"):
-            body = json.loads(body)
-        return int(status_line.split()[1]), headers, body
-
-    def request(self, method, path, body=None, headers=None):
-        self.send(method, path, body, headers)
-        return self.receive()
-
-    def server_closed(self, within=GENEROUS):
-        """True once the server has closed its end (it may have answered first)."""
-        self.sock.settimeout(within)
-        try:
-            while self.sock.recv(65536):
-                pass
-            return True
-        except ConnectionResetError:
-            return True
-        except socket.timeout:
-            return False
-
-    def close(self):
-        self.sock.close()
-
-
-def stats(server):
-    status, body = get_json(server.url + "/stats")
-    assert status == 200
-    return body
+from clients import GENEROUS, HttpConnection, held_poll, post, stats, wait_for_waiters
+from harness.processes import get_json, wait_until
 
 
 def settled_descriptor_count(process):
@@ -94,33 +27,6 @@ def settled_descriptor_count(process):
         gevent.sleep(0.05)
         readings.append(process.num_fds())
     return readings[-1]
-
-
-def wait_for_waiters(server, count):
-    seen = []
-
-    def held():
-        seen.append(stats(server)["waiters"])
-        return seen[-1] == count
-
-    try:
-        wait_until(held, GENEROUS, "%d held polls" % count)
-    except AssertionError as error:
-        raise AssertionError("%s; the server held %s" % (error, seen[-1:])) from None
-
-
-def post(server, room, content="hi", sender="ann"):
-    status, body = post_json(server.url + "/rooms/%s/msgs" % room, {"from": sender, "content": content})
-    assert status == 201, body
-    return body
-
-
-def held_poll(port, path):
-    connection = HttpConnection(port)
-    try:
-        return connection.request("GET", path)
-    finally:
-        connection.close()
 
 
 def test_one_post_wakes_300_held_polls(start_chattle):
@@ -138,6 +44,12 @@ def test_one_post_wakes_300_held_polls(start_chattle):
         assert body["cursor"] == 1 and body["missed"] == 0
     assert stats(server)["waiters"] == 0
 
+
+
+def test_a_wait_for_held_polls_that_runs_out_says_how_many_were_held(start_chattle):
+    server = start_chattle()
+    with pytest.raises(AssertionError, match=r"(?s)1 held polls: not ready after 0.5s.*the server held \[0\]"):
+        wait_for_waiters(server, 1, within=0.5)
 
 def test_timeout_is_honoured(start_chattle):
     server = start_chattle()

@@ -13,137 +13,18 @@ a small machine the run is CPU bound for minutes:
         tests/test_multiworker.py -q -s
 """
 
-import http.client
-import json
 import os
 import time
 
 import gevent
-from gevent.pool import Pool
 
-from bench.measures import DeliveryLedger, delivery_summary, latency_summary, wakeup_latency
+from bench.measures import delivery_summary, latency_summary
+from clients import Listener, Poster
 
 LISTENERS = int(os.environ.get("CHATTLE_TEST_LISTENERS", "200"))
 MESSAGES = int(os.environ.get("CHATTLE_TEST_MESSAGES", "300"))
 WORKERS = 4
-POSTERS = 4            # concurrent posting connections
 RUN_DEADLINE = float(os.environ.get("CHATTLE_TEST_DEADLINE", "240"))  # a bound on the whole run, not a speed claim
-
-
-class Listener:
-    """One client following one room by cursor; reconnects and resumes after any error."""
-
-    def __init__(self, server, room, poll_timeout=5.0):
-        self.host, self.port = "127.0.0.1", server.port
-        self.room = room
-        self.poll_timeout = poll_timeout
-        self.ledger = DeliveryLedger(0)
-        self.cursor = 0
-        self.contents = {}          # id -> content as received
-        self.resets = 0
-        self.reconnects = 0
-        self.errors = 0             # non-200 answers (503 while a bus is down)
-        self.worker_pid = None
-        self.latencies = []
-        self.connection = None
-        self.polls_started = 0
-
-    def _connect(self):
-        self.connection = http.client.HTTPConnection(self.host, self.port, timeout=self.poll_timeout + 15)
-
-    def _drop(self):
-        if self.connection is not None:
-            self.connection.close()
-        self.connection = None
-
-    def get(self, path):
-        if self.connection is None:
-            self._connect()
-        self.connection.request("GET", path)
-        answer = self.connection.getresponse()
-        return answer.status, json.loads(answer.read())
-
-    def identify(self):
-        """Which worker this listener's connection landed on (kept alive, so it stays)."""
-        try:
-            _status, stats = self.get("/stats")
-            self.worker_pid = stats["pid"]
-        except (OSError, http.client.HTTPException, ValueError):
-            self._drop()
-
-    def follow(self, done, deadline):
-        while not done(self) and time.monotonic() < deadline:
-            try:
-                self.polls_started += 1
-                status, body = self.get("/rooms/%s/msgs?since=%d&timeout=%g&limit=1000"
-                                        % (self.room, self.cursor, self.poll_timeout))
-            except (OSError, http.client.HTTPException, ValueError):
-                self.reconnects += 1
-                self._drop()
-                gevent.sleep(0.1)
-                continue
-            if status != 200:
-                self.errors += 1
-                self._drop()
-                gevent.sleep(0.2)
-                continue
-            received_at = time.time()
-            if body.get("reset"):
-                self.resets += 1
-            for message in body["messages"]:
-                self.ledger.record(message["id"])
-                self.latencies.append(wakeup_latency(received_at, message["ts"]))
-                if self.contents.setdefault(message["id"], message["content"]) != message["content"]:
-                    self.ledger.duplicated += 1  # the same id came back with other content
-            self.cursor = body["cursor"]
-        self._drop()
-
-
-def post_once(port, room, content, timeout=10.0):
-    """One post on a fresh connection, so posts spread over the workers. (status, body)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request("POST", "/rooms/%s/msgs" % room, body=json.dumps({"from": "poster", "content": content}),
-                           headers={"Content-Type": "application/json", "Connection": "close"})
-        answer = connection.getresponse()
-        return answer.status, json.loads(answer.read()), answer.getheader("Retry-After")
-    finally:
-        connection.close()
-
-
-class Poster:
-    """Posts numbered messages; remembers what each accepted id carried."""
-
-    def __init__(self, port, room):
-        self.port, self.room = port, room
-        self.acknowledged = {}      # id -> content
-        self.duplicate_ids = 0      # the same id handed out twice (only a diverged bus does that)
-        self.refused = 0            # 503s
-        self.failed = 0             # connection errors
-        self.sent = 0
-
-    def post(self, content):
-        self.sent += 1
-        try:
-            status, body, _retry_after = post_once(self.port, self.room, content)
-        except (OSError, http.client.HTTPException, ValueError):
-            self.failed += 1
-            return None
-        if status != 201:
-            self.refused += 1
-            return None
-        if body["id"] in self.acknowledged:
-            self.duplicate_ids += 1
-        self.acknowledged[body["id"]] = content
-        return body["id"]
-
-    def burst(self, count, concurrency=POSTERS, pause=0.0):
-        pool = Pool(concurrency)
-        for number in range(count):
-            pool.spawn(self.post, "message %d" % number)
-            if pause:
-                gevent.sleep(pause)
-        pool.join()
 
 
 def run_room(server, room, listeners, messages, catch_up=RUN_DEADLINE):

@@ -17,9 +17,7 @@ import bottle
 import pytest
 
 import chattle
-from conftest import require_program
 
-CHROMIUM = "/usr/bin/chromium"
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page_driver.py")
 XSS = "<img src=x onerror=alert(1)>"
 HISTORY = 5        # retained per room; the burst below is bigger, so the page misses some
@@ -60,13 +58,13 @@ def test_client_never_treats_content_as_html():
 
 # -- in Chromium -------------------------------------------------------------------------------
 
-def run_driver_with_restart(start_chattle, tmp_path):
+def run_driver_with_restart(start_chattle, tmp_path, chromium):
     """Run the page driver; when it is ready, restart the server (losing its memory) and let it go on."""
     server = start_chattle(extra_args=["--history", str(HISTORY)])
     handshake = tmp_path / "handshake"
     handshake.mkdir()
-    argv = [sys.executable, DRIVER, "--url", server.url, "--room", "e2e", "--wait", str(STEP_WAIT),
-            "--missed-burst", str(MISSED_BURST), "--handshake-dir", str(handshake)]
+    argv = [sys.executable, DRIVER, "--url", server.url, "--chromium", chromium, "--room", "e2e",
+            "--wait", str(STEP_WAIT), "--missed-burst", str(MISSED_BURST), "--handshake-dir", str(handshake)]
     if os.environ.get("CHATTLE_SCREENSHOT"):
         argv += ["--screenshot", os.environ["CHATTLE_SCREENSHOT"]]
     out_path, err_path = tmp_path / "driver.json", tmp_path / "driver.err"
@@ -103,9 +101,8 @@ def run_driver_with_restart(start_chattle, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_people_chat_in_headless_chromium(start_chattle, tmp_path):
-    require_program(CHROMIUM, "apt-get install chromium")
-    seen = run_driver_with_restart(start_chattle, tmp_path)
+def test_two_people_chat_in_headless_chromium(start_chattle, tmp_path, chromium):
+    seen = run_driver_with_restart(start_chattle, tmp_path, chromium)
     assert "error" not in seen, "stage %s failed:\n%s" % (seen.get("stage"), seen.get("error"))
     assert seen["stage"] == "done"
     assert seen["page_errors"] == [] and seen["dialogs"] == []

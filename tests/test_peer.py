@@ -9,7 +9,8 @@ import pytest
 
 from bench.measures import time_per_waiter
 from bench.rig import Rig
-from bench.servers import PeerServer, get_json, post_json, wait_until
+from harness.processes import PeerServer, get_json, post_json, wait_until
+
 
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory):

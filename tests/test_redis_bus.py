@@ -11,8 +11,8 @@ import shutil
 import pytest
 
 import chattle
-from bench.servers import wait_until
-from tests.conftest import call_wsgi
+from clients import call_wsgi
+from harness.processes import wait_until
 
 
 def answer(room, since, limit=100):
@@ -42,7 +42,7 @@ def test_ids_are_dense_across_workers_and_every_worker_serves_every_post(workers
     ids = [bus.publish("hall", "ann", "m%d" % n)["id"] for n in range(10) for bus in (first, second)]
     assert ids == list(range(1, 21))
     for room in (first_room, second_room):
-        wait_until(lambda: room.last_id == 20, 10.0, "reader delivered every post")
+        wait_until(lambda room=room: room.last_id == 20, 10.0, "reader delivered every post")
         got = answer(room, 0)
         assert [m["id"] for m in got["messages"]] == ids
         assert got["missed"] == 0 and got["cursor"] == 20

@@ -34,7 +34,7 @@ def test_lines_that_arrive_in_pieces_come_out_whole(reader_and_peer):
     assert reader.readline(65537) == b"\r\n"
     assert reader.pending == b""
     assert reader.readline(65537) == b""  # end of stream
-    sender.join()
+    sender.get(timeout=10)
 
 
 def test_a_line_longer_than_one_recv_and_the_callers_cap(reader_and_peer):
@@ -44,7 +44,7 @@ def test_a_line_longer_than_one_recv_and_the_callers_cap(reader_and_peer):
     assert reader.readline(65537) == long_line
     assert reader.readline(3) == b"nex"  # capped before the newline, the rest stays
     assert reader.readline(65537) == b"t\r\n"
-    sender.join()
+    sender.get(timeout=10)
 
 
 def test_pipelined_requests_stay_pending_and_bodies_read_exactly(reader_and_peer):

@@ -1,6 +1,6 @@
 """A first pass over the protocol's happy path, in process and over a real socket."""
 
-from bench.servers import get_json, post_json
+from harness.processes import get_json, post_json
 
 
 def test_post_then_poll_in_process(wsgi):

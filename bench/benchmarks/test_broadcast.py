@@ -13,7 +13,7 @@ import gevent
 import pytest
 
 import chattle
-from bench.servers import ChattleServer, get_json
+from harness.processes import ChattleServer, get_json
 
 ROUNDS = {100: 200, 1000: 40, 10000: 15}
 SOCKET_POLLS = 200

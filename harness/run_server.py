@@ -11,7 +11,8 @@ import signal
 import sys
 import time
 
-from bench.servers import ChattleServer, RedisServer
+from harness.processes import ChattleServer, RedisServer
+from harness.system_packages import require_or_exit
 
 
 def main(argv=None):
@@ -26,6 +27,7 @@ def main(argv=None):
     redis = None
     redis_url = args.redis
     if args.workers > 1 and not redis_url:
+        require_or_exit(["redis-server"], "run")
         redis = RedisServer()
         redis_url = redis.url
         print("run: started redis-server (pid %d) on %s, data in %s" % (redis.pid, redis_url, redis.workdir))

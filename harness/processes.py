@@ -1,4 +1,5 @@
-"""Start and stop the processes a run needs: a Chattle server and a redis-server.
+"""The harness's process library: start and stop what a run needs, a Chattle server, a
+reference peer and a redis-server.
 
 One place for it, used by `make run`, `make load`, `make bench` and the tests alike.
 Every process is started here, remembered by its pid and ended by that pid only.
@@ -6,7 +7,6 @@ Every process is started here, remembered by its pid and ended by that pid only.
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,8 +16,11 @@ import time
 import urllib.error
 import urllib.request
 
+from harness import system_packages
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = "127.0.0.1"
+SEED_FLAGS = ["--worker-class", "gevent", "--workers", "1", "chattle"]  # the seed's, after its --bind
 
 
 def free_port(host=LOOPBACK):
@@ -107,10 +110,9 @@ class RedisServer(Process):
     """A real redis-server on a loopback port, its data in its own directory."""
 
     def __init__(self, workdir=None, port=None, appendonly=True, own_session=False):
-        exe = shutil.which("redis-server")
+        exe = system_packages.find("redis-server")
         if exe is None:
-            raise FileNotFoundError("redis-server is not installed; `apt-get install redis-server` "
-                                    "(or point REDIS= at a running one)")
+            raise system_packages.MissingProgram(["redis-server"])
         self.workdir = workdir or tempfile.mkdtemp(prefix="chattle-redis-")
         self.port = port or free_port()
         self.url = "redis://%s:%d/0" % (LOOPBACK, self.port)
@@ -174,6 +176,26 @@ class ChattleServer(Process):
             return [child.pid for child in psutil.Process(self.pid).children()]
         except psutil.NoSuchProcess:
             return []
+
+
+class SeedGunicorn(Process):
+    """The seed's deployment command as it stands, `gunicorn --bind 0.0.0.0:8080 --worker-class
+    gevent --workers 1 chattle`, on a loopback port, run from the repository root so that
+    gunicorn.conf.py is read from there as in use; with the gunicorn of `bin_dir`'s venv."""
+
+    def __init__(self, bin_dir=None, port=None, log_path=None):
+        bin_dir = bin_dir or os.path.dirname(sys.executable)
+        self.port = port or free_port()
+        self.url = "http://%s:%d" % (LOOPBACK, self.port)
+        if log_path is None:
+            log_path = tempfile.mkstemp(prefix="seed-gunicorn-", suffix=".log")[1]
+        super().__init__([os.path.join(bin_dir, "gunicorn"), "--bind", "%s:%d" % (LOOPBACK, self.port),
+                          *SEED_FLAGS], log_path=log_path)
+        wait_until(self.healthy, 30, "the seed's gunicorn on %s" % self.url, self)
+
+    def healthy(self):
+        status, _body = get_json(self.url + "/health", timeout=1)
+        return status == 200
 
 
 class PeerServer(Process):

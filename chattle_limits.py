@@ -1,0 +1,44 @@
+"""The limits the server, gunicorn.conf.py and every client of Chattle must agree on.
+
+Standard library only, so all of them can import it: gunicorn's master reads
+gunicorn.conf.py long before a worker patches the standard library with gevent, and
+the harness's clients must not be patched at all, so neither may import chattle.py.
+"""
+
+###############################################################################
+# Timeouts, in the order they must nest
+###############################################################################
+#
+#   a poll's timeout       <= POLL_TIMEOUT_MAX              the server holds it at most this long
+#   < a client's timeout    = poll's + CLIENT_TIMEOUT_MARGIN  only then does a client call it lost
+#   < GRACEFUL_TIMEOUT                                      a stopping gunicorn worker waits this long
+#
+# Each step is built from the one before, so the order holds by construction.
+# (A stopping worker does not rely on the last one: on SIGTERM it answers every held
+# poll at once.)
+
+POLL_TIMEOUT_MAX = 60         # the wire protocol's longest hold
+CLIENT_TIMEOUT_MARGIN = 10    # the page, the load clients and the rig give a poll this much longer
+GRACEFUL_TIMEOUT = POLL_TIMEOUT_MAX + CLIENT_TIMEOUT_MARGIN + 5  # whole seconds: gunicorn takes an int
+
+
+def client_timeout(poll_timeout):
+    """How long a client waits for the answer to a poll that asked for `poll_timeout`."""
+    return poll_timeout + CLIENT_TIMEOUT_MARGIN
+
+
+###############################################################################
+# Open files: every held poll is a socket
+###############################################################################
+
+def raise_descriptor_limit():
+    """Take the hard open-file limit, not the shell's soft one; (soft, hard) after,
+    (None, None) where the platform has no such limit."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return None, None

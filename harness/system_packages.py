@@ -1,0 +1,161 @@
+"""The Debian packages a make target needs: install the missing ones, or say in one line how.
+
+    python3 -m harness.system_packages redis-server chromium
+
+`make test`, `make bench`, `make run WORKERS>1`, `make load WORKERS>1` and .ci/run call
+this before anything else (it needs only the standard library, so it runs before the
+virtualenv exists). A program that is present costs nothing. A missing one is installed
+with `apt-get` when running as root, or with `sudo -n apt-get` when sudo works without
+a password; sudo is never asked for one. Otherwise it stops at once with one line that
+names the exact command to run. The harness's own code finds its programs here too, so
+a path is written down once.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+###############################################################################
+# What the harness runs, where it looks for it, and which package provides it
+###############################################################################
+
+PROGRAMS = {
+    # program: (a name looked up on PATH, or an absolute path; the Debian package)
+    "redis-server": ("redis-server", "redis-server"),
+    # playwright is pointed at Debian's browser and never downloads one of its own
+    "chromium": ("/usr/bin/chromium", "chromium"),
+    # .ci/run needs make before it can run make
+    "make": ("make", "make"),
+}
+
+APT_DEADLINE = 1200  # seconds for `apt-get install`: chromium is a large download
+SUDO_PROBE_DEADLINE = 10
+
+
+def find(program, look_for=None):
+    """Where `program` is, or None. `look_for` overrides where it is looked for."""
+    where = (look_for or {}).get(program) or PROGRAMS[program][0]
+    if os.path.isabs(where):
+        return where if os.path.isfile(where) and os.access(where, os.X_OK) else None
+    return shutil.which(where)
+
+
+def missing(programs, look_for=None):
+    return [program for program in programs if find(program, look_for) is None]
+
+
+def packages_of(programs):
+    return sorted({PROGRAMS[program][1] for program in programs})
+
+
+def install_command(programs):
+    """The command a person runs to install what `programs` need."""
+    return "sudo apt-get install -y " + " ".join(packages_of(programs))
+
+
+def missing_line(programs):
+    """The one line said when `programs` are missing and cannot be installed from here."""
+    names = " and ".join(programs)
+    return "%s %s not installed; install %s with: %s" % (
+        names, "is" if len(programs) == 1 else "are", "it" if len(programs) == 1 else "them",
+        install_command(programs))
+
+
+class MissingProgram(FileNotFoundError):
+    """A system program the harness needs is not installed; str() is the one line to show."""
+
+    def __init__(self, programs):
+        super().__init__(missing_line(programs))
+        self.programs = programs
+
+
+def require(programs, look_for=None):
+    """Raise MissingProgram naming every one of `programs` that is not installed."""
+    absent = missing(programs, look_for)
+    if absent:
+        raise MissingProgram(absent)
+
+
+def require_or_exit(programs, command):
+    """For a command's main(), before it makes anything: one line and exit 1, no traceback."""
+    try:
+        require(programs)
+    except MissingProgram as error:
+        raise SystemExit("%s: %s" % (command, error)) from None
+
+
+###############################################################################
+# Installing: apt-get as root, sudo -n apt-get where that works, never a prompt
+###############################################################################
+
+def apt_prefix():
+    """The argv prefix that runs apt-get without asking anyone anything, or None."""
+    if shutil.which("apt-get") is None:
+        return None
+    if os.geteuid() == 0:
+        return ["apt-get"]
+    if shutil.which("sudo") is None:
+        return None
+    try:
+        probe = subprocess.run(["sudo", "-n", "true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=SUDO_PROBE_DEADLINE)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return ["sudo", "-n", "apt-get"] if probe.returncode == 0 else None
+
+
+def install_steps(prefix, programs):
+    return [prefix + ["update", "-qq"],
+            prefix + ["install", "-y", "-qq", "--no-install-recommends", *packages_of(programs)]]
+
+
+def ensure(programs, look_for=None, dry_run=False, out=sys.stdout):
+    """Install what is missing of `programs`; None when they are all there, else the one
+    line that says why not."""
+    absent = missing(programs, look_for)
+    if not absent:
+        return None
+    prefix = apt_prefix()
+    if prefix is None:
+        return missing_line(absent)
+    steps = install_steps(prefix, absent)
+    print("chattle: installing %s with %s" % (" ".join(packages_of(absent)), " ".join(prefix)), file=out, flush=True)
+    if dry_run:
+        for step in steps:
+            print("would run: " + " ".join(step), file=out)
+        return None
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for step in steps:
+        try:
+            code = subprocess.run(step, stdin=subprocess.DEVNULL, env=env, timeout=APT_DEADLINE).returncode
+        except subprocess.TimeoutExpired:
+            code = "timed out after %ds" % APT_DEADLINE
+        if code != 0:
+            return "`%s` failed (%s); %s" % (" ".join(step), code, missing_line(absent))
+    still = missing(absent, look_for)
+    return missing_line(still) if still else None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("programs", nargs="*", metavar="PROGRAM",
+                        help="programs needed, of: %s" % ", ".join(sorted(PROGRAMS)))
+    parser.add_argument("--look-for", action="append", default=[], metavar="PROGRAM=PATH",
+                        help="look for PROGRAM at PATH instead (tests use it)")
+    parser.add_argument("--dry-run", action="store_true", help="print the install commands instead of running them")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.programs) - set(PROGRAMS))
+    if unknown:
+        parser.error("no such program: %s (known: %s)" % (", ".join(unknown), ", ".join(sorted(PROGRAMS))))
+    look_for = dict(item.split("=", 1) for item in args.look_for)
+    problem = ensure(args.programs, look_for, dry_run=args.dry_run)
+    if problem:
+        print("chattle: " + problem, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
