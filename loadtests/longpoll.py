@@ -221,21 +221,30 @@ class HeldPolls:
                                     response_length=length, exception=exception, context=None)
 
     def _drive(self):
-        from gevent.socket import wait_read
+        import gevent
+        from gevent import get_hub
+        hub = get_hub()
         epoll = self._epoll
-        next_sweep = time.monotonic() + 1.0
+        # One watcher for the driver's whole life: gevent's wait_read() would make and
+        # start a new one (and a timeout) on every wake, once per answer in a fan-out.
+        ready = hub.loop.io(epoll.fileno(), 1)
+        sweeper = gevent.spawn(self._sweep_each_second)
+        try:
+            while self._held:
+                hub.wait(ready)
+                for fd, _events in epoll.poll(0, 4096):
+                    held = self._held.get(fd)
+                    if held is not None:
+                        self._readable(held)
+        finally:
+            sweeper.kill(block=False)
+            ready.close()
+
+    def _sweep_each_second(self):
+        import gevent
         while self._held:
-            try:
-                wait_read(epoll.fileno(), timeout=1.0)
-            except socket.timeout:
-                pass
-            for fd, _events in epoll.poll(0, 4096):  # noqa: B020
-                held = self._held.get(fd)
-                if held is not None:
-                    self._readable(held)
-            if time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + 1.0
-                self._sweep()
+            gevent.sleep(1.0)
+            self._sweep()
 
     def _readable(self, held):
         try:

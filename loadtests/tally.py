@@ -1,8 +1,8 @@
 """What the load processes saw, and how it travels to the master.
 
-Each Locust worker keeps a `WorkerTally`: latency and client-lag histograms (overall,
-3 significant digits; per second, 2), every ended listener's delivery ledger, every
-accepted post, the errors. Every Locust report (`events.report_to_master`, each 3 s,
+Each Locust worker keeps a `WorkerTally`: latency and client-lag histograms per second
+of arrival (3 significant digits; the run's are their sum), every ended listener's
+delivery ledger, every accepted post, the errors. Every Locust report (`events.report_to_master`, each 3 s,
 and once more when its last listener has ended) carries what is new since the last
 one; the master adds the reports up in a `RunTally` (`events.worker_report`) and writes
 it to `raw/run.json` for the report. Nothing goes through a shared disk, so the workers
@@ -19,7 +19,6 @@ import time
 
 from bench.measures import DeliveryLedger, LatencyHistogram, client_lag, process_cpu_seconds, wakeup_latency
 
-SECOND_DIGITS = 2           # per-second histograms only draw the charts: 1 % is plenty
 ERRORS_KEPT = 200           # examples kept per process; every error is counted
 
 
@@ -36,8 +35,6 @@ class WorkerTally:
         self._reset()
 
     def _reset(self):
-        self.latency = LatencyHistogram()
-        self.lag = LatencyHistogram()
         self.seconds = {}
         self.ended = []
         self.posts = []
@@ -47,16 +44,16 @@ class WorkerTally:
     # -- recording (listeners and posters call these) ------------------------------------
 
     def delivery(self, arrived_at, read_at, message_ts, stamped=True):
-        self.unstamped += not stamped
-        latency, lag = wakeup_latency(arrived_at, message_ts), client_lag(read_at, arrived_at)
-        self.latency.record(latency)
-        self.lag.record(lag)
+        """One message a held poll brought: its wake-up latency and the client's lag, filed
+        under the second it arrived in (two dict counts; see LatencyHistogram.record)."""
+        if not stamped:
+            self.unstamped += 1
         second = int(arrived_at)
         pair = self.seconds.get(second)
         if pair is None:
-            pair = self.seconds[second] = (LatencyHistogram(SECOND_DIGITS), LatencyHistogram(SECOND_DIGITS))
-        pair[0].record(latency)
-        pair[1].record(lag)
+            pair = self.seconds[second] = (LatencyHistogram(), LatencyHistogram())
+        pair[0].record(wakeup_latency(arrived_at, message_ts))
+        pair[1].record(client_lag(read_at, arrived_at))
         self.deliveries += 1
 
     def test_started(self):
@@ -94,7 +91,6 @@ class WorkerTally:
             "cpu_seconds": process_cpu_seconds(os.getpid()) - self.cpu_at_start,
             "listeners_started": self.listeners_started, "listeners_ended": self.listeners_ended,
             "deliveries": self.deliveries, "unstamped": self.unstamped,
-            "latency": self.latency.to_dict(), "lag": self.lag.to_dict(),
             "seconds": [[second, self.seconds[second][0].to_dict(), self.seconds[second][1].to_dict()]
                         for second in done],
             "ended": self.ended, "posts": self.posts, "errors": self.errors, "error_count": self.error_count,
@@ -126,14 +122,15 @@ class RunTally:
                       listeners_started=report["listeners_started"], listeners_ended=report["listeners_ended"],
                       deliveries=report["deliveries"], unstamped=report.get("unstamped", 0),
                       final=worker["final"] or report["final"])
-        self.latency.add(LatencyHistogram.from_dict(report["latency"]))
-        self.lag.add(LatencyHistogram.from_dict(report["lag"]))
         for second, latency, lag in report["seconds"]:
+            latency, lag = LatencyHistogram.from_dict(latency), LatencyHistogram.from_dict(lag)
             pair = self.seconds.get(second)
             if pair is None:
-                pair = self.seconds[second] = (LatencyHistogram(SECOND_DIGITS), LatencyHistogram(SECOND_DIGITS))
-            pair[0].add(LatencyHistogram.from_dict(latency))
-            pair[1].add(LatencyHistogram.from_dict(lag))
+                pair = self.seconds[second] = (LatencyHistogram(), LatencyHistogram())
+            pair[0].add(latency)
+            pair[1].add(lag)
+            self.latency.add(latency)
+            self.lag.add(lag)
         for summary in report["ended"]:
             self.listeners.append(dict(summary, worker=worker_id))
         self.posts.extend(report["posts"])
@@ -152,8 +149,7 @@ class RunTally:
     # -- to and from raw/run.json ----------------------------------------------------------
 
     def to_dict(self):
-        return {"latency": self.latency.to_dict(), "lag": self.lag.to_dict(),
-                "seconds": [[second, pair[0].to_dict(), pair[1].to_dict()]
+        return {"seconds": [[second, pair[0].to_dict(), pair[1].to_dict()]
                             for second, pair in sorted(self.seconds.items())],
                 "listeners": self.listeners, "posts": self.posts, "errors": self.errors,
                 "error_count": self.error_count, "workers": self.workers,
@@ -162,10 +158,11 @@ class RunTally:
     @classmethod
     def from_dict(cls, data):
         tally = cls()
-        tally.latency = LatencyHistogram.from_dict(data["latency"])
-        tally.lag = LatencyHistogram.from_dict(data["lag"])
         tally.seconds = {second: (LatencyHistogram.from_dict(latency), LatencyHistogram.from_dict(lag))
                          for second, latency, lag in data["seconds"]}
+        for latency, lag in tally.seconds.values():
+            tally.latency.add(latency)
+            tally.lag.add(lag)
         tally.listeners, tally.posts = data["listeners"], data["posts"]
         tally.errors, tally.error_count, tally.workers = data["errors"], data["error_count"], data["workers"]
         tally.master = data.get("master")

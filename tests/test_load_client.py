@@ -81,6 +81,25 @@ def test_histogram_percentiles_match_the_exact_ones_to_three_digits():
     assert latency_summary(values)["p99"] == histogram.summary()["p99"]
 
 
+def test_counting_by_bucket_first_gives_what_hdrhistogram_gives_bucket_for_bucket():
+    """LatencyHistogram counts values in a dict by their top 11 bits before they reach the
+    HdrHistogram; that must be HdrHistogram's own bucketing at 3 digits (2048 sub-buckets)."""
+    from hdrh.histogram import HdrHistogram
+
+    from bench.measures import LATENCY_HIGHEST_US, SIGNIFICANT_BITS
+    direct = HdrHistogram(1, LATENCY_HIGHEST_US, 3)
+    assert direct.sub_bucket_count == 2 ** SIGNIFICANT_BITS
+    ours = LatencyHistogram()
+    values = [int(1.0007 ** i) + i % 7 for i in range(1, 30000)]  # 1 us to about 1.3 s, every magnitude
+    for value in values:
+        direct.record_value(value)
+        ours.record(value / 1e6)
+    assert len(ours._pending) < len(values)
+    mine = [(item.value_iterated_to, item.count_at_value_iterated_to) for item in ours._hdr.get_recorded_iterator()]
+    theirs = [(item.value_iterated_to, item.count_at_value_iterated_to) for item in direct.get_recorded_iterator()]
+    assert mine == theirs
+
+
 def test_histograms_travel_and_add_up():
     first, second = LatencyHistogram(), LatencyHistogram()
     for i in range(1, 1001):
