@@ -13,6 +13,13 @@ DURATION ?=
 ROOMS   ?=
 HOST    ?=
 QUICK   ?=
+# make load's scenario knobs (defaults in loadtests/locust.conf)
+POSTERS ?=
+BURST_SIZE ?=
+BURST_GAP ?=
+POLL_TIMEOUT ?=
+SPAWN_RATE ?=
+CLIENT_PROCESSES ?=
 
 .PHONY: all venv system-packages lint run test test-fast load bench regress regress-accept clean
 
@@ -58,7 +65,10 @@ test-fast: system-packages $(STAMP)
 load: system-packages $(STAMP)
 	$(PY) -m loadtests.run $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION)) \
 	  $(if $(ROOMS),--rooms $(ROOMS)) $(if $(filter-out 1,$(WORKERS)),--workers $(WORKERS)) \
-	  $(if $(HOST),--host $(HOST))
+	  $(if $(HOST),--host $(HOST)) $(if $(POSTERS),--posters $(POSTERS)) \
+	  $(if $(BURST_SIZE),--burst-size $(BURST_SIZE)) $(if $(BURST_GAP),--burst-gap $(BURST_GAP)) \
+	  $(if $(POLL_TIMEOUT),--poll-timeout $(POLL_TIMEOUT)) $(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) \
+	  $(if $(CLIENT_PROCESSES),--client-processes $(CLIENT_PROCESSES))
 
 bench: system-packages $(STAMP)
 	$(PY) -m bench.sweep $(if $(QUICK),--quick)

@@ -63,3 +63,17 @@ def test_gevent_keeps_the_original_epoll_for_the_held_poll_driver():
 @pytest.mark.parametrize("state", ["STATE_SPAWNING", "STATE_RUNNING"])
 def test_the_runner_states_the_quitting_drain_checks_exist(state):
     assert getattr(locust.runners, state) in ("spawning", "running")
+
+
+def test_a_spawn_message_asks_for_the_default_arguments_per_option_so_caching_them_pays():
+    """The locustfile caches argument_parser.default_args_dict (it rebuilt Locust's parser
+    once per option of each spawn message); the cache is only safe while it takes no
+    arguments and its callers only read the dict."""
+    from locust import argument_parser
+
+    import loadtests.locustfile  # noqa: F401  (installs the cache)
+    source = inspect.getsource(locust.runners.WorkerRunner.handle_message)
+    assert "if k not in argument_parser.default_args_dict()" in source
+    assert hasattr(argument_parser.default_args_dict, "cache_info")
+    assert inspect.signature(argument_parser.default_args_dict.__wrapped__).parameters == {}
+    assert argument_parser.default_args_dict() is argument_parser.default_args_dict()
