@@ -18,7 +18,6 @@ import re
 
 HEAD_END = b"\r\n\r\n"
 MAX_HEAD = 64 * 1024          # a head longer than this is not a server we can measure
-CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*(?=\r\n)", re.IGNORECASE)
 CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.IGNORECASE)
 CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[^\r\n]*close", re.IGNORECASE)
 
@@ -101,13 +100,20 @@ class ResponseParser:
         except ValueError:
             raise FramingError("a status line without a status: %r" % head[:40]) from None
         self._head = head
-        self._keep_alive = not (CONNECTION_CLOSE.search(head) or head.startswith(b"HTTP/1.0"))
-        if CHUNKED.search(head):
+        # One lowercase copy and plain finds: the regexes run only when their header is there.
+        lower = head.lower()
+        self._keep_alive = not head.startswith(b"HTTP/1.0")
+        if b"\r\nconnection:" in lower and CONNECTION_CLOSE.search(head):
+            self._keep_alive = False
+        if b"\r\ntransfer-encoding:" in lower and CHUNKED.search(head):
             self._chunks = []
             return
-        length = CONTENT_LENGTH.search(head)
-        if length is not None:
-            self._length = int(length.group(1))
+        start = lower.find(b"\r\ncontent-length:")
+        if start >= 0:
+            value = head[start + 17:lower.index(b"\r\n", start + 2)].strip()
+            if not value.isdigit():
+                raise FramingError("a Content-Length that is not a number: %r" % value[:20])
+            self._length = int(value)
         elif self._status in (204, 304) or 100 <= self._status < 200:
             self._length = 0
         else:

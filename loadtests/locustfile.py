@@ -185,16 +185,18 @@ class Listener(User):
             if reply is not None:
                 self.ledger = DeliveryLedger(json.loads(reply.body)["cursor"])
 
-    def poll_path(self):
-        return "/rooms/%s/msgs?since=%d&timeout=%g" % (self.room, self.ledger.next_expected - 1, self.poll_timeout)
+    @property
+    def cursor(self):
+        return self.ledger.next_expected - 1
 
     @task
     def listen(self):
         while self.gave_up is None:
             self.broken.clear()
             try:
-                self.held = held_polls(self.environment).hold(self.client, self.poll_path(), self._answered,
-                                                              self._broke)
+                self.held = held_polls(self.environment).hold(
+                    self.client, "/rooms/%s/msgs?since=" % self.room, self.cursor, "&timeout=%g" % self.poll_timeout,
+                    self._answered, self._broke)
             except OSError as exc:
                 self._trouble("poll (held): %s" % (exc or type(exc).__name__))
                 continue
@@ -204,13 +206,14 @@ class Listener(User):
         gevent.sleep(3600)  # gave up: stay counted as a user, do nothing, until the run stops it
 
     def _answered(self, reply):
-        """HeldPolls calls this with each answer; the next poll's path, or None to stop."""
+        """HeldPolls calls this with each answer; the next poll's cursor, or None to stop."""
         if reply.status != 200:
             self._broke("poll (held) answered %d: %s" % (reply.status, reply.body[:200].decode("utf-8", "replace")))
             return None
-        self.trouble_since, self.retry = None, RETRY_SECONDS[0]
+        if self.trouble_since is not None:
+            self.trouble_since, self.retry = None, RETRY_SECONDS[0]
         self._take(reply, held=True)
-        return self.poll_path()
+        return self.ledger.next_expected - 1
 
     def _broke(self, reason):
         self.broken_reason = reason
@@ -273,8 +276,7 @@ class Listener(User):
                     for _ in range(CATCH_UP_POLLS):
                         if self.ledger.next_expected > listened_until:
                             break
-                        path = "/rooms/%s/msgs?since=%d&timeout=0&limit=1000" % (self.room,
-                                                                                 self.ledger.next_expected - 1)
+                        path = "/rooms/%s/msgs?since=%d&timeout=0&limit=1000" % (self.room, self.cursor)
                         reply = catch_up.get(path, name="poll (catch-up)")
                         if reply.status != 200:
                             raise OSError("answered %d" % reply.status)

@@ -35,6 +35,7 @@ RECEIVE_SIZE = 65536
 # sent into a connection the server is closing cannot safely be retried.
 IDLE_REUSE_SECONDS = 4.0
 EPOLLIN = 0x001
+YIELD_SECONDS = 0.02
 
 
 _RESOLVED = {}
@@ -191,15 +192,18 @@ class HeldPolls:
     def __len__(self):
         return len(self._held)
 
-    def hold(self, client, path, on_answer, on_failure):
-        """Take `client`'s open connection and send `path` on it. Each whole answer goes to
-        `on_answer(reply)`, which returns the next path to poll (None: stop holding); a
-        failure goes once to `on_failure(reason)`. The connection is this object's now."""
+    def hold(self, client, path_to_cursor, cursor, path_after_cursor, on_answer, on_failure):
+        """Take `client`'s open connection and poll `path_to_cursor + cursor +
+        path_after_cursor` on it. Each whole answer goes to `on_answer(reply)`, which
+        returns the next cursor (None: stop holding); a failure goes once to
+        `on_failure(reason)`. The connection is this object's now."""
         import gevent
         if client._sock is None or time.time() - client._last_used > IDLE_REUSE_SECONDS:
             client.close()
             client._connect()
-        held = HeldPoll(_raw_socket(client._sock), client.host_header, on_answer, on_failure)
+        request_head = ("GET %s" % path_to_cursor).encode("latin-1")
+        request_tail = ("%s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path_after_cursor, client.host_header)).encode("latin-1")
+        held = HeldPoll(_raw_socket(client._sock), request_head, request_tail, on_answer, on_failure)
         client._sock = None
         if self._epoll is None:
             # gevent's monkey-patching hides select.epoll; the driver only ever calls it
@@ -208,7 +212,7 @@ class HeldPolls:
             self._epoll = get_original("select", "epoll")()
         self._held[held.fd] = held
         self._epoll.register(held.fd, EPOLLIN)
-        if not held.send(path):
+        if not held.send(cursor):
             self._drop(held, "could not send the poll")
             return held
         if self._driver is None or self._driver.dead:
@@ -235,9 +239,12 @@ class HeldPolls:
             held.on_failure(reason)
 
     def _fire(self, held, length, exception):
+        # No response time: a held poll lasts until the next post, which the scenario's
+        # schedule decides, not the server's speed; as a Locust response time it would
+        # only drown the real ones (the wake-up latency is measured apart). It also
+        # keeps Locust's bookkeeping per poll at its cheapest.
         if self.request_event is not None:
-            self.request_event.fire(request_type="GET", name=self.name,
-                                    response_time=(time.time() - held.sent_at) * 1000.0,
+            self.request_event.fire(request_type="GET", name=self.name, response_time=None,
                                     response_length=length, exception=exception, context=None)
 
     def _drive(self):
@@ -249,17 +256,23 @@ class HeldPolls:
         # start a new one (and a timeout) on every wake, once per answer in a fan-out.
         ready = hub.loop.io(epoll.fileno(), 1)
         sweeper = gevent.spawn(self._sweep_each_second)
+        yielded = time.monotonic()
         try:
             while self._held:
                 events = epoll.poll(0, 4096)
                 if not events:
                     hub.wait(ready)
+                    yielded = time.monotonic()
                     continue
                 for fd, _events in events:
                     held = self._held.get(fd)
                     if held is not None:
                         self._readable(held)
-                gevent.sleep(0)  # let the listeners' and Locust's own greenlets run between batches
+                if time.monotonic() - yielded > YIELD_SECONDS:
+                    # A fan-out keeps answers coming for a second or more: give Locust's
+                    # heartbeats, reports and spawning their turn now and then.
+                    gevent.sleep(0)
+                    yielded = time.monotonic()
         finally:
             sweeper.kill(block=False)
             ready.close()
@@ -295,13 +308,13 @@ class HeldPolls:
             self._fire(held, len(response.body), None)
             reply = Reply(response.status, response.body, held.arrived_at, read_at, held.sent_at)
             held.arrived_at = None
-            path = held.on_answer(reply)
-            if path is None or not response.keep_alive:
+            cursor = held.on_answer(reply)
+            if cursor is None or not response.keep_alive:
                 self.release(held)
-                if path is not None:
+                if cursor is not None:
                     held.on_failure("poll: the server closed the connection after its answer")
                 return
-            if not held.send(path):
+            if not held.send(cursor):
                 self._drop(held, "could not send the next poll")
                 return
             response = held.parser.feed(b"") if held.parser._buffer else None
@@ -314,22 +327,24 @@ class HeldPolls:
 
 
 class HeldPoll:
-    __slots__ = ("sock", "fd", "host_header", "parser", "on_answer", "on_failure", "sent_at", "arrived_at")
+    __slots__ = ("sock", "fd", "request_head", "request_tail", "parser", "on_answer", "on_failure", "sent_at",
+                 "arrived_at")
 
-    def __init__(self, sock, host_header, on_answer, on_failure):
+    def __init__(self, sock, request_head, request_tail, on_answer, on_failure):
         self.sock = sock
         self.fd = sock.fileno()
-        self.host_header = host_header
+        self.request_head = request_head
+        self.request_tail = request_tail
         self.parser = ResponseParser()
         self.on_answer = on_answer
         self.on_failure = on_failure
         self.sent_at = time.time()
         self.arrived_at = None
 
-    def send(self, path):
+    def send(self, cursor):
         """The next poll; False when it could not go out whole at once (a full send
         buffer for a request of a hundred bytes means the connection is in trouble)."""
-        request = ("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path, self.host_header)).encode("latin-1")
+        request = b"%s%d%s" % (self.request_head, cursor, self.request_tail)
         self.sent_at = time.time()
         try:
             return self.sock.send(request) == len(request)
