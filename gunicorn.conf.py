@@ -6,11 +6,16 @@ by the seed's command:
 Flags given on the command line override what is set here.
 """
 
+import math
 import os
 import resource
 import signal
+import sys
 
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import chattle_http  # noqa: E402  (patches nothing: safe in the master, unlike chattle)
 
 
 class ChattleWorker(GeventPyWSGIWorker):
@@ -57,7 +62,20 @@ CLIENT_TIMEOUT_MARGIN = 10
 graceful_timeout = POLL_TIMEOUT_MAX + CLIENT_TIMEOUT_MARGIN + 5
 assert POLL_TIMEOUT_MAX < POLL_TIMEOUT_MAX + CLIENT_TIMEOUT_MARGIN < graceful_timeout
 timeout = 30     # heartbeat: a gevent worker that cannot notify the arbiter for 30 s is stuck
-keepalive = 10   # a long-poll client asks again at once; reuse its connection
+
+# Chattle's limits on each connection (chattle_http.LIMIT_SETTINGS: CHATTLE_HEAD_TIMEOUT,
+# CHATTLE_KEEPALIVE_TIMEOUT, CHATTLE_SEND_TIMEOUT, CHATTLE_MAX_HEAD_BYTES,
+# CHATTLE_MAX_HEADERS). ChattleWorker enforces all of them itself, as `python chattle.py`
+# does. gunicorn's own gevent worker (`--worker-class gevent`, the seed's command) parses
+# heads with gunicorn's parser: it gets the keep-alive deadline and the closest header
+# caps gunicorn has (its request line stops at 8190 bytes, its headers are capped one by
+# one rather than together), and answers a refused head in plain text, not JSON; it has no
+# head or send deadline of its own.
+_limits = chattle_http.HttpLimits.from_environ()
+keepalive = math.ceil(_limits.keepalive_timeout)  # whole seconds; a long-poll client asks again at once; reuse its connection
+limit_request_line = min(_limits.max_head_bytes, 8190)
+limit_request_fields = min(_limits.max_headers, 32768)
+limit_request_field_size = _limits.max_head_bytes
 
 accesslog = os.environ.get("CHATTLE_GUNICORN_ACCESSLOG") or None
 
