@@ -617,10 +617,12 @@ def handler_class(limits, base=None, access_log=False):
                 return
             message = ("the request body is malformed" if error_code == 400 else
                        "the server failed on this request; it was not applied, please retry")
+            body = json.dumps({"error": message}).encode()
             try:
                 self.start_response("%d %s" % (error_code, HTTPStatus(error_code).phrase),
-                                    [("Content-Type", JSON_TYPE.decode()), ("Connection", "close")])
-                self.write(json.dumps({"error": message}).encode())
+                                    [("Content-Type", JSON_TYPE.decode()), ("Connection", "close"),
+                                     ("Content-Length", str(len(body)))])
+                self.write(body)
             except OSError:
                 self.close_connection = True
 
