@@ -486,3 +486,55 @@ def test_pythons_default_thresholds_would_break_the_collection_bound(app_state, 
 def test_no_plugin_wraps_a_route():
     # Each plugin wrapper is one more call per answer, and per woken poll in a fan-out.
     assert all(route.call is route.callback for route in chattle.app.routes)
+
+
+def held_poll_deadlines(monkeypatch, held=HELD_POLLS):
+    """Connect `held` clients to chattle's server, let each wait for its head, then park
+    their polls: (connections watched by the HTTP layer's deadlines while the polls are
+    held, distinct deadline ticks, each one timer, used meanwhile)."""
+    import chattle_http
+    from gevent import socket
+
+    ticks = set()
+    watch = chattle_http.Deadlines.watch
+
+    def recording_watch(deadlines, reader):
+        watch(deadlines, reader)
+        ticks.add(reader.tick)
+
+    monkeypatch.setattr(chattle_http.Deadlines, "watch", recording_watch)
+    server = chattle.make_server("127.0.0.1", 0)
+    deadlines = server.handler_class.deadlines
+    server.start()
+    clients = []
+    try:
+        since = chattle.get_bus().publish("deadline-cost", "ann", "before")["id"]
+        clients = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(held)]
+        for _ in range(300):  # every connection waits for its head, under its deadline
+            if deadlines.watched() >= held:
+                break
+            gevent.sleep(0.01)
+        assert deadlines.watched() == held, "connections waiting for their head are not all watched"
+        for client in clients:
+            client.sendall(b"GET /rooms/deadline-cost/msgs?since=%d&timeout=30 HTTP/1.1\r\nHost: t\r\n\r\n" % since)
+        for _ in range(3000):
+            if chattle.rooms.waiters >= held:
+                break
+            gevent.sleep(0.01)
+        assert chattle.rooms.waiters == held, "polls did not all park"
+        return deadlines.watched(), len(ticks)
+    finally:
+        chattle.get_bus().publish("deadline-cost", "bob", "wake")
+        for client in clients:
+            client.close()
+        server.stop(timeout=1)
+
+
+def test_held_polls_cost_the_connection_deadlines_nothing(app_state, monkeypatch):
+    """The head, keep-alive and send deadlines watch a connection only while it waits on
+    its client, in buckets shared per tick: a held poll is in none, and parking many
+    polls at once uses a handful of ticks, not a timer each."""
+    watched, ticks = held_poll_deadlines(monkeypatch)
+    print("held polls watched: %d, deadline ticks used: %d" % (watched, ticks))
+    assert watched == 0, "a held poll is still watched by a connection deadline"
+    assert ticks <= 8, "%d deadline ticks (and timers) for %d polls" % (ticks, HELD_POLLS)
