@@ -601,14 +601,18 @@ def handler_class(limits, base=None, access_log=False):
             when the answer closes the connection: a refused 10 MB upload (413) would
             still be read in full, and a client that never sends it would hold its
             greenlet for good. An answer that closes the connection has no next request
-            to find, so that read is skipped."""
+            to find, so that read is skipped; on a keep-alive connection the rest of the
+            body must arrive within the head deadline, as the next head would."""
             try:
                 super().run_application()
             finally:
                 body = self.wsgi_input
-                if self.close_connection and body is not None:
-                    body.content_length = body.position
-                    body.chunked_input = False
+                if body is not None:
+                    if self.close_connection:
+                        body.content_length = body.position
+                        body.chunked_input = False
+                    elif body.chunked_input or body.position < (body.content_length or 0):
+                        self.rfile.until = time.monotonic() + limits.head_timeout
 
         def _send_error_response_if_possible(self, error_code):
             # pywsgi's canned 400 (a broken chunked body) and 500 are plain text

@@ -219,6 +219,19 @@ def test_an_answer_the_client_never_takes_drops_the_connection(server):
         client.close()
 
 
+def test_a_body_promised_and_never_sent_does_not_hold_the_connection(server):
+    """A poll that declares a body it never sends: after the answer, what is left of the
+    body must arrive within the head deadline, as the next head would."""
+    client = Raw(server.port)
+    try:
+        client.send(request("GET", "/rooms/a/msgs?timeout=0", ["Content-Length: 100000"]))
+        status, _headers, _body = client.answer()
+        assert status == 200
+        assert client.closed_by_server(CLOSED_WITHIN), "the connection waits for the body for good"
+    finally:
+        client.close()
+
+
 # -- 2. head caps -----------------------------------------------------------------------------
 
 def test_a_head_over_32_kib_is_431_json(server):
