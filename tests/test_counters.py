@@ -252,15 +252,23 @@ def answer_counters(handler_class, requests=20):
         handler.handle()
     finally:
         sys.setprofile(None)
-    received = b""
-    while True:
-        chunk = theirs.recv(65536)
-        if not chunk:
-            break
-        received += chunk
-    theirs.close()
+    received = read_to_end(theirs)
     assert received.count(b"HTTP/1.1 200 OK") == requests
     return {name: value / requests for name, value in counted.items()}
+
+
+def read_to_end(sock, timeout=10):
+    """Every byte until the peer closes, then close `sock` too."""
+    sock.settimeout(timeout)
+    received = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+    finally:
+        sock.close()
 
 
 def test_a_held_poll_holds_few_bytes(app_state):

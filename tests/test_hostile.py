@@ -15,6 +15,7 @@ import gevent
 import pytest
 
 from bench.servers import ChattleServer, get_json, wait_until
+from test_longpoll import HttpConnection
 
 DEADLINE = 1.0  # seconds: the head, keep-alive and send deadlines of the servers below
 # A deadline is enforced within a tick (0.25 s) after it passes; the rest is this
@@ -42,62 +43,26 @@ def server(request, tmp_path_factory):
 
 # -- a raw client -----------------------------------------------------------------------------
 
-class Raw:
+class Raw(HttpConnection):
     """One client socket, driven byte by byte, as a hostile client drives it."""
 
     def __init__(self, port, receive_buffer=None):
         self.sock = socket.socket()
-        if receive_buffer:
+        if receive_buffer:  # before connecting, so that the window stays that small
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         self.sock.settimeout(10)
         self.sock.connect(("127.0.0.1", port))
         self.buffer = b""
 
-    def send(self, data):
-        self.sock.sendall(data)
-
     def answer(self, within=10.0):
         """(status, lower-case headers, body: decoded JSON when JSON, else bytes)."""
         self.sock.settimeout(within)
-        while b"\r\n\r\n" not in self.buffer:
-            self._fill()
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        status_line, *lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines:
-            name, _colon, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", 0))
-        while len(self.buffer) < length:
-            self._fill()
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        if headers.get("content-type", "").startswith("application/json"):
-            body = json.loads(body)
-        return int(status_line.split()[1]), headers, body
-
-    def _fill(self):
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("the server closed the connection")
-        self.buffer += chunk
+        return self.receive()
 
     def closed_by_server(self, within):
         """True when the server closes (or resets) the connection within `within` seconds;
         whatever it sends before is read and dropped."""
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                if not self.sock.recv(65536):
-                    return True
-            except ConnectionResetError:
-                return True
-            except socket.timeout:
-                return False
-        return False
-
-    def close(self):
-        self.sock.close()
+        return self.server_closed(within)
 
 
 def request(method, path, headers=(), body=b""):
@@ -115,7 +80,7 @@ def fill_room(port, room, count, content):
     client = Raw(port)
     try:
         for _ in range(count):
-            client.send(post_request(room, content))
+            client.sock.sendall(post_request(room, content))
             status, _headers, _body = client.answer()
             assert status == 201
     finally:
@@ -127,7 +92,7 @@ def refused(port, data, within=10.0):
     whether the server then closed the connection."""
     client = Raw(port)
     try:
-        client.send(data)
+        client.sock.sendall(data)
         status, headers, body = client.answer(within)
         return status, headers, body, client.closed_by_server(CLOSED_WITHIN)
     finally:
@@ -151,7 +116,7 @@ def test_a_connection_that_sends_nothing_is_closed(server):
 def test_half_a_request_head_is_answered_408_and_closed(server):
     client = Raw(server.port)
     try:
-        client.send(b"GET /rooms/a/msgs HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        client.sock.sendall(b"GET /rooms/a/msgs HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         status, headers, body = client.answer(CLOSED_WITHIN)
         assert status == 408 and "error" in body and headers["connection"] == "close"
         assert client.closed_by_server(CLOSED_WITHIN)
@@ -170,7 +135,7 @@ def test_a_head_sent_one_byte_at_a_time_is_cut_off(server):
             if time.monotonic() - started > CLOSED_WITHIN:
                 break
             try:
-                client.send(bytes([byte]))
+                client.sock.sendall(bytes([byte]))
             except OSError:
                 break
             gevent.sleep(0.1)
@@ -187,7 +152,7 @@ def test_a_held_poll_outlasts_the_deadlines_then_the_idle_connection_is_closed(s
     client = Raw(server.port)
     try:
         started = time.monotonic()
-        client.send(request("GET", "/rooms/held/msgs?since=%d&timeout=%g" % (since, 3 * DEADLINE)))
+        client.sock.sendall(request("GET", "/rooms/held/msgs?since=%d&timeout=%g" % (since, 3 * DEADLINE)))
         status, headers, body = client.answer(within=3 * DEADLINE + 10)
         assert status == 200 and body["messages"] == [] and time.monotonic() - started >= 3 * DEADLINE
         assert headers.get("connection") != "close"
@@ -201,7 +166,7 @@ def test_an_answer_the_client_never_takes_drops_the_connection(server):
     send deadline the server drops the connection and the rest of the answer with it."""
     client = Raw(server.port, receive_buffer=4096)
     try:
-        client.send(request("GET", "/rooms/%s/msgs?since=0&limit=1000" % BIG_ROOM))
+        client.sock.sendall(request("GET", "/rooms/%s/msgs?since=0&limit=1000" % BIG_ROOM))
         gevent.sleep(DEADLINE + 2.0)  # the server is stuck on its send all this while
         received, reset = 0, False
         client.sock.settimeout(10)
@@ -224,7 +189,7 @@ def test_a_body_promised_and_never_sent_does_not_hold_the_connection(server):
     body must arrive within the head deadline, as the next head would."""
     client = Raw(server.port)
     try:
-        client.send(request("GET", "/rooms/a/msgs?timeout=0", ["Content-Length: 100000"]))
+        client.sock.sendall(request("GET", "/rooms/a/msgs?timeout=0", ["Content-Length: 100000"]))
         status, _headers, _body = client.answer()
         assert status == 200
         assert client.closed_by_server(CLOSED_WITHIN), "the connection waits for the body for good"
@@ -271,7 +236,7 @@ def test_catch_up_reads_of_a_quiet_room_pin_nothing_beyond_the_bound(server):
     client = Raw(server.port)
     try:
         for since in range(0, 640, 10):
-            client.send(request("GET", "/rooms/%s/msgs?since=%d&limit=1000&timeout=0" % (BIG_ROOM, since)))
+            client.sock.sendall(request("GET", "/rooms/%s/msgs?since=%d&limit=1000&timeout=0" % (BIG_ROOM, since)))
             status, _headers, body = client.answer(30)
             assert status == 200 and body["cursor"] == BIG_MESSAGES
     finally:
@@ -368,7 +333,7 @@ def test_ambiguous_framing_is_refused_and_the_connection_closed(server, framing,
     head = request("POST", "/rooms/a/msgs", ["Content-Type: application/json", *framing], body)
     client = Raw(server.port)
     try:
-        client.send(head)
+        client.sock.sendall(head)
         status, headers, answer = client.answer()
         assert status == 400 and "error" in answer and headers["connection"] == "close"
         assert client.closed_by_server(CLOSED_WITHIN)

@@ -21,6 +21,7 @@ from gevent import pywsgi, socket
 import chattle
 import chattle_http
 from bench.servers import ROOT, ChattleServer, get_json
+from test_counters import read_to_end
 from test_hostile import Raw, request
 
 # -- bottle -----------------------------------------------------------------------------------
@@ -102,21 +103,13 @@ def test_gevent_sockets_still_wrap_a_non_blocking_socket():
 def serve_one_connection(handler_class, application, data):
     """Serve one connection carrying `data` with `handler_class` over `application`, in
     this process; the bytes the client got."""
-    server = pywsgi.WSGIServer(("127.0.0.1", 0), application, handler_class=handler_class, log=None,
-                               error_log=None)
     ours, theirs = socket.socketpair()
     theirs.sendall(data)
     theirs.shutdown(socket.SHUT_WR)
+    server = pywsgi.WSGIServer(("127.0.0.1", 0), application, handler_class=handler_class, log=None,
+                               error_log=None)
     handler_class(ours, ("127.0.0.1", 1), server).handle()
-    received = b""
-    theirs.settimeout(5)
-    while True:
-        chunk = theirs.recv(65536)
-        if not chunk:
-            break
-        received += chunk
-    theirs.close()
-    return received
+    return read_to_end(theirs)
 
 
 def test_pywsgi_calls_every_hook_chattle_http_overrides(app_state):
@@ -167,7 +160,7 @@ def test_chattle_worker_serves_through_chattles_handler(tmp_path):
     try:
         client = Raw(server.port)
         try:
-            client.send(request("GET", "/health", ["X-H%d: v" % number for number in range(101)]))
+            client.sock.sendall(request("GET", "/health", ["X-H%d: v" % number for number in range(101)]))
             status, headers, body = client.answer()
         finally:
             client.close()
@@ -188,7 +181,7 @@ def test_the_access_log_path_with_a_log_on(tmp_path, kind):
         assert get_json(server.url + "/rooms/logged/msgs?since=0&timeout=0")[0] == 200
         client = Raw(server.port)
         try:
-            client.send(request("GET", "/health", ["X-H%d: v" % number for number in range(101)]))
+            client.sock.sendall(request("GET", "/health", ["X-H%d: v" % number for number in range(101)]))
             assert client.answer()[0] == 431
         finally:
             client.close()
