@@ -18,8 +18,8 @@ do, and what it costs:
 Every refusal is a JSON answer, `{"error": ...}`, with `Connection: close`.
 """
 
-import errno
 import json
+import math
 import os
 import re
 import socket
@@ -149,7 +149,7 @@ class Deadlines:
 
     def watch(self, reader):
         """Enforce `reader.until` (monotonic) from now on."""
-        tick = math_ceil(reader.until / self.TICK)
+        tick = math.ceil(reader.until / self.TICK)
         if tick == reader.tick:
             return
         if reader.tick:
@@ -178,11 +178,6 @@ class Deadlines:
 
     def watched(self):
         return sum(len(readers) for readers, _timer in self.by_tick.values())
-
-
-def math_ceil(value):
-    whole = int(value)
-    return whole + 1 if whole < value else whole
 
 
 ###############################################################################
@@ -311,18 +306,16 @@ class RequestReader:
             self.sending = True
             self.deadlines.watch(self)
         try:
-            self.sock.sendall(rest)
+            self.sock.sendall(rest)  # once the deadline shuts the socket down: EPIPE
         finally:
             if self.tick:
                 self.deadlines.unwatch(self)
             self.sending, self.until = False, None
-            if self.expired:
-                raise OSError(errno.EPIPE, "the client did not take its answer within %g seconds"
-                              % self.deadlines.limits.send_timeout)
 
     def expect_request(self, previous_answer):
-        """Between keep-alive requests: idle until `keepalive_timeout`, and the next head
-        complete within `head_timeout` of the previous answer."""
+        """Between keep-alive requests: the next head must be complete within the head
+        deadline of the previous answer, and cannot be if it has not begun by the
+        keep-alive deadline; so the shorter of the two, from the previous answer."""
         self.head_from = previous_answer
         self.until = previous_answer + min(self.deadlines.limits.keepalive_timeout,
                                            self.deadlines.limits.head_timeout)

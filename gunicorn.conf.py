@@ -66,13 +66,14 @@ timeout = 30     # heartbeat: a gevent worker that cannot notify the arbiter for
 # Chattle's limits on each connection (chattle_http.LIMIT_SETTINGS: CHATTLE_HEAD_TIMEOUT,
 # CHATTLE_KEEPALIVE_TIMEOUT, CHATTLE_SEND_TIMEOUT, CHATTLE_MAX_HEAD_BYTES,
 # CHATTLE_MAX_HEADERS). ChattleWorker enforces all of them itself, as `python chattle.py`
-# does. gunicorn's own gevent worker (`--worker-class gevent`, the seed's command) parses
-# heads with gunicorn's parser: it gets the keep-alive deadline and the closest header
-# caps gunicorn has (its request line stops at 8190 bytes, its headers are capped one by
-# one rather than together), and answers a refused head in plain text, not JSON; it has no
-# head or send deadline of its own.
+# does, and ignores the four gunicorn settings below. gunicorn's own gevent worker
+# (`--worker-class gevent`, the seed's command) parses heads with gunicorn's parser and
+# gets what gunicorn has closest: `keepalive` bounds both the idle wait and the reading
+# of each head, the request line stops at gunicorn's 8190 bytes, headers are capped one
+# line at a time rather than together, refusals are gunicorn's HTML pages, and there is
+# no send deadline (README: "Limits and deadlines").
 _limits = chattle_http.HttpLimits.from_environ()
-keepalive = math.ceil(_limits.keepalive_timeout)  # whole seconds; a long-poll client asks again at once; reuse its connection
+keepalive = math.ceil(_limits.keepalive_timeout)  # a long-poll client asks again at once: reuse its connection
 limit_request_line = min(_limits.max_head_bytes, 8190)
 limit_request_fields = min(_limits.max_headers, 32768)
 limit_request_field_size = _limits.max_head_bytes
