@@ -5,6 +5,7 @@
 so gunicorn.conf.py is picked up from the working directory exactly as it is in use.
 """
 
+import os
 import signal
 import subprocess
 import sys
@@ -43,11 +44,12 @@ def gunicorn(tmp_path):
         server.stop(grace=20)
 
 
-def effective_config():
+def effective_config(env=None):
     """The settings gunicorn really runs the seed's command with, as it reports them."""
     output = subprocess.run(
         [sys.executable, "-m", "gunicorn", "--print-config", "--bind", "127.0.0.1:%d" % free_port(), *SEED_FLAGS],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        env=None if env is None else dict(os.environ, **env)).stdout
     config = {}
     for line in output.splitlines():
         name, equals, value = line.partition("=")

@@ -351,3 +351,24 @@ def test_a_room_name_that_is_not_utf8_is_404(server, method):
     status, _headers, answer, _closed = refused(
         server.port, request(method, "/rooms/lob%FFby/msgs", headers, body if method == "POST" else b""))
     assert status == 404 and "error" in answer
+
+
+# -- every limit is a setting: a flag, a variable, and gunicorn's own knob where it has one ---
+
+def test_the_limits_are_flags_of_python_chattle_py(start_chattle):
+    chattle = start_chattle(extra_args=["--max-headers", "5", "--max-head-bytes", "2048"])
+    status, _headers, body, _closed = refused(chattle.port, request("GET", "/health", ["X-H%d: v" % n for n in range(5)]))
+    assert status == 431 and "over the limit of 5" in body["error"]
+    status, _headers, body, _closed = refused(chattle.port, request("GET", "/" + "a" * 3000))
+    assert status == 414 and "2048" in body["error"]
+
+
+def test_gunicorn_conf_hands_the_limits_to_gunicorns_own_worker():
+    """The seed's `--worker-class gevent` parses heads with gunicorn's parser: gunicorn.conf.py
+    gives it the same keep-alive deadline and header caps, from the same variables."""
+    from test_gunicorn import effective_config
+
+    config = effective_config({"CHATTLE_KEEPALIVE_TIMEOUT": "3", "CHATTLE_MAX_HEADERS": "50",
+                               "CHATTLE_MAX_HEAD_BYTES": "4000"})
+    assert (config["keepalive"], config["limit_request_fields"]) == ("3", "50")
+    assert (config["limit_request_line"], config["limit_request_field_size"]) == ("4000", "4000")
