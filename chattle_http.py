@@ -165,7 +165,12 @@ class Deadlines:
     def unwatch(self, reader):
         entry = self.by_tick.get(reader.tick)
         if entry is not None:
-            entry[0].discard(reader)
+            readers, timer = entry
+            readers.discard(reader)
+            if not readers:
+                # a burst of connections grew this set; nothing should keep it until its tick
+                del self.by_tick[reader.tick]
+                timer.close()
         reader.tick = 0
 
     def _expire(self, tick):
@@ -262,7 +267,7 @@ class RequestReader:
         finally:
             if self.tick:
                 self.deadlines.unwatch(self)
-            self.until = None
+            self.until = self.head_from = None  # a held poll keeps neither
 
     @staticmethod
     def _too_large(pending, max_bytes):
