@@ -24,7 +24,7 @@ import re  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections import deque  # noqa: E402
+from collections import OrderedDict, deque  # noqa: E402
 
 import gevent  # noqa: E402
 
@@ -36,6 +36,7 @@ from bottle import Bottle, HTTPResponse, request, response, static_file, templat
 from gevent.event import Event  # noqa: E402
 from greenlet import getcurrent  # noqa: E402
 
+import chattle_http  # noqa: E402
 from chattle_limits import POLL_TIMEOUT_MAX, raise_descriptor_limit  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -70,7 +71,16 @@ SETTINGS = [
      "empty keeps the in-memory bus"),
     ("access_log", "CHATTLE_ACCESS_LOG", int, 0,
      "1 logs every request (costly with thousands of held polls)"),
-]
+    ("max_retained_bytes", "CHATTLE_MAX_RETAINED_BYTES", int, 256 * 1024 * 1024,
+     "bytes of messages a worker retains over all its rooms; beyond, the least recently "
+     "active rooms are forgotten (their clients are told 'reset' or 'missed')"),
+    ("room_cache_bytes", "CHATTLE_ROOM_CACHE_BYTES", int, 1024 * 1024,
+     "bytes of encoded poll answers a room keeps for its fan-outs to share"),
+    ("answer_cache_bytes", "CHATTLE_ANSWER_CACHE_BYTES", int, 64 * 1024 * 1024,
+     "bytes of encoded poll answers a worker keeps over all its rooms"),
+    ("room_ttl", "CHATTLE_ROOM_TTL", int, 7 * 24 * 3600,
+     "seconds the shared bus keeps a room nobody posts to (every post starts it again)"),
+] + chattle_http.LIMIT_SETTINGS
 
 
 class Settings:
@@ -81,17 +91,17 @@ class Settings:
             raise SystemExit("chattle: --history must be at least 1")
         if not 0 <= self.poll_timeout <= MAX_POLL_TIMEOUT:
             raise SystemExit("chattle: --poll-timeout must be between 0 and %g seconds" % MAX_POLL_TIMEOUT)
+        for name in ("max_retained_bytes", "room_cache_bytes", "answer_cache_bytes", "room_ttl"):
+            if getattr(self, name) < 1:
+                raise SystemExit("chattle: --%s must be at least 1" % name.replace("_", "-"))
+        self.http_limits()  # checks them
+
+    def http_limits(self):
+        return chattle_http.HttpLimits(**{name: getattr(self, name) for name, *_rest in chattle_http.LIMIT_SETTINGS})
 
     @classmethod
     def from_environ(cls, environ=os.environ):
-        values = {}
-        for name, env, kind, _default, _help in SETTINGS:
-            if env in environ:
-                try:
-                    values[name] = kind(environ[env])
-                except ValueError:
-                    raise SystemExit("chattle: %s=%r is not a valid %s" % (env, environ[env], kind.__name__))
-        return cls(**values)
+        return cls(**chattle_http.values_from_environ(SETTINGS, environ))
 
 
 def parse_args(argv=None):
@@ -192,9 +202,16 @@ class Room:
     same bytes N times.
     """
 
-    __slots__ = ("name", "messages", "last_id", "waiting", "_wakeup", "_answers", "_name_json", "registry")
+    __slots__ = ("name", "messages", "last_id", "waiting", "_wakeup", "_answers", "_name_json", "registry",
+                 "retained_bytes", "cached_bytes")
 
     ANSWER_CACHE_SIZE = 64
+    # A message's cost beyond its encoding: its (id, fragment) tuple, the id, the bytes
+    # object's header and its slot in the deque.
+    MESSAGE_OVERHEAD = 120
+    # An answer to a cursor this close to the newest message is worth keeping even when
+    # the poll was not held: the clients a burst of posts left one step behind ask it.
+    SHARED_CATCH_UP = 8
 
     def __init__(self, name, history, registry):
         self.name = name
@@ -205,6 +222,8 @@ class Room:
         self._answers = {}
         self._name_json = encode(name)
         self.registry = registry
+        self.retained_bytes = 0  # what its messages cost, counted against the worker's bound
+        self.cached_bytes = 0    # what its cached answers hold, counted against both cache bounds
 
     # -- verb 1 ---------------------------------------------------------------
     def add(self, message_id, fragment):
@@ -215,16 +234,25 @@ class Room:
         """
         if message_id <= self.last_id:
             return  # the bus may deliver an entry a poll already fetched from it
-        self.messages.append((message_id, fragment))
+        messages = self.messages
+        if len(messages) == messages.maxlen:
+            self._count_retained(-len(messages[0][1]) - self.MESSAGE_OVERHEAD)
+        messages.append((message_id, fragment))
         self.last_id = message_id
-        self._answers.clear()
+        self.registry.drop_answers(self)
+        self._count_retained(len(fragment) + self.MESSAGE_OVERHEAD)
         self._wakeup.set()
+
+    def _count_retained(self, change):
+        self.retained_bytes += change
+        self.registry.count_retained(self, change)
 
     # -- verb 2 ---------------------------------------------------------------
     def wait_for_news(self, since, timeout):
-        """Hold the calling greenlet until a message after `since` exists, or timeout."""
+        """Hold the calling greenlet until a message after `since` exists, or timeout.
+        True when it was held: its answer is then one a fan-out shares."""
         if self.last_id != since or timeout <= 0:
-            return  # news already, or a cursor from the future: "reset" answers at once
+            return False  # news already, or a cursor from the future: "reset" answers at once
         deadline = time.monotonic() + timeout
         registry = self.registry
         registry.waiters += 1
@@ -232,31 +260,49 @@ class Room:
         try:
             while self.last_id <= since and not registry.closing:
                 if time.monotonic() >= deadline:
-                    return
+                    break
                 park(self._wakeup.event_until(deadline))
         finally:
             registry.waiters -= 1
             self.waiting -= 1
+        return True
 
     def wake_all(self):
         self._wakeup.set()
 
+    def drop_oldest(self):
+        """Forget the oldest retained message (its id is not reused: a poll after it is
+        told "missed")."""
+        _id, fragment = self.messages.popleft()
+        self.registry.drop_answers(self)
+        self._count_retained(-len(fragment) - self.MESSAGE_OVERHEAD)
+
+    def drop_messages(self):
+        """Forget every retained message, keeping `last_id`."""
+        self.messages.clear()
+        self.registry.drop_answers(self)
+        self._count_retained(-self.retained_bytes)
+
     def forget(self):
         """Drop every message (the shared bus lost them): the next poll is told "reset"."""
-        self.messages.clear()
+        self.drop_messages()
         self.last_id = 0
-        self._answers.clear()
 
     # -- answers ----------------------------------------------------------------
-    def answer(self, since, limit):
-        """The encoded poll answer for `since` (None: the newest) as the room is now."""
+    def answer(self, since, limit, shared=False):
+        """The encoded poll answer for `since` (None: the newest) as the room is now.
+
+        Kept for others to share when a fan-out shares it (`shared`: the poll was held,
+        so every poll woken with it asks the same), or when it is the newest messages
+        or a cursor just behind them; a catch-up read from an older cursor is made for
+        its one client and not kept. What is kept is bounded in bytes per room and per
+        worker (Rooms.keep_answer)."""
         key = (since, limit)
         body = self._answers.get(key)
         if body is None:
             body = self._encode_answer(since, limit)
-            if len(self._answers) >= self.ANSWER_CACHE_SIZE:
-                self._answers.clear()
-            self._answers[key] = body
+            if shared or since is None or self.last_id - since <= self.SHARED_CATCH_UP:
+                self.registry.keep_answer(self, key, body)
         return body
 
     def _encode_answer(self, since, limit):
@@ -283,19 +329,41 @@ class Room:
 
 
 class Rooms:
-    """Every room this worker knows, created on first use, and the worker's counters."""
+    """Every room this worker knows, created on first use, and the worker's counters and
+    bounds: the bytes of messages it retains, and of answers it caches.
 
-    def __init__(self, history):
+    `by_name` is kept in order of activity (a post, or a poll), least recent first: when
+    the retained messages outgrow `max_retained_bytes`, the least recently active rooms
+    nobody waits on are forgotten first. With the in-memory bus a forgotten room starts
+    again from nothing, so a client that comes back with its cursor is told "reset"; with
+    the shared bus the room is loaded again from Redis, where ids go on."""
+
+    def __init__(self, history, max_retained_bytes=None, room_cache_bytes=1024 * 1024,
+                 answer_cache_bytes=64 * 1024 * 1024):
         self.history = history
-        self.by_name = {}
+        self.by_name = OrderedDict()
         self.waiters = 0      # polls held right now
         self.encodes = 0      # poll answers encoded (a fan-out on one cursor costs one)
         self.closing = False  # set on shutdown: held polls answer at once
+        self.max_retained_bytes = max_retained_bytes
+        self.retained_bytes = 0
+        self.room_cache_bytes = room_cache_bytes
+        self.answer_cache_bytes = answer_cache_bytes
+        self.cached_bytes = 0
+        self.caching = OrderedDict()  # rooms with cached answers, least recently cached first
+        self.on_forget = None  # called with a room's name when it is forgotten (the bus's copy)
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls(settings.history, settings.max_retained_bytes, settings.room_cache_bytes,
+                   settings.answer_cache_bytes)
 
     def get(self, name):
         room = self.by_name.get(name)
         if room is None:
             room = self.by_name[name] = Room(name, self.history, self)
+        else:
+            self.by_name.move_to_end(name)
         return room
 
     def release(self, room):
@@ -303,11 +371,60 @@ class Rooms:
         names must not grow the worker's memory. True when it was dropped."""
         if room.last_id or room.waiting or self.by_name.get(room.name) is not room:
             return False
+        self.drop_answers(room)
         del self.by_name[room.name]
         return True
 
     def retained(self):
         return sum(len(room.messages) for room in self.by_name.values())
+
+    # -- the retained history's bound -----------------------------------------------
+    def count_retained(self, room, change):
+        self.retained_bytes += change
+        if change > 0 and self.max_retained_bytes is not None and self.retained_bytes > self.max_retained_bytes:
+            self._shed(room)
+
+    SHED_TO = 0.9  # of the bound: shedding a little more than needed makes it rare
+
+    def _shed(self, growing):
+        """Back under the bound: forget whole rooms, least recently active first, that
+        nobody waits on (and not `growing`, which just took a message; nor an empty one,
+        which may be loading); if that is not enough, the oldest messages of the rest."""
+        target = self.max_retained_bytes * self.SHED_TO
+        for room in list(self.by_name.values()):
+            if self.retained_bytes <= target:
+                return
+            if room is growing or room.waiting or not room.messages:
+                continue
+            room.drop_messages()
+            del self.by_name[room.name]
+            if self.on_forget is not None:
+                self.on_forget(room.name)
+        for room in list(self.by_name.values()) + [growing]:
+            while self.retained_bytes > target and len(room.messages) > (room is growing):
+                room.drop_oldest()
+
+    # -- the answer cache's bounds ----------------------------------------------------
+    def keep_answer(self, room, key, body):
+        size = len(body)
+        if size > self.room_cache_bytes:
+            return
+        if room.cached_bytes + size > self.room_cache_bytes or len(room._answers) >= room.ANSWER_CACHE_SIZE:
+            self.drop_answers(room)
+        while self.cached_bytes + size > self.answer_cache_bytes and self.caching:
+            self.drop_answers(next(iter(self.caching)))
+        room._answers[key] = body
+        room.cached_bytes += size
+        self.cached_bytes += size
+        self.caching[room] = None
+        self.caching.move_to_end(room)
+
+    def drop_answers(self, room):
+        if room.cached_bytes:
+            self.cached_bytes -= room.cached_bytes
+            room.cached_bytes = 0
+            del self.caching[room]
+        room._answers.clear()
 
     def close(self):
         """Answer every held poll now, so a graceful stop is not held up by long-polls."""
@@ -376,7 +493,9 @@ class RedisBus:
     SOCKET_TIMEOUT = 2.0
 
     # KEYS: the room's last id, the room's stream, the global stream.
-    # ARGV: room, from, content, room stream length, global stream length.
+    # ARGV: room, from, content, room stream length, global stream length, the room's TTL.
+    # Both keys of a room expire together when nobody posts to it for the TTL (every post
+    # starts it again): its life ends, and its ids start again from 1 in the next one.
     PUBLISH_SCRIPT = """
 local id = redis.call('INCR', KEYS[1])
 local now = redis.call('TIME')
@@ -384,10 +503,12 @@ local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id .. '-0', 'f', ARGV[2], 'c', ARGV[3], 't', ts)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[1], 'i', id,
            'f', ARGV[2], 'c', ARGV[3], 't', ts)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
 return {id, ts}
 """
 
-    def __init__(self, rooms, url, history):
+    def __init__(self, rooms, url, history, room_ttl=7 * 24 * 3600):
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -395,6 +516,8 @@ return {id, ts}
         self.redis = redis
         self.rooms = rooms
         self.history = history
+        self.room_ttl = room_ttl
+        rooms.on_forget = self.forget  # a room the worker forgot is loaded again from Redis
         # No retries: a post whose reply was lost must not be written twice.
         no_retry = Retry(NoBackoff(), 0)
         pool = redis.BlockingConnectionPool.from_url(
@@ -425,7 +548,7 @@ return {id, ts}
         try:
             message_id, ts = self.publish_script(
                 keys=[last_key, stream_key, self.POSTS],
-                args=[room_name, sender, content, self.history, self.POSTS_RETAINED])
+                args=[room_name, sender, content, self.history, self.POSTS_RETAINED, self.room_ttl])
         except self.redis.RedisError as exc:
             raise BusUnavailable(type(exc).__name__)
         message = {"id": int(message_id), "from": sender, "content": content, "ts": float(ts)}
@@ -486,7 +609,7 @@ return {id, ts}
         entries = [(int(entry_id.split("-")[0]), fields) for entry_id, fields in reversed(newest_first)]
         entries = [(message_id, fields) for message_id, fields in entries if message_id > room.last_id]
         if entries and entries[0][0] > room.last_id + 1:
-            room.messages.clear()  # the copy would have a hole: start it afresh from Redis
+            room.drop_messages()  # the copy would have a hole: start it afresh from Redis
         for message_id, fields in entries:
             room.add(message_id, self.fragment(message_id, fields["f"], fields["c"], fields["t"]))
 
@@ -536,8 +659,10 @@ return {id, ts}
                 return
         room = self.rooms.get(room_name)
         message_id = int(fields["i"])
-        if message_id > room.last_id + 1:
-            self._sync(room_name, room)  # entries trimmed from the global stream: fetch them
+        if message_id > room.last_id + 1 or message_id < room.last_id:
+            # entries trimmed from the global stream (fetch them), or the room expired in
+            # Redis and its ids started again (_sync finds Redis behind and resets it)
+            self._sync(room_name, room)
         else:
             room.add(message_id, self.fragment(message_id, fields["f"], fields["c"], fields["t"]))
 
@@ -567,7 +692,7 @@ return {id, ts}
 
 def make_bus(settings, rooms):
     if settings.redis:
-        return RedisBus(rooms, settings.redis, settings.history)
+        return RedisBus(rooms, settings.redis, settings.history, settings.room_ttl)
     return MemoryBus(rooms)
 
 
@@ -641,6 +766,8 @@ def read_json_object():
         payload = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise json_error(400, 'body is not JSON; send {"from": "<name>", "content": "<text>"}')
+    except RecursionError:  # 16 KiB of "[" nests deeper than the parser recurses
+        raise json_error(400, 'body nests too deep; send {"from": "<name>", "content": "<text>"}')
     if not isinstance(payload, dict):
         raise json_error(400, 'body must be a JSON object: {"from": "<name>", "content": "<text>"}')
     return payload
@@ -713,7 +840,7 @@ application = app  # the name gunicorn and other WSGI servers look for
 bottle.LocalResponse.default_content_type = JSON_TYPE
 
 settings = Settings.from_environ()
-rooms = Rooms(settings.history)
+rooms = Rooms.from_settings(settings)
 bus = None  # made on first use, in the process that serves (after gunicorn forks)
 
 
@@ -723,7 +850,7 @@ def configure(new_settings):
     if bus is not None:
         bus.close()
     settings = new_settings
-    rooms = Rooms(settings.history)
+    rooms = Rooms.from_settings(settings)
     bus = None
 
 
@@ -767,9 +894,8 @@ def poll_messages(room="lobby"):
         chat = get_bus().room(room, since)
     except BusUnavailable as exc:
         raise json_error(503, "the shared bus is unreachable (%s); retry later" % exc, **{"Retry-After": "1"})
-    if since is not None:
-        chat.wait_for_news(since, timeout)
-    body = chat.answer(since, limit)
+    shared = since is not None and chat.wait_for_news(since, timeout)
+    body = chat.answer(since, limit, shared)
     if rooms.release(chat):
         bus.forget(room)
     return json_answer(body)
@@ -805,6 +931,8 @@ def stats():
         "messages": rooms.retained(),
         "rss_bytes": rss_bytes(),
         "encodes": rooms.encodes,
+        "retained_bytes": rooms.retained_bytes,
+        "answer_cache_bytes": rooms.cached_bytes,
         "protocol": PROTOCOL_VERSION,
     }))
 
@@ -840,313 +968,18 @@ app.default_error_handler = error_page
 # Serving with `python chattle.py`
 ###############################################################################
 
-READ_BUFFER_BYTES = 1024
-MAX_HEADER_LINE = 65536  # http.client's limits, which pywsgi's own parser applies
-MAX_HEADERS = 100
-
-
-class RequestHeaders:
-    """The request headers, read the way http.client.parse_headers reads them (same line
-    and count limits, same folding, the same stop at a line that is not a header), without
-    handing each request to email.feedparser: that parser was the largest single cost of
-    parking a poll. Offers just what pywsgi's handler asks of its header object."""
-
-    __slots__ = ("status", "fields")
-
-    def __init__(self, rfile, *_args):
-        self.status = ""
-        self.fields = []  # [name, value] in arrival order; repeated names kept
-        in_headers = True
-        lines = 0
-        while True:
-            line = rfile.readline(MAX_HEADER_LINE + 1)
-            if len(line) > MAX_HEADER_LINE:
-                self.status = "Line too long"
-                return
-            if line in (b"\r\n", b"\n", b""):
-                return
-            lines += 1
-            if lines > MAX_HEADERS:
-                raise ValueError("got more than %d headers" % MAX_HEADERS)
-            if not in_headers:
-                continue  # after a malformed line the rest is not headers (as email treats it)
-            text = line.decode("latin-1").rstrip("\r\n")
-            if text[:1] in (" ", "\t"):
-                if self.fields:
-                    self.fields[-1][1] += "\r\n" + text
-                continue
-            name, colon, value = text.partition(":")
-            if not colon or not name or " " in name or "\t" in name:
-                in_headers = False
-                continue
-            self.fields.append([name, value.lstrip(" \t")])
-
-    def get(self, name, default=None):
-        name = name.lower()
-        for field_name, value in self.fields:
-            if field_name.lower() == name:
-                return value
-        return default
-
-    getheader = get
-
-    def __delitem__(self, name):
-        name = name.lower()
-        self.fields = [field for field in self.fields if field[0].lower() != name]
-
-    def items(self):
-        return [(name, value) for name, value in self.fields]
-
-    @property
-    def typeheader(self):
-        return self.get("content-type")
-
-    @property
-    def headers(self):
-        return ["%s: %s\r\n" % (name, value) for name, value in self.fields]
-
-
-class RequestReader:
-    """A connection's request reader that keeps no buffer while nothing is pending.
-
-    pywsgi reads requests through a buffered file over the socket; its buffer (and a
-    SocketIO that counts itself as a reference to the socket, so that closing it ran
-    gevent's socket close path a second time) lived as long as the connection, through
-    the whole held poll. Here the bytes received and not yet consumed are all it holds:
-    once a request is read, nothing. Offers what pywsgi asks of its rfile."""
-
-    __slots__ = ("recv", "pending", "closed")
-
-    def __init__(self, sock):
-        self.recv = sock.recv
-        self.pending = b""
-        self.closed = False
-
-    def _more(self):
-        data = self.recv(READ_BUFFER_BYTES)
-        self.pending += data
-        return data
-
-    def readline(self, limit=-1):
-        while True:
-            pending = self.pending
-            end = pending.find(b"\n") + 1
-            if 0 < limit < (end or len(pending) + 1):
-                end = limit  # the caller's cap falls before the newline (or what there is)
-            if end or not self._more():
-                end = end or len(self.pending)
-                line, self.pending = self.pending[:end], self.pending[end:]
-                return line
-
-    def read(self, size=-1):
-        while size < 0 or len(self.pending) < size:
-            if not self._more():
-                break
-        if size < 0:
-            size = len(self.pending)
-        data, self.pending = self.pending[:size], self.pending[size:]
-        return data
-
-    def close(self):
-        self.closed = True
-        self.pending = b""
-
-
-class HttpDate:
-    """The Date header, formatted once a second rather than once per answer."""
-
-    __slots__ = ("second", "value")
-
-    def __init__(self):
-        self.second, self.value = -1, b""
-
-    def now(self):
-        second = int(time.time())
-        if second != self.second:
-            from gevent.pywsgi import format_date_time
-            self.second, self.value = second, format_date_time(second)
-        return self.value
-
-
-http_date = HttpDate()
 
 
 def pywsgi_handler_class(base=None):
-    """gevent.pywsgi's handler (or `base`, a subclass of it such as gunicorn's), with
-    what a held poll keeps and what a fan-out pays per woken poll taken out.
-
-    A woken poll is answered and its connection closed inside the fan-out, so every
-    step here is paid once per waiter: one send for the head and body together
-    (pywsgi sends them apart, and asks the kernel for SO_SNDBUF before each), a plain
-    close of the descriptor after every waiter has its answer, and no access-log line
-    formatted without a log."""
-    if base is None:
-        from gevent.pywsgi import WSGIHandler as base
-
-    class ChattleHandler(base):
-        MessageClass = RequestHeaders
-
-        def __init__(self, sock, address, server, rfile=None):
-            super().__init__(sock, address, server, rfile or RequestReader(sock))
-
-        def handle(self):
-            # pywsgi's own loop, but for the yield before a keep-alive connection's next
-            # request and the closing at the end.
-            try:
-                while self.socket is not None:
-                    self.time_start = time.time()
-                    self.time_finish = 0
-                    result = self.handle_one_request()
-                    if result is None:
-                        break
-                    if result is True:
-                        # Answer first, read on after: see close_socket. A long-poll
-                        # client asks again at once, so by then its request is often
-                        # in already, and nothing parks on the socket to wait for it.
-                        gevent.sleep(0)
-                        continue
-                    self.status, response_body = result  # a canned 400/414 for bad requests
-                    self.socket.sendall(response_body)
-                    self.time_finish = self.time_finish or time.time()
-                    self.log_request()
-                    break
-            finally:
-                self.close_socket()
-
-        def close_socket(self):
-            sock = self.__dict__.pop("socket", None)
-            self.__dict__.pop("rfile", None)
-            self.__dict__.pop("wsgi_input", None)
-            if sock is None or sock.closed:
-                return
-            raw = sock._sock
-            # Nothing waits on this socket (this greenlet is its only user), so gevent's
-            # close path, which cancels waiters and defers the close past them, has
-            # nothing to do: close the descriptor and mark the wrapper closed.
-            sock._closed = True
-            try:
-                # Answer first, tidy up after. In a fan-out this greenlet runs inside the
-                # hub's loop over every woken waiter; closing the descriptor and ending
-                # the greenlet (which unmaps its frame stack) here would hold up every
-                # waiter still to be answered, so yield until that loop is through.
-                gevent.sleep(0)
-                # Unread bytes at close make the kernel send a reset, which can destroy
-                # the answer before the client reads it: take them first (never blocks).
-                raw.recv(16384)
-            except OSError:
-                pass
-            finally:
-                raw.close()
-
-        def wants_access_log(self):
-            return settings.access_log
-
-        def log_request(self):
-            # pywsgi formats the access-log line (dates, strings) even when it has no log.
-            if self.wants_access_log():
-                super().log_request()
-
-        def run_application(self):
-            """pywsgi reads and discards whatever body the application left unread, even
-            when the answer closes the connection: a refused 10 MB upload (413) would
-            still be read in full, and a client that never sends it would hold its
-            greenlet for good. An answer that closes the connection has no next request
-            to find, so that read is skipped."""
-            try:
-                super().run_application()
-            finally:
-                body = self.wsgi_input
-                if self.close_connection and body is not None:
-                    body.content_length = body.position
-                    body.chunked_input = False
-
-        def get_environ(self):
-            environ = super().get_environ()
-            # The environ now carries every header (HTTP_*, CONTENT_*), the path and the
-            # query, and pywsgi reads its parsed copies no more (an access log may list
-            # the headers and the request line); a held poll would keep both. Method
-            # and protocol are a few words used by every request: share one copy.
-            if not self.wants_access_log():
-                self.headers = self.requestline = None
-            self.path = None
-            environ["REQUEST_METHOD"] = self.command = sys.intern(self.command)
-            environ["SERVER_PROTOCOL"] = self.request_version = sys.intern(self.request_version)
-            return environ
-
-        def finalize_headers(self):
-            if self.provided_date is None:
-                self.provided_date = date = http_date.now()
-                self.response_headers.append((b"Date", date))
-            super().finalize_headers()
-
-        def _write_with_headers(self, data):
-            self.headers_sent = True
-            self.finalize_headers()
-            parts = [b"HTTP/1.1 ", self.status, b"\r\n"]
-            for name, value in self.response_headers:
-                parts += (name, b": ", value, b"\r\n")
-            parts.append(b"\r\n")
-            if data:
-                if self.response_use_chunked:
-                    parts += (b"%x\r\n" % len(data), data, b"\r\n")
-                else:
-                    parts.append(data)
-            self._sendall(b"".join(parts))
-
-        def _sendall(self, data):
-            try:
-                sent = self.socket.send(data)  # an answer fits the send buffer: one call
-                if sent < len(data):
-                    self.socket.sendall(memoryview(data)[sent:])
-            except OSError as exc:
-                self.status = "socket error: %s" % exc
-                if self.code > 0:
-                    self.code = -self.code
-                raise
-            self.response_length += len(data)
-
-    return ChattleHandler
+    """chattle_http's handler (on `base`, pywsgi's or a subclass such as gunicorn's) under
+    this process's settings."""
+    return chattle_http.handler_class(settings.http_limits(), base, access_log=settings.access_log)
 
 
 def pywsgi_server_class(base=None):
-    """gevent.pywsgi's server (or `base`, a subclass of it such as gunicorn's) running
-    chattle's handler, one greenlet per connection."""
-    if base is None:
-        from gevent.pywsgi import WSGIServer as base
-
-    class ChattleServer(base):
-        handler_class = pywsgi_handler_class()
-
-        def do_handle(self, sock, address):
-            # Without a pool (python chattle.py) a connection gets a plain greenlet.
-            # gevent's Greenlet (links, result and exception slots, a compiled run()
-            # between the greenlet and the handler) and its spawn function, which
-            # unpacks (handle, close, args) with a *-call, cost every held poll memory
-            # and C stack. A pool (gunicorn's worker_connections, and its graceful
-            # stop, which waits for the pool to drain) needs its Greenlets.
-            try:
-                if self.pool is None:
-                    gevent.spawn_raw(self.serve_connection, sock, address)
-                else:
-                    self.pool.spawn(self.serve_connection, sock, address)
-            except BaseException:
-                self.do_close(sock)
-                raise
-
-        def serve_connection(self, sock, address):
-            try:
-                self.handler_class(sock, address, self).handle()
-            except Exception:
-                # A plain greenlet has nobody to report to: report as gevent would.
-                self.loop.handle_error(self, *sys.exc_info())
-            finally:
-                self.do_close(sock)
-
-        def do_close(self, sock, *_address):
-            if not sock.closed:  # the handler closes its socket itself
-                sock.close()
-
-    return ChattleServer
+    """chattle_http's server (on `base`, pywsgi's or a subclass such as gunicorn's) under
+    this process's settings."""
+    return chattle_http.server_class(settings.http_limits(), base, access_log=settings.access_log)
 
 
 def make_server(host, port):

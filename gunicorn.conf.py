@@ -6,12 +6,16 @@ by the seed's command:
 Flags given on the command line override what is set here.
 """
 
+import math
 import os
 import signal
+import sys
 
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
 
-from chattle_limits import GRACEFUL_TIMEOUT, raise_descriptor_limit
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import chattle_http  # noqa: E402  (patches nothing: safe in the master, unlike chattle)
+from chattle_limits import GRACEFUL_TIMEOUT, raise_descriptor_limit  # noqa: E402
 
 
 class ChattleWorker(GeventPyWSGIWorker):
@@ -50,7 +54,21 @@ backlog = 4096
 # gunicorn really runs with (tests/test_gunicorn.py).
 graceful_timeout = GRACEFUL_TIMEOUT
 timeout = 30     # heartbeat: a gevent worker that cannot notify the arbiter for 30 s is stuck
-keepalive = 10   # a long-poll client asks again at once; reuse its connection
+
+# Chattle's limits on each connection (chattle_http.LIMIT_SETTINGS: CHATTLE_HEAD_TIMEOUT,
+# CHATTLE_KEEPALIVE_TIMEOUT, CHATTLE_SEND_TIMEOUT, CHATTLE_MAX_HEAD_BYTES,
+# CHATTLE_MAX_HEADERS). ChattleWorker enforces all of them itself, as `python chattle.py`
+# does, and ignores the four gunicorn settings below. gunicorn's own gevent worker
+# (`--worker-class gevent`, the seed's command) parses heads with gunicorn's parser and
+# gets what gunicorn has closest: `keepalive` bounds both the idle wait and the reading
+# of each head, the request line stops at gunicorn's 8190 bytes, headers are capped one
+# line at a time rather than together, refusals are gunicorn's HTML pages, and there is
+# no send deadline (README: "Limits and deadlines").
+_limits = chattle_http.HttpLimits.from_environ()
+keepalive = math.ceil(_limits.keepalive_timeout)  # a long-poll client asks again at once: reuse its connection
+limit_request_line = min(_limits.max_head_bytes, 8190)
+limit_request_fields = min(_limits.max_headers, 32768)
+limit_request_field_size = _limits.max_head_bytes
 
 accesslog = os.environ.get("CHATTLE_GUNICORN_ACCESSLOG") or None
 

@@ -8,7 +8,10 @@ hangs it.
 import http.client
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import gevent
@@ -17,7 +20,7 @@ from gevent.pool import Pool
 import chattle
 from bench.measures import DeliveryLedger, wakeup_latency
 from chattle_limits import client_timeout
-from harness.processes import get_json, post_json, wait_until
+from harness.processes import ROOT, SEED_FLAGS, free_port, get_json, post_json, wait_until
 
 GENEROUS = 30.0  # seconds: a deadline for what should take milliseconds, on a loaded machine
 
@@ -313,3 +316,62 @@ def call_wsgi(method, path, body=b"", headers=None, query=""):
     if hasattr(chunks, "close"):
         chunks.close()
     return WsgiAnswer(captured["status"], captured["headers"], data)
+
+
+# -- raw sockets, driven as a hostile client drives them ------------------------------------
+
+class Raw(HttpConnection):
+    """One client socket, driven byte by byte, as a hostile client drives it."""
+
+    def __init__(self, port, receive_buffer=None):
+        self.sock = socket.socket()
+        if receive_buffer:  # before connecting, so that the window stays that small
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        self.buffer = b""
+
+    def answer(self, within=10.0):
+        """(status, lower-case headers, body: decoded JSON when JSON, else bytes)."""
+        self.sock.settimeout(within)
+        return self.receive()
+
+    def closed_by_server(self, within):
+        """True when the server closes (or resets) the connection within `within` seconds;
+        whatever it sends before is read and dropped."""
+        return self.server_closed(within)
+
+
+def request(method, path, headers=(), body=b""):
+    lines = ["%s %s HTTP/1.1" % (method, path), "Host: 127.0.0.1", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def read_to_end(sock, timeout=10):
+    """Every byte until the peer closes, then close `sock` too."""
+    sock.settimeout(timeout)
+    received = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+    finally:
+        sock.close()
+
+
+# -- gunicorn, as it really runs ---------------------------------------------------------------
+
+def effective_config(env=None):
+    """The settings gunicorn really runs the seed's command with, as it reports them."""
+    output = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--print-config", "--bind", "127.0.0.1:%d" % free_port(), *SEED_FLAGS],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        env=None if env is None else dict(os.environ, **env)).stdout
+    config = {}
+    for line in output.splitlines():
+        name, equals, value = line.partition("=")
+        if equals:
+            config[name.strip()] = value.strip()
+    return config

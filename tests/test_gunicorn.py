@@ -8,29 +8,14 @@ so gunicorn.conf.py is picked up from the working directory exactly as it is in 
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import gevent
 
 import chattle
 from chattle_limits import client_timeout
-from clients import GENEROUS, HttpConnection
-from harness.processes import ROOT, SEED_FLAGS, free_port, get_json, post_json, wait_until
-
-
-def effective_config():
-    """The settings gunicorn really runs the seed's command with, as it reports them."""
-    output = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "--print-config", "--bind", "127.0.0.1:%d" % free_port(), *SEED_FLAGS],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
-    config = {}
-    for line in output.splitlines():
-        name, equals, value = line.partition("=")
-        if equals:
-            config[name.strip()] = value.strip()
-    return config
+from clients import GENEROUS, HttpConnection, effective_config
+from harness.processes import ROOT, get_json, post_json, wait_until
 
 
 def test_config_is_sized_for_long_polls():

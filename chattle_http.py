@@ -1,0 +1,708 @@
+"""Chattle's HTTP layer: gevent.pywsgi's server and handler, made cheap per held poll and
+safe against hostile clients.
+
+Everything here changes when gevent (or gunicorn's gevent worker) changes; the chat lives
+in chattle.py, which hands this module its settings as arguments. What a connection may
+do, and what it costs:
+
+- Its request head (request line and headers) arrives within `head_timeout` of its first
+  byte (of the previous answer, on a keep-alive connection), fits in `max_head_bytes` and
+  holds at most `max_headers` headers; otherwise 431 (414 for the request line) as JSON.
+- Before a request starts, it may sit idle for `keepalive_timeout`.
+- An answer the client does not take within `send_timeout` drops the connection.
+- A held poll has none of these deadlines: it lasts its own timeout, and costs them nothing.
+- A head that frames its body ambiguously (a Transfer-Encoding other than exactly
+  `chunked`, both Transfer-Encoding and Content-Length, conflicting Content-Lengths) is
+  refused with 400 and the connection closed: behind a proxy it could smuggle a request.
+
+Every refusal is a JSON answer, `{"error": ...}`, with `Connection: close`.
+"""
+
+import json
+import math
+import os
+import re
+import socket
+import struct
+import sys
+import time
+from http import HTTPStatus
+from urllib.parse import unquote_to_bytes
+
+import gevent
+from gevent import pywsgi
+
+###############################################################################
+# Settings: the limits, each with a flag and a CHATTLE_* variable
+###############################################################################
+
+# (name, environment variable, type, default, help), as chattle.SETTINGS.
+LIMIT_SETTINGS = [
+    ("head_timeout", "CHATTLE_HEAD_TIMEOUT", float, 10.0,
+     "seconds a request head may take, from its first byte (from the previous answer on a "
+     "keep-alive connection); then the connection is closed"),
+    ("keepalive_timeout", "CHATTLE_KEEPALIVE_TIMEOUT", float, 10.0,
+     "seconds a connection may wait idle for its next (or first) request; then it is closed"),
+    ("send_timeout", "CHATTLE_SEND_TIMEOUT", float, 30.0,
+     "seconds an answer may wait for the client to take it; then the connection is dropped"),
+    ("max_head_bytes", "CHATTLE_MAX_HEAD_BYTES", int, 32 * 1024,
+     "bytes of request line and headers together (more: 431, or 414 for the request line)"),
+    ("max_headers", "CHATTLE_MAX_HEADERS", int, 100, "request headers (more: 431)"),
+]
+
+
+def values_from_environ(table, environ=os.environ):
+    """{name: value} for every setting of `table` whose variable is set in `environ`."""
+    values = {}
+    for name, env, kind, _default, _help in table:
+        if env in environ:
+            try:
+                values[name] = kind(environ[env])
+            except ValueError:
+                raise SystemExit("chattle: %s=%r is not a valid %s" % (env, environ[env], kind.__name__))
+    return values
+
+
+class HttpLimits:
+    """The limits one server applies to every connection (see the module's docstring)."""
+
+    __slots__ = tuple(name for name, *_rest in LIMIT_SETTINGS)
+
+    def __init__(self, **values):
+        for name, _env, kind, default, _help in LIMIT_SETTINGS:
+            value = kind(values.get(name, default))
+            if not value > 0:
+                raise SystemExit("chattle: --%s must be above 0" % name.replace("_", "-"))
+            setattr(self, name, value)
+
+    @classmethod
+    def from_environ(cls, environ=os.environ):
+        return cls(**values_from_environ(LIMIT_SETTINGS, environ))
+
+
+###############################################################################
+# Refusals: JSON answers written by the HTTP layer itself
+###############################################################################
+
+JSON_TYPE = b"application/json; charset=utf-8"
+
+
+class Refused(Exception):
+    """A request this layer answers itself, with `status` and a JSON error, then closes."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def refusal(status, message, date):
+    """The complete bytes of a JSON error answer that closes the connection."""
+    body = json.dumps({"error": message}).encode("ascii")
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\nDate: %s\r\n\r\n" % (
+        status, HTTPStatus(status).phrase.encode("ascii"), JSON_TYPE, len(body), date)
+    return head + body
+
+
+class HttpDate:
+    """The Date header, formatted once a second rather than once per answer."""
+
+    __slots__ = ("second", "value")
+
+    def __init__(self):
+        self.second, self.value = -1, b""
+
+    def now(self):
+        second = int(time.time())
+        if second != self.second:
+            self.second, self.value = second, pywsgi.format_date_time(second)
+        return self.value
+
+
+http_date = HttpDate()
+
+
+###############################################################################
+# Deadlines: one timer per tick of due times, shared by every connection due in it
+###############################################################################
+
+class Deadlines:
+    """The connections of a server that are waiting on their client with a deadline: for
+    a request head, between keep-alive requests, or for an answer to be taken.
+
+    As chattle's Wakeup does for held polls, connections due in the same TICK share one
+    bucket and one event-loop timer; nothing runs for them until it fires. A connection
+    is only put in a bucket when it is about to block: a head already received, or an
+    answer that fits the send buffer (nearly every one), costs no bucket and no timer;
+    and a held poll, which waits on its room and not on its client, has no deadline.
+    When a bucket's timer fires, each connection still in it is shut down (see
+    RequestReader.expire): the greenlet blocked on it wakes to an error or end of stream
+    and ends as if the client had gone."""
+
+    __slots__ = ("limits", "by_tick")
+
+    TICK = 0.25  # seconds: a deadline is enforced at most this late
+
+    def __init__(self, limits):
+        self.limits = limits
+        self.by_tick = {}  # tick number -> (set of RequestReader, its timer)
+
+    def watch(self, reader):
+        """Enforce `reader.until` (monotonic) from now on."""
+        tick = math.ceil(reader.until / self.TICK)
+        if tick == reader.tick:
+            return
+        if reader.tick:
+            self.unwatch(reader)
+        entry = self.by_tick.get(tick)
+        if entry is None:
+            timer = gevent.get_hub().loop.timer(max(0.0, tick * self.TICK - time.monotonic()))
+            entry = self.by_tick[tick] = (set(), timer)
+            timer.start(self._expire, tick)
+        entry[0].add(reader)
+        reader.tick = tick
+
+    def unwatch(self, reader):
+        entry = self.by_tick.get(reader.tick)
+        if entry is not None:
+            readers, timer = entry
+            readers.discard(reader)
+            if not readers:
+                # a burst of connections grew this set; nothing should keep it until its tick
+                del self.by_tick[reader.tick]
+                timer.close()
+        reader.tick = 0
+
+    def _expire(self, tick):
+        readers, timer = self.by_tick.pop(tick, ((), None))
+        if timer is not None:
+            timer.close()
+        for reader in readers:
+            reader.tick = 0
+            reader.expire()
+
+    def watched(self):
+        return sum(len(readers) for readers, _timer in self.by_tick.values())
+
+
+###############################################################################
+# RequestReader: a connection's input, and its deadlines
+###############################################################################
+
+READ_BUFFER_BYTES = 1024
+# Shuts a connection down at once, discarding what the kernel still holds for it.
+_LINGER_NONE = struct.pack("ii", 1, 0)
+
+
+class RequestReader:
+    """A connection's request reader that keeps no buffer while nothing is pending, and
+    enforces the connection's deadlines while it waits on its client.
+
+    pywsgi reads requests through a buffered file over the socket; its buffer (and a
+    SocketIO that counts itself as a reference to the socket, so that closing it ran
+    gevent's socket close path a second time) lived as long as the connection, through
+    the whole held poll. Here the bytes received and not yet consumed are all it holds:
+    once a request is read, nothing. `read_head` reads a whole request head under its
+    limits; `readline` and `read` offer what pywsgi's body reader (Input) asks of its
+    rfile. Reads and writes go to the socket's own non-blocking descriptor first, and
+    only a read or write that would block is given to gevent, with its deadline.
+
+    `until` is the deadline of what the connection waits for now (None: none, as while
+    the application holds a poll or reads a body under its own timeout)."""
+
+    __slots__ = ("sock", "pending", "closed", "deadlines", "until", "head_from", "tick", "sending", "expired")
+
+    def __init__(self, sock, deadlines=None):
+        self.sock = sock
+        self.pending = b""
+        self.closed = False
+        self.deadlines = deadlines
+        self.tick = 0           # the deadline bucket it is in; 0: none
+        self.sending = self.expired = False
+        self.head_from = None   # when the head clock started: the first byte, or the previous answer
+        self.until = None if deadlines is None else time.monotonic() + deadlines.limits.keepalive_timeout
+
+    def _more(self):
+        try:
+            data = self.sock._sock.recv(READ_BUFFER_BYTES)
+        except BlockingIOError:
+            if self.until is not None:
+                self.deadlines.watch(self)
+            data = self.sock.recv(READ_BUFFER_BYTES)
+        self.pending += data
+        return data
+
+    def read_head(self, max_bytes):
+        """The request line and headers, without the line break and blank line that end them;
+        b"" when the connection ends (or idles out) before a request starts. Raises
+        Refused when the head is over `max_bytes`, or ends or times out half-way."""
+        try:
+            searched = 0
+            while True:
+                pending = self.pending.lstrip(b"\r\n")  # blank lines between requests are allowed
+                if self.head_from is None and pending and self.deadlines is not None:
+                    # the first byte of the connection starts the head clock
+                    self.head_from = time.monotonic()
+                    self.until = self.head_from + self.deadlines.limits.head_timeout
+                    if self.tick:
+                        self.deadlines.watch(self)
+                crlf, lf = pending.find(b"\n\r\n", searched), pending.find(b"\n\n", searched)
+                if crlf >= 0 or lf >= 0:
+                    end, skip = (lf, 2) if crlf < 0 or 0 <= lf < crlf else (crlf, 3)
+                    if end + 1 > max_bytes:
+                        raise self._too_large(pending, max_bytes)
+                    self.pending = pending[end + skip:]
+                    return pending[:end]
+                if len(pending) > max_bytes:
+                    raise self._too_large(pending, max_bytes)
+                self.pending = pending
+                searched = max(0, len(pending) - 2)
+                if not self._more():
+                    if not self.pending.strip(b"\r\n"):
+                        return b""
+                    if self.expired:
+                        raise Refused(408, "the request head did not arrive in time; send it within %g seconds"
+                                      % self.deadlines.limits.head_timeout)
+                    raise Refused(400, "the connection ended inside the request head")
+        finally:
+            if self.tick:
+                self.deadlines.unwatch(self)
+            self.until = self.head_from = None  # a held poll keeps neither
+
+    @staticmethod
+    def _too_large(pending, max_bytes):
+        if pending.find(b"\n", 0, max_bytes) < 0:
+            return Refused(414, "the request line is over the %d byte limit" % max_bytes)
+        return Refused(431, "the request head is over the %d byte limit" % max_bytes)
+
+    def readline(self, limit=-1):
+        while True:
+            pending = self.pending
+            end = pending.find(b"\n") + 1
+            if 0 < limit < (end or len(pending) + 1):
+                end = limit  # the caller's cap falls before the newline (or what there is)
+            if end or not self._more():
+                end = end or len(self.pending)
+                line, self.pending = self.pending[:end], self.pending[end:]
+                return line
+
+    def read(self, size=-1):
+        while size < 0 or len(self.pending) < size:
+            if not self._more():
+                break
+        if size < 0:
+            size = len(self.pending)
+        data, self.pending = self.pending[:size], self.pending[size:]
+        return data
+
+    def send(self, data):
+        """Send all of `data`; what the send buffer does not take at once must be taken by
+        the client within the send deadline."""
+        try:
+            sent = self.sock._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            self._send_rest(memoryview(data)[sent:])
+
+    def _send_rest(self, rest):
+        if self.deadlines is not None:
+            self.until = time.monotonic() + self.deadlines.limits.send_timeout
+            self.sending = True
+            self.deadlines.watch(self)
+        try:
+            self.sock.sendall(rest)  # once the deadline shuts the socket down: EPIPE
+        finally:
+            if self.tick:
+                self.deadlines.unwatch(self)
+            self.sending, self.until = False, None
+
+    def expect_request(self, previous_answer):
+        """Between keep-alive requests: the next head must be complete within the head
+        deadline of the previous answer, and cannot be if it has not begun by the
+        keep-alive deadline; so the shorter of the two, from the previous answer."""
+        self.head_from = previous_answer
+        self.until = previous_answer + min(self.deadlines.limits.keepalive_timeout,
+                                           self.deadlines.limits.head_timeout)
+
+    def expire(self):
+        """The deadline passed: wake the greenlet blocked on this connection. A reader
+        sees the end of the stream (and can still answer 408); a writer gets EPIPE, and
+        what the kernel holds for the client is discarded with the connection."""
+        self.expired = True
+        raw = getattr(self.sock, "_sock", None)
+        try:
+            if self.sending:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
+                raw.shutdown(socket.SHUT_RDWR)
+            else:
+                raw.shutdown(socket.SHUT_RD)
+        except (OSError, AttributeError):
+            pass  # already closed
+
+    def close(self):
+        self.closed = True
+        self.pending = b""
+        if self.tick:
+            self.deadlines.unwatch(self)
+
+
+###############################################################################
+# RequestHeaders: the head, parsed strictly
+###############################################################################
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HTTP_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+class RequestHeaders:
+    """A request head parsed strictly: the request line's three words, and the header
+    fields in arrival order. Anything a lenient parser would guess at (a line that is not
+    `Name: value`, a folded line, a control character in a value) is refused with 400,
+    since two parsers that guess differently (a proxy's and this one) can be made to see
+    two different requests. Offers what pywsgi's and gunicorn's access logs ask of it."""
+
+    __slots__ = ("command", "target", "version", "fields")
+
+    def __init__(self, head, max_headers):
+        lines = head.decode("latin-1").split("\n")
+        if len(lines) - 1 > max_headers:
+            raise Refused(431, "%d request headers are over the limit of %d" % (len(lines) - 1, max_headers))
+        words = lines[0].rstrip("\r").split(" ")
+        if len(words) != 3 or not _TOKEN.fullmatch(words[0]) or not words[1]:
+            raise Refused(400, "the request line %r is not 'METHOD /path HTTP/1.1'" % lines[0][:100])
+        self.command, self.target, self.version = words
+        if self.version not in ("HTTP/1.1", "HTTP/1.0"):
+            if _HTTP_VERSION.fullmatch(self.version):
+                raise Refused(505, "HTTP version %s is not supported; use HTTP/1.1" % self.version)
+            raise Refused(400, "the request line ends in %r, not an HTTP version" % self.version[:20])
+        if self.target[0] != "/":
+            raise Refused(400, "the request target must be a path starting with '/'")
+        fields = self.fields = []
+        for line in lines[1:]:
+            line = line[:-1] if line[-1:] == "\r" else line
+            name, colon, value = line.partition(":")
+            if not colon or not _TOKEN.fullmatch(name):
+                raise Refused(400, "the header line %r is not 'Name: value'" % line[:100])
+            value = value.strip(" \t")
+            if "\r" in value or "\x00" in value:
+                raise Refused(400, "the header %s holds a control character" % name[:100])
+            fields.append((name, value))
+
+    def items(self):
+        return list(self.fields)
+
+    def get(self, name, default=None):
+        name = name.lower()
+        for field_name, value in self.fields:
+            if field_name.lower() == name:
+                return value
+        return default
+
+    getheader = get
+
+    @property
+    def headers(self):
+        return ["%s: %s\r\n" % field for field in self.fields]
+
+
+def body_length(content_length, transfer_encoding):
+    """The body's framing from its (comma-joined) headers: (length or None, chunked)."""
+    if transfer_encoding is not None:
+        if transfer_encoding.lower() != "chunked":
+            raise Refused(400, "Transfer-Encoding %r is not supported; send 'chunked' or a Content-Length"
+                          % transfer_encoding[:100])
+        if content_length is not None:
+            raise Refused(400, "a request may not carry both Transfer-Encoding and Content-Length")
+        return None, True
+    if content_length is None:
+        return None, False
+    lengths = {part.strip(" \t") for part in content_length.split(",")}
+    if len(lengths) != 1:
+        raise Refused(400, "conflicting Content-Length values %r" % content_length[:100])
+    length = lengths.pop()
+    if not _DIGITS.fullmatch(length):
+        raise Refused(400, "Content-Length %r is not a byte count" % length[:40])
+    return int(length), False
+
+
+###############################################################################
+# The handler: pywsgi's WSGIHandler, lean per answer and strict per head
+###############################################################################
+
+def handler_class(limits, base=None, access_log=False):
+    """gevent.pywsgi's handler (or `base`, a subclass of it such as gunicorn's), under
+    `limits` (an HttpLimits), with what a held poll keeps and what a fan-out pays per
+    woken poll taken out.
+
+    A woken poll is answered and its connection closed inside the fan-out, so every
+    step here is paid once per waiter: one send for the head and body together
+    (pywsgi sends them apart, and asks the kernel for SO_SNDBUF before each), a plain
+    close of the descriptor after every waiter has its answer, and no access-log line
+    formatted without a log. The head is read, checked and turned into the environ by
+    this class's own code (pywsgi's read_requestline, read_request, get_environ and
+    their header object are not used)."""
+    if base is None:
+        base = pywsgi.WSGIHandler
+
+    class ChattleHandler(base):
+        deadlines = Deadlines(limits)
+        MessageClass = RequestHeaders
+
+        def __init__(self, sock, address, server, rfile=None):
+            super().__init__(sock, address, server, rfile or RequestReader(sock, self.deadlines))
+
+        def handle(self):
+            # pywsgi's own loop, but for the yield before a keep-alive connection's next
+            # request, the deadline it has meanwhile and the closing at the end.
+            try:
+                while self.socket is not None:
+                    self.time_start = time.time()
+                    self.time_finish = 0
+                    result = self.handle_one_request()
+                    if result is None:
+                        break
+                    if result is True:
+                        self.rfile.expect_request(time.monotonic())
+                        # Answer first, read on after: see close_socket. A long-poll
+                        # client asks again at once, so by then its request is often
+                        # in already, and nothing parks on the socket to wait for it.
+                        gevent.sleep(0)
+                        continue
+                    self.status, answer = result  # a refusal: sent, logged, then the connection closes
+                    self.rfile.send(answer)
+                    self.time_finish = time.time()
+                    break
+            except OSError:
+                pass  # the client went away, or its deadline passed: nothing to tell it
+            finally:
+                self.close_socket()
+
+        def handle_one_request(self):
+            """Read, check and answer one request: True to read on, None to close, or
+            (status, answer bytes) for a refusal the loop sends before it closes."""
+            rfile = self.rfile
+            if rfile.closed:
+                return None
+            try:
+                head = rfile.read_head(limits.max_head_bytes)
+                if not head:
+                    return None
+                self.response_length = 0
+                self.environ = self.get_environ(RequestHeaders(head, limits.max_headers))
+            except Refused as refused:
+                return self.refuse(refused)
+            self.application = self.server.application
+            self.handle_one_response()
+            if self.close_connection or rfile.closed:
+                return None
+            return True
+
+        def refuse(self, refused):
+            self.close_connection = True
+            self.log_error("(from %s) %d %s", self.client_address, refused.status, refused.message)
+            return str(refused.status), refusal(refused.status, refused.message, http_date.now())
+
+        def get_environ(self, head):
+            """The WSGI environ of a checked head, as pywsgi's get_environ builds it (headers
+            as HTTP_*; a name with '_' dropped, as pywsgi does, so that it cannot pose as
+            another; repeated ones joined), with its body framing checked first.
+
+            A held poll keeps its environ, and nothing else of its head: the method and
+            protocol words are shared by every request, and the parsed head is kept only
+            for an access log."""
+            environ = self.server.get_environ()
+            for name, value in head.fields:
+                if "_" in name:
+                    continue
+                key = name.upper().replace("-", "_")
+                if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                    key = "HTTP_" + key
+                if key in environ:
+                    environ[key] += ("; " if key == "HTTP_COOKIE" else ",") + value
+                else:
+                    environ[key] = value
+            content_length, chunked = body_length(environ.get("CONTENT_LENGTH"),
+                                                  environ.get("HTTP_TRANSFER_ENCODING"))
+            version = sys.intern(head.version)
+            connection = environ.get("HTTP_CONNECTION", "").lower()
+            self.close_connection = connection == "close" if version == "HTTP/1.1" else connection != "keep-alive"
+            path, _question, query = head.target.partition("?")
+            if "%" in path:
+                raw_path = unquote_to_bytes(path)
+                path = raw_path.decode("latin-1")
+            else:
+                raw_path = path.encode("latin-1")
+            try:
+                raw_path.decode("utf-8")
+            except UnicodeDecodeError:
+                # Bottle would drop the bytes that are not UTF-8 and serve what is left:
+                # /rooms/lob%FFby/msgs would be room "lobby". No route has such a path.
+                raise Refused(404, "no such route: the path is not valid UTF-8 once percent-decoded")
+            environ["REQUEST_METHOD"] = self.command = sys.intern(head.command)
+            environ["SERVER_PROTOCOL"] = self.request_version = version
+            environ["SCRIPT_NAME"] = ""
+            environ["PATH_INFO"] = path
+            environ["QUERY_STRING"] = query
+            if isinstance(self.client_address, tuple):
+                environ["REMOTE_ADDR"] = str(self.client_address[0])
+                environ["REMOTE_PORT"] = str(self.client_address[1])
+            if self.wants_access_log():
+                self.headers = head
+                self.requestline = "%s %s %s" % (head.command, head.target, head.version)
+                environ["RAW_URI"] = head.target  # gunicorn's access log reads it
+            self.content_length = content_length
+            continue_socket = self.socket if environ.get("HTTP_EXPECT", "").lower() == "100-continue" else None
+            self.wsgi_input = environ["wsgi.input"] = pywsgi.Input(
+                self.rfile, content_length, socket=continue_socket, chunked_input=chunked)
+            environ["wsgi.input_terminated"] = True
+            return environ
+
+        def close_socket(self):
+            sock = self.__dict__.pop("socket", None)
+            rfile = self.__dict__.pop("rfile", None)
+            self.__dict__.pop("wsgi_input", None)
+            if rfile is not None:
+                rfile.close()
+            if sock is None or sock.closed:
+                return
+            raw = sock._sock
+            # Nothing waits on this socket (this greenlet is its only user), so gevent's
+            # close path, which cancels waiters and defers the close past them, has
+            # nothing to do: close the descriptor and mark the wrapper closed.
+            sock._closed = True
+            try:
+                # Answer first, tidy up after. In a fan-out this greenlet runs inside the
+                # hub's loop over every woken waiter; closing the descriptor and ending
+                # the greenlet (which unmaps its frame stack) here would hold up every
+                # waiter still to be answered, so yield until that loop is through.
+                gevent.sleep(0)
+                # Unread bytes at close make the kernel send a reset, which can destroy
+                # the answer before the client reads it: take them first (never blocks).
+                raw.recv(16384)
+            except OSError:
+                pass
+            finally:
+                raw.close()
+
+        def wants_access_log(self):
+            return access_log
+
+        def log_request(self):
+            # pywsgi formats the access-log line (dates, strings) even when it has no log.
+            if self.wants_access_log():
+                super().log_request()
+
+        def run_application(self):
+            """pywsgi reads and discards whatever body the application left unread, even
+            when the answer closes the connection: a refused 10 MB upload (413) would
+            still be read in full, and a client that never sends it would hold its
+            greenlet for good. An answer that closes the connection has no next request
+            to find, so that read is skipped; on a keep-alive connection the rest of the
+            body must arrive within the head deadline, as the next head would."""
+            try:
+                super().run_application()
+            finally:
+                body = self.wsgi_input
+                if body is not None:
+                    if self.close_connection:
+                        body.content_length = body.position
+                        body.chunked_input = False
+                    elif body.chunked_input or body.position < (body.content_length or 0):
+                        self.rfile.until = time.monotonic() + limits.head_timeout
+
+        def _send_error_response_if_possible(self, error_code):
+            # pywsgi's canned 400 (a broken chunked body) and 500 are plain text
+            if self.response_length:
+                self.close_connection = True
+                return
+            message = ("the request body is malformed" if error_code == 400 else
+                       "the server failed on this request; it was not applied, please retry")
+            body = json.dumps({"error": message}).encode()
+            try:
+                self.start_response("%d %s" % (error_code, HTTPStatus(error_code).phrase),
+                                    [("Content-Type", JSON_TYPE.decode()), ("Connection", "close"),
+                                     ("Content-Length", str(len(body)))])
+                self.write(body)
+            except OSError:
+                self.close_connection = True
+
+        def finalize_headers(self):
+            if self.provided_date is None:
+                self.provided_date = date = http_date.now()
+                self.response_headers.append((b"Date", date))
+            super().finalize_headers()
+
+        def _write_with_headers(self, data):
+            self.headers_sent = True
+            self.finalize_headers()
+            parts = [b"HTTP/1.1 ", self.status, b"\r\n"]
+            for name, value in self.response_headers:
+                parts += (name, b": ", value, b"\r\n")
+            parts.append(b"\r\n")
+            if data:
+                if self.response_use_chunked:
+                    parts += (b"%x\r\n" % len(data), data, b"\r\n")
+                else:
+                    parts.append(data)
+            self._sendall(b"".join(parts))
+
+        def _sendall(self, data):
+            try:
+                self.rfile.send(data)  # an answer fits the send buffer: one call
+            except OSError as exc:
+                self.status = "socket error: %s" % exc
+                if self.code > 0:
+                    self.code = -self.code
+                raise
+            self.response_length += len(data)
+
+    return ChattleHandler
+
+
+###############################################################################
+# The server
+###############################################################################
+
+def server_class(limits, base=None, access_log=False):
+    """gevent.pywsgi's server (or `base`, a subclass of it such as gunicorn's) running
+    a handler_class(limits), one greenlet per connection."""
+    if base is None:
+        base = pywsgi.WSGIServer
+
+    chattle_handler = handler_class(limits, access_log=access_log)
+
+    class ChattleServer(base):
+        handler_class = chattle_handler
+
+        def do_handle(self, sock, address):
+            # Without a pool (python chattle.py) a connection gets a plain greenlet.
+            # gevent's Greenlet (links, result and exception slots, a compiled run()
+            # between the greenlet and the handler) and its spawn function, which
+            # unpacks (handle, close, args) with a *-call, cost every held poll memory
+            # and C stack. A pool (gunicorn's worker_connections, and its graceful
+            # stop, which waits for the pool to drain) needs its Greenlets.
+            try:
+                if self.pool is None:
+                    gevent.spawn_raw(self.serve_connection, sock, address)
+                else:
+                    self.pool.spawn(self.serve_connection, sock, address)
+            except BaseException:
+                self.do_close(sock)
+                raise
+
+        def serve_connection(self, sock, address):
+            try:
+                self.handler_class(sock, address, self).handle()
+            except Exception:
+                # A plain greenlet has nobody to report to: report as gevent would.
+                self.loop.handle_error(self, *sys.exc_info())
+            finally:
+                self.do_close(sock)
+
+        def do_close(self, sock, *_address):
+            if not sock.closed:  # the handler closes its socket itself
+                sock.close()
+
+    return ChattleServer
