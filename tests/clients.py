@@ -327,14 +327,14 @@ class Raw(HttpConnection):
         self.sock = socket.socket()
         if receive_buffer:  # before connecting, so that the window stays that small
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        self.sock.settimeout(10)
+        self.timeout = 10.0
+        self.sock.settimeout(self.timeout)
         self.sock.connect(("127.0.0.1", port))
         self.buffer = b""
 
     def answer(self, within=10.0):
         """(status, lower-case headers, body: decoded JSON when JSON, else bytes)."""
-        self.sock.settimeout(within)
-        return self.receive()
+        return self.receive(within)
 
     def closed_by_server(self, within):
         """True when the server closes (or resets) the connection within `within` seconds;
