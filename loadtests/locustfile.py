@@ -15,13 +15,14 @@ import itertools
 import json
 import os
 import random
+import signal
 import socket
 import time
 
 import gevent
 import gevent.event
 from locust import User, constant, events, task
-from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner
+from locust.runners import MasterRunner, WorkerRunner
 
 from bench.httpframe import FramingError
 from bench.measures import DeliveryLedger, process_cpu_seconds
@@ -120,15 +121,6 @@ def report_at_stop(environment, **_kwargs):
     report_now(environment)
 
 
-@events.quitting.add_listener
-def drain_before_quitting(environment, **_kwargs):
-    """Ctrl-C or SIGTERM: Locust's quit would give the workers half a second. Stop the test
-    properly first, so every listener catches up and its ledger reaches the master."""
-    runner = environment.runner
-    if isinstance(runner, MasterRunner) and runner.state in (STATE_SPAWNING, STATE_RUNNING):
-        runner.stop()
-
-
 @events.quit.add_listener
 def write_run(**_kwargs):
     environment = write_run.environment
@@ -146,6 +138,8 @@ def write_run(**_kwargs):
 def remember_environment(environment, **_kwargs):
     write_run.environment = environment
     StagedShape.run_tally = RUN
+    if isinstance(environment.runner, MasterRunner):
+        gevent.signal_handler(signal.SIGUSR1, StagedShape.request_stop)
 
 
 write_run.environment = None

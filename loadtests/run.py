@@ -180,6 +180,7 @@ class Sampler(threading.Thread):
         self._waiters = {}  # pid -> (waiters, seen at, rss)
         self.cpu_seen = {}  # pid -> (first CPU seconds seen, last CPU seconds seen)
         self.client_pids = set()
+        self.client_processes = {}
         self._last_cpu = {}
         self._last_time = None
         self._machine = None
@@ -247,6 +248,8 @@ class Sampler(threading.Thread):
         return 100.0 * cores * (1.0 - (idle - before[0]) / (total - before[1]))
 
     def sample(self):
+        import psutil
+
         from bench.measures import summed_rss
         now = time.time()
         elapsed = now - self._last_time if self._last_time else None
@@ -262,6 +265,13 @@ class Sampler(threading.Thread):
             row["server_cpu"] = None
         client_pids = self.locust_pids()
         self.client_pids.update(client_pids)
+        for pid in client_pids:
+            if pid not in self.client_processes:
+                try:
+                    # psutil.Process remembers the start time: it never signals a reused pid
+                    self.client_processes[pid] = psutil.Process(pid)
+                except psutil.NoSuchProcess:
+                    pass
         client = self._cpu_percent(client_pids, elapsed) if elapsed else []
         row["machine_cpu"] = self._machine_cpu()
         row["client_cpu"] = sum(client) if client else None
@@ -399,9 +409,9 @@ def main(argv=None):
         print("\nload: the run failed: %s" % exc, file=sys.stderr)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-        # Locust first (SIGTERM: it quits, and its master writes what it has), then the servers.
+        # Locust first, then the servers.
         if locust is not None:
-            stop_quietly(locust, 20)
+            stop_locust(locust, sampler, args)
         if sampler is not None and sampler.is_alive():
             sampler.stop()
         server_cpu = None
@@ -435,6 +445,28 @@ def main(argv=None):
     if interrupted:
         return 130
     return 0 if summary["passed"] else 1
+
+
+def stop_locust(locust, sampler, args):
+    """End the load as a run ends when it is still going (Ctrl-C, a failure): SIGUSR1 asks the
+    shape to stop every listener, let each catch up and report, and end (bounded by the
+    ramp-down and the settling time). Then its processes by pid: the master and, since a
+    master that dies leaves them behind, every worker it forked."""
+    if locust.alive():
+        locust.signal(signal.SIGUSR1)
+        deadline = time.monotonic() + (args.users + args.posters) / args.stop_rate + SETTLE_SECONDS + 15
+        while locust.alive() and time.monotonic() < deadline:
+            time.sleep(0.25)
+    stop_quietly(locust, 10)
+    import psutil
+    for worker in (sampler.client_processes.values() if sampler else ()):
+        try:
+            worker.terminate()
+            worker.wait(5)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired:
+            worker.kill()
 
 
 def stop_quietly(process, grace):

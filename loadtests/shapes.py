@@ -1,5 +1,7 @@
 """The LoadTestShape that plays the stage table of loadtests/scenario.py."""
 
+import time
+
 from locust import LoadTestShape
 
 from loadtests.scenario import SETTLE_SECONDS, build_stages, stage_at
@@ -12,18 +14,33 @@ class StagedShape(LoadTestShape):
     off listeners still catching up, and their messages would look lost."""
 
     stages = None
-    run_tally = None     # the master's RunTally, set by the locustfile
+    run_tally = None          # the master's RunTally, set by the locustfile
+    stop_requested_at = None  # set by request_stop: end early, but as a run ends
+
+    @classmethod
+    def request_stop(cls):
+        """Stop now, the way a run ends: every listener stops at --stop-rate, catches up and
+        reports its ledger, and only then does the run end. The orchestrator asks for it
+        (SIGUSR1) on Ctrl-C, because Locust handles no SIGTERM while a shape runs and its
+        own Ctrl-C path gives the workers half a second to report."""
+        if cls.stop_requested_at is None:
+            cls.stop_requested_at = time.monotonic()
 
     def tick(self):
         if self.stages is None:
             options = self.runner.environment.parsed_options
             self.stages = build_stages(options.listeners, options.posters, options.run_seconds, options.spawn_rate,
                                        options.stop_rate)
+        last = self.stages[-1]
+        drained = self.run_tally is not None and self.run_tally.drained()
+        if self.stop_requested_at is not None:
+            if drained or time.monotonic() > self.stop_requested_at + last["end"] - last["start"] + SETTLE_SECONDS:
+                return None
+            return 0, last["spawn_rate"]
         elapsed = self.get_run_time()
         stage = stage_at(self.stages, elapsed)
         if stage is not None:
             return stage["users"], stage["spawn_rate"]
-        last = self.stages[-1]
-        if elapsed < last["end"] + SETTLE_SECONDS and self.run_tally is not None and not self.run_tally.drained():
+        if elapsed < last["end"] + SETTLE_SECONDS and not drained:
             return 0, last["spawn_rate"]
         return None

@@ -4,8 +4,8 @@ changes it fails here, loudly, instead of silently losing a run's figures."""
 import inspect
 
 import locust
+import locust.main
 import locust.runners
-import pytest
 from locust.env import Environment
 
 
@@ -33,12 +33,11 @@ def test_a_worker_stops_its_users_before_it_says_it_stopped():
     assert source.index("self.stop()", stop) < source.index('"client_stopped"', stop)
 
 
-def test_the_masters_stop_waits_for_every_worker_to_stop():
-    """drain_before_quitting relies on MasterRunner.stop() sending stop and waiting for
-    the users to reach zero; quit() alone gives the workers half a second."""
-    source = inspect.getsource(locust.runners.MasterRunner.stop)
-    assert 'Message("stop"' in source and "while self.user_count != 0" in source
-    assert set(inspect.signature(locust.runners.MasterRunner.stop).parameters) == {"self", "send_stop_to_client"}
+def test_a_headless_shape_run_handles_no_sigterm_so_the_orchestrator_asks_with_sigusr1():
+    """loadtests.run stops a run early with SIGUSR1 (the shape then ends it as a run ends)
+    because Locust's main() waits on the shape before it installs its SIGTERM handler."""
+    source = inspect.getsource(locust.main.main)
+    assert source.index("shape_greenlet.join()") < source.index("gevent.signal_handler(signal.SIGTERM")
 
 
 def test_the_shape_ends_a_headless_run_with_quit():
@@ -58,22 +57,3 @@ def test_gevent_keeps_the_original_epoll_for_the_held_poll_driver():
     epoll = get_original("select", "epoll")()
     assert hasattr(epoll, "poll") and epoll.fileno() >= 0
     epoll.close()
-
-
-@pytest.mark.parametrize("state", ["STATE_SPAWNING", "STATE_RUNNING"])
-def test_the_runner_states_the_quitting_drain_checks_exist(state):
-    assert getattr(locust.runners, state) in ("spawning", "running")
-
-
-def test_a_spawn_message_asks_for_the_default_arguments_per_option_so_caching_them_pays():
-    """The locustfile caches argument_parser.default_args_dict (it rebuilt Locust's parser
-    once per option of each spawn message); the cache is only safe while it takes no
-    arguments and its callers only read the dict."""
-    from locust import argument_parser
-
-    import loadtests.locustfile  # noqa: F401  (installs the cache)
-    source = inspect.getsource(locust.runners.WorkerRunner.handle_message)
-    assert "if k not in argument_parser.default_args_dict()" in source
-    assert hasattr(argument_parser.default_args_dict, "cache_info")
-    assert inspect.signature(argument_parser.default_args_dict.__wrapped__).parameters == {}
-    assert argument_parser.default_args_dict() is argument_parser.default_args_dict()
