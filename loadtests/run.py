@@ -195,7 +195,8 @@ class Sampler(threading.Thread):
                    for pid, (first, last) in self.cpu_seen.items() if pid in pids)
 
     def _cpu_percent(self, pids, elapsed):
-        """Per pid, % of one core since the previous sample (a pid's first reading sets its base)."""
+        """Per pid, % of one core since the previous sample (a pid's first reading sets its base).
+        Readings are kept even without `elapsed`, so the first sample sets every base."""
         per_pid = []
         for pid in pids:
             try:
@@ -251,19 +252,16 @@ class Sampler(threading.Thread):
         import psutil
 
         from bench.measures import summed_rss
+        # Every CPU reading first, at one moment: the /stats probe below can wait a while
+        # on a server busy with a fan-out, and must not stretch the interval they cover.
         now = time.time()
         elapsed = now - self._last_time if self._last_time else None
         self._last_time = now
-        waiters, stats_rss = self._held_polls()
-        row = {"t": now - self.started, "time": now, "held_polls": waiters}
-        if self.server is not None:
-            pids = self.server.worker_pids()
-            row["server_rss"] = summed_rss(pids)
-            row["server_cpu"] = sum(self._cpu_percent(pids, elapsed)) if elapsed else None
-        else:
-            row["server_rss"] = stats_rss
-            row["server_cpu"] = None
+        server_pids = self.server.worker_pids() if self.server is not None else []
+        server = self._cpu_percent(server_pids, elapsed)
         client_pids = self.locust_pids()
+        client = self._cpu_percent(client_pids, elapsed)
+        machine = self._machine_cpu()
         self.client_pids.update(client_pids)
         for pid in client_pids:
             if pid not in self.client_processes:
@@ -272,10 +270,12 @@ class Sampler(threading.Thread):
                     self.client_processes[pid] = psutil.Process(pid)
                 except psutil.NoSuchProcess:
                     pass
-        client = self._cpu_percent(client_pids, elapsed) if elapsed else []
-        row["machine_cpu"] = self._machine_cpu()
-        row["client_cpu"] = sum(client) if client else None
-        row["client_cpu_max_process"] = max(client) if client else None
+        waiters, stats_rss = self._held_polls()
+        row = {"t": now - self.started, "time": now, "held_polls": waiters, "machine_cpu": machine,
+               "server_rss": summed_rss(server_pids) if self.server is not None else stats_rss,
+               "server_cpu": sum(server) if self.server is not None and elapsed else None,
+               "client_cpu": sum(client) if client else None,
+               "client_cpu_max_process": max(client) if client else None}
         self.samples.append(row)
         return row
 
