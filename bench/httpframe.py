@@ -22,6 +22,37 @@ CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.IGNORECASE)
 CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[^\r\n]*close", re.IGNORECASE)
 
 
+# A fan-out's answers share one head (same status, type and length): frame each distinct
+# head once. Bounded, and cleared when full.
+_FRAMINGS = {}
+MAX_FRAMINGS_KEPT = 256
+
+
+def frame(head):
+    """(status, keep_alive, chunked, content length or None, until_close) of one answer head."""
+    if not head.startswith(b"HTTP/1.") or len(head) < 12:
+        raise FramingError("not an HTTP/1.x status line: %r" % head[:40])
+    try:
+        status = int(head[9:12])
+    except ValueError:
+        raise FramingError("a status line without a status: %r" % head[:40]) from None
+    lower = head.lower()
+    keep_alive = not head.startswith(b"HTTP/1.0")
+    if b"\r\nconnection:" in lower and CONNECTION_CLOSE.search(head):
+        keep_alive = False
+    if b"\r\ntransfer-encoding:" in lower and CHUNKED.search(head):
+        return status, keep_alive, True, None, False
+    start = lower.find(b"\r\ncontent-length:")
+    if start >= 0:
+        value = head[start + 17:lower.index(b"\r\n", start + 2)].strip()
+        if not value.isdigit():
+            raise FramingError("a Content-Length that is not a number: %r" % value[:20])
+        return status, keep_alive, False, int(value), False
+    if status in (204, 304) or 100 <= status < 200:
+        return status, keep_alive, False, 0, False
+    return status, False, False, None, True
+
+
 class FramingError(ValueError):
     """The bytes are not an HTTP/1.x answer this parser can frame."""
 
@@ -93,32 +124,16 @@ class ResponseParser:
         return None
 
     def _start(self, head):
-        if not head.startswith(b"HTTP/1.") or len(head) < 12:
-            raise FramingError("not an HTTP/1.x status line: %r" % head[:40])
-        try:
-            self._status = int(head[9:12])
-        except ValueError:
-            raise FramingError("a status line without a status: %r" % head[:40]) from None
+        framing = _FRAMINGS.get(head)
+        if framing is None:
+            framing = frame(head)
+            if len(_FRAMINGS) >= MAX_FRAMINGS_KEPT:
+                _FRAMINGS.clear()
+            _FRAMINGS[head] = framing
         self._head = head
-        # One lowercase copy and plain finds: the regexes run only when their header is there.
-        lower = head.lower()
-        self._keep_alive = not head.startswith(b"HTTP/1.0")
-        if b"\r\nconnection:" in lower and CONNECTION_CLOSE.search(head):
-            self._keep_alive = False
-        if b"\r\ntransfer-encoding:" in lower and CHUNKED.search(head):
+        self._status, self._keep_alive, chunked, self._length, self._until_close = framing
+        if chunked:
             self._chunks = []
-            return
-        start = lower.find(b"\r\ncontent-length:")
-        if start >= 0:
-            value = head[start + 17:lower.index(b"\r\n", start + 2)].strip()
-            if not value.isdigit():
-                raise FramingError("a Content-Length that is not a number: %r" % value[:20])
-            self._length = int(value)
-        elif self._status in (204, 304) or 100 <= self._status < 200:
-            self._length = 0
-        else:
-            self._until_close = True
-            self._keep_alive = False
 
     def _feed_chunks(self):
         buffer = self._buffer
