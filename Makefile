@@ -62,13 +62,15 @@ test: system-packages lint
 test-fast: system-packages $(STAMP)
 	$(PY) -m pytest -m "not slow" tests
 
+LOAD_ARGS = $(strip $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION)) \
+  $(if $(ROOMS),--rooms $(ROOMS)) $(if $(filter-out 1,$(WORKERS)),--workers $(WORKERS)) \
+  $(if $(HOST),--host $(HOST)) $(if $(POSTERS),--posters $(POSTERS)) \
+  $(if $(BURST_SIZE),--burst-size $(BURST_SIZE)) $(if $(BURST_GAP),--burst-gap $(BURST_GAP)) \
+  $(if $(POLL_TIMEOUT),--poll-timeout $(POLL_TIMEOUT)) $(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) \
+  $(if $(CLIENT_PROCESSES),--client-processes $(CLIENT_PROCESSES)))
+
 load: system-packages $(STAMP)
-	$(PY) -m loadtests.run $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION)) \
-	  $(if $(ROOMS),--rooms $(ROOMS)) $(if $(filter-out 1,$(WORKERS)),--workers $(WORKERS)) \
-	  $(if $(HOST),--host $(HOST)) $(if $(POSTERS),--posters $(POSTERS)) \
-	  $(if $(BURST_SIZE),--burst-size $(BURST_SIZE)) $(if $(BURST_GAP),--burst-gap $(BURST_GAP)) \
-	  $(if $(POLL_TIMEOUT),--poll-timeout $(POLL_TIMEOUT)) $(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) \
-	  $(if $(CLIENT_PROCESSES),--client-processes $(CLIENT_PROCESSES))
+	$(PY) -m loadtests.run $(LOAD_ARGS)
 
 bench: system-packages $(STAMP)
 	$(PY) -m bench.sweep $(if $(QUICK),--quick)

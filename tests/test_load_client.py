@@ -242,3 +242,27 @@ def test_a_server_that_closes_mid_answer_is_a_lost_connection_not_an_answer():
     assert client._sock is None
     thread.join(5)
     listener.close()
+
+
+def test_a_fan_outs_identical_bodies_are_parsed_once_and_the_cache_stays_bounded():
+    from loadtests.locustfile import ParsedAnswers
+    answers = ParsedAnswers()
+    body = b'{"room":"r","messages":[{"id":7,"from":"a","content":"x","ts":1.5},' \
+           b'{"id":8,"from":"a","content":"y","ts":2.5}],"cursor":8,"missed":3}'
+    first = answers.parse(body)
+    assert first == (((7, 1.5), (8, 2.5)), 3, False)
+    assert answers.parse(bytes(body)) is first                     # equal bytes, one parse
+    for n in range(ParsedAnswers.MAX_BODIES + 10):
+        answers.parse(b'{"messages":[],"cursor":%d,"reset":true}' % n)
+    assert len(answers._parsed) <= ParsedAnswers.MAX_BODIES
+    assert answers.parse(b'{"messages":[],"cursor":1,"reset":true}')[2] is True
+
+
+def test_heads_are_framed_once_each_and_the_table_stays_bounded():
+    from bench import httpframe
+    for n in range(httpframe.MAX_FRAMINGS_KEPT + 10):
+        answer = ResponseParser().feed(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n + b"x" * n)
+        assert len(answer.body) == n
+    assert len(httpframe._FRAMINGS) <= httpframe.MAX_FRAMINGS_KEPT
+    with pytest.raises(FramingError):
+        ResponseParser().feed(b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n")
