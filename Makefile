@@ -41,14 +41,16 @@ load: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.sweep $(if $(QUICK),--quick)
 
-# Compares with the saved baseline of this machine; the first run saves it.
+# Instruction counts under callgrind against the committed bench/baselines/callgrind.json;
+# BASE=<git rev>: that revision and this tree timed side by side instead.
 regress: $(STAMP)
-	$(PY) -m bench.regress
+	$(PY) -m bench.regress $(if $(BASE),--base $(BASE))
 
-# Accepts the current figures as the new baseline, on purpose.
+# Rewrites bench/baselines/callgrind.json from this tree, on purpose: commit it with the change.
 regress-accept: $(STAMP)
 	$(PY) -m bench.regress --accept
 
+# Keeps every baseline: the committed one in bench/baselines/, pytest-benchmark's in .benchmarks/.
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks *.egg-info
+	rm -rf $(VENV) .pytest_cache *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

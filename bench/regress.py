@@ -204,37 +204,46 @@ def differing_versions(baseline_versions, now):
             if baseline_versions.get(name) != now.get(name)]
 
 
+def record(measured, sizes, **extra):
+    """What a baseline file holds (and --report-json writes: it can serve as one)."""
+    return dict({
+        "about": "Instructions per operation under callgrind (bench/callgrind_workload.py), written by "
+                 "`make regress-accept` and compared by `make regress`: a figure more than gate_percent above "
+                 "its baseline fails. Other versions of the software below are not comparable.",
+        "versions": versions(),
+        "recorded_with": recorded_with(),
+        "sizes": sizes,
+        "hash_seed": HASH_SEED,
+        "gate_percent": GATE_PERCENT,
+        "figures": measured["figures"],
+        "phases": measured["phases"],
+        "units": dict(FIGURES),
+    }, **extra)
+
+
+def write_record(path, content):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as out:
+        json.dump(content, out, indent=2)
+        out.write("\n")
+
+
 def accept(path):
-    now = versions()
     print("regress: measuring twice under callgrind for a new baseline (about a minute)", flush=True)
     first, second = measure(), measure()
     moved = {key: abs(second["figures"][key] / first["figures"][key] - 1) * 100 for key, _ in FIGURES}
     worst = max(moved.values())
+    print("%-14s %12s %12s %9s  %s" % ("figure", "first run", "second run", "apart", "what"))
     for key, what in FIGURES:
-        print("  %-14s %12s %12s  %6.3f%%  %s" % (key, spaced(first["figures"][key]), spaced(second["figures"][key]),
-                                                  moved[key], what))
+        print("%-14s %12s %12s %8.3f%%  %s" % (key, spaced(first["figures"][key]), spaced(second["figures"][key]),
+                                               moved[key], what))
     if worst > REPEAT_LIMIT_PERCENT:
         print("regress: NOT ACCEPTED: two runs of this tree differ by %.3f%%, more than %.1f%%; something in the "
               "measured process depends on the machine's state (time, load)" % (worst, REPEAT_LIMIT_PERCENT))
         return UNMEASURED
-    baseline = {
-        "about": "Instructions per operation under callgrind (bench/callgrind_workload.py), written by "
-                 "`make regress-accept` and compared by `make regress`: a figure more than gate_percent above "
-                 "its baseline fails. Other versions of the software below are not comparable.",
-        "versions": now,
-        "recorded_with": recorded_with(),
-        "sizes": {"fan_outs": list(FAN_OUTS), "posts": list(POSTS)},
-        "hash_seed": HASH_SEED,
-        "gate_percent": GATE_PERCENT,
-        "figures": first["figures"],
-        "phases": first["phases"],
-        "repeat": {"figures": second["figures"], "largest_difference_percent": round(worst, 4)},
-        "units": dict(FIGURES),
-    }
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as out:
-        json.dump(baseline, out, indent=2)
-        out.write("\n")
+    sizes = {"fan_outs": list(FAN_OUTS), "posts": list(POSTS)}
+    write_record(path, record(first, sizes, repeat={"figures": second["figures"],
+                                                    "largest_difference_percent": round(worst, 4)}))
     print("regress: baseline written to %s (two runs agree within %.3f%%); commit it"
           % (os.path.relpath(path, ROOT), worst))
     return PASSED
@@ -285,8 +294,7 @@ def compare(path, report_json=None, keep=None):
             faster.append(key)
         print("%-14s %12s %12s %+8.2f%%  %-8s %s" % (key, spaced(then), spaced(current), change, verdict, what))
     if report_json:
-        with open(report_json, "w") as out:
-            json.dump({"figures": now["figures"], "phases": now["phases"], "grew": dict(grew)}, out, indent=2)
+        write_record(report_json, record(now, sizes))
     if grew:
         print("regress: FAILED: %s grew beyond +%g%%. If the change is meant to cost this, accept it on purpose: "
               "make regress-accept, and commit bench/baselines/callgrind.json with it."
