@@ -245,8 +245,14 @@ def accept(path):
     write_record(path, record(first, sizes, repeat={"figures": second["figures"],
                                                     "largest_difference_percent": round(worst, 4)}))
     print("regress: baseline written to %s (two runs agree within %.3f%%); commit it"
-          % (os.path.relpath(path, ROOT), worst))
+          % (shown(path), worst))
     return PASSED
+
+
+def shown(path):
+    """A path as the reader best finds it: relative inside the project, else absolute."""
+    relative = os.path.relpath(path, ROOT)
+    return path if relative.startswith("..") else relative
 
 
 def spaced(number):
@@ -256,14 +262,14 @@ def spaced(number):
 def compare(path, report_json=None, keep=None):
     if not os.path.exists(path):
         print("regress: no baseline at %s: `make regress-accept` takes one (then commit it)"
-              % os.path.relpath(path, ROOT))
+              % shown(path))
         return NOT_COMPARABLE
     baseline = load_baseline(path)
     now_versions = versions()
     differ = differing_versions(baseline["versions"], now_versions)
     if differ:
         print("regress: NOT COMPARABLE: %s was taken with other versions than this run has:"
-              % os.path.relpath(path, ROOT))
+              % shown(path))
         for name, then, now in differ:
             print("  %-9s baseline %s\n  %-9s here     %s" % (name, then, "", now))
         print("Instruction counts differ between versions whatever the code does, so this is neither a pass "
@@ -281,7 +287,7 @@ def compare(path, report_json=None, keep=None):
     gate = baseline.get("gate_percent", GATE_PERCENT)
     grew, faster = [], []
     print("\nregress: instructions per operation, against %s (gate +%g%% per figure)"
-          % (os.path.relpath(path, ROOT), gate))
+          % (shown(path), gate))
     print("%-14s %12s %12s %9s  %-8s %s" % ("figure", "baseline", "now", "change", "verdict", "what"))
     for key, what in FIGURES:
         then, current = baseline["figures"][key], now["figures"][key]
