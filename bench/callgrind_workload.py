@@ -24,17 +24,21 @@ measured is the server's, the handler's, bottle's and chattle's, minus the accep
 The client ends are plain, non-blocking C sockets: a send and two reads per connection,
 next to nothing beside the server's work.
 
-Nothing in here depends on the wall clock: a socketpair's bytes are in the peer's queue
-when send returns, no timer fires (polls wait 60 s), and the deadline ticks of held polls
-are made one tick for the whole run. With 50 ms ticks, a poll parked under callgrind
-(fifty times slower than natively) would spread over as many more ticks, and a tick costs
-an Event and a timer: the count would depend on how busy the machine was.
+Nothing in here depends on the wall clock or on who runs it: time.time() and
+time.monotonic() stand still (see stop_the_clocks), so every deadline and tick is worked
+out from one moment; a socketpair's bytes are in the peer's queue when send returns, so
+every turn of the event loop finds the same sockets ready; no other thread runs; and no
+timer of the event loop fires, since every TICK of chattle's modules (Wakeup's for held
+polls, and any the HTTP layer keeps for its connections' deadlines) is made one tick for
+the whole run, decades away. (bench.regress also fixes PYTHONHASHSEED and the environment.)
 """
 
 import argparse
+import itertools
 import json
 import os
 import sys
+import time
 
 import gevent
 from gevent import monkey
@@ -155,13 +159,37 @@ def fan_out(server, waiters, marked=True):
         raise RuntimeError("%d polls still held after the fan-out" % chattle.rooms.waiters)
 
 
+def stop_the_clocks():
+    """time.time() and time.monotonic() return the moment the run started, for good.
+
+    What the server does by the clock (the Date header formatted once a second, every
+    deadline and tick worked out from "now") would otherwise happen as often as the run
+    lasted, and a run under callgrind lasts as long as the machine's load makes it. A
+    constant's __next__ is a C call, as cheap as the clocks it replaces. The event loop
+    keeps its own clock, and with one tick for the run no timer of it fires."""
+    time.time = itertools.repeat(time.time()).__next__
+    time.monotonic = itertools.repeat(time.monotonic()).__next__
+
+
 def one_deadline_tick():
-    """Held polls share one deadline tick for the whole run (see the module's docstring)."""
-    wakeup = getattr(chattle, "Wakeup", None)
-    if wakeup is None or not isinstance(getattr(wakeup, "TICK", None), float):
-        raise SystemExit("bench.callgrind_workload: chattle.Wakeup.TICK is gone; the instruction "
-                         "counts would depend on the machine's speed. Update one_deadline_tick().")
-    wakeup.TICK = 1e9  # seconds: every deadline of a run falls in tick 1
+    """Every class of chattle's modules that buckets due times by a TICK (Wakeup for held
+    polls, and any the HTTP layer has for its connections) gets one tick for the whole
+    run, so that no timer fires in it: a deadline timer that fired a few seconds into a
+    run (natively it never would) would close connections at a moment of the wall
+    clock's choosing. Returns their names."""
+    ticked = []
+    for name, module in sorted(sys.modules.items()):
+        if name != "chattle" and not name.startswith("chattle_"):
+            continue
+        for value in vars(module).values():
+            if (isinstance(value, type) and value.__module__ == name
+                    and isinstance(vars(value).get("TICK"), float)):
+                value.TICK = 1e9  # seconds: every due time of a run falls in tick 1
+                ticked.append("%s.%s" % (name, value.__qualname__))
+    if "chattle.Wakeup" not in ticked:
+        raise SystemExit("bench.callgrind_workload: chattle.Wakeup.TICK is gone; the instruction counts "
+                         "would depend on the machine's speed. Update one_deadline_tick().")
+    return ticked
 
 
 def main(argv=None):
@@ -171,14 +199,22 @@ def main(argv=None):
     parser.add_argument("--warm-up", type=int, default=50, help="polls and posts of the warm-up")
     args = parser.parse_args(argv)
     global chattle
+    stop_the_clocks()
     import chattle
     fan_outs = [int(n) for n in args.fan_outs.split(",") if n]
     bursts = [int(n) for n in args.posts.split(",") if n]
 
     chattle.configure(chattle.Settings())
-    one_deadline_tick()
+    ticked = one_deadline_tick()
     server = chattle.make_server("127.0.0.1", 0)
+    # pywsgi would look the server's name up (getfqdn) on start, in a thread of gevent's
+    # pool; the thread ends by itself seconds later, at a moment of the wall clock's
+    # choosing, in whichever phase that falls. Named here, nothing is looked up.
+    server.environ.setdefault("SERVER_NAME", "localhost")
     server.start()
+    if len(os.listdir("/proc/self/task")) != 1:
+        raise SystemExit("bench.callgrind_workload: another thread runs beside the measured one; what it "
+                         "does would land in the phases at moments of the wall clock's choosing")
     chattle.get_bus().publish(ROOM, "regress", "first")
     chattle.tune_garbage_collector()  # as every serving process does, after start-up
     try:
@@ -194,7 +230,7 @@ def main(argv=None):
     finally:
         server.stop(timeout=1)
     # The parent checks that it got every phase it asked for.
-    print(json.dumps({"fan_outs": fan_outs, "posts": bursts, "pid": os.getpid()}), flush=True)
+    print(json.dumps({"fan_outs": fan_outs, "posts": bursts, "one_tick": ticked, "pid": os.getpid()}), flush=True)
     return 0
 
 
