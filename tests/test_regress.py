@@ -3,9 +3,10 @@ when every poll answer does about 10 % more work.
 
 EXTRA_WORK squares summed per answer (CHATTLE_BENCH_EXTRA_WORK, read by chattle when
 it is imported, so it reaches whichever process serves) cost about 2.3 us here, about
-10 % of the time a fan-out spends per waiter (bench/ab.py measured +9 % on its socket
-fan-out and +11 % on the rig). In instructions it is more, since an answer's time is
-mostly the kernel's and the client's: about a quarter more instructions per answered poll.
+10 % of the time a fan-out spends per waiter: bench/ab.py measured +6 % to +9 % on its
+socket fan-out and +11 % to +17 % on the rig. In instructions it is about 9 % more per
+poll and a quarter more per answered poll (an answer's time is mostly the kernel's and
+the client's, which callgrind does not count).
 """
 
 import json
