@@ -8,7 +8,6 @@ a load report and the same number in a capacity sweep mean the same thing.
 import math
 import random
 
-
 # -- wake-up latency -----------------------------------------------------------------
 
 def wakeup_latency(received_at, message_ts):
