@@ -31,7 +31,7 @@ all: test
 # or stops at once with one line naming the command to run. It runs before the venv.
 GOALS   := $(or $(MAKECMDGOALS),all)
 SYSTEM_PROGRAMS := $(sort \
-  $(if $(filter all test,$(GOALS)),redis-server chromium) \
+  $(if $(filter all test,$(GOALS)),redis-server chromium valgrind) \
   $(if $(filter test-fast bench,$(GOALS)),redis-server) \
   $(if $(filter run,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(REDIS),,redis-server))) \
   $(if $(filter load,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(HOST),,redis-server))))
@@ -75,15 +75,17 @@ load: system-packages $(STAMP)
 bench: system-packages $(STAMP)
 	$(PY) -m bench.sweep $(if $(QUICK),--quick)
 
-# Compares with the saved baseline of this machine; the first run saves it.
+# Instruction counts under callgrind against the committed bench/baselines/callgrind.json;
+# BASE=<git rev>: that revision and this tree timed side by side instead.
 regress: $(STAMP)
-	$(PY) -m bench.regress
+	$(PY) -m bench.regress $(if $(BASE),--base $(BASE))
 
-# Accepts the current figures as the new baseline, on purpose.
+# Rewrites bench/baselines/callgrind.json from this tree, on purpose: commit it with the change.
 regress-accept: $(STAMP)
 	$(PY) -m bench.regress --accept
 
-# Build products only: .benchmarks/ (this machine's accepted baselines) and reports/ stay.
+# Build products only: every baseline stays (the committed one in bench/baselines/,
+# pytest-benchmark's in .benchmarks/), and so does reports/.
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

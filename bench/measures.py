@@ -7,6 +7,7 @@ a load report and the same number in a capacity sweep mean the same thing.
 
 import math
 import os
+import random
 
 # -- wake-up latency -----------------------------------------------------------------
 
@@ -277,3 +278,19 @@ def time_per_waiter(last_delivery_s, waiters):
     if last_delivery_s is None or not waiters:
         return None
     return last_delivery_s / waiters
+
+
+# -- head against base ---------------------------------------------------------------------
+
+def geometric_mean(values):
+    return math.exp(sum(math.log(value) for value in values) / len(values))
+
+
+def ratio_interval(ratios, confidence=0.95, resamples=10000, seed=13):
+    """Head / base from paired runs, given each pair's ratio: the geometric mean of the
+    ratios, and a bootstrap confidence interval of it (the pairs resampled with
+    replacement, percentile interval). Seeded: the same runs always give the same interval."""
+    draw = random.Random(seed)
+    means = sorted(geometric_mean(draw.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    return geometric_mean(ratios), percentile(means, tail), percentile(means, 1 - tail)

@@ -1,152 +1,359 @@
-"""`make regress`: a regression gate on the Event-based broadcast path.
+"""`make regress`: two gates on what answering a poll costs.
 
-Runs the pytest-benchmark suite in bench/benchmarks/ and compares its medians with the
-baseline saved on this machine (pytest-benchmark keeps one per machine and Python).
+Instruction counts (`make regress`): runs bench/callgrind_workload.py under
+`valgrind --tool=callgrind` and compares instructions per parked poll, per answered
+poll, per poll in all and per post with the committed baseline,
+bench/baselines/callgrind.json. Each figure is the difference between two sizes of one
+phase (fan-outs to 1000 and 3000 polls, bursts of 200 and 600 posts) divided by the
+difference in size, so start-up and whatever one fan-out costs whatever its size cancel.
+The counts repeat to within a few hundredths of a percent on one machine, so each
+figure is gated at +3 %. `make regress-accept` measures twice and rewrites the baseline,
+on purpose.
 
-- No baseline yet, or --accept: run the suite and save it as the baseline, then run it
-  once more and measure each median's noise: how far it moved between the two runs of
-  an unchanged tree, or the interquartile range of its rounds relative to the median
-  in either run, whichever is larger. Each benchmark's threshold is three times its
-  noise, never below FLOOR_PERCENT nor above CEILING_PERCENT, saved beside the baseline
-  (threshold.json):
-  a quiet in-process benchmark gets a tight gate, a noisy socket one a loose one.
-  A missing baseline is not a failure.
-- Otherwise: run the suite with --benchmark-compare (pytest-benchmark's own table) and
-  --benchmark-compare-fail=median:<the loosest threshold>%, then check every median
-  against its own threshold, print what changed, and exit non-zero when any median got
-  slower than its threshold allows.
+A/B (`make regress BASE=<git rev>`): bench/ab.py times the base revision and this tree
+side by side, in alternating pairs (wall-clock time; no baseline needed).
 
-    python -m bench.regress            # compare (first run: save the baseline)
-    python -m bench.regress --accept   # take the current figures as the baseline, on purpose
+    python -m bench.regress                     # the instruction gate
+    python -m bench.regress --accept            # rewrite bench/baselines/callgrind.json
+    python -m bench.regress --base origin/main  # the A/B gate (bench/ab.py)
+
+Exit status, the same for both gates:
+  0  passed
+  1  a figure grew beyond its gate (the table names it and by how much)
+  2  nothing could be measured (valgrind missing, the workload failed, a bad revision)
+  3  not comparable: the baseline was taken with other versions of Python, gevent,
+     bottle, greenlet or the C library, named in the message. Neither a pass nor a
+     regression: accept a baseline for these versions, or gate where it was taken.
 """
 
 import argparse
 import glob
 import json
-import math
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import tempfile
+from importlib import metadata
+
+from bench.callgrind_workload import PHASE_MARKER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_STORAGE = os.path.join(ROOT, ".benchmarks")
-BASELINE_NAME = "baseline"
-FLOOR_PERCENT = 25.0
-CEILING_PERCENT = 100.0
-NOISE_FACTOR = 3.0
+BASELINE = os.path.join(ROOT, "bench", "baselines", "callgrind.json")
+
+PASSED, GREW, UNMEASURED, NOT_COMPARABLE = 0, 1, 2, 3
+
+GATE_PERCENT = 3.0
+# Two runs of an unchanged tree must agree this closely for a baseline to be accepted:
+# a gate at 3 % needs figures that repeat far better than that.
+REPEAT_LIMIT_PERCENT = 0.5
+FAN_OUTS = (1000, 3000)
+POSTS = (200, 600)
+HASH_SEED = "0"
+WORKLOAD_TIMEOUT = 600  # seconds; a run takes about 30 here
+
+# (key, what one unit is) in the order the table lists them
+FIGURES = (
+    ("poll_parked", "instructions per parked poll: connection, request read, route, park"),
+    ("poll_answered", "instructions per answered poll: wake, answer, send, close"),
+    ("poll", "instructions per poll, parked and answered"),
+    ("post", "instructions per post: connection, request, checks, publish, answer, close"),
+)
+# What makes two sets of counts comparable at all: other versions run other code.
+COMPARABLE = ("python", "gevent", "bottle", "greenlet", "machine", "libc")
 
 
-def run_suite(storage, extra, select=None, env=None):
-    argv = [sys.executable, "-m", "pytest", os.path.join(ROOT, "bench", "benchmarks"), "-q",
-            "-p", "no:cacheprovider", "--benchmark-storage=file://" + storage,
-            "--benchmark-columns=min,median,iqr,max,rounds", "--benchmark-sort=name", *extra]
-    if select:
-        argv += ["-k", select]
-    return subprocess.call(argv, cwd=ROOT, env=env)
+def versions():
+    return {
+        "python": sys.version.replace("\n", " "),
+        "gevent": metadata.version("gevent"),
+        "bottle": metadata.version("bottle"),
+        "greenlet": metadata.version("greenlet"),
+        "machine": platform.machine(),
+        "libc": " ".join(platform.libc_ver()),
+    }
 
 
-def medians(json_path):
-    with open(json_path) as data:
-        return {bench["fullname"]: bench["stats"]["median"] for bench in json.load(data)["benchmarks"]}
+def recorded_with():
+    """Context for whoever reads the baseline; not part of comparability."""
+    valgrind = shutil.which("valgrind")
+    return {
+        "valgrind": subprocess.run([valgrind, "--version"], capture_output=True, text=True).stdout.strip()
+        if valgrind else None,
+        "cpu": cpu_model(),
+        "commit": git_output("rev-parse", "HEAD"),
+        "tree_changed": bool(git_output("status", "--porcelain", "--untracked-files=no")),
+    }
 
 
-def spreads(json_path):
-    """Each benchmark's interquartile range over its rounds, as a fraction of its median."""
-    with open(json_path) as data:
-        return {bench["fullname"]: bench["stats"]["iqr"] / bench["stats"]["median"]
-                for bench in json.load(data)["benchmarks"]}
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
-def saved_baselines(storage):
-    return sorted(glob.glob(os.path.join(storage, "*", "*_%s.json" % BASELINE_NAME)))
+def git_output(*args):
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
 
 
-def threshold_path(storage):
-    return os.path.join(storage, "threshold.json")
+# -- measuring ------------------------------------------------------------------------------
+
+class Unmeasured(Exception):
+    """The workload could not be measured; the message says why."""
 
 
-def accept(storage, select):
-    os.makedirs(storage, exist_ok=True)
-    print("regress: saving a new baseline in %s" % storage, flush=True)
-    code = run_suite(storage, ["--benchmark-save=" + BASELINE_NAME], select)
-    if code != 0:
-        print("regress: the benchmarks failed (exit %d); no baseline saved" % code)
-        return code
-    baseline = medians(saved_baselines(storage)[-1])
-    spread = spreads(saved_baselines(storage)[-1])
-    print("regress: running once more to measure the run-to-run noise of the medians", flush=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        again_json = os.path.join(scratch, "again.json")
-        code = run_suite(storage, ["--benchmark-json=" + again_json], select)
-        if code != 0:
-            return code
-        again = medians(again_json)
-        again_spread = spreads(again_json)
-    # The noise of a median: how far it moved between the two runs, or the spread of the
-    # rounds inside either run (a loaded machine shows it there first), whichever is larger.
-    moves = {name: max(abs(again[name] / baseline[name] - 1), spread[name], again_spread.get(name, 0)) * 100
-             for name in baseline if name in again}
-    thresholds = {name: min(CEILING_PERCENT, max(FLOOR_PERCENT, NOISE_FACTOR * move))
-                  for name, move in moves.items()}
-    with open(threshold_path(storage), "w") as out:
-        json.dump({"threshold_percent": thresholds, "noise_percent": moves, "noise_factor": NOISE_FACTOR,
-                   "floor_percent": FLOOR_PERCENT, "ceiling_percent": CEILING_PERCENT}, out, indent=2)
-    print("regress: the noise of each median, and the gate it gets:")
-    for name in sorted(moves):
-        print("  %-40s noise %5.1f%%  fails beyond +%.0f%%"
-              % (name.split("::")[-1][-40:], moves[name], thresholds[name]))
-    return 0
+def workload_environment():
+    """A fixed, small environment, so the counts do not depend on whose shell ran them
+    (os.environ and the interpreter's start-up read it all): a fixed hash seed (str
+    hashes decide dict and set layouts, and so how many probes a lookup costs), one
+    locale, and no PYTHON* or other variables, but for the CHATTLE_BENCH_* knobs."""
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": HASH_SEED}
+    env.update((name, value) for name, value in os.environ.items() if name.startswith("CHATTLE_BENCH_"))
+    return env
 
 
-def compare(storage, select, env=None):
-    baselines = saved_baselines(storage)
-    number = os.path.basename(baselines[-1]).split("_", 1)[0]
-    with open(threshold_path(storage)) as data:
-        thresholds = json.load(data)["threshold_percent"]
-    loosest = max(thresholds.values()) if thresholds else CEILING_PERCENT
-    with tempfile.TemporaryDirectory() as scratch:
-        now_json = os.path.join(scratch, "now.json")
-        code = run_suite(storage, ["--benchmark-compare=" + number,
-                                   "--benchmark-compare-fail=median:%d%%" % math.ceil(loosest),
-                                   "--benchmark-json=" + now_json], select, env=env)
-        if not os.path.exists(now_json):
-            print("regress: the benchmarks did not run (exit %d)" % code)
-            return code or 1
-        now = medians(now_json)
-    baseline = medians(baselines[-1])
-    print("\nregress: medians against the baseline %s" % os.path.basename(baselines[-1]))
-    print("%-52s %12s %12s %9s %6s  %s" % ("benchmark", "baseline ms", "now ms", "change", "gate", "verdict"))
-    for name in sorted(now):
-        if name not in baseline:
-            print("%-52s %12s %12.3f %9s  new (not gated)" % (name.split("::")[-1][-52:], "-", now[name] * 1000, "-"))
-            continue
-        change = (now[name] / baseline[name] - 1) * 100
-        threshold = thresholds.get(name, CEILING_PERCENT)
+def compile_sources():
+    """Byte-compile the project's modules before the measured run, so that it always
+    loads them compiled. A run that compiled them itself allocated more before the
+    phases, every object after landed elsewhere in memory, and where objects lie decides
+    which of them share a slot of the interpreter's attribute cache: the first run after
+    an edit counted 0.2 % more per parked poll than the next."""
+    sources = [os.path.join(ROOT, name) for name in sorted(os.listdir(ROOT))
+               if name.startswith("chattle") and name.endswith(".py")]
+    compiled = subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "bench"), *sources],
+                              capture_output=True, text=True, timeout=120)
+    if compiled.returncode != 0:
+        raise Unmeasured("byte-compiling the sources failed:\n" + (compiled.stdout + compiled.stderr)[-2000:])
+
+
+def measure(fan_outs=FAN_OUTS, posts=POSTS, keep=None):
+    """Run the workload under callgrind once; {"phases": [...], "figures": {...}}."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise Unmeasured("valgrind is not installed (apt-get install valgrind)")
+    with open(sys.executable, "rb") as interpreter:
+        if interpreter.read(2) == b"#!":
+            raise Unmeasured("%s is a script, not the interpreter; callgrind would count the script's "
+                             "shell. Run from the project's virtualenv (make regress)" % sys.executable)
+    out_dir = keep or tempfile.mkdtemp(prefix="chattle-callgrind-")
+    os.makedirs(out_dir, exist_ok=True)
+    for old in glob.glob(os.path.join(out_dir, "callgrind.out*")):
+        os.remove(old)
+    compile_sources()
+    argv = [valgrind, "--tool=callgrind", "--dump-before=" + PHASE_MARKER,
+            "--callgrind-out-file=" + os.path.join(out_dir, "callgrind.out"),
+            "--log-file=" + os.path.join(out_dir, "valgrind.log"),
+            sys.executable, "-m", "bench.callgrind_workload",
+            "--fan-outs", ",".join(map(str, fan_outs)), "--posts", ",".join(map(str, posts))]
+    try:
+        try:
+            run = subprocess.run(argv, cwd=ROOT, env=workload_environment(), capture_output=True, text=True,
+                                 timeout=WORKLOAD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise Unmeasured("the workload did not finish within %d s under callgrind" % WORKLOAD_TIMEOUT)
+        if run.returncode != 0:
+            raise Unmeasured("the workload failed under callgrind (exit %d):\n%s"
+                             % (run.returncode, (run.stderr or run.stdout)[-3000:]))
+        phases = phase_totals(out_dir)
+    finally:
+        if keep is None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    expected = 1 + 2 * len(fan_outs) + len(posts)  # start-up, park and answer per fan-out, post per burst
+    if len(phases) < expected + 1:
+        raise Unmeasured("callgrind wrote %d dumps, the workload has %d phases: did it measure python "
+                         "itself, and does the workload still mark its phases with %s()?"
+                         % (len(phases), expected + 1, PHASE_MARKER))
+    return {"phases": phases, "figures": figures_from(phases, fan_outs, posts)}
+
+
+def phase_totals(out_dir):
+    """Instructions of each dump, in the order written: part 1 is start-up and warm-up,
+    each later part one phase, the last one teardown."""
+    by_part = {}
+    for path in glob.glob(os.path.join(out_dir, "callgrind.out*")):
+        part = total = None
+        with open(path) as dump:
+            for line in dump:
+                if line.startswith("part:"):
+                    part = int(line.split()[1])
+                elif line.startswith("totals:"):
+                    total = int(line.split()[1])
+        if part is not None and total is not None:
+            by_part[part] = total
+    return [by_part[part] for part in sorted(by_part)]
+
+
+def figures_from(phases, fan_outs, posts):
+    """Per-operation figures: the difference of the first and last size of each phase."""
+    parks = {n: phases[1 + 2 * i] for i, n in enumerate(fan_outs)}
+    answers = {n: phases[2 + 2 * i] for i, n in enumerate(fan_outs)}
+    bursts = {n: phases[1 + 2 * len(fan_outs) + i] for i, n in enumerate(posts)}
+
+    def per_unit(totals):
+        small, large = min(totals), max(totals)
+        return (totals[large] - totals[small]) / (large - small)
+
+    parked, answered = per_unit(parks), per_unit(answers)
+    return {"poll_parked": round(parked), "poll_answered": round(answered),
+            "poll": round(parked + answered), "post": round(per_unit(bursts))}
+
+
+# -- the baseline -----------------------------------------------------------------------------
+
+def load_baseline(path):
+    with open(path) as data:
+        return json.load(data)
+
+
+def differing_versions(baseline_versions, now):
+    return [(name, baseline_versions.get(name), now.get(name)) for name in COMPARABLE
+            if baseline_versions.get(name) != now.get(name)]
+
+
+def record(measured, sizes, **extra):
+    """What a baseline file holds (and --report-json writes: it can serve as one)."""
+    return dict({
+        "about": "Instructions per operation under callgrind (bench/callgrind_workload.py), written by "
+                 "`make regress-accept` and compared by `make regress`: a figure more than gate_percent above "
+                 "its baseline fails. Other versions of the software below are not comparable.",
+        "versions": versions(),
+        "recorded_with": recorded_with(),
+        "sizes": sizes,
+        "hash_seed": HASH_SEED,
+        "gate_percent": GATE_PERCENT,
+        "figures": measured["figures"],
+        "phases": measured["phases"],
+        "units": dict(FIGURES),
+    }, **extra)
+
+
+def write_record(path, content):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as out:
+        json.dump(content, out, indent=2)
+        out.write("\n")
+
+
+def accept(path):
+    print("regress: measuring twice under callgrind for a new baseline (about a minute)", flush=True)
+    first, second = measure(), measure()
+    moved = {key: abs(second["figures"][key] / first["figures"][key] - 1) * 100 for key, _ in FIGURES}
+    worst = max(moved.values())
+    print("%-14s %12s %12s %9s  %s" % ("figure", "first run", "second run", "apart", "what"))
+    for key, what in FIGURES:
+        print("%-14s %12s %12s %8.3f%%  %s" % (key, spaced(first["figures"][key]), spaced(second["figures"][key]),
+                                               moved[key], what))
+    if worst > REPEAT_LIMIT_PERCENT:
+        print("regress: NOT ACCEPTED: two runs of this tree differ by %.3f%%, more than %.1f%%; something in the "
+              "measured process depends on the machine's state (time, load)" % (worst, REPEAT_LIMIT_PERCENT))
+        return UNMEASURED
+    sizes = {"fan_outs": list(FAN_OUTS), "posts": list(POSTS)}
+    write_record(path, record(first, sizes, repeat={"figures": second["figures"],
+                                                    "largest_difference_percent": round(worst, 4)}))
+    print("regress: baseline written to %s (two runs agree within %.3f%%); commit it"
+          % (shown(path), worst))
+    return PASSED
+
+
+def shown(path):
+    """A path as the reader best finds it: relative inside the project, else absolute."""
+    relative = os.path.relpath(path, ROOT)
+    return path if relative.startswith("..") else relative
+
+
+def spaced(number):
+    return "{:,}".format(int(round(number))).replace(",", " ")
+
+
+def compare(path, report_json=None, keep=None):
+    if not os.path.exists(path):
+        print("regress: no baseline at %s: `make regress-accept` takes one (then commit it)"
+              % shown(path))
+        return NOT_COMPARABLE
+    baseline = load_baseline(path)
+    now_versions = versions()
+    differ = differing_versions(baseline["versions"], now_versions)
+    if differ:
+        print("regress: NOT COMPARABLE: %s was taken with other versions than this run has:"
+              % shown(path))
+        for name, then, now in differ:
+            print("  %-9s baseline %s\n  %-9s here     %s" % (name, then, "", now))
+        print("Instruction counts differ between versions whatever the code does, so this is neither a pass "
+              "nor a regression (exit %d). Run the gate where the baseline was taken, or take a baseline "
+              "for these versions with `make regress-accept` and commit it." % NOT_COMPARABLE)
+        return NOT_COMPARABLE
+    sizes = baseline["sizes"]
+    tweaks = sorted(name for name in os.environ if name.startswith("CHATTLE_BENCH_"))
+    if tweaks:
+        print("regress: note: %s set: the measured process does what it asks"
+              % ", ".join("%s=%s" % (name, os.environ[name]) for name in tweaks))
+    print("regress: counting instructions under callgrind (fan-outs %s, posts %s; about 30 s)"
+          % (" and ".join(map(str, sizes["fan_outs"])), " and ".join(map(str, sizes["posts"]))), flush=True)
+    now = measure(sizes["fan_outs"], sizes["posts"], keep)
+    gate = baseline.get("gate_percent", GATE_PERCENT)
+    grew, faster = [], []
+    print("\nregress: instructions per operation, against %s (gate +%g%% per figure)"
+          % (shown(path), gate))
+    print("%-14s %12s %12s %9s  %-8s %s" % ("figure", "baseline", "now", "change", "verdict", "what"))
+    for key, what in FIGURES:
+        then, current = baseline["figures"][key], now["figures"][key]
+        change = (current / then - 1) * 100
         verdict = "ok"
-        if change > threshold:
-            verdict = "SLOWER, FAILS"
-            code = code or 1
-        print("%-52s %12.3f %12.3f %+8.1f%% %5.0f%%  %s" % (name.split("::")[-1][-52:], baseline[name] * 1000,
-                                                            now[name] * 1000, change, threshold, verdict))
-    print("regress: %s" % ("FAILED: the broadcast path got slower beyond the gate" if code else "passed"))
-    return code
+        if change > gate:
+            verdict = "GREW"
+            grew.append((key, change))
+        elif change < -gate:
+            faster.append(key)
+        print("%-14s %12s %12s %+8.2f%%  %-8s %s" % (key, spaced(then), spaced(current), change, verdict, what))
+    if report_json:
+        write_record(report_json, record(now, sizes))
+    if grew:
+        print("regress: FAILED: %s grew beyond +%g%%. If the change is meant to cost this, accept it on purpose: "
+              "make regress-accept, and commit bench/baselines/callgrind.json with it."
+              % (", ".join("%s by %+.1f%%" % item for item in grew), gate))
+        return GREW
+    if faster:
+        print("regress: passed; %s fell by more than %g%%: `make regress-accept` locks the gain in"
+              % (", ".join(faster), gate))
+    else:
+        print("regress: passed")
+    return PASSED
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Regression gate on the broadcast path (pytest-benchmark)")
+    parser = argparse.ArgumentParser(description="Regression gates on the cost of answering polls",
+                                     epilog="exit status: 0 passed, 1 a figure grew beyond its gate, "
+                                     "2 could not measure, 3 not comparable (see the message)")
     parser.add_argument("--accept", action="store_true",
-                        help="save the current figures as the new baseline and re-measure the noise")
-    parser.add_argument("--storage", default=DEFAULT_STORAGE,
-                        help="where baselines are kept (default %(default)s)")
-    parser.add_argument("-k", dest="select", help="only the benchmarks matching this pytest -k expression")
-    args = parser.parse_args(argv)
-    storage = os.path.abspath(args.storage)
-    if args.accept or not saved_baselines(storage) or not os.path.exists(threshold_path(storage)):
-        if not args.accept:
-            print("regress: no baseline on this machine yet: this run saves one (not a failure)")
-        return accept(storage, args.select)
-    return compare(storage, args.select)
+                        help="measure twice and rewrite the baseline, on purpose")
+    parser.add_argument("--baseline", default=BASELINE, help="baseline file (default %(default)s)")
+    parser.add_argument("--base", metavar="REV",
+                        help="instead: time REV and this tree side by side (bench/ab.py; its flags follow)")
+    parser.add_argument("--report-json", help="also write the figures measured here to this file")
+    parser.add_argument("--keep", metavar="DIR",
+                        help="keep callgrind's dumps here, one per phase (read them with callgrind_annotate)")
+    args, rest = parser.parse_known_args(argv)
+    if args.base:
+        from bench import ab
+        return ab.main(["--base", args.base, *rest])
+    if rest:
+        parser.error("unrecognized arguments: %s" % " ".join(rest))
+    try:
+        if args.accept:
+            return accept(os.path.abspath(args.baseline))
+        return compare(os.path.abspath(args.baseline), args.report_json, args.keep)
+    except Unmeasured as exc:
+        print("regress: could not measure: %s" % exc)
+        return UNMEASURED
 
 
 if __name__ == "__main__":

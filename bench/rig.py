@@ -289,6 +289,56 @@ class Rig:
         return point
 
 
+# -- the small socket fan-out: a few hundred polls on blocking sockets of this process ------
+# Cheaper to repeat than a rig run (no client processes): the pytest-benchmark suite
+# times it, and so does `make regress BASE=` beside the rig.
+
+def hold_polls(url, room, count, timeout=30.0):
+    """Open `count` polls on the room's newest cursor; return them once the server holds them."""
+    rig = Rig(url, room)
+    held_before = wait_until_held(rig.url, 0, timeout=timeout)[0]
+    request = ("GET /rooms/%s/msgs?since=%d&timeout=%d HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n"
+               % (room, rig.cursor(), POLL_TIMEOUT, rig.host, rig.port)).encode()
+    polls = []
+    try:
+        for _ in range(count):
+            conn = socket.create_connection((rig.host, rig.port), timeout=timeout)
+            polls.append(conn)
+            conn.sendall(request)
+        held = wait_until_held(rig.url, held_before + count, timeout=timeout)[0]
+        if held < held_before + count:
+            raise RuntimeError("the server holds %d of %d polls after %gs" % (held - held_before, count, timeout))
+    except BaseException:
+        for conn in polls:
+            conn.close()
+        raise
+    return polls
+
+
+def answer_polls(url, room, polls):
+    """Post once and read every poll's answer to its end (Connection: close: the end is EOF).
+    Returns the seconds from sending the post to the last poll's last byte, and how many
+    polls were answered 200."""
+    rig = Rig(url, room)
+    body = b'{"from":"bench","content":"wake"}'
+    started = time.perf_counter()
+    with socket.create_connection((rig.host, rig.port), timeout=30) as conn:
+        conn.sendall(b"POST /rooms/%s/msgs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (room.encode(), len(body), body))
+        while conn.recv(65536):
+            pass
+    answered = 0
+    for conn in polls:
+        try:
+            answer = conn.recv(65536)
+            answered += answer.startswith(b"HTTP/1.1 200")
+            while answer:
+                answer = conn.recv(65536)
+        finally:
+            conn.close()
+    return time.perf_counter() - started, answered
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Client process of the bench rig (started by bench.sweep)")
     parser.add_argument("--park", type=int, required=True, help="how many polls this process holds")

@@ -140,7 +140,8 @@ class ChattleServer(Process):
     """Chattle under `python chattle.py` (one process) or gunicorn with N gevent workers."""
 
     def __init__(self, port=None, workers=1, redis_url=None, env=None, log_path=None, gunicorn=None,
-                 python=sys.executable, extra_args=(), own_session=False):
+                 python=sys.executable, extra_args=(), own_session=False, root=ROOT):
+        """`root`: the checkout whose chattle.py runs (`make regress BASE=` runs another revision's)."""
         self.port = port or free_port()
         self.url = "http://%s:%d" % (LOOPBACK, self.port)
         self.workers = workers
@@ -151,14 +152,14 @@ class ChattleServer(Process):
             full_env["CHATTLE_REDIS_URL"] = redis_url
         self.gunicorn = workers > 1 if gunicorn is None else gunicorn
         if self.gunicorn:
-            argv = [python, "-m", "gunicorn", "--config", os.path.join(ROOT, "gunicorn.conf.py"),
+            argv = [python, "-m", "gunicorn", "--config", os.path.join(root, "gunicorn.conf.py"),
                     "--bind", "%s:%d" % (LOOPBACK, self.port), "--workers", str(workers), *extra_args, "chattle"]
         else:
-            argv = [python, os.path.join(ROOT, "chattle.py"), "--host", LOOPBACK, "--port", str(self.port),
+            argv = [python, os.path.join(root, "chattle.py"), "--host", LOOPBACK, "--port", str(self.port),
                     *extra_args]
         if log_path is None:
             log_path = tempfile.mkstemp(prefix="chattle-server-", suffix=".log")[1]
-        super().__init__(argv, env=full_env, log_path=log_path, own_session=own_session)
+        super().__init__(argv, env=full_env, cwd=root, log_path=log_path, own_session=own_session)
         wait_until(self.healthy, 30, "chattle on %s" % self.url, self)
         if self.gunicorn:
             wait_until(lambda: len(self.worker_pids()) >= workers, 30, "%d gunicorn workers" % workers, self)

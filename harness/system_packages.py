@@ -28,6 +28,8 @@ PROGRAMS = {
     "chromium": ("/usr/bin/chromium", "chromium"),
     # .ci/run needs make before it can run make
     "make": ("make", "make"),
+    # the instruction-count gate of make regress, which make test runs
+    "valgrind": ("valgrind", "valgrind"),
 }
 
 APT_DEADLINE = 1200  # seconds for `apt-get install`: chromium is a large download

@@ -1,0 +1,276 @@
+"""`make regress BASE=<git rev>`: time a base revision and this tree side by side.
+
+Wall-clock time on a shared machine drifts with whatever else runs, so a figure is
+never compared with one taken earlier: the base is checked out into a temporary git
+worktree, and base and this tree ("head") are measured in alternating pairs (base then
+head, head then base, ...), each run on a fresh server of its own, by this tree's
+client code. What a drift does to one side it does to the other within a pair.
+
+Per run, on one `python chattle.py` of that side:
+- socket fan-out: a few hundred polls held on blocking sockets of this process, one
+  post, the time until the last answer is read, per waiter (median of a few rounds);
+- rig: a few thousand polls parked by bench/rig.py's client processes, one post, the
+  time from the post to the last answer (last delivery), per waiter (median of three).
+
+Each figure is reported as head / base, the geometric mean of the pairs' ratios, with a
+95 % bootstrap confidence interval. The gate fails when head is slower with the
+interval's lower bound above +5 %: slower beyond doubt, not just in one noisy pair.
+
+The base runs on the same virtualenv when its server dependencies (pyproject.toml's
+[project] dependencies) equal this tree's, else on a virtualenv made for it in the
+temporary directory. The worktree and everything else temporary is removed at the end,
+also on failure or Ctrl-C.
+
+    python -m bench.regress --base HEAD~1
+    python -m bench.regress --base origin/main --pairs 9 --rig-polls 5000
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.measures import percentile, ratio_interval
+from bench.rig import Rig, answer_polls, hold_polls
+from harness.processes import ROOT, ChattleServer
+
+PASSED, SLOWER, UNMEASURED = 0, 1, 2
+GATE_PERCENT = 5.0
+HASH_SEED = "0"
+
+# (key, label) in the order the table lists them; every one is gated
+FIGURES = (
+    ("socket_us", "socket fan-out, us per waiter"),
+    ("rig_us", "rig last delivery, us per waiter"),
+)
+
+
+class Unmeasured(Exception):
+    """The A/B run could not be made; the message says why."""
+
+
+# -- the base checkout ----------------------------------------------------------------------
+
+def git(*args, cwd=ROOT):
+    run = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    if run.returncode != 0:
+        raise Unmeasured("git %s: %s" % (" ".join(args), (run.stderr or run.stdout).strip()))
+    return run.stdout.strip()
+
+
+class BaseCheckout:
+    """The base revision in a temporary git worktree, with the interpreter to run it on."""
+
+    def __init__(self, revision, scratch):
+        self.revision = revision
+        try:
+            self.commit = git("rev-parse", "--verify", "--quiet", revision + "^{commit}")
+        except Unmeasured:
+            raise Unmeasured("%r is not a commit of this repository" % revision)
+        self.root = os.path.join(scratch, "base")
+        self.scratch = scratch
+        self.python = sys.executable
+        self.venv_note = "this virtualenv (same server dependencies)"
+
+    def check_out(self):
+        git("worktree", "add", "--detach", self.root, self.commit)
+        if server_dependencies(self.root) != server_dependencies(ROOT):
+            self.python = make_venv(os.path.join(self.scratch, "venv"), server_dependencies(self.root))
+            self.venv_note = "a virtualenv of its own (its server dependencies differ)"
+
+    def remove(self):
+        if os.path.exists(self.root):
+            subprocess.run(["git", "worktree", "remove", "--force", self.root], cwd=ROOT, capture_output=True,
+                           timeout=120)
+        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True, timeout=120)
+
+
+def server_dependencies(root):
+    """What the server needs installed: pyproject.toml's [project] dependencies."""
+    path = os.path.join(root, "pyproject.toml")
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the whole file stands in for its dependency list
+        with open(path) as text:
+            return text.read()
+    with open(path, "rb") as data:
+        return sorted(tomllib.load(data).get("project", {}).get("dependencies", []))
+
+
+def make_venv(where, requirements):
+    print("ab: the base needs other server dependencies; making a virtualenv for it", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", where], check=True, timeout=300)
+    python = os.path.join(where, "bin", "python")
+    install = subprocess.run([python, "-m", "pip", "install", "--quiet", *requirements], capture_output=True,
+                             text=True, timeout=900)
+    if install.returncode != 0:
+        raise Unmeasured("installing the base's dependencies failed:\n%s" % install.stderr[-2000:])
+    return python
+
+
+# -- one pair: a server of each side, fan-outs alternating between them ---------------------
+
+class Side:
+    def __init__(self, name, root, python, env):
+        self.name, self.root, self.python, self.env = name, root, python, env
+
+    def start(self, log_dir, pair):
+        # The side's chattle, whatever the virtualenv installed; and one hash seed for every
+        # server: str hashes decide the layout of every dict, and a server's speed moved by
+        # up to a tenth from one start to the next with random seeds.
+        env = dict(self.env, PYTHONPATH=self.root, PYTHONHASHSEED=HASH_SEED)
+        return ChattleServer(root=self.root, python=self.python, env=env,
+                             log_path=os.path.join(log_dir, "%s-%d.log" % (self.name, pair)))
+
+
+def socket_fan_out(server, polls):
+    held = hold_polls(server.url, "ab-socket", polls)
+    seconds, answered = answer_polls(server.url, "ab-socket", held)
+    if answered != polls:
+        raise Unmeasured("%d of %d socket polls answered" % (answered, polls))
+    return seconds / polls * 1e6
+
+
+def rig_fan_out(server, polls):
+    point = Rig(server.url, room="ab-rig").run(polls, server_pids=[server.pid])
+    if point["delivered"] != polls:
+        raise Unmeasured("the rig delivered %d of %d" % (point["delivered"], polls))
+    return point["last_delivery_s"] / polls * 1e6
+
+
+def measure_pair(sides, args, log_dir, pair):
+    """Start one server of each side; run each fan-out on both, alternating which goes
+    first, so that the two runs of a round are a second apart whatever the machine does
+    meanwhile. {figure key: {"base": [per round], "head": [per round]}}."""
+    order = sides if pair % 2 == 0 else sides[::-1]
+    servers = {}
+    try:
+        for side in order:
+            servers[side.name] = side.start(log_dir, pair)
+        for side in order:  # one unmeasured fan-out each, to warm the server up
+            socket_fan_out(servers[side.name], args.socket_polls)
+        rounds = {key: {"base": [], "head": []} for key, _label in FIGURES}
+        for key, measure, polls, count in (("socket_us", socket_fan_out, args.socket_polls, args.socket_rounds),
+                                           ("rig_us", rig_fan_out, args.rig_polls, args.rig_rounds)):
+            for round_number in range(count):
+                for side in (order if round_number % 2 == 0 else order[::-1]):
+                    rounds[key][side.name].append(measure(servers[side.name], polls))
+        return rounds
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def pair_ratio(rounds):
+    """head / base of one pair: the median of its rounds' ratios (a round that a burst of
+    other work hit on one side only is outvoted)."""
+    return percentile(sorted(h / b for b, h in zip(rounds["base"], rounds["head"])), 0.5)
+
+
+# -- the verdict ----------------------------------------------------------------------------
+
+def verdict(pairs, gate):
+    """Print the table; SLOWER when any figure's lower bound is above +gate %."""
+    print("\nab: head / base over %d pairs (geometric mean of the pairs' ratios, 95%% bootstrap interval; "
+          "fails when the interval's lower bound is above +%g%%)" % (len(pairs), gate))
+    print("%-34s %10s %10s %9s  %-19s %s" % ("figure", "base", "head", "head/base", "95% interval", "verdict"))
+    slower = []
+    for key, label in FIGURES:
+        ratio, low, high = ratio_interval([pair_ratio(pair[key]) for pair in pairs])
+        word = "ok"
+        if low > 1 + gate / 100:
+            word = "SLOWER"
+            slower.append("%s %+.1f%% (interval %+.1f%% to %+.1f%%)"
+                          % (label.split(",")[0], (ratio - 1) * 100, (low - 1) * 100, (high - 1) * 100))
+        elif high < 1 - gate / 100:
+            word = "faster"
+        medians = [percentile(sorted(value for pair in pairs for value in pair[key][side]), 0.5)
+                   for side in ("base", "head")]
+        print("%-34s %10.1f %10.1f %+8.1f%%  %+6.1f%% to %+6.1f%%   %s"
+              % (label, medians[0], medians[1], (ratio - 1) * 100, (low - 1) * 100, (high - 1) * 100, word))
+    print("(base, head: the median of every round of that side)")
+    if slower:
+        print("ab: FAILED: head is slower than base: %s" % "; ".join(slower))
+        return SLOWER
+    print("ab: passed")
+    return PASSED
+
+
+def parse_env(pairs):
+    env = {}
+    for item in pairs:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            raise argparse.ArgumentTypeError("--head-env wants NAME=VALUE, not %r" % item)
+        env[name] = value
+    return env
+
+
+def end_on_sigterm(_signum, _frame):
+    raise SystemExit(128 + signal.SIGTERM)  # unwinds through the finally that removes the worktree
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Time a base revision and this tree side by side",
+                                     epilog="exit status: 0 passed, 1 head slower beyond the gate, "
+                                     "2 could not measure")
+    parser.add_argument("--base", required=True, help="git revision to compare with (a branch, tag or commit)")
+    parser.add_argument("--pairs", type=int, default=7, help="base/head pairs (default %(default)s)")
+    parser.add_argument("--socket-polls", type=int, default=200, help="polls per socket fan-out (default %(default)s)")
+    parser.add_argument("--socket-rounds", type=int, default=5,
+                        help="socket fan-outs per side and pair (default %(default)s)")
+    parser.add_argument("--rig-polls", type=int, default=3000, help="polls of the rig's fan-out (default %(default)s)")
+    parser.add_argument("--rig-rounds", type=int, default=3,
+                        help="rig fan-outs per side and pair (default %(default)s)")
+    parser.add_argument("--gate", type=float, default=GATE_PERCENT,
+                        help="fail when head/base's lower bound is above +this %% (default %(default)s)")
+    parser.add_argument("--head-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="set this for head's servers only (how the tests slow head down)")
+    parser.add_argument("--json", metavar="FILE", help="also write every run's figures here")
+    args = parser.parse_args(argv)
+    if args.pairs < 2:
+        parser.error("--pairs must be at least 2 for an interval")
+    head_env = parse_env(args.head_env)
+
+    previous = signal.signal(signal.SIGTERM, end_on_sigterm)
+    scratch = tempfile.mkdtemp(prefix="chattle-ab-")
+    checkout = None
+    started = time.monotonic()
+    try:
+        checkout = BaseCheckout(args.base, scratch)
+        checkout.check_out()
+        print("ab: base %s (%s) in %s, on %s; head is this tree, %s" % (
+            args.base, checkout.commit[:12], checkout.root, checkout.venv_note, ROOT), flush=True)
+        if head_env:
+            print("ab: head's servers get %s" % " ".join("%s=%s" % item for item in sorted(head_env.items())))
+        sides = (Side("base", checkout.root, checkout.python, {}), Side("head", ROOT, sys.executable, head_env))
+        pairs = []
+        for pair in range(args.pairs):
+            pairs.append(measure_pair(sides, args, scratch, pair))
+            print("ab: pair %d/%d: head/base socket %+.1f%%, rig %+.1f%%" % (
+                pair + 1, args.pairs, (pair_ratio(pairs[-1]["socket_us"]) - 1) * 100,
+                (pair_ratio(pairs[-1]["rig_us"]) - 1) * 100), flush=True)
+        code = verdict(pairs, args.gate)
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump({"pairs": pairs, "base_commit": checkout.commit, "head_env": head_env, "verdict": code},
+                          out, indent=1)
+        print("ab: %d pairs in %.0f s" % (args.pairs, time.monotonic() - started))
+        return code
+    except (Unmeasured, RuntimeError) as exc:
+        print("ab: could not measure: %s" % exc)
+        return UNMEASURED
+    finally:
+        if checkout is not None:
+            checkout.remove()
+        shutil.rmtree(scratch, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

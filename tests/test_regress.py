@@ -1,0 +1,153 @@
+"""`make regress`, both gates, run for real: each must pass what it should and fail
+when every poll answer does about 10 % more work.
+
+EXTRA_WORK squares summed per answer (CHATTLE_BENCH_EXTRA_WORK, read by chattle when
+it is imported, so it reaches whichever process serves) cost about 2.3 us here, about
+10 % of the time a fan-out spends per waiter: bench/ab.py measured +6 % to +9 % on its
+socket fan-out and +11 % to +17 % on the rig. In instructions it is about 9 % more per
+poll and a quarter more per answered poll (an answer's time is mostly the kernel's and
+the client's, which callgrind does not count).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import chattle
+from bench import regress
+from conftest import IN_CI, require_program
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXTRA_WORK = 80
+
+
+def run_regress(*args, extra_work=None, timeout=600):
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CHATTLE_BENCH_")}
+    env.pop("PYTEST_ADDOPTS", None)
+    if extra_work:
+        env[chattle.EXTRA_WORK_VARIABLE] = str(extra_work)
+    return subprocess.run([sys.executable, "-m", "bench.regress", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def skip_or_fail(message):
+    if IN_CI:
+        pytest.fail("CI=true and " + message, pytrace=False)
+    pytest.skip(message)
+
+
+# -- the instruction gate --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def unchanged(tmp_path_factory):
+    """One gate run of this tree against the committed baseline, and its figures
+    (bench.regress --report-json writes them in the baseline's own format)."""
+    require_program("valgrind", "apt-get install valgrind")
+    report = str(tmp_path_factory.mktemp("regress") / "unchanged.json")
+    run = run_regress("--report-json", report)
+    if run.returncode == regress.NOT_COMPARABLE:
+        skip_or_fail("the committed baseline is not comparable here:\n" + run.stdout)
+    assert os.path.exists(report), run.stdout + run.stderr
+    return run, report
+
+
+@pytest.mark.slow
+def test_this_tree_passes_the_instruction_gate(unchanged):
+    run, _report = unchanged
+    print(run.stdout)
+    assert run.returncode == regress.PASSED, run.stdout + run.stderr
+    assert "regress: passed" in run.stdout
+
+
+@pytest.mark.slow
+def test_more_work_per_answer_fails_the_instruction_gate(unchanged):
+    _run, report = unchanged
+    # Against the unchanged tree's own figures, measured here a moment ago: the committed
+    # baseline may be older than this tree, this compares like with like.
+    slowed = run_regress("--baseline", report, extra_work=EXTRA_WORK)
+    print(slowed.stdout)
+    assert slowed.returncode == regress.GREW, slowed.stdout + slowed.stderr
+    grew = [line for line in slowed.stdout.splitlines() if line.startswith("poll_answered") and "GREW" in line]
+    assert grew, "the table must name the figure that grew:\n" + slowed.stdout
+    assert "FAILED: poll_answered by +" in slowed.stdout
+
+
+def test_a_baseline_of_other_versions_is_not_comparable(tmp_path):
+    with open(regress.BASELINE) as committed:
+        baseline = json.load(committed)
+    baseline["versions"]["gevent"] = "0.0.1"
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(baseline))
+    run = run_regress("--baseline", str(path), timeout=60)
+    assert run.returncode == regress.NOT_COMPARABLE, run.stdout + run.stderr
+    assert "NOT COMPARABLE" in run.stdout
+    assert "gevent" in run.stdout and "0.0.1" in run.stdout and regress.versions()["gevent"] in run.stdout
+
+
+def test_a_missing_baseline_is_not_a_pass(tmp_path):
+    run = run_regress("--baseline", str(tmp_path / "none.json"), timeout=60)
+    assert run.returncode == regress.NOT_COMPARABLE, run.stdout + run.stderr
+    assert "make regress-accept" in run.stdout
+
+
+def test_figures_are_differences_of_two_sizes():
+    # start-up, park 10 and answer 10, park 30 and answer 30, posts 2 and 6, teardown
+    phases = [10**9, 5000 + 10 * 300, 7000 + 10 * 100, 5000 + 30 * 300, 7000 + 30 * 100,
+              900 + 2 * 50, 900 + 6 * 50, 10**6]
+    assert regress.figures_from(phases, [10, 30], [2, 6]) == {
+        "poll_parked": 300, "poll_answered": 100, "poll": 400, "post": 50}
+
+
+def test_the_committed_baseline_names_its_versions_and_sizes():
+    with open(regress.BASELINE) as committed:
+        baseline = json.load(committed)
+    assert set(regress.COMPARABLE) <= set(baseline["versions"])
+    assert baseline["sizes"] == {"fan_outs": list(regress.FAN_OUTS), "posts": list(regress.POSTS)}
+    assert set(baseline["figures"]) == {key for key, _what in regress.FIGURES}
+    assert baseline["repeat"]["largest_difference_percent"] <= regress.REPEAT_LIMIT_PERCENT
+
+
+# -- the extra work itself ----------------------------------------------------------------------
+
+def test_no_extra_work_is_installed_unless_asked():
+    if os.environ.get(chattle.EXTRA_WORK_VARIABLE):
+        pytest.skip("%s is set for this run" % chattle.EXTRA_WORK_VARIABLE)
+    assert not any(isinstance(plugin, chattle.ExtraWorkPerAnswer) for plugin in chattle.app.plugins)
+
+
+def test_extra_work_wraps_the_poll_route_only():
+    plugin = chattle.ExtraWorkPerAnswer(3)
+    routes = {route.callback: route for route in chattle.app.routes}
+    assert plugin.apply(chattle.poll_messages, routes[chattle.poll_messages]) is not chattle.poll_messages
+    assert plugin.apply(chattle.post_message, routes[chattle.post_message]) is chattle.post_message
+
+
+def test_extra_work_that_is_not_a_number_stops_the_server():
+    with pytest.raises(SystemExit, match=chattle.EXTRA_WORK_VARIABLE):
+        chattle.install_extra_work({chattle.EXTRA_WORK_VARIABLE: "lots"})
+
+
+# -- the A/B gate ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_more_work_per_answer_fails_the_ab_gate():
+    if shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")):
+        skip_or_fail("the A/B gate needs a git checkout")
+    # Base is the last commit, head the same code with the extra work: the gate must see
+    # head slower beyond doubt. A timed verdict on a shared machine: one more run if a
+    # burst of other work hid the slowdown from the first.
+    runs = []
+    for _attempt in range(2):
+        run = run_regress("--base", "HEAD", "--head-env", "%s=%d" % (chattle.EXTRA_WORK_VARIABLE, EXTRA_WORK))
+        runs.append(run)
+        print(run.stdout)
+        if run.returncode != regress.PASSED:
+            break
+    assert run.returncode == regress.GREW, "\n".join(r.stdout + r.stderr for r in runs)
+    assert "SLOWER" in run.stdout and "ab: FAILED: head is slower than base" in run.stdout
+    assert "chattle-ab-" not in subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True,
+                                               text=True).stdout, "the base's worktree was left behind"
