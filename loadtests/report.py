@@ -267,14 +267,25 @@ def draw_charts(report_dir, summary, tally, samples):
     seconds = sorted(tally.seconds.items()) if tally else []
     second_t = np.array([second + 0.5 - origin for second, _pair in seconds])
 
+    def broken(values):
+        """x and y with a gap (NaN) wherever seconds without deliveries lie between two points."""
+        xs, ys = [], []
+        for index, (x, y) in enumerate(zip(second_t, values)):
+            if index and x - second_t[index - 1] > 1.5:
+                xs.append(np.nan)
+                ys.append(np.nan)
+            xs.append(x)
+            ys.append(y)
+        return xs, ys
+
     # 2. latency percentiles over time
     fig, axis = plt.subplots(figsize=(9, 3.6))
     _shade_stages(axis, stages)
     if seconds:
         for q, colour in ((0.50, "#1f5fbf"), (0.95, "#e08a00"), (0.99, "#b3261e")):
-            axis.plot(second_t, [pair[0].percentile(q) * 1000 for _second, pair in seconds], marker=".",
+            axis.plot(*broken([pair[0].percentile(q) * 1000 for _second, pair in seconds]), marker=".",
                       color=colour, label="server p%d" % round(q * 100))
-        axis.plot(second_t, [max(pair[1].percentile(0.99) * 1000, 0.001) for _second, pair in seconds],
+        axis.plot(*broken([max(pair[1].percentile(0.99) * 1000, 0.001) for _second, pair in seconds]),
                   color="#555", linestyle="--", label="client lag p99")
         axis.set_yscale("log")
         axis.legend(fontsize=8)
@@ -299,8 +310,8 @@ def draw_charts(report_dir, summary, tally, samples):
             edges = np.array([edge * 1000 for edge, _count in buckets])
             counts = np.array([count for _edge, count in buckets], dtype=float)
             bins = np.logspace(np.log10(max(edges.min(), 0.001)), np.log10(max(edges.max(), 0.01)) + 0.01, 60)
-            axis.hist(np.clip(edges, bins[0], bins[-1]), bins=bins, weights=counts, color=colour, alpha=0.75,
-                      label=label)
+            axis.hist(np.clip(edges, bins[0], bins[-1]), bins=bins, weights=counts, color=colour, label=label,
+                      **({"alpha": 0.8} if histogram is tally.latency else {"histtype": "step", "linewidth": 1.2}))
         axis.set_xscale("log")
         for key, colour in (("p50", "#1b7f3b"), ("p95", "#e08a00"), ("p99", "#b3261e")):
             axis.axvline(latency[key] * 1000, color=colour, linestyle="--",

@@ -140,8 +140,9 @@ def preflight(args):
         else:
             # chattle.py takes the hard limit for itself; one process holds every poll.
             if hard < users + DESCRIPTORS_SPARE:
-                problems.append("the server needs %d open files for %d users, the hard limit is %d"
-                                % (users + DESCRIPTORS_SPARE, users, hard))
+                problems.append("the server needs %d open files for %d users, the hard limit is %d: raise it "
+                                "(`ulimit -Hn`, limits.conf or systemd's LimitNOFILE) or spread the users over "
+                                "gunicorn workers (WORKERS=2)" % (users + DESCRIPTORS_SPARE, users, hard))
             notes.append("server open-file limit %d (chattle.py raises its soft limit to the hard one)" % hard)
 
     client_timeout = args.poll_timeout + CLIENT_TIMEOUT_MARGIN
