@@ -81,6 +81,15 @@ def machine_check(samples, run_info):
             "machine_bound": bool(share is not None and share > MACHINE_BOUND_SHARE)}
 
 
+def client_bound_reason(latency, lag):
+    """Why the latencies are partly the client's (its lag p99 over CLIENT_LAG_SHARE of the
+    server's wake-up p99), or None."""
+    if lag.get("p99") is None or not latency.get("p99") or lag["p99"] <= CLIENT_LAG_SHARE * latency["p99"]:
+        return None
+    return ("client lag p99 %.1f ms is over %.0f%% of the server's wake-up p99 %.1f ms"
+            % (lag["p99"] * 1000, CLIENT_LAG_SHARE * 100, latency["p99"] * 1000))
+
+
 def cpu_figures(tally, run_info, deliveries):
     """CPU seconds of server and load generator over the run, both read from /proc, and
     per delivery. The load generator's are what each Locust process read of itself at
@@ -143,11 +152,7 @@ def build_summary(report_dir, run_info, samples, cursors):
     cpu = cpu_figures(tally, run_info, deliveries)
     users = run_info["users"]
     posts = len(tally.posts) if tally else 0
-    client_bound = None
-    if lag.get("p99") is not None and latency.get("p99"):
-        if lag["p99"] > CLIENT_LAG_SHARE * latency["p99"]:
-            client_bound = ("client lag p99 %.1f ms is over %.0f%% of the server's wake-up p99 %.1f ms"
-                            % (lag["p99"] * 1000, CLIENT_LAG_SHARE * 100, latency["p99"] * 1000))
+    client_bound = client_bound_reason(latency, lag)
 
     checks = []
 

@@ -266,3 +266,33 @@ def test_heads_are_framed_once_each_and_the_table_stays_bounded():
     assert len(httpframe._FRAMINGS) <= httpframe.MAX_FRAMINGS_KEPT
     with pytest.raises(FramingError):
         ResponseParser().feed(b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n")
+
+
+# -- the report's judgements ------------------------------------------------------------------------
+
+def test_a_client_lag_over_a_tenth_of_the_servers_p99_makes_the_run_client_bound():
+    from loadtests.report import client_bound_reason
+    assert client_bound_reason({"p99": 0.600}, {"p99": 0.020}) is None
+    assert client_bound_reason({"p99": 0.600}, {"p99": 0.060}) is None          # exactly a tenth
+    assert "over 10%" in client_bound_reason({"p99": 0.600}, {"p99": 0.061})
+    assert client_bound_reason({"p99": None}, {"p99": None}) is None
+
+
+def test_the_machine_check_counts_saturated_burst_seconds():
+    import os
+
+    from loadtests.report import machine_check
+    cores = os.cpu_count()
+    run = {"locust_started": 1000.0, "stages": [{"name": "ramp", "start": 0, "end": 10},
+                                                {"name": "bursts", "start": 10, "end": 18}]}
+
+    def samples(busy_seconds):
+        return [{"time": 1000.0 + t, "machine_cpu": 100.0 * cores if t in busy_seconds else 20.0}
+                for t in range(0, 18)]
+    quiet = machine_check(samples({3}), run)           # busy in the ramp only
+    assert quiet["burst_seconds"] == 8 and quiet["burst_seconds_saturated"] == 0 and not quiet["machine_bound"]
+    assert quiet["saturated_seconds"] == [3.0]
+    edge = machine_check(samples({10, 11}), run)       # 2 of 8: a quarter, not more
+    assert edge["burst_share"] == 0.25 and not edge["machine_bound"]
+    bound = machine_check(samples({10, 11, 12}), run)
+    assert bound["machine_bound"]
