@@ -25,16 +25,32 @@ from harness.processes import ChattleServer, RedisServer, SeedGunicorn  # noqa: 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def skip_or_fail(message):
+    """Skip loudly with the reason; under CI=true a test that cannot run is a failure."""
+    if IN_CI:
+        pytest.fail("CI=true and " + message, pytrace=False)
+    pytest.skip(message)
+
+
 def require_program(program):
     """Where a system program of harness.system_packages is. `make test` installs them
     first; run without make, a missing one skips loudly, and under CI it fails."""
     found = system_packages.find(program)
     if not found:
-        message = system_packages.missing_line([program])
-        if IN_CI:
-            pytest.fail("CI=true and " + message, pytrace=False)
-        pytest.skip(message)
+        skip_or_fail(system_packages.missing_line([program]))
     return found
+
+
+@pytest.fixture(scope="session")
+def cannot_run():
+    """skip_or_fail, for test modules (they import nothing from conftest)."""
+    return skip_or_fail
+
+
+@pytest.fixture(scope="session")
+def valgrind():
+    """valgrind, which the instruction-count gate of make regress runs under."""
+    return require_program("valgrind")
 
 
 # -- in-process WSGI --------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import pytest
 
 import chattle
 from bench import regress
-from conftest import IN_CI, require_program
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRA_WORK = 80
@@ -34,23 +33,16 @@ def run_regress(*args, extra_work=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def skip_or_fail(message):
-    if IN_CI:
-        pytest.fail("CI=true and " + message, pytrace=False)
-    pytest.skip(message)
-
-
 # -- the instruction gate --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def unchanged(tmp_path_factory):
+def unchanged(tmp_path_factory, valgrind, cannot_run):
     """One gate run of this tree against the committed baseline, and its figures
     (bench.regress --report-json writes them in the baseline's own format)."""
-    require_program("valgrind", "apt-get install valgrind")
     report = str(tmp_path_factory.mktemp("regress") / "unchanged.json")
     run = run_regress("--report-json", report)
     if run.returncode == regress.NOT_COMPARABLE:
-        skip_or_fail("the committed baseline is not comparable here:\n" + run.stdout)
+        cannot_run("the committed baseline is not comparable here:\n" + run.stdout)
     assert os.path.exists(report), run.stdout + run.stderr
     return run, report
 
@@ -134,9 +126,9 @@ def test_extra_work_that_is_not_a_number_stops_the_server():
 # -- the A/B gate ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_more_work_per_answer_fails_the_ab_gate():
+def test_more_work_per_answer_fails_the_ab_gate(cannot_run):
     if shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")):
-        skip_or_fail("the A/B gate needs a git checkout")
+        cannot_run("the A/B gate needs a git checkout")
     # Base is the last commit, head the same code with the extra work: the gate must see
     # head slower beyond doubt. A timed verdict on a shared machine: one more run if a
     # burst of other work hid the slowdown from the first.
