@@ -123,6 +123,62 @@ http_date = HttpDate()
 
 
 ###############################################################################
+# Whole answers: a 200 JSON body the application hands the handler directly
+###############################################################################
+
+# In every environ this layer builds: the application may raise SendJson.
+SENDS_JSON = "chattle.sends_json"
+
+
+class SendJson(BaseException):
+    """Raised by the application to answer its request with `body`, 200 and JSON; with
+    `close`, the connection closes after it.
+
+    The handler sends the head, framed once per (length, Connection) and second, and the
+    body in one send. A fan-out answers N waiters with one body; returned through Bottle
+    and pywsgi, each of them walked Bottle's response object, its header list, pywsgi's
+    start_response with its checks and its header assembly, to make the same head N
+    times. A BaseException, so that Bottle, which turns every Exception its route raises
+    into a 500, lets it through (tests/test_internals.py pins that). Only raised where
+    environ[SENDS_JSON] says this layer is there to catch it."""
+
+    def __init__(self, body, close=False):
+        super().__init__()
+        self.body = body
+        self.close = close
+
+
+class OkJsonHeads:
+    """The heads of 200 JSON answers, as Bottle and pywsgi make them (Content-Length,
+    Content-Type, the Connection pywsgi adds for HTTP/1.0, Date), by (body length,
+    Connection); made again when the Date changes, and never more than MAX_KEPT."""
+
+    __slots__ = ("date", "by_key")
+
+    MAX_KEPT = 256
+
+    def __init__(self):
+        self.date, self.by_key = None, {}
+
+    def head(self, length, connection):
+        date = http_date.now()
+        if date is not self.date:
+            self.date, self.by_key = date, {}
+        key = (length, connection)
+        head = self.by_key.get(key)
+        if head is None:
+            if len(self.by_key) >= self.MAX_KEPT:
+                self.by_key.clear()
+            connection_line = b"Connection: %s\r\n" % connection if connection else b""
+            head = self.by_key[key] = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: %s\r\n"
+                                       b"%sDate: %s\r\n\r\n" % (length, JSON_TYPE, connection_line, date))
+        return head
+
+
+ok_json_heads = OkJsonHeads()
+
+
+###############################################################################
 # Deadlines: one timer per tick of due times, shared by every connection due in it
 ###############################################################################
 
@@ -513,6 +569,7 @@ def handler_class(limits, base=None, access_log=False):
             protocol words are shared by every request, and the parsed head is kept only
             for an access log."""
             environ = self.server.get_environ()
+            environ[SENDS_JSON] = True
             for name, value in head.fields:
                 if "_" in name:
                     continue
@@ -600,9 +657,13 @@ def handler_class(limits, base=None, access_log=False):
             still be read in full, and a client that never sends it would hold its
             greenlet for good. An answer that closes the connection has no next request
             to find, so that read is skipped; on a keep-alive connection the rest of the
-            body must arrive within the head deadline, as the next head would."""
+            body must arrive within the head deadline, as the next head would.
+
+            An application that raises SendJson is answered here, without pywsgi."""
             try:
                 super().run_application()
+            except SendJson as answer:
+                self.send_json(answer.body, answer.close)
             finally:
                 body = self.wsgi_input
                 if body is not None:
@@ -611,6 +672,23 @@ def handler_class(limits, base=None, access_log=False):
                         body.chunked_input = False
                     elif body.chunked_input or body.position < (body.content_length or 0):
                         self.rfile.until = time.monotonic() + limits.head_timeout
+
+        def send_json(self, body, close):
+            """Answer 200 with the JSON `body`: the bytes pywsgi would send for it, as one
+            send, and the state its log_request and the handler's loop read afterwards."""
+            if close:
+                self.close_connection = True
+                connection = b"close"
+            elif self.request_version == "HTTP/1.0":  # as pywsgi's start_response
+                connection = b"close" if self.close_connection else b"keep-alive"
+            else:
+                connection = None
+            head = ok_json_heads.head(len(body), connection)
+            self.code, self.status, self._orig_status = 200, b"200 OK", "200 OK"
+            self.headers_sent = True
+            if self.wants_access_log():
+                self.response_headers = [(b"Content-Type", JSON_TYPE)]
+            self._sendall(head if self.command == "HEAD" else head + body)
 
         def _send_error_response_if_possible(self, error_code):
             # pywsgi's canned 400 (a broken chunked body) and 500 are plain text
