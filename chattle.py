@@ -894,14 +894,33 @@ def poll_messages(room="lobby"):
         chat = get_bus().room(room, since)
     except BusUnavailable as exc:
         raise json_error(503, "the shared bus is unreachable (%s); retry later" % exc, **{"Retry-After": "1"})
+    sends_json = request.environ.get(chattle_http.SENDS_JSON)
+    if sends_json == chattle_http.FORGET and since is not None:
+        forget_request()
     shared = since is not None and chat.wait_for_news(since, timeout)
     body = chat.answer(since, limit, shared)
     if rooms.release(chat):
         bus.forget(room)
-    if request.environ.get(chattle_http.SENDS_JSON):
+    if sends_json:
         # Straight to chattle_http's handler: every waiter of a fan-out sends the same head.
         raise chattle_http.SendJson(body, close=rooms.closing)
     return json_answer(body)
+
+
+# The per-request state Bottle's response keeps in the greenlet (see greenlet_local_property).
+BOTTLE_RESPONSE_STATE = tuple("chattle.bottle.LocalResponse." + name for name in BOTTLE_LOCAL_STATE[1][1])
+
+
+def forget_request():
+    """A poll that may be held keeps nothing of its request and response: the environ
+    (its dict, headers, addresses, path, query and Bottle's route keys) is emptied, and
+    Bottle's response state (a header dict among it) dropped, about 1.5 KB per held poll.
+    Only where chattle_http says nothing reads them afterwards: the poll's answer leaves as
+    SendJson, which neither Bottle nor the handler looks at them for."""
+    request.environ.clear()
+    state = getcurrent().__dict__
+    for key in BOTTLE_RESPONSE_STATE:
+        state.pop(key, None)
 
 
 @app.post("/msgs")

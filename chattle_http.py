@@ -126,8 +126,12 @@ http_date = HttpDate()
 # Whole answers: a 200 JSON body the application hands the handler directly
 ###############################################################################
 
-# In every environ this layer builds: the application may raise SendJson.
+# In every environ this layer builds: the application may raise SendJson. Its value says
+# whether the application may also empty the environ before it does (FORGET: nothing of
+# this layer reads the environ after the application has raised SendJson), or not (KEEP:
+# an access log reads it once the answer is sent).
 SENDS_JSON = "chattle.sends_json"
+FORGET, KEEP = "forget", "keep"
 
 
 class SendJson(BaseException):
@@ -569,7 +573,8 @@ def handler_class(limits, base=None, access_log=False):
             protocol words are shared by every request, and the parsed head is kept only
             for an access log."""
             environ = self.server.get_environ()
-            environ[SENDS_JSON] = True
+            logged = self.wants_access_log()
+            environ[SENDS_JSON] = KEEP if logged else FORGET
             for name, value in head.fields:
                 if "_" in name:
                     continue
@@ -605,7 +610,7 @@ def handler_class(limits, base=None, access_log=False):
             if isinstance(self.client_address, tuple):
                 environ["REMOTE_ADDR"] = str(self.client_address[0])
                 environ["REMOTE_PORT"] = str(self.client_address[1])
-            if self.wants_access_log():
+            if logged:
                 self.headers = head
                 self.requestline = "%s %s %s" % (head.command, head.target, head.version)
                 environ["RAW_URI"] = head.target  # gunicorn's access log reads it
