@@ -835,7 +835,9 @@ app = Bottle()
 # Every route returns bytes or raises HTTPResponse itself: the JSON and template plugins
 # would only wrap each answer in one more call (a cost paid per woken poll).
 app.uninstall(True)
-application = app  # the name gunicorn and other WSGI servers look for
+# The name gunicorn and other WSGI servers look for: the bound method, as make_server
+# serves, since calling the Bottle instance adds a level of C stack to every held poll.
+application = app.wsgi
 # Nearly every answer is JSON; the page sets its own type.
 bottle.LocalResponse.default_content_type = JSON_TYPE
 

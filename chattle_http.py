@@ -30,7 +30,8 @@ from http import HTTPStatus
 from urllib.parse import unquote_to_bytes
 
 import gevent
-from gevent import pywsgi
+from gevent import pool, pywsgi
+from greenlet import getcurrent, greenlet
 
 ###############################################################################
 # Settings: the limits, each with a flag and a CHATTLE_* variable
@@ -748,6 +749,34 @@ def handler_class(limits, base=None, access_log=False):
 # The server
 ###############################################################################
 
+class ConnectionPool(pool.Pool):
+    """A gevent Pool that serves each connection in a plain greenlet, as a server without
+    a pool does, and still counts them: gunicorn's worker bounds its connections with a
+    Pool (worker_connections), reads its free_count() and size to stop gracefully, and
+    gevent's server stops accepting while it is full and kills what is left at stop.
+
+    gevent's Pool spawns a gevent Greenlet per connection (links, result and exception
+    slots, a compiled run() between the greenlet and the handler, and the deeper C stack
+    that adds), kept for as long as the poll is held. A Group holds plain greenlets as
+    well (it kills them with gevent.kill); this one discards each as its function ends."""
+
+    def spawn(self, function, sock, address):
+        """Serve one connection (what gevent's server spawns): function(sock, address)."""
+        hub = gevent.get_hub()
+        connection = greenlet(self._serve, hub)  # what gevent.spawn_raw makes
+        self.add(connection)  # waits while the pool is full, as Pool.spawn does
+        hub.loop.run_callback(connection.switch, function, sock, address)
+        return connection
+
+    def _serve(self, function, sock, address):
+        # Arguments by position, not *args: a call with *args recurses in C, and the C
+        # stack a held poll saves grows by that level.
+        try:
+            function(sock, address)
+        finally:
+            self.discard(getcurrent())
+
+
 def server_class(limits, base=None, access_log=False):
     """gevent.pywsgi's server (or `base`, a subclass of it such as gunicorn's) running
     a handler_class(limits), one greenlet per connection."""
@@ -759,13 +788,19 @@ def server_class(limits, base=None, access_log=False):
     class ChattleServer(base):
         handler_class = chattle_handler
 
+        def __init__(self, *args, spawn="default", **kwargs):
+            if type(spawn) is pool.Pool:  # gunicorn's worker_connections
+                spawn = ConnectionPool(spawn.size)
+            super().__init__(*args, spawn=spawn, **kwargs)
+
         def do_handle(self, sock, address):
             # Without a pool (python chattle.py) a connection gets a plain greenlet.
             # gevent's Greenlet (links, result and exception slots, a compiled run()
             # between the greenlet and the handler) and its spawn function, which
             # unpacks (handle, close, args) with a *-call, cost every held poll memory
             # and C stack. A pool (gunicorn's worker_connections, and its graceful
-            # stop, which waits for the pool to drain) needs its Greenlets.
+            # stop, which waits for the pool to drain) is a ConnectionPool: plain
+            # greenlets too.
             try:
                 if self.pool is None:
                     gevent.spawn_raw(self.serve_connection, sock, address)
