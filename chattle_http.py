@@ -30,7 +30,8 @@ from http import HTTPStatus
 from urllib.parse import unquote_to_bytes
 
 import gevent
-from gevent import pywsgi
+from gevent import pool, pywsgi
+from greenlet import getcurrent, greenlet
 
 ###############################################################################
 # Settings: the limits, each with a flag and a CHATTLE_* variable
@@ -120,6 +121,66 @@ class HttpDate:
 
 
 http_date = HttpDate()
+
+
+###############################################################################
+# Whole answers: a 200 JSON body the application hands the handler directly
+###############################################################################
+
+# In every environ this layer builds: the application may raise SendJson. Its value says
+# whether the application may also empty the environ before it does (FORGET: nothing of
+# this layer reads the environ after the application has raised SendJson), or not (KEEP:
+# an access log reads it once the answer is sent).
+SENDS_JSON = "chattle.sends_json"
+FORGET, KEEP = "forget", "keep"
+
+
+class SendJson(BaseException):
+    """Raised by the application to answer its request with `body`, 200 and JSON; with
+    `close`, the connection closes after it.
+
+    The handler sends the head, framed once per (length, Connection) and second, and the
+    body in one send. A fan-out answers N waiters with one body; returned through Bottle
+    and pywsgi, each of them walked Bottle's response object, its header list, pywsgi's
+    start_response with its checks and its header assembly, to make the same head N
+    times. A BaseException, so that Bottle, which turns every Exception its route raises
+    into a 500, lets it through (tests/test_internals.py pins that). Only raised where
+    environ[SENDS_JSON] says this layer is there to catch it."""
+
+    def __init__(self, body, close=False):
+        super().__init__()
+        self.body = body
+        self.close = close
+
+
+class OkJsonHeads:
+    """The heads of 200 JSON answers, as Bottle and pywsgi make them (Content-Length,
+    Content-Type, the Connection pywsgi adds for HTTP/1.0, Date), by (body length,
+    Connection); made again when the Date changes, and never more than MAX_KEPT."""
+
+    __slots__ = ("date", "by_key")
+
+    MAX_KEPT = 256
+
+    def __init__(self):
+        self.date, self.by_key = None, {}
+
+    def head(self, length, connection):
+        date = http_date.now()
+        if date is not self.date:
+            self.date, self.by_key = date, {}
+        key = (length, connection)
+        head = self.by_key.get(key)
+        if head is None:
+            if len(self.by_key) >= self.MAX_KEPT:
+                self.by_key.clear()
+            connection_line = b"Connection: %s\r\n" % connection if connection else b""
+            head = self.by_key[key] = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: %s\r\n"
+                                       b"%sDate: %s\r\n\r\n" % (length, JSON_TYPE, connection_line, date))
+        return head
+
+
+ok_json_heads = OkJsonHeads()
 
 
 ###############################################################################
@@ -513,6 +574,8 @@ def handler_class(limits, base=None, access_log=False):
             protocol words are shared by every request, and the parsed head is kept only
             for an access log."""
             environ = self.server.get_environ()
+            logged = self.wants_access_log()
+            environ[SENDS_JSON] = KEEP if logged else FORGET
             for name, value in head.fields:
                 if "_" in name:
                     continue
@@ -548,7 +611,7 @@ def handler_class(limits, base=None, access_log=False):
             if isinstance(self.client_address, tuple):
                 environ["REMOTE_ADDR"] = str(self.client_address[0])
                 environ["REMOTE_PORT"] = str(self.client_address[1])
-            if self.wants_access_log():
+            if logged:
                 self.headers = head
                 self.requestline = "%s %s %s" % (head.command, head.target, head.version)
                 environ["RAW_URI"] = head.target  # gunicorn's access log reads it
@@ -600,9 +663,24 @@ def handler_class(limits, base=None, access_log=False):
             still be read in full, and a client that never sends it would hold its
             greenlet for good. An answer that closes the connection has no next request
             to find, so that read is skipped; on a keep-alive connection the rest of the
-            body must arrive within the head deadline, as the next head would."""
+            body must arrive within the head deadline, as the next head would.
+
+            An application that raises SendJson is answered here, without pywsgi.
+
+            pywsgi's run_application is inlined (the result's close() and all), not called:
+            every Python frame on a held poll's stack is one more frame object that greenlet
+            makes for it on Python 3.12 and later."""
             try:
-                super().run_application()
+                try:
+                    self.result = self.application(self.environ, self.start_response)
+                    self.process_result()
+                finally:
+                    close = getattr(self.result, "close", None)
+                    self.result = None
+                    if close is not None:
+                        close()
+            except SendJson as answer:
+                self.send_json(answer.body, answer.close)
             finally:
                 body = self.wsgi_input
                 if body is not None:
@@ -611,6 +689,23 @@ def handler_class(limits, base=None, access_log=False):
                         body.chunked_input = False
                     elif body.chunked_input or body.position < (body.content_length or 0):
                         self.rfile.until = time.monotonic() + limits.head_timeout
+
+        def send_json(self, body, close):
+            """Answer 200 with the JSON `body`: the bytes pywsgi would send for it, as one
+            send, and the state its log_request and the handler's loop read afterwards."""
+            if close:
+                self.close_connection = True
+                connection = b"close"
+            elif self.request_version == "HTTP/1.0":  # as pywsgi's start_response
+                connection = b"close" if self.close_connection else b"keep-alive"
+            else:
+                connection = None
+            head = ok_json_heads.head(len(body), connection)
+            self.code, self.status, self._orig_status = 200, b"200 OK", "200 OK"
+            self.headers_sent = True
+            if self.wants_access_log():
+                self.response_headers = [(b"Content-Type", JSON_TYPE)]
+            self._sendall(head if self.command == "HEAD" else head + body)
 
         def _send_error_response_if_possible(self, error_code):
             # pywsgi's canned 400 (a broken chunked body) and 500 are plain text
@@ -665,6 +760,34 @@ def handler_class(limits, base=None, access_log=False):
 # The server
 ###############################################################################
 
+class ConnectionPool(pool.Pool):
+    """A gevent Pool that serves each connection in a plain greenlet, as a server without
+    a pool does, and still counts them: gunicorn's worker bounds its connections with a
+    Pool (worker_connections), reads its free_count() and size to stop gracefully, and
+    gevent's server stops accepting while it is full and kills what is left at stop.
+
+    gevent's Pool spawns a gevent Greenlet per connection (links, result and exception
+    slots, a compiled run() between the greenlet and the handler, and the deeper C stack
+    that adds), kept for as long as the poll is held. A Group holds plain greenlets as
+    well (it kills them with gevent.kill); this one discards each as its function ends."""
+
+    def spawn(self, function, sock, address):
+        """Serve one connection (what gevent's server spawns): function(sock, address)."""
+        hub = gevent.get_hub()
+        connection = greenlet(self._serve, hub)  # what gevent.spawn_raw makes
+        self.add(connection)  # waits while the pool is full, as Pool.spawn does
+        hub.loop.run_callback(connection.switch, function, sock, address)
+        return connection
+
+    def _serve(self, function, sock, address):
+        # Arguments by position, not *args: a call with *args recurses in C, and the C
+        # stack a held poll saves grows by that level.
+        try:
+            function(sock, address)
+        finally:
+            self.discard(getcurrent())
+
+
 def server_class(limits, base=None, access_log=False):
     """gevent.pywsgi's server (or `base`, a subclass of it such as gunicorn's) running
     a handler_class(limits), one greenlet per connection."""
@@ -676,13 +799,19 @@ def server_class(limits, base=None, access_log=False):
     class ChattleServer(base):
         handler_class = chattle_handler
 
+        def __init__(self, *args, spawn="default", **kwargs):
+            if type(spawn) is pool.Pool:  # gunicorn's worker_connections
+                spawn = ConnectionPool(spawn.size)
+            super().__init__(*args, spawn=spawn, **kwargs)
+
         def do_handle(self, sock, address):
             # Without a pool (python chattle.py) a connection gets a plain greenlet.
             # gevent's Greenlet (links, result and exception slots, a compiled run()
             # between the greenlet and the handler) and its spawn function, which
             # unpacks (handle, close, args) with a *-call, cost every held poll memory
             # and C stack. A pool (gunicorn's worker_connections, and its graceful
-            # stop, which waits for the pool to drain) needs its Greenlets.
+            # stop, which waits for the pool to drain) is a ConnectionPool: plain
+            # greenlets too.
             try:
                 if self.pool is None:
                     gevent.spawn_raw(self.serve_connection, sock, address)

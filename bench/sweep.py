@@ -8,11 +8,12 @@ point is reported, with charts, results.json and results.csv under reports/<ts>-
     python -m bench.sweep                       # default sweep (a few minutes)
     python -m bench.sweep --quick               # about a minute
     python -m bench.sweep --target http://host:port [--target-pid PID]
-    python -m bench.sweep --no-peers            # skip the aiohttp reference server
+    python -m bench.sweep --no-peers            # skip the aiohttp reference servers
 
-Beside Chattle's one-worker points, the aiohttp reference server of bench/peers/ is
-measured by the same rig at the same counts, and the report states the ratios
-Chattle / aiohttp of memory per held poll and of time per waiter.
+Beside Chattle's one-worker points, the reference servers of bench/peers/ (aiohttp on
+asyncio's loop, and the same app on uvloop) are measured by the same rig at the same
+counts, and the report states the ratios Chattle / peer of memory per held poll and of
+time per waiter against each.
 """
 
 import argparse
@@ -30,7 +31,8 @@ from harness.system_packages import require_or_exit
 from reports.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
 DESCRIPTOR_MARGIN = 200  # listener, logs, redis and the worker's pipes
-PEER_LABEL = "aiohttp reference"
+# Each reference server: its label in reports, and its flags to bench.peers.aiohttp_chat.
+PEERS = {"aiohttp reference": (), "aiohttp on uvloop": ("--uvloop",)}
 
 
 def median_point(repeats):
@@ -45,8 +47,9 @@ def median_point(repeats):
 
 
 def measure_point(workers, count, redis_url, log_dir):
-    if workers == PEER_LABEL:
-        server = PeerServer(log_path=os.path.join(log_dir, "peer-aiohttp-n%d.log" % count))
+    if workers in PEERS:
+        server = PeerServer(log_path=os.path.join(log_dir, "peer-%s-n%d.log" % (workers.replace(" ", "-"), count)),
+                            args=PEERS[workers])
     else:
         server = ChattleServer(workers=workers, redis_url=redis_url if workers > 1 else None,
                                log_path=os.path.join(log_dir, "server-w%d-n%d.log" % (workers, count)))
@@ -63,11 +66,11 @@ def measure_point(workers, count, redis_url, log_dir):
 
 
 def peer_ratios(points):
-    """Per count measured for both: Chattle (one worker) / aiohttp reference, for memory per
+    """Per peer and count measured for both: Chattle (one worker) / that peer, for memory per
     held poll and time per waiter (bench.measures.time_per_waiter). Above 1: Chattle costs more."""
     chattle = {p["requested"]: p for p in points if p["workers"] == 1}
     ratios = []
-    for peer in (p for p in points if p["workers"] == PEER_LABEL):
+    for peer in (p for p in points if p["workers"] in PEERS):
         ours = chattle.get(peer["requested"])
         if ours is None:
             continue
@@ -75,17 +78,17 @@ def peer_ratios(points):
         tpw_ours = time_per_waiter(ours["last_delivery_s"], ours["delivered"])
         tpw_peer = time_per_waiter(peer["last_delivery_s"], peer["delivered"])
         ratios.append({
-            "requested": peer["requested"],
-            "chattle_bytes_per_poll": mem_ours, "aiohttp_bytes_per_poll": mem_peer,
+            "peer": peer["workers"], "requested": peer["requested"],
+            "chattle_bytes_per_poll": mem_ours, "peer_bytes_per_poll": mem_peer,
             "memory_ratio": mem_ours / mem_peer if mem_ours and mem_peer and mem_peer > 0 else None,
-            "chattle_s_per_waiter": tpw_ours, "aiohttp_s_per_waiter": tpw_peer,
+            "chattle_s_per_waiter": tpw_ours, "peer_s_per_waiter": tpw_peer,
             "time_per_waiter_ratio": tpw_ours / tpw_peer if tpw_ours and tpw_peer else None,
         })
     return ratios
 
 
 def series_label(workers):
-    return PEER_LABEL if workers == PEER_LABEL else "%s worker(s)" % workers
+    return workers if workers in PEERS else "%s worker(s)" % workers
 
 
 def fmt(value, pattern="%.0f", scale=1):
@@ -134,8 +137,8 @@ def write_charts(report_dir, points, slo, caption_tail):
     fig.savefig(os.path.join(report_dir, "latency.png"), dpi=90)
     plt.close(fig)
     charts.append(("latency.png", "Wake-up latency (receive time minus the message's ts), p50 solid and p99 "
-                   "dashed, against the number of held polls; one line per worker count, and one for the "
-                   "aiohttp reference server (one process) when measured. " + caption_tail))
+                   "dashed, against the number of held polls; one line per worker count, and one per "
+                   "reference server (one process) when measured. " + caption_tail))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for workers, series in sorted(by_workers.items(), key=lambda kv: str(kv[0])):
@@ -156,7 +159,7 @@ def write_charts(report_dir, points, slo, caption_tail):
                    "over their idle RSS, divided by the polls held (median of repeats). Kernel socket "
                    "buffers are not in RSS; see the anatomy. " + caption_tail))
 
-    best = capacity([p for p in points if p["workers"] != PEER_LABEL], slo)
+    best = capacity([p for p in points if p["workers"] not in PEERS], slo)
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [str(w) for w in sorted(best, key=str)]
     values = [best[w] or 0 for w in sorted(best, key=str)]
@@ -210,8 +213,8 @@ def main(argv=None):
     parser.add_argument("--target-pid", type=int, action="append", default=[],
                         help="pid(s) serving --target, for RSS and CPU figures (repeatable)")
     parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure the aiohttp reference server at the same counts and report the "
-                             "ratios Chattle / aiohttp (default on; --no-peers skips it)")
+                        help="also measure the reference servers (aiohttp, aiohttp on uvloop) at the same "
+                             "counts and report the ratios Chattle / each (default on; --no-peers skips them)")
     parser.add_argument("--anatomy", type=int, default=2000,
                         help="held polls for the per-poll memory anatomy (0 skips it; default %(default)s)")
     args = parser.parse_args(argv)
@@ -237,7 +240,7 @@ def main(argv=None):
         elif any(w > 1 for w in workers_list):
             redis = RedisServer(appendonly=False)
         # The peer is one process on an in-memory store: it pairs with the one-worker points.
-        measured = workers_list + ([PEER_LABEL] if args.peers and not args.target else [])
+        measured = workers_list + (list(PEERS) if args.peers and not args.target else [])
         for workers in measured:
             for count in counts:
                 repeats = []
@@ -273,13 +276,14 @@ def main(argv=None):
                 "median of %d repeat(s); 1 worker = python chattle.py (memory bus), more = gunicorn gevent "
                 "workers on a shared redis-server%s." % ("separate", args.repeats,
                                                           "; aiohttp reference = python -m bench.peers.aiohttp_chat, "
-                                                          "one process, in memory" if args.peers else ""))
+                                                          "one process, in memory; aiohttp on uvloop = the same "
+                                                          "with --uvloop" if args.peers else ""))
     if args.target:
         workload = "Target %s (not started by the sweep). " % args.target + workload
     caption_tail = "Machine: %s. %s" % (machine_line(info), workload)
     charts, best = write_charts(report_dir, points, args.slo, caption_tail)
     ratios = peer_ratios(points)
-    results = {"peer": PEER_LABEL if args.peers and not args.target else None, "peer_ratios": ratios,
+    results = {"peers": list(PEERS) if args.peers and not args.target else [], "peer_ratios": ratios,
                "machine": info, "slo_s": args.slo, "counts": counts, "skipped_counts": skipped,
                "workers": workers_list, "repeats": args.repeats, "capacity": {str(k): v for k, v in best.items()},
                "points": points, "anatomy": anatomy, "elapsed_s": time.monotonic() - started,
@@ -294,13 +298,13 @@ def main(argv=None):
     rows = [("capacity (p99 < %g ms), %s workers" % (args.slo * 1000, w), best[w] if best[w] else "none", "")
             for w in sorted(best, key=str)]
     for ratio in ratios:
-        rows.append(("Chattle / aiohttp reference, %d polls: memory per held poll" % ratio["requested"],
+        rows.append(("Chattle / %s, %d polls: memory per held poll" % (ratio["peer"], ratio["requested"]),
                      "%s (%s / %s B)" % (fmt(ratio["memory_ratio"], "%.2f"), fmt(ratio["chattle_bytes_per_poll"]),
-                                         fmt(ratio["aiohttp_bytes_per_poll"])), ""))
-        rows.append(("Chattle / aiohttp reference, %d polls: time per waiter" % ratio["requested"],
+                                         fmt(ratio["peer_bytes_per_poll"])), ""))
+        rows.append(("Chattle / %s, %d polls: time per waiter" % (ratio["peer"], ratio["requested"]),
                      "%s (%s / %s us)" % (fmt(ratio["time_per_waiter_ratio"], "%.2f"),
                                           fmt(ratio["chattle_s_per_waiter"], "%.1f", 1e6),
-                                          fmt(ratio["aiohttp_s_per_waiter"], "%.1f", 1e6)), ""))
+                                          fmt(ratio["peer_s_per_waiter"], "%.1f", 1e6)), ""))
     for point in points:
         row = csv_row(point)
         rows.append(("%s, %d polls" % (series_label(point["workers"]), point["requested"]),
@@ -310,7 +314,7 @@ def main(argv=None):
                         "%.2f" % row["server_cpu_s"] if row["server_cpu_s"] is not None else "-",
                         row["client_cpu_s"], " (client-bound)" if row["client_bound"] else ""),
                      "fail" if row["delivered"] != row["requested"] else ""))
-    notes = ["Ratios Chattle / aiohttp reference: memory per held poll is the rise in server RSS per held "
+    notes = ["Ratios Chattle / each reference server: memory per held poll is the rise in server RSS per held "
              "poll; time per waiter is the time from the post to the last answer received, divided by the "
              "waiters answered (bench.measures.time_per_waiter). Both servers are one process on an "
              "in-memory store, measured by the same rig at the same count; above 1 Chattle costs more.",
@@ -336,8 +340,9 @@ def main(argv=None):
                caption_tail, rows, charts, notes=notes,
                links=[("results.json", "results.json"), ("results.csv", "results.csv")])
     for ratio in ratios:
-        print("Chattle / aiohttp reference at %d polls: memory per held poll %s, time per waiter %s"
-              % (ratio["requested"], fmt(ratio["memory_ratio"], "%.2f"), fmt(ratio["time_per_waiter_ratio"], "%.2f")))
+        print("Chattle / %s at %d polls: memory per held poll %s, time per waiter %s"
+              % (ratio["peer"], ratio["requested"], fmt(ratio["memory_ratio"], "%.2f"),
+                 fmt(ratio["time_per_waiter_ratio"], "%.2f")))
     print("capacity (p99 < %g ms): %s" % (args.slo * 1000, ", ".join("%s workers: %s" % (w, best[w])
                                                                      for w in sorted(best, key=str))))
     print("report: %s (%.0f s)" % (os.path.join(report_dir, "report.html"), time.monotonic() - started))

@@ -202,13 +202,14 @@ class SeedGunicorn(Process):
 class PeerServer(Process):
     """A reference server of bench/peers/ (one process, in-memory), measured beside Chattle."""
 
-    def __init__(self, module="bench.peers.aiohttp_chat", port=None, log_path=None, python=sys.executable):
+    def __init__(self, module="bench.peers.aiohttp_chat", port=None, log_path=None, python=sys.executable,
+                 args=()):
         self.port = port or free_port()
         self.url = "http://%s:%d" % (LOOPBACK, self.port)
         if log_path is None:
             log_path = tempfile.mkstemp(prefix="peer-server-", suffix=".log")[1]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        super().__init__([python, "-m", module, "--host", LOOPBACK, "--port", str(self.port)], env=env,
+        super().__init__([python, "-m", module, "--host", LOOPBACK, "--port", str(self.port), *args], env=env,
                          log_path=log_path)
         wait_until(self.healthy, 30, "%s on %s" % (module, self.url), self)
 

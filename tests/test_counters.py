@@ -6,6 +6,7 @@ waiter. `broadcast_violations` returns what broke, so the tests below can also s
 that an injected extra encode, allocation or switch is caught.
 """
 
+import sys
 import time
 import tracemalloc
 
@@ -14,6 +15,7 @@ import greenlet
 import pytest
 
 import chattle
+import chattle_http
 from clients import read_to_end
 
 WAITERS = 1000
@@ -136,22 +138,42 @@ def test_one_encode_whatever_the_fan_out(app_state, waiters):
 
 HELD_POLLS = 200
 # Measured in-process on this tree (gevent 26.9, greenlet 3.5, Python 3.11), server and
-# client side together: about 6.7 KB traced per held poll with chattle's server; 8.0 KB
-# with a gevent.Timeout per poll in place of the shared deadline timers and Event.wait in
-# place of park() (a timer each and a deeper saved C stack); 9.9 KB with bottle's request
-# and response in gevent.local; 17.9 KB with pywsgi's own server and handler. The bound
-# admits none of them.
-MAX_BYTES_PER_HELD_POLL = 7.3 * 1024
-# About 80.5 Python calls per answered GET with chattle's handler (105 before it read and
-# checked the head itself, in place of pywsgi's read_request, get_environ and header
-# object); 88.75 when the answer sets its status and content type again (bottle's header
-# handling, paid per woken poll); 194 with pywsgi's own handler (email.feedparser header
-# parsing, access-log formatting even with no log).
-MAX_CALLS_PER_ANSWER = 84
+# client side together: about 5.4 KB traced per held poll with chattle's server; 6.6 KB
+# when the held poll keeps its environ and Bottle's response state (forget_request not
+# called); 6.7 KB with a gevent.Timeout per poll in place of the shared deadline timers
+# and Event.wait in place of park() (a timer each and a deeper saved C stack); 8.5 KB
+# with bottle's request and response in gevent.local; 17.9 KB with pywsgi's own server
+# and handler. The bound admits none of them.
+MAX_BYTES_PER_HELD_POLL = 5.8 * 1024
+if sys.version_info >= (3, 12):
+    # greenlet makes a frame object (about 220 bytes) for every Python frame on a
+    # suspended greenlet's stack there, nine per held poll (see README, Performance):
+    # 6.6 KB on 3.12, 6.8 KB on 3.13.
+    MAX_BYTES_PER_HELD_POLL += 1.3 * 1024
+# About 58.75 Python calls per answered GET poll with chattle's handler, which sends the
+# answer the route raises as chattle_http.SendJson with a head made once per length and
+# second; 80.5 when the answer went back through Bottle's response object and pywsgi's
+# start_response and header assembly (105 before the handler read and checked the head
+# itself, in place of pywsgi's read_request, get_environ and header object); 194 with
+# pywsgi's own handler (email.feedparser header parsing, access-log formatting even with
+# no log).
+MAX_CALLS_PER_ANSWER = 62
+# Answers that do go back through Bottle and pywsgi (every route but the poll's, and the
+# poll's under a server that is not chattle_http's): 80.5 calls; 88.75 when the answer
+# sets its status and content type again (bottle's header handling).
+MAX_CALLS_PER_BOTTLE_ANSWER = 84
 
 
 def chattle_server():
     return chattle.make_server("127.0.0.1", 0)
+
+
+def gunicorn_style_server():
+    """Chattle's server as ChattleWorker makes it: on the module's `application`, with a
+    gevent Pool of worker_connections as its spawn."""
+    from gevent.pool import Pool
+
+    return chattle.pywsgi_server_class()(("127.0.0.1", 0), chattle.application, spawn=Pool(1000), log=None)
 
 
 def pywsgi_server():
@@ -196,20 +218,32 @@ def held_poll_bytes(make_server=chattle_server, held=HELD_POLLS):
         server.stop(timeout=1)
 
 
-def answer_counters(handler_class, requests=20):
+def through_bottle(environ, start_response):
+    """chattle's application as a server that is not chattle_http's runs it: every answer
+    goes back through Bottle's response object and pywsgi's start_response."""
+    environ.pop(chattle_http.SENDS_JSON, None)
+    return chattle.app.wsgi(environ, start_response)
+
+
+POLL_REQUEST = (b"GET /rooms/calls/msgs?limit=10 HTTP/1.1\r\nHost: t\r\nUser-Agent: call-counter\r\n"
+                b"Accept: application/json\r\n\r\n")
+
+
+def answer_counters(handler_class, requests=20, application=None, request=POLL_REQUEST, received=None,
+                    publish=True):
     """Per answered GET poll (no wait), over `requests` requests on one keep-alive
     connection that this greenlet serves itself: Python function calls, and the socket
-    calls (send, getsockopt) that reach the kernel."""
-    import sys
+    calls (send, getsockopt) that reach the kernel. What the client received is appended
+    to `received`, when given."""
 
     from gevent import socket
     from gevent.pywsgi import WSGIServer
 
-    server = WSGIServer(("127.0.0.1", 0), chattle.app, handler_class=handler_class, log=None)
-    chattle.get_bus().publish("calls", "ann", "hello")
+    server = WSGIServer(("127.0.0.1", 0), application or chattle.app.wsgi, handler_class=handler_class, log=None)
+    if publish:
+        chattle.get_bus().publish("calls", "ann", "hello")
     ours, theirs = socket.socketpair()
-    theirs.sendall(b"GET /rooms/calls/msgs?limit=10 HTTP/1.1\r\nHost: t\r\nUser-Agent: call-counter\r\n"
-                   b"Accept: application/json\r\n\r\n" * requests)
+    theirs.sendall(request * requests)
     theirs.shutdown(socket.SHUT_WR)
     counted = {"python calls": 0, "send": 0, "sendall": 0, "getsockopt": 0}
     # Only this greenlet's work and the hub's: connections an earlier test left to end
@@ -230,8 +264,10 @@ def answer_counters(handler_class, requests=20):
         handler.handle()
     finally:
         sys.setprofile(None)
-    received = read_to_end(theirs)
-    assert received.count(b"HTTP/1.1 200 OK") == requests
+    answers = read_to_end(theirs)
+    assert answers.count(b"HTTP/1.1 200 OK") == requests
+    if received is not None:
+        received.append(answers)
     return {name: value / requests for name, value in counted.items()}
 
 
@@ -242,6 +278,52 @@ def test_a_held_poll_holds_few_bytes(app_state):
     per_poll = held_poll_bytes()
     print("traced bytes per held poll:", per_poll)
     assert per_poll <= MAX_BYTES_PER_HELD_POLL
+
+
+# gunicorn: about 5.4 KB traced per held poll, as with python chattle.py; 6.05 KB when the
+# pool spawned a gevent Greenlet per connection; 6.1 KB when the application was the
+# Bottle instance (a level of C stack more per held poll).
+def test_a_gunicorn_worker_holds_a_poll_as_cheaply(app_state):
+    per_poll = held_poll_bytes(gunicorn_style_server)
+    print("traced bytes per held poll, gunicorn's way:", per_poll)
+    assert per_poll <= MAX_BYTES_PER_HELD_POLL
+
+
+def test_a_greenlet_per_pooled_connection_would_break_the_held_poll_bound(app_state, monkeypatch):
+    from gevent.pool import Pool
+
+    monkeypatch.setattr(chattle_http, "ConnectionPool", Pool)
+    assert held_poll_bytes(gunicorn_style_server) > MAX_BYTES_PER_HELD_POLL
+
+
+def test_the_bottle_instance_as_application_would_break_the_held_poll_bound(app_state, monkeypatch):
+    monkeypatch.setattr(chattle, "application", chattle.app)
+    assert held_poll_bytes(gunicorn_style_server) > MAX_BYTES_PER_HELD_POLL
+
+
+def test_a_pooled_connection_is_served_and_counted(app_state):
+    from gevent import socket
+
+    server = gunicorn_style_server()
+    assert type(server.pool) is chattle_http.ConnectionPool and server.pool.size == 1000
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port)) as client:
+            client.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            client.settimeout(10)
+            assert read_to_end(client).startswith(b"HTTP/1.1 200 OK")
+        for _ in range(100):
+            if server.pool.free_count() == server.pool.size:
+                break
+            gevent.sleep(0.01)
+        assert server.pool.free_count() == server.pool.size, "the pool did not count the connection out"
+    finally:
+        server.stop(timeout=1)
+
+
+def test_keeping_the_request_while_held_would_break_the_held_poll_bound(app_state, monkeypatch):
+    monkeypatch.setattr(chattle, "forget_request", lambda: None)
+    assert held_poll_bytes() > MAX_BYTES_PER_HELD_POLL
 
 
 def test_pywsgis_own_server_would_break_the_held_poll_bound(app_state):
@@ -304,14 +386,53 @@ def test_an_answer_takes_few_calls_and_one_send(app_state):
     assert per_answer["getsockopt"] == per_answer["sendall"] == 0
 
 
-def test_setting_the_default_status_and_type_again_would_break_the_call_bound(app_state, monkeypatch):
+def test_answering_through_bottle_and_pywsgi_would_break_the_call_bound(app_state):
+    per_answer = answer_counters(chattle.pywsgi_handler_class(), application=through_bottle)
+    print("per answer through bottle:", per_answer)
+    assert MAX_CALLS_PER_ANSWER < per_answer["python calls"] <= MAX_CALLS_PER_BOTTLE_ANSWER
+    assert per_answer["send"] == 1
+
+
+def test_setting_the_default_status_and_type_again_would_break_the_bottle_call_bound(app_state, monkeypatch):
     def json_answer(body, status=200):
         chattle.response.status = status
         chattle.response.content_type = chattle.JSON_TYPE
         return body
 
     monkeypatch.setattr(chattle, "json_answer", json_answer)
-    assert answer_counters(chattle.pywsgi_handler_class())["python calls"] > MAX_CALLS_PER_ANSWER
+    per_answer = answer_counters(chattle.pywsgi_handler_class(), application=through_bottle)
+    assert per_answer["python calls"] > MAX_CALLS_PER_BOTTLE_ANSWER
+
+
+@pytest.mark.parametrize("request_line, connection", [
+    (b"GET /rooms/calls/msgs?since=0 HTTP/1.1", b""),
+    (b"GET /rooms/calls/msgs?since=0 HTTP/1.0\r\nConnection: keep-alive", b"keep-alive"),
+    (b"GET /rooms/calls/msgs?since=0 HTTP/1.0", b"close"),
+    (b"HEAD /rooms/calls/msgs?since=0 HTTP/1.1", b""),
+])
+def test_an_answer_sent_whole_is_the_one_bottle_and_pywsgi_send(app_state, monkeypatch, request_line, connection):
+    """The same bytes, head and body, for a keep-alive and a closing connection, and for HEAD."""
+    monkeypatch.setattr(chattle_http.HttpDate, "now", lambda _self: b"Wed, 25 Nov 2026 12:00:00 GMT")
+    requests = 1 if connection == b"close" else 3
+    request = request_line + b"\r\nHost: t\r\n\r\n"
+    whole, through = [], []
+    answer_counters(chattle.pywsgi_handler_class(), requests, request=request, received=whole)
+    answer_counters(chattle.pywsgi_handler_class(), requests, application=through_bottle, request=request,
+                    received=through, publish=False)
+    assert whole == through
+    assert (b"\r\nConnection: %s\r\n" % connection in whole[0]) == bool(connection)
+    if request_line.startswith(b"HEAD"):
+        assert whole[0].endswith(b"\r\n\r\n")
+
+
+def test_a_closing_server_answers_whole_and_closes(app_state):
+    chattle.rooms.closing = True
+    whole = []
+    try:
+        answer_counters(chattle.pywsgi_handler_class(), 1, request=POLL_REQUEST, received=whole)
+    finally:
+        chattle.rooms.closing = False
+    assert whole[0].count(b"HTTP/1.1 200 OK") == 1 and b"\r\nConnection: close\r\n" in whole[0]
 
 
 def test_pywsgis_own_handler_would_break_the_answer_counters(app_state):

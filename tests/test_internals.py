@@ -4,6 +4,8 @@ instead of quietly costing memory, calls or safety:
 
 - bottle's thread-local attributes, which chattle moves into the greenlet (BOTTLE_LOCAL_STATE);
 - bottle's `_parse_qsl`, which chattle calls instead of `request.query`;
+- bottle letting a BaseException its route raises through (chattle_http.SendJson);
+- gevent's Pool and Group as chattle_http.ConnectionPool uses them;
 - every pywsgi hook chattle_http's handler overrides (each must still be called by pywsgi
   for an ordinary request) and every pywsgi attribute or helper it touches;
 - gunicorn's worker really serving through chattle's handler (ChattleWorker);
@@ -46,6 +48,30 @@ def test_bottles_thread_locals_are_exactly_the_ones_chattle_moves():
                             timeout=60, check=True, cwd=ROOT).stdout
     expected = {cls.__name__: sorted(names) for cls, names in chattle.BOTTLE_LOCAL_STATE}
     assert json.loads(output) == expected
+
+
+def test_bottle_lets_a_send_json_from_its_route_through():
+    """The poll's answer leaves its route as chattle_http.SendJson, past Bottle's
+    _handle and wsgi: a Bottle that caught it would answer every poll with a 500."""
+    import bottle
+
+    app = bottle.Bottle()
+    app.route("/whole", callback=lambda: (_ for _ in ()).throw(chattle_http.SendJson(b"{}")))
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/whole", "wsgi.errors": sys.stderr}
+    with pytest.raises(chattle_http.SendJson):
+        app.wsgi(environ, lambda *_args: None)
+
+
+def test_gevents_pool_counts_and_releases_plain_greenlets_as_connection_pool_needs():
+    from gevent.pool import Group, Pool
+
+    assert issubclass(chattle_http.ConnectionPool, Pool) and Pool.discard is Group.discard
+    served = []
+    connections = chattle_http.ConnectionPool(2)
+    connections.spawn(lambda sock, address: served.append((sock, address)), "sock", "address")
+    assert connections.free_count() == 1 and not connections.full()
+    assert connections.join(timeout=5), "the pool did not drain"
+    assert served == [("sock", "address")] and connections.free_count() == 2
 
 
 def test_bottles_parse_qsl_parses_as_chattle_expects():

@@ -9,12 +9,14 @@ import pytest
 
 from bench.measures import time_per_waiter
 from bench.rig import Rig
+from bench.sweep import PEERS
 from harness.processes import PeerServer, get_json, post_json, wait_until
 
 
-@pytest.fixture(scope="module")
-def peer(tmp_path_factory):
-    server = PeerServer(log_path=str(tmp_path_factory.mktemp("peer") / "peer.log"))
+@pytest.fixture(scope="module", params=sorted(PEERS.items()), ids=sorted(PEERS))
+def peer(request, tmp_path_factory):
+    label, args = request.param
+    server = PeerServer(log_path=str(tmp_path_factory.mktemp("peer") / "peer.log"), args=args)
     yield server
     server.stop()
 
@@ -65,6 +67,15 @@ def test_a_cursor_from_the_future_is_reset_at_once(peer):
     status, body = poll(peer, "future", "since=99&timeout=30")
     assert status == 200 and body["reset"] is True and body["cursor"] == 1
     assert [m["id"] for m in body["messages"]] == [1]
+
+
+def test_the_uvloop_peer_runs_on_uvloop(tmp_path):
+    """--uvloop must really change the loop, or the second reference measures the first again."""
+    server = PeerServer(log_path=str(tmp_path / "peer.log"), args=PEERS["aiohttp on uvloop"])
+    try:
+        assert get_json(server.url + "/stats")[1]["loop"].startswith("uvloop")
+    finally:
+        server.stop()
 
 
 def test_the_bench_rig_measures_it(peer):

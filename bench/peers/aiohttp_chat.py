@@ -7,6 +7,10 @@ dense ids per room, bounded history, one future swapped per post, and a poll ans
 encoded once per (since, limit) and sent as the same bytes to every waiter.
 
     python -m bench.peers.aiohttp_chat --port 8090
+    python -m bench.peers.aiohttp_chat --port 8090 --uvloop   # the same app on uvloop's event loop
+
+On uvloop it is the peer a performance-minded user would choose: the same application,
+with libuv's loop and its C transports under aiohttp in place of asyncio's.
 """
 
 import argparse
@@ -168,7 +172,7 @@ async def stats(request):
     return json_bytes(encode({
         "pid": os.getpid(), "bus": "memory", "waiters": chat.waiters, "rooms": len(chat.rooms),
         "messages": sum(len(r.messages) for r in chat.rooms.values()), "rss_bytes": rss_bytes(),
-        "server": "aiohttp reference",
+        "server": "aiohttp reference", "loop": type(asyncio.get_running_loop()).__module__,
     }))
 
 
@@ -186,11 +190,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="aiohttp reference chat server for the bench")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=8090, help="port (default %(default)s)")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop, not asyncio's")
     args = parser.parse_args(argv)
+    loop = None
+    if args.uvloop:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
     # backlog as deep as Chattle's, so parking 10k polls is not throttled by accept();
     # a short shutdown, so polls still held at SIGTERM do not delay a stop by a minute
     web.run_app(make_app(), host=args.host, port=args.port, backlog=4096, access_log=None, print=None,
-                shutdown_timeout=1.0)
+                shutdown_timeout=1.0, loop=loop)
 
 
 if __name__ == "__main__":
