@@ -99,6 +99,7 @@ def worker_shares(tally):
                         "deliveries": worker.get("deliveries") or 0,
                         "delivery_share": (worker.get("deliveries") or 0) / deliveries,
                         "cpu_seconds": worker.get("cpu_seconds"), "lost": bool(worker.get("lost")),
+                        "latency": worker.get("latency") or {},
                         "lost_contact": (worker.get("listeners_started") or 0) - (worker.get("listeners_ended") or 0)
                         if worker.get("lost") else 0}
             for worker_id, worker in sorted(workers.items())}
@@ -526,8 +527,10 @@ def summary_lines(summary):
                      % summary.get("under_bound", 0), ""))
     for worker_id, share in summary.get("worker_shares", {}).items():
         rows.append(("load worker %s" % worker_id[-8:], "pid %s on %s: %d listeners (%.0f%%), %d deliveries (%.0f%%), "
-                     "%.1f s CPU%s" % (share["pid"], share["host"], share["listeners"], 100 * share["listener_share"],
-                                       share["deliveries"], 100 * share["delivery_share"], share["cpu_seconds"] or 0,
+                     "%.1f s CPU, wake-up p50 %s%s" % (share["pid"], share["host"], share["listeners"],
+                                       100 * share["listener_share"], share["deliveries"],
+                                       100 * share["delivery_share"], share["cpu_seconds"] or 0,
+                                       _ms(share["latency"].get("p50")),
                                        ", LOST: %d listeners lost contact" % share["lost_contact"]
                                        if share["lost"] else ""), ""))
     return rows

@@ -355,7 +355,7 @@ def locust_argv(args, urls, report_dir, raw_dir):
         # Only the master here; it waits for the remote workers (bounded), then plays the table.
         master_port = args.master_port or DEFAULT_MASTER_PORT
         workers = ["--master", "--expect-workers", str(args.remote_workers),
-                   "--expect-workers-max-wait", str(args.worker_wait)]
+                   "--expect-workers-max-wait", str(int(args.worker_wait))]
     else:
         # A port of its own: two runs on one machine (a test beside a run) must not hand
         # each other's workers to the wrong master, as 5557 for all would.

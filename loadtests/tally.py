@@ -125,6 +125,7 @@ class RunTally:
         self.errors = []
         self.error_count = 0
         self.workers = {}
+        self.worker_latency = {}    # worker id -> its own LatencyHistogram (clocks compared per host)
         self.master = None          # host, pid and CPU seconds of the master, set when it writes
         self.version_problem = None  # a worker on another Locust version: the run was stopped
 
@@ -136,8 +137,10 @@ class RunTally:
                       deliveries=report["deliveries"], unstamped=report.get("unstamped", 0),
                       under_bound=report.get("under_bound", 0), clocks=report.get("clocks"),
                       locust_version=report.get("locust_version"), lost=False, final=worker["final"] or report["final"])
+        own = self.worker_latency.setdefault(worker_id, LatencyHistogram())
         for second, latency, lag in report["seconds"]:
             latency, lag = LatencyHistogram.from_dict(latency), LatencyHistogram.from_dict(lag)
+            own.add(latency)
             pair = self.seconds.get(second)
             if pair is None:
                 pair = self.seconds[second] = (LatencyHistogram(), LatencyHistogram())
@@ -145,6 +148,8 @@ class RunTally:
             pair[1].add(lag)
             self.latency.add(latency)
             self.lag.add(lag)
+        if report["seconds"]:
+            worker["latency"] = own.summary()
         for summary in report["ended"]:
             self.listeners.append(dict(summary, worker=worker_id))
         self.posts.extend(report["posts"])
