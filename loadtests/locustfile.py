@@ -39,7 +39,7 @@ CATCH_UP_POLLS = 50          # answers of up to 1000 messages each, when a liste
 RETRY_SECONDS = (0.5, 4.0)   # back-off after a failed request: first, longest
 
 TALLY = WorkerTally()        # this process's figures (on a worker)
-RUN = RunTally()             # the whole run's (on the master)
+RUN = RunTally(locust.__version__)  # the whole run's (on the master)
 CLOCKS = Clocks()            # this process's offsets to each server's clock (on a worker)
 LOCUST_VERSION[0] = locust.__version__
 listener_numbers = itertools.count()
@@ -129,14 +129,9 @@ def ship_tally(client_id, data, **_kwargs):
 @events.worker_report.add_listener
 def add_tally(client_id, data, **_kwargs):
     if "chattle" in data:
+        known = RUN.version_problem
         RUN.merge(client_id, data["chattle"])
-        version = data["chattle"].get("locust_version")
-        if version != locust.__version__ and RUN.version_problem is None:
-            # Locust itself only warns; a worker of another version may count and report
-            # differently, so the run ends here and the orchestrator says why.
-            RUN.version_problem = ("load worker %s on %s runs Locust %s, the master runs %s: install the same "
-                                   "version on every load host" % (client_id, data["chattle"].get("host"),
-                                                                   version, locust.__version__))
+        if RUN.version_problem and not known:
             print("chattle: " + RUN.version_problem, flush=True)
             StagedShape.request_stop()
 

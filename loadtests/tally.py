@@ -116,7 +116,9 @@ class WorkerTally:
 class RunTally:
     """The whole run, added up from every worker's reports (on the master)."""
 
-    def __init__(self):
+    def __init__(self, locust_version=None):
+        """`locust_version`: the master's; a worker reporting another one sets version_problem."""
+        self.locust_version = locust_version
         self.latency = LatencyHistogram()
         self.lag = LatencyHistogram()
         self.seconds = {}
@@ -137,6 +139,13 @@ class RunTally:
                       deliveries=report["deliveries"], unstamped=report.get("unstamped", 0),
                       under_bound=report.get("under_bound", 0), clocks=report.get("clocks"),
                       locust_version=report.get("locust_version"), lost=False, final=worker["final"] or report["final"])
+        if self.locust_version and report.get("locust_version") != self.locust_version \
+                and self.version_problem is None:
+            # Locust itself only warns; a worker of another version may count and report
+            # differently, so the run is stopped and the report says why.
+            self.version_problem = ("load worker %s on %s runs Locust %s, the master runs %s: install the same "
+                                    "version on every load host" % (worker_id, report["host"],
+                                                                    report.get("locust_version"), self.locust_version))
         own = self.worker_latency.setdefault(worker_id, LatencyHistogram())
         for second, latency, lag in report["seconds"]:
             latency, lag = LatencyHistogram.from_dict(latency), LatencyHistogram.from_dict(lag)
