@@ -143,10 +143,12 @@ def python_argv(module, *args):
     return [sys.executable, "-m", module, *args]
 
 
-def run_cluster(users, duration, report_root, work_dir, processes_per_host=1, burst_gap=1.0, rooms=5):
-    """`rooms`: odd, so every room has listeners on both servers (listener n polls server n % 2
-    and room n % rooms), and small fan-outs, so where a listener stands in one does not
-    outweigh the clocks being compared."""
+def run_cluster(users, duration, report_root, work_dir, processes_per_host=1, burst_gap=0.25, rooms=15):
+    """The posting pattern is set for comparing hosts C and D: single posts (no burst whose
+    later messages find listeners still re-polling, a client's speed showing up as latency)
+    into many small rooms, an odd number of them so every room has listeners on both
+    servers (listener n polls server n % 2 and room n % rooms): in a small fan-out where
+    a listener stands in the wake order hardly moves its latency."""
     """Build the topology, run a load across it, tear it down; (exit code of make load, report dir or None)."""
     os.makedirs(work_dir, exist_ok=True)
     topology = Topology()
@@ -173,7 +175,7 @@ def run_cluster(users, duration, report_root, work_dir, processes_per_host=1, bu
                                      str(2 * processes_per_host), "--master-bind", addr["root"],
                                      "--master-port", str(master_port), "--users", str(users), "--duration",
                                      str(duration), "--spawn-rate", str(max(50, users)), "--burst-gap",
-                                     str(burst_gap), "--rooms", str(rooms), "--worker-wait", "60",
+                                     str(burst_gap), "--burst-size", "1", "--rooms", str(rooms), "--worker-wait", "60",
                                      "--report-root", report_root),
                          env=dict(os.environ, PYTHONPATH=ROOT), log_path=os.path.join(work_dir, "master.log"),
                          own_session=True)
