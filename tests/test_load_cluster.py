@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -141,3 +142,36 @@ def test_a_run_across_namespace_hosts_corrects_a_clock_two_seconds_ahead(tmp_pat
     assert delivery["lost"] == 0 and delivery["gave_up"] == 0 and delivery["listeners"] == 300, output
     assert all(server["held_polls_peak"] for server in summary["servers"].values()), summary["servers"]
     assert len(summary["servers"]) == 2 and summary["deliveries"] > 0
+
+
+@pytest.mark.slow
+def test_a_load_worker_killed_mid_run_leaves_its_listeners_lost_contact_not_lost_messages(tmp_path, start_chattle):
+    """A master waiting for two remote workers (on loopback here), one of which is killed
+    while it holds its listeners: the report says lost contact, and nothing lost."""
+    import psutil
+    server = start_chattle()
+    port = free_port()
+    master = subprocess.Popen([sys.executable, "-m", "loadtests.run", "--host", server.url, "--remote-workers", "2",
+                               "--master-port", str(port), "--users", "40", "--duration", "36", "--spawn-rate", "40",
+                               "--burst-gap", "1", "--report-root", str(tmp_path)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    workers = [subprocess.Popen([sys.executable, "-m", "loadtests.worker", "--master", "127.0.0.1", "--master-port",
+                                 str(port), "--processes", "1"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True) for _ in range(2)]
+    try:
+        doomed = psutil.Process(workers[1].pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(doomed.children(recursive=True)) < 2:
+            time.sleep(0.5)  # its Locust process and the worker that process forked
+        time.sleep(18)  # both connected, ramped (3 s), held (8 s): in the bursts
+        for process in [doomed] + doomed.children(recursive=True):
+            process.kill()
+        output, _ = master.communicate(timeout=150)
+    finally:
+        for process in [master] + workers:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+    assert master.returncode == 1, output
+    assert "lost contact (its load worker stopped reporting)" in output, output
+    assert "0 lost, 0 duplicated, 0 out of order" in output and "LOST: " in output, output
