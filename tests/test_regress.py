@@ -46,7 +46,7 @@ def skip_or_fail(message):
 def unchanged(tmp_path_factory):
     """One gate run of this tree against the committed baseline, and its figures
     (bench.regress --report-json writes them in the baseline's own format)."""
-    require_program("valgrind")
+    require_program("valgrind", "apt-get install valgrind")
     report = str(tmp_path_factory.mktemp("regress") / "unchanged.json")
     run = run_regress("--report-json", report)
     if run.returncode == regress.NOT_COMPARABLE:
