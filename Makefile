@@ -5,6 +5,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
+BIND    ?= 127.0.0.1
 PORT    ?= 8080
 WORKERS ?= 1
 REDIS   ?=
@@ -20,8 +21,14 @@ BURST_GAP ?=
 POLL_TIMEOUT ?=
 SPAWN_RATE ?=
 CLIENT_PROCESSES ?=
+# Beyond one machine: the master waits for REMOTE_WORKERS workers started elsewhere with
+# `make load-worker MASTER=<this host> [PROCESSES=n]`, listening on MASTER_BIND.
+REMOTE_WORKERS ?=
+MASTER_BIND ?=
+MASTER ?=
+PROCESSES ?=
 
-.PHONY: all venv system-packages lint run test test-fast load bench regress regress-accept clean
+.PHONY: all venv system-packages lint run test test-fast load load-worker cluster-demo bench regress regress-accept clean
 
 all: test
 
@@ -31,8 +38,9 @@ all: test
 # or stops at once with one line naming the command to run. It runs before the venv.
 GOALS   := $(or $(MAKECMDGOALS),all)
 SYSTEM_PROGRAMS := $(sort \
-  $(if $(filter all test,$(GOALS)),redis-server chromium valgrind) \
+  $(if $(filter all test,$(GOALS)),redis-server chromium valgrind $(if $(filter 0,$(shell id -u)),faketime)) \
   $(if $(filter test-fast bench,$(GOALS)),redis-server) \
+  $(if $(filter cluster-demo,$(GOALS)),redis-server faketime) \
   $(if $(filter run,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(REDIS),,redis-server))) \
   $(if $(filter load,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(HOST),,redis-server))))
 
@@ -50,7 +58,7 @@ venv: $(STAMP)
 # One worker: python chattle.py, in-memory bus.  WORKERS=N: gunicorn with N gevent
 # workers on the shared Redis bus (REDIS=url, or a local redis-server started for it).
 run: system-packages $(STAMP)
-	$(PY) -m harness.run_server --port $(PORT) --workers $(WORKERS) $(if $(REDIS),--redis $(REDIS))
+	$(PY) -m harness.run_server --bind $(BIND) --port $(PORT) --workers $(WORKERS) $(if $(REDIS),--redis $(REDIS))
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -67,10 +75,21 @@ LOAD_ARGS = $(strip $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration 
   $(if $(HOST),--host $(HOST)) $(if $(POSTERS),--posters $(POSTERS)) \
   $(if $(BURST_SIZE),--burst-size $(BURST_SIZE)) $(if $(BURST_GAP),--burst-gap $(BURST_GAP)) \
   $(if $(POLL_TIMEOUT),--poll-timeout $(POLL_TIMEOUT)) $(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) \
-  $(if $(CLIENT_PROCESSES),--client-processes $(CLIENT_PROCESSES)))
+  $(if $(CLIENT_PROCESSES),--client-processes $(CLIENT_PROCESSES)) \
+  $(if $(REMOTE_WORKERS),--remote-workers $(REMOTE_WORKERS)) $(if $(MASTER_BIND),--master-bind $(MASTER_BIND)))
 
 load: system-packages $(STAMP)
 	$(PY) -m loadtests.run $(LOAD_ARGS)
+
+# On each load host: Locust workers (one per core, or PROCESSES=n) for the master on MASTER.
+load-worker: $(STAMP)
+	@test -n "$(MASTER)" || { echo "load-worker: give MASTER=<address of the host running make load>" >&2; exit 2; }
+	$(PY) -m loadtests.worker --master $(MASTER) $(if $(PROCESSES),--processes $(PROCESSES))
+
+# Three hosts made of network namespaces on this machine (root: ip and faketime), a run
+# across them, its report in reports/: see README "Beyond one machine".
+cluster-demo: system-packages $(STAMP)
+	$(PY) -m harness.cluster $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION))
 
 bench: system-packages $(STAMP)
 	$(PY) -m bench.sweep $(if $(QUICK),--quick)

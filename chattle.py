@@ -464,6 +464,10 @@ class MemoryBus:
     def healthy(self):
         return True
 
+    def clock(self):
+        """The clock every `ts` of this bus is read from."""
+        return time.time()
+
     def close(self):
         pass
 
@@ -677,6 +681,14 @@ return {id, ts}
             return bool(self.client.ping())
         except self.redis.RedisError:
             return False
+
+    def clock(self):
+        """Redis' TIME, which stamps every `ts` (None while Redis is unreachable)."""
+        try:
+            seconds, microseconds = self.client.time()
+        except self.redis.RedisError:
+            return None
+        return seconds + microseconds / 1e6
 
     def close(self):
         self.closing = True
@@ -940,7 +952,9 @@ def post_message(room="lobby"):
 def health():
     current = get_bus()
     ok = current.healthy()
-    body = encode({"status": "ok" if ok else "degraded", "bus": current.name, "pid": os.getpid()})
+    # "time": the clock `ts` comes from, so a client on another host can measure its offset to it
+    body = encode({"status": "ok" if ok else "degraded", "bus": current.name, "pid": os.getpid(),
+                   "time": current.clock() if ok else None})
     return json_answer(body, 200 if ok else 503)
 
 

@@ -109,16 +109,18 @@ def wait_until(check, timeout, what, process=None, interval=0.05):
 class RedisServer(Process):
     """A real redis-server on a loopback port, its data in its own directory."""
 
-    def __init__(self, workdir=None, port=None, appendonly=True, own_session=False):
+    def __init__(self, workdir=None, port=None, appendonly=True, own_session=False, bind=LOOPBACK):
+        """`bind`: the address it listens on (another address lets other hosts share it)."""
         exe = system_packages.find("redis-server")
         if exe is None:
             raise system_packages.MissingProgram(["redis-server"])
         self.workdir = workdir or tempfile.mkdtemp(prefix="chattle-redis-")
-        self.port = port or free_port()
-        self.url = "redis://%s:%d/0" % (LOOPBACK, self.port)
-        argv = [exe, "--port", str(self.port), "--bind", LOOPBACK, "--dir", self.workdir,
+        self.bind = bind
+        self.port = port or free_port(bind)
+        self.url = "redis://%s:%d/0" % (bind, self.port)
+        argv = [exe, "--port", str(self.port), "--bind", bind, "--dir", self.workdir,
                 "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
-                "--protected-mode", "yes", "--maxclients", "10000"]
+                "--protected-mode", "yes" if bind == LOOPBACK else "no", "--maxclients", "10000"]
         # own_session: a Ctrl-C at the terminal reaches only the orchestrator, which then
         # stops what it started in order (load first, then servers) and writes its report.
         super().__init__(argv, cwd=self.workdir, log_path=os.path.join(self.workdir, "redis.log"),
@@ -126,24 +128,25 @@ class RedisServer(Process):
         wait_until(self.ping, 10, "redis-server on port %d" % self.port, self)
 
     def ping(self):
-        with socket.create_connection((LOOPBACK, self.port), timeout=1) as conn:
+        with socket.create_connection((self.bind, self.port), timeout=1) as conn:
             conn.sendall(b"PING\r\n")
             return conn.recv(16).startswith(b"+PONG")
 
     def restart(self):
         """Stop and start again on the same port and directory (AOF replays)."""
         self.stop()
-        self.__init__(self.workdir, self.port, appendonly=True)
+        self.__init__(self.workdir, self.port, appendonly=True, bind=self.bind)
 
 
 class ChattleServer(Process):
     """Chattle under `python chattle.py` (one process) or gunicorn with N gevent workers."""
 
     def __init__(self, port=None, workers=1, redis_url=None, env=None, log_path=None, gunicorn=None,
-                 python=sys.executable, extra_args=(), own_session=False, root=ROOT):
-        """`root`: the checkout whose chattle.py runs (`make regress BASE=` runs another revision's)."""
-        self.port = port or free_port()
-        self.url = "http://%s:%d" % (LOOPBACK, self.port)
+                 python=sys.executable, extra_args=(), own_session=False, root=ROOT, bind=LOOPBACK):
+        """`root`: the checkout whose chattle.py runs (`make regress BASE=` runs another revision's);
+        `bind`: the address it listens on (loopback unless other hosts must reach it)."""
+        self.port = port or free_port(bind)
+        self.url = "http://%s:%d" % (bind, self.port)
         self.workers = workers
         full_env = dict(os.environ)
         full_env.update(env or {})
@@ -153,9 +156,9 @@ class ChattleServer(Process):
         self.gunicorn = workers > 1 if gunicorn is None else gunicorn
         if self.gunicorn:
             argv = [python, "-m", "gunicorn", "--config", os.path.join(root, "gunicorn.conf.py"),
-                    "--bind", "%s:%d" % (LOOPBACK, self.port), "--workers", str(workers), *extra_args, "chattle"]
+                    "--bind", "%s:%d" % (bind, self.port), "--workers", str(workers), *extra_args, "chattle"]
         else:
-            argv = [python, os.path.join(root, "chattle.py"), "--host", LOOPBACK, "--port", str(self.port),
+            argv = [python, os.path.join(root, "chattle.py"), "--host", bind, "--port", str(self.port),
                     *extra_args]
         if log_path is None:
             log_path = tempfile.mkstemp(prefix="chattle-server-", suffix=".log")[1]

@@ -17,7 +17,10 @@ from harness.system_packages import require_or_exit
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default %(default)s)")
+    parser.add_argument("--bind", default="127.0.0.1",
+                        help="address to listen on; another host's load workers need one they can reach "
+                             "(default %(default)s)")
+    parser.add_argument("--port", type=int, default=8080, help="port on --bind (default %(default)s)")
     parser.add_argument("--workers", type=int, default=1,
                         help="gunicorn workers; more than 1 uses the shared Redis bus (default %(default)s)")
     parser.add_argument("--redis", default=os.environ.get("CHATTLE_REDIS_URL", ""),
@@ -32,7 +35,8 @@ def main(argv=None):
         redis_url = redis.url
         print("run: started redis-server (pid %d) on %s, data in %s" % (redis.pid, redis_url, redis.workdir))
     try:
-        server = ChattleServer(port=args.port, workers=args.workers, redis_url=redis_url or None, log_path="-")
+        server = ChattleServer(port=args.port, workers=args.workers, redis_url=redis_url or None, log_path="-",
+                               bind=args.bind)
     except BaseException:
         if redis is not None:
             redis.stop()  # the redis-server started for this run must not outlive it

@@ -21,22 +21,27 @@ import time
 
 import gevent
 import gevent.event
+import locust
 from locust import User, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
 from bench.httpframe import FramingError
 from bench.measures import DeliveryLedger, process_cpu_seconds
 from chattle_limits import CLIENT_TIMEOUT_MARGIN
+from loadtests import longpoll
+from loadtests.clocks import Clocks, kernel_stamp_skew
 from loadtests.longpoll import HeldPolls, LongPollClient
 from loadtests.scenario import build_stages, room_name, stage_at
 from loadtests.shapes import StagedShape  # noqa: F401  (Locust finds the shape in the locustfile)
-from loadtests.tally import RunTally, WorkerTally
+from loadtests.tally import LOCUST_VERSION, RunTally, WorkerTally
 
 CATCH_UP_POLLS = 50          # answers of up to 1000 messages each, when a listener stops
 RETRY_SECONDS = (0.5, 4.0)   # back-off after a failed request: first, longest
 
 TALLY = WorkerTally()        # this process's figures (on a worker)
-RUN = RunTally()             # the whole run's (on the master)
+RUN = RunTally(locust.__version__)  # the whole run's (on the master)
+CLOCKS = Clocks()            # this process's offsets to each server's clock (on a worker)
+LOCUST_VERSION[0] = locust.__version__
 listener_numbers = itertools.count()
 poster_numbers = itertools.count()
 
@@ -48,10 +53,29 @@ class TestClock:
 
 
 @events.test_start.add_listener
-def remember_start(**_kwargs):
+def remember_start(environment, **_kwargs):
     TestClock.started = time.time()
     TestClock.cpu_at_start = process_cpu_seconds(os.getpid())
     TALLY.test_started()
+    if isinstance(environment.runner, WorkerRunner):
+        measure_clocks(environment.parsed_options)
+
+
+def servers_of(options):
+    """The servers listeners spread over and posters take turns on: --servers, else --host."""
+    return [url.strip().rstrip("/") for url in (options.servers or options.host).split(",") if url.strip()]
+
+
+def measure_clocks(options):
+    """Before any listener starts: this process's clock against the kernel's receive stamps
+    and against every server's `ts` clock (loadtests/clocks.py)."""
+    CLOCKS.kernel_skew, CLOCKS.kernel_skew_bound = kernel_stamp_skew()
+    longpoll.kernel_stamp_shift = CLOCKS.kernel_skew
+    try:
+        CLOCKS.measure(servers_of(options), lambda url: LongPollClient(url, None, timeout=CLIENT_TIMEOUT_MARGIN))
+    except (OSError, FramingError, ValueError) as exc:
+        TALLY.error("clock", "offset not measured, latencies uncorrected: %s" % exc)
+    TALLY.clocks = CLOCKS.to_dict()
 
 
 @events.init_command_line_parser.add_listener
@@ -68,6 +92,9 @@ def add_options(parser):
     group.add_argument("--lost-contact-seconds", type=float, default=15,
                        help="a listener failing this long without one good answer gives up (lost contact)")
     group.add_argument("--raw-dir", default="", help="where the master writes run.json")
+    group.add_argument("--servers", default="",
+                       help="comma-separated server URLs sharing one bus: listeners spread evenly over them, "
+                            "posts take turns (default: --host)")
 
 
 def stages_of(options):
@@ -102,7 +129,11 @@ def ship_tally(client_id, data, **_kwargs):
 @events.worker_report.add_listener
 def add_tally(client_id, data, **_kwargs):
     if "chattle" in data:
+        known = RUN.version_problem
         RUN.merge(client_id, data["chattle"])
+        if RUN.version_problem and not known:
+            print("chattle: " + RUN.version_problem, flush=True)
+            StagedShape.request_stop()
 
 
 def report_now(environment):
@@ -162,6 +193,10 @@ class Listener(User):
         self.number = next(listener_numbers)
         self.name = "%s-%d" % (os.getpid(), self.number)
         self.room = room_name(self.number % options.rooms)
+        servers = servers_of(options)
+        self.host = servers[self.number % len(servers)]
+        clock = CLOCKS.by_url.get(self.host)
+        self.clock_offset, self.clock_bound = (clock.offset, clock.bound) if clock else (0.0, 0.0)
         self.poll_timeout = options.poll_timeout
         self.client = LongPollClient(self.host, self.environment.events.request,
                                      timeout=options.poll_timeout + CLIENT_TIMEOUT_MARGIN)
@@ -249,7 +284,7 @@ class Listener(User):
         for message_id, ts in messages:
             ledger.record(message_id)
             if held:
-                TALLY.delivery(reply.arrived_at, reply.read_at, ts, reply.stamped)
+                TALLY.delivery(reply.arrived_at, reply.read_at, ts, reply.stamped, self.clock_offset, self.clock_bound)
         return len(messages)
 
     def on_stop(self):
@@ -372,8 +407,11 @@ class Poster(User):
         self.number = next(poster_numbers)
         self.stages = stages_of(options)
         self.next_room = self.number
-        self.client = LongPollClient(self.host, self.environment.events.request,
-                                     timeout=options.poll_timeout + CLIENT_TIMEOUT_MARGIN)
+        # one client per server; posts take turns, so every server's posts reach every other's listeners
+        self.clients = [LongPollClient(url, self.environment.events.request,
+                                       timeout=options.poll_timeout + CLIENT_TIMEOUT_MARGIN)
+                        for url in servers_of(options)]
+        self.turns = itertools.cycle(self.clients)
 
     @task
     def burst(self):
@@ -386,7 +424,7 @@ class Poster(User):
         for sequence in range(self.options.burst_size):
             payload = json.dumps({"from": "poster-%d" % self.number, "content": "burst message %d" % sequence})
             try:
-                reply = self.client.post("/rooms/%s/msgs" % room, payload.encode(), name="post")
+                reply = next(self.turns).post("/rooms/%s/msgs" % room, payload.encode(), name="post")
             except (OSError, FramingError) as exc:
                 TALLY.error("poster", "post: %s" % (exc or type(exc).__name__))
                 continue

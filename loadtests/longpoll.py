@@ -36,6 +36,15 @@ RECEIVE_SIZE = 65536
 IDLE_REUSE_SECONDS = 4.0
 EPOLLIN = 0x001
 YIELD_SECONDS = 0.02
+# Seconds added to every kernel receive timestamp to put it on this process's wall clock:
+# 0 on a real host; loadtests/clocks.py measures it (a process under faketime is shifted).
+kernel_stamp_shift = 0.0
+
+
+def stamp_seconds(value):
+    """The wall-clock time in one SO_TIMESTAMPNS control message, on this process's clock."""
+    seconds, nanoseconds = TIMESPEC.unpack_from(value)
+    return seconds + nanoseconds * 1e-9 + kernel_stamp_shift
 
 
 _RESOLVED = {}
@@ -150,8 +159,7 @@ class LongPollClient:
             else:
                 for level, kind, value in ancillary:
                     if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                        seconds, nanoseconds = TIMESPEC.unpack_from(value)
-                        arrived_at = seconds + nanoseconds * 1e-9
+                        arrived_at = stamp_seconds(value)
                 response = parser.feed(data)
                 if response is None:
                     continue
@@ -296,8 +304,7 @@ class HeldPolls:
             return
         for level, kind, value in ancillary:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                seconds, nanoseconds = TIMESPEC.unpack_from(value)
-                held.arrived_at = seconds + nanoseconds * 1e-9
+                held.arrived_at = stamp_seconds(value)
         try:
             response = held.parser.feed(data)
         except FramingError as exc:

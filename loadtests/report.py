@@ -57,6 +57,54 @@ def memory_figures(samples, run_info):
             "bytes_per_held_poll": memory_per_connection(min(idle), peak["server_rss"], peak["held_polls"])}
 
 
+def server_figures(samples, run_info):
+    """Per server URL (from its /stats): peak held polls, RSS idle (before anyone connected)
+    and at that peak, and RSS per held poll. /stats RSS is what the server hosts' own
+    processes report, so it holds for servers on other machines too."""
+    started = run_info.get("locust_started") or 0
+    figures = {}
+    for url in run_info.get("servers") or []:
+        rows = [(row["time"], row["servers"][url]) for row in samples if url in (row.get("servers") or {})]
+        idle = [entry["rss"] for moment, entry in rows if entry["rss"] and moment < started]
+        holding = [(entry["held_polls"], moment, entry["rss"]) for moment, entry in rows
+                   if entry["held_polls"] and entry["rss"]]
+        peak = max(holding) if holding else (None, None, None)
+        figures[url] = {"held_polls_peak": peak[0], "rss_idle": min(idle) if idle else None, "rss_at_peak": peak[2],
+                        "bytes_per_held_poll": memory_per_connection(min(idle), peak[2], peak[0])
+                        if idle and peak[0] else None}
+    return figures
+
+
+def clock_figures(tally):
+    """Each load process's offset to each server's clock, with its bound (loadtests/clocks.py)."""
+    rows = []
+    for worker_id, worker in sorted((tally.workers if tally else {}).items()):
+        clocks = worker.get("clocks") or {}
+        for server in clocks.get("servers") or []:
+            rows.append({"worker": worker_id, "host": worker["host"], "pid": worker["pid"], "server": server["url"],
+                         "offset": server["offset"], "bound": server["bound"],
+                         "kernel_skew": clocks.get("kernel_skew")})
+    return rows
+
+
+def worker_shares(tally):
+    """Each load worker's share of the listeners and deliveries; a worker the master stopped
+    hearing before its last report has its unreported listeners counted as lost contact."""
+    workers = tally.workers if tally else {}
+    listeners = sum(worker.get("listeners_started") or 0 for worker in workers.values()) or 1
+    deliveries = sum(worker.get("deliveries") or 0 for worker in workers.values()) or 1
+    return {worker_id: {"host": worker["host"], "pid": worker["pid"],
+                        "listeners": worker.get("listeners_started") or 0,
+                        "listener_share": (worker.get("listeners_started") or 0) / listeners,
+                        "deliveries": worker.get("deliveries") or 0,
+                        "delivery_share": (worker.get("deliveries") or 0) / deliveries,
+                        "cpu_seconds": worker.get("cpu_seconds"), "lost": bool(worker.get("lost")),
+                        "latency": worker.get("latency") or {},
+                        "lost_contact": (worker.get("listeners_started") or 0) - (worker.get("listeners_ended") or 0)
+                        if worker.get("lost") else 0}
+            for worker_id, worker in sorted(workers.items())}
+
+
 def machine_check(samples, run_info):
     """Seconds in which server, load generator and everything else together used at least
     MACHINE_BUSY_SHARE of all cores; during the bursts, more than MACHINE_BOUND_SHARE of
@@ -132,6 +180,12 @@ def listener_figures(tally, cursors):
     delivery["gave_up_examples"] = [entry["gave_up"] for entry in gave_up[:5]]
     delivery["received_by_those_who_gave_up"] = sum(ledger.received for entry, ledger in entries
                                                      if entry["gave_up"] and ledger is not None)
+    # Listeners of a load worker that died: no ledger ever came, so they are lost contact.
+    dead = sum(share["lost_contact"] for share in worker_shares(tally).values())
+    if dead:
+        delivery["gave_up"] += dead
+        reason = "lost contact (its load worker stopped reporting)"
+        delivery["gave_up_reasons"][reason] = dead
     return delivery, final_ids
 
 
@@ -181,6 +235,12 @@ def build_summary(report_dir, run_info, samples, cursors):
         check("load generator cheaper than the server", cpu["client_over_server"] <= CLIENT_CPU_SHARE,
               "load-generator CPU %.1f s / server CPU %.1f s = %.2f (at most %.2f)"
               % (cpu["client_cpu_s"], cpu["server_cpu_s"], cpu["client_over_server"], CLIENT_CPU_SHARE))
+    if tally is not None and tally.version_problem:
+        check("one Locust version on every load host", False, tally.version_problem)
+    servers = server_figures(samples, run_info)
+    if len(servers) > 1:
+        check("listeners held on every server", all(entry["held_polls_peak"] for entry in servers.values()),
+              ", ".join("%s: %s" % (url, entry["held_polls_peak"]) for url, entry in servers.items()))
     check("latency is the server's, not the client's", client_bound is None,
           client_bound or ("client lag p99 %s within %.0f%% of the server's p99" %
                            (_ms(lag.get("p99")), CLIENT_LAG_SHARE * 100)))
@@ -198,7 +258,9 @@ def build_summary(report_dir, run_info, samples, cursors):
         "held_polls_peak": max(held) if held else None,
         "server_cpu_mean": sum(cpu_samples) / len(cpu_samples) if cpu_samples else None,
         "server_cpu_max": max(cpu_samples) if cpu_samples else None, "memory": memory, "locust": locust,
-        "load_workers": tally.workers if tally else {},
+        "load_workers": tally.workers if tally else {}, "worker_shares": worker_shares(tally),
+        "servers": servers, "clocks": clock_figures(tally),
+        "under_bound": sum((worker.get("under_bound") or 0) for worker in (tally.workers if tally else {}).values()),
         "other_processes_cpu_mean": others_mean,
         "machine_contended": others_mean is not None and others_mean >= CONTENDED_PERCENT,
         "errors": tally.errors[:50] if tally else [], "error_count": error_count,
@@ -444,11 +506,7 @@ def build_report(report_dir, run_info, samples, cursors):
               else "%.1f KiB" % (mem["bytes_per_held_poll"] / 1024), ""),
              ("machine-saturated burst seconds", "%d of %d" % (summary["machine_check"]["burst_seconds_saturated"],
                                                                summary["machine_check"]["burst_seconds"]), "")]
-    for worker_id, worker in sorted(summary["load_workers"].items()):
-        rows.append(("load worker %s (pid %s on %s)" % (worker_id[-8:], worker["pid"], worker["host"]),
-                     "%s listeners, %s deliveries, %.1f s CPU" % (worker.get("listeners_started"),
-                                                                   worker.get("deliveries"),
-                                                                   worker.get("cpu_seconds") or 0), ""))
+    rows += [row for row in summary_lines(summary)]
     notes = ["Latency figures are client-bound: %s." % summary["client_bound"]] if summary["client_bound"] else []
     if summary["machine_check"]["machine_bound"]:
         notes.append("Machine-bound: in %d of %d burst seconds server, load generator and everything else together "
@@ -467,6 +525,35 @@ def build_report(report_dir, run_info, samples, cursors):
         links=[("locust.html", "Locust's own report"), ("summary.json", "summary.json"),
                ("locust_stats.csv", "Locust CSV"), ("samples.json", "per-second samples")])
     return summary
+
+
+def summary_lines(summary):
+    """(name, value, "") rows of the multi-host figures: each server, each clock offset, each load worker."""
+    rows = []
+    for url, entry in summary.get("servers", {}).items():
+        rows.append(("server " + url, "held polls peak %s, RSS %s MiB idle / %s MiB at the peak, %s per held poll"
+                     % (entry["held_polls_peak"], _mib(entry["rss_idle"]), _mib(entry["rss_at_peak"]),
+                        "-" if entry["bytes_per_held_poll"] is None else "%.1f KiB" % (entry["bytes_per_held_poll"]
+                                                                                     / 1024)), ""))
+    for clock in summary.get("clocks", []):
+        rows.append(("clock %s/%s" % (clock["host"], clock["pid"]), "%s is %+.1f ms +- %.2f ms ahead of %s's ts clock"
+                     % (clock["host"], clock["offset"] * 1000, clock["bound"] * 1000, clock["server"]), ""))
+    if summary.get("clocks"):
+        rows.append(("under the bound", "%d latencies shorter than their clock bound (recorded as the bound)"
+                     % summary.get("under_bound", 0), ""))
+    for worker_id, share in summary.get("worker_shares", {}).items():
+        rows.append(("load worker %s" % worker_id[-8:], "pid %s on %s: %d listeners (%.0f%%), %d deliveries (%.0f%%), "
+                     "%.1f s CPU, wake-up p50 %s%s" % (share["pid"], share["host"], share["listeners"],
+                                       100 * share["listener_share"], share["deliveries"],
+                                       100 * share["delivery_share"], share["cpu_seconds"] or 0,
+                                       _ms(share["latency"].get("p50")),
+                                       ", LOST: %d listeners lost contact" % share["lost_contact"]
+                                       if share["lost"] else ""), ""))
+    return rows
+
+
+def _mib(value):
+    return "-" if value is None else "%.1f" % (value / 2 ** 20)
 
 
 def _cpu_line(cpu):
@@ -508,6 +595,8 @@ def print_summary(summary, report_dir):
     if summary.get("other_processes_cpu_mean") is not None:
         print("  other processes CPU  mean %.0f%% of a core%s" % (summary["other_processes_cpu_mean"],
               " (CONTENDED machine: latency is worse than on a quiet one)" if summary["machine_contended"] else ""))
+    for name, value, _kind in summary_lines(summary):
+        print("  %-20s %s" % (name, value))
     print("  Locust requests      %s, failures %s" % (summary["locust"]["requests"], summary["locust"]["failures"]))
     for entry in summary["checks"]:
         print("  [%s] %s: %s" % ("ok" if entry["passed"] else "FAIL", entry["check"], entry["detail"]))

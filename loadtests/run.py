@@ -25,6 +25,7 @@ from reports.page import REPORTS_ROOT, new_report_dir
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCUST_CONF = os.path.join(HERE, "locust.conf")
 DESCRIPTORS_SPARE = 200       # logs, pipes, the master link, /stats probes
+DEFAULT_MASTER_PORT = 5557    # Locust's own default: the port to open to the load hosts
 
 
 def conf_defaults(path=LOCUST_CONF):
@@ -71,8 +72,18 @@ def parse_args(argv=None):
                              "about a quarter of the server's CPU per delivery; more only help when the "
                              "client lag says one is not keeping up and there are cores to spare")
     parser.add_argument("--host", default="",
-                        help="URL of a Chattle already running elsewhere; then no server is started "
-                             "and only /stats is sampled")
+                        help="URL of a Chattle already running elsewhere, or several separated by commas "
+                             "(hosts sharing one Redis): then no server is started, listeners spread evenly "
+                             "over them, posts take turns, and each one's /stats is sampled")
+    parser.add_argument("--remote-workers", type=int, default=0,
+                        help="Locust workers on other hosts (`make load-worker MASTER=...`) to wait for; "
+                             "more than 0 starts none here")
+    parser.add_argument("--master-bind", default=LOOPBACK,
+                        help="address the Locust master listens on; remote workers need one they can reach")
+    parser.add_argument("--master-port", type=int, default=0,
+                        help="port of the Locust master (0: 5557 with remote workers, else a free one)")
+    parser.add_argument("--worker-wait", type=float, default=120,
+                        help="seconds the master waits for its remote workers before it gives up")
     parser.add_argument("--report-root", default=REPORTS_ROOT,
                         help="directory that receives <timestamp>-load/ (tests point it at a temp dir)")
     return parser.parse_args(argv)
@@ -97,6 +108,11 @@ def protocol_problem(url):
     return None
 
 
+def host_urls(host):
+    """The server URLs of --host (comma-separated), without trailing slashes."""
+    return [url.strip().rstrip("/") for url in host.split(",") if url.strip()]
+
+
 def preflight(args):
     """(stages, problems, notes): problems make the run refuse to start."""
     problems, notes = [], []
@@ -119,12 +135,17 @@ def preflight(args):
                         "--client-processes" % (per_client, soft, hard))
     notes.append("client open-file limit %d (raised from the soft limit to the hard one), %d Locust worker "
                  "process(es)" % (soft, args.client_processes))
-    if args.host:
-        problem = protocol_problem(args.host.rstrip("/"))
+    for url in host_urls(args.host):
+        problem = protocol_problem(url)
         if problem:
             problems.append(problem)
         else:
-            notes.append("%s speaks the Chattle protocol (/health, a poll without since)" % args.host)
+            notes.append("%s speaks the Chattle protocol (/health, a poll without since)" % url)
+    if args.remote_workers < 0:
+        problems.append("--remote-workers must be 0 or more")
+    elif args.remote_workers and args.master_bind == LOOPBACK:
+        notes.append("the master listens on loopback only: remote workers reach it only through a tunnel "
+                     "(give --master-bind / MASTER_BIND an address they can reach)")
 
     if not args.host:
         if args.workers > 1:
@@ -171,9 +192,9 @@ class Sampler(threading.Thread):
     CPU, and the whole machine's. CPU is read from /proc and kept per pid as a running
     total, so the run's CPU seconds come from the same readings as the chart."""
 
-    def __init__(self, url, server=None, interval=1.0):
+    def __init__(self, urls, server=None, interval=1.0):
         super().__init__(daemon=True)
-        self.url, self.server, self.interval = url, server, interval
+        self.urls, self.server, self.interval = urls, server, interval
         self.samples = []
         self.started = time.time()
         self.locust_pid = None
@@ -223,20 +244,25 @@ class Sampler(threading.Thread):
             return []
 
     def _held_polls(self):
-        probes = 1 if self.server is None or not self.server.gunicorn else 3 * self.server.workers
+        """{url: (held polls, RSS from /stats)} summed over the workers seen behind each URL
+        lately (each probe reaches whichever worker accepts it, so a few per worker)."""
+        workers = self.server.workers if self.server is not None else 2
+        probes = 1 if self.server is not None and not self.server.gunicorn else 3 * workers
         now = time.time()
-        for _ in range(probes):
-            try:
-                status, body = get_json(self.url + "/stats", timeout=2)
-            except OSError:
-                continue
-            if status == 200 and isinstance(body, dict):
-                self._waiters[body["pid"]] = (body["waiters"], now, body.get("rss_bytes"))
-        fresh = [value for value in self._waiters.values() if now - value[1] < 3 * self.interval + 1]
-        if not fresh:
-            return None, None
-        rss = [value[2] for value in fresh if value[2] is not None]
-        return sum(value[0] for value in fresh), (sum(rss) if rss else None)
+        per_server = {}
+        for url in self.urls:
+            for _ in range(probes):
+                try:
+                    status, body = get_json(url + "/stats", timeout=2)
+                except OSError:
+                    continue
+                if status == 200 and isinstance(body, dict):
+                    self._waiters[(url, body["pid"])] = (body["waiters"], now, body.get("rss_bytes"))
+            fresh = [value for key, value in self._waiters.items()
+                     if key[0] == url and now - value[1] < 3 * self.interval + 1]
+            rss = [value[2] for value in fresh if value[2] is not None]
+            per_server[url] = (sum(value[0] for value in fresh) if fresh else None, sum(rss) if rss else None)
+        return per_server
 
     def _machine_cpu(self):
         """Every core's busy time since the last sample, in % of one core (/proc/stat)."""
@@ -271,9 +297,14 @@ class Sampler(threading.Thread):
                     self.client_processes[pid] = psutil.Process(pid)
                 except psutil.NoSuchProcess:
                     pass
-        waiters, stats_rss = self._held_polls()
-        row = {"t": now - self.started, "time": now, "held_polls": waiters, "machine_cpu": machine,
-               "server_rss": summed_rss(server_pids) if self.server is not None else stats_rss,
+        per_server = self._held_polls()
+        held = [value[0] for value in per_server.values() if value[0] is not None]
+        stats_rss = [value[1] for value in per_server.values() if value[1] is not None]
+        row = {"t": now - self.started, "time": now, "held_polls": sum(held) if held else None,
+               "machine_cpu": machine,
+               "servers": {url: {"held_polls": value[0], "rss": value[1]} for url, value in per_server.items()},
+               "server_rss": summed_rss(server_pids) if self.server is not None else
+               (sum(stats_rss) if stats_rss else None),
                "server_cpu": sum(server) if self.server is not None and elapsed else None,
                "client_cpu": sum(client) if client else None,
                "client_cpu_max_process": max(client) if client else None}
@@ -320,15 +351,23 @@ def stop_on_sigterm(_signum, _frame):
     raise KeyboardInterrupt  # the same clean-up path as Ctrl-C
 
 
-def locust_argv(args, url, report_dir, raw_dir):
-    master_port = free_port()
+def locust_argv(args, urls, report_dir, raw_dir):
+    if args.remote_workers:
+        # Only the master here; it waits for the remote workers (bounded), then plays the table.
+        master_port = args.master_port or DEFAULT_MASTER_PORT
+        workers = ["--master", "--expect-workers", str(args.remote_workers),
+                   "--expect-workers-max-wait", str(int(args.worker_wait))]
+    else:
+        # A port of its own: two runs on one machine (a test beside a run) must not hand
+        # each other's workers to the wrong master, as 5557 for all would.
+        # (forked workers dial --master-host/--master-port, the master listens on the bind pair)
+        master_port = args.master_port or free_port()
+        workers = ["--processes", str(args.client_processes),
+                   "--master-host", LOOPBACK if args.master_bind in ("0.0.0.0", "::") else args.master_bind,
+                   "--master-port", str(master_port)]
     return [sys.executable, "-m", "locust", "--config", LOCUST_CONF, "-f", os.path.join(HERE, "locustfile.py"),
-            "--headless", "--host", url, "--processes", str(args.client_processes),
-            # A port of its own on loopback: two runs on one machine (a test beside a run)
-            # must not hand each other's workers to the wrong master, as 5557 for all would.
-            # (forked workers dial --master-host/--master-port, the master listens on the bind pair)
-            "--master-bind-host", LOOPBACK, "--master-bind-port", str(master_port),
-            "--master-host", LOOPBACK, "--master-port", str(master_port),
+            "--headless", "--host", urls[0], "--servers", ",".join(urls), *workers,
+            "--master-bind-host", args.master_bind, "--master-bind-port", str(master_port),
             "--listeners", str(args.users), "--posters", str(args.posters), "--rooms", str(args.rooms),
             "--run-seconds", str(args.duration), "--spawn-rate", str(args.spawn_rate),
             "--stop-rate", str(args.stop_rate), "--poll-timeout", str(args.poll_timeout),
@@ -342,7 +381,7 @@ def watch_locust(locust, sampler, stages, args):
     interactive = sys.stdout.isatty()
     last_print = 0.0
     started = time.time()
-    deadline = started + args.duration + SETTLE_SECONDS + 60
+    deadline = started + args.duration + SETTLE_SECONDS + 60 + (args.worker_wait if args.remote_workers else 0)
     while locust.alive():
         if time.time() > deadline:
             raise RuntimeError("Locust did not finish within %gs of its stage table" % (SETTLE_SECONDS + 60))
@@ -375,11 +414,11 @@ def main(argv=None):
     interrupted = False
     started_at = time.time()
     locust_started = server_cpu_before = None
-    url, cursors, run_error = None, {}, None
+    urls, cursors, run_error = [], {}, None
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         if args.host:
-            url = args.host.rstrip("/")
+            urls = host_urls(args.host)
         else:
             redis_url = None
             if args.workers > 1:
@@ -388,16 +427,20 @@ def main(argv=None):
                 print("load: redis-server pid %d on %s" % (redis.pid, redis_url))
             server = ChattleServer(workers=args.workers, redis_url=redis_url, own_session=True,
                                    log_path=os.path.join(report_dir, "server.log"))
-            url = server.url
+            urls = [server.url]
             print("load: chattle %s on %s (pid %d)"
-                  % ("gunicorn x%d" % args.workers if server.gunicorn else "python chattle.py", url, server.pid))
-        sampler = Sampler(url, server)
+                  % ("gunicorn x%d" % args.workers if server.gunicorn else "python chattle.py", server.url,
+                     server.pid))
+        sampler = Sampler(urls, server)
         sampler.start()
         time.sleep(2)  # idle samples before anyone connects: the baseline RSS
         if server is not None:
             server_cpu_before = sum(process_cpu_seconds(pid) for pid in server.worker_pids())
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        locust = Process(locust_argv(args, url, report_dir, raw_dir), env=env, own_session=True,
+        if args.remote_workers:
+            print("load: the Locust master waits up to %gs for %d remote worker(s) on %s:%d"
+                  % (args.worker_wait, args.remote_workers, args.master_bind, args.master_port or DEFAULT_MASTER_PORT))
+        locust = Process(locust_argv(args, urls, report_dir, raw_dir), env=env, own_session=True,
                          log_path=os.path.join(report_dir, "locust.log"))
         locust_started = time.time()
         sampler.locust_pid = locust.pid
@@ -418,9 +461,9 @@ def main(argv=None):
         server_cpu = None
         if server is not None and server.alive() and server_cpu_before is not None:
             server_cpu = sum(process_cpu_seconds(pid) for pid in server.worker_pids()) - server_cpu_before
-        if url is not None and (server is None or server.alive()):
+        if urls and (server is None or server.alive()):
             try:
-                cursors = final_cursors(url, args.rooms)
+                cursors = final_cursors(urls[0], args.rooms)
             except (OSError, RuntimeError, ValueError) as exc:
                 run_error = run_error or "final cursors: %s" % exc
         for started, grace in ((server, 10), (redis, 10)):
@@ -433,7 +476,8 @@ def main(argv=None):
                 "burst_size": args.burst_size, "burst_gap": args.burst_gap, "poll_timeout": args.poll_timeout,
                 "client_timeout": args.poll_timeout + CLIENT_TIMEOUT_MARGIN, "spawn_rate": args.spawn_rate,
                 "stop_rate": args.stop_rate, "workers": args.workers, "client_processes": args.client_processes,
-                "host": args.host or None, "server": ("gunicorn x%d, redis bus" % args.workers if args.workers > 1
+                "host": args.host or None, "servers": urls, "remote_workers": args.remote_workers,
+                "server": ("gunicorn x%d, redis bus" % args.workers if args.workers > 1
                                                       else "python chattle.py, memory bus") if not args.host
                 else "external %s" % args.host,
                 "started": started_at, "locust_started": locust_started, "stages": stages,

@@ -3,6 +3,7 @@
 import time
 
 from locust import LoadTestShape
+from locust.runners import STATE_MISSING
 
 from loadtests.scenario import SETTLE_SECONDS, build_stages, stage_at
 
@@ -26,13 +27,21 @@ class StagedShape(LoadTestShape):
         if cls.stop_requested_at is None:
             cls.stop_requested_at = time.monotonic()
 
+    def connected_workers(self):
+        """Ids of the workers the master still hears (Locust marks one missing after
+        HEARTBEAT_LIVENESS silent seconds, then drops it); None on a local runner."""
+        clients = getattr(self.runner, "clients", None)
+        if clients is None:
+            return None
+        return {client.id for client in clients.all if client.state != STATE_MISSING}
+
     def tick(self):
         if self.stages is None:
             options = self.runner.environment.parsed_options
             self.stages = build_stages(options.listeners, options.posters, options.run_seconds, options.spawn_rate,
                                        options.stop_rate)
         last = self.stages[-1]
-        drained = self.run_tally is not None and self.run_tally.drained()
+        drained = self.run_tally is not None and self.run_tally.drained(self.connected_workers())
         if self.stop_requested_at is not None:
             if drained or time.monotonic() > self.stop_requested_at + last["end"] - last["start"] + SETTLE_SECONDS:
                 return None

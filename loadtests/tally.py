@@ -20,6 +20,7 @@ import time
 from bench.measures import DeliveryLedger, LatencyHistogram, client_lag, process_cpu_seconds, wakeup_latency
 
 ERRORS_KEPT = 200           # examples kept per process; every error is counted
+LOCUST_VERSION = [None]     # set by the locustfile: the report reads tallies without Locust
 
 
 class WorkerTally:
@@ -32,6 +33,8 @@ class WorkerTally:
         self.listeners_ended = 0
         self.deliveries = 0
         self.unstamped = 0          # answers without a kernel timestamp: their lag counts as latency
+        self.under_bound = 0        # latencies shorter than the clock offset's bound: not measurable
+        self.clocks = None          # Clocks.to_dict(): offsets to each server, sent with every report
         self._reset()
 
     def _reset(self):
@@ -43,16 +46,24 @@ class WorkerTally:
 
     # -- recording (listeners and posters call these) ------------------------------------
 
-    def delivery(self, arrived_at, read_at, message_ts, stamped=True):
+    def delivery(self, arrived_at, read_at, message_ts, stamped=True, offset=0.0, bound=0.0):
         """One message a held poll brought: its wake-up latency and the client's lag, filed
-        under the second it arrived in (two dict counts; see LatencyHistogram.record)."""
+        under the second it arrived in on the server's clock (two dict counts; see
+        LatencyHistogram.record). `offset` (this host's clock minus the server's) corrects
+        the latency; one shorter than the offset's `bound` is counted as under the bound
+        and recorded as the bound, never as a negative number."""
         if not stamped:
             self.unstamped += 1
-        second = int(arrived_at)
+        arrived_on_server_clock = arrived_at - offset
+        second = int(arrived_on_server_clock)
         pair = self.seconds.get(second)
         if pair is None:
             pair = self.seconds[second] = (LatencyHistogram(), LatencyHistogram())
-        pair[0].record(wakeup_latency(arrived_at, message_ts))
+        latency = wakeup_latency(arrived_on_server_clock, message_ts)
+        if latency < bound:
+            self.under_bound += 1
+            latency = bound
+        pair[0].record(latency)
         pair[1].record(client_lag(read_at, arrived_at))
         self.deliveries += 1
 
@@ -90,7 +101,8 @@ class WorkerTally:
             "sequence": next(self.reports), "final": final, "host": socket.gethostname(), "pid": os.getpid(),
             "cpu_seconds": process_cpu_seconds(os.getpid()) - self.cpu_at_start,
             "listeners_started": self.listeners_started, "listeners_ended": self.listeners_ended,
-            "deliveries": self.deliveries, "unstamped": self.unstamped,
+            "deliveries": self.deliveries, "unstamped": self.unstamped, "under_bound": self.under_bound,
+            "clocks": self.clocks, "locust_version": LOCUST_VERSION[0],
             "seconds": [[second, self.seconds[second][0].to_dict(), self.seconds[second][1].to_dict()]
                         for second in done],
             "ended": self.ended, "posts": self.posts, "errors": self.errors, "error_count": self.error_count,
@@ -104,7 +116,9 @@ class WorkerTally:
 class RunTally:
     """The whole run, added up from every worker's reports (on the master)."""
 
-    def __init__(self):
+    def __init__(self, locust_version=None):
+        """`locust_version`: the master's; a worker reporting another one sets version_problem."""
+        self.locust_version = locust_version
         self.latency = LatencyHistogram()
         self.lag = LatencyHistogram()
         self.seconds = {}
@@ -113,7 +127,9 @@ class RunTally:
         self.errors = []
         self.error_count = 0
         self.workers = {}
+        self.worker_latency = {}    # worker id -> its own LatencyHistogram (clocks compared per host)
         self.master = None          # host, pid and CPU seconds of the master, set when it writes
+        self.version_problem = None  # a worker on another Locust version: the run was stopped
 
     def merge(self, worker_id, report):
         worker = self.workers.setdefault(worker_id, {"host": report["host"], "pid": report["pid"], "reports": 0,
@@ -121,9 +137,19 @@ class RunTally:
         worker.update(reports=worker["reports"] + 1, last_report_at=time.time(), cpu_seconds=report["cpu_seconds"],
                       listeners_started=report["listeners_started"], listeners_ended=report["listeners_ended"],
                       deliveries=report["deliveries"], unstamped=report.get("unstamped", 0),
-                      final=worker["final"] or report["final"])
+                      under_bound=report.get("under_bound", 0), clocks=report.get("clocks"),
+                      locust_version=report.get("locust_version"), lost=False, final=worker["final"] or report["final"])
+        if self.locust_version and report.get("locust_version") != self.locust_version \
+                and self.version_problem is None:
+            # Locust itself only warns; a worker of another version may count and report
+            # differently, so the run is stopped and the report says why.
+            self.version_problem = ("load worker %s on %s runs Locust %s, the master runs %s: install the same "
+                                    "version on every load host" % (worker_id, report["host"],
+                                                                    report.get("locust_version"), self.locust_version))
+        own = self.worker_latency.setdefault(worker_id, LatencyHistogram())
         for second, latency, lag in report["seconds"]:
             latency, lag = LatencyHistogram.from_dict(latency), LatencyHistogram.from_dict(lag)
+            own.add(latency)
             pair = self.seconds.get(second)
             if pair is None:
                 pair = self.seconds[second] = (LatencyHistogram(), LatencyHistogram())
@@ -131,6 +157,8 @@ class RunTally:
             pair[1].add(lag)
             self.latency.add(latency)
             self.lag.add(lag)
+        if report["seconds"]:
+            worker["latency"] = own.summary()
         for summary in report["ended"]:
             self.listeners.append(dict(summary, worker=worker_id))
         self.posts.extend(report["posts"])
@@ -138,10 +166,16 @@ class RunTally:
         self.errors.extend(report["errors"][:max(0, room)])
         self.error_count += report["error_count"]
 
-    def drained(self):
-        """Every worker has reported, and every listener it started has ended (caught up or gave up)."""
+    def drained(self, connected=None):
+        """Every worker has reported, and every listener it started has ended (caught up or
+        gave up). A worker not among `connected` (ids the master still hears) is marked
+        lost: its listeners without a ledger count as lost contact, and nobody waits on it."""
+        if connected is not None:
+            for worker_id, worker in self.workers.items():
+                if worker_id not in connected and not worker["final"]:
+                    worker["lost"] = True
         return bool(self.workers) and all(worker["listeners_started"] == worker["listeners_ended"]
-                                          for worker in self.workers.values())
+                                          or worker.get("lost") for worker in self.workers.values())
 
     def ledgers(self):
         return [(entry, DeliveryLedger.from_dict(entry["ledger"])) for entry in self.listeners]
@@ -153,7 +187,7 @@ class RunTally:
                             for second, pair in sorted(self.seconds.items())],
                 "listeners": self.listeners, "posts": self.posts, "errors": self.errors,
                 "error_count": self.error_count, "workers": self.workers,
-                "master": self.master}
+                "master": self.master, "version_problem": self.version_problem}
 
     @classmethod
     def from_dict(cls, data):
@@ -166,6 +200,7 @@ class RunTally:
         tally.listeners, tally.posts = data["listeners"], data["posts"]
         tally.errors, tally.error_count, tally.workers = data["errors"], data["error_count"], data["workers"]
         tally.master = data.get("master")
+        tally.version_problem = data.get("version_problem")
         return tally
 
     def write(self, path):

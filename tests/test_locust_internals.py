@@ -57,3 +57,28 @@ def test_gevent_keeps_the_original_epoll_for_the_held_poll_driver():
     epoll = get_original("select", "epoll")()
     assert hasattr(epoll, "poll") and epoll.fileno() >= 0
     epoll.close()
+
+
+def test_the_master_knows_which_workers_it_still_hears():
+    """StagedShape.connected_workers reads runner.clients.all and each WorkerNode's state:
+    Locust marks a worker STATE_MISSING after HEARTBEAT_LIVENESS silent heartbeats."""
+    assert hasattr(locust.runners.WorkerNodes, "all") and locust.runners.STATE_MISSING == "missing"
+    node = locust.runners.WorkerNode("w1")
+    assert node.id == "w1" and node.state != locust.runners.STATE_MISSING
+    source = inspect.getsource(locust.runners.MasterRunner.heartbeat_worker)
+    assert "client.state = STATE_MISSING" in source
+
+
+def test_a_master_waits_for_remote_workers_with_expect_workers_and_a_bounded_wait():
+    """loadtests.run --remote-workers passes --expect-workers and --expect-workers-max-wait (an int)."""
+    source = inspect.getsource(locust.main.main)
+    assert "options.expect_workers_max_wait" in source and "runner.clients.ready" in source
+    options = locust.argument_parser.parse_options(["--master", "--expect-workers", "2",
+                                                    "--expect-workers-max-wait", "60"])
+    assert options.expect_workers == 2 and options.expect_workers_max_wait == 60
+
+
+def test_locust_itself_only_warns_about_a_worker_of_another_version():
+    """Hence RunTally(locust_version) turns a mismatch into an error that stops the run."""
+    source = inspect.getsource(locust.runners.MasterRunner.handle_message)
+    assert "running a different version" in source and "logger.warning" in source

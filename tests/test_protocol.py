@@ -118,7 +118,11 @@ def test_seed_urls_are_room_lobby(wsgi):
 def test_health_shape(wsgi):
     answer = wsgi("GET", "/health")
     assert answer.status == 200
-    assert answer.json == {"status": "ok", "bus": "memory", "pid": chattle.os.getpid()}
+    before = chattle.time.time()
+    answer = wsgi("GET", "/health")
+    assert answer.json == {"status": "ok", "bus": "memory", "pid": chattle.os.getpid(), "time": answer.json["time"]}
+    # the memory bus stamps ts with this process's clock, so that is the clock /health tells
+    assert before <= answer.json["time"] <= chattle.time.time()
 
 
 def test_health_degraded_is_503(wsgi, monkeypatch):

@@ -105,6 +105,8 @@ def test_the_app_on_the_redis_bus(redis_server):
         assert posted.status == 201 and posted.json["id"] == 1
         polled = call_wsgi("GET", "/rooms/app/msgs", query="since=0&timeout=5")
         assert [m["content"] for m in polled.json["messages"]] == ["x"]
+        # /health's "time" is the clock `ts` comes from: Redis TIME, read after the post
+        assert call_wsgi("GET", "/health").json["time"] >= posted.json["ts"]
     finally:
         chattle.configure(chattle.Settings())
 
@@ -120,6 +122,7 @@ def test_redis_down_answers_503_and_health_degraded(redis_server):
         assert "error" in posted.json
         wait_until(lambda: call_wsgi("GET", "/health").status == 503, 10.0, "health degraded")
         assert call_wsgi("GET", "/health").json["status"] == "degraded"
+        assert call_wsgi("GET", "/health").json["time"] is None
         polled = call_wsgi("GET", "/rooms/down/msgs", query="since=0&timeout=1")
         assert polled.status == 503 and polled.header("Retry-After")
     finally:

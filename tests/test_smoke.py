@@ -14,6 +14,8 @@ def test_post_then_poll_in_process(wsgi):
 
 def test_real_server_answers_health_and_post(start_chattle):
     server = start_chattle()
-    assert get_json(server.url + "/health") == (200, {"status": "ok", "bus": "memory", "pid": server.pid})
+    status, health = get_json(server.url + "/health")
+    assert (status, health) == (200, {"status": "ok", "bus": "memory", "pid": server.pid, "time": health["time"]})
+    assert isinstance(health["time"], float)
     status, body = post_json(server.url + "/msgs", {"from": "ann", "content": "hello"})
     assert status == 201 and body["id"] == 1
