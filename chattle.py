@@ -486,6 +486,8 @@ class RedisBus:
     them: `missed` and `reset` are judged as in the in-memory bus.
     """
 
+    LOAD_ATTEMPTS = 3  # a poll that waited for another's load looks again this often at most
+
     name = "redis"
     POSTS = "chattle:posts"
     POSTS_RETAINED = 10000      # the reader only needs recent entries; a longer outage resyncs rooms
@@ -565,15 +567,24 @@ return {id, ts}
     # -- polls -----------------------------------------------------------------------
     def room(self, room_name, since=None):
         """The room with its local copy current enough to answer a poll after `since`."""
-        room = self.rooms.get(room_name)
-        state = self.loaded.get(room_name)
-        if state is not True:
+        for _attempt in range(self.LOAD_ATTEMPTS):
+            room = self.rooms.get(room_name)
+            state = self.loaded.get(room_name)
+            if state is True:
+                break
             if state is None:
                 self._load(room_name, room)
-            else:
+                break
+            # Another poll is loading it. Counted as waiting meanwhile, so that poll, finding
+            # the room empty, does not drop it (Rooms.release) under this one; and looking
+            # again afterwards, since its load may have failed.
+            room.waiting += 1
+            try:
                 state.wait()
-                if self.loaded.get(room_name) is not True:
-                    raise BusUnavailable("the room could not be loaded")
+            finally:
+                room.waiting -= 1
+        else:
+            raise BusUnavailable("the room could not be loaded")
         if since is not None and since > room.last_id:
             # A cursor another worker handed out before this worker's reader caught up
             # is not from the future: ask Redis before answering "reset".

@@ -127,3 +127,19 @@ def test_redis_down_answers_503_and_health_degraded(redis_server):
         assert polled.status == 503 and polled.header("Retry-After")
     finally:
         chattle.configure(chattle.Settings())
+
+
+def test_concurrent_first_polls_of_an_empty_room_are_all_answered(redis_server, start_chattle):
+    """The first poll loads the room from Redis while the others wait for that load; it is
+    answered (nothing there) and the empty room is dropped, as unused rooms are. Those
+    waiting must then load it again, not answer 503 "the room could not be loaded"."""
+    import gevent
+
+    from harness.processes import get_json
+    server = start_chattle(redis_url=redis_server.url)
+    for attempt in range(5):
+        room = "fresh-%d" % attempt
+        polls = [gevent.spawn(get_json, "%s/rooms/%s/msgs" % (server.url, room), 10) for _ in range(40)]
+        gevent.joinall(polls, timeout=30, raise_error=True)
+        statuses = sorted(poll.value[0] for poll in polls)
+        assert statuses == [200] * 40, [poll.value for poll in polls if poll.value[0] != 200][:3]
