@@ -416,6 +416,9 @@ def main(argv=None):
     locust_started = server_cpu_before = None
     urls, cursors, run_error = [], {}, None
     signal.signal(signal.SIGTERM, stop_on_sigterm)
+    # Python leaves SIGINT ignored when it starts ignored (a script's background job):
+    # Ctrl-C, or a SIGINT sent on purpose, must still end the run through its clean-up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.host:
             urls = host_urls(args.host)
