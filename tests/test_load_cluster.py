@@ -137,7 +137,10 @@ def test_a_run_across_namespace_hosts_corrects_a_clock_two_seconds_ahead(tmp_pat
             assert abs(clock["offset"] - expected) <= 0.020 and clock["bound"] < 0.020, (host, clock)
     shares = {share["host"]: share for share in summary["worker_shares"].values()}
     skewed, control = shares["host-c"]["latency"]["p50"], shares["host-d"]["latency"]["p50"]
-    assert skewed == pytest.approx(control, rel=0.10), output
+    # Within 10 %, or half a millisecond where 10 % is less: at latencies of a millisecond
+    # or two, a listener's place in the wake order moves p50 by more than 10 % from run to
+    # run (seen: 1.45 against 1.30 ms), while an uncorrected 2 s skew would be 2000 ms off.
+    assert skewed == pytest.approx(control, rel=0.10, abs=0.0005), output
     delivery = summary["delivery"]
     assert delivery["lost"] == 0 and delivery["gave_up"] == 0 and delivery["listeners"] == 300, output
     assert all(server["held_polls_peak"] for server in summary["servers"].values()), summary["servers"]
