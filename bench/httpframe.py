@@ -27,6 +27,14 @@ CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[^\r\n]*close", re.IGNORECASE)
 _FRAMINGS = {}
 MAX_FRAMINGS_KEPT = 256
 
+# More than the head: a fan-out's answers are byte for byte the same (one body shared by
+# every waiter of a room, the same Date within a second), and each comes in one segment.
+# A whole answer read in one piece is framed once and its Response handed to every
+# reader of the same bytes (Responses are never changed). Bounded, cleared when full.
+_WHOLE_ANSWERS = {}
+MAX_WHOLE_ANSWERS_KEPT = 256
+MAX_WHOLE_ANSWER_BYTES = 16384
+
 
 def frame(head):
     """(status, keep_alive, chunked, content length or None, until_close) of one answer head."""
@@ -96,6 +104,19 @@ class ResponseParser:
 
     def feed(self, data):
         """Add bytes; the next whole answer, or None while it is incomplete."""
+        if self._buffer or self._head is not None:
+            return self._feed(data)
+        response = _WHOLE_ANSWERS.get(data)
+        if response is not None:
+            return response
+        response = self._feed(data)
+        if response is not None and not self._buffer and len(data) <= MAX_WHOLE_ANSWER_BYTES:
+            if len(_WHOLE_ANSWERS) >= MAX_WHOLE_ANSWERS_KEPT:
+                _WHOLE_ANSWERS.clear()
+            _WHOLE_ANSWERS[data] = response
+        return response
+
+    def _feed(self, data):
         buffer = self._buffer = self._buffer + data if self._buffer else data
         if self._head is None:
             end = buffer.find(HEAD_END)

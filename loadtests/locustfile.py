@@ -11,6 +11,7 @@ to the master in Locust's worker reports; the master adds them up and writes
 the server and sets the options.
 """
 
+import functools
 import itertools
 import json
 import os
@@ -30,6 +31,7 @@ from bench.measures import DeliveryLedger, process_cpu_seconds
 from chattle_limits import CLIENT_TIMEOUT_MARGIN
 from loadtests import longpoll
 from loadtests.clocks import Clocks, kernel_stamp_skew
+from loadtests.locust_stats import log_untimed
 from loadtests.longpoll import HeldPolls, LongPollClient
 from loadtests.scenario import build_stages, room_name, stage_at
 from loadtests.shapes import StagedShape  # noqa: F401  (Locust finds the shape in the locustfile)
@@ -392,7 +394,9 @@ def held_polls(environment):
     """This process's HeldPolls (made on first use: it needs the run's options)."""
     if not HELD_POLLS:
         options = environment.parsed_options
-        HELD_POLLS.append(HeldPolls(environment.events.request, options.poll_timeout + CLIENT_TIMEOUT_MARGIN))
+        name = "poll (held)"
+        HELD_POLLS.append(HeldPolls(environment.events.request, options.poll_timeout + CLIENT_TIMEOUT_MARGIN, name,
+                                    functools.partial(log_untimed, environment.stats, "GET", name)))
     return HELD_POLLS[0]
 
 

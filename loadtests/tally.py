@@ -157,8 +157,6 @@ class RunTally:
             pair[1].add(lag)
             self.latency.add(latency)
             self.lag.add(lag)
-        if report["seconds"]:
-            worker["latency"] = own.summary()
         for summary in report["ended"]:
             self.listeners.append(dict(summary, worker=worker_id))
         self.posts.extend(report["posts"])
@@ -183,6 +181,10 @@ class RunTally:
     # -- to and from raw/run.json ----------------------------------------------------------
 
     def to_dict(self):
+        # Each worker's own latency figures are summed up here, once, not per report:
+        # HdrHistogram's mean walks every bucket in Python (half the master's CPU, per report).
+        for worker_id, own in self.worker_latency.items():
+            self.workers[worker_id]["latency"] = own.summary()
         return {"seconds": [[second, pair[0].to_dict(), pair[1].to_dict()]
                             for second, pair in sorted(self.seconds.items())],
                 "listeners": self.listeners, "posts": self.posts, "errors": self.errors,

@@ -268,6 +268,26 @@ def test_heads_are_framed_once_each_and_the_table_stays_bounded():
         ResponseParser().feed(b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n")
 
 
+def test_a_whole_answer_read_again_is_framed_once_and_the_table_stays_bounded():
+    from bench import httpframe
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    first = ResponseParser().feed(answer)
+    assert ResponseParser().feed(bytes(answer)) is first             # equal bytes, one framing
+    parser = ResponseParser()
+    assert parser.feed(answer[:10]) is None                         # in pieces: framed as ever
+    assert parser.feed(answer[10:]).body == b"{}" and not parser.pending
+    pipelined = ResponseParser()
+    assert pipelined.feed(answer + answer[:5]).body == b"{}"        # more than one answer: not kept
+    assert answer + answer[:5] not in httpframe._WHOLE_ANSWERS and pipelined.pending
+    for n in range(httpframe.MAX_WHOLE_ANSWERS_KEPT + 10):
+        ResponseParser().feed(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(b"%d" % n) + b"%d" % n)
+    assert len(httpframe._WHOLE_ANSWERS) <= httpframe.MAX_WHOLE_ANSWERS_KEPT
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % httpframe.MAX_WHOLE_ANSWER_BYTES
+    assert len(ResponseParser().feed(big + b"x" * httpframe.MAX_WHOLE_ANSWER_BYTES).body) == \
+        httpframe.MAX_WHOLE_ANSWER_BYTES
+    assert not any(len(data) > httpframe.MAX_WHOLE_ANSWER_BYTES for data in httpframe._WHOLE_ANSWERS)
+
+
 # -- the report's judgements ------------------------------------------------------------------------
 
 def test_a_client_lag_over_a_tenth_of_the_servers_p99_makes_the_run_client_bound():

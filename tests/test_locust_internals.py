@@ -2,6 +2,7 @@
 changes it fails here, loudly, instead of silently losing a run's figures."""
 
 import inspect
+import time
 
 import locust
 import locust.main
@@ -82,3 +83,46 @@ def test_locust_itself_only_warns_about_a_worker_of_another_version():
     """Hence RunTally(locust_version) turns a mismatch into an error that stops the run."""
     source = inspect.getsource(locust.runners.MasterRunner.handle_message)
     assert "running a different version" in source and "logger.warning" in source
+
+
+def _stats_fields(entry):
+    fields = entry.serialize()
+    fields.pop("start_time")  # when the RequestStats was made
+    return fields
+
+
+def test_logging_untimed_answers_in_bulk_leaves_what_one_event_each_would():
+    """HeldPolls logs a batch of held-poll answers in one log_untimed call instead of one
+    request event each; Locust's statistics must come out the same, field by field."""
+    from locust.stats import RequestStats
+
+    from loadtests.locust_stats import log_untimed
+
+    one_by_one, in_bulk = RequestStats(), RequestStats()
+    for stats in (one_by_one, in_bulk):
+        stats.log_request("POST", "post", 12, 40)  # an earlier timed request shares the total
+    now = int(time.time()) + 0.25
+    lengths = [180, 181, 179, 180, 250]
+    with _frozen_time(now):
+        for length in lengths:
+            one_by_one.log_request("GET", "poll (held)", None, length)
+    log_untimed(in_bulk, "GET", "poll (held)", len(lengths), sum(lengths), now=now)
+    assert _stats_fields(in_bulk.get("poll (held)", "GET")) == _stats_fields(one_by_one.get("poll (held)", "GET"))
+    assert _stats_fields(in_bulk.total) == _stats_fields(one_by_one.total)
+
+
+class _frozen_time:
+    """time.time() inside locust.stats fixed at `now`, so both ways log in one second."""
+
+    def __init__(self, now):
+        self.now = now
+
+    def __enter__(self):
+        import locust.stats
+        self.original = locust.stats.time
+        locust.stats.time = type("FrozenTime", (), {"time": staticmethod(lambda: self.now)})
+        return self
+
+    def __exit__(self, *_exc):
+        import locust.stats
+        locust.stats.time = self.original
