@@ -74,6 +74,7 @@ LOAD_ARGS = $(strip $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration 
   $(if $(ROOMS),--rooms $(ROOMS)) $(if $(filter-out 1,$(WORKERS)),--workers $(WORKERS)) \
   $(if $(HOST),--host $(HOST)) $(if $(POSTERS),--posters $(POSTERS)) \
   $(if $(BURST_SIZE),--burst-size $(BURST_SIZE)) $(if $(BURST_GAP),--burst-gap $(BURST_GAP)) \
+  $(if $(SEED),--schedule-seed $(SEED)) \
   $(if $(POLL_TIMEOUT),--poll-timeout $(POLL_TIMEOUT)) $(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) \
   $(if $(CLIENT_PROCESSES),--client-processes $(CLIENT_PROCESSES)) \
   $(if $(REMOTE_WORKERS),--remote-workers $(REMOTE_WORKERS)) $(if $(MASTER_BIND),--master-bind $(MASTER_BIND)))

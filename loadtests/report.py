@@ -274,9 +274,11 @@ def _ms(value):
 # -- charts -------------------------------------------------------------------------------------------
 
 def _what_ran(run):
-    return ("%d listeners over %d room(s), %d posters (bursts of %d, mean gap %gs), polls of %gs, %s, %gs run"
+    seed = run.get("schedule_seed")
+    return ("%d listeners over %d room(s), %d posters (bursts of %d, mean gap %gs, %s), polls of %gs, %s, %gs run"
             % (run["users"], run["rooms"], run["posters"], run["burst_size"], run["burst_gap"],
-               run["poll_timeout"], run["server"], run["duration"]))
+               "schedule seed %d" % seed if seed else "unseeded schedule", run["poll_timeout"], run["server"],
+               run["duration"]))
 
 
 def _shade_stages(axis, stages):

@@ -55,6 +55,9 @@ def parse_args(argv=None):
                         help="messages per burst, sent back to back")
     parser.add_argument("--burst-gap", type=float, default=float(conf["burst-gap"]),
                         help="mean seconds of quiet after each burst, per poster")
+    parser.add_argument("--schedule-seed", type=int, default=int(conf["schedule-seed"]),
+                        help="seeds the posters' quiet gaps: the same seed makes the same schedule, so two runs "
+                             "compare; 0 draws a new one each run")
     parser.add_argument("--poll-timeout", type=float, default=float(conf["poll-timeout"]),
                         help="seconds each poll asks the server to hold it")
     parser.add_argument("--spawn-rate", type=float, default=float(conf["spawn-rate"]),
@@ -372,6 +375,7 @@ def locust_argv(args, urls, report_dir, raw_dir):
             "--run-seconds", str(args.duration), "--spawn-rate", str(args.spawn_rate),
             "--stop-rate", str(args.stop_rate), "--poll-timeout", str(args.poll_timeout),
             "--burst-size", str(args.burst_size), "--burst-gap", str(args.burst_gap), "--raw-dir", raw_dir,
+            "--schedule-seed", str(args.schedule_seed),
             "--lost-contact-seconds", str(args.lost_contact_seconds),
             "--csv", os.path.join(report_dir, "locust"), "--html", os.path.join(report_dir, "locust.html")]
 
@@ -476,7 +480,8 @@ def main(argv=None):
 
     from loadtests.report import build_report, print_summary
     run_info = {"users": args.users, "posters": args.posters, "rooms": args.rooms, "duration": args.duration,
-                "burst_size": args.burst_size, "burst_gap": args.burst_gap, "poll_timeout": args.poll_timeout,
+                "burst_size": args.burst_size, "burst_gap": args.burst_gap, "schedule_seed": args.schedule_seed,
+                "poll_timeout": args.poll_timeout,
                 "client_timeout": args.poll_timeout + CLIENT_TIMEOUT_MARGIN, "spawn_rate": args.spawn_rate,
                 "stop_rate": args.stop_rate, "workers": args.workers, "client_processes": args.client_processes,
                 "host": args.host or None, "servers": urls, "remote_workers": args.remote_workers,
