@@ -13,7 +13,8 @@ Every answer is read with recvmsg() and the kernel's receive timestamp
 what the server's wake-up latency ends on; the gap is the load generator's own lag.
 
 Each request fires Locust's `events.request`, as Locust's documentation asks of a
-custom client, so its request statistics, failures and CSV stay complete.
+custom client, so its request statistics, failures and CSV stay complete; a fan-out's
+held-poll answers reach the same statistics a batch at a time (`HeldPolls.log_answers`).
 """
 
 import _socket

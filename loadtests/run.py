@@ -72,7 +72,7 @@ def parse_args(argv=None):
     parser.add_argument("--client-processes", type=int, default=0,
                         help="Locust worker processes beside the master (0: as few as the open-file limit "
                              "allows). One holds 10000 listeners at "
-                             "about a quarter of the server's CPU per delivery; more only help when the "
+                             "about half the server's CPU per delivery; more only help when the "
                              "client lag says one is not keeping up and there are cores to spare")
     parser.add_argument("--host", default="",
                         help="URL of a Chattle already running elsewhere, or several separated by commas "
