@@ -185,9 +185,9 @@ write_run.environment = None
 class Listener(User):
     """Long-polls one room with its cursor for the whole run and checks every id it gets.
 
-    Its first poll (no since: the cursor) goes through its own LongPollClient; then it
-    hands the connection to this process's HeldPolls, which answers for it until the
-    connection fails (the listener retries, backing off) or the run stops it."""
+    This process's HeldPolls connects for it, sends its first poll (no since: the
+    cursor) and then its held polls, and hands it every answer, until the connection
+    fails (the listener retries, backing off) or the run stops it."""
 
     weight = 1
     wait_time = constant(0)
@@ -213,14 +213,11 @@ class Listener(User):
         self.broken = gevent.event.Event()
         self.broken_reason = None
         TALLY.listener_started()
-        while self.ledger is None and self.gave_up is None:
-            reply = self._ask("/rooms/%s/msgs" % self.room, "poll (first, no since)")
-            if reply is not None:
-                self.ledger = DeliveryLedger(json.loads(reply.body)["cursor"])
 
     @property
     def cursor(self):
-        return self.ledger.next_expected - 1
+        """The last id received; None before the first answer (a poll without since) set it."""
+        return self.ledger.next_expected - 1 if self.ledger is not None else None
 
     @task
     def listen(self):
@@ -229,7 +226,7 @@ class Listener(User):
             try:
                 self.held = held_polls(self.environment).hold(
                     self.client, "/rooms/%s/msgs?since=" % self.room, self.cursor, "&timeout=%g" % self.poll_timeout,
-                    self._answered, self._broke)
+                    self._answered, self._broke, "/rooms/%s/msgs" % self.room, "poll (first, no since)")
             except OSError as exc:
                 self._trouble("poll (held): %s" % (exc or type(exc).__name__))
                 continue
@@ -245,25 +242,20 @@ class Listener(User):
             return None
         if self.trouble_since is not None:
             self.trouble_since, self.retry = None, RETRY_SECONDS[0]
-        self._take(reply, held=True)
+        if self.ledger is None:
+            # the first answer (no since): where this listener's duty starts
+            try:
+                self.ledger = DeliveryLedger(int(json.loads(reply.body)["cursor"]))
+            except (ValueError, KeyError, TypeError):
+                self._broke("poll (first, no since) answered without a cursor: %r" % reply.body[:200])
+                return None
+        else:
+            self._take(reply, held=True)
         return self.ledger.next_expected - 1
 
     def _broke(self, reason):
         self.broken_reason = reason
         self.broken.set()
-
-    def _ask(self, path, name):
-        """One request on the listener's own client; its reply, or None after a failure."""
-        try:
-            reply = self.client.get(path, name=name)
-            if reply.status == 200:
-                self.trouble_since, self.retry = None, RETRY_SECONDS[0]
-                return reply
-            trouble = "%s answered %d: %s" % (name, reply.status, reply.body[:200].decode("utf-8", "replace"))
-        except (OSError, FramingError) as exc:
-            trouble = "%s: %s" % (name, exc or type(exc).__name__)
-        self._trouble(trouble)
-        return None
 
     def _trouble(self, trouble):
         """Count a failure and back off; after --lost-contact-seconds without one good

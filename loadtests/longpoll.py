@@ -18,6 +18,8 @@ held-poll answers reach the same statistics a batch at a time (`HeldPolls.log_an
 """
 
 import _socket
+import errno
+import os
 import socket
 import struct
 import time
@@ -36,6 +38,8 @@ RECEIVE_SIZE = 65536
 # sent into a connection the server is closing cannot safely be retried.
 IDLE_REUSE_SECONDS = 4.0
 EPOLLIN = 0x001
+EPOLLOUT = 0x004
+CONNECT_SECONDS = 10.0   # a held poll's connection not made by then is a failure
 YIELD_SECONDS = 0.02
 # When a fan-out is on and the driver has read every answer there was, it sleeps this
 # long before looking again rather than blocking until the next one: woken per answer,
@@ -214,32 +218,67 @@ class HeldPolls:
     def __len__(self):
         return len(self._held)
 
-    def hold(self, client, path_to_cursor, cursor, path_after_cursor, on_answer, on_failure):
-        """Take `client`'s open connection and poll `path_to_cursor + cursor +
-        path_after_cursor` on it. Each whole answer goes to `on_answer(reply)`, which
-        returns the next cursor (None: stop holding); a failure goes once to
-        `on_failure(reason)`. The connection is this object's now."""
+    def hold(self, client, path_to_cursor, cursor, path_after_cursor, on_answer, on_failure,
+             first_path=None, first_name=None):
+        """Poll `path_to_cursor + cursor + path_after_cursor` for `client`'s server. Each
+        whole answer goes to `on_answer(reply)`, which returns the next cursor (None: stop
+        holding); a failure goes once to `on_failure(reason)`.
+
+        With `cursor` None, the first request is `first_path` (a poll without since, for
+        the cursor), fired to Locust as `first_name` with its response time; its answer
+        goes to `on_answer` like any other. The connection is this object's: `client`'s
+        open one if it has one, else a new one, connected without blocking on the driver's
+        epoll set (a gevent socket and its timeouts cost a quarter of the ramp's CPU)."""
         import gevent
-        if client._sock is None or time.time() - client._last_used > IDLE_REUSE_SECONDS:
-            client.close()
-            client._connect()
         request_head = ("GET %s" % path_to_cursor).encode("latin-1")
         request_tail = ("%s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path_after_cursor, client.host_header)).encode("latin-1")
-        held = HeldPoll(_raw_socket(client._sock), request_head, request_tail, on_answer, on_failure)
-        client._sock = None
+        fresh = client._sock is not None and time.time() - client._last_used <= IDLE_REUSE_SECONDS
+        if fresh:
+            sock = _raw_socket(client._sock)
+            client._sock = None
+        else:
+            client.close()
+            sock = _connecting_socket(client.address)
+        held = HeldPoll(sock, request_head, request_tail, on_answer, on_failure)
+        if cursor is None:
+            held.first_name = first_name or first_path
+            held.request = ("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (first_path, client.host_header)).encode("latin-1")
+        else:
+            held.request = held.poll_request(cursor)
         if self._epoll is None:
             # gevent's monkey-patching hides select.epoll; the driver only ever calls it
             # with a zero timeout, after gevent said the epoll descriptor is readable.
             from gevent.monkey import get_original
             self._epoll = get_original("select", "epoll")()
         self._held[held.fd] = held
-        self._epoll.register(held.fd, EPOLLIN)
-        if not held.send(cursor):
-            self._drop(held, "could not send the poll")
-            return held
+        if fresh:
+            self._epoll.register(held.fd, EPOLLIN)
+            self._send_first(held)
+        else:
+            held.connecting = True
+            self._epoll.register(held.fd, EPOLLIN | EPOLLOUT)
         if self._driver is None or self._driver.dead:
             self._driver = gevent.spawn(self._drive)
         return held
+
+    def _connected(self, held):
+        """The connect finished (the socket became writable): send the first request."""
+        error = held.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._drop(held, "connect: %s" % os.strerror(error))
+            return
+        held.connecting = False
+        self._epoll.modify(held.fd, EPOLLIN)
+        self._send_first(held)
+
+    def _send_first(self, held):
+        held.sent_at = time.time()
+        try:
+            sent = held.sock.send(held.request) == len(held.request)
+        except OSError:
+            sent = False
+        if not sent:
+            self._drop(held, "could not send the poll")
 
     def release(self, held):
         """Stop holding (the listener stops): close without telling the listener."""
@@ -265,8 +304,15 @@ class HeldPolls:
         # schedule decides, not the server's speed; as a Locust response time it would
         # only drown the real ones (the wake-up latency is measured apart).
         if self.request_event is not None:
-            self.request_event.fire(request_type="GET", name=self.name, response_time=None,
+            name = held.first_name if held is not None and held.first_name else self.name
+            self.request_event.fire(request_type="GET", name=name, response_time=None,
                                     response_length=length, exception=exception, context=None)
+
+    def _fire_first(self, held, response, read_at):
+        name, held.first_name = held.first_name, None
+        if self.request_event is not None:
+            self.request_event.fire(request_type="GET", name=name, response_time=(read_at - held.sent_at) * 1000.0,
+                                    response_length=len(response.body), exception=None, context=None)
 
     def _log_batch(self):
         """The good answers of one batch, to Locust in one call. Fired one by one, the
@@ -309,7 +355,10 @@ class HeldPolls:
                 for fd, _events in events:
                     held = self._held.get(fd)
                     if held is not None:
-                        self._readable(held)
+                        if held.connecting:
+                            self._connected(held)
+                        else:
+                            self._readable(held)
                 self._log_batch()
                 if time.monotonic() - yielded > YIELD_SECONDS:
                     # A fan-out keeps answers coming for a second or more: give Locust's
@@ -348,8 +397,11 @@ class HeldPolls:
             return
         while response is not None:
             read_at = time.time()
-            self._batch_answers += 1
-            self._batch_bytes += len(response.body)
+            if held.first_name is None:
+                self._batch_answers += 1
+                self._batch_bytes += len(response.body)
+            else:
+                self._fire_first(held, response, read_at)
             reply = Reply(response.status, response.body, held.arrived_at, read_at, held.sent_at)
             held.arrived_at = None
             cursor = held.on_answer(reply)
@@ -364,15 +416,19 @@ class HeldPolls:
             response = held.parser.feed(b"") if held.parser._buffer else None
 
     def _sweep(self):
-        """A poll unanswered past its deadline is a failure (the server never answered)."""
-        late = time.time() - self.answer_deadline
+        """A poll unanswered past its deadline is a failure (the server never answered),
+        and so is a connection not made within CONNECT_SECONDS."""
+        now = time.time()
+        late, slow = now - self.answer_deadline, now - CONNECT_SECONDS
         for held in [held for held in self._held.values() if held.sent_at < late]:
             self._drop(held, "poll: no answer within %gs" % self.answer_deadline)
+        for held in [held for held in self._held.values() if held.connecting and held.sent_at < slow]:
+            self._drop(held, "connect: not made within %gs" % CONNECT_SECONDS)
 
 
 class HeldPoll:
     __slots__ = ("sock", "fd", "request_head", "request_tail", "parser", "on_answer", "on_failure", "sent_at",
-                 "arrived_at")
+                 "arrived_at", "connecting", "request", "first_name")
 
     def __init__(self, sock, request_head, request_tail, on_answer, on_failure):
         self.sock = sock
@@ -384,6 +440,12 @@ class HeldPoll:
         self.on_failure = on_failure
         self.sent_at = time.time()
         self.arrived_at = None
+        self.connecting = False
+        self.request = None         # the first request, sent once connected
+        self.first_name = None      # set while the first request (no since) is out
+
+    def poll_request(self, cursor):
+        return b"%s%d%s" % (self.request_head, cursor, self.request_tail)
 
     def send(self, cursor):
         """The next poll; False when it could not go out whole at once (a full send
@@ -397,6 +459,24 @@ class HeldPoll:
 
     def close(self):
         self.sock.close()
+
+
+def _connecting_socket(address):
+    """A plain non-blocking socket whose connect to `address` ((host, port)) has begun;
+    the driver learns it finished when the socket turns writable."""
+    family, numeric = resolve(address)
+    sock = _socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        error = sock.connect_ex(numeric)
+        if error not in (0, errno.EINPROGRESS):
+            raise OSError(error, "connect: %s" % os.strerror(error))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _raw_socket(gevent_sock):
