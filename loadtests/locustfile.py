@@ -113,8 +113,6 @@ def cache_default_args():
     per option of every spawn message, in a dict comprehension: 7 % of a worker's CPU in
     a 10,000-listener ramp. The defaults never change in a process, so compute them once.
     tests/test_locust_internals.py fails if Locust stops calling it that way."""
-    import functools
-
     from locust import argument_parser
     if not hasattr(argument_parser.default_args_dict, "cache_info"):
         argument_parser.default_args_dict = functools.lru_cache(maxsize=1)(argument_parser.default_args_dict)

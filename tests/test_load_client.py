@@ -13,7 +13,7 @@ import pytest
 
 from bench.httpframe import FramingError, ResponseParser
 from bench.measures import DeliveryLedger, LatencyHistogram, latency_summary, percentile
-from loadtests.longpoll import ConnectionLost, LongPollClient
+from loadtests.longpoll import ConnectionLost, HeldPolls, LongPollClient
 from loadtests.tally import RunTally, WorkerTally
 
 ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
@@ -184,6 +184,72 @@ def test_the_client_polls_with_keep_alive_and_fires_one_request_event_each(start
     assert all(event["exception"] is None and event["response_time"] >= 0 for event in fired)
     assert poll.sent_at <= poll.arrived_at <= poll.read_at
     client.close()
+
+
+class _Recorded:
+    """events.request stand-in: keeps what was fired."""
+
+    def __init__(self):
+        self.fired = []
+
+    def fire(self, **kwargs):
+        self.fired.append(kwargs)
+
+
+def _until(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+    return condition()
+
+
+def test_held_polls_connect_ask_the_cursor_first_and_log_a_fan_outs_answers_in_bulk(start_chattle):
+    """Each listener's connection is made on the driver's epoll set, its first request is
+    the poll without since (a request event of its own, timed); the answers of the
+    fan-out that follows reach Locust's statistics in batches, all of them counted."""
+    server = start_chattle()
+    event, logged, answers, failures, delivered_bytes = _Recorded(), [], {}, [], []
+    polls = HeldPolls(event, answer_deadline=10, log_answers=lambda count, length: logged.append((count, length)))
+
+    def listener(number):
+        def on_answer(reply):
+            body = json.loads(reply.body)
+            answers.setdefault(number, []).append(body)
+            if body["messages"]:
+                delivered_bytes.append(len(reply.body))
+                return None                                 # one message, then stop
+            return body["cursor"]
+        return on_answer
+    for number in range(20):
+        polls.hold(LongPollClient(server.url), "/rooms/held/msgs?since=", None, "&timeout=5", listener(number),
+                   failures.append, "/rooms/held/msgs", "poll (first)")
+    assert _until(lambda: len(answers) == 20 and len(polls) == 20), (answers, failures)
+    poster = LongPollClient(server.url)
+    assert poster.post("/rooms/held/msgs", b'{"from": "t", "content": "hi"}').status == 201
+    assert _until(lambda: len(polls) == 0), (len(polls), failures)
+    poster.close()
+    assert failures == []
+    assert all(answers[number][1]["messages"][0]["content"] == "hi" for number in range(20))
+    assert [fired["name"] for fired in event.fired] == ["poll (first)"] * 20
+    assert all(fired["response_time"] >= 0 and fired["exception"] is None for fired in event.fired)
+    assert sum(count for count, _length in logged) == 20
+    assert sum(length for _count, length in logged) == sum(delivered_bytes)
+
+
+def test_a_held_poll_that_cannot_connect_fails_once_with_the_reason():
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()                                     # nothing listens there now
+    event, failures = _Recorded(), []
+    polls = HeldPolls(event, answer_deadline=10, log_answers=lambda count, length: None)
+    polls.hold(LongPollClient("http://127.0.0.1:%d" % port), "/rooms/r/msgs?since=", None, "&timeout=5",
+               lambda reply: 1, failures.append, "/rooms/r/msgs", "poll (first)")
+    assert _until(lambda: failures), failures
+    gevent.sleep(0.1)
+    assert failures == ["connect: Connection refused"] and len(polls) == 0
+    assert [(fired["name"], str(fired["exception"])) for fired in event.fired] == \
+        [("poll (first)", "connect: Connection refused")]
 
 
 def test_kernel_arrival_shows_a_client_that_reads_late_as_client_lag():
