@@ -181,10 +181,12 @@ class RunTally:
     # -- to and from raw/run.json ----------------------------------------------------------
 
     def to_dict(self):
-        # Each worker's own latency figures are summed up here, once, not per report:
-        # HdrHistogram's mean walks every bucket in Python (half the master's CPU, per report).
+        # Each worker's own latency figures are summed up here, once, not per report, and
+        # without a mean: HdrHistogram's mean walks every bucket in Python (half the
+        # master's CPU when it was done per report).
         for worker_id, own in self.worker_latency.items():
-            self.workers[worker_id]["latency"] = own.summary()
+            self.workers[worker_id]["latency"] = {"count": own.count, "p50": own.percentile(0.50),
+                                                  "p99": own.percentile(0.99)}
         return {"seconds": [[second, pair[0].to_dict(), pair[1].to_dict()]
                             for second, pair in sorted(self.seconds.items())],
                 "listeners": self.listeners, "posts": self.posts, "errors": self.errors,
