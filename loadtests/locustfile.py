@@ -2,10 +2,11 @@
 Posters post in bursts; the stages come from loadtests/scenario.py, played by the shape
 in loadtests/shapes.py.
 
-Both roles speak through `LongPollClient` (loadtests/longpoll.py), a lean keep-alive
-client that reads each answer with the kernel's receive timestamp and fires Locust's
-`events.request`. Wake-up latency, the client's own lag and delivery completeness are
-not Locust request statistics: each worker keeps them in a `WorkerTally` and ships them
+Both roles speak through loadtests/longpoll.py: posters through `LongPollClient`, a lean
+keep-alive client, listeners through the process's one `HeldPolls`; both read each
+answer with the kernel's receive timestamp and report to Locust's request statistics.
+Wake-up latency, the client's own lag and delivery completeness are not Locust request
+statistics: each worker keeps them in a `WorkerTally` and ships them
 to the master in Locust's worker reports; the master adds them up and writes
 `<raw-dir>/run.json`. Run it through `make load` (python -m loadtests.run), which starts
 the server and sets the options.
