@@ -47,7 +47,8 @@ SYSTEM_PROGRAMS := $(sort \
 system-packages:
 	@$(PYTHON3) -m harness.system_packages $(SYSTEM_PROGRAMS)
 
-$(STAMP): pyproject.toml
+# setup.py builds loadtests/_heldfast.c in place (the held polls' compiled path)
+$(STAMP): pyproject.toml setup.py loadtests/_heldfast.c
 	$(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[harness]'
@@ -107,5 +108,5 @@ regress-accept: $(STAMP)
 # Build products only: every baseline stays (the committed one in bench/baselines/,
 # pytest-benchmark's in .benchmarks/), and so does reports/.
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info build loadtests/_heldfast*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -27,6 +27,11 @@ import urllib.parse
 
 from bench.httpframe import FramingError, ResponseParser
 
+try:
+    from loadtests import _heldfast  # the common case compiled: see HeldPolls
+except ImportError:
+    _heldfast = None
+
 # Linux's SO_TIMESTAMPNS (also the SCM type of the control message); Python's socket
 # module does not name it.
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
@@ -48,6 +53,16 @@ YIELD_SECONDS = 0.02
 # the kernel meanwhile, stamped on arrival, so the wake-up latency does not move; the
 # client lag grows by at most this much.
 COALESCE_SECONDS = 0.001
+# With nothing to read, the driver waits for the next answer in a thread, blocked on its
+# epoll set, at most this long at a time. Not through gevent: a watcher on the epoll
+# descriptor puts one epoll set inside libev's, and libev takes it out whenever it turns
+# readable while nobody waits (each coalescing sleep) and puts it back at the next wait:
+# the kernel walks every held socket on each such EPOLL_CTL_ADD (ep_loop_check), 15 %
+# of the load generator's CPU in a fan-out at 5,000 listeners (perf).
+IDLE_WAIT_SECONDS = 1.0
+# Answers the compiled path knows by their bytes; the table is cleared when full (a
+# fan-out's answers share their bytes within a second, so a few entries serve thousands).
+MAX_KNOWN_ANSWERS = 256
 # Seconds added to every kernel receive timestamp to put it on this process's wall clock:
 # 0 on a real host; loadtests/clocks.py measures it (a process under faketime is shifted).
 kernel_stamp_shift = 0.0
@@ -199,27 +214,46 @@ class HeldPolls:
     makes thousands of sockets readable it reads, hands the answer to its listener's
     callback and sends the next poll for each, without a switch in between. The
     listener's greenlet only waits for its connection to fail, or for the run to stop it.
+
+    The common case, compiled. Even so the Python of that loop was half the load
+    generator's CPU in a fan-out (perf: 51 % libpython, 44 % kernel; 13 us per answer).
+    When `loadtests._heldfast` is built and the caller says how to take an answer the
+    short way, `_heldfast.drain` does it: an answer whose bytes the driver has framed
+    before (whole, in one read, 200, keep-alive) and whose body `in_order_run(body)` calls
+    a run of ids goes to its listener as `on_run(first_id, last_id)`, which returns the
+    next cursor (or None: then the answer takes the path below); its arrival, read time
+    and clock go to `on_runs(body, arrived, read, stamped, clock_offset, clock_bound)`
+    (numpy arrays) a batch at a time. Everything else takes the Python path, the
+    reference: tests/test_load_client.py holds the two to the same figures.
     """
 
-    def __init__(self, request_event=None, answer_deadline=30.0, name="poll (held)", log_answers=None):
+    def __init__(self, request_event=None, answer_deadline=30.0, name="poll (held)", log_answers=None,
+                 in_order_run=None, on_runs=None):
         """`request_event` gets each failed poll; `log_answers(count, content_length)`,
         when given, gets the good answers of each batch the driver read, in one call, and
-        `request_event` each one otherwise (see `_log_batch`)."""
+        `request_event` each one otherwise (see `_log_batch`). `in_order_run` and `on_runs`
+        turn the compiled path on (see above)."""
         self.request_event = request_event
         self.log_answers = log_answers
         self.answer_deadline = answer_deadline
         self.name = name
+        self.in_order_run = in_order_run
+        self.on_runs = on_runs
+        self.compiled = _heldfast is not None and in_order_run is not None and on_runs is not None
         self._epoll = None
         self._held = {}
         self._driver = None
         self._batch_answers = 0
         self._batch_bytes = 0
+        self._known = {}            # answer bytes -> (index in _known_bodies, first id, last id, body length)
+        self._known_bodies = []
+        self._runs = []             # the compiled path's records, not yet handed to on_runs
 
     def __len__(self):
         return len(self._held)
 
     def hold(self, client, path_to_cursor, cursor, path_after_cursor, on_answer, on_failure,
-             first_path=None, first_name=None):
+             first_path=None, first_name=None, on_run=None, clock=(0.0, 0.0)):
         """Poll `path_to_cursor + cursor + path_after_cursor` for `client`'s server. Each
         whole answer goes to `on_answer(reply)`, which returns the next cursor (None: stop
         holding); a failure goes once to `on_failure(reason)`.
@@ -228,7 +262,9 @@ class HeldPolls:
         the cursor), fired to Locust as `first_name` with its response time; its answer
         goes to `on_answer` like any other. The connection is this object's: `client`'s
         open one if it has one, else a new one, connected without blocking on the driver's
-        epoll set (a gevent socket and its timeouts cost a quarter of the ramp's CPU)."""
+        epoll set (a gevent socket and its timeouts cost a quarter of the ramp's CPU).
+        `on_run` and `clock` (the listener's offset to its server's clock and its bound)
+        serve the compiled path."""
         import gevent
         request_head = ("GET %s" % path_to_cursor).encode("latin-1")
         request_tail = ("%s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path_after_cursor, client.host_header)).encode("latin-1")
@@ -240,6 +276,8 @@ class HeldPolls:
             client.close()
             sock = _connecting_socket(client.address)
         held = HeldPoll(sock, request_head, request_tail, on_answer, on_failure)
+        held.on_run = on_run
+        held.clock_offset, held.clock_bound = clock
         if cursor is None:
             held.first_name = first_name or first_path
             held.request = ("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (first_path, client.host_header)).encode("latin-1")
@@ -332,43 +370,101 @@ class HeldPolls:
     def _drive(self):
         import gevent
         from gevent import get_hub
-        hub = get_hub()
+        threads = get_hub().threadpool
         epoll = self._epoll
-        # One watcher for the driver's whole life: gevent's wait_read() would make and
-        # start a new one (and a timeout) on every wake, once per answer in a fan-out.
-        ready = hub.loop.io(epoll.fileno(), 1)
         sweeper = gevent.spawn(self._sweep_each_second)
         yielded = time.monotonic()
         answering = False
         try:
             while self._held:
-                events = epoll.poll(0, 4096)
-                if not events:
+                if not (self._drain_compiled() if self.compiled else self._drain()):
+                    self._flush_runs()
                     if answering:
                         answering = False
                         gevent.sleep(COALESCE_SECONDS)
                     else:
-                        hub.wait(ready)
+                        threads.apply(epoll.poll, (IDLE_WAIT_SECONDS, 1))
                     yielded = time.monotonic()
                     continue
                 answering = True
-                for fd, _events in events:
-                    held = self._held.get(fd)
-                    if held is not None:
-                        if held.connecting:
-                            self._connected(held)
-                        else:
-                            self._readable(held)
                 self._log_batch()
                 if time.monotonic() - yielded > YIELD_SECONDS:
                     # A fan-out keeps answers coming for a second or more: give Locust's
                     # heartbeats, reports and spawning their turn now and then.
+                    self._flush_runs()
                     gevent.sleep(0)
                     yielded = time.monotonic()
         finally:
+            self._flush_runs()
             self._log_batch()
             sweeper.kill(block=False)
-            ready.close()
+
+    def _drain(self):
+        """Every ready held poll, the Python way; False when none was ready."""
+        events = self._epoll.poll(0, 4096)
+        for fd, _events in events:
+            held = self._held.get(fd)
+            if held is not None:
+                if held.connecting:
+                    self._connected(held)
+                else:
+                    self._readable(held)
+        return bool(events)
+
+    def _drain_compiled(self):
+        """Every ready held poll, known answers through `_heldfast.drain`, the rest as in
+        `_drain`; False when none was ready."""
+        records, slow, answers, length = _heldfast.drain(self._epoll.fileno(), 4096, self._held, self._known,
+                                                         kernel_stamp_shift)
+        if records:
+            self._runs.append(records)
+            self._batch_answers += answers
+            self._batch_bytes += length
+        for fd, data, arrived_at, problem in slow:
+            held = self._held.get(fd)
+            if held is None:
+                continue
+            if problem == -1:
+                self._drop(held, "could not send the next poll")
+            elif problem:
+                self._drop(held, "poll: %s" % OSError(problem, os.strerror(problem)))
+            elif data is None:
+                if held.connecting:
+                    self._connected(held)
+                else:
+                    self._readable(held)
+            elif not data:
+                self._drop(held, "poll: the server closed the connection")
+            else:
+                self._took(held, data, arrived_at)
+        return bool(records or slow)
+
+    def _learn(self, data, response):
+        """Remember an answer read whole in one piece, for the compiled path, when it is one
+        it may take: 200, keep-alive, and a run of ids by `in_order_run`."""
+        if response.status != 200 or not response.keep_alive or len(data) > RECEIVE_SIZE:
+            return
+        run = self.in_order_run(response.body)
+        if run is None:
+            return
+        if len(self._known) >= MAX_KNOWN_ANSWERS:
+            self._flush_runs()     # its records name bodies by their place in the table
+            self._known.clear()
+            self._known_bodies.clear()
+        self._known[data] = (len(self._known_bodies), run[0], run[1], len(response.body))
+        self._known_bodies.append(response.body)
+
+    def _flush_runs(self):
+        """The compiled path's answers since the last flush, to `on_runs`, body by body."""
+        if not self._runs:
+            return
+        import numpy
+        records = numpy.frombuffer(b"".join(self._runs)).reshape(-1, _heldfast.FIELDS)
+        self._runs = []
+        indices = records[:, 0].astype(numpy.int64)
+        for index in numpy.unique(indices).tolist():
+            rows = records[indices == index]
+            self.on_runs(self._known_bodies[index], rows[:, 1], rows[:, 2], rows[:, 3] != 0, rows[:, 4], rows[:, 5])
 
     def _sweep_each_second(self):
         import gevent
@@ -387,14 +483,25 @@ class HeldPolls:
         if not data:
             self._drop(held, "poll: the server closed the connection")
             return
+        arrived_at = None
         for level, kind, value in ancillary:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                held.arrived_at = stamp_seconds(value)
+                arrived_at = stamp_seconds(value)
+        self._took(held, data, arrived_at)
+
+    def _took(self, held, data, arrived_at):
+        """Bytes read from a held poll (`arrived_at`: their kernel stamp, or None): frame
+        them, hand each whole answer to its listener, send the next poll."""
+        if arrived_at is not None:
+            held.arrived_at = arrived_at
+        whole = self.compiled and not held.parser.pending
         try:
             response = held.parser.feed(data)
         except FramingError as exc:
             self._drop(held, "poll: %s" % exc)
             return
+        if whole and response is not None and not held.parser.pending:
+            self._learn(data, response)
         while response is not None:
             read_at = time.time()
             if held.first_name is None:
@@ -414,6 +521,7 @@ class HeldPolls:
                 self._drop(held, "could not send the next poll")
                 return
             response = held.parser.feed(b"") if held.parser._buffer else None
+        held.fast = self.compiled and held.first_name is None and held.on_run is not None and not held.parser.pending
 
     def _sweep(self):
         """A poll unanswered past its deadline is a failure (the server never answered),
@@ -428,7 +536,7 @@ class HeldPolls:
 
 class HeldPoll:
     __slots__ = ("sock", "fd", "request_head", "request_tail", "parser", "on_answer", "on_failure", "sent_at",
-                 "arrived_at", "connecting", "request", "first_name")
+                 "arrived_at", "connecting", "request", "first_name", "fast", "on_run", "clock_offset", "clock_bound")
 
     def __init__(self, sock, request_head, request_tail, on_answer, on_failure):
         self.sock = sock
@@ -443,6 +551,9 @@ class HeldPoll:
         self.connecting = False
         self.request = None         # the first request, sent once connected
         self.first_name = None      # set while the first request (no since) is out
+        self.fast = False           # the compiled path may read it (HeldPolls._took decides)
+        self.on_run = None
+        self.clock_offset = self.clock_bound = 0.0
 
     def poll_request(self, cursor):
         return b"%s%d%s" % (self.request_head, cursor, self.request_tail)

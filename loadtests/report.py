@@ -87,6 +87,11 @@ def clock_figures(tally):
     return rows
 
 
+HELD_PATHS = {"compiled": ", held polls read by the compiled path",
+              "python": ", held polls read by the Python path (loadtests/_heldfast.c not built: run `make venv`; "
+                        "the client costs more)"}
+
+
 def worker_shares(tally):
     """Each load worker's share of the listeners and deliveries; a worker the master stopped
     hearing before its last report has its unreported listeners counted as lost contact."""
@@ -99,6 +104,7 @@ def worker_shares(tally):
                         "deliveries": worker.get("deliveries") or 0,
                         "delivery_share": (worker.get("deliveries") or 0) / deliveries,
                         "cpu_seconds": worker.get("cpu_seconds"), "lost": bool(worker.get("lost")),
+                        "held_path": worker.get("held_path"),
                         "latency": worker.get("latency") or {},
                         "lost_contact": (worker.get("listeners_started") or 0) - (worker.get("listeners_ended") or 0)
                         if worker.get("lost") else 0}
@@ -545,10 +551,10 @@ def summary_lines(summary):
                      % summary.get("under_bound", 0), ""))
     for worker_id, share in summary.get("worker_shares", {}).items():
         rows.append(("load worker %s" % worker_id[-8:], "pid %s on %s: %d listeners (%.0f%%), %d deliveries (%.0f%%), "
-                     "%.1f s CPU, wake-up p50 %s%s" % (share["pid"], share["host"], share["listeners"],
+                     "%.1f s CPU, wake-up p50 %s%s%s" % (share["pid"], share["host"], share["listeners"],
                                        100 * share["listener_share"], share["deliveries"],
                                        100 * share["delivery_share"], share["cpu_seconds"] or 0,
-                                       _ms(share["latency"].get("p50")),
+                                       _ms(share["latency"].get("p50")), HELD_PATHS.get(share.get("held_path"), ""),
                                        ", LOST: %d listeners lost contact" % share["lost_contact"]
                                        if share["lost"] else ""), ""))
     return rows

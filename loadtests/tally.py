@@ -35,6 +35,7 @@ class WorkerTally:
         self.unstamped = 0          # answers without a kernel timestamp: their lag counts as latency
         self.under_bound = 0        # latencies shorter than the clock offset's bound: not measurable
         self.clocks = None          # Clocks.to_dict(): offsets to each server, sent with every report
+        self.held_path = None       # "compiled" or "python": how this process reads held polls
         self._reset()
 
     def _reset(self):
@@ -66,6 +67,29 @@ class WorkerTally:
         pair[0].record(latency)
         pair[1].record(client_lag(read_at, arrived_at))
         self.deliveries += 1
+
+    def delivery_batch(self, arrived_at, read_at, message_ts, stamped, offset, bound):
+        """`delivery` for each answer of a batch that brought the message stamped
+        `message_ts`: numpy arrays of one value per answer (stamped: booleans), from the
+        compiled held-poll path. tests/test_load_client.py holds the two to the same figures."""
+        import numpy
+        count = len(arrived_at)
+        self.unstamped += count - int(stamped.sum())
+        arrived_on_server_clock = arrived_at - offset
+        latency = wakeup_latency(arrived_on_server_clock, message_ts)
+        under = latency < bound
+        self.under_bound += int(under.sum())
+        latency = numpy.where(under, bound, latency)
+        lag = client_lag(read_at, arrived_at)
+        seconds = arrived_on_server_clock.astype(numpy.int64)
+        for second in numpy.unique(seconds).tolist():
+            pair = self.seconds.get(second)
+            if pair is None:
+                pair = self.seconds[second] = (LatencyHistogram(), LatencyHistogram())
+            in_second = seconds == second
+            pair[0].record_many(latency[in_second])
+            pair[1].record_many(lag[in_second])
+        self.deliveries += count
 
     def test_started(self):
         self.cpu_at_start = process_cpu_seconds(os.getpid())
@@ -102,7 +126,7 @@ class WorkerTally:
             "cpu_seconds": process_cpu_seconds(os.getpid()) - self.cpu_at_start,
             "listeners_started": self.listeners_started, "listeners_ended": self.listeners_ended,
             "deliveries": self.deliveries, "unstamped": self.unstamped, "under_bound": self.under_bound,
-            "clocks": self.clocks, "locust_version": LOCUST_VERSION[0],
+            "clocks": self.clocks, "locust_version": LOCUST_VERSION[0], "held_path": self.held_path,
             "seconds": [[second, self.seconds[second][0].to_dict(), self.seconds[second][1].to_dict()]
                         for second in done],
             "ended": self.ended, "posts": self.posts, "errors": self.errors, "error_count": self.error_count,
@@ -138,7 +162,8 @@ class RunTally:
                       listeners_started=report["listeners_started"], listeners_ended=report["listeners_ended"],
                       deliveries=report["deliveries"], unstamped=report.get("unstamped", 0),
                       under_bound=report.get("under_bound", 0), clocks=report.get("clocks"),
-                      locust_version=report.get("locust_version"), lost=False, final=worker["final"] or report["final"])
+                      locust_version=report.get("locust_version"), held_path=report.get("held_path"), lost=False,
+                      final=worker["final"] or report["final"])
         if self.locust_version and report.get("locust_version") != self.locust_version \
                 and self.version_problem is None:
             # Locust itself only warns; a worker of another version may count and report

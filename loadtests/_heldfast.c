@@ -1,0 +1,297 @@
+/* The held polls' common case, compiled: read an answer, hand its run of ids to its
+ * listener, send the next poll. loadtests/longpoll.py (HeldPolls) is the driver and the
+ * reference; this only takes the answers it has seen before, whole, in one read.
+ *
+ * Why C: during a fan-out the load generator spent about half its CPU in the Python of
+ * that loop (perf: 51 % in libpython, 44 % in the kernel), 13 us per answer, which kept
+ * `make load`'s load generator above half the server's CPU. What is left here per answer
+ * is the two system calls, a dict lookup and one Python call (the listener's ledger).
+ *
+ * drain(epoll_fd, max_events, held, known, stamp_shift) -> (records, slow, answers, body_bytes)
+ *
+ *   held   dict fd -> HeldPoll. A HeldPoll with `fast` false is not read here: it goes to
+ *          `slow` as (fd, None, None, 0) for the driver's own path (a connect finishing,
+ *          the first poll, a parser holding part of an answer).
+ *   known  dict answer bytes -> (index, first_id, last_id, body_length): answers the
+ *          driver framed itself, whole in one read, status 200, keep-alive, a run of ids.
+ *
+ *   For each readable fast HeldPoll: recvmsg with its SO_TIMESTAMPNS stamp. Answer bytes
+ *   not in `known`, or an answer its listener's `on_run(first_id, last_id)` declines
+ *   (returns None: its ledger is not at first_id), go to `slow` as (fd, data, arrived or
+ *   None, 0) for the driver to frame and hand over the long way. Bytes not in `known`
+ *   end the call: the driver may learn them, and the fan-out's other answers, still
+ *   ready (epoll is level-triggered), come back at the next call. Otherwise `on_run`
+ *   returned the next cursor: the next poll (request_head + cursor + request_tail) is
+ *   sent and `sent_at` set; a send that does not go out whole goes to `slow` as
+ *   (fd, None, None, -1). A read error is (fd, None, None, errno), the server's close
+ *   (fd, b"", None, 0).
+ *
+ *   records: 6 doubles per answer taken here: index, arrived (kernel stamp + stamp_shift,
+ *   else the read time), read time, stamped (1.0/0.0), the HeldPoll's clock_offset and
+ *   clock_bound; the driver turns them into deliveries (bench/measures.py's definitions).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#define RECEIVE_SIZE 65536
+#define MAX_EVENTS 4096
+#define REQUEST_SPACE 4096
+#define FIELDS 6
+
+static PyObject *s_fast, *s_on_run, *s_request_head, *s_request_tail, *s_sent_at, *s_clock_offset, *s_clock_bound;
+
+static double
+wall_clock(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+}
+
+static double
+attribute_double(PyObject *object, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(object, name);
+    double result;
+    if (value == NULL)
+        return -1.0;
+    result = PyFloat_AsDouble(value);
+    Py_DECREF(value);
+    return result;
+}
+
+/* Appends (fd, data, arrived, problem) to slow; data and arrived may be NULL (None). */
+static int
+slow_entry(PyObject *slow, int fd, PyObject *data, PyObject *arrived, int problem)
+{
+    PyObject *entry = Py_BuildValue("(iOOi)", fd, data ? data : Py_None, arrived ? arrived : Py_None, problem);
+    int failed;
+    if (entry == NULL)
+        return -1;
+    failed = PyList_Append(slow, entry);
+    Py_DECREF(entry);
+    return failed;
+}
+
+/* The next poll for `cursor`: request_head + cursor + request_tail, sent at once.
+ * 1 when it went out whole, 0 when not, -1 on a Python error. */
+static int
+send_next_poll(PyObject *held, int fd, long long cursor)
+{
+    char request[REQUEST_SPACE];
+    PyObject *head = NULL, *tail = NULL, *sent_at = NULL;
+    Py_ssize_t head_length, tail_length;
+    int digits, result = -1;
+    ssize_t sent;
+
+    head = PyObject_GetAttr(held, s_request_head);
+    tail = head ? PyObject_GetAttr(held, s_request_tail) : NULL;
+    if (tail == NULL)
+        goto done;
+    if (!PyBytes_Check(head) || !PyBytes_Check(tail)) {
+        PyErr_SetString(PyExc_TypeError, "request_head and request_tail must be bytes");
+        goto done;
+    }
+    head_length = PyBytes_GET_SIZE(head);
+    tail_length = PyBytes_GET_SIZE(tail);
+    if (head_length + tail_length + 24 > REQUEST_SPACE) {
+        result = 0;  /* a request this long is not a poll this loop sends */
+        goto done;
+    }
+    memcpy(request, PyBytes_AS_STRING(head), head_length);
+    digits = snprintf(request + head_length, 24, "%lld", cursor);
+    memcpy(request + head_length + digits, PyBytes_AS_STRING(tail), tail_length);
+    sent_at = PyFloat_FromDouble(wall_clock());
+    if (sent_at == NULL || PyObject_SetAttr(held, s_sent_at, sent_at) < 0)
+        goto done;
+    sent = send(fd, request, head_length + digits + tail_length, MSG_DONTWAIT | MSG_NOSIGNAL);
+    result = sent == head_length + digits + tail_length;
+done:
+    Py_XDECREF(head);
+    Py_XDECREF(tail);
+    Py_XDECREF(sent_at);
+    return result;
+}
+
+static PyObject *
+drain(PyObject *module, PyObject *args)
+{
+    int epoll_fd, max_events, ready, index;
+    PyObject *held_by_fd, *known;
+    double stamp_shift;
+    struct epoll_event events[MAX_EVENTS];
+    static char buffer[RECEIVE_SIZE];
+    char control[CMSG_SPACE(sizeof(struct timespec))];
+    PyObject *records = NULL, *slow = NULL, *result = NULL;
+    double *record;
+    Py_ssize_t taken = 0;
+    long long answers = 0, body_bytes = 0;
+
+    if (!PyArg_ParseTuple(args, "iiO!O!d", &epoll_fd, &max_events, &PyDict_Type, &held_by_fd, &PyDict_Type, &known,
+                          &stamp_shift))
+        return NULL;
+    if (max_events < 1 || max_events > MAX_EVENTS)
+        max_events = MAX_EVENTS;
+    ready = epoll_wait(epoll_fd, events, max_events, 0);
+    if (ready < 0) {
+        if (errno == EINTR)
+            ready = 0;
+        else
+            return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    records = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)ready * FIELDS * sizeof(double));
+    slow = PyList_New(0);
+    if (records == NULL || slow == NULL)
+        goto fail;
+    record = (double *)PyBytes_AS_STRING(records);
+
+    for (index = 0; index < ready; index++) {
+        int fd = events[index].data.fd;
+        PyObject *fd_object, *held, *fast, *data = NULL, *arrived = NULL, *entry, *cursor = NULL;
+        struct iovec vector = {buffer, RECEIVE_SIZE};
+        struct msghdr message;
+        struct cmsghdr *header;
+        ssize_t length;
+        double arrived_at = 0.0, read_at;
+        int stamped = 0, is_fast, sent;
+
+        fd_object = PyLong_FromLong(fd);
+        if (fd_object == NULL)
+            goto fail;
+        held = PyDict_GetItemWithError(held_by_fd, fd_object);
+        Py_DECREF(fd_object);
+        if (held == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            continue;  /* released meanwhile */
+        }
+        Py_INCREF(held);
+        fast = PyObject_GetAttr(held, s_fast);
+        is_fast = fast ? PyObject_IsTrue(fast) : -1;
+        Py_XDECREF(fast);
+        if (is_fast <= 0) {
+            if (is_fast < 0 || slow_entry(slow, fd, NULL, NULL, 0) < 0)
+                goto fail_held;
+            Py_DECREF(held);
+            continue;
+        }
+
+        memset(&message, 0, sizeof(message));
+        message.msg_iov = &vector;
+        message.msg_iovlen = 1;
+        message.msg_control = control;
+        message.msg_controllen = sizeof(control);
+        length = recvmsg(fd, &message, MSG_DONTWAIT);
+        read_at = wall_clock();
+        if (length < 0) {
+            if (!(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) && slow_entry(slow, fd, NULL, NULL, errno) < 0)
+                goto fail_held;
+            Py_DECREF(held);
+            continue;
+        }
+        for (header = CMSG_FIRSTHDR(&message); header != NULL; header = CMSG_NXTHDR(&message, header)) {
+            if (header->cmsg_level == SOL_SOCKET && header->cmsg_type == SCM_TIMESTAMPNS) {
+                struct timespec stamp;
+                memcpy(&stamp, CMSG_DATA(header), sizeof(stamp));
+                arrived_at = (double)stamp.tv_sec + (double)stamp.tv_nsec * 1e-9 + stamp_shift;
+                stamped = 1;
+            }
+        }
+        data = PyBytes_FromStringAndSize(buffer, length);
+        if (data == NULL)
+            goto fail_held;
+        entry = length ? PyDict_GetItemWithError(known, data) : NULL;
+        if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 4) {
+            cursor = PyObject_CallMethodObjArgs(held, s_on_run, PyTuple_GET_ITEM(entry, 1), PyTuple_GET_ITEM(entry, 2),
+                                                NULL);
+            if (cursor == NULL)
+                goto fail_data;
+        } else if (PyErr_Occurred()) {
+            goto fail_data;
+        }
+        if (cursor == NULL || cursor == Py_None) {
+            /* not one this loop takes: the driver frames and hands it over */
+            Py_XDECREF(cursor);
+            arrived = stamped ? PyFloat_FromDouble(arrived_at) : NULL;
+            if ((stamped && arrived == NULL) || slow_entry(slow, fd, data, arrived, 0) < 0)
+                goto fail_data;
+            Py_XDECREF(arrived);
+            Py_DECREF(data);
+            Py_DECREF(held);
+            if (entry == NULL && length > 0)
+                break;  /* a new answer: the driver learns it, and the rest of a fan-out,
+                           still ready, comes back at the next call, known */
+            continue;
+        }
+        record[0] = (double)PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 0));
+        record[1] = stamped ? arrived_at : read_at;
+        record[2] = read_at;
+        record[3] = stamped ? 1.0 : 0.0;
+        record[4] = attribute_double(held, s_clock_offset);
+        record[5] = attribute_double(held, s_clock_bound);
+        body_bytes += PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 3));
+        if (PyErr_Occurred()) {
+            Py_DECREF(cursor);
+            goto fail_data;
+        }
+        record += FIELDS;
+        taken++;
+        answers++;
+        sent = send_next_poll(held, fd, PyLong_AsLongLong(cursor));
+        Py_DECREF(cursor);
+        Py_DECREF(data);
+        if (sent < 0 || (sent == 0 && slow_entry(slow, fd, NULL, NULL, -1) < 0))
+            goto fail_held;
+        Py_DECREF(held);
+        continue;
+    fail_data:
+        Py_DECREF(data);
+    fail_held:
+        Py_DECREF(held);
+        goto fail;
+    }
+    if (_PyBytes_Resize(&records, taken * FIELDS * sizeof(double)) < 0)
+        goto fail;
+    result = Py_BuildValue("(NNLL)", records, slow, answers, body_bytes);
+    return result;
+fail:
+    Py_XDECREF(records);
+    Py_XDECREF(slow);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"drain", drain, METH_VARARGS, "Read the ready held polls' known answers and send their next polls."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_definition = {
+    PyModuleDef_HEAD_INIT, "_heldfast", "The held polls' common case, compiled (see loadtests/longpoll.py).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC
+PyInit__heldfast(void)
+{
+    PyObject *module;
+    if (!(s_fast = PyUnicode_InternFromString("fast")) || !(s_on_run = PyUnicode_InternFromString("on_run")) ||
+        !(s_request_head = PyUnicode_InternFromString("request_head")) ||
+        !(s_request_tail = PyUnicode_InternFromString("request_tail")) ||
+        !(s_sent_at = PyUnicode_InternFromString("sent_at")) ||
+        !(s_clock_offset = PyUnicode_InternFromString("clock_offset")) ||
+        !(s_clock_bound = PyUnicode_InternFromString("clock_bound")))
+        return NULL;
+    module = PyModule_Create(&module_definition);
+    if (module != NULL && (PyModule_AddIntConstant(module, "FIELDS", FIELDS) < 0 ||
+                           PyModule_AddIntConstant(module, "MAX_EVENTS", MAX_EVENTS) < 0)) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,282 @@
+"""The held polls' compiled path (loadtests/_heldfast.c) against the Python path it
+shortens: the same ledgers, deliveries, Locust counts and latency figures, on real sockets
+against a real Chattle; and the batch forms of the measures against the one-value ones."""
+
+import json
+import os
+import random
+import socket
+import time
+
+import gevent
+import numpy
+import pytest
+
+from bench.measures import DeliveryLedger, LatencyHistogram
+from loadtests import longpoll
+from loadtests.longpoll import HeldPolls, LongPollClient
+from loadtests.tally import WorkerTally
+
+try:
+    from loadtests import _heldfast
+except ImportError:
+    _heldfast = None
+
+
+def test_the_compiled_path_is_built():
+    """`make` builds it (setup.py); it is optional only so that a machine without a C
+    compiler still runs the load test, slower. Here it must be there."""
+    assert _heldfast is not None, "loadtests/_heldfast.c is not built: run `make venv` (it needs gcc and Python.h)"
+
+
+# -- the batch forms of the measures ---------------------------------------------------------------
+
+def _histogram_state(histogram):
+    return dict(histogram._pending), histogram.below_resolution
+
+
+def test_recording_an_array_buckets_every_value_as_recording_one_at_a_time():
+    values = [-0.5, -1e-7, 0.0, 4e-7, 5e-7, 1e-6, 2.047e-3, 2.048e-3, 2.049e-3, 0.1234567, 7.0, 3599.9, 3600.0, 9e9]
+    generator = random.Random(3)
+    values += [generator.uniform(0, 0.002) for _ in range(2000)]
+    values += [generator.lognormvariate(-2, 2) for _ in range(5000)]
+    one_at_a_time, batch = LatencyHistogram(), LatencyHistogram()
+    for value in values:
+        one_at_a_time.record(value)
+    batch.record_many(numpy.array(values))
+    assert _histogram_state(batch) == _histogram_state(one_at_a_time)
+    assert batch.summary() == one_at_a_time.summary()
+
+
+def test_a_batch_of_deliveries_is_tallied_as_each_one_would_be():
+    generator = random.Random(5)
+    count, ts = 3000, 1_700_000_000.25
+    arrived = numpy.array([ts + generator.uniform(-0.001, 2.5) for _ in range(count)])
+    read = arrived + numpy.array([generator.expovariate(200) for _ in range(count)])
+    stamped = numpy.array([generator.random() < 0.9 for _ in range(count)])
+    offset = numpy.array([generator.choice([0.0, 0.0004, -0.0002]) for _ in range(count)])
+    bound = numpy.array([generator.choice([0.0, 0.0005]) for _ in range(count)])
+    each, batch = WorkerTally(), WorkerTally()
+    for index in range(count):
+        each.delivery(arrived[index], read[index], ts, bool(stamped[index]), offset[index], bound[index])
+    batch.delivery_batch(arrived, read, ts, stamped, offset, bound)
+    assert (batch.deliveries, batch.unstamped, batch.under_bound) == (each.deliveries, each.unstamped, each.under_bound)
+    assert sorted(batch.seconds) == sorted(each.seconds)
+    for second in each.seconds:
+        for kind in (0, 1):
+            assert _histogram_state(batch.seconds[second][kind]) == _histogram_state(each.seconds[second][kind])
+
+
+def test_a_run_of_ids_lands_in_the_ledger_as_each_id_would():
+    for start, runs in [(0, [(1, 1), (2, 5), (6, 6)]), (10, [(11, 13), (12, 14)]), (3, [(7, 9), (4, 6)])]:
+        each, run = DeliveryLedger(start), DeliveryLedger(start)
+        for first, last in runs:
+            for message_id in range(first, last + 1):
+                each.record(message_id)
+            run.record_run(first, last)
+        assert run.to_dict() == each.to_dict()
+
+
+def test_only_a_plain_run_of_ids_is_taken_the_short_way():
+    from loadtests.locustfile import ParsedAnswers
+    answers = ParsedAnswers()
+
+    def body(ids, **extra):
+        return json.dumps(dict({"messages": [{"id": i, "ts": 1.5} for i in ids], "cursor": max(ids or [0])},
+                               **extra)).encode()
+    assert answers.run_of(body([7])) == (7, 7)
+    assert answers.run_of(body([3, 4, 5])) == (3, 5)
+    assert answers.run_of(body([3, 5])) is None                 # a gap: the ledger must see it
+    assert answers.run_of(body([5, 4])) is None
+    assert answers.run_of(body([])) is None
+    assert answers.run_of(body([8], missed=2)) is None
+    assert answers.run_of(body([8], reset=True)) is None
+    assert answers.run_of(b"not json") is None
+
+
+# -- one scenario, both paths, real sockets ----------------------------------------------------------
+
+class _Listener:
+    """The locustfile's Listener, its two answer methods and nothing else (no Locust user)."""
+
+    def __init__(self, tally):
+        from loadtests import locustfile
+        self.tally = tally
+        self.methods = locustfile.Listener
+        self.ledger = None
+        self.polls = 0
+        self.trouble_since = None
+        self.retry = 0.5
+        self.clock_offset = self.clock_bound = 0.0
+        self.failures = []
+
+    def on_answer(self, reply):
+        return self.methods._answered(self, reply)
+
+    def on_run(self, first_id, last_id):
+        return self.methods._answered_run(self, first_id, last_id)
+
+    def _broke(self, reason):
+        self.failures.append(reason)
+
+    def _note_missed(self, missed, reset):
+        self.failures.append(("missed", missed, reset))
+
+
+def _fan_out(server_url, compiled, room, listeners=40, bursts=(1, 3, 1, 2, 1)):
+    """`listeners` held polls on `room`, then bursts of posts, each waited out; what each
+    path made of it."""
+    from loadtests import locustfile
+    tally = locustfile.TALLY = WorkerTally()
+    logged, taken_short = [], []
+
+    def on_runs(body, arrived, read, stamped, clock_offset, clock_bound):
+        taken_short.append(len(arrived))
+        locustfile.record_runs(body, arrived, read, stamped, clock_offset, clock_bound)
+    polls = HeldPolls(None, answer_deadline=10, log_answers=lambda count, length: logged.append((count, length)),
+                      in_order_run=locustfile.ANSWERS.run_of if compiled else None,
+                      on_runs=on_runs if compiled else None)
+    assert polls.compiled == compiled
+    team = [_Listener(tally) for _ in range(listeners)]
+    failures = []
+    for listener in team:
+        polls.hold(LongPollClient(server_url), "/rooms/%s/msgs?since=" % room, None, "&timeout=5",
+                   listener.on_answer, failures.append, "/rooms/%s/msgs" % room, "poll (first)", listener.on_run)
+    _until(lambda: all(listener.ledger is not None for listener in team))
+    poster = LongPollClient(server_url)
+    posted = 0
+    for size in bursts:
+        for sequence in range(size):
+            assert poster.post("/rooms/%s/msgs" % room, json.dumps({"from": "t", "content": str(sequence)}).encode()
+                               ).status == 201
+        posted += size
+        assert _until(lambda posted=posted: all(listener.ledger.received == posted for listener in team)), \
+            [listener.ledger.received for listener in team]
+    poster.close()
+    for held in list(polls._held.values()):
+        polls.release(held)
+    gevent.sleep(0.05)
+    return {"ledgers": [dict(listener.ledger.to_dict(), start=None) for listener in team],
+            "polls": sum(listener.polls for listener in team),
+            "failures": failures + [f for listener in team for f in listener.failures],
+            "deliveries": tally.deliveries, "unstamped": tally.unstamped,
+            "latencies": sum(pair[0].count for pair in tally.seconds.values()),
+            "lags": sum(pair[1].count for pair in tally.seconds.values()),
+            "logged_answers": sum(count for count, _length in logged)}, sum(taken_short)
+
+
+def _until(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.skipif(_heldfast is None, reason="loadtests/_heldfast.c not built")
+def test_a_fan_out_comes_out_the_same_through_either_path(start_chattle):
+    """Forty listeners, five bursts (answers of one message and of several): every ledger,
+    delivery and latency count the same through both paths, every answer counted once in
+    Locust's statistics, and the compiled path took most answers itself."""
+    server = start_chattle()
+    python_path, taken_by_python = _fan_out(server.url, compiled=False, room="python")
+    compiled_path, taken_compiled = _fan_out(server.url, compiled=True, room="compiled")
+    assert python_path["failures"] == [] and python_path["deliveries"] == 40 * 8
+    answers = {}
+    for name, path in (("python", python_path), ("compiled", compiled_path)):
+        answers[name] = path.pop("polls")               # how many answers carried them is up to timing
+        assert path.pop("logged_answers") == answers[name]
+    assert compiled_path == python_path
+    # all but the first reader of each new answer (its bytes are learnt from it)
+    assert taken_by_python == 0 and taken_compiled >= answers["compiled"] * 0.8, (taken_compiled, answers)
+
+
+# -- drain() on its own -----------------------------------------------------------------------------
+
+class _Held:
+    """A HeldPoll's fields as drain() reads and writes them."""
+
+    def __init__(self, sock, cursor_after=None):
+        self.sock, self.fd = sock, sock.fileno()
+        self.fast = True
+        self.request_head, self.request_tail = b"GET /r?since=", b" HTTP/1.1\r\n\r\n"
+        self.sent_at = 0.0
+        self.clock_offset, self.clock_bound = 0.25, 0.001
+        self.runs = []
+        self.cursor_after = cursor_after
+
+    def on_run(self, first_id, last_id):
+        self.runs.append((first_id, last_id))
+        return self.cursor_after
+
+
+@pytest.fixture
+def connected_pairs():
+    """(client, server) TCP pairs on loopback, the client non-blocking with kernel stamps
+    on, as HeldPolls makes them; all closed after the test."""
+    made = []
+
+    def make(count):
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(count)
+        pairs = []
+        for _ in range(count):
+            client = socket.create_connection(listening.getsockname())
+            client.setblocking(False)
+            client.setsockopt(socket.SOL_SOCKET, longpoll.SO_TIMESTAMPNS, 1)
+            pairs.append((client, listening.accept()[0]))
+        listening.close()
+        made.extend(pairs)
+        return pairs
+    yield make
+    for client, server in made:
+        client.close()
+        server.close()
+
+
+@pytest.mark.skipif(_heldfast is None, reason="loadtests/_heldfast.c not built")
+def test_drain_takes_known_answers_and_hands_everything_else_back(connected_pairs):
+    from gevent.monkey import get_original
+    epoll_class, EPOLLIN = get_original("select", ["epoll", "EPOLLIN"])
+    pairs = connected_pairs(5)
+    epoll = epoll_class()
+    known_answer, unknown_answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\n\r\n??"
+    taken, declined, unknown, not_fast, closed = [_Held(client, cursor_after=c) for (client, _), c in
+                                                  zip(pairs, [42, None, 7, 7, 7])]
+    not_fast.fast = False
+    held = {h.fd: h for h in (taken, declined, unknown, not_fast, closed)}
+    for h in held.values():
+        epoll.register(h.fd, EPOLLIN)
+    for (_client, server), data in zip(pairs, [known_answer, known_answer, unknown_answer, known_answer, b""]):
+        if data:
+            server.sendall(data)
+        else:
+            server.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    before = time.time()
+    records, slow, answers, length = b"", [], 0, 0
+    for _call in range(10):          # a new answer ends a call: the rest comes at the next
+        more_records, more_slow, more_answers, more_length = _heldfast.drain(
+            epoll.fileno(), 64, held, {known_answer: (3, 11, 12, 2)}, 0.0)
+        if not more_records and not more_slow:
+            break
+        records, slow = records + more_records, slow + more_slow
+        answers, length = answers + more_answers, length + more_length
+        for fd, *_rest in more_slow:
+            epoll.unregister(fd)     # the driver's own path has it now
+    epoll.close()
+    assert [entry[1] for entry in slow].count(unknown_answer) == 1
+    assert (answers, length) == (1, 2)
+    assert taken.runs == [(11, 12)] and declined.runs == [(11, 12)] and not_fast.runs == []
+    assert pairs[0][1].recv(100) == b"GET /r?since=42 HTTP/1.1\r\n\r\n"
+    assert taken.sent_at >= before
+    index, arrived, read, stamped, offset, bound = numpy.frombuffer(records)
+    assert (index, stamped, offset, bound) == (3, 1.0, 0.25, 0.001)
+    assert before - 1 < arrived <= read and read >= before
+    by_fd = {entry[0]: entry[1:] for entry in slow}
+    assert set(by_fd) == {declined.fd, unknown.fd, not_fast.fd, closed.fd}
+    assert by_fd[declined.fd][0] == known_answer and by_fd[declined.fd][1] > before - 1
+    assert by_fd[unknown.fd][0] == unknown_answer and by_fd[unknown.fd][2] == 0
+    assert by_fd[not_fast.fd] == (None, None, 0)
+    assert by_fd[closed.fd] == (b"", None, 0)
+    assert os.read(pairs[3][0].fileno(), 100) == known_answer     # not read by drain
