@@ -13,13 +13,15 @@
  *          `slow` as (fd, None, None, 0) for the driver's own path (a connect finishing,
  *          the first poll, a parser holding part of an answer).
  *   known  dict answer bytes -> (index, first_id, last_id, body_length): answers the
- *          driver framed itself, whole in one read, status 200, keep-alive, a run of ids.
+ *          driver framed itself, whole in one read, status 200, keep-alive, a run of ids
+ *          (last_id = first_id - 1: none, a poll's timeout); or -> None: bytes it framed
+ *          and does not take this way.
  *
  *   For each readable fast HeldPoll: recvmsg with its SO_TIMESTAMPNS stamp. Answer bytes
  *   not in `known`, or an answer its listener's `on_run(first_id, last_id)` declines
  *   (returns None: its ledger is not at first_id), go to `slow` as (fd, data, arrived or
- *   None, 0) for the driver to frame and hand over the long way. Bytes not in `known`
- *   end the call: the driver may learn them, and the fan-out's other answers, still
+ *   None, 0) for the driver to frame and hand over the long way. Bytes not in `known` at
+ *   all end the call: the driver learns them, and the fan-out's other answers, still
  *   ready (epoll is level-triggered), come back at the next call. Otherwise `on_run`
  *   returned the next cursor: the next poll (request_head + cursor + request_tail) is
  *   sent and `sent_at` set; a send that does not go out whole goes to `slow` as
@@ -207,7 +209,9 @@ drain(PyObject *module, PyObject *args)
         if (data == NULL)
             goto fail_held;
         entry = length ? PyDict_GetItemWithError(known, data) : NULL;
-        if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 4) {
+        if (entry != NULL && !(PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 4))
+            entry = Py_None;  /* known not to be one of ours */
+        if (entry != NULL && entry != Py_None) {
             cursor = PyObject_CallMethodObjArgs(held, s_on_run, PyTuple_GET_ITEM(entry, 1), PyTuple_GET_ITEM(entry, 2),
                                                 NULL);
             if (cursor == NULL)

@@ -126,6 +126,8 @@ cache_default_args()
 
 @events.report_to_master.add_listener
 def ship_tally(client_id, data, **_kwargs):
+    if HELD_POLLS:
+        HELD_POLLS[0].flush()
     data["chattle"] = TALLY.take_report(final=TALLY.live_listeners == 0 and TALLY.listeners_ended > 0)
 
 
@@ -270,8 +272,9 @@ class Listener(User):
 
     def _answered_run(self, first_id, last_id):
         """The compiled path's `_answered`, for an answer of messages first_id..last_id and
-        nothing else (its deliveries reach TALLY through `record_runs`); None when this
-        listener's ledger is not at first_id, and the answer goes the long way."""
+        nothing else (none when last_id < first_id: the poll's timeout; the deliveries reach
+        TALLY through `record_runs`); None when this listener's ledger is not at first_id,
+        and the answer goes the long way."""
         ledger = self.ledger
         if ledger is None or ledger.next_expected != first_id:
             return None
@@ -378,12 +381,16 @@ class ParsedAnswers:
 
     def run_of(self, body):
         """(first id, last id) when the body holds a run of consecutive ids and says nothing
-        else (no missed, no reset): what a listener takes the short way. Else None."""
+        else (no missed, no reset): what a listener takes the short way. A poll's timeout
+        (no messages) is the empty run (cursor + 1, cursor). Else None."""
         try:
             messages, missed, reset = self.parse(body)
+            if not messages:
+                cursor = json.loads(body)["cursor"]
+                return (cursor + 1, cursor) if isinstance(cursor, int) and not (missed or reset) else None
         except (ValueError, KeyError, TypeError):
             return None
-        if not messages or missed or reset:
+        if missed or reset:
             return None
         first = messages[0][0]
         if not isinstance(first, int) or [message_id for message_id, _ts in messages] != list(

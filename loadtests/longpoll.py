@@ -31,6 +31,10 @@ try:
     from loadtests import _heldfast  # the common case compiled: see HeldPolls
 except ImportError:
     _heldfast = None
+else:
+    # its answers come as arrays; imported here, not at the first fan-out (a 0.8 s stall
+    # the first wave's client lag showed)
+    import numpy
 
 # Linux's SO_TIMESTAMPNS (also the SCM type of the control message); Python's socket
 # module does not name it.
@@ -63,6 +67,8 @@ IDLE_WAIT_SECONDS = 1.0
 # Answers the compiled path knows by their bytes; the table is cleared when full (a
 # fan-out's answers share their bytes within a second, so a few entries serve thousands).
 MAX_KNOWN_ANSWERS = 256
+# Batches of the compiled path's records kept before they are handed over (see flush).
+MAX_BATCHES_KEPT = 1000
 # Seconds added to every kernel receive timestamp to put it on this process's wall clock:
 # 0 on a real host; loadtests/clocks.py measures it (a process under faketime is shifted).
 kernel_stamp_shift = 0.0
@@ -378,11 +384,11 @@ class HeldPolls:
         try:
             while self._held:
                 if not (self._drain_compiled() if self.compiled else self._drain()):
-                    self._flush_runs()
                     if answering:
                         answering = False
                         gevent.sleep(COALESCE_SECONDS)
                     else:
+                        self.flush()
                         threads.apply(epoll.poll, (IDLE_WAIT_SECONDS, 1))
                     yielded = time.monotonic()
                     continue
@@ -391,11 +397,10 @@ class HeldPolls:
                 if time.monotonic() - yielded > YIELD_SECONDS:
                     # A fan-out keeps answers coming for a second or more: give Locust's
                     # heartbeats, reports and spawning their turn now and then.
-                    self._flush_runs()
                     gevent.sleep(0)
                     yielded = time.monotonic()
         finally:
-            self._flush_runs()
+            self.flush()
             self._log_batch()
             sweeper.kill(block=False)
 
@@ -418,6 +423,8 @@ class HeldPolls:
                                                          kernel_stamp_shift)
         if records:
             self._runs.append(records)
+            if len(self._runs) >= MAX_BATCHES_KEPT:
+                self.flush()
             self._batch_answers += answers
             self._batch_bytes += length
         for fd, data, arrived_at, problem in slow:
@@ -440,25 +447,29 @@ class HeldPolls:
         return bool(records or slow)
 
     def _learn(self, data, response):
-        """Remember an answer read whole in one piece, for the compiled path, when it is one
-        it may take: 200, keep-alive, and a run of ids by `in_order_run`."""
-        if response.status != 200 or not response.keep_alive or len(data) > RECEIVE_SIZE:
-            return
-        run = self.in_order_run(response.body)
-        if run is None:
+        """Remember an answer read whole in one piece for the compiled path: to take it when
+        it is one it may (200, keep-alive, a run of ids by `in_order_run`), else to hand it
+        straight back (None) without ending its call."""
+        if len(data) > RECEIVE_SIZE or data in self._known:
             return
         if len(self._known) >= MAX_KNOWN_ANSWERS:
-            self._flush_runs()     # its records name bodies by their place in the table
+            self.flush()           # its records name bodies by their place in the table
             self._known.clear()
             self._known_bodies.clear()
+        run = self.in_order_run(response.body) if response.status == 200 and response.keep_alive else None
+        if run is None:
+            self._known[data] = None
+            return
         self._known[data] = (len(self._known_bodies), run[0], run[1], len(response.body))
         self._known_bodies.append(response.body)
 
-    def _flush_runs(self):
-        """The compiled path's answers since the last flush, to `on_runs`, body by body."""
+    def flush(self):
+        """The compiled path's answers since the last flush, to `on_runs`, body by body: when
+        the driver has nothing to read, and before anyone reads the figures (a worker's
+        report). Not after every batch: numpy's cost is per call, and a fan-out read in
+        batches of tens spent a tenth of the load generator's CPU in it."""
         if not self._runs:
             return
-        import numpy
         records = numpy.frombuffer(b"".join(self._runs)).reshape(-1, _heldfast.FIELDS)
         self._runs = []
         indices = records[:, 0].astype(numpy.int64)

@@ -68,7 +68,8 @@ def test_a_batch_of_deliveries_is_tallied_as_each_one_would_be():
 
 
 def test_a_run_of_ids_lands_in_the_ledger_as_each_id_would():
-    for start, runs in [(0, [(1, 1), (2, 5), (6, 6)]), (10, [(11, 13), (12, 14)]), (3, [(7, 9), (4, 6)])]:
+    for start, runs in [(0, [(1, 1), (2, 5), (1, 0), (6, 6), (7, 6)]), (10, [(11, 13), (12, 14)]),
+                        (3, [(7, 9), (4, 6)])]:
         each, run = DeliveryLedger(start), DeliveryLedger(start)
         for first, last in runs:
             for message_id in range(first, last + 1):
@@ -88,7 +89,8 @@ def test_only_a_plain_run_of_ids_is_taken_the_short_way():
     assert answers.run_of(body([3, 4, 5])) == (3, 5)
     assert answers.run_of(body([3, 5])) is None                 # a gap: the ledger must see it
     assert answers.run_of(body([5, 4])) is None
-    assert answers.run_of(body([])) is None
+    assert answers.run_of(body([])) == (1, 0)                  # a timeout: the empty run after the cursor
+    assert answers.run_of(body([], missed=1)) is None
     assert answers.run_of(body([8], missed=2)) is None
     assert answers.run_of(body([8], reset=True)) is None
     assert answers.run_of(b"not json") is None
@@ -123,9 +125,10 @@ class _Listener:
         self.failures.append(("missed", missed, reset))
 
 
-def _fan_out(server_url, compiled, room, listeners=40, bursts=(1, 3, 1, 2, 1)):
-    """`listeners` held polls on `room`, then bursts of posts, each waited out; what each
-    path made of it."""
+def _fan_out(server_url, compiled, room, listeners=40, bursts=(1, 3, 0, 1, 2, 1)):
+    """`listeners` held polls of a second on `room`, then bursts of posts, each waited out
+    (a burst of 0: a second and a half of quiet, every poll times out); what each path
+    made of it."""
     from loadtests import locustfile
     tally = locustfile.TALLY = WorkerTally()
     logged, taken_short = [], []
@@ -140,12 +143,14 @@ def _fan_out(server_url, compiled, room, listeners=40, bursts=(1, 3, 1, 2, 1)):
     team = [_Listener(tally) for _ in range(listeners)]
     failures = []
     for listener in team:
-        polls.hold(LongPollClient(server_url), "/rooms/%s/msgs?since=" % room, None, "&timeout=5",
+        polls.hold(LongPollClient(server_url), "/rooms/%s/msgs?since=" % room, None, "&timeout=1",
                    listener.on_answer, failures.append, "/rooms/%s/msgs" % room, "poll (first)", listener.on_run)
     _until(lambda: all(listener.ledger is not None for listener in team))
     poster = LongPollClient(server_url)
     posted = 0
     for size in bursts:
+        if not size:
+            gevent.sleep(1.5)
         for sequence in range(size):
             assert poster.post("/rooms/%s/msgs" % room, json.dumps({"from": "t", "content": str(sequence)}).encode()
                                ).status == 201
@@ -155,7 +160,7 @@ def _fan_out(server_url, compiled, room, listeners=40, bursts=(1, 3, 1, 2, 1)):
     poster.close()
     for held in list(polls._held.values()):
         polls.release(held)
-    gevent.sleep(0.05)
+    polls.flush()                     # as a worker's report does before it reads the tally
     return {"ledgers": [dict(listener.ledger.to_dict(), start=None) for listener in team],
             "polls": sum(listener.polls for listener in team),
             "failures": failures + [f for listener in team for f in listener.failures],
@@ -174,9 +179,10 @@ def _until(condition, seconds=10.0):
 
 @pytest.mark.skipif(_heldfast is None, reason="loadtests/_heldfast.c not built")
 def test_a_fan_out_comes_out_the_same_through_either_path(start_chattle):
-    """Forty listeners, five bursts (answers of one message and of several): every ledger,
-    delivery and latency count the same through both paths, every answer counted once in
-    Locust's statistics, and the compiled path took most answers itself."""
+    """Forty listeners, five bursts (answers of one message, of several, of none: the
+    polls' timeouts): every ledger, delivery and latency count the same through both
+    paths, every answer counted once in Locust's statistics, and the compiled path took
+    most answers itself."""
     server = start_chattle()
     python_path, taken_by_python = _fan_out(server.url, compiled=False, room="python")
     compiled_path, taken_compiled = _fan_out(server.url, compiled=True, room="compiled")
@@ -280,3 +286,24 @@ def test_drain_takes_known_answers_and_hands_everything_else_back(connected_pair
     assert by_fd[not_fast.fd] == (None, None, 0)
     assert by_fd[closed.fd] == (b"", None, 0)
     assert os.read(pairs[3][0].fileno(), 100) == known_answer     # not read by drain
+
+
+@pytest.mark.skipif(_heldfast is None, reason="loadtests/_heldfast.c not built")
+def test_answers_known_not_to_be_taken_are_handed_back_without_ending_the_call(connected_pairs):
+    """New bytes end a call (the driver learns them first); bytes it learnt are not ours
+    (None: a 404, say) come back all in one call: a wave of them costs no call each."""
+    from gevent.monkey import get_original
+    epoll_class, EPOLLIN = get_original("select", ["epoll", "EPOLLIN"])
+    not_ours = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}"
+    pairs = connected_pairs(3)
+    epoll = epoll_class()
+    held = {}
+    for client, server in pairs:
+        held[client.fileno()] = _Held(client, cursor_after=7)
+        epoll.register(client.fileno(), EPOLLIN)
+        server.sendall(not_ours)
+    time.sleep(0.05)
+    _records, slow, answers, _length = _heldfast.drain(epoll.fileno(), 64, held, {not_ours: None}, 0.0)
+    epoll.close()
+    assert answers == 0 and sorted(entry[0] for entry in slow) == sorted(held)
+    assert all(entry[1] == not_ours for entry in slow)
