@@ -252,6 +252,27 @@ def test_a_held_poll_that_cannot_connect_fails_once_with_the_reason():
         [("poll (first)", "connect: Connection refused")]
 
 
+def test_a_held_poll_never_answered_fails_at_its_deadline_with_the_reason():
+    """A server that takes the connection and the poll and says nothing: the poll fails
+    once, after its answer deadline (and before the deadline plus one sweep)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    event, failures = _Recorded(), []
+    polls = HeldPolls(event, answer_deadline=0.5, log_answers=lambda count, length: None)
+    polls.sweep_seconds = 0.2
+    started = time.monotonic()
+    polls.hold(LongPollClient("http://127.0.0.1:%d" % silent.getsockname()[1]), "/rooms/r/msgs?since=", None,
+               "&timeout=5", lambda reply: 1, failures.append, "/rooms/r/msgs", "poll (first)")
+    try:
+        assert _until(lambda: failures, 5.0), failures
+        waited = time.monotonic() - started
+    finally:
+        silent.close()
+    assert failures == ["poll: no answer within 0.5s"] and len(polls) == 0
+    assert 0.5 <= waited < 0.5 + 0.2 + 0.5, waited
+
+
 def test_kernel_arrival_shows_a_client_that_reads_late_as_client_lag():
     """The answer reaches the socket at once; the client reads it 0.3 s later. The kernel
     timestamp keeps the arrival time, so the stall shows as lag, not as latency."""
