@@ -91,6 +91,7 @@ def test_counting_by_bucket_first_gives_what_hdrhistogram_gives_bucket_for_bucke
     assert direct.sub_bucket_count == 2 ** SIGNIFICANT_BITS
     ours = LatencyHistogram()
     values = [int(1.0007 ** i) + i % 7 for i in range(1, 30000)]  # 1 us to about 1.3 s, every magnitude
+    values += [2 ** 31 - 1, 2 ** 31, 10 ** 9 + 7, LATENCY_HIGHEST_US]
     for value in values:
         direct.record_value(value)
         ours.record(value / 1e6)
@@ -98,6 +99,10 @@ def test_counting_by_bucket_first_gives_what_hdrhistogram_gives_bucket_for_bucke
     mine = [(item.value_iterated_to, item.count_at_value_iterated_to) for item in ours._hdr.get_recorded_iterator()]
     theirs = [(item.value_iterated_to, item.count_at_value_iterated_to) for item in direct.get_recorded_iterator()]
     assert mine == theirs
+    # bench.measures fills the HdrHistogram's counts itself (_record_counted): the same array
+    assert list(ours._hdr.counts) == list(direct.counts)
+    assert (ours._hdr.get_total_count(), ours._hdr.min_value, ours._hdr.get_max_value()) == \
+        (direct.get_total_count(), direct.min_value, direct.get_max_value())
 
 
 def test_histograms_travel_and_add_up():
