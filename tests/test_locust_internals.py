@@ -126,3 +126,65 @@ class _frozen_time:
     def __exit__(self, *_exc):
         import locust.stats
         locust.stats.time = self.original
+
+
+def test_the_worker_still_rebuilds_its_argument_defaults_per_spawn_message():
+    """loadtests/locustfile.py caches argument_parser.default_args_dict (cache_default_args):
+    the worker's spawn handling calls it once per option of every message."""
+    from locust import argument_parser
+
+    import loadtests.locustfile  # noqa: F401  (applies the cache)
+    source = inspect.getsource(locust.runners.WorkerRunner.handle_message)
+    assert "argument_parser.default_args_dict()" in source
+    assert hasattr(argument_parser.default_args_dict, "cache_info")
+
+
+_LOCUSTS_OWN_COUNT = locust.runners.Runner.user_classes_count.fget
+
+
+def test_counting_users_by_class_gives_locusts_own_count_as_users_come_and_go():
+    """loadtests/locustfile.py replaces Runner.user_classes_count with counted_user_classes;
+    at every step (spawned, stopped, dead and not yet discarded) it must equal Locust's."""
+    import gevent
+    from locust import User, constant, task
+
+    from loadtests.locustfile import counted_user_classes
+    source = inspect.getsource(_LOCUSTS_OWN_COUNT)
+    assert "user_greenlet.args[0]" in source and "user.__class__.__name__" in source and "except IndexError" in source
+    assert locust.runners.Runner.user_classes_count.fget is counted_user_classes
+
+    class Waiting(User):
+        wait_time = constant(60)
+
+        @task
+        def wait(self):
+            gevent.sleep(60)
+
+    class Leaving(User):
+        wait_time = constant(0)
+
+        @task
+        def leave(self):
+            gevent.sleep(0.05)
+            raise locust.exception.StopUser()
+
+    runner = Environment(user_classes=[Waiting, Leaving]).create_local_runner()
+    try:
+        seen = []
+        for step in ({"Waiting": 3, "Leaving": 2}, {"Waiting": 1}):
+            runner.spawn_users(step, wait=False)
+            gevent.sleep(0)
+            seen.append((counted_user_classes(runner), _LOCUSTS_OWN_COUNT(runner)))
+        gevent.sleep(0.2)                                    # the Leaving ones stop themselves
+        seen.append((counted_user_classes(runner), _LOCUSTS_OWN_COUNT(runner)))
+        runner.stop_users({"Waiting": 2})
+        seen.append((counted_user_classes(runner), _LOCUSTS_OWN_COUNT(runner)))
+        dying = next(iter(runner.user_greenlets))
+        dying.kill(block=False)
+        gevent.sleep(0)                                      # dead, args gone, maybe not yet discarded
+        seen.append((counted_user_classes(runner), _LOCUSTS_OWN_COUNT(runner)))
+    finally:
+        runner.quit()
+    assert all(ours == theirs for ours, theirs in seen), seen
+    assert [theirs for _ours, theirs in seen][:3] == [
+        {"Waiting": 3, "Leaving": 2}, {"Waiting": 4, "Leaving": 2}, {"Waiting": 4, "Leaving": 0}]
