@@ -1,7 +1,10 @@
 """The lean client rig: park N long-polls on raw sockets, post once, time every answer.
 
 No Locust and no HTTP library: each held poll is one non-blocking socket in an
-epoll set, so the client costs little CPU next to the server it measures. A held poll
+epoll set, so the client costs little CPU next to the server it measures. Each answer is
+timed at its kernel arrival (SO_TIMESTAMPNS, bench/stamps.py), as the load test's are:
+timed at the read, the rig's p50 took in its own queue of unread answers (about 30 ms
+at 5 000 polls), and the two instruments disagreed by a third. A held poll
 count larger than one process should hold is split over several client processes
 (`python -m bench.rig --park ...`, one JSON line out when parked and one when done),
 all on 127.0.0.1.
@@ -23,6 +26,7 @@ import urllib.parse
 
 from bench.httpframe import FramingError, ResponseParser
 from bench.measures import DeliveryLedger, latency_summary, memory_per_connection, summed_rss, wakeup_latency
+from bench.stamps import ANCILLARY_SPACE, SO_TIMESTAMPNS, arrival
 from chattle_limits import POLL_TIMEOUT_MAX, client_timeout, raise_descriptor_limit
 from harness.processes import ROOT, get_json, post_json
 
@@ -87,6 +91,7 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
             # A blocking connect returns once the kernel has the handshake: the server's
             # accept loop keeps pace with it, so the backlog never overflows.
             sock = socket.create_connection((host, port), timeout=connect_timeout)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.sendall(request)
             sock.setblocking(False)
         except OSError:
@@ -110,11 +115,13 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
         for fd, _mask in epoll.poll(1.0):
             poll = by_fd[fd]
             try:
-                data = poll.sock.recv(8192)  # an answer is a few hundred bytes
+                # an answer is a few hundred bytes; its kernel arrival ends the latency
+                data, ancillary, _flags, _address = poll.sock.recvmsg(8192, ANCILLARY_SPACE)
+                arrived_at = arrival(ancillary)
             except BlockingIOError:
                 continue
             except OSError:
-                data = b""
+                data, arrived_at = b"", None
             try:
                 complete = poll.feed(data) if data else poll.feed_eof()
             except FramingError:
@@ -122,7 +129,7 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
             if data and not complete:
                 continue
             if complete:
-                poll.received_at = time.time()
+                poll.received_at = arrived_at if arrived_at is not None else time.time()
             # else: closed before a whole answer; it stays unanswered, never a delivery
             epoll.unregister(fd)  # closed after the timing: a close is not a delivery
             pending -= 1

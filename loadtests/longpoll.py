@@ -21,11 +21,12 @@ import _socket
 import errno
 import os
 import socket
-import struct
 import time
 import urllib.parse
 
+from bench import stamps
 from bench.httpframe import FramingError, ResponseParser
+from bench.stamps import ANCILLARY_SPACE, SO_TIMESTAMPNS
 
 try:
     from loadtests import _heldfast  # the common case compiled: see HeldPolls
@@ -36,11 +37,6 @@ else:
     # the first wave's client lag showed)
     import numpy
 
-# Linux's SO_TIMESTAMPNS (also the SCM type of the control message); Python's socket
-# module does not name it.
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-TIMESPEC = struct.Struct("@qq")
-ANCILLARY_SPACE = socket.CMSG_SPACE(TIMESPEC.size)
 RECEIVE_SIZE = 65536
 # A keep-alive connection idle longer than this is replaced before a request is sent on
 # it: a server may close idle connections (Chattle's keep-alive deadline), and a POST
@@ -80,8 +76,7 @@ kernel_stamp_shift = 0.0
 
 def stamp_seconds(value):
     """The wall-clock time in one SO_TIMESTAMPNS control message, on this process's clock."""
-    seconds, nanoseconds = TIMESPEC.unpack_from(value)
-    return seconds + nanoseconds * 1e-9 + kernel_stamp_shift
+    return stamps.stamp_seconds(value, kernel_stamp_shift)
 
 
 _RESOLVED = {}
