@@ -201,7 +201,10 @@ class RunTally:
                                           or worker.get("lost") for worker in self.workers.values())
 
     def ledgers(self):
-        return [(entry, DeliveryLedger.from_dict(entry["ledger"])) for entry in self.listeners]
+        """[(listener summary, its DeliveryLedger or None)]: a listener stopped before its
+        first answer never had a cursor, so it has no ledger, only a reason it gave up."""
+        return [(entry, DeliveryLedger.from_dict(entry["ledger"]) if entry["ledger"] is not None else None)
+                for entry in self.listeners]
 
     # -- to and from raw/run.json ----------------------------------------------------------
 

@@ -166,6 +166,22 @@ def test_worker_reports_add_up_to_the_run_exactly_once():
     assert again.latency.summary() == run.latency.summary()
 
 
+def test_a_listener_stopped_before_its_first_answer_counts_as_gave_up_and_the_report_still_builds():
+    # Seen once under contention: a listener with no ledger broke the whole report.
+    from loadtests.report import listener_figures
+    worker = WorkerTally()
+    worker.test_started()
+    for name, ledger, gave_up in (("a", DeliveryLedger(0), None), ("b", None, "stopped before its first answer")):
+        worker.listener_started()
+        worker.listener_ended({"listener": name, "room": "load-0", "ledger": ledger and ledger.to_dict(),
+                               "polls": 1, "caught_up": 0, "listened_until": 0, "gave_up": gave_up})
+    run = RunTally()
+    run.merge("w1", msgpack.unpackb(msgpack.packb(worker.take_report(final=True)), strict_map_key=False))
+    delivery, _final_ids = listener_figures(run, {"load-0": 0})
+    assert (delivery["listeners"], delivery["lost"], delivery["gave_up"]) == (1, 0, 1)
+    assert delivery["gave_up_reasons"] == {"stopped before its first answer": 1}
+
+
 # -- the long-poll client on real sockets -----------------------------------------------------------
 
 def test_the_client_polls_with_keep_alive_and_fires_one_request_event_each(start_chattle):
