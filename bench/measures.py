@@ -220,7 +220,8 @@ class DeliveryLedger:
     def record_run(self, first_id, last_id):
         """`record` of each id from first_id to last_id: a held poll's usual answer, one
         message or a burst's run of them, right after the last one received (none when
-        last_id < first_id)."""
+        last_id < first_id). The load client's compiled path (loadtests/_heldfast.c) does
+        the first case itself; tests/test_held_fast.py holds it to the same ledgers."""
         if first_id != self.next_expected:
             for message_id in range(first_id, last_id + 1):
                 self.record(message_id)

@@ -260,11 +260,12 @@ class Listener(User):
                 self.held = held_polls(self.environment).hold(
                     self.client, "/rooms/%s/msgs?since=" % self.room, self.cursor, "&timeout=%g" % self.poll_timeout,
                     self._answered, self._broke, "/rooms/%s/msgs" % self.room, "poll (first, no since)",
-                    self._answered_run, (self.clock_offset, self.clock_bound))
+                    self.ledger, (self.clock_offset, self.clock_bound))
             except OSError as exc:
                 self._trouble("poll (held): %s" % (exc or type(exc).__name__))
                 continue
             self.broken.wait()
+            self.polls += self.held.fast_answers
             self.held = None
             self._trouble(self.broken_reason)
         gevent.sleep(3600)  # gave up: stay counted as a user, do nothing, until the run stops it
@@ -284,6 +285,8 @@ class Listener(User):
             except (ValueError, KeyError, TypeError):
                 self._broke("poll (first, no since) answered without a cursor: %r" % reply.body[:200])
                 return None
+            if self.held is not None:
+                self.held.ledger = ledger   # from now on the compiled path may move it on
             return ledger.next_expected - 1
         # once per answer, 10 000 times per post: kept flat
         messages, missed, reset = ANSWERS.parse(reply.body)
@@ -296,20 +299,6 @@ class Listener(User):
             ledger.record(message_id)
             TALLY.delivery(arrived_at, read_at, ts, stamped, offset, bound)
         return ledger.next_expected - 1
-
-    def _answered_run(self, first_id, last_id):
-        """The compiled path's `_answered`, for an answer of messages first_id..last_id and
-        nothing else (none when last_id < first_id: the poll's timeout; the deliveries reach
-        TALLY through `record_runs`); None when this listener's ledger is not at first_id,
-        and the answer goes the long way."""
-        ledger = self.ledger
-        if ledger is None or ledger.next_expected != first_id:
-            return None
-        ledger.record_run(first_id, last_id)
-        self.polls += 1
-        if self.trouble_since is not None:
-            self.trouble_since, self.retry = None, RETRY_SECONDS[0]
-        return last_id
 
     def _broke(self, reason):
         self.broken_reason = reason
@@ -349,6 +338,7 @@ class Listener(User):
         on their way are fetched (timeout=0) and count as delivered, without a wake-up
         latency, since nobody was waiting for them any more."""
         if self.held is not None:
+            self.polls += self.held.fast_answers
             held_polls(self.environment).release(self.held)
         self.client.close()
         caught_up, listened_until = 0, None

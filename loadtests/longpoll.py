@@ -225,10 +225,11 @@ class HeldPolls:
     When `loadtests._heldfast` is built and the caller says how to take an answer the
     short way, `_heldfast.drain` does it: an answer whose bytes the driver has framed
     before (whole, in one read, 200, keep-alive) and whose body `in_order_run(body)` calls
-    a run of ids goes to its listener as `on_run(first_id, last_id)`, which returns the
-    next cursor (or None: then the answer takes the path below); its arrival, read time
-    and clock go to `on_runs(body, arrived, read, stamped, clock_offset, clock_bound)`
-    (numpy arrays) a batch at a time. Everything else takes the Python path, the
+    a run of ids, for a held poll whose `ledger` (bench.measures.DeliveryLedger) is at its
+    first id, moves that ledger on (DeliveryLedger.record_run's usual case, in C) and the
+    next poll asks since its last id; its arrival, read time and clock go to
+    `on_runs(body, arrived, read, stamped, clock_offset, clock_bound)` (numpy arrays) a
+    batch at a time, and `fast_answers` counts it on the held poll. Everything else takes the Python path, the
     reference: tests/test_load_client.py holds the two to the same figures.
     """
 
@@ -259,7 +260,7 @@ class HeldPolls:
         return len(self._held)
 
     def hold(self, client, path_to_cursor, cursor, path_after_cursor, on_answer, on_failure,
-             first_path=None, first_name=None, on_run=None, clock=(0.0, 0.0)):
+             first_path=None, first_name=None, ledger=None, clock=(0.0, 0.0)):
         """Poll `path_to_cursor + cursor + path_after_cursor` for `client`'s server. Each
         whole answer goes to `on_answer(reply)`, which returns the next cursor (None: stop
         holding); a failure goes once to `on_failure(reason)`.
@@ -269,8 +270,9 @@ class HeldPolls:
         goes to `on_answer` like any other. The connection is this object's: `client`'s
         open one if it has one, else a new one, connected without blocking on the driver's
         epoll set (a gevent socket and its timeouts cost a quarter of the ramp's CPU).
-        `on_run` and `clock` (the listener's offset to its server's clock and its bound)
-        serve the compiled path."""
+        `ledger` (None until the listener has one: it sets `held.ledger` then) and `clock`
+        (the listener's offset to its server's clock and its bound) serve the compiled
+        path."""
         import gevent
         request_head = ("GET %s" % path_to_cursor).encode("latin-1")
         request_tail = ("%s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path_after_cursor, client.host_header)).encode("latin-1")
@@ -282,7 +284,7 @@ class HeldPolls:
             client.close()
             sock = _connecting_socket(client.address)
         held = HeldPoll(sock, request_head, request_tail, on_answer, on_failure)
-        held.on_run = on_run
+        held.ledger = ledger
         held.clock_offset, held.clock_bound = clock
         if cursor is None:
             held.first_name = first_name or first_path
@@ -532,7 +534,7 @@ class HeldPolls:
                 self._drop(held, "could not send the next poll")
                 return
             response = held.parser.feed(b"") if held.parser._buffer else None
-        held.fast = self.compiled and held.first_name is None and held.on_run is not None and not held.parser.pending
+        held.fast = self.compiled and held.first_name is None and held.ledger is not None and not held.parser.pending
 
     def _sweep(self):
         """A poll unanswered past its deadline is a failure (the server never answered),
@@ -547,7 +549,8 @@ class HeldPolls:
 
 class HeldPoll:
     __slots__ = ("sock", "fd", "request_head", "request_tail", "parser", "on_answer", "on_failure", "sent_at",
-                 "arrived_at", "connecting", "request", "first_name", "fast", "on_run", "clock_offset", "clock_bound")
+                 "arrived_at", "connecting", "request", "first_name", "fast", "ledger", "fast_answers", "clock_offset",
+                 "clock_bound")
 
     def __init__(self, sock, request_head, request_tail, on_answer, on_failure):
         self.sock = sock
@@ -563,7 +566,8 @@ class HeldPoll:
         self.request = None         # the first request, sent once connected
         self.first_name = None      # set while the first request (no since) is out
         self.fast = False           # the compiled path may read it (HeldPolls._took decides)
-        self.on_run = None
+        self.ledger = None          # the listener's DeliveryLedger, moved on by the compiled path
+        self.fast_answers = 0       # answers the compiled path took
         self.clock_offset = self.clock_bound = 0.0
 
     def poll_request(self, cursor):
