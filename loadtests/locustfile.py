@@ -14,6 +14,7 @@ the server and sets the options.
 
 import collections
 import functools
+import gc
 import itertools
 import json
 import operator
@@ -63,7 +64,22 @@ def remember_start(environment, **_kwargs):
     TestClock.cpu_at_start = process_cpu_seconds(os.getpid())
     TALLY.test_started()
     if isinstance(environment.runner, WorkerRunner):
+        collect_garbage_seldom()
         measure_clocks(environment.parsed_options)
+
+
+def collect_garbage_seldom():
+    """Every listener keeps a few dozen objects the cyclic collector tracks, for the whole
+    run; with Python's thresholds (700, 10, 10) a 10,000-listener worker ran about 650
+    young, 60 middle and 6 full collections, each full one over every listener: 0.46 s,
+    3 % of its CPU. Locust's own startup objects are frozen (never walked again), and the
+    young generation collects thirty times less often; the run's garbage is freed by
+    reference counting anyway, so memory does not grow."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+GC_THRESHOLDS = (20000, 20, 20)
 
 
 def servers_of(options):
@@ -515,3 +531,4 @@ class Poster(User):
             TALLY.post(room, accepted["id"], accepted["ts"])
         # Exponential gaps: bursts from several posters overlap sometimes, as in a real chat.
         gevent.sleep(self.gaps.expovariate(1.0 / self.options.burst_gap))
+

@@ -257,6 +257,32 @@ def test_held_polls_connect_ask_the_cursor_first_and_log_a_fan_outs_answers_in_b
     assert sum(length for _count, length in logged) == sum(delivered_bytes)
 
 
+def test_a_released_poll_leaves_the_epoll_set_with_its_close_and_its_descriptor_can_be_held_again(start_chattle):
+    """release() closes without an epoll_ctl of its own: the close must take the socket
+    out of the set, or the next connection given the same descriptor number could not be
+    registered (EEXIST) and an answer on it would reach the old listener."""
+    server = start_chattle()
+    answers, failures = [], []
+    polls = HeldPolls(_Recorded(), answer_deadline=10)
+
+    def hold(number):
+        def on_answer(reply):
+            answers.append((number, json.loads(reply.body)["cursor"]))
+            return json.loads(reply.body)["cursor"]
+        return polls.hold(LongPollClient(server.url), "/rooms/again/msgs?since=", None, "&timeout=5", on_answer,
+                          failures.append, "/rooms/again/msgs", "poll (first)")
+    first = hold(1)
+    assert _until(lambda: answers), failures
+    descriptor = first.fd
+    polls.release(first)
+    assert len(polls) == 0
+    second = hold(2)
+    assert second.fd == descriptor            # the lowest free number: the one just closed
+    assert _until(lambda: len(answers) == 2), (answers, failures)
+    assert answers[1][0] == 2 and failures == []
+    polls.release(second)
+
+
 def test_a_held_poll_that_cannot_connect_fails_once_with_the_reason():
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
