@@ -47,8 +47,8 @@ SYSTEM_PROGRAMS := $(sort \
 system-packages:
 	@$(PYTHON3) -m harness.system_packages $(SYSTEM_PROGRAMS)
 
-# setup.py builds loadtests/_heldfast.c in place (the held polls' compiled path)
-$(STAMP): pyproject.toml setup.py loadtests/_heldfast.c
+# setup.py builds loadtests/_heldfast.c and _usercount.c in place (the load worker's compiled paths)
+$(STAMP): pyproject.toml setup.py loadtests/_heldfast.c loadtests/_usercount.c
 	$(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[harness]'
@@ -108,5 +108,5 @@ regress-accept: $(STAMP)
 # Build products only: every baseline stays (the committed one in bench/baselines/,
 # pytest-benchmark's in .benchmarks/), and so does reports/.
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info build loadtests/_heldfast*.so
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info build loadtests/_heldfast*.so loadtests/_usercount*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
