@@ -89,7 +89,12 @@ GC_THRESHOLDS = (20000, 20, 20)
 
 def servers_of(options):
     """The servers listeners spread over and posters take turns on: --servers, else --host."""
-    return [url.strip().rstrip("/") for url in (options.servers or options.host).split(",") if url.strip()]
+    return _split_servers(options.servers or options.host)
+
+
+@functools.lru_cache(maxsize=8)
+def _split_servers(urls):
+    return tuple(url.strip().rstrip("/") for url in urls.split(",") if url.strip())
 
 
 def measure_clocks(options):

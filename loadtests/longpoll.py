@@ -19,6 +19,7 @@ held-poll answers reach the same statistics a batch at a time (`HeldPolls.log_an
 
 import _socket
 import errno
+import functools
 import os
 import socket
 import time
@@ -109,16 +110,22 @@ class Reply:
         self.sent_at = sent_at
 
 
+@functools.lru_cache(maxsize=64)
+def _address_of(base_url):
+    """((host, port), Host header) of a base URL; parsed once per URL, not once per
+    listener at its start and again at its stop."""
+    parsed = urllib.parse.urlsplit(base_url)
+    if parsed.scheme != "http" or not parsed.hostname:
+        raise ValueError("the long-poll client speaks plain http://host:port, not %r" % base_url)
+    return (parsed.hostname, parsed.port or 80), parsed.netloc
+
+
 class LongPollClient:
     """One keep-alive connection to `base_url`; `get` and `post` send one request and wait
     for its answer at most `timeout` seconds (a held poll's hold plus a margin)."""
 
     def __init__(self, base_url, request_event=None, timeout=30.0, connect_timeout=10.0):
-        parsed = urllib.parse.urlsplit(base_url)
-        if parsed.scheme != "http" or not parsed.hostname:
-            raise ValueError("the long-poll client speaks plain http://host:port, not %r" % base_url)
-        self.address = (parsed.hostname, parsed.port or 80)
-        self.host_header = parsed.netloc
+        self.address, self.host_header = _address_of(base_url)
         self.request_event = request_event
         self.timeout = timeout
         self.connect_timeout = connect_timeout
