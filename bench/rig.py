@@ -4,7 +4,10 @@ No Locust and no HTTP library: each held poll is one non-blocking socket in an
 epoll set, so the client costs little CPU next to the server it measures. Each answer is
 timed at its kernel arrival (SO_TIMESTAMPNS, bench/stamps.py), as the load test's are:
 timed at the read, the rig's p50 took in its own queue of unread answers (about 30 ms
-at 5 000 polls), and the two instruments disagreed by a third. A held poll
+at 5 000 polls), and the two instruments disagreed by a third. Each poll is a keep-alive
+request, as the page's and the load test's are: with `Connection: close` the server also
+closed every socket inside its fan-out, which took the median p50 at 5 000 polls from
+80 to 93 ms and p99 from 163 to 183 ms (one sweep each, same machine, same hour). A held poll
 count larger than one process should hold is split over several client processes
 (`python -m bench.rig --park ...`, one JSON line out when parked and one when done),
 all on 127.0.0.1.
@@ -75,8 +78,8 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
                      out=sys.stdout, stdin=sys.stdin):
     """Open `count` polls on `since=cursor`, report "parked", then time their answers."""
     raise_descriptor_limit()
-    request = ("GET /rooms/%s/msgs?since=%d&timeout=%d HTTP/1.1\r\nHost: %s:%d\r\n"
-               "Connection: close\r\n\r\n" % (room, cursor, POLL_TIMEOUT, host, port)).encode()
+    request = ("GET /rooms/%s/msgs?since=%d&timeout=%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n"
+               % (room, cursor, POLL_TIMEOUT, host, port)).encode()
     # select.epoll itself, not selectors: its per-event bookkeeping would double the
     # client's CPU per answer and push the rig towards being the bottleneck.
     epoll = select.epoll()
