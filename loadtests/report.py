@@ -119,7 +119,7 @@ def machine_check(samples, run_info):
     busy_mark = MACHINE_BUSY_SHARE * 100.0 * cores
     origin = run_info.get("locust_started") or 0
     bursts = next((stage for stage in run_info.get("stages") or [] if stage["name"] == "bursts"), None)
-    saturated, burst_seconds, burst_saturated = [], 0, 0
+    saturated, burst_seconds, burst_saturated = [], 0.0, 0.0
     for row in samples:
         if row.get("machine_cpu") is None:
             continue
@@ -127,11 +127,15 @@ def machine_check(samples, run_info):
         if busy:
             saturated.append(row["time"] - origin)
         if bursts and bursts["start"] <= row["time"] - origin < bursts["end"]:
-            burst_seconds += 1
-            burst_saturated += busy
+            # A row covers the time since the previous one: more than a second when the
+            # sampler's /stats probes waited on a server busy with a fan-out.
+            covered = row.get("seconds") or 1.0
+            burst_seconds += covered
+            burst_saturated += covered if busy else 0.0
     share = burst_saturated / burst_seconds if burst_seconds else None
     return {"cores": cores, "busy_mark_percent": busy_mark, "saturated_seconds": saturated,
-            "burst_seconds": burst_seconds, "burst_seconds_saturated": burst_saturated, "burst_share": share,
+            "burst_seconds": round(burst_seconds), "burst_seconds_saturated": round(burst_saturated),
+            "burst_share": share,
             "machine_bound": bool(share is not None and share > MACHINE_BOUND_SHARE)}
 
 

@@ -303,7 +303,7 @@ class Sampler(threading.Thread):
         per_server = self._held_polls()
         held = [value[0] for value in per_server.values() if value[0] is not None]
         stats_rss = [value[1] for value in per_server.values() if value[1] is not None]
-        row = {"t": now - self.started, "time": now, "held_polls": sum(held) if held else None,
+        row = {"t": now - self.started, "time": now, "seconds": elapsed, "held_polls": sum(held) if held else None,
                "machine_cpu": machine,
                "servers": {url: {"held_polls": value[0], "rss": value[1]} for url, value in per_server.items()},
                "server_rss": summed_rss(server_pids) if self.server is not None else

@@ -450,3 +450,9 @@ def test_the_machine_check_counts_saturated_burst_seconds():
     assert edge["burst_share"] == 0.25 and not edge["machine_bound"]
     bound = machine_check(samples({10, 11, 12}), run)
     assert bound["machine_bound"]
+    # The sampler late: one saturated row covering 3 s weighs 3 s, not one.
+    late = [{"time": 1000.0 + t, "seconds": 1.0, "machine_cpu": 20.0} for t in range(10, 15)]
+    late.append({"time": 1018.0 - 0.5, "seconds": 3.0, "machine_cpu": 100.0 * cores})
+    weighed = machine_check(late, run)
+    assert weighed["burst_seconds"] == 8 and weighed["burst_seconds_saturated"] == 3
+    assert weighed["burst_share"] == 3 / 8 and weighed["machine_bound"]
