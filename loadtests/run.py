@@ -202,7 +202,9 @@ class Sampler(threading.Thread):
         self.started = time.time()
         self.locust_pid = None
         self._halt = threading.Event()
-        self._waiters = {}  # pid -> (waiters, seen at, rss)
+        self._waiters = {}  # (url, pid) -> (waiters, seen at, rss), written by the prober
+        self._waiters_lock = threading.Lock()
+        self._prober = threading.Thread(target=self._probe_now_and_then, daemon=True)
         self.cpu_seen = {}  # pid -> (first CPU seconds seen, last CPU seconds seen)
         self.client_pids = set()
         self.client_processes = {}
@@ -213,6 +215,8 @@ class Sampler(threading.Thread):
     def stop(self):
         self._halt.set()
         self.join(10)
+        if self._prober.is_alive():
+            self._prober.join(10)
 
     def cpu_seconds(self, pids, since_first_seen=False):
         """CPU seconds of `pids` at their last reading (less their first, if asked)."""
@@ -246,23 +250,41 @@ class Sampler(threading.Thread):
         except psutil.NoSuchProcess:
             return []
 
-    def _held_polls(self):
-        """{url: (held polls, RSS from /stats)} summed over the workers seen behind each URL
-        lately (each probe reaches whichever worker accepts it, so a few per worker)."""
+    def _probe_now_and_then(self):
+        """/stats probes, in a thread of their own: with several gunicorn workers each probe
+        can wait on a worker busy with a fan-out, and in the sampling thread they made its
+        rows late (133 rows for about 157 s at 20 000 listeners), stretching the seconds
+        the CPU readings stand for."""
+        while not self._halt.is_set():
+            began = time.monotonic()
+            self._probe()
+            self._halt.wait(max(0.0, self.interval - (time.monotonic() - began)))
+
+    def _probe(self):
+        """Each probe reaches whichever worker accepts it, so a few per worker."""
         workers = self.server.workers if self.server is not None else 2
         probes = 1 if self.server is not None and not self.server.gunicorn else 3 * workers
-        now = time.time()
-        per_server = {}
         for url in self.urls:
             for _ in range(probes):
+                if self._halt.is_set():
+                    return
                 try:
                     status, body = get_json(url + "/stats", timeout=2)
                 except OSError:
                     continue
                 if status == 200 and isinstance(body, dict):
-                    self._waiters[(url, body["pid"])] = (body["waiters"], now, body.get("rss_bytes"))
-            fresh = [value for key, value in self._waiters.items()
-                     if key[0] == url and now - value[1] < 3 * self.interval + 1]
+                    with self._waiters_lock:
+                        self._waiters[(url, body["pid"])] = (body["waiters"], time.time(), body.get("rss_bytes"))
+
+    def _held_polls(self):
+        """{url: (held polls, RSS from /stats)} summed over the workers the prober saw
+        behind each URL lately."""
+        now = time.time()
+        per_server = {}
+        with self._waiters_lock:
+            seen = list(self._waiters.items())
+        for url in self.urls:
+            fresh = [value for key, value in seen if key[0] == url and now - value[1] < 3 * self.interval + 1]
             rss = [value[2] for value in fresh if value[2] is not None]
             per_server[url] = (sum(value[0] for value in fresh) if fresh else None, sum(rss) if rss else None)
         return per_server
@@ -282,8 +304,8 @@ class Sampler(threading.Thread):
         import psutil
 
         from bench.measures import summed_rss
-        # Every CPU reading first, at one moment: the /stats probe below can wait a while
-        # on a server busy with a fan-out, and must not stretch the interval they cover.
+        # Every CPU reading first, at one moment; held polls and remote RSS come from what
+        # the prober last saw.
         now = time.time()
         elapsed = now - self._last_time if self._last_time else None
         self._last_time = now
@@ -315,6 +337,7 @@ class Sampler(threading.Thread):
         return row
 
     def run(self):
+        self._prober.start()
         while not self._halt.is_set():
             began = time.monotonic()
             try:
