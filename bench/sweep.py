@@ -46,16 +46,22 @@ def median_point(repeats):
     return chosen
 
 
-def measure_point(workers, count, redis_url, log_dir):
+def start_server(workers, count, redis_url, log_dir, env=None):
+    """A fresh server for one run: a peer of PEERS by its label, or Chattle with `workers`
+    workers (more than one on the shared redis at `redis_url`); `env` adds to its environment."""
     if workers in PEERS:
-        server = PeerServer(log_path=os.path.join(log_dir, "peer-%s-n%d.log" % (workers.replace(" ", "-"), count)),
-                            args=PEERS[workers])
-    else:
-        server = ChattleServer(workers=workers, redis_url=redis_url if workers > 1 else None,
-                               log_path=os.path.join(log_dir, "server-w%d-n%d.log" % (workers, count)))
+        return PeerServer(log_path=os.path.join(log_dir, "peer-%s-n%d.log" % (workers.replace(" ", "-"), count)),
+                          args=PEERS[workers])
+    return ChattleServer(workers=workers, redis_url=redis_url if workers > 1 else None, env=env,
+                         log_path=os.path.join(log_dir, "server-w%d-n%d.log" % (workers, count)))
+
+
+def measure_point(workers, count, redis_url, log_dir, env=None, spread_sources=False):
+    """Start a fresh server, park `count` polls with the rig, post once, stop the server."""
+    server = start_server(workers, count, redis_url, log_dir, env)
     try:
         pids = server.worker_pids()
-        rig = Rig(server.url)
+        rig = Rig(server.url, spread_sources=spread_sources)
         rig.cursor()  # the room exists and its code paths are warm before the idle reading
         time.sleep(0.2)
         point = rig.run(count, server_pids=pids, rss_idle=summed_rss(pids))
