@@ -28,7 +28,7 @@ MASTER_BIND ?=
 MASTER ?=
 PROCESSES ?=
 
-.PHONY: all venv system-packages lint run test test-fast load load-worker cluster-demo bench regress regress-accept clean
+.PHONY: all venv system-packages lint run test test-fast load load-worker cluster-demo bench capacity regress regress-accept clean
 
 all: test
 
@@ -39,7 +39,7 @@ all: test
 GOALS   := $(or $(MAKECMDGOALS),all)
 SYSTEM_PROGRAMS := $(sort \
   $(if $(filter all test,$(GOALS)),redis-server chromium valgrind $(if $(filter 0,$(shell id -u)),faketime)) \
-  $(if $(filter test-fast bench,$(GOALS)),redis-server) \
+  $(if $(filter test-fast bench capacity,$(GOALS)),redis-server) \
   $(if $(filter cluster-demo,$(GOALS)),redis-server faketime) \
   $(if $(filter run,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(REDIS),,redis-server))) \
   $(if $(filter load,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(HOST),,redis-server))))
@@ -95,6 +95,27 @@ cluster-demo: system-packages $(STAMP)
 
 bench: system-packages $(STAMP)
 	$(PY) -m bench.sweep $(if $(QUICK),--quick)
+
+# The largest held-poll count each server wakes within SLO ms at p99, every message delivered:
+# WORKERS=1,2,4 (given on the command line; else all three), PEERS=1 both aiohttp references
+# (0: none, or uvloop / asyncio), SLOWED=<squares> one worker slowed (0: not), START, MAX_POLLS,
+# MAX_PROBES (per server), TIME_LIMIT (seconds, the whole run). Report in reports/<ts>-capacity/.
+SLO     ?=
+PEERS   ?=
+SLOWED  ?=
+START   ?=
+MAX_POLLS ?=
+MAX_PROBES ?=
+TIME_LIMIT ?=
+CAPACITY_ARGS = $(strip $(if $(filter command line environment,$(origin WORKERS)),--workers $(WORKERS)) \
+  $(if $(PEERS),--peers $(if $(filter 1,$(PEERS)),uvloop$(,)asyncio,$(if $(filter 0,$(PEERS)),none,$(PEERS)))) \
+  $(if $(SLOWED),--slowed $(SLOWED)) $(if $(SLO),--slo-ms $(SLO)) $(if $(START),--start $(START)) \
+  $(if $(MAX_POLLS),--max-polls $(MAX_POLLS)) $(if $(MAX_PROBES),--max-probes $(MAX_PROBES)) \
+  $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)))
+, := ,
+
+capacity: system-packages $(STAMP)
+	$(PY) -m bench.capacity $(CAPACITY_ARGS)
 
 # Instruction counts under callgrind against the committed bench/baselines/callgrind.json;
 # BASE=<git rev>: that revision and this tree timed side by side instead.

@@ -151,11 +151,18 @@ def connect_error_text(point):
     return ", ".join("%s x%d" % item for item in sorted(errors.items())) or "no connect error"
 
 
-def hold_resource(point):
-    """The resource a run's hold ran out of, judged from its connect errors (None: it held)."""
+def hold_resource(point, per_process=None, processes=1):
+    """The resource a run's hold ran out of (None: it held). A server process that stopped at
+    `per_process` polls (its descriptor limit less its own files), or `processes` of them sent
+    more than they may all hold (a full server answers no /stats), ran out of descriptors;
+    otherwise the client's connect errors say which."""
     if point["parked"] >= point["requested"] and point["held_confirmed"] >= point["requested"]:
         return None
-    for name in sorted(point.get("connect_errors") or {}, key=lambda n: -point["connect_errors"][n]):
+    held = [int(v) for v in (point.get("held_per_pid") or {}).values()]
+    if per_process and ((held and max(held) >= per_process) or point["parked"] >= per_process * processes):
+        return "descriptors"
+    errors = point.get("connect_errors") or {}
+    for name in sorted(errors, key=lambda n: -errors[n]):
         if name in RESOURCE_OF_ERROR:
             return RESOURCE_OF_ERROR[name]
     return "server" if point["parked"] >= point["requested"] else "connect"
@@ -259,7 +266,7 @@ def server_list(workers, peers, slowed):
     return servers
 
 
-def compact(point, failures):
+def compact(point, failures, per_process=None, processes=1):
     """The figures of one run that the report and results.json keep."""
     lat = point["latency"]
     return {"requested": point["requested"], "parked": point["parked"], "held": point["held_confirmed"],
@@ -269,7 +276,8 @@ def compact(point, failures):
             "last_delivery_s": point["last_delivery_s"], "server_cpu_s": point["server_cpu_s"],
             "client_cpu_s": point["client_cpu_s"], "bytes_per_poll": point["bytes_per_poll"],
             "machine_bytes_per_poll": point["machine_bytes_per_poll"], "connect_errors": point["connect_errors"],
-            "client_processes": point["client_processes"], "hold_resource": hold_resource(point),
+            "client_processes": point["client_processes"], "held_per_pid": point.get("held_per_pid"),
+            "hold_resource": hold_resource(point, per_process, processes),
             "failures": failures, "passed": not failures}
 
 
@@ -285,8 +293,9 @@ class RunVerdict(dict):
         return bool(self.get("passed"))
 
 
-def make_probe(server, slo, redis_url, log_dir, repeats=REPEATS, needed=NEEDED, say=print):
-    """probe(N) for `search`: up to `repeats` runs at N, each on a fresh server."""
+def make_probe(server, slo, redis_url, log_dir, repeats=REPEATS, needed=NEEDED, say=print, per_process=None):
+    """probe(N) for `search`: up to `repeats` runs at N, each on a fresh server; `per_process`:
+    the polls one server process may hold under its descriptor limit."""
     def run_once(count, index):
         try:
             point = measure_point(server["workers"], count, redis_url, log_dir, env=server["env"],
@@ -294,7 +303,8 @@ def make_probe(server, slo, redis_url, log_dir, repeats=REPEATS, needed=NEEDED, 
         except (RuntimeError, OSError) as error:
             verdict = RunVerdict(failed_run(count, error))
         else:
-            verdict = RunVerdict(compact(point, run_failures(point, slo)))
+            processes = server["workers"] if isinstance(server["workers"], int) else 1
+            verdict = RunVerdict(compact(point, run_failures(point, slo), per_process, processes))
         say("  %s, %d polls, run %d: %s" % (server["label"], count, index + 1, run_line(verdict)))
         return verdict
 
@@ -335,6 +345,20 @@ def at_capacity(result):
     machine = [run["machine_bytes_per_poll"] for run in runs if run.get("machine_bytes_per_poll")]
     chosen["machine_bytes_per_poll_median"] = statistics.median(machine) if machine else None
     return chosen
+
+
+def limited_by(result):
+    """What the first failing count ran into: "hold (<resource>)" when its runs failed to hold
+    the polls, else "objective" (p99, delivery or lag); None when nothing failed."""
+    failed = result["bracket"][1]
+    if failed is None:
+        return None
+    runs = [run for probe in result["probes"] if probe["count"] == failed for run in probe["runs"]
+            if not run["passed"]]
+    resources = [run["hold_resource"] for run in runs if run.get("hold_resource")]
+    if resources and len(resources) * 2 >= len(runs):
+        return "hold (%s)" % max(set(resources), key=resources.count)
+    return "objective"
 
 
 def observed_hold_limit(result):
@@ -391,8 +415,10 @@ def verdict(results, slo, contended_note):
         if search["capacity"] is None:
             return "none of the counts tried"
         text = "%d long-polls" % search["capacity"]
-        if search["bracket"][1]:
-            text += " (fails at %d)" % search["bracket"][1]
+        if search["bracket"][1] and search.get("limited_by", "objective") != "objective":
+            text += " (at %d its %s runs out first)" % (search["bracket"][1], search["limited_by"])
+        elif search["bracket"][1]:
+            text += " (misses it at %d)" % search["bracket"][1]
         elif search["stopped"] == "ceiling":
             text += " (at least: the count ceiling)"
         return text
@@ -450,11 +476,13 @@ def main(argv=None):
             remaining = args.time_limit - (time.monotonic() - started)
             share = remaining / (len(servers) - index)
             processes = server["workers"] if isinstance(server["workers"], int) else 1
-            ceiling = min(args.max_polls, processes * per_server_process)
-            print("== %s: from %d polls, ceiling %d, %.0f s of the time limit" % (server["label"], args.start,
-                                                                                  ceiling, share), flush=True)
-            probe = make_probe(server, slo, redis.url if redis else None, report_dir, args.repeats, args.needed)
-            result = search(probe, args.start, max_probes=args.max_probes, time_limit=share, ceiling=ceiling)
+            # No ceiling below --max-polls: past a server's descriptors its hold fails, fast, and
+            # the search brackets that as it brackets the objective.
+            print("== %s: from %d polls, %.0f s of the time limit" % (server["label"], args.start, share), flush=True)
+            probe = make_probe(server, slo, redis.url if redis else None, report_dir, args.repeats, args.needed,
+                               per_process=per_server_process)
+            result = search(probe, args.start, max_probes=args.max_probes, time_limit=share, ceiling=args.max_polls)
+            result["limited_by"] = limited_by(result)
             figures = at_capacity(result)
             hold = hold_ceilings(processes, figures and figures.get("machine_bytes_per_poll_median"))
             results.append({"label": server["label"], "workers": server["workers"], "env": server["env"],
@@ -490,10 +518,10 @@ def write_report(report_dir, results, args, slo, info, notes, elapsed):
         search, figures = entry["search"], entry["at_capacity"] or {}
         bracket = "[%s, %s)" % tuple("-" if b is None else b for b in search["bracket"])
         rows.append(("%s: capacity" % entry["label"],
-                     "%s, bracket %s%s, stopped: %s, %d probes"
+                     "%s, bracket %s%s, limited by: %s, stopped: %s, %d probes"
                      % (search["capacity"] if search["capacity"] is not None else "none", bracket,
                         " (%.1f %%)" % (search["bracket_share"] * 100) if search["bracket_share"] else "",
-                        search["stopped"], len(search["probes"])),
+                        search.get("limited_by") or "-", search["stopped"], len(search["probes"])),
                      "pass" if search["converged"] else "fail"))
         if figures:
             rows.append(("%s: at capacity" % entry["label"],

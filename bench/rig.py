@@ -55,6 +55,7 @@ PER_PROCESS = 8000         # sockets per client process, well under the 20000 de
 CLIENT_DESCRIPTOR_MARGIN = 64  # a client process's own pipes, epoll and interpreter files
 IP_BIND_ADDRESS_NO_PORT = 24   # linux/in.h: pick the source port at connect, per destination
 NR_OPEN = "/proc/sys/fs/nr_open"
+HOLD_STALL_SECONDS = 10.0  # held polls not rising for this long: the server holds no more
 
 
 def raise_open_file_limit(wanted=None):
@@ -162,6 +163,10 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
             # EMFILE: descriptors, EADDRNOTAVAIL: ports, ENOBUFS/ENOMEM: memory
             name = errno.errorcode.get(error.errno, type(error).__name__)
             errors[name] = errors.get(name, 0) + 1
+            if isinstance(error, TimeoutError):
+                # on loopback a connect times out only once the server stops accepting
+                # (its backlog full): the rest would each wait as long, to the same end
+                deadline = 0
             continue
         poll = Poll(sock)
         polls.append(poll)
@@ -264,7 +269,10 @@ def held_waiters(url, expected_pids=None, probes=40, per_pid=None):
     """
     per_pid = {} if per_pid is None else per_pid
     for _ in range(probes):
-        status, body = get_json(url + "/stats", timeout=5)
+        try:
+            status, body = get_json(url + "/stats", timeout=5)
+        except OSError:
+            break  # a server that stopped accepting: its figure stays where it was
         if status == 200 and isinstance(body, dict):
             per_pid[body["pid"]] = body["waiters"]
         if expected_pids and set(expected_pids) <= set(per_pid):
@@ -272,15 +280,21 @@ def held_waiters(url, expected_pids=None, probes=40, per_pid=None):
     return sum(per_pid.values()), per_pid
 
 
-def wait_until_held(url, count, expected_pids=None, timeout=60.0):
-    """Probe /stats until the summed waiters reach `count` (or the deadline passes)."""
+def wait_until_held(url, count, expected_pids=None, timeout=60.0, stall=None):
+    """Probe /stats until the summed waiters reach `count` (or the deadline passes, or,
+    given `stall`, the figure has not risen for that many seconds: a full server)."""
     deadline = time.monotonic() + timeout
     per_pid = {}
     held = 0
+    rose_at, highest = time.monotonic(), -1
     while time.monotonic() < deadline:
         held, per_pid = held_waiters(url, expected_pids, probes=max(4, 4 * len(expected_pids or [1])),
                                      per_pid=per_pid)
         if held >= count:
+            break
+        if held > highest:
+            rose_at, highest = time.monotonic(), held
+        elif stall is not None and time.monotonic() - rose_at > stall:
             break
         time.sleep(0.2)
     return held, per_pid
@@ -376,7 +390,18 @@ class Rig:
         for line in parked_lines:
             for name, times in line.get("errors", {}).items():
                 connect_errors[name] = connect_errors.get(name, 0) + times
-        held, per_pid = wait_until_held(self.url, parked, server_pids, timeout=30 + count / 500.0)
+        held, per_pid = wait_until_held(self.url, parked, server_pids, timeout=30 + count / 500.0,
+                                        stall=HOLD_STALL_SECONDS)
+        hold = {"requested": count, "parked": parked, "connect_errors": connect_errors,
+                "client_processes": len(clients), "held_confirmed": held,
+                "held_per_pid": {str(k): v for k, v in per_pid.items()}}
+        if held < parked:
+            # The server holds fewer than it accepted a connection for: it is full, and a post
+            # would only wait on it. No fan-out is measured; the hold is the finding.
+            return dict(hold, delivered=0, unanswered=parked, complete_listeners=0,
+                        latency=latency_summary([]), client_lag=latency_summary([]), last_delivery_s=None,
+                        client_cpu_s=0.0, server_cpu_s=None, client_bound=False, rss_idle=rss_idle,
+                        rss_holding=None, bytes_per_poll=None, machine_bytes_per_poll=None)
         time.sleep(0.3)  # let the last accepted sockets settle before reading memory
         rss_holding = summed_rss(server_pids) if server_pids else None
         machine_holding = machine_memory_in_use()
@@ -398,15 +423,9 @@ class Rig:
                 ledger.record(first_id)
             ledgers += ledger.complete(answer["id"])
         cpu_client = sum(r["cpu_seconds"] for r in results)
-        point = {
-            "requested": count,
-            "parked": parked,
-            "connect_errors": connect_errors,
-            "client_processes": len(clients),
+        point = dict(hold, **{
             "unanswered": sum(r["unanswered"] for r in results),
             "client_lag": latency_summary([lag for r in results for lag in r.get("client_lag", ())]),
-            "held_confirmed": held,
-            "held_per_pid": {str(k): v for k, v in per_pid.items()},
             "delivered": len(received),
             "complete_listeners": ledgers,
             "latency": latency_summary(latencies),
@@ -420,7 +439,7 @@ class Rig:
             # the whole machine's rise: both ends' sockets and the client processes too
             # (blurred by anything else running), what bounds the hold on one host
             "machine_bytes_per_poll": memory_per_connection(machine_idle, machine_holding, parked),
-        }
+        })
         return point
 
 

@@ -1,0 +1,242 @@
+"""`make capacity`'s search (bench/capacity.py): its logic on fake probes, its judgement of a
+run on made-up rig points, and one small search end to end against a real server."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import capacity
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def threshold_probe(limit, log=None, clock=None, seconds_per_probe=0.0):
+    """A probe that passes up to `limit` polls, recording what it was asked."""
+    def probe(count):
+        if log is not None:
+            log.append(count)
+        if clock is not None:
+            clock.now += seconds_per_probe
+        return {"passed": count <= limit}
+    return probe
+
+
+# -- the probe's repeats ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("outcomes, passed, runs", [
+    ([True, True], True, 2),            # decided after two: no third run
+    ([False, False], False, 2),
+    ([True, False, True], True, 3),
+    ([False, True, True], True, 3),
+    ([True, False, False], False, 3),
+    ([False, True, False], False, 3),
+])
+def test_a_probe_passes_on_two_of_three_runs_and_stops_once_decided(outcomes, passed, runs):
+    calls = []
+
+    def run_once(index):
+        calls.append(index)
+        return outcomes[index]
+    verdict, results = capacity.repeated_verdict(run_once, repeats=3, needed=2)
+    assert verdict is passed
+    assert calls == list(range(runs))
+    assert results == outcomes[:runs]
+
+
+# -- the search --------------------------------------------------------------------------------
+
+def test_the_search_steps_by_half_again_until_a_probe_fails():
+    asked = []
+    result = capacity.search(threshold_probe(17000, asked), start=1000, max_probes=40)
+    first_fail = next(i for i, count in enumerate(asked) if count > 17000)
+    growing = asked[:first_fail + 1]
+    assert growing == [1000, 1500, 2250, 3375, 5063, 7595, 11393, 17090]
+    assert result["probes"][first_fail]["passed"] is False
+
+
+def test_the_search_bisects_until_the_bracket_is_within_five_percent():
+    asked = []
+    result = capacity.search(threshold_probe(17000, asked), start=1000, max_probes=40)
+    low, high = result["bracket"]
+    assert result["converged"] and result["stopped"] == "converged"
+    assert low == result["capacity"] <= 17000 < high
+    assert (high - low) <= 0.05 * low
+    after = asked[8:]
+    assert after and all(11393 < count < 17090 for count in after)  # between the last pass and first fail
+    # each bisection halves the bracket: from 5 697 wide to within 5 % in few probes
+    assert len(after) <= 5
+
+
+def test_a_first_probe_that_fails_steps_down_until_one_passes():
+    asked = []
+    result = capacity.search(threshold_probe(700, asked), start=5000, max_probes=40)
+    assert asked[:6] == [5000, 3333, 2222, 1481, 987, 658]
+    assert result["converged"] and result["capacity"] <= 700 < result["bracket"][1]
+
+
+def test_a_server_that_passes_nothing_has_no_capacity():
+    result = capacity.search(threshold_probe(0), start=1000, max_probes=40)
+    assert result["capacity"] is None and result["stopped"] == "nothing passed"
+    assert min(p["count"] for p in result["probes"]) >= capacity.SMALLEST
+
+
+def test_the_search_stops_at_its_probe_limit():
+    asked = []
+    result = capacity.search(threshold_probe(10 ** 9, asked), start=1000, max_probes=4)
+    assert asked == [1000, 1500, 2250, 3375]
+    assert result["stopped"] == "probe limit" and result["capacity"] == 3375 and not result["converged"]
+
+
+def test_the_search_stops_at_its_time_limit():
+    clock = FakeClock()
+    asked = []
+    result = capacity.search(threshold_probe(17000, asked, clock, seconds_per_probe=30), start=1000,
+                             max_probes=40, time_limit=100, clock=clock)
+    assert len(asked) == 4  # 0, 30, 60, 90 s: a fifth would start at 120 s
+    assert result["stopped"] == "time limit"
+
+
+def test_the_search_never_probes_past_its_ceiling():
+    asked = []
+    result = capacity.search(threshold_probe(10 ** 9, asked), start=10000, max_probes=40, ceiling=19800)
+    assert asked == [10000, 15000, 19800]
+    assert result["capacity"] == 19800 and result["stopped"] == "ceiling"
+
+
+def test_a_slower_server_gets_a_lower_capacity_in_the_same_search():
+    """A fan-out whose time grows with the waiters woken: 30 % more work per answer wakes the
+    p99 waiter 30 % later, so the objective is met at fewer polls."""
+    def probe_for(seconds_per_answer):
+        return lambda count: {"passed": count * seconds_per_answer <= 0.5}
+    plain = capacity.search(probe_for(25e-6), start=1000, max_probes=40)
+    slowed = capacity.search(probe_for(25e-6 * 1.3), start=1000, max_probes=40)
+    assert plain["converged"] and slowed["converged"]
+    assert slowed["capacity"] < plain["capacity"]
+    assert slowed["capacity"] <= 0.5 / (25e-6 * 1.3) < slowed["bracket"][1]
+
+
+# -- judging a run --------------------------------------------------------------------------------
+
+def rig_point(count=1000, **changes):
+    point = {"requested": count, "parked": count, "held_confirmed": count, "delivered": count, "unanswered": 0,
+             "complete_listeners": count, "connect_errors": {},
+             "latency": {"p50": 0.1, "p99": 0.3}, "client_lag": {"p99": 0.002}}
+    for key, value in changes.items():
+        point[key] = value
+    return point
+
+
+def test_a_run_within_the_objective_with_every_message_delivered_passes():
+    assert capacity.run_failures(rig_point(), slo=0.5) == []
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"latency": {"p50": 0.2, "p99": 0.51}}, "p99 510 ms over 500 ms"),
+    ({"unanswered": 3, "delivered": 997}, "unanswered: 3 polls"),
+    ({"complete_listeners": 990}, "delivery: 10 answers without the message"),
+    ({"client_lag": {"p99": 0.040}}, "client lag p99 40.0 ms over 10 % of p99"),
+    ({"parked": 900, "connect_errors": {"EMFILE": 100}}, "hold: 900 of 1000 polls connected (EMFILE x100)"),
+    ({"held_confirmed": 950}, "hold: the server confirmed 950 of 1000 polls held"),
+])
+def test_each_way_a_run_misses_fails_it_and_says_how(changes, reason):
+    assert reason in capacity.run_failures(rig_point(**changes), slo=0.5)
+
+
+def test_a_lag_of_a_few_milliseconds_does_not_fail_a_fast_run():
+    """10 % of a 30 ms p99 is 3 ms, the rig's own read pauses; the floor is 2 % of the objective."""
+    fast = rig_point(latency={"p50": 0.015, "p99": 0.030}, client_lag={"p99": 0.004})
+    assert capacity.run_failures(fast, slo=0.5) == []
+    assert capacity.run_failures(dict(fast, client_lag={"p99": 0.011}), slo=0.5)
+
+
+@pytest.mark.parametrize("errors, resource", [
+    ({"EMFILE": 5}, "descriptors"), ({"EADDRNOTAVAIL": 5, "ECONNREFUSED": 1}, "ports"),
+    ({"ENOBUFS": 2}, "memory"), ({}, "connect"),
+])
+def test_a_hold_that_runs_out_names_the_resource(errors, resource):
+    assert capacity.hold_resource(rig_point(parked=990, connect_errors=errors)) == resource
+    assert capacity.hold_resource(rig_point()) is None
+
+
+def test_a_server_full_at_its_descriptor_limit_ran_out_of_descriptors():
+    # one gunicorn worker stopped at its limit while the other held the rest
+    uneven = rig_point(30000, held_confirmed=29000, held_per_pid={"11": 19800, "12": 9200})
+    assert capacity.hold_resource(uneven, per_process=19800, processes=2) == "descriptors"
+    # one worker sent more than it may hold answers no /stats at all
+    silent = rig_point(21000, held_confirmed=0, held_per_pid={})
+    assert capacity.hold_resource(silent, per_process=19800) == "descriptors"
+    assert capacity.hold_resource(silent, per_process=40000) == "server"
+
+
+def test_the_search_says_whether_the_hold_or_the_objective_bounds_it():
+    def probe(count):
+        if count > 19800:
+            return {"passed": False, "runs": [{"passed": False, "hold_resource": "descriptors"}] * 2}
+        return {"passed": True, "runs": [{"passed": True}] * 2}
+    held = capacity.search(probe, start=5000, max_probes=40)
+    assert capacity.limited_by(held) == "hold (descriptors)"
+    assert held["converged"] and held["capacity"] <= 19800 < held["bracket"][1]
+    missed = capacity.search(lambda n: {"passed": n < 9000, "runs": [{"passed": n < 9000}] * 2}, start=5000,
+                             max_probes=40)
+    assert capacity.limited_by(missed) == "objective"
+
+
+def test_the_hold_ceiling_names_the_first_resource_to_run_out():
+    ceilings = capacity.hold_ceilings(server_processes=1, machine_bytes_per_poll=10 ** 9)
+    assert ceilings["first"] == "memory" and ceilings["polls"] < 1000
+    assert set(ceilings["ceilings"]) == {"descriptors", "ports", "memory"}
+
+
+def test_preflight_names_a_limit_it_cannot_raise_and_the_command():
+    notes, per_process = capacity.preflight(max_polls=10 ** 8)  # far past fs.nr_open
+    assert any("sysctl -w fs.nr_open=" in note for note in notes)
+    assert any("nofile" in note for note in notes)
+    assert 0 < per_process < 10 ** 8
+
+
+def test_the_servers_are_searched_one_worker_and_the_uvloop_peer_first():
+    servers = capacity.server_list([1, 2, 4], ["uvloop", "asyncio"], slowed=240)
+    assert [s["label"] for s in servers][:3] == ["Chattle, 1 worker", "aiohttp on uvloop",
+                                                 "Chattle, 1 worker, slowed (+240 squares per answer)"]
+    assert servers[2]["env"] == {capacity.EXTRA_WORK_VARIABLE: "240"}
+    assert [s["workers"] for s in servers][3:] == ["aiohttp reference", 2, 4]
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_small_search_against_a_real_server_writes_the_report(tmp_path):
+    """Two probes of 100 and 150 polls on one worker with a generous objective: both pass, every
+    answer carries the message, and the report has its results, chart and verdict."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop(capacity.EXTRA_WORK_VARIABLE, None)
+    done = subprocess.run([sys.executable, "-m", "bench.capacity", "--workers", "1", "--peers", "none",
+                           "--slowed", "0", "--start", "100", "--max-probes", "2", "--slo-ms", "20000",
+                           "--time-limit", "300"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = done.stdout.strip().splitlines()[-1].split("report: ")[1].split(" (")[0]
+    folder = os.path.dirname(report)
+    assert os.path.exists(os.path.join(folder, "capacity.png"))
+    with open(os.path.join(folder, "results.json")) as source:
+        results = json.load(source)
+    (server,) = results["servers"]
+    probes = server["search"]["probes"]
+    assert [p["count"] for p in probes] == [100, 150]
+    for probe in probes:
+        assert probe["passed"]
+        for run in probe["runs"]:
+            assert run["delivered"] == run["complete_listeners"] == run["requested"]
+    assert server["search"]["capacity"] == 150 and server["search"]["stopped"] == "probe limit"
+    assert "One worker of Chattle" in results["verdict"] and "150 long-polls" in results["verdict"]
+    assert server["at_capacity"]["server_us_per_delivery"] > 0
