@@ -21,6 +21,10 @@ BURST_GAP ?=
 POLL_TIMEOUT ?=
 SPAWN_RATE ?=
 CLIENT_PROCESSES ?=
+# SHAPE=steps: listeners in steps of STEP up to USERS, one burst each, ending at the first
+# step whose p99 breaks SLO ms (default 500) or whose delivery is incomplete
+SHAPE   ?=
+STEP    ?=
 # Beyond one machine: the master waits for REMOTE_WORKERS workers started elsewhere with
 # `make load-worker MASTER=<this host> [PROCESSES=n]`, listening on MASTER_BIND.
 REMOTE_WORKERS ?=
@@ -78,6 +82,7 @@ LOAD_ARGS = $(strip $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration 
   $(if $(SEED),--schedule-seed $(SEED)) \
   $(if $(POLL_TIMEOUT),--poll-timeout $(POLL_TIMEOUT)) $(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) \
   $(if $(CLIENT_PROCESSES),--client-processes $(CLIENT_PROCESSES)) \
+  $(if $(SHAPE),--shape $(SHAPE)) $(if $(STEP),--step $(STEP)) $(if $(and $(SHAPE),$(SLO)),--slo-ms $(SLO)) \
   $(if $(REMOTE_WORKERS),--remote-workers $(REMOTE_WORKERS)) $(if $(MASTER_BIND),--master-bind $(MASTER_BIND)))
 
 load: system-packages $(STAMP)

@@ -19,7 +19,7 @@ from bench.measures import process_cpu_seconds
 from chattle_limits import CLIENT_TIMEOUT_MARGIN, POLL_TIMEOUT_MAX, raise_descriptor_limit
 from harness.processes import LOOPBACK, ROOT, ChattleServer, Process, RedisServer, free_port, get_json
 from harness.system_packages import missing, missing_line
-from loadtests.scenario import SETTLE_SECONDS, build_stages, room_name, stage_at
+from loadtests.scenario import SETTLE_SECONDS, build_stages, build_step_stages, room_name, stage_at
 from reports.page import REPORTS_ROOT, new_report_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -87,6 +87,11 @@ def parse_args(argv=None):
                         help="port of the Locust master (0: 5557 with remote workers, else a free one)")
     parser.add_argument("--worker-wait", type=float, default=120,
                         help="seconds the master waits for its remote workers before it gives up")
+    parser.add_argument("--shape", choices=("bursts", "steps"), default="bursts",
+                        help="steps: listeners held in steps of --step up to --users, one burst at each; the run "
+                             "ends at the first step whose p99 breaks --slo-ms or whose delivery is incomplete")
+    parser.add_argument("--step", type=int, default=2000, help="listeners added per step (--shape steps)")
+    parser.add_argument("--slo-ms", type=float, default=500, help="p99 wake-up objective of a step (--shape steps)")
     parser.add_argument("--report-root", default=REPORTS_ROOT,
                         help="directory that receives <timestamp>-load/ (tests point it at a temp dir)")
     return parser.parse_args(argv)
@@ -122,7 +127,11 @@ def preflight(args):
     users = args.users + args.posters
     stages = None
     try:
-        stages = build_stages(args.users, args.posters, args.duration, args.spawn_rate, args.stop_rate)
+        if args.shape == "steps":
+            stages = build_step_stages(args.step, args.users, args.posters, args.spawn_rate, args.stop_rate)
+            args.duration = stages[-1]["end"]  # the table's length; the shape may end it sooner
+        else:
+            stages = build_stages(args.users, args.posters, args.duration, args.spawn_rate, args.stop_rate)
     except ValueError as exc:
         problems.append(str(exc))
     if args.users < 1 or args.posters < 1 or args.rooms < 1:
@@ -399,6 +408,7 @@ def locust_argv(args, urls, report_dir, raw_dir):
             "--stop-rate", str(args.stop_rate), "--poll-timeout", str(args.poll_timeout),
             "--burst-size", str(args.burst_size), "--burst-gap", str(args.burst_gap), "--raw-dir", raw_dir,
             "--schedule-seed", str(args.schedule_seed),
+            "--shape", args.shape, "--step", str(args.step), "--slo-ms", str(args.slo_ms),
             "--lost-contact-seconds", str(args.lost_contact_seconds),
             "--csv", os.path.join(report_dir, "locust"), "--html", os.path.join(report_dir, "locust.html")]
 
@@ -518,6 +528,10 @@ def main(argv=None):
                 "locust_exit_code": locust.popen.returncode if locust is not None else None}
     summary = build_report(report_dir, run_info, sampler.samples if sampler else [], cursors)
     print_summary(summary, report_dir)
+    if args.shape == "steps":
+        from loadtests.shapes import steps_summary
+        for line in steps_summary(os.path.join(raw_dir, "steps.json")) or ["no step was judged"]:
+            print("steps: " + line)
     if interrupted:
         return 130
     return 0 if summary["passed"] else 1

@@ -240,3 +240,60 @@ def test_a_small_search_against_a_real_server_writes_the_report(tmp_path):
     assert server["search"]["capacity"] == 150 and server["search"]["stopped"] == "probe limit"
     assert "One worker of Chattle" in results["verdict"] and "150 long-polls" in results["verdict"]
     assert server["at_capacity"]["server_us_per_delivery"] > 0
+
+
+# -- make load SHAPE=steps ---------------------------------------------------------------------------
+
+def test_a_stepped_table_adds_listeners_a_step_at_a_time_with_one_burst_each():
+    from loadtests.scenario import build_step_stages
+    stages = build_step_stages(step=2000, most=5000, posters=1, spawn_rate=500)
+    steps = [s for s in stages if "step" in s]
+    assert [s["name"] for s in steps[:4]] == ["ramp", "hold", "bursts", "settle"]
+    assert sorted({(s["step"], s["listeners"], s["users"]) for s in steps}) == [(1, 2000, 2001), (2, 4000, 4001),
+                                                                                (3, 5000, 5001)]
+    assert [s["step"] for s in steps if s["posting"]] == [1, 2, 3]
+    assert stages[-1]["name"] == "ramp-down" and stages[-1]["users"] == 0
+    assert all(a["end"] == b["start"] for a, b in zip(stages, stages[1:]))
+
+
+def fake_tally(posts, latencies_by_second):
+    from bench.measures import LatencyHistogram
+    from loadtests.tally import RunTally
+    tally = RunTally()
+    tally.posts = [["load-0", i + 1, ts] for i, ts in enumerate(posts)]
+    for second, latencies in latencies_by_second.items():
+        histogram = LatencyHistogram()
+        for value in latencies:
+            histogram.record(value)
+        tally.seconds[second] = (histogram, LatencyHistogram())
+    return tally
+
+
+def test_a_step_holds_when_every_listener_got_its_burst_within_the_objective():
+    from loadtests.shapes import judge_step
+    tally = fake_tally([1000.2, 1000.3], {1000: [0.1] * 150, 1001: [0.2] * 50})
+    verdict = judge_step(tally, 1, 100, 1, 1000.0, 1002.0, 1010.0, slo=0.5)
+    assert verdict["held"] and verdict["expected"] == verdict["delivered"] == 200
+
+
+@pytest.mark.parametrize("latencies, reason", [
+    ({1000: [0.1] * 150}, "incomplete"),            # 50 of 200 deliveries missing
+    ({1000: [0.1] * 100, 1001: [0.9] * 100}, "slow"),  # p99 900 ms
+])
+def test_a_step_breaks_on_a_missing_delivery_or_a_slow_p99(latencies, reason):
+    from loadtests.shapes import judge_step
+    verdict = judge_step(fake_tally([1000.2, 1000.3], latencies), 2, 100, 1, 1000.0, 1002.0, 1010.0, slo=0.5)
+    assert not verdict["held"]
+
+
+def test_the_stepped_summary_names_the_last_step_that_held_beside_the_one_that_broke(tmp_path):
+    from loadtests.shapes import steps_summary
+    path = tmp_path / "steps.json"
+    held = {"step": 1, "listeners": 2000, "posts": 5, "expected": 10000, "delivered": 10000, "p50_s": 0.05,
+            "p99_s": 0.12, "held": True}
+    broke = dict(held, step=2, listeners=4000, expected=20000, delivered=19990, p99_s=0.61, held=False)
+    path.write_text(json.dumps({"slo_s": 0.5, "step": 2000, "steps": [held, broke]}))
+    last, breaking = steps_summary(str(path))
+    assert last.startswith("the last step that held: step 1, 2000 listeners")
+    assert breaking.startswith("the step that broke: step 2, 4000 listeners")
+    assert "19990 of 20000 deliveries" in breaking and "p99 610 ms" in breaking
