@@ -28,6 +28,7 @@ first) is reported apart from where the fan-out misses the objective.
 import argparse
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -132,6 +133,8 @@ def run_failures(point, slo, lag_share=LAG_SHARE, lag_floor_share=LAG_FLOOR_SHAR
         reasons.append("hold: %d of %d polls connected (%s)" % (point["parked"], requested, connect_error_text(point)))
     elif point["held_confirmed"] < requested:
         reasons.append("hold: the server confirmed %d of %d polls held" % (point["held_confirmed"], requested))
+    if reasons and not point["latency"]["count"]:
+        return reasons  # the server held too few to post to: no fan-out was measured
     if point["unanswered"]:
         reasons.append("unanswered: %d polls" % point["unanswered"])
     if point["complete_listeners"] < point["parked"] - point["unanswered"]:
@@ -233,12 +236,13 @@ def preflight(max_polls):
         # root without CAP_SYS_RESOURCE (a container) may not raise it either
         notes.append("LIMIT: %d open files per process (hard %d), below the %d a server process holding %d polls "
                      "needs, and this process may not raise it (%s). Raise it where it is set: as root with "
-                     "CAP_SYS_RESOURCE, `prlimit --pid %d --nofile=%d:%d` on this shell, or a nofile line in "
-                     "/etc/security/limits.conf, or `--ulimit nofile=%d:%d` for a container. Until then each "
-                     "server process holds at most %d polls and the search stops there."
+                     "CAP_SYS_RESOURCE, `prlimit --pid $$ --nofile=%d:%d` on the shell that runs make, or a "
+                     "nofile line in /etc/security/limits.conf, or `--ulimit nofile=%d:%d` for a container. Until "
+                     "then each server process holds at most about %d polls: past that its hold runs out of "
+                     "descriptors, and the search brackets that."
                      % (soft, hard, wanted, max_polls,
                         "root without CAP_SYS_RESOURCE" if os.geteuid() == 0 else "not root",
-                        os.getppid(), wanted, wanted, wanted, wanted, soft - SERVER_DESCRIPTOR_MARGIN))
+                        wanted, wanted, wanted, wanted, soft - SERVER_DESCRIPTOR_MARGIN))
     file_max = read_number(FILE_MAX)
     if file_max is not None and file_max < 2 * wanted:
         notes.append("LIMIT: fs.file-max %d is below the %d descriptors both ends need. As root: "
@@ -433,7 +437,12 @@ def verdict(results, slo, contended_note):
     return "; ".join(parts) + ". " + contended_note
 
 
+def stop_on_sigterm(_signum, _frame):
+    raise KeyboardInterrupt  # the clean-up path of Ctrl-C: every server and client stopped by pid
+
+
 def main(argv=None):
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     parser = argparse.ArgumentParser(description="Capacity search: the largest held-poll count each server wakes "
                                                  "within the p99 objective, with delivery verified")
     parser.add_argument("--workers", default="1,2,4", help="Chattle worker counts (default %(default)s)")

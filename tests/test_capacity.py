@@ -131,7 +131,7 @@ def test_a_slower_server_gets_a_lower_capacity_in_the_same_search():
 def rig_point(count=1000, **changes):
     point = {"requested": count, "parked": count, "held_confirmed": count, "delivered": count, "unanswered": 0,
              "complete_listeners": count, "connect_errors": {},
-             "latency": {"p50": 0.1, "p99": 0.3}, "client_lag": {"p99": 0.002}}
+             "latency": {"count": count, "p50": 0.1, "p99": 0.3}, "client_lag": {"p99": 0.002}}
     for key, value in changes.items():
         point[key] = value
     return point
@@ -142,7 +142,7 @@ def test_a_run_within_the_objective_with_every_message_delivered_passes():
 
 
 @pytest.mark.parametrize("changes, reason", [
-    ({"latency": {"p50": 0.2, "p99": 0.51}}, "p99 510 ms over 500 ms"),
+    ({"latency": {"count": 1000, "p50": 0.2, "p99": 0.51}}, "p99 510 ms over 500 ms"),
     ({"unanswered": 3, "delivered": 997}, "unanswered: 3 polls"),
     ({"complete_listeners": 990}, "delivery: 10 answers without the message"),
     ({"client_lag": {"p99": 0.040}}, "client lag p99 40.0 ms over 10 % of p99"),
@@ -153,9 +153,15 @@ def test_each_way_a_run_misses_fails_it_and_says_how(changes, reason):
     assert reason in capacity.run_failures(rig_point(**changes), slo=0.5)
 
 
+def test_a_server_too_full_to_post_to_fails_on_its_hold_alone():
+    full = rig_point(21000, held_confirmed=0, delivered=0, unanswered=21000, complete_listeners=0,
+                     latency={"count": 0, "p50": None, "p99": None}, client_lag={"p99": None})
+    assert capacity.run_failures(full, slo=0.5) == ["hold: the server confirmed 0 of 21000 polls held"]
+
+
 def test_a_lag_of_a_few_milliseconds_does_not_fail_a_fast_run():
     """10 % of a 30 ms p99 is 3 ms, the rig's own read pauses; the floor is 2 % of the objective."""
-    fast = rig_point(latency={"p50": 0.015, "p99": 0.030}, client_lag={"p99": 0.004})
+    fast = rig_point(latency={"count": 1000, "p50": 0.015, "p99": 0.030}, client_lag={"p99": 0.004})
     assert capacity.run_failures(fast, slo=0.5) == []
     assert capacity.run_failures(dict(fast, client_lag={"p99": 0.011}), slo=0.5)
 
@@ -239,7 +245,7 @@ def test_a_small_search_against_a_real_server_writes_the_report(tmp_path):
             assert run["delivered"] == run["complete_listeners"] == run["requested"]
     assert server["search"]["capacity"] == 150 and server["search"]["stopped"] == "probe limit"
     assert "One worker of Chattle" in results["verdict"] and "150 long-polls" in results["verdict"]
-    assert server["at_capacity"]["server_us_per_delivery"] > 0
+    assert server["at_capacity"]["server_us_per_delivery"] is not None  # 10 ms ticks: may read 0 at 150
 
 
 # -- make load SHAPE=steps ---------------------------------------------------------------------------
