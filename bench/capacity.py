@@ -297,10 +297,25 @@ class RunVerdict(dict):
         return bool(self.get("passed"))
 
 
+def machine_busy_seconds():
+    """CPU seconds every core of this machine has been busy so far (/proc/stat)."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds():
+    """CPU seconds of this process and of every descendant it has waited for (the servers and
+    client processes of finished runs, gunicorn's workers through gunicorn)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def make_probe(server, slo, redis_url, log_dir, repeats=REPEATS, needed=NEEDED, say=print, per_process=None):
     """probe(N) for `search`: up to `repeats` runs at N, each on a fresh server; `per_process`:
     the polls one server process may hold under its descriptor limit."""
     def run_once(count, index):
+        began, busy, own = time.monotonic(), machine_busy_seconds(), own_cpu_seconds()
         try:
             point = measure_point(server["workers"], count, redis_url, log_dir, env=server["env"],
                                   spread_sources=True)
@@ -309,6 +324,9 @@ def make_probe(server, slo, redis_url, log_dir, repeats=REPEATS, needed=NEEDED, 
         else:
             processes = server["workers"] if isinstance(server["workers"], int) else 1
             verdict = RunVerdict(compact(point, run_failures(point, slo), per_process, processes))
+        # What the rest of the machine (other users' work) took of its cores during this run
+        others = machine_busy_seconds() - busy - (own_cpu_seconds() - own)
+        verdict["other_work_cores"] = max(0.0, others) / max(1e-6, time.monotonic() - began)
         say("  %s, %d polls, run %d: %s" % (server["label"], count, index + 1, run_line(verdict)))
         return verdict
 
@@ -323,9 +341,9 @@ def make_probe(server, slo, redis_url, log_dir, repeats=REPEATS, needed=NEEDED, 
 def run_line(run):
     if run.get("p99_s") is None:
         return "; ".join(run["failures"])
-    text = "p50 %.0f ms, p99 %.0f ms, last %.0f ms, lag p99 %.1f ms" % (
+    text = "p50 %.0f ms, p99 %.0f ms, last %.0f ms, lag p99 %.1f ms, other work %.1f cores" % (
         run["p50_s"] * 1000, run["p99_s"] * 1000, (run["last_delivery_s"] or 0) * 1000,
-        (run["client_lag_p99_s"] or 0) * 1000)
+        (run["client_lag_p99_s"] or 0) * 1000, run.get("other_work_cores") or 0)
     return text + (" -- " + "; ".join(run["failures"]) if run["failures"] else " -- pass")
 
 
@@ -507,16 +525,20 @@ def main(argv=None):
 
 def write_report(report_dir, results, args, slo, info, notes, elapsed):
     load = os.getloadavg()
-    contended = ("Measured on a shared machine (load average %.1f at the end of the run, %d cores): other "
-                 "work competed for the CPU, so these capacities are lower than an idle machine's."
-                 % (load[0], os.cpu_count()) if load[0] > 1.0 else
-                 "Load average %.1f at the end of the run (%d cores)." % (load[0], os.cpu_count()))
+    others = [run["other_work_cores"] for entry in results for probe in entry["search"]["probes"]
+              for run in probe["runs"] if run.get("other_work_cores") is not None]
+    busy = statistics.median(others) if others else 0.0
+    contended = ("Measured on a shared machine: other work took a median %.1f of its %d cores during the runs "
+                 "(up to %.1f), so these capacities are lower, and noisier, than an idle machine's."
+                 % (busy, os.cpu_count(), max(others)) if busy > 0.2 else
+                 "Other work took a median %.1f of the machine's %d cores during the runs." % (busy, os.cpu_count()))
     text = verdict(results, slo, contended)
     write_chart(report_dir, results, slo)
     data = {"slo_s": slo, "growth": GROWTH, "precision": PRECISION, "repeats": args.repeats, "needed": args.needed,
             "lag_share": LAG_SHARE, "lag_floor_share": LAG_FLOOR_SHARE,
             "start": args.start, "max_polls": args.max_polls, "max_probes": args.max_probes,
             "time_limit_s": args.time_limit, "elapsed_s": elapsed, "machine": info, "load_average": load,
+            "other_work_cores_median": busy,
             "preflight": notes, "verdict": text, "servers": results}
     write_json(os.path.join(report_dir, "results.json"), data)
 
