@@ -369,9 +369,13 @@ def at_capacity(result):
     return chosen
 
 
+FAILURE_KINDS = ("hold", "error", "unanswered", "delivery", "p99", "client lag")
+
+
 def limited_by(result):
-    """What the first failing count ran into: "hold (<resource>)" when its runs failed to hold
-    the polls, else "objective" (p99, delivery or lag); None when nothing failed."""
+    """What the failing runs at the first failing count ran into, most often first: "hold
+    (<resource>)" when they failed to hold the polls, else the objective's criteria ("p99",
+    "client lag", "delivery", "unanswered"); None when nothing failed."""
     failed = result["bracket"][1]
     if failed is None:
         return None
@@ -380,7 +384,10 @@ def limited_by(result):
     resources = [run["hold_resource"] for run in runs if run.get("hold_resource")]
     if resources and len(resources) * 2 >= len(runs):
         return "hold (%s)" % max(set(resources), key=resources.count)
-    return "objective"
+    kinds = [kind for run in runs for kind in FAILURE_KINDS
+             if any(failure.startswith(kind) for failure in run["failures"])]
+    ranked = sorted(set(kinds), key=lambda kind: (-kinds.count(kind), FAILURE_KINDS.index(kind)))
+    return "objective: " + ", ".join(ranked) if ranked else "objective"
 
 
 def observed_hold_limit(result):
@@ -437,10 +444,11 @@ def verdict(results, slo, contended_note):
         if search["capacity"] is None:
             return "none of the counts tried"
         text = "%d long-polls" % search["capacity"]
-        if search["bracket"][1] and search.get("limited_by", "objective") != "objective":
-            text += " (at %d its %s runs out first)" % (search["bracket"][1], search["limited_by"])
+        bound = search.get("limited_by") or ""
+        if search["bracket"][1] and bound.startswith("hold"):
+            text += " (at %d its %s runs out first)" % (search["bracket"][1], bound)
         elif search["bracket"][1]:
-            text += " (misses it at %d)" % search["bracket"][1]
+            text += " (misses it at %d on %s)" % (search["bracket"][1], bound.replace("objective: ", ""))
         elif search["stopped"] == "ceiling":
             text += " (at least: the count ceiling)"
         return text
@@ -506,7 +514,9 @@ def main(argv=None):
             # No ceiling below --max-polls: past a server's descriptors its hold fails, fast, and
             # the search brackets that as it brackets the objective.
             print("== %s: from %d polls, %.0f s of the time limit" % (server["label"], args.start, share), flush=True)
-            probe = make_probe(server, slo, redis.url if redis else None, report_dir, args.repeats, args.needed,
+            log_dir = os.path.join(report_dir, "logs", "".join(c if c.isalnum() else "-" for c in server["label"]))
+            os.makedirs(log_dir)
+            probe = make_probe(server, slo, redis.url if redis else None, log_dir, args.repeats, args.needed,
                                per_process=per_server_process)
             result = search(probe, args.start, max_probes=args.max_probes, time_limit=share, ceiling=args.max_polls)
             result["limited_by"] = limited_by(result)

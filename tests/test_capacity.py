@@ -193,9 +193,14 @@ def test_the_search_says_whether_the_hold_or_the_objective_bounds_it():
     held = capacity.search(probe, start=5000, max_probes=40)
     assert capacity.limited_by(held) == "hold (descriptors)"
     assert held["converged"] and held["capacity"] <= 19800 < held["bracket"][1]
-    missed = capacity.search(lambda n: {"passed": n < 9000, "runs": [{"passed": n < 9000}] * 2}, start=5000,
-                             max_probes=40)
-    assert capacity.limited_by(missed) == "objective"
+    def slow_or_lagging(count):
+        if count < 9000:
+            return {"passed": True, "runs": [{"passed": True}] * 2}
+        return {"passed": False, "runs": [{"passed": False, "failures": ["p99 610 ms over 500 ms"]},
+                                          {"passed": False, "failures": ["client lag p99 60.0 ms over 10 % of p99",
+                                                                         "p99 530 ms over 500 ms"]}]}
+    missed = capacity.search(slow_or_lagging, start=5000, max_probes=40)
+    assert capacity.limited_by(missed) == "objective: p99, client lag"
 
 
 def test_the_hold_ceiling_names_the_first_resource_to_run_out():
