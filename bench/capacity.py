@@ -442,25 +442,26 @@ def verdict(results, slo, contended_note):
     def holds(entry):
         search = entry["search"]
         if search["capacity"] is None:
-            return "none of the counts tried"
-        text = "%d long-polls" % search["capacity"]
-        bound = search.get("limited_by") or ""
-        if search["bracket"][1] and bound.startswith("hold"):
-            text += " (at %d its %s runs out first)" % (search["bracket"][1], bound)
-        elif search["bracket"][1]:
-            text += " (misses it at %d on %s)" % (search["bracket"][1], bound.replace("objective: ", ""))
-        elif search["stopped"] == "ceiling":
-            text += " (at least: the count ceiling)"
-        return text
-    first = results[0] if results else None
-    parts = []
-    if first:
-        parts.append("%s on this %d-core machine holds %s with p99 wake-up under %g ms, every poll answered "
-                     "with the message" % ("One worker of Chattle" if first["workers"] == 1 and not first["env"]
-                                           else first["label"], os.cpu_count(), holds(first), slo * 1000))
-    for entry in results[1:]:
-        parts.append("%s holds %s" % (entry["label"], holds(entry)))
-    return "; ".join(parts) + ". " + contended_note
+            return "none of the counts tried (%d and fewer)" % min(p["count"] for p in search["probes"]) \
+                if search["probes"] else "nothing: no probe ran"
+        return "%d" % search["capacity"]
+
+    def why(entry):
+        search = entry["search"]
+        bound, failed = search.get("limited_by") or "", search["bracket"][1]
+        if failed and bound.startswith("hold"):
+            return "at %d its %s runs out" % (failed, bound)
+        if failed:
+            return "at %d it misses on %s" % (failed, bound.replace("objective: ", ""))
+        return "the search stopped on its %s before a count failed" % search["stopped"]
+    if not results:
+        return contended_note
+    first = results[0]
+    name = "One worker of Chattle" if first["workers"] == 1 and not first["env"] else first["label"]
+    text = ("%s on this %d-core machine holds %s long-polls with p99 wake-up under %g ms and every poll answered "
+            "with the message (%s)" % (name, os.cpu_count(), holds(first), slo * 1000, why(first)))
+    text += "".join("; %s holds %s (%s)" % (entry["label"], holds(entry), why(entry)) for entry in results[1:])
+    return text + ". " + contended_note
 
 
 def stop_on_sigterm(_signum, _frame):

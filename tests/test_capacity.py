@@ -249,7 +249,8 @@ def test_a_small_search_against_a_real_server_writes_the_report(tmp_path):
         for run in probe["runs"]:
             assert run["delivered"] == run["complete_listeners"] == run["requested"]
     assert server["search"]["capacity"] == 150 and server["search"]["stopped"] == "probe limit"
-    assert "One worker of Chattle" in results["verdict"] and "150 long-polls" in results["verdict"]
+    assert results["verdict"].startswith("One worker of Chattle on this %d-core machine holds 150 long-polls with "
+                                         "p99 wake-up under 20000 ms" % os.cpu_count())
     assert server["at_capacity"]["server_us_per_delivery"] is not None  # 10 ms ticks: may read 0 at 150
 
 
