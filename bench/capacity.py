@@ -34,8 +34,8 @@ import sys
 import time
 
 from bench.measures import cpu_per_delivery
-from bench.rig import PER_PROCESS, raise_open_file_limit
-from bench.sweep import measure_point, median_point
+from bench.rig import PER_PROCESS, Rig, raise_open_file_limit
+from bench.sweep import measure_point, median_point, start_server
 from harness.processes import RedisServer
 from harness.system_packages import require_or_exit
 from reports.page import machine_description, machine_line, new_report_dir, write_html, write_json
@@ -390,6 +390,39 @@ def limited_by(result):
     return "objective: " + ", ".join(ranked) if ranked else "objective"
 
 
+HOLD_OVER = 1.05  # the hold check's second count: this much past where the limits say the hold runs out
+
+
+def check_hold(server, ceiling, redis_url, log_dir, per_process, say=print):
+    """Hold `ceiling` polls, then HOLD_OVER times as many, on fresh servers, without a post: the
+    hold the limits predict, verified on both sides (one run each: a hold is not noisy)."""
+    processes = server["workers"] if isinstance(server["workers"], int) else 1
+    checks = []
+    for count in (ceiling, int(ceiling * HOLD_OVER) + 1):
+        try:
+            instance = start_server(server["workers"], count, redis_url, log_dir, server["env"])
+        except RuntimeError as error:
+            checks.append({"requested": count, "held": None, "error": str(error).splitlines()[0][:200]})
+            continue
+        try:
+            point = Rig(instance.url, spread_sources=True).hold(count, instance.worker_pids())
+        except (RuntimeError, OSError) as error:
+            point = None
+            checks.append({"requested": count, "held": None, "error": str(error).splitlines()[0][:200]})
+        finally:
+            instance.stop()
+        if point is not None:
+            checks.append({"requested": count, "parked": point["parked"], "held": point["held_confirmed"],
+                           "held_per_pid": point["held_per_pid"], "connect_errors": point["connect_errors"],
+                           "hold_resource": hold_resource(point, per_process, processes)})
+        check = checks[-1]
+        say("  %s, hold check at %d polls: %s" % (server["label"], count, "held" if check.get("held") == count
+                                                  and not check.get("hold_resource") else
+                                                  "held %s (%s)" % (check.get("held"), check.get("hold_resource")
+                                                                    or check.get("error"))))
+    return checks
+
+
 def observed_hold_limit(result):
     """The smallest N where a run's hold itself ran out, and of what (None: every hold held)."""
     for probe in sorted(result["probes"], key=lambda p: p["count"]):
@@ -485,6 +518,9 @@ def main(argv=None):
     parser.add_argument("--max-probes", type=int, default=14, help="probes per server at most (default %(default)s)")
     parser.add_argument("--time-limit", type=float, default=3600,
                         help="seconds for the whole search, shared out among the servers (default %(default)s)")
+    parser.add_argument("--hold-check", action=argparse.BooleanOptionalAction, default=True,
+                        help="after each search, hold as many polls as the limits allow and 5 %% more, without "
+                             "a post, to verify where the hold runs out (default on)")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="runs per probe (default %(default)s)")
     parser.add_argument("--needed", type=int, default=NEEDED, help="passing runs a probe needs (default %(default)s)")
     args = parser.parse_args(argv)
@@ -523,8 +559,11 @@ def main(argv=None):
             result["limited_by"] = limited_by(result)
             figures = at_capacity(result)
             hold = hold_ceilings(processes, figures and figures.get("machine_bytes_per_poll_median"))
+            checks = []
+            if args.hold_check and hold["polls"] and hold["polls"] <= args.max_polls:
+                checks = check_hold(server, hold["polls"], redis.url if redis else None, log_dir, per_server_process)
             results.append({"label": server["label"], "workers": server["workers"], "env": server["env"],
-                            "search": result, "at_capacity": figures, "hold_ceiling": hold,
+                            "search": result, "at_capacity": figures, "hold_ceiling": hold, "hold_checks": checks,
                             "hold_observed": observed_hold_limit(result)})
             print("== %s: capacity %s, bracket %s (%s)" % (server["label"], result["capacity"], result["bracket"],
                                                           result["stopped"]), flush=True)
@@ -573,6 +612,13 @@ def write_report(report_dir, results, args, slo, info, notes, elapsed):
                             "%.0f" % figures["bytes_per_poll_median"] if figures.get("bytes_per_poll_median")
                             else "-", figures["server_cpu_s"] or 0, figures["server_us_per_delivery"] or 0,
                             figures["client_cpu_s"] or 0, figures["client_us_per_delivery"] or 0), ""))
+        for check in entry.get("hold_checks") or ():
+            held_all = check.get("held") == check["requested"] and not check.get("hold_resource")
+            rows.append(("%s: hold check, %d polls, no post" % (entry["label"], check["requested"]),
+                         "held all" if held_all else "held %s: %s (%s)" % (
+                             check.get("held"), check.get("hold_resource") or check.get("error"),
+                             connect_error_text(check) if check.get("connect_errors") is not None else ""),
+                         "pass" if held_all else "fail"))
         hold, observed = entry["hold_ceiling"], entry["hold_observed"]
         rows.append(("%s: where the hold runs out" % entry["label"],
                      "%s first, at about %s polls (%s)%s"

@@ -383,7 +383,9 @@ class Rig:
                     client.kill()
                     client.wait(10)
 
-    def park_post_collect(self, clients, count, cursor, server_pids, rss_idle, machine_idle):
+    def park(self, clients, count, server_pids):
+        """Read every client's "parked" line and wait until the server holds them (or stops
+        taking more): requested, parked, connect errors by name, held (summed and per pid)."""
         parked_lines = [self.read_line(c, "parked", 60 + count / 200.0) for c in clients]
         parked = sum(line["parked"] for line in parked_lines)
         connect_errors = {}
@@ -392,9 +394,34 @@ class Rig:
                 connect_errors[name] = connect_errors.get(name, 0) + times
         held, per_pid = wait_until_held(self.url, parked, server_pids, timeout=30 + count / 500.0,
                                         stall=HOLD_STALL_SECONDS)
-        hold = {"requested": count, "parked": parked, "connect_errors": connect_errors,
+        return {"requested": count, "parked": parked, "connect_errors": connect_errors,
                 "client_processes": len(clients), "held_confirmed": held,
                 "held_per_pid": {str(k): v for k, v in per_pid.items()}}
+
+    def hold(self, count, server_pids=None):
+        """Park `count` polls and hold them without a post: how many the server holds, and
+        what stopped more (the connect errors, the per-process counts)."""
+        clients = self.start_clients(count, self.cursor(), hold_only=True)
+        try:
+            return dict(self.park(clients, count, server_pids),
+                        rss_holding=summed_rss(server_pids) if server_pids else None)
+        finally:
+            for client in clients:  # a line on stdin lets go
+                try:
+                    client.stdin.write("\n")
+                    client.stdin.flush()
+                except OSError:
+                    pass
+            for client in clients:
+                try:
+                    client.wait(30)
+                except subprocess.TimeoutExpired:
+                    client.kill()
+                    client.wait(10)
+
+    def park_post_collect(self, clients, count, cursor, server_pids, rss_idle, machine_idle):
+        hold = self.park(clients, count, server_pids)
+        parked, held = hold["parked"], hold["held_confirmed"]
         if held < parked:
             # The server holds fewer than it accepted a connection for: it is full, and a post
             # would only wait on it. No fan-out is measured; the hold is the finding.

@@ -234,7 +234,8 @@ def test_a_small_search_against_a_real_server_writes_the_report(tmp_path):
     env.pop(capacity.EXTRA_WORK_VARIABLE, None)
     done = subprocess.run([sys.executable, "-m", "bench.capacity", "--workers", "1", "--peers", "none",
                            "--slowed", "0", "--start", "100", "--max-probes", "2", "--slo-ms", "20000",
-                           "--time-limit", "300"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "--no-hold-check", "--time-limit", "300"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     report = done.stdout.strip().splitlines()[-1].split("report: ")[1].split(" (")[0]
     folder = os.path.dirname(report)
@@ -252,6 +253,17 @@ def test_a_small_search_against_a_real_server_writes_the_report(tmp_path):
     assert results["verdict"].startswith("One worker of Chattle on this %d-core machine holds 150 long-polls with "
                                          "p99 wake-up under 20000 ms" % os.cpu_count())
     assert server["at_capacity"]["server_us_per_delivery"] is not None  # 10 ms ticks: may read 0 at 150
+
+
+@pytest.mark.slow
+def test_the_hold_check_holds_polls_without_a_post_on_fresh_servers(tmp_path):
+    server = capacity.server_list([1], [], slowed=0)[0]
+    said = []
+    checks = capacity.check_hold(server, 200, None, str(tmp_path), per_process=19800, say=said.append)
+    assert [c["requested"] for c in checks] == [200, 211]
+    for check in checks:
+        assert check["parked"] == check["held"] == check["requested"] and check["hold_resource"] is None
+    assert len(said) == 2 and said[0].endswith("hold check at 200 polls: held")
 
 
 # -- make load SHAPE=steps ---------------------------------------------------------------------------
