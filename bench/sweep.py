@@ -181,7 +181,8 @@ def write_charts(report_dir, points, slo, caption_tail):
     plt.close(fig)
     charts.append(("capacity.png", "Capacity per worker count: the largest held-poll count measured whose "
                    "p99 wake-up latency stayed under %g ms with every poll answered (0: none did). It is a "
-                   "lower bound: the sweep only tries the listed counts. " % (slo * 1000) + caption_tail))
+                   "lower bound: the sweep only tries the listed counts (`make capacity` searches the "
+                   "largest). " % (slo * 1000) + caption_tail))
     return charts, best
 
 
