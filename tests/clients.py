@@ -106,6 +106,17 @@ def held_poll(port, path):
         connection.close()
 
 
+def settle(check, what, within=GENEROUS, step=0.005):
+    """Yield to the hub until `check()` holds: the synchronisation for tests inside one
+    process (parked greenlets, a pool, a log). Bounded by `within`, never by a count of
+    steps, since a loaded machine makes each step slower."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("%s: not so after %g s" % (what, within))
+        gevent.sleep(step)
+
+
 ###############################################################################
 # One-shot calls against a running server
 ###############################################################################
@@ -128,6 +139,22 @@ def wait_for_waiters(server, count, within=GENEROUS):
         wait_until(held, within, "%d held polls" % count)
     except RuntimeError as error:  # what wait_until raises at its deadline
         raise AssertionError("%s; the server held %s" % (error, seen[-1:])) from None
+
+
+def wait_for_waiters_across_workers(server, count, within=GENEROUS):
+    """Until the workers behind one port hold `count` polls between them: each /stats
+    answer is one worker's, so the newest answer of every pid seen is summed."""
+    newest = {}
+
+    def held():
+        body = stats(server)
+        newest[body["pid"]] = body["waiters"]
+        return sum(newest.values()) == count
+
+    try:
+        wait_until(held, within, "%d held polls" % count, interval=0.01)
+    except RuntimeError as error:
+        raise AssertionError("%s; the workers held %s" % (error, newest)) from None
 
 
 def post(server, room, content="hi", sender="ann"):
