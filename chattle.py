@@ -4,7 +4,7 @@
 Every waiting client is a greenlet parked on a gevent Event of its room; a post sets
 them, waking every held poll at once (the "Event-based broadcast path"), and later polls
 park on fresh ones. The contract with every client is the wire protocol described in
-README.md (version 1).
+docs/protocol.md (version 1).
 
     python chattle.py [--port 8080]                                  # one process
     gunicorn chattle                        # gunicorn.conf.py: chattle's gevent worker

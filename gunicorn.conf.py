@@ -63,7 +63,7 @@ timeout = 30     # heartbeat: a gevent worker that cannot notify the arbiter for
 # gets what gunicorn has closest: `keepalive` bounds both the idle wait and the reading
 # of each head, the request line stops at gunicorn's 8190 bytes, headers are capped one
 # line at a time rather than together, refusals are gunicorn's HTML pages, and there is
-# no send deadline (README: "Limits and deadlines").
+# no send deadline (docs/deploy.md: "gunicorn's own gevent worker").
 _limits = chattle_http.HttpLimits.from_environ()
 keepalive = math.ceil(_limits.keepalive_timeout)  # a long-poll client asks again at once: reuse its connection
 limit_request_line = min(_limits.max_head_bytes, 8190)
