@@ -15,12 +15,12 @@ import sys
 import threading
 import time
 
-from bench.measures import process_cpu_seconds
 from chattle_limits import CLIENT_TIMEOUT_MARGIN, POLL_TIMEOUT_MAX, raise_descriptor_limit
 from harness.processes import LOOPBACK, ROOT, ChattleServer, Process, RedisServer, free_port, get_json
 from harness.system_packages import missing, missing_line
+from instruments.measures import process_cpu_seconds
+from instruments.page import REPORTS_ROOT, new_report_dir
 from loadtests.scenario import SETTLE_SECONDS, build_stages, room_name, stage_at
-from reports.page import REPORTS_ROOT, new_report_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCUST_CONF = os.path.join(HERE, "locust.conf")
@@ -303,7 +303,7 @@ class Sampler(threading.Thread):
     def sample(self):
         import psutil
 
-        from bench.measures import summed_rss
+        from instruments.measures import summed_rss
         # Every CPU reading first, at one moment; held polls and remote RSS come from what
         # the prober last saw.
         now = time.time()

@@ -18,9 +18,9 @@ import gevent
 from gevent.pool import Pool
 
 import chattle
-from bench.measures import DeliveryLedger, wakeup_latency
 from chattle_limits import client_timeout
 from harness.processes import ROOT, SEED_FLAGS, free_port, get_json, post_json, wait_until
+from instruments.measures import DeliveryLedger, wakeup_latency
 
 GENEROUS = 30.0  # seconds: a deadline for what should take milliseconds, on a loaded machine
 
