@@ -31,6 +31,18 @@ def client_timeout(poll_timeout):
 # Open files: every held poll is a socket
 ###############################################################################
 
+# gunicorn's gevent worker admits only `worker_connections` clients at once and leaves
+# the rest in the listen backlog, silently; gunicorn.conf.py gives it nearly all of the
+# open-file limit, and make load's preflight checks its target against the same figure.
+DESCRIPTORS_RESERVED = 100    # the listener, logs, Redis and the worker's own pipes
+
+
+def connections_per_worker(descriptor_limit):
+    """The connections one gunicorn worker admits at once under `descriptor_limit` open
+    files (None where the platform has no limit)."""
+    return max(1000, (descriptor_limit or 0) - DESCRIPTORS_RESERVED)
+
+
 def raise_descriptor_limit():
     """Take the hard open-file limit, not the shell's soft one; (soft, hard) after,
     (None, None) where the platform has no such limit."""
