@@ -187,3 +187,50 @@ def test_the_settings_table_is_the_servers():
             wrong.append("%s: the table's default is %s, the server's %r" % (flag, row[2], default))
     wrong += ["%s is in the table but not a flag of chattle.py" % flag for flag in documented]
     assert not wrong, "\n".join(wrong)
+
+
+def documented_default(text):
+    """A default as the knobs table writes it ("20 s", "500/s", "0 (auto)", "(none)") as a string
+    to compare with the flag's."""
+    text = text.strip("`").split(" (")[0]
+    if text in ("", "(none)"):
+        return ""
+    return re.sub(r"(?<=\d)(?: s|/s)$", "", text)
+
+
+def same_default(shown, actual):
+    if isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        try:
+            return float(shown) == float(actual)
+        except ValueError:
+            return False
+    return shown == actual or (shown.endswith("/") and os.path.basename(str(actual)) == shown.strip("/"))
+
+
+def test_the_make_load_knobs_table_is_what_make_load_does():
+    """docs/measuring.md's knobs: each make variable passes its flag (Makefile), and each
+    default is the one `python -m loadtests.run` takes (from loadtests/locust.conf)."""
+    from loadtests import run
+
+    defaults = vars(run.parse_args([]))
+    makefile = read("Makefile")
+    rows = table_rows(read("docs/measuring.md"), "variable")
+    assert len(rows) > 10, rows
+    wrong = []
+    for variables, flags, shown_defaults, _meaning in rows:
+        variables = [name.strip("`=") for name in variables.split(", ") if name]
+        flags = [name.strip("`") for name in flags.split(", ")]
+        shown = [documented_default(value) for value in shown_defaults.split(", ")]
+        if len(shown) != len(flags):
+            wrong.append("%s: %d defaults for %d flags" % (flags, len(shown), len(flags)))
+            continue
+        for variable, flag in zip(variables, flags):
+            if "%s $(%s)" % (flag, variable) not in makefile:
+                wrong.append("%s= does not pass %s in the Makefile" % (variable, flag))
+        for flag, value in zip(flags, shown):
+            name = flag.lstrip("-").replace("-", "_")
+            if name not in defaults:
+                wrong.append("%s is not a flag of python -m loadtests.run" % flag)
+            elif not same_default(value, defaults[name]):
+                wrong.append("%s: the table's default is %r, make load's %r" % (flag, value, defaults[name]))
+    assert not wrong, "\n".join(wrong)
