@@ -144,7 +144,7 @@ HELD_POLLS = 200
 MAX_BYTES_PER_HELD_POLL = 5.8 * 1024
 if sys.version_info >= (3, 12):
     # greenlet makes a frame object (about 220 bytes) for every Python frame on a
-    # suspended greenlet's stack there, nine per held poll (see README, Performance):
+    # suspended greenlet's stack there, nine per held poll (see docs/results.md):
     # 6.6 KB on 3.12, 6.8 KB on 3.13.
     MAX_BYTES_PER_HELD_POLL += 1.3 * 1024
 # About 58.75 Python calls per answered GET poll with chattle's handler, which sends the

@@ -2,7 +2,7 @@
 
 Each test breaks one part on purpose (a worker killed, the master stopped, Redis stopped
 or restarted) while clients keep going, and judges delivery with the one ledger the
-project has (bench.measures.DeliveryLedger).
+project has (instruments.measures.DeliveryLedger).
 """
 
 import os

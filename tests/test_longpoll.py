@@ -12,9 +12,9 @@ import gevent
 import psutil
 import pytest
 
-from bench.measures import DeliveryLedger, delivery_summary
 from clients import GENEROUS, HttpConnection, held_poll, post, stats, wait_for_waiters
 from harness.processes import get_json, wait_until
+from instruments.measures import DeliveryLedger, delivery_summary
 
 IDLE_WAKEUPS = 5  # a stray timer or two of gevent's; measured 0 and 1 here
 

@@ -18,8 +18,8 @@ import time
 
 import gevent
 
-from bench.measures import delivery_summary, latency_summary
 from clients import Listener, Poster, wait_for_waiters_across_workers
+from instruments.measures import delivery_summary, latency_summary
 
 LISTENERS = int(os.environ.get("CHATTLE_TEST_LISTENERS", "200"))
 MESSAGES = int(os.environ.get("CHATTLE_TEST_MESSAGES", "300"))

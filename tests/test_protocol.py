@@ -1,7 +1,7 @@
 """The wire protocol, route by route and error row by error row, called in process.
 
-Each test names the rule of /work/shared/wire-protocol.md (and README's protocol
-section) it holds the server to.
+Each test names the rule of /work/shared/wire-protocol.md (and docs/protocol.md)
+it holds the server to.
 """
 
 import io
