@@ -94,7 +94,7 @@ load-worker: $(STAMP)
 	$(PY) -m loadtests.worker --master $(MASTER) $(if $(PROCESSES),--processes $(PROCESSES))
 
 # Three hosts made of network namespaces on this machine (root: ip and faketime), a run
-# across them, its report in reports/: see README "Beyond one machine".
+# across them, its report in reports/: see docs/deploy.md, "Several hosts".
 cluster-demo: system-packages $(STAMP)
 	$(PY) -m harness.cluster $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION))
 

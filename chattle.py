@@ -4,7 +4,7 @@
 Every waiting client is a greenlet parked on a gevent Event of its room; a post sets
 them, waking every held poll at once (the "Event-based broadcast path"), and later polls
 park on fresh ones. The contract with every client is the wire protocol described in
-README.md (version 1).
+docs/protocol.md (version 1).
 
     python chattle.py [--port 8080]                                  # one process
     gunicorn chattle                        # gunicorn.conf.py: chattle's gevent worker
@@ -16,7 +16,6 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402  (everything below must see the patched stdlib)
-import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -37,7 +36,7 @@ from gevent.event import Event  # noqa: E402
 from greenlet import getcurrent  # noqa: E402
 
 import chattle_http  # noqa: E402
-from chattle_limits import POLL_TIMEOUT_MAX, raise_descriptor_limit  # noqa: E402
+from chattle_limits import POLL_TIMEOUT_MAX, collect_garbage_seldom, raise_descriptor_limit  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATIC_ROOT = os.path.join(HERE, "static")
@@ -1089,19 +1088,9 @@ def make_server(host, port):
                                  log=sys.stderr if settings.access_log else None)
 
 
-def tune_garbage_collector():
-    """Collect young objects less often, and never walk the startup ones again.
-
-    Every held poll keeps a few dozen objects the cyclic collector tracks, and a fan-out
-    allocates more before the woken polls let theirs go; with Python's thresholds
-    (700, 10, 10) a fan-out to 10,000 polls ran a hundred young collections and a full
-    one over every held poll, about 0.2 s of its 1.2 s. Called once in each serving
-    process, after the application is loaded."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-GC_THRESHOLDS = (20000, 20, 20)
+# Once in each serving process, after the application is loaded: the policy the load
+# workers share, stated in chattle_limits.py.
+tune_garbage_collector = collect_garbage_seldom
 
 
 def serve(new_settings):

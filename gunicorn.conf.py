@@ -15,7 +15,7 @@ from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGISe
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chattle_http  # noqa: E402  (patches nothing: safe in the master, unlike chattle)
-from chattle_limits import GRACEFUL_TIMEOUT, raise_descriptor_limit  # noqa: E402
+from chattle_limits import GRACEFUL_TIMEOUT, connections_per_worker, raise_descriptor_limit  # noqa: E402
 
 
 class ChattleWorker(GeventPyWSGIWorker):
@@ -43,10 +43,8 @@ workers = int(os.environ.get("CHATTLE_WORKERS", "1"))
 
 # Every held poll is an open socket. The gevent worker admits only `worker_connections`
 # at once and leaves the rest queued in the listen backlog, silently: so take the hard
-# descriptor limit and give nearly all of it to connections (a few are kept for the
-# listener, logs, Redis and the worker's own pipes).
-DESCRIPTORS_RESERVED = 100
-worker_connections = max(1000, (raise_descriptor_limit()[0] or 0) - DESCRIPTORS_RESERVED)
+# descriptor limit and give nearly all of it to connections (chattle_limits.py).
+worker_connections = connections_per_worker(raise_descriptor_limit()[0])
 backlog = 4096
 
 # A stopping worker waits longer than any client waits for a poll, which is longer than
@@ -63,7 +61,7 @@ timeout = 30     # heartbeat: a gevent worker that cannot notify the arbiter for
 # gets what gunicorn has closest: `keepalive` bounds both the idle wait and the reading
 # of each head, the request line stops at gunicorn's 8190 bytes, headers are capped one
 # line at a time rather than together, refusals are gunicorn's HTML pages, and there is
-# no send deadline (README: "Limits and deadlines").
+# no send deadline (docs/deploy.md: "gunicorn's own gevent worker").
 _limits = chattle_http.HttpLimits.from_environ()
 keepalive = math.ceil(_limits.keepalive_timeout)  # a long-poll client asks again at once: reuse its connection
 limit_request_line = min(_limits.max_head_bytes, 8190)

@@ -35,9 +35,9 @@ import sys
 import tempfile
 import time
 
-from bench.measures import percentile, ratio_interval
 from bench.rig import Rig, answer_polls, hold_polls
 from harness.processes import ROOT, ChattleServer
+from instruments.measures import percentile, ratio_interval
 
 PASSED, SLOWER, UNMEASURED = 0, 1, 2
 GATE_PERCENT = 5.0

@@ -33,12 +33,12 @@ import statistics
 import sys
 import time
 
-from bench.measures import cpu_per_delivery
 from bench.rig import PER_PROCESS, Rig, raise_open_file_limit
 from bench.sweep import measure_point, median_point, start_server
 from harness.processes import RedisServer
 from harness.system_packages import require_or_exit
-from reports.page import machine_description, machine_line, new_report_dir, write_html, write_json
+from instruments.measures import cpu_per_delivery
+from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
 GROWTH = 1.5        # the geometric step until a probe fails
 PRECISION = 0.05    # bisect until (first fail - last pass) <= 5 % of the last pass
@@ -351,7 +351,7 @@ def run_line(run):
 
 def at_capacity(result):
     """The median passing run (by p99) of the probe at the capacity, with the per-delivery CPU of
-    server and client beside each other (bench.measures.cpu_per_delivery)."""
+    server and client beside each other (instruments.measures.cpu_per_delivery)."""
     capacity = result["capacity"]
     if capacity is None:
         return None

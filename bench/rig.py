@@ -2,7 +2,7 @@
 
 No Locust and no HTTP library: each held poll is one non-blocking socket in an
 epoll set, so the client costs little CPU next to the server it measures. Each answer is
-timed at its kernel arrival (SO_TIMESTAMPNS, bench/stamps.py), as the load test's are:
+timed at its kernel arrival (SO_TIMESTAMPNS, instruments/stamps.py), as the load test's are:
 timed at the read, the rig's p50 took in its own queue of unread answers (about 30 ms
 at 5 000 polls), and the two instruments disagreed by a third. Each poll is a keep-alive
 request, as the page's and the load test's are: with `Connection: close` the server also
@@ -35,8 +35,10 @@ import sys
 import time
 import urllib.parse
 
-from bench.httpframe import FramingError, ResponseParser
-from bench.measures import (
+from chattle_limits import POLL_TIMEOUT_MAX, client_timeout, raise_descriptor_limit
+from harness.processes import ROOT, get_json, post_json
+from instruments.httpframe import FramingError, ResponseParser
+from instruments.measures import (
     DeliveryLedger,
     client_lag,
     latency_summary,
@@ -45,9 +47,7 @@ from bench.measures import (
     summed_rss,
     wakeup_latency,
 )
-from bench.stamps import ANCILLARY_SPACE, SO_TIMESTAMPNS, arrival
-from chattle_limits import POLL_TIMEOUT_MAX, client_timeout, raise_descriptor_limit
-from harness.processes import ROOT, get_json, post_json
+from instruments.stamps import ANCILLARY_SPACE, SO_TIMESTAMPNS, arrival
 
 POLL_TIMEOUT = POLL_TIMEOUT_MAX  # the protocol's longest hold: nothing times out while we measure
 COALESCE_SECONDS = 0.001  # a fan-out on and nothing to read: sleep, as the load test's driver does
@@ -113,7 +113,7 @@ class Poll:
         self.body = None
 
     def feed(self, data):
-        """Append bytes; True once the whole answer is in (framed by bench.httpframe, the
+        """Append bytes; True once the whole answer is in (framed by instruments.httpframe, the
         parser the load test's client uses too)."""
         response = self.parser.feed(data)
         if response is None:
@@ -308,7 +308,7 @@ def machine_memory_in_use():
 
 
 def cpu_seconds_of(pids):
-    """Summed CPU seconds of the live ones among `pids` (bench.measures.process_cpu_seconds)."""
+    """Summed CPU seconds of the live ones among `pids` (instruments.measures.process_cpu_seconds)."""
     total = 0.0
     for pid in pids:
         try:

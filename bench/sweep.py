@@ -23,12 +23,12 @@ import statistics
 import sys
 import time
 
-from bench.measures import summed_rss, time_per_waiter
 from bench.rig import Rig
 from chattle_limits import raise_descriptor_limit
 from harness.processes import ChattleServer, PeerServer, RedisServer
 from harness.system_packages import require_or_exit
-from reports.page import machine_description, machine_line, new_report_dir, write_html, write_json
+from instruments.measures import summed_rss, time_per_waiter
+from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
 DESCRIPTOR_MARGIN = 200  # listener, logs, redis and the worker's pipes
 # Each reference server: its label in reports, and its flags to bench.peers.aiohttp_chat.
@@ -73,7 +73,7 @@ def measure_point(workers, count, redis_url, log_dir, env=None, spread_sources=F
 
 def peer_ratios(points):
     """Per peer and count measured for both: Chattle (one worker) / that peer, for memory per
-    held poll and time per waiter (bench.measures.time_per_waiter). Above 1: Chattle costs more."""
+    held poll and time per waiter (instruments.measures.time_per_waiter). Above 1: Chattle costs more."""
     chattle = {p["requested"]: p for p in points if p["workers"] == 1}
     ratios = []
     for peer in (p for p in points if p["workers"] in PEERS):
@@ -323,7 +323,7 @@ def main(argv=None):
                      "fail" if row["delivered"] != row["requested"] else ""))
     notes = ["Ratios Chattle / each reference server: memory per held poll is the rise in server RSS per held "
              "poll; time per waiter is the time from the post to the last answer received, divided by the "
-             "waiters answered (bench.measures.time_per_waiter). Both servers are one process on an "
+             "waiters answered (instruments.measures.time_per_waiter). Both servers are one process on an "
              "in-memory store, measured by the same rig at the same count; above 1 Chattle costs more.",
              "A point is marked client-bound when the rig used more than a quarter of the server's CPU "
              "time during the fan-out: its latency then partly measures the client."]

@@ -30,11 +30,11 @@ import locust
 from locust import User, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
-from bench.httpframe import FramingError
-from bench.measures import DeliveryLedger, process_cpu_seconds
 from chattle_limits import CLIENT_TIMEOUT_MARGIN
+from instruments.clocks import Clocks, kernel_stamp_skew
+from instruments.httpframe import FramingError
+from instruments.measures import DeliveryLedger, process_cpu_seconds
 from loadtests import longpoll
-from loadtests.clocks import Clocks, kernel_stamp_skew
 from loadtests.locust_stats import log_untimed
 from loadtests.longpoll import HeldPolls, LongPollClient
 from loadtests.scenario import build_stages, room_name, stage_at
@@ -99,7 +99,7 @@ def _split_servers(urls):
 
 def measure_clocks(options):
     """Before any listener starts: this process's clock against the kernel's receive stamps
-    and against every server's `ts` clock (loadtests/clocks.py)."""
+    and against every server's `ts` clock (instruments/clocks.py)."""
     CLOCKS.kernel_skew, CLOCKS.kernel_skew_bound = kernel_stamp_skew()
     longpoll.kernel_stamp_shift = CLOCKS.kernel_skew
     try:

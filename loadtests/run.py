@@ -9,18 +9,17 @@ process it starts is stopped by pid at the end, also on Ctrl-C or failure. Exit 
 
 import argparse
 import os
-import runpy
 import signal
 import sys
 import threading
 import time
 
-from bench.measures import process_cpu_seconds
-from chattle_limits import CLIENT_TIMEOUT_MARGIN, POLL_TIMEOUT_MAX, raise_descriptor_limit
+from chattle_limits import CLIENT_TIMEOUT_MARGIN, POLL_TIMEOUT_MAX, connections_per_worker, raise_descriptor_limit
 from harness.processes import LOOPBACK, ROOT, ChattleServer, Process, RedisServer, free_port, get_json
 from harness.system_packages import missing, missing_line
+from instruments.measures import process_cpu_seconds
+from instruments.page import REPORTS_ROOT, new_report_dir
 from loadtests.scenario import SETTLE_SECONDS, build_stages, build_step_stages, room_name, stage_at
-from reports.page import REPORTS_ROOT, new_report_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCUST_CONF = os.path.join(HERE, "locust.conf")
@@ -163,13 +162,13 @@ def preflight(args):
         if args.workers > 1:
             if missing(["redis-server"]):
                 problems.append(missing_line(["redis-server"]))
-            conf = runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py"))
-            capacity = conf["worker_connections"] * args.workers
+            per_worker = connections_per_worker(soft)  # as gunicorn.conf.py sets it, under the same limit
+            capacity = per_worker * args.workers
             if capacity < users:
                 problems.append("gunicorn admits worker_connections %d x %d workers = %d connections, fewer "
                                 "than the %d users; the rest would wait silently in the listen backlog"
-                                % (conf["worker_connections"], args.workers, capacity, users))
-            notes.append("gunicorn worker_connections %d x %d workers" % (conf["worker_connections"], args.workers))
+                                % (per_worker, args.workers, capacity, users))
+            notes.append("gunicorn worker_connections %d x %d workers" % (per_worker, args.workers))
         else:
             # chattle.py takes the hard limit for itself; one process holds every poll.
             if hard < users + DESCRIPTORS_SPARE:
@@ -312,7 +311,7 @@ class Sampler(threading.Thread):
     def sample(self):
         import psutil
 
-        from bench.measures import summed_rss
+        from instruments.measures import summed_rss
         # Every CPU reading first, at one moment; held polls and remote RSS come from what
         # the prober last saw.
         now = time.time()

@@ -7,7 +7,7 @@ import time
 from locust import LoadTestShape
 from locust.runners import STATE_MISSING
 
-from bench.measures import LatencyHistogram
+from instruments.measures import LatencyHistogram
 from loadtests.scenario import SETTLE_SECONDS, build_stages, build_step_stages, stage_at
 
 

@@ -281,7 +281,7 @@ def test_a_stepped_table_adds_listeners_a_step_at_a_time_with_one_burst_each():
 
 
 def fake_tally(posts, latencies_by_second):
-    from bench.measures import LatencyHistogram
+    from instruments.measures import LatencyHistogram
     from loadtests.tally import RunTally
     tally = RunTally()
     tally.posts = [["load-0", i + 1, ts] for i, ts in enumerate(posts)]
