@@ -11,7 +11,8 @@ polls with p99 wake-up at or under the objective:
 - a probe: up to 3 runs at one N; it passes when 2 pass (it stops as soon as that is decided);
 - the search: N grows x1.5 from --start until a probe fails, then bisects between the last
   pass and the first fail until the bracket is within 5 %; at most --max-probes probes per
-  server and --time-limit seconds for the whole run.
+  server and --time-limit seconds for the whole run. The servers' searches take turns, a
+  probe each, so on a shared machine all of them meet the same spells of other work.
 
 Past the shell's 20 000 descriptors: the open-file limit is raised as far as allowed (root
 may go to fs.nr_open) before any server or client process starts, so all inherit it; the rig
@@ -93,34 +94,66 @@ def next_count(passed, failed, current, growth=GROWTH, precision=PRECISION, ceil
     return (passed + failed) // 2, None
 
 
+class Search:
+    """One server's search, a probe at a time: `count` is the N to probe next (None once it
+    has stopped), `record` takes that probe's outcome (a dict with "passed")."""
+
+    def __init__(self, start, growth=GROWTH, precision=PRECISION, max_probes=20, ceiling=None, smallest=SMALLEST):
+        self.growth, self.precision, self.max_probes = growth, precision, max_probes
+        self.ceiling, self.smallest = ceiling, smallest
+        self.passed = self.failed = self.stopped = None
+        self.trail = []
+        self.count = start if ceiling is None else min(start, ceiling)
+
+    def record(self, outcome):
+        count = self.count
+        self.trail.append(dict(outcome, count=count))
+        if outcome["passed"]:
+            self.passed = count if self.passed is None else max(self.passed, count)
+        else:
+            self.failed = count if self.failed is None else min(self.failed, count)
+        self.count, self.stopped = next_count(self.passed, self.failed, count, self.growth, self.precision,
+                                              self.ceiling, self.smallest)
+        if self.stopped is None and len(self.trail) >= self.max_probes:
+            self.stop("probe limit")
+
+    def stop(self, why):
+        if self.stopped is None:
+            self.count, self.stopped = None, why
+
+    def result(self):
+        passed, failed = self.passed, self.failed
+        converged = passed is not None and failed is not None and failed - passed <= max(1, self.precision * passed)
+        return {"capacity": passed, "bracket": [passed, failed], "converged": converged, "stopped": self.stopped,
+                "bracket_share": (failed - passed) / passed if passed and failed else None, "probes": self.trail}
+
+
 def search(probe, start, growth=GROWTH, precision=PRECISION, max_probes=20, time_limit=None, ceiling=None,
            clock=time.monotonic, smallest=SMALLEST):
     """Search the largest N for which probe(N) passes; probe returns a dict with "passed".
 
     Returns capacity (the largest N that passed, None if none), the bracket [last pass,
     first fail], whether it is within `precision`, why the search stopped, and every probe."""
+    return search_together({None: probe}, start, growth, precision, max_probes, time_limit, ceiling, clock,
+                           smallest)[None]
+
+
+def search_together(probes, start, growth=GROWTH, precision=PRECISION, max_probes=20, time_limit=None,
+                    ceiling=None, clock=time.monotonic, smallest=SMALLEST):
+    """Several servers' searches, {key: probe}, a probe of each in turn: on a shared machine
+    whose other work comes and goes, every server then meets the same spells of it, and two
+    capacities compare. Returns {key: the result `search` gives}."""
     started = clock()
-    passed = failed = None
-    trail = []
-    count = start if ceiling is None else min(start, ceiling)
-    stopped = None
-    while stopped is None:
-        if len(trail) >= max_probes:
-            stopped = "probe limit"
-            break
-        if time_limit is not None and clock() - started >= time_limit:
-            stopped = "time limit"
-            break
-        outcome = probe(count)
-        trail.append(dict(outcome, count=count))
-        if outcome["passed"]:
-            passed = count if passed is None else max(passed, count)
-        else:
-            failed = count if failed is None else min(failed, count)
-        count, stopped = next_count(passed, failed, count, growth, precision, ceiling, smallest)
-    converged = passed is not None and failed is not None and failed - passed <= max(1, precision * passed)
-    return {"capacity": passed, "bracket": [passed, failed], "converged": converged, "stopped": stopped,
-            "bracket_share": (failed - passed) / passed if passed and failed else None, "probes": trail}
+    searches = {key: Search(start, growth, precision, max_probes, ceiling, smallest) for key in probes}
+    while any(s.count is not None for s in searches.values()):
+        for key, one in searches.items():
+            if one.count is None:
+                continue
+            if time_limit is not None and clock() - started >= time_limit:
+                one.stop("time limit")
+                continue
+            one.record(probes[key](one.count))
+    return {key: one.result() for key, one in searches.items()}
 
 
 # -- judging one run -------------------------------------------------------------------------------
@@ -517,7 +550,8 @@ def main(argv=None):
                         help="largest N probed, lowered to what the limits allow (default %(default)s)")
     parser.add_argument("--max-probes", type=int, default=14, help="probes per server at most (default %(default)s)")
     parser.add_argument("--time-limit", type=float, default=3600,
-                        help="seconds for the whole search, shared out among the servers (default %(default)s)")
+                        help="seconds for the whole search; the servers' searches take turns, a probe each "
+                             "(default %(default)s)")
     parser.add_argument("--hold-check", action=argparse.BooleanOptionalAction, default=True,
                         help="after each search, hold as many polls as the limits allow and 5 %% more, without "
                              "a post, to verify where the hold runs out (default on)")
@@ -544,29 +578,35 @@ def main(argv=None):
     try:
         if any(isinstance(s["workers"], int) and s["workers"] > 1 for s in servers):
             redis = RedisServer(appendonly=False)
+        redis_url = redis.url if redis else None
+        probes, log_dirs = {}, {}
         for index, server in enumerate(servers):
-            remaining = args.time_limit - (time.monotonic() - started)
-            share = remaining / (len(servers) - index)
-            processes = server["workers"] if isinstance(server["workers"], int) else 1
-            # No ceiling below --max-polls: past a server's descriptors its hold fails, fast, and
-            # the search brackets that as it brackets the objective.
-            print("== %s: from %d polls, %.0f s of the time limit" % (server["label"], args.start, share), flush=True)
-            log_dir = os.path.join(report_dir, "logs", "".join(c if c.isalnum() else "-" for c in server["label"]))
-            os.makedirs(log_dir)
-            probe = make_probe(server, slo, redis.url if redis else None, log_dir, args.repeats, args.needed,
-                               per_process=per_server_process)
-            result = search(probe, args.start, max_probes=args.max_probes, time_limit=share, ceiling=args.max_polls)
+            log_dirs[index] = os.path.join(report_dir, "logs", "".join(c if c.isalnum() else "-"
+                                                                       for c in server["label"]))
+            os.makedirs(log_dirs[index])
+            probes[index] = make_probe(server, slo, redis_url, log_dirs[index], args.repeats, args.needed,
+                                       per_process=per_server_process)
+        # No ceiling below --max-polls: past a server's descriptors its hold fails, fast, and
+        # the search brackets that as it brackets the objective.
+        print("== %s, a probe of each in turn, from %d polls, %.0f s at most"
+              % (", ".join(s["label"] for s in servers), args.start, args.time_limit), flush=True)
+        found = search_together(probes, args.start, max_probes=args.max_probes, time_limit=args.time_limit,
+                                ceiling=args.max_polls)
+        for index, server in enumerate(servers):
+            result = found[index]
             result["limited_by"] = limited_by(result)
+            processes = server["workers"] if isinstance(server["workers"], int) else 1
             figures = at_capacity(result)
             hold = hold_ceilings(processes, figures and figures.get("machine_bytes_per_poll_median"))
             checks = []
             if args.hold_check and hold["polls"] and hold["polls"] <= args.max_polls:
-                checks = check_hold(server, hold["polls"], redis.url if redis else None, log_dir, per_server_process)
+                checks = check_hold(server, hold["polls"], redis_url, log_dirs[index], per_server_process)
             results.append({"label": server["label"], "workers": server["workers"], "env": server["env"],
                             "search": result, "at_capacity": figures, "hold_ceiling": hold, "hold_checks": checks,
                             "hold_observed": observed_hold_limit(result)})
-            print("== %s: capacity %s, bracket %s (%s)" % (server["label"], result["capacity"], result["bracket"],
-                                                          result["stopped"]), flush=True)
+            print("== %s: capacity %s, bracket %s (%s; %s)" % (server["label"], result["capacity"],
+                                                              result["bracket"], result["stopped"],
+                                                              result["limited_by"]), flush=True)
     finally:
         if redis is not None:
             redis.stop()

@@ -114,6 +114,32 @@ def test_the_search_never_probes_past_its_ceiling():
     assert result["capacity"] == 19800 and result["stopped"] == "ceiling"
 
 
+def test_the_servers_searches_take_turns_a_probe_each_and_find_what_each_finds_alone():
+    asked = []
+
+    def probe_for(name, limit):
+        def probe(count):
+            asked.append((name, count))
+            return {"passed": count <= limit}
+        return probe
+    limits = {"plain": 17000, "slowed": 13000, "peer": 3000}
+    together = capacity.search_together({name: probe_for(name, limit) for name, limit in limits.items()},
+                                        start=5000, max_probes=40)
+    assert [name for name, _count in asked[:6]] == ["plain", "slowed", "peer"] * 2
+    for name, limit in limits.items():
+        alone = capacity.search(probe_for(name, limit), start=5000, max_probes=40)
+        assert together[name]["capacity"] == alone["capacity"] and together[name]["bracket"] == alone["bracket"]
+    assert together["slowed"]["capacity"] < together["plain"]["capacity"]
+
+
+def test_the_time_limit_stops_every_search_taking_turns():
+    clock = FakeClock()
+    probes = {name: threshold_probe(10 ** 9, clock=clock, seconds_per_probe=30) for name in ("a", "b")}
+    found = capacity.search_together(probes, start=1000, max_probes=40, time_limit=100, clock=clock)
+    assert [len(found[name]["probes"]) for name in ("a", "b")] == [2, 2]  # a, b, a, b at 0, 30, 60, 90 s
+    assert {found[name]["stopped"] for name in found} == {"time limit"}
+
+
 def test_a_slower_server_gets_a_lower_capacity_in_the_same_search():
     """A fan-out whose time grows with the waiters woken: 30 % more work per answer wakes the
     p99 waiter 30 % later, so the objective is met at fewer polls."""
