@@ -423,15 +423,17 @@ def limited_by(result):
     return "objective: " + ", ".join(ranked) if ranked else "objective"
 
 
-HOLD_OVER = 1.05  # the hold check's second count: this much past where the limits say the hold runs out
+HOLD_OVER = 1.05  # the hold check: this much short of where the limits say the hold runs out, and past it
 
 
 def check_hold(server, ceiling, redis_url, log_dir, per_process, say=print):
-    """Hold `ceiling` polls, then HOLD_OVER times as many, on fresh servers, without a post: the
-    hold the limits predict, verified on both sides (one run each: a hold is not noisy)."""
+    """Hold `ceiling` / HOLD_OVER polls, then HOLD_OVER times `ceiling`, on fresh servers, without
+    a post: the hold the limits predict, verified on both sides (one run each: a hold is not
+    noisy). Not at `ceiling` itself: a gunicorn worker filled to its limit answers no /stats,
+    and its polls would go uncounted."""
     processes = server["workers"] if isinstance(server["workers"], int) else 1
     checks = []
-    for count in (ceiling, int(ceiling * HOLD_OVER) + 1):
+    for count in (int(ceiling / HOLD_OVER), int(ceiling * HOLD_OVER) + 1):
         try:
             instance = start_server(server["workers"], count, redis_url, log_dir, server["env"])
         except RuntimeError as error:
@@ -553,8 +555,8 @@ def main(argv=None):
                         help="seconds for the whole search; the servers' searches take turns, a probe each "
                              "(default %(default)s)")
     parser.add_argument("--hold-check", action=argparse.BooleanOptionalAction, default=True,
-                        help="after each search, hold as many polls as the limits allow and 5 %% more, without "
-                             "a post, to verify where the hold runs out (default on)")
+                        help="after each search, hold 5 %% fewer polls than the limits allow and 5 %% more, "
+                             "without a post, to verify where the hold runs out (default on)")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="runs per probe (default %(default)s)")
     parser.add_argument("--needed", type=int, default=NEEDED, help="passing runs a probe needs (default %(default)s)")
     args = parser.parse_args(argv)
