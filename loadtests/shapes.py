@@ -109,7 +109,8 @@ class SteppedShape(StagedShape):
 def judge_step(tally, number, listeners, rooms, burst_start, burst_end, settled_at, slo):
     """One step's verdict from the run's tally: its burst's posts, and the wake-ups that
     arrived from the burst's start to the end of its settling wait."""
-    posts = [post for post in tally.posts if burst_start - 1 <= post[2] < burst_end + 1]
+    # A burst starts in its stage but, on a busy server, its last posts are accepted seconds later
+    posts = [post for post in tally.posts if burst_start - 1 <= post[2] < settled_at]
     latency = LatencyHistogram()
     for second in range(int(burst_start), int(settled_at) + 1):
         pair = tally.seconds.get(second)

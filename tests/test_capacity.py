@@ -326,6 +326,13 @@ def test_a_step_holds_when_every_listener_got_its_burst_within_the_objective():
     assert verdict["held"] and verdict["expected"] == verdict["delivered"] == 200
 
 
+def test_a_burst_post_accepted_late_in_the_settling_wait_counts_with_its_step():
+    from loadtests.shapes import judge_step
+    tally = fake_tally([1000.2, 1004.5, 1011.0], {1000: [0.1] * 100, 1004: [0.2] * 100})
+    verdict = judge_step(tally, 1, 100, 1, 1000.0, 1002.0, 1010.0, slo=0.5)
+    assert verdict["posts"] == 2 and verdict["expected"] == verdict["delivered"] == 200 and verdict["held"]
+
+
 @pytest.mark.parametrize("latencies, reason", [
     ({1000: [0.1] * 150}, "incomplete"),            # 50 of 200 deliveries missing
     ({1000: [0.1] * 100, 1001: [0.9] * 100}, "slow"),  # p99 900 ms
