@@ -21,7 +21,7 @@ address. Preflight names any limit that stays below what the search may try, and
 that raises it. Where the hold itself runs out (memory, descriptors, ports: whichever comes
 first) is reported apart from where the fan-out misses the objective.
 
-    python -m bench.capacity                               # the full search (about an hour)
+    python -m bench.capacity                               # every server (13 minutes here, contended)
     python -m bench.capacity --workers 1 --peers uvloop    # one worker beside the uvloop peer
     python -m bench.capacity --slo-ms 200 --start 2000
 """
