@@ -533,6 +533,7 @@ return {id, ts}
             socket_connect_timeout=self.SOCKET_TIMEOUT, retry=no_retry, single_connection_client=True)
         self.publish_script = self.client.register_script(self.PUBLISH_SCRIPT)
         self.loaded = {}            # room name -> True, or the Event a load in progress sets
+        self.held_back = {}         # room name -> reader entries a load or catch-up applies after it
         self.reader_ok = False
         self.seen = None            # the last global stream entry the reader has applied
         self.closing = False
@@ -597,9 +598,12 @@ return {id, ts}
             self.loaded[room_name] = True
         except self.redis.RedisError as exc:
             del self.loaded[room_name]
+            self.held_back.pop(room_name, None)  # its next load reads them from its stream
             raise BusUnavailable(type(exc).__name__)
         finally:
             loading.set()
+        if room_name in self.held_back:
+            gevent.spawn(self._settle, room_name)
 
     def _catch_up(self, room_name, room):
         try:
@@ -658,26 +662,64 @@ return {id, ts}
             newest = self.reader_client.xrevrange(self.POSTS, "+", "-", count=1)
             self.seen = newest[0][0] if newest else "0-0"
         for room_name, state in list(self.loaded.items()):
-            if state is True:
-                self._sync(room_name, self.rooms.get(room_name))
+            if state is True and room_name not in self.held_back:
+                self.held_back[room_name] = []
+                gevent.spawn(self._settle, room_name, True)
 
     def _apply(self, fields):
+        """Add one entry of the global stream to this worker's copy of its room, without
+        ever waiting: the reader serves every room, so a room that is loading, or must be
+        fetched again, has its entries held back for the greenlet doing that (_settle)."""
         room_name = fields["r"]
         state = self.loaded.get(room_name)
         if state is None:
             return  # no poll has named it here; its first poll loads it from its stream
-        if state is not True:
-            state.wait()
-            if self.loaded.get(room_name) is not True:
-                return
-        room = self.rooms.get(room_name)
+        held = self.held_back.get(room_name)
+        if held is not None:
+            held.append(fields)
+        elif state is not True:
+            self.held_back[room_name] = [fields]  # the load in progress applies them after it
+        elif not self._add(self.rooms.get(room_name), fields):
+            self.held_back[room_name] = [fields]
+            gevent.spawn(self._settle, room_name)
+
+    def _add(self, room, fields):
+        """Add a reader's entry to the local copy; False when the copy must be fetched from
+        Redis first: entries trimmed from the global stream left a hole, or the room expired
+        in Redis and its ids started again (_sync finds Redis behind and resets it)."""
         message_id = int(fields["i"])
-        if message_id > room.last_id + 1 or message_id < room.last_id:
-            # entries trimmed from the global stream (fetch them), or the room expired in
-            # Redis and its ids started again (_sync finds Redis behind and resets it)
-            self._sync(room_name, room)
-        else:
-            room.add(message_id, self.fragment(message_id, fields["f"], fields["c"], fields["t"]))
+        fragment = self.fragment(message_id, fields["f"], fields["c"], fields["t"])
+        if message_id == room.last_id + 1:
+            room.add(message_id, fragment)
+            return True
+        # An id the copy has already: this worker's own post, added when it was accepted.
+        messages = room.messages
+        index = message_id - messages[0][0] if messages else -1
+        return 0 <= index < len(messages) and messages[index] == (message_id, fragment)
+
+    def _settle(self, room_name, sync_first=False):
+        """Apply the entries the reader held back for a room, fetching the room from Redis
+        again where they do not follow its copy; in a greenlet of its own, never the reader's."""
+        held = self.held_back.get(room_name)
+        try:
+            for attempt in range(self.LOAD_ATTEMPTS + 1):
+                if self.loaded.get(room_name) is not True:
+                    return  # forgotten meanwhile: its next poll loads it afresh
+                room = self.rooms.get(room_name)
+                if not sync_first or attempt:
+                    while held and self._add(room, held[0]):
+                        del held[0]
+                    if not held:
+                        return
+                    if attempt == self.LOAD_ATTEMPTS:
+                        break
+                del held[:]  # read before the sync started: what it fetches holds them
+                self._sync(room_name, room)
+            self.forget(room_name)  # still behind after so many fetches: load it afresh
+        except self.redis.RedisError:
+            self.forget(room_name)
+        finally:
+            self.held_back.pop(room_name, None)
 
     def forget(self, room_name):
         """The worker dropped an unused room: its next poll loads it from Redis again."""
