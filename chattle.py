@@ -68,6 +68,12 @@ SETTINGS = [
     ("redis", "CHATTLE_REDIS_URL", str, "",
      "share one history between workers and hosts through Redis, e.g. redis://127.0.0.1:6379/0; "
      "empty keeps the in-memory bus"),
+    ("redis_cluster", "CHATTLE_REDIS_CLUSTER", str, "",
+     "share one history through a Redis Cluster instead, given by one or more of its nodes, "
+     "host:port[,host:port]; each room lives on one master (docs/cluster.md)"),
+    ("redis_wait", "CHATTLE_REDIS_WAIT", int, 0,
+     "with --redis-cluster: milliseconds a post waits for a replica to have it (WAIT 1 <ms>) before "
+     "its 201, so that it survives a failover; not confirmed in time: 503; 0 answers at once"),
     ("access_log", "CHATTLE_ACCESS_LOG", int, 0,
      "1 logs every request (costly with thousands of held polls)"),
     ("max_retained_bytes", "CHATTLE_MAX_RETAINED_BYTES", int, 256 * 1024 * 1024,
@@ -93,6 +99,8 @@ class Settings:
         for name in ("max_retained_bytes", "room_cache_bytes", "answer_cache_bytes", "room_ttl"):
             if getattr(self, name) < 1:
                 raise SystemExit("chattle: --%s must be at least 1" % name.replace("_", "-"))
+        if self.redis_wait < 0:
+            raise SystemExit("chattle: --redis-wait must be 0 (answer at once) or more milliseconds")
         self.http_limits()  # checks them
 
     def http_limits(self):
@@ -436,7 +444,12 @@ class Rooms:
 ###############################################################################
 
 class BusUnavailable(Exception):
-    """The shared bus cannot be reached; nothing was written."""
+    """The shared bus cannot be reached; nothing was written (unless `maybe_written`: the
+    post was written but not confirmed as asked, so it may yet be delivered)."""
+
+    def __init__(self, reason, maybe_written=False):
+        super().__init__(reason)
+        self.maybe_written = maybe_written
 
 
 class MemoryBus:
@@ -613,13 +626,9 @@ return {id, ts}
 
     def _sync(self, room_name, room):
         """Bring the local copy up to Redis: the newest `history` messages, contiguous."""
-        last_key, stream_key = self.room_keys(room_name)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.get(last_key)
-        pipe.xrevrange(stream_key, "+", "-", count=self.history)
-        last, newest_first = pipe.execute()
+        last, newest_first = self._fetch(room_name)
         last = int(last or 0)
-        if last < room.last_id:
+        if last < room.last_id or self._diverged(room, newest_first):
             # Redis lost what this worker holds (a wipe, or a crash inside the fsync
             # window): forget it, so clients holding those ids are told "reset".
             room.forget()
@@ -629,6 +638,27 @@ return {id, ts}
             room.drop_messages()  # the copy would have a hole: start it afresh from Redis
         for message_id, fields in entries:
             room.add(message_id, self.fragment(message_id, fields["f"], fields["c"], fields["t"]))
+
+    def _fetch(self, room_name):
+        """(the room's last id, its newest `history` stream entries, newest first), at once."""
+        last_key, stream_key = self.room_keys(room_name)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(last_key)
+        pipe.xrevrange(stream_key, "+", "-", count=self.history)
+        return pipe.execute()
+
+    def _diverged(self, room, newest_first):
+        """Redis holds another message under the newest id of the copy: it lost that one and
+        gave its id again (a replica promoted before it had it). Clients that saw the copy's
+        message are told "reset" rather than silently skipping its replacement."""
+        if not room.messages or not newest_first:
+            return False
+        newest = int(newest_first[0][0].split("-")[0])
+        offset = newest - room.last_id
+        if not 0 <= offset < len(newest_first):
+            return False
+        _entry_id, fields = newest_first[offset]
+        return self.fragment(room.last_id, fields["f"], fields["c"], fields["t"]) != room.messages[-1][1]
 
     # -- the reader ----------------------------------------------------------------
     def _follow(self):
@@ -753,7 +783,294 @@ return {id, ts}
                 pass
 
 
+class RedisClusterBus(RedisBus):
+    """The shared bus on a Redis Cluster: the rooms spread over its masters, each room on one.
+
+    Each room's keys share the hash tag of its name, so a room lives in one slot of one
+    master, where the post script runs. A command may not read keys of several slots,
+    even on one node, so each master also keeps a feed: a stream, in a slot of that node,
+    to which the post script appends every post of that node's rooms. Each worker follows
+    every master's feed with a reader of its own (a blocking XREAD on that node), applied
+    as the single-Redis reader applies the global stream. A watcher follows the topology:
+    when a master fails over or a slot moves, the reader of that node starts again on the
+    node now serving it, after fetching the rooms this worker holds there again, so nothing
+    written meanwhile is skipped. With `wait_ms`, a post is answered 201 only once a
+    replica has it (WAIT 1 <ms>), so that it survives the failover of its master.
+    """
+
+    name = "redis-cluster"
+    FEED = "chattle:feed:{%d}"  # the feed of the master serving the slot of {n}
+    REDIRECTS = 5               # MOVED, ASK or a stale feed: a post looks again this often at most
+    POOL_SIZE = 256             # connections per node: a full pool answers 503
+
+    # KEYS: the room's last id, its stream. ARGV: room, from, content, room stream length,
+    # feed length, the room's TTL, the feed of the room's node. The feed is touched first: a
+    # feed another node serves (the caller's slot table is behind) fails the post before
+    # anything is written, and the caller looks again.
+    PUBLISH_SCRIPT = """
+local probe = redis.pcall('TYPE', ARGV[7])
+if type(probe) == 'table' and probe.err then
+  return redis.error_reply('CHATTLEFEED ' .. probe.err)
+end
+local id = redis.call('INCR', KEYS[1])
+local now = redis.call('TIME')
+local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id .. '-0', 'f', ARGV[2], 'c', ARGV[3], 't', ts)
+redis.call('XADD', ARGV[7], 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[1], 'i', id,
+           'f', ARGV[2], 'c', ARGV[3], 't', ts)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+return {id, ts}
+"""
+    FETCH_SCRIPT = """
+return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
+"""
+
+    def __init__(self, rooms, addresses, history, room_ttl=7 * 24 * 3600, wait_ms=0):
+        import hashlib
+
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.cluster import ClusterNode, RedisCluster
+        from redis.retry import Retry
+
+        self.redis = redis
+        self.rooms = rooms
+        self.history = history
+        self.room_ttl = room_ttl
+        self.wait_ms = wait_ms
+        rooms.on_forget = self.forget
+        # No retries: a post whose reply was lost must not be written twice (MOVED and ASK
+        # are still followed: a redirected command was not run).
+        self.no_retry = Retry(NoBackoff(), 0)
+        startup = []
+        for address in addresses.split(","):
+            host, _colon, port = address.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise SystemExit("chattle: --redis-cluster takes host:port[,host:port...], not %r" % addresses)
+            startup.append(ClusterNode(host, int(port)))
+        try:
+            self.cluster = RedisCluster(
+                startup_nodes=startup, decode_responses=True, retry=self.no_retry, require_full_coverage=False,
+                socket_timeout=self.SOCKET_TIMEOUT, socket_connect_timeout=self.SOCKET_TIMEOUT,
+                max_connections=self.POOL_SIZE)
+            for node in self.cluster.get_primaries():
+                state = self.cluster.cluster_info(target_nodes=node).get("cluster_state")
+                if state != "ok":
+                    raise SystemExit(
+                        "chattle: the Redis Cluster at %s is not ok (cluster_state:%s on %s); wait until "
+                        "`redis-cli -h %s -p %d cluster info` says cluster_state:ok, or fix it with "
+                        "`redis-cli --cluster fix %s`" % (addresses, state, node.name, node.host, node.port, node.name))
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise SystemExit("chattle: the Redis Cluster at %s cannot be reached (%s: %s); start it "
+                             "(`make redis-cluster`), or check --redis-cluster"
+                             % (addresses, type(exc).__name__, exc))
+        self.publish_sha = hashlib.sha1(self.PUBLISH_SCRIPT.encode()).hexdigest()
+        self.fetch_script = self.cluster.register_script(self.FETCH_SCRIPT)
+        self.loaded = {}
+        self.held_back = {}
+        self.closing = False
+        self.feeds = {}             # master's name -> (node, its feed key)
+        self.readers = {}           # master's name -> (reader greenlet, the feed it follows)
+        self.topology_changed = Event()
+        self.reader = gevent.spawn(self._watch)
+
+    @staticmethod
+    def room_keys(room_name):
+        return "chattle:{%s}:last" % room_name, "chattle:{%s}:stream" % room_name
+
+    # -- the topology ----------------------------------------------------------------------
+    def _masters(self):
+        """{master's name: (node, its feed)} as the client's slot table has it now."""
+        owners = {}
+        for slot, nodes in list(self.cluster.nodes_manager.slots_cache.items()):
+            if nodes:
+                owners[slot] = nodes[0]
+        wanted = {node.name for node in owners.values()}
+        masters = {}
+        number = 0
+        while wanted and number < 1000000:
+            node = owners.get(self.cluster.keyslot(self.FEED % number))
+            if node is not None and node.name in wanted:
+                masters[node.name] = (node, self.FEED % number)
+                wanted.discard(node.name)
+            number += 1
+        return masters
+
+    def _master_of(self, key):
+        """(node, its feed) serving `key` now."""
+        nodes = self.cluster.nodes_manager.slots_cache.get(self.cluster.keyslot(key))
+        if not nodes:
+            raise BusUnavailable("no master serves the room's slot")
+        entry = self.feeds.get(nodes[0].name)
+        if entry is None or entry[0] is not nodes[0]:
+            self.feeds = self._masters()
+            entry = self.feeds.get(nodes[0].name)
+        return entry
+
+    def _look_again(self):
+        """The slot table is behind: read it again now, and let the watcher move readers."""
+        try:
+            self.cluster.nodes_manager.initialize()
+        except Exception:
+            pass  # no node answered: the next attempt, or the watcher, looks again
+        self.feeds = self._masters()
+        self.topology_changed.set()
+
+    def _watch(self):
+        self.topology_changed.set()
+        while not self.closing:
+            self.topology_changed.wait()
+            self.topology_changed.clear()
+            try:
+                self.cluster.nodes_manager.initialize()
+                masters = self._masters()
+            except Exception:
+                gevent.sleep(self.BACKOFF_MAX)
+                self.topology_changed.set()
+                continue
+            self.feeds = masters
+            for name, (node, feed) in masters.items():
+                current = self.readers.get(name)
+                if current is None or current[1] != feed or current[0].dead:
+                    if current is not None:
+                        current[0].kill(block=False)
+                    self.readers[name] = (gevent.spawn(self._follow_node, node, feed), feed)
+            for name in [name for name in self.readers if name not in masters]:
+                self.readers.pop(name)[0].kill(block=False)
+
+    # -- posts ---------------------------------------------------------------------
+    def publish(self, room_name, sender, content):
+        last_key, stream_key = self.room_keys(room_name)
+        args = [room_name, sender, content, self.history, self.POSTS_RETAINED, self.room_ttl]
+        asking = None
+        for _attempt in range(self.REDIRECTS):
+            node, feed = self._master_of(last_key)
+            if asking is not None:
+                node = self.cluster.nodes_manager.get_node(node_name=asking) or node
+            try:
+                pipe = node.redis_connection.pipeline(transaction=False)
+                if asking is not None:
+                    pipe.execute_command("ASKING")
+                pipe.execute_command("EVALSHA", self.publish_sha, 2, last_key, stream_key, *args, feed)
+                if self.wait_ms:
+                    pipe.execute_command("WAIT", 1, self.wait_ms)
+                replies = pipe.execute(raise_on_error=False)
+            except (self.redis.RedisError, OSError) as exc:
+                self.topology_changed.set()
+                raise BusUnavailable(type(exc).__name__)
+            if asking is not None:
+                replies = replies[1:]
+                asking = None
+            posted = replies[0]
+            if isinstance(posted, self.redis.exceptions.AskError):
+                asking = "%s:%s" % (posted.host, posted.port)
+                continue
+            if isinstance(posted, self.redis.exceptions.MovedError) or (
+                    isinstance(posted, self.redis.ResponseError) and str(posted).startswith("CHATTLEFEED")):
+                self._look_again()
+                continue
+            if isinstance(posted, self.redis.exceptions.NoScriptError):
+                node.redis_connection.script_load(self.PUBLISH_SCRIPT)
+                continue
+            if isinstance(posted, Exception):
+                raise BusUnavailable(type(posted).__name__)
+            if self.wait_ms and not (isinstance(replies[1], int) and replies[1] >= 1):
+                raise BusUnavailable("no replica confirmed the post within %d ms" % self.wait_ms, maybe_written=True)
+            break
+        else:
+            raise BusUnavailable("the room's slot kept moving")
+        message_id, ts = posted
+        message = {"id": int(message_id), "from": sender, "content": content, "ts": float(ts)}
+        room = self.rooms.by_name.get(room_name)
+        if room is not None and self.loaded.get(room_name) is True and room.last_id == message["id"] - 1:
+            room.add(message["id"], self.fragment(message["id"], sender, content, ts))
+        return message
+
+    # -- polls -----------------------------------------------------------------------
+    def _fetch(self, room_name):
+        try:
+            last, newest_first = self.fetch_script(keys=list(self.room_keys(room_name)), args=[self.history])
+        except self.redis.exceptions.RedisClusterException as exc:
+            raise self.redis.ConnectionError(str(exc))
+        return last, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
+
+    # -- the readers ---------------------------------------------------------------
+    def _follow_node(self, node, feed):
+        """Follow one master's feed; after a start or an error, fetch the rooms held on
+        that master again first, so nothing written meanwhile is missed."""
+        client = self.redis.Redis(
+            host=node.host, port=node.port, decode_responses=True, retry=self.no_retry,
+            socket_timeout=self.READ_BLOCK_MS / 1000.0 + 5, socket_connect_timeout=self.SOCKET_TIMEOUT,
+            single_connection_client=True)
+        seen = None
+        backoff = self.BACKOFF_FIRST
+        try:
+            while not self.closing:
+                try:
+                    if seen is None:
+                        newest = client.xrevrange(feed, "+", "-", count=1)
+                        seen = newest[0][0] if newest else "0-0"
+                        self._fetch_rooms_of(node.name)
+                        backoff = self.BACKOFF_FIRST
+                    reply = client.xread({feed: seen}, count=self.READ_BATCH, block=self.READ_BLOCK_MS)
+                    for _stream, entries in reply or ():
+                        for entry_id, fields in entries:
+                            self._apply(fields)
+                            seen = entry_id
+                except (self.redis.RedisError, OSError, ValueError):
+                    seen = None
+                    try:
+                        client.connection.disconnect()
+                    except Exception:
+                        pass
+                    self.topology_changed.set()
+                    gevent.sleep(backoff)
+                    backoff = min(backoff * 2, self.BACKOFF_MAX)
+        finally:
+            try:
+                client.close()
+            except Exception:
+                pass
+
+    def _fetch_rooms_of(self, node_name):
+        for room_name, state in list(self.loaded.items()):
+            if state is not True or room_name in self.held_back:
+                continue
+            nodes = self.cluster.nodes_manager.slots_cache.get(self.cluster.keyslot(self.room_keys(room_name)[0]))
+            if nodes and nodes[0].name == node_name:
+                self.held_back[room_name] = []
+                gevent.spawn(self._settle, room_name, True)
+
+    # -- state -------------------------------------------------------------------------
+    def healthy(self):
+        try:
+            return bool(self.cluster.ping(target_nodes=self.cluster.PRIMARIES))
+        except (self.redis.RedisError, self.redis.exceptions.RedisClusterException):
+            return False
+
+    def clock(self):
+        try:
+            seconds, microseconds = self.cluster.time(target_nodes=self.cluster.get_random_node())
+        except (self.redis.RedisError, self.redis.exceptions.RedisClusterException):
+            return None
+        return seconds + microseconds / 1e6
+
+    def close(self):
+        self.closing = True
+        self.reader.kill(block=True, timeout=1)
+        for greenlet, _feed in list(self.readers.values()):
+            greenlet.kill(block=True, timeout=1)
+        try:
+            self.cluster.close()
+        except Exception:
+            pass
+
+
 def make_bus(settings, rooms):
+    if settings.redis_cluster:
+        return RedisClusterBus(rooms, settings.redis_cluster, settings.history, settings.room_ttl,
+                               settings.redis_wait)
     if settings.redis:
         return RedisBus(rooms, settings.redis, settings.history, settings.room_ttl)
     return MemoryBus(rooms)
@@ -995,7 +1312,8 @@ def post_message(room="lobby"):
     try:
         message = get_bus().publish(room, sender, content)
     except BusUnavailable as exc:
-        raise json_error(503, "the shared bus is unreachable (%s); nothing was written, retry later" % exc,
+        raise json_error(503, "the shared bus is unreachable (%s); %s, retry later"
+                         % (exc, "it may yet be delivered" if exc.maybe_written else "nothing was written"),
                          **{"Retry-After": "1"})
     return json_answer(encode({"room": room, "id": message["id"], "ts": message["ts"]}), 201)
 

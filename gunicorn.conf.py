@@ -89,7 +89,13 @@ def post_worker_init(worker):
         gevent.spawn(chattle.rooms.close)
 
     signal.signal(signal.SIGTERM, handle_exit)
-    chattle.get_bus()  # the shared bus's reader follows Redis before the first request arrives
+    try:
+        chattle.get_bus()  # the shared bus's reader follows Redis before the first request arrives
+    except SystemExit as refused:
+        # a bus that cannot start (a Redis Cluster not ok): say why once, and stop gunicorn
+        # ("worker failed to boot") rather than have it start workers again and again
+        sys.stderr.write("%s\n" % refused)
+        sys.exit(3)
     chattle.tune_garbage_collector()
 
 
