@@ -849,24 +849,19 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             if not host or not port.isdigit():
                 raise SystemExit("chattle: --redis-cluster takes host:port[,host:port...], not %r" % addresses)
             startup.append(ClusterNode(host, int(port)))
+        self._check_ok(addresses, startup)
         try:
             self.cluster = RedisCluster(
                 startup_nodes=startup, decode_responses=True, retry=self.no_retry, require_full_coverage=False,
                 socket_timeout=self.SOCKET_TIMEOUT, socket_connect_timeout=self.SOCKET_TIMEOUT,
                 max_connections=self.POOL_SIZE)
             for node in self.cluster.get_primaries():
-                state = self.cluster.cluster_info(target_nodes=node).get("cluster_state")
-                if state != "ok":
-                    raise SystemExit(
-                        "chattle: the Redis Cluster at %s is not ok (cluster_state:%s on %s); wait until "
-                        "`redis-cli -h %s -p %d cluster info` says cluster_state:ok, or fix it with "
-                        "`redis-cli --cluster fix %s`" % (addresses, state, node.name, node.host, node.port, node.name))
-        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-            raise SystemExit("chattle: the Redis Cluster at %s cannot be reached (%s: %s); start it "
+                self._check_ok(addresses, [node])
+        except Exception as exc:  # redis-py also fails with IndexError on a cluster with no master
+            raise SystemExit("chattle: the Redis Cluster at %s cannot be used (%s: %s); start it "
                              "(`make redis-cluster`), or check --redis-cluster"
                              % (addresses, type(exc).__name__, exc))
         self.publish_sha = hashlib.sha1(self.PUBLISH_SCRIPT.encode()).hexdigest()
-        self.fetch_script = self.cluster.register_script(self.FETCH_SCRIPT)
         self.loaded = {}
         self.held_back = {}
         self.closing = False
@@ -874,6 +869,32 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         self.readers = {}           # master's name -> (reader greenlet, the feed it follows)
         self.topology_changed = Event()
         self.reader = gevent.spawn(self._watch)
+
+    def _check_ok(self, addresses, nodes):
+        """Stop with a clear error unless every node of `nodes` that answers says the cluster
+        is ok, and at least one answers."""
+        answered = 0
+        for node in nodes:
+            try:
+                client = self.redis.Redis(host=node.host, port=node.port, decode_responses=True,
+                                          socket_timeout=self.SOCKET_TIMEOUT,
+                                          socket_connect_timeout=self.SOCKET_TIMEOUT)
+                try:
+                    state = client.execute_command("CLUSTER INFO").get("cluster_state")
+                finally:
+                    client.close()
+            except self.redis.RedisError:
+                continue
+            answered += 1
+            if state != "ok":
+                raise SystemExit(
+                    "chattle: the Redis Cluster at %s is not ok (cluster_state:%s on %s:%d); wait until "
+                    "`redis-cli -h %s -p %d cluster info` says cluster_state:ok, or repair it with "
+                    "`redis-cli --cluster fix %s:%d`"
+                    % (addresses, state, node.host, node.port, node.host, node.port, node.host, node.port))
+        if not answered:
+            raise SystemExit("chattle: no node of the Redis Cluster at %s answers; start it "
+                             "(`make redis-cluster`), or check --redis-cluster" % addresses)
 
     @staticmethod
     def room_keys(room_name):
@@ -990,7 +1011,9 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
     # -- polls -----------------------------------------------------------------------
     def _fetch(self, room_name):
         try:
-            last, newest_first = self.fetch_script(keys=list(self.room_keys(room_name)), args=[self.history])
+            # EVAL, not EVALSHA: a script missing on a node would be loaded on every master,
+            # and one master down would then fail the reads of all the others' rooms
+            last, newest_first = self.cluster.eval(self.FETCH_SCRIPT, 2, *self.room_keys(room_name), self.history)
         except self.redis.exceptions.RedisClusterException as exc:
             raise self.redis.ConnectionError(str(exc))
         return last, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]

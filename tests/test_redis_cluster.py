@@ -1,0 +1,186 @@
+"""The shared bus on a real Redis Cluster: 3 masters and 3 replicas on loopback ports
+(harness/redis_cluster.py), buses in the test process and real gunicorn workers on it.
+
+Every wait is on a condition under a deadline; nothing here asserts how fast it went.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import gevent
+import pytest
+
+import chattle
+from bench.measures import delivery_summary
+from clients import Listener, Poster, post_once
+from harness.processes import ROOT, get_json, wait_until
+from harness.redis_cluster import ClusterNode, RedisCluster
+
+ROOMS = int(os.environ.get("CHATTLE_TEST_CLUSTER_ROOMS", "10"))
+LISTENERS = int(os.environ.get("CHATTLE_TEST_CLUSTER_LISTENERS", "300"))
+POSTS_PER_ROOM = int(os.environ.get("CHATTLE_TEST_CLUSTER_POSTS", "100"))
+RUN_DEADLINE = 240.0  # a bound on a run, not a speed claim
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, cannot_run):
+    from harness import system_packages
+    if not system_packages.find("redis-server"):
+        cannot_run(system_packages.missing_line(["redis-server"]))
+    started = RedisCluster(workdir=str(tmp_path_factory.mktemp("cluster")))
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def buses(cluster):
+    """Buses on the cluster, each with its own rooms, as workers would have them."""
+    made = []
+
+    def make(history=50, wait_ms=0):
+        bus = chattle.RedisClusterBus(chattle.Rooms(history), cluster.seed, history, wait_ms=wait_ms)
+        made.append(bus)
+        wait_until(lambda: len(bus.readers) == 3, 10.0, "a reader per master")
+        return bus
+
+    yield make
+    for bus in made:
+        bus.close()
+
+
+def rooms_on_each_master(bus, count=1):
+    """{master's name: [room names on it]}: `count` rooms for each master."""
+    found = {}
+    for number in range(10000):
+        name = "r%d" % number
+        node, _feed = bus._master_of(bus.room_keys(name)[0])
+        if len(found.setdefault(node.name, [])) < count:
+            found[node.name].append(name)
+        if len(found) == 3 and all(len(names) == count for names in found.values()):
+            return found
+    raise AssertionError("rooms of every master not found")
+
+
+# -- in process ------------------------------------------------------------------------------
+
+def test_every_master_holds_rooms_and_ids_stay_dense_across_workers(buses):
+    first, second = buses(), buses()
+    names = [name for names in rooms_on_each_master(first, 2).values() for name in names]
+    copies = {name: (first.room(name, 0), second.room(name, 0)) for name in names}
+    for number in range(20):
+        for name in names:
+            assert (first if number % 2 else second).publish(name, "ann", "m%d" % number)["id"] == number + 1
+    for name, (mine, theirs) in copies.items():
+        for room in (mine, theirs):
+            wait_until(lambda room=room: room.last_id == 20, 10.0, "every post of %s delivered" % name)
+        assert mine.answer(0, 100) == theirs.answer(0, 100)  # the same bytes in both workers
+    assert set(first.readers) == set(first.feeds) and len(first.feeds) == 3
+
+
+def test_a_post_confirmed_by_a_replica_is_answered(buses):
+    bus = buses(wait_ms=5000)
+    assert bus.publish("waited", "ann", "on a replica")["id"] == 1
+
+
+def test_a_cluster_that_is_not_ok_is_a_clear_error_at_start(tmp_path):
+    lone = ClusterNode(str(tmp_path))  # cluster-enabled, never joined: no slots, state fail
+    try:
+        address = "127.0.0.1:%d" % lone.port
+        started = subprocess.run([sys.executable, os.path.join(ROOT, "chattle.py"), "--port", "0",
+                                  "--redis-cluster", address], capture_output=True, text=True, timeout=60)
+        assert started.returncode != 0
+        assert "not ok" in started.stderr and "Traceback" not in started.stderr, started.stderr
+        env = dict(os.environ, CHATTLE_REDIS_CLUSTER=address, CHATTLE_BIND="127.0.0.1:0")
+        gunicorn = subprocess.run([sys.executable, "-m", "gunicorn", "--config", os.path.join(ROOT, "gunicorn.conf.py"),
+                                   "chattle"], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+        assert gunicorn.returncode != 0 and "not ok" in gunicorn.stderr, gunicorn.stderr[-2000:]
+    finally:
+        lone.stop()
+
+
+def test_a_master_down_for_good_refuses_its_rooms_only(tmp_path, start_chattle):
+    """No replica to promote: the dead master's rooms answer 503 with Retry-After, the others go on."""
+    bare = RedisCluster(masters=3, replicas=0, workdir=str(tmp_path / "bare"))
+    try:
+        server = start_chattle(env={"CHATTLE_REDIS_CLUSTER": bare.seed})
+        probe = chattle.RedisClusterBus(chattle.Rooms(10), bare.seed, 10)
+        try:
+            by_master = rooms_on_each_master(probe)
+        finally:
+            probe.close()
+        doomed_name, doomed_rooms = sorted(by_master.items())[0]
+        doomed = next(node for node in bare.nodes if "%s:%d" % ("127.0.0.1", node.port) == doomed_name)
+        for names in by_master.values():
+            assert post_once(server.port, names[0], "before")[0] == 201
+        doomed.signal(9)
+        doomed.popen.wait(10)
+
+        def refused():
+            status, body, retry_after = post_once(server.port, doomed_rooms[0], "after")
+            return status == 503 and retry_after and "error" in body
+
+        wait_until(refused, 30.0, "the dead master's room refused")
+        for name, names in by_master.items():
+            if name != doomed_name:
+                status, body, _retry = post_once(server.port, names[0], "after")
+                assert status == 201 and body["id"] == 2
+                status, polled = get_json("%s/rooms/%s/msgs?since=1&timeout=5" % (server.url, names[0]), 10)
+                assert status == 200 and [m["content"] for m in polled["messages"]] == ["after"]
+        status, polled = get_json("%s/rooms/%s/msgs?since=1&timeout=1" % (server.url, doomed_rooms[0]), 10)
+        assert status == 503
+    finally:
+        bare.stop()
+
+
+# -- gunicorn on the cluster: the done-when -------------------------------------------------------
+
+def follow_rooms(server, room_names, listeners, posts_per_room):
+    """`listeners` spread over the rooms follow them while a poster per room bursts
+    `posts_per_room` posts; returns (posters by room, listeners)."""
+    deadline = time.monotonic() + RUN_DEADLINE
+    followers = [Listener(server, room_names[number % len(room_names)]) for number in range(listeners)]
+    gevent.joinall([gevent.spawn(f.identify) for f in followers], timeout=60)
+    posters = {name: Poster(server.port, name) for name in room_names}
+    finish = {}
+
+    def done(listener):
+        last = finish.get(listener.room)
+        return last is not None and listener.cursor >= last
+
+    following = [gevent.spawn(f.follow, done, deadline) for f in followers]
+    wait_until(lambda: sum(get_json(server.url + "/stats")[1]["waiters"] for _ in range(1)) > 0, 30.0,
+               "the first polls held")
+    bursts = [gevent.spawn(poster.burst, posts_per_room, 2, 0.0, RUN_DEADLINE) for poster in posters.values()]
+    gevent.joinall(bursts, timeout=RUN_DEADLINE, raise_error=True)
+    for name, poster in posters.items():
+        finish[name] = max(poster.acknowledged, default=0)
+    gevent.joinall(following, timeout=RUN_DEADLINE)
+    return posters, followers
+
+
+@pytest.mark.slow
+def test_two_gunicorn_workers_on_the_cluster_lose_and_duplicate_nothing(cluster, start_chattle):
+    server = start_chattle(workers=2, env={"CHATTLE_REDIS_CLUSTER": cluster.seed,
+                                           "CHATTLE_HISTORY": str(POSTS_PER_ROOM + 100)})
+    probe = chattle.RedisClusterBus(chattle.Rooms(10), cluster.seed, 10)
+    try:
+        by_master = rooms_on_each_master(probe, (ROOMS + 2) // 3)
+    finally:
+        probe.close()
+    names = sorted(name for names in by_master.values() for name in names)[:ROOMS]
+    started = time.monotonic()
+    posters, followers = follow_rooms(server, names, LISTENERS, POSTS_PER_ROOM)
+    took = time.monotonic() - started
+    summary = delivery_summary([f.ledger for f in followers], lambda ledger: POSTS_PER_ROOM)
+    workers = sorted({f.worker_pid for f in followers})
+    print("\n%d listeners x %d posts over %d rooms on 3 masters, gunicorn x2 (listeners on %d workers): %s; "
+          "%.1f s" % (LISTENERS, POSTS_PER_ROOM * ROOMS, ROOMS, len(workers), summary, took))
+    for poster in posters.values():
+        assert sorted(poster.acknowledged) == list(range(1, POSTS_PER_ROOM + 1))
+        assert poster.duplicate_ids == 0 and poster.refused == 0 and poster.failed == 0
+    assert summary["lost"] == 0 and summary["duplicated"] == 0 and summary["complete"], summary
+    for listener in followers:
+        assert listener.contents == posters[listener.room].acknowledged
+        assert listener.resets == 0
