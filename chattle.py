@@ -794,12 +794,18 @@ class RedisClusterBus(RedisBus):
     as the single-Redis reader applies the global stream. A watcher follows the topology:
     when a master fails over or a slot moves, the reader of that node starts again on the
     node now serving it, after fetching the rooms this worker holds there again, so nothing
-    written meanwhile is skipped. With `wait_ms`, a post is answered 201 only once a
-    replica has it (WAIT 1 <ms>), so that it survives the failover of its master.
+    written meanwhile is skipped.
+
+    With `wait_ms`, a post is answered 201 only once a replica has it (WAIT 1 <ms>), and
+    the readers and loads read the replicas: a worker then serves only what a replica
+    holds, so what any client was given, and every post acknowledged, survives the
+    promotion of that replica. Without it, a post is served as soon as its master has it,
+    and a master that dies before its replica has the newest posts takes them with it.
     """
 
     name = "redis-cluster"
     FEED = "chattle:feed:{%d}"  # the feed of the master serving the slot of {n}
+    TOPOLOGY_EVERY = 5.0        # seconds between looks at the slots besides those an error asks for
     REDIRECTS = 5               # MOVED, ASK or a stale feed: a post looks again this often at most
     POOL_SIZE = 256             # connections per node: a full pool answers 503
 
@@ -839,6 +845,7 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         self.history = history
         self.room_ttl = room_ttl
         self.wait_ms = wait_ms
+        self.read_replicas = wait_ms > 0
         rooms.on_forget = self.forget
         # No retries: a post whose reply was lost must not be written twice (MOVED and ASK
         # are still followed: a redirected command was not run).
@@ -932,7 +939,7 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
     def _look_again(self):
         """The slot table is behind: read it again now, and let the watcher move readers."""
         try:
-            self.cluster.nodes_manager.initialize()
+            self.cluster.nodes_manager.initialize(disconnect_startup_nodes_pools=False)
         except Exception:
             pass  # no node answered: the next attempt, or the watcher, looks again
         self.feeds = self._masters()
@@ -941,10 +948,10 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
     def _watch(self):
         self.topology_changed.set()
         while not self.closing:
-            self.topology_changed.wait()
+            self.topology_changed.wait(self.TOPOLOGY_EVERY)
             self.topology_changed.clear()
             try:
-                self.cluster.nodes_manager.initialize()
+                self.cluster.nodes_manager.initialize(disconnect_startup_nodes_pools=False)
                 masters = self._masters()
             except Exception:
                 gevent.sleep(self.BACKOFF_MAX)
@@ -952,13 +959,20 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
                 continue
             self.feeds = masters
             for name, (node, feed) in masters.items():
+                source = (feed, self._read_node(feed).name)
                 current = self.readers.get(name)
-                if current is None or current[1] != feed or current[0].dead:
+                if current is None or current[1] != source or current[0].dead:
                     if current is not None:
                         current[0].kill(block=False)
-                    self.readers[name] = (gevent.spawn(self._follow_node, node, feed), feed)
+                    self.readers[name] = (gevent.spawn(self._follow_node, node, feed), source)
             for name in [name for name in self.readers if name not in masters]:
                 self.readers.pop(name)[0].kill(block=False)
+
+    def _read_node(self, key):
+        """The node reads of `key` go to: its master, or with `wait_ms` its replica (the one
+        a failover promotes), while it has one."""
+        nodes = self.cluster.nodes_manager.slots_cache.get(self.cluster.keyslot(key)) or [None]
+        return nodes[1] if self.read_replicas and len(nodes) > 1 else nodes[0]
 
     # -- posts ---------------------------------------------------------------------
     def publish(self, room_name, sender, content):
@@ -1010,6 +1024,8 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
 
     # -- polls -----------------------------------------------------------------------
     def _fetch(self, room_name):
+        if self.read_replicas:
+            return self._fetch_from(self._read_node(self.room_keys(room_name)[0]), room_name)
         try:
             # EVAL, not EVALSHA: a script missing on a node would be loaded on every master,
             # and one master down would then fail the reads of all the others' rooms
@@ -1018,12 +1034,27 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             raise self.redis.ConnectionError(str(exc))
         return last, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
 
+    def _fetch_from(self, node, room_name):
+        if node is None:
+            raise self.redis.ConnectionError("no node serves the room's slot")
+        pipe = node.redis_connection.pipeline(transaction=False)
+        pipe.execute_command("READONLY")  # a replica serves its slots' reads only when asked so
+        pipe.execute_command("EVAL_RO", self.FETCH_SCRIPT, 2, *self.room_keys(room_name), self.history)
+        try:
+            _readonly, (last, newest_first) = pipe.execute()
+        except self.redis.RedisError:
+            self.topology_changed.set()
+            raise
+        return last, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
+
     # -- the readers ---------------------------------------------------------------
     def _follow_node(self, node, feed):
-        """Follow one master's feed; after a start or an error, fetch the rooms held on
-        that master again first, so nothing written meanwhile is missed."""
+        """Follow one master's feed (on its replica with `wait_ms`); after a start or an
+        error, fetch the rooms held on that master again first, so nothing written meanwhile
+        is missed."""
+        source = self._read_node(feed)
         client = self.redis.Redis(
-            host=node.host, port=node.port, decode_responses=True, retry=self.no_retry,
+            host=source.host, port=source.port, decode_responses=True, retry=self.no_retry,
             socket_timeout=self.READ_BLOCK_MS / 1000.0 + 5, socket_connect_timeout=self.SOCKET_TIMEOUT,
             single_connection_client=True)
         seen = None
@@ -1032,6 +1063,8 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             while not self.closing:
                 try:
                     if seen is None:
+                        if source is not node:
+                            client.execute_command("READONLY")
                         newest = client.xrevrange(feed, "+", "-", count=1)
                         seen = newest[0][0] if newest else "0-0"
                         self._fetch_rooms_of(node.name)

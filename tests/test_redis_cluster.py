@@ -79,9 +79,14 @@ def test_every_master_holds_rooms_and_ids_stay_dense_across_workers(buses):
     assert set(first.readers) == set(first.feeds) and len(first.feeds) == 3
 
 
-def test_a_post_confirmed_by_a_replica_is_answered(buses):
-    bus = buses(wait_ms=5000)
-    assert bus.publish("waited", "ann", "on a replica")["id"] == 1
+def test_a_post_confirmed_by_a_replica_is_served_from_the_replicas(buses):
+    """With WAIT, a worker reads what a replica holds: the readers follow the replicas."""
+    poster, reader = buses(wait_ms=5000), buses(wait_ms=5000)
+    room = reader.room("waited", 0)
+    assert poster.publish("waited", "ann", "on a replica")["id"] == 1
+    wait_until(lambda: room.last_id == 1, 10.0, "the post, read from a replica")
+    sources = {source for _greenlet, (_feed, source) in reader.readers.values()}
+    assert sources.isdisjoint(reader.feeds) and len(sources) == 3  # no reader on a master
 
 
 def test_a_cluster_that_is_not_ok_is_a_clear_error_at_start(tmp_path):
