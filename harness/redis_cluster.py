@@ -91,6 +91,17 @@ class ClusterNode(Process):
         text = command(self.port, "INFO", "replication")
         return sum(1 for line in text.splitlines() if line.startswith("slave") and "state=online" in line)
 
+    def listed_replicas(self):
+        """The fewest replicas CLUSTER SLOTS lists for a slot range, as this node answers it."""
+        import redis  # the harness's virtualenv has it; only the cluster's own checks use it
+
+        client = redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=2)
+        try:
+            ranges = client.execute_command("CLUSTER SLOTS")
+        finally:
+            client.close()
+        return min((len(entry) - 3 for entry in ranges), default=0)
+
     def role(self):
         """'master' or 'slave', as the node says of itself."""
         reply = command(self.port, "ROLE")
@@ -143,7 +154,11 @@ class RedisCluster:
             info = node.info()
             if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) < len(self.nodes):
                 return False
-        return all(node.replicas_online() >= self.replicas for node in live if node.role() == "master")
+        masters = [node for node in live if node.role() == "master"]
+        # CLUSTER SLOTS (what clients go by) lists a replica only once the cluster has
+        # heard of its replication offset: until then a client would see no replica
+        return all(node.replicas_online() >= self.replicas for node in masters) and all(
+            node.listed_replicas() >= self.replicas for node in masters)
 
     def node_serving(self, port):
         return next(node for node in self.nodes if node.port == port)
