@@ -122,6 +122,7 @@ class RedisCluster:
         self.workdir = workdir or tempfile.mkdtemp(prefix="chattle-redis-cluster-")
         self.nodes = []
         self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
         try:
             for _ in range(masters * (1 + replicas)):
                 self.nodes.append(ClusterNode(self.workdir, node_timeout_ms=node_timeout_ms,
@@ -162,6 +163,24 @@ class RedisCluster:
 
     def node_serving(self, port):
         return next(node for node in self.nodes if node.port == port)
+
+    def replica_of(self, master):
+        """The node replicating `master` (as `master` itself says in CLUSTER NODES)."""
+        master_id = command(master.port, "CLUSTER", "MYID").split("\r\n")[1]
+        for line in command(master.port, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == master_id:
+                port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                return next(node for node in self.nodes if node.port == port)
+        return None
+
+    def restart(self, node):
+        """Start a stopped node again on its port and directory: it rejoins the cluster (as
+        a replica when its master was failed over meanwhile)."""
+        node.stop()
+        again = ClusterNode(os.path.dirname(node.workdir), port=node.port, node_timeout_ms=self.node_timeout_ms)
+        self.nodes[self.nodes.index(node)] = again
+        return again
 
     def masters(self):
         return [node for node in self.nodes if node.alive() and node.role() == "master"]
