@@ -1064,6 +1064,10 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
                 try:
                     if seen is None:
                         if source is not node:
+                            # a replica still loading, or cut off from its master, may serve
+                            # old data (replica-serve-stale-data): wait until it is in sync
+                            if client.info("replication").get("master_link_status") != "up":
+                                raise self.redis.ConnectionError("the replica is not in sync with its master")
                             client.execute_command("READONLY")
                         newest = client.xrevrange(feed, "+", "-", count=1)
                         seen = newest[0][0] if newest else "0-0"

@@ -74,6 +74,8 @@ class ClusterNode(Process):
                 "--cluster-node-timeout", str(node_timeout_ms),
                 # a master down for good stops its own slots only, not the whole cluster
                 "--cluster-require-full-coverage", "no",
+                # a replica that is not in sync answers an error, not old data
+                "--replica-serve-stale-data", "no",
                 "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
                 "--protected-mode", "yes", "--maxclients", "10000"]
         super().__init__(argv, cwd=self.workdir, log_path=os.path.join(self.workdir, "redis.log"))

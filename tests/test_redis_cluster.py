@@ -236,6 +236,7 @@ class RoomLedger:
         self.room = room
         self.cursor = None
         self.received = {}          # content -> id it came under
+        self.view = set()           # contents given since the last reset (the client's view)
         self.duplicated = 0
         self.signals = []           # when it was told
         self.errors = 0
@@ -258,9 +259,12 @@ class RoomLedger:
                 continue
             if body.get("reset") or body.get("missed"):
                 self.signals.append(time.monotonic())
+            if body.get("reset"):
+                self.view = set()  # the client drops its view and starts over
             for message in body["messages"]:
-                if message["content"] in self.received and not body.get("reset"):
+                if message["content"] in self.view:
                     self.duplicated += 1
+                self.view.add(message["content"])
                 self.received[message["content"]] = message["id"]
             self.cursor = body["cursor"]
 
@@ -328,6 +332,7 @@ def failover_during_a_burst(tmp_path, start_chattle, wait_ms, before=150, after=
             totals["duplicated"] += ledger.duplicated
         others = [posters[name] for name in names if posters[name] is not posters[busiest]
                   and name not in by_master[doomed_name]]
+        totals["signals"] = sum(len(ledger.signals) for ledger in ledgers)
         report = dict(totals, acknowledged=sum(len(p.acknowledged) for p in posters.values()),
                       promoted_after_s=round(promoted_at - killed_at, 2),
                       busiest_room_without_service_s=round(posters[busiest].longest_silence(), 2),
