@@ -945,6 +945,16 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         self.feeds = self._masters()
         self.topology_changed.set()
 
+    def _moved(self, redirect):
+        """A MOVED answer: the slot's owner as its old owner says, at once, as redis-py does
+        (reading the whole table again may ask a node that has not heard of the move yet);
+        the watcher then reads the whole table, and moves the readers."""
+        manager = self.cluster.nodes_manager
+        manager.move_slot(redirect)
+        manager.create_redis_connections(manager.slots_cache[redirect.slot_id][:1])
+        self.feeds = self._masters()
+        self.topology_changed.set()
+
     def _watch(self):
         self.topology_changed.set()
         while not self.closing:
@@ -982,7 +992,8 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         for _attempt in range(self.REDIRECTS):
             node, feed = self._master_of(last_key)
             if asking is not None:
-                node = self.cluster.nodes_manager.get_node(node_name=asking) or node
+                # the slot is moving there: post on that node, to that node's feed
+                node, feed = self.feeds.get(asking) or self._masters().get(asking) or (node, feed)
             try:
                 pipe = node.redis_connection.pipeline(transaction=False)
                 if asking is not None:
@@ -1001,8 +1012,10 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             if isinstance(posted, self.redis.exceptions.AskError):
                 asking = "%s:%s" % (posted.host, posted.port)
                 continue
-            if isinstance(posted, self.redis.exceptions.MovedError) or (
-                    isinstance(posted, self.redis.ResponseError) and str(posted).startswith("CHATTLEFEED")):
+            if isinstance(posted, self.redis.exceptions.MovedError):
+                self._moved(posted)
+                continue
+            if isinstance(posted, self.redis.ResponseError) and str(posted).startswith("CHATTLEFEED"):
                 self._look_again()
                 continue
             if isinstance(posted, self.redis.exceptions.NoScriptError):

@@ -362,3 +362,64 @@ def test_a_failover_without_wait_is_counted(tmp_path, start_chattle):
                    if when >= ledger.started)
     assert judged == expected  # every acknowledged post is accounted for, for every listener
     assert report["other_masters_rooms_refused"] == 0, report
+
+
+def move_slot(cluster, slot, source, target):
+    """Move one slot between masters as `redis-cli --cluster reshard` does: mark it
+    importing and migrating, MIGRATE its keys, then give it to the target everywhere."""
+    from harness.redis_cluster import command
+
+    source_id = command(source.port, "CLUSTER", "MYID").split("\r\n")[1]
+    target_id = command(target.port, "CLUSTER", "MYID").split("\r\n")[1]
+    assert command(target.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id).startswith("+OK")
+    assert command(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id).startswith("+OK")
+    yield "migrating"
+    import redis
+    client = redis.Redis(port=source.port, decode_responses=True)
+    try:
+        for key in client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+            client.execute_command("MIGRATE", "127.0.0.1", target.port, key, 0, 5000)
+        yield "asking"
+        for node in [target, source] + [node for node in cluster.masters() if node not in (target, source)]:
+            answer = command(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+            assert answer.startswith("+OK"), answer
+    finally:
+        client.close()
+    yield "moved"
+
+
+def test_a_room_whose_slot_moves_goes_on_with_dense_ids(cluster, buses):
+    """MOVED and ASK are followed: a room's slot moved to another master in the middle of its
+    posts, and every post acknowledged reaches a worker that follows the room, under its id."""
+    poster, follower = buses(history=100), buses(history=100)
+    by_master = rooms_on_each_master(poster)
+    source_name, (room_name,) = sorted(by_master.items())[0]
+    source = next(node for node in cluster.nodes if "127.0.0.1:%d" % node.port == source_name)
+    target = next(node for node in cluster.masters() if node is not source)
+    slot = poster.cluster.keyslot(poster.room_keys(room_name)[0])
+    room = follower.room(room_name, 0)
+    acknowledged, refused = {}, []
+
+    def post(count):
+        for _number in range(count):
+            content = "%s-%d" % (room_name, len(acknowledged) + len(refused))
+            try:
+                acknowledged[poster.publish(room_name, "ann", content)["id"]] = content
+            except chattle.BusUnavailable as exc:
+                refused.append(str(exc))
+
+    post(20)
+    moving = move_slot(cluster, slot, source, target)
+    assert next(moving) == "migrating"
+    post(20)  # its keys are still on the source: answered there
+    assert next(moving) == "asking"
+    post(20)  # its keys are on the target, the slot not yet: ASK, and ASKING there
+    assert next(moving) == "moved"
+    post(20)  # MOVED: the poster's slot table is behind
+    assert len(acknowledged) == 80, refused[:3]
+    wait_until(lambda: poster._master_of(poster.room_keys(room_name)[0])[0].port == target.port, 20.0,
+               "the poster's slot table follows the move")
+    assert sorted(acknowledged) == list(range(1, len(acknowledged) + 1)) and len(acknowledged) >= 40, refused
+    wait_until(lambda: room.last_id == len(acknowledged), 20.0, "every post, on the new master too")
+    got = [(m["id"], m["content"]) for m in chattle.json.loads(room.answer(0, 1000))["messages"]]
+    assert got == sorted(acknowledged.items())
