@@ -51,11 +51,12 @@ def buses(cluster):
         bus.close()
 
 
-def rooms_on_each_master(bus, count=1):
-    """{master's name: [room names on it]}: `count` rooms for each master."""
+def rooms_on_each_master(bus, count=1, prefix="r"):
+    """{master's name: [room names on it]}: `count` rooms for each master, named `prefix`<n>
+    (a prefix of its own per test: the tests of this module share one cluster)."""
     found = {}
     for number in range(10000):
-        name = "r%d" % number
+        name = "%s%d" % (prefix, number)
         node, _feed = bus._master_of(bus.room_keys(name)[0])
         if len(found.setdefault(node.name, [])) < count:
             found[node.name].append(name)
@@ -68,7 +69,7 @@ def rooms_on_each_master(bus, count=1):
 
 def test_every_master_holds_rooms_and_ids_stay_dense_across_workers(buses):
     first, second = buses(), buses()
-    names = [name for names in rooms_on_each_master(first, 2).values() for name in names]
+    names = [name for names in rooms_on_each_master(first, 2, "dense").values() for name in names]
     copies = {name: (first.room(name, 0), second.room(name, 0)) for name in names}
     for number in range(20):
         for name in names:
@@ -172,7 +173,7 @@ def test_two_gunicorn_workers_on_the_cluster_lose_and_duplicate_nothing(cluster,
                                            "CHATTLE_HISTORY": str(POSTS_PER_ROOM + 100)})
     probe = chattle.RedisClusterBus(chattle.Rooms(10), cluster.seed, 10)
     try:
-        by_master = rooms_on_each_master(probe, (ROOMS + 2) // 3)
+        by_master = rooms_on_each_master(probe, (ROOMS + 2) // 3, "done")
     finally:
         probe.close()
     names = sorted(name for names in by_master.values() for name in names)[:ROOMS]
@@ -392,7 +393,7 @@ def test_a_room_whose_slot_moves_goes_on_with_dense_ids(cluster, buses):
     """MOVED and ASK are followed: a room's slot moved to another master in the middle of its
     posts, and every post acknowledged reaches a worker that follows the room, under its id."""
     poster, follower = buses(history=100), buses(history=100)
-    by_master = rooms_on_each_master(poster)
+    by_master = rooms_on_each_master(poster, 1, "moving")
     source_name, (room_name,) = sorted(by_master.items())[0]
     source = next(node for node in cluster.nodes if "127.0.0.1:%d" % node.port == source_name)
     target = next(node for node in cluster.masters() if node is not source)
