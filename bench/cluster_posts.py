@@ -20,9 +20,9 @@ import sys
 import tempfile
 import time
 
-from bench.measures import latency_summary, process_cpu_seconds
 from harness.processes import ChattleServer, RedisServer
 from harness.redis_cluster import RedisCluster
+from instruments.measures import latency_summary, process_cpu_seconds
 
 ROOMS = ["r%d" % number for number in range(12)]  # over 16,384 slots: every master gets some
 

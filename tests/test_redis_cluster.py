@@ -14,10 +14,10 @@ import gevent.event
 import pytest
 
 import chattle
-from bench.measures import delivery_summary
 from clients import Listener, Poster, post_once
 from harness.processes import ROOT, get_json, wait_until
 from harness.redis_cluster import ClusterNode, RedisCluster
+from instruments.measures import delivery_summary
 
 ROOMS = int(os.environ.get("CHATTLE_TEST_CLUSTER_ROOMS", "10"))
 LISTENERS = int(os.environ.get("CHATTLE_TEST_CLUSTER_LISTENERS", "300"))
