@@ -327,11 +327,13 @@ def failover_during_a_burst(tmp_path, start_chattle, wait_ms, before=150, after=
         posting = [gevent.spawn(posters[name].run, stop) for name in names]
         posting += [gevent.spawn(posters[busiest].run, stop) for _ in range(2)]  # the busiest room
         wait_until(lambda: len(posters[busiest].acknowledged) >= before, 60.0, "the burst under way")
+        refused_at_stall = len(posters[busiest].refused)
         if lagging:
             heir.signal(signal.SIGSTOP)
             answered = len(posters[busiest].acknowledged) + len(posters[busiest].refused)
             wait_until(lambda: len(posters[busiest].acknowledged) + len(posters[busiest].refused) >= answered + 30,
                        60.0, "posts answered while the replica lags")
+        refused_while_stalled = len(posters[busiest].refused) - refused_at_stall
         killed_at = time.monotonic()
         doomed.signal(9)
         doomed.popen.wait(10)
@@ -366,6 +368,7 @@ def failover_during_a_burst(tmp_path, start_chattle, wait_ms, before=150, after=
         report = dict(totals, acknowledged=sum(len(p.acknowledged) for p in posters.values()),
                       promoted_after_s=round(promoted_at - killed_at, 2),
                       busiest_room_without_service_s=round(posters[busiest].longest_silence(), 2),
+                      busiest_room_refused_before_the_kill=refused_while_stalled,
                       other_masters_rooms_without_service_s=round(max(p.longest_silence() for p in others), 2),
                       other_masters_rooms_refused=sum(len(p.refused) for p in others))
         print("\nfailover%s, WAIT %d ms: %s" % (" with a lagging replica" if lagging else "", wait_ms, report))
@@ -391,6 +394,7 @@ def test_a_stalled_replica_with_wait_loses_no_acknowledged_post(tmp_path, start_
     (Without --redis-wait the same run loses nothing on loopback: the kernel still takes
     the replication stream into the stopped replica's socket buffer.)"""
     report, _ledgers, _posters = failover_during_a_burst(tmp_path, start_chattle, wait_ms=1000, lagging=True)
+    assert report["busiest_room_refused_before_the_kill"] > 0, report  # what the stalled replica could not confirm
     assert report["acknowledged_missing_from_history"] == 0 and report["lost"] == 0, report
     assert report["duplicated"] == 0, report
 
