@@ -76,6 +76,11 @@ class ClusterNode(Process):
                 "--cluster-require-full-coverage", "no",
                 # a replica that is not in sync answers an error, not old data
                 "--replica-serve-stale-data", "no",
+                # a replica's first sync starts at once, not after the default 5 s wait for
+                # more replicas to share it; and it is listed to clients once its offset
+                # moved: ping it every second (the default is 10 s)
+                "--repl-diskless-sync-delay", "0",
+                "--repl-ping-replica-period", "1",
                 "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
                 "--protected-mode", "yes", "--maxclients", "10000"]
         super().__init__(argv, cwd=self.workdir, log_path=os.path.join(self.workdir, "redis.log"))
