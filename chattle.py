@@ -99,6 +99,8 @@ class Settings:
         for name in ("max_retained_bytes", "room_cache_bytes", "answer_cache_bytes", "room_ttl"):
             if getattr(self, name) < 1:
                 raise SystemExit("chattle: --%s must be at least 1" % name.replace("_", "-"))
+        if self.redis and self.redis_cluster:
+            raise SystemExit("chattle: give either --redis or --redis-cluster, not both")
         if self.redis_wait < 0:
             raise SystemExit("chattle: --redis-wait must be 0 (answer at once) or more milliseconds")
         self.http_limits()  # checks them

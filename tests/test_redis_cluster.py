@@ -68,6 +68,15 @@ def rooms_on_each_master(bus, count=1, prefix="r"):
 
 # -- in process ------------------------------------------------------------------------------
 
+def test_the_settings_refuse_both_buses_and_a_negative_wait():
+    with pytest.raises(SystemExit, match="not both"):
+        chattle.Settings(redis="redis://127.0.0.1:6379/0", redis_cluster="127.0.0.1:7000")
+    with pytest.raises(SystemExit, match="--redis-wait"):
+        chattle.Settings(redis_cluster="127.0.0.1:7000", redis_wait=-1)
+    with pytest.raises(SystemExit, match="host:port"):
+        chattle.RedisClusterBus(chattle.Rooms(10), "no-port-here", 10)
+
+
 def test_every_master_holds_rooms_and_ids_stay_dense_across_workers(buses):
     first, second = buses(), buses()
     names = [name for names in rooms_on_each_master(first, 2, "dense").values() for name in names]
