@@ -501,6 +501,7 @@ class RedisBus:
     """
 
     LOAD_ATTEMPTS = 3  # a poll that waited for another's load looks again this often at most
+    SETTLE_TRIES = 20  # a catch-up tries this often while Redis does not answer (about 15 s)
 
     name = "redis"
     POSTS = "chattle:posts"
@@ -731,27 +732,38 @@ return {id, ts}
 
     def _settle(self, room_name, sync_first=False):
         """Apply the entries the reader held back for a room, fetching the room from Redis
-        again where they do not follow its copy; in a greenlet of its own, never the reader's."""
+        again where they do not follow its copy; in a greenlet of its own, never the reader's.
+        While Redis does not answer (restarting, loading), it tries again, as the reader does."""
         held = self.held_back.get(room_name)
         try:
-            for attempt in range(self.LOAD_ATTEMPTS + 1):
-                if self.loaded.get(room_name) is not True:
-                    return  # forgotten meanwhile: its next poll loads it afresh
-                room = self.rooms.get(room_name)
-                if not sync_first or attempt:
-                    while held and self._add(room, held[0]):
-                        del held[0]
-                    if not held:
+            for failure in range(self.SETTLE_TRIES):
+                try:
+                    self._settle_once(room_name, held, sync_first)
+                    return
+                except self.redis.RedisError:
+                    if self.closing:
                         return
-                    if attempt == self.LOAD_ATTEMPTS:
-                        break
-                del held[:]  # read before the sync started: what it fetches holds them
-                self._sync(room_name, room)
-            self.forget(room_name)  # still behind after so many fetches: load it afresh
-        except self.redis.RedisError:
-            self.forget(room_name)
+                    sync_first = True  # fetch it all again once Redis answers
+                    gevent.sleep(min(self.BACKOFF_FIRST * 2 ** failure, self.BACKOFF_MAX))
+            self.forget(room_name)  # Redis still does not answer: its next poll loads it afresh
         finally:
             self.held_back.pop(room_name, None)
+
+    def _settle_once(self, room_name, held, sync_first):
+        for attempt in range(self.LOAD_ATTEMPTS + 1):
+            if self.loaded.get(room_name) is not True:
+                return  # forgotten meanwhile: its next poll loads it afresh
+            room = self.rooms.get(room_name)
+            if not sync_first or attempt:
+                while held and self._add(room, held[0]):
+                    del held[0]
+                if not held:
+                    return
+                if attempt == self.LOAD_ATTEMPTS:
+                    break
+            del held[:]  # read before the sync started: what it fetches holds them
+            self._sync(room_name, room)
+        self.forget(room_name)  # still behind after so many fetches: load it afresh
 
     def forget(self, room_name):
         """The worker dropped an unused room: its next poll loads it from Redis again."""

@@ -179,3 +179,32 @@ def test_a_room_whose_load_is_held_up_does_not_delay_another_room(workers):
     writer.publish("slow", "ann", "after the load")
     wait_until(lambda: slow.last_id == 2, 10.0, "both posts of the slow room")
     assert [m["content"] for m in answer(slow, 0)["messages"]] == ["while it loads", "after the load"]
+
+
+def test_a_catch_up_that_meets_a_redis_error_tries_again(workers, redis_server):
+    """After an outage every loaded room is fetched again in a greenlet of its own; a fetch
+    that meets Redis still loading (or refusing) tries again, as the reader does, rather
+    than leave the room's copy as it was (here: Redis lost the room, so it must reset)."""
+    import gevent
+    import redis
+
+    worker = workers()
+    for n in range(3):
+        worker.publish("flaky", "ann", "m%d" % n)
+    room = worker.room("flaky", 0)
+    wait_until(lambda: room.last_id == 3, 10.0, "the room loaded")
+    redis.Redis.from_url(redis_server.url).flushall()
+    failures = []
+    real_sync = worker._sync
+
+    def flaky_sync(room_name, copy):
+        if not failures:
+            failures.append(room_name)
+            raise redis.ConnectionError("Redis is loading")
+        return real_sync(room_name, copy)
+
+    worker._sync = flaky_sync
+    worker.held_back["flaky"] = []
+    gevent.spawn(worker._settle, "flaky", True)  # as the reader's _resume does after an outage
+    wait_until(lambda: room.last_id == 0, 10.0, "the room reset after one failed fetch")
+    assert failures == ["flaky"]
