@@ -1066,9 +1066,17 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             raise self.redis.ConnectionError("no node serves the room's slot")
         pipe = node.redis_connection.pipeline(transaction=False)
         pipe.execute_command("READONLY")  # a replica serves its slots' reads only when asked so
+        pipe.execute_command("ROLE")
         pipe.execute_command("EVAL_RO", self.FETCH_SCRIPT, 2, *self.room_keys(room_name), self.history)
         try:
-            _readonly, (last, newest_first) = pipe.execute()
+            _readonly, role, (last, newest_first) = pipe.execute()
+            # A node the slot table still calls a replica may be an old master started again,
+            # serving its own data until it learns it was failed over: read only a replica
+            # connected to its master (or the master itself, while it has no replica).
+            if role[0] != "master" and not (role[0] == "slave" and role[3] == "connected"):
+                raise self.redis.ConnectionError("%s:%s is not a replica in sync" % (node.host, node.port))
+            if role[0] == "master" and node is not self._master_of(self.room_keys(room_name)[0])[0]:
+                raise self.redis.ConnectionError("%s:%s is not the room's master" % (node.host, node.port))
         except self.redis.RedisError:
             self.topology_changed.set()
             raise
