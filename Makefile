@@ -9,6 +9,7 @@ BIND    ?= 127.0.0.1
 PORT    ?= 8080
 WORKERS ?= 1
 REDIS   ?=
+REDIS_CLUSTER ?=
 USERS   ?=
 DURATION ?=
 ROOMS   ?=
@@ -32,7 +33,7 @@ MASTER_BIND ?=
 MASTER ?=
 PROCESSES ?=
 
-.PHONY: all venv system-packages lint run test test-fast load load-worker cluster-demo bench capacity regress regress-accept clean
+.PHONY: all venv system-packages lint run redis-cluster test test-fast load load-worker cluster-demo bench capacity regress regress-accept clean
 
 all: test
 
@@ -45,7 +46,8 @@ SYSTEM_PROGRAMS := $(sort \
   $(if $(filter all test,$(GOALS)),redis-server chromium valgrind $(if $(filter 0,$(shell id -u)),faketime)) \
   $(if $(filter test-fast bench capacity,$(GOALS)),redis-server) \
   $(if $(filter cluster-demo,$(GOALS)),redis-server faketime) \
-  $(if $(filter run,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(REDIS),,redis-server))) \
+  $(if $(filter run,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(REDIS)$(REDIS_CLUSTER),,redis-server))) \
+  $(if $(filter redis-cluster,$(GOALS)),redis-server) \
   $(if $(filter load,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(HOST),,redis-server))))
 
 system-packages:
@@ -63,7 +65,13 @@ venv: $(STAMP)
 # One worker: python chattle.py, in-memory bus.  WORKERS=N: gunicorn with N gevent
 # workers on the shared Redis bus (REDIS=url, or a local redis-server started for it).
 run: system-packages $(STAMP)
-	$(PY) -m harness.run_server --bind $(BIND) --port $(PORT) --workers $(WORKERS) $(if $(REDIS),--redis $(REDIS))
+	$(PY) -m harness.run_server --bind $(BIND) --port $(PORT) --workers $(WORKERS) $(if $(REDIS),--redis $(REDIS)) \
+	  $(if $(REDIS_CLUSTER),--redis-cluster $(REDIS_CLUSTER))
+
+# A local Redis Cluster (3 masters, 3 replicas, loopback ports) until Ctrl-C; it prints the
+# `make run ... REDIS_CLUSTER=` that uses it (docs/cluster.md).
+redis-cluster: system-packages $(STAMP)
+	$(PY) -m harness.redis_cluster
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
