@@ -12,12 +12,10 @@ to the master in Locust's worker reports; the master adds them up and writes
 the server and sets the options.
 """
 
-import collections
 import functools
 import gc
 import itertools
 import json
-import operator
 import os
 import random
 import signal
@@ -40,11 +38,6 @@ from loadtests.longpoll import HeldPolls, LongPollClient
 from loadtests.scenario import build_stages, room_name, stage_at
 from loadtests.shapes import StagedShape  # noqa: F401  (Locust finds the shape in the locustfile)
 from loadtests.tally import LOCUST_VERSION, RunTally, WorkerTally
-
-try:
-    from loadtests import _usercount
-except ImportError:       # no C compiler where it was installed: the Python walk
-    _usercount = None
 
 CATCH_UP_POLLS = 50          # answers of up to 1000 messages each, when a listener stops
 RETRY_SECONDS = (0.5, 4.0)   # back-off after a failed request: first, longest
@@ -148,40 +141,6 @@ def cache_default_args():
 
 
 cache_default_args()
-
-
-def counted_user_classes(runner):
-    """Locust 2.47's Runner.user_classes_count, the same count, walked in C
-    (loadtests/_usercount.c) or else in fewer interpreter steps. It walks every user
-    greenlet and runs about ten times per spawn message (the worker compares, logs and
-    reports counts): a fifth of a worker's CPU in a 10,000-listener ramp (py-spy). As
-    Locust's: a greenlet whose args are gone (it died) is not counted.
-    tests/test_locust_internals.py holds it to Locust's own, and fails if Locust's changes."""
-    counts = {user_class.__name__: 0 for user_class in runner.user_classes}
-    if _usercount is not None:
-        try:
-            by_type = _usercount.count_first_argument_types(runner.user_greenlets)
-        except TypeError:
-            pass
-        else:
-            for kind, count in by_type.items():
-                counts[kind.__name__] = counts.get(kind.__name__, 0) + count
-            return counts
-    counts.update(collections.Counter([args[0].__class__.__name__
-                                       for args in map(_GREENLET_ARGS, runner.user_greenlets) if args]))
-    return counts
-
-
-_GREENLET_ARGS = operator.attrgetter("args")
-
-
-def count_user_classes_faster():
-    from locust.runners import Runner
-    if Runner.user_classes_count.fget is not counted_user_classes:
-        Runner.user_classes_count = property(counted_user_classes, doc=Runner.user_classes_count.__doc__)
-
-
-count_user_classes_faster()
 
 
 # -- worker to master ----------------------------------------------------------------------------
