@@ -34,7 +34,7 @@ from chattle_limits import CLIENT_TIMEOUT_MARGIN
 from loadtests import longpoll
 from loadtests.clocks import Clocks, kernel_stamp_skew
 from loadtests.locust_stats import log_untimed
-from loadtests.longpoll import HeldPolls, LongPollClient
+from loadtests.longpoll import BadAnswer, HeldPolls, LongPollClient
 from loadtests.scenario import build_stages, room_name, stage_at
 from loadtests.shapes import StagedShape  # noqa: F401  (Locust finds the shape in the locustfile)
 from loadtests.tally import LOCUST_VERSION, RunTally, WorkerTally
@@ -155,10 +155,13 @@ def ship_tally(client_id, data, **_kwargs):
 @events.worker_report.add_listener
 def add_tally(client_id, data, **_kwargs):
     if "chattle" in data:
-        known = RUN.version_problem
+        known, fatal = RUN.version_problem, RUN.fatal
         RUN.merge(client_id, data["chattle"])
         if RUN.version_problem and not known:
             print("chattle: " + RUN.version_problem, flush=True)
+            StagedShape.request_stop()
+        if RUN.fatal and not fatal:
+            print("chattle: " + RUN.fatal, flush=True)
             StagedShape.request_stop()
 
 
@@ -265,25 +268,31 @@ class Listener(User):
         gevent.sleep(3600)  # gave up: stay counted as a user, do nothing, until the run stops it
 
     def _answered(self, reply):
-        """HeldPolls calls this with each answer; the next poll's cursor, or None to stop."""
+        """HeldPolls calls this with each answer; the next poll's cursor, or None to stop.
+        An answer that is not a poll's raises BadAnswer: HeldPolls counts that poll as a
+        failed request and this listener polls again from its cursor (`_broke`)."""
         if reply.status != 200:
-            self._broke("poll (held) answered %d: %s" % (reply.status, reply.body[:200].decode("utf-8", "replace")))
-            return None
-        if self.trouble_since is not None:
-            self.trouble_since, self.retry = None, RETRY_SECONDS[0]
+            raise BadAnswer("answered %d: %s" % (reply.status, reply.body[:200].decode("utf-8", "replace")))
         ledger = self.ledger
         if ledger is None:
             # the first answer (no since): where this listener's duty starts
             try:
-                ledger = self.ledger = DeliveryLedger(int(json.loads(reply.body)["cursor"]))
+                ledger = DeliveryLedger(int(json.loads(reply.body)["cursor"]))
             except (ValueError, KeyError, TypeError):
-                self._broke("poll (first, no since) answered without a cursor: %r" % reply.body[:200])
-                return None
+                raise BadAnswer("the first poll (no since) answered without a cursor: %r" % reply.body[:200]) from None
+            self.ledger = ledger
             if self.held is not None:
                 self.held.ledger = ledger   # from now on the compiled path may move it on
+            self._in_contact()
             return ledger.next_expected - 1
         # once per answer, 10 000 times per post: kept flat
-        messages, missed, reset = ANSWERS.parse(reply.body)
+        try:
+            messages, missed, reset = ANSWERS.parse(reply.body)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BadAnswer("a body that is not a poll's answer (%s): %r" % (type(exc).__name__, reply.body[:80])) \
+                from None
+        if self.trouble_since is not None:
+            self._in_contact()
         self.polls += 1
         if reset or missed:
             self._note_missed(missed, reset)
@@ -293,6 +302,9 @@ class Listener(User):
             ledger.record(message_id)
             TALLY.delivery(arrived_at, read_at, ts, stamped, offset, bound)
         return ledger.next_expected - 1
+
+    def _in_contact(self):
+        self.trouble_since, self.retry = None, RETRY_SECONDS[0]
 
     def _broke(self, reason):
         self.broken_reason = reason
@@ -454,6 +466,15 @@ ROOM_ENDS = RoomEnds()
 HELD_POLLS = []
 
 
+def driver_died(environment, reason):
+    """This process's held-poll driver failed: its listeners cannot hold a poll any more.
+    The master hears it in a report sent now, stops the run and its report says why."""
+    TALLY.fatal = reason
+    TALLY.error("listener", reason)
+    print("chattle: %s" % reason, flush=True)
+    gevent.spawn(report_now, environment)
+
+
 def held_polls(environment):
     """This process's HeldPolls (made on first use: it needs the run's options)."""
     if not HELD_POLLS:
@@ -461,7 +482,7 @@ def held_polls(environment):
         name = "poll (held)"
         HELD_POLLS.append(HeldPolls(environment.events.request, options.poll_timeout + CLIENT_TIMEOUT_MARGIN, name,
                                     functools.partial(log_untimed, environment.stats, "GET", name),
-                                    ANSWERS.run_of, record_runs))
+                                    ANSWERS.run_of, record_runs, functools.partial(driver_died, environment)))
         TALLY.held_path = "compiled" if HELD_POLLS[0].compiled else "python"
     return HELD_POLLS[0]
 

@@ -9,6 +9,7 @@ process it starts is stopped by pid at the end, also on Ctrl-C or failure. Exit 
 
 import argparse
 import os
+import resource
 import runpy
 import signal
 import sys
@@ -373,8 +374,37 @@ def final_cursors(url, rooms):
 
 # -- the run ----------------------------------------------------------------------------------------
 
-def stop_on_sigterm(_signum, _frame):
-    raise KeyboardInterrupt  # the same clean-up path as Ctrl-C
+class CleanUp:
+    """The first SIGTERM or Ctrl-C ends the run through its clean-up; a later one only
+    hurries it (no more waiting for the listeners to catch up), never cuts it short: every
+    process the run started is still stopped."""
+
+    hurry = False
+
+    @classmethod
+    def interrupt(cls, _signum, _frame):
+        cls.begin()
+        raise KeyboardInterrupt  # Ctrl-C and SIGTERM take the same clean-up path
+
+    @classmethod
+    def begin(cls):
+        signal.signal(signal.SIGTERM, cls.hurry_up)
+        signal.signal(signal.SIGINT, cls.hurry_up)
+
+    @classmethod
+    def hurry_up(cls, _signum, _frame):
+        cls.hurry = True
+
+    @classmethod
+    def end(cls):
+        signal.signal(signal.SIGTERM, cls.interrupt)
+        signal.signal(signal.SIGINT, cls.interrupt)
+
+
+def children_cpu_seconds():
+    """CPU seconds of every child this process has reaped (and the children they reaped)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def locust_argv(args, urls, report_dir, raw_dir):
@@ -440,12 +470,11 @@ def main(argv=None):
     redis = server = locust = sampler = None
     interrupted = False
     started_at = time.time()
-    locust_started = server_cpu_before = None
+    locust_started = server_cpu_before = locust_reaped_cpu = None
     urls, cursors, run_error = [], {}, None
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
     # Python leaves SIGINT ignored when it starts ignored (a script's background job):
     # Ctrl-C, or a SIGINT sent on purpose, must still end the run through its clean-up.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    CleanUp.end()
     try:
         if args.host:
             urls = host_urls(args.host)
@@ -470,6 +499,10 @@ def main(argv=None):
         if args.remote_workers:
             print("load: the Locust master waits up to %gs for %d remote worker(s) on %s:%d"
                   % (args.worker_wait, args.remote_workers, args.master_bind, args.master_port or DEFAULT_MASTER_PORT))
+        # Locust's master reaps the workers it forked, and this process reaps the master:
+        # the CPU of them all, start-up included, reaches RUSAGE_CHILDREN, as an outside
+        # observer (`time make load`) would count it.
+        children_cpu_before = children_cpu_seconds()
         locust = Process(locust_argv(args, urls, report_dir, raw_dir), env=env, own_session=True,
                          log_path=os.path.join(report_dir, "locust.log"))
         locust_started = time.time()
@@ -482,10 +515,12 @@ def main(argv=None):
         run_error = str(exc)
         print("\nload: the run failed: %s" % exc, file=sys.stderr)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        CleanUp.begin()  # a second SIGTERM or Ctrl-C must not cut the clean-up short
         # Locust first, then the servers.
         if locust is not None:
             stop_locust(locust, sampler, args)
+            if not locust.alive():
+                locust_reaped_cpu = children_cpu_seconds() - children_cpu_before
         if sampler is not None and sampler.is_alive():
             sampler.stop()
         server_cpu = None
@@ -499,7 +534,7 @@ def main(argv=None):
         for started, grace in ((server, 10), (redis, 10)):
             if started is not None:
                 stop_quietly(started, grace)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        CleanUp.end()
 
     from loadtests.report import build_report, print_summary
     run_info = {"users": args.users, "posters": args.posters, "rooms": args.rooms, "duration": args.duration,
@@ -515,6 +550,10 @@ def main(argv=None):
                 "preflight": notes, "run_error": run_error, "interrupted": interrupted,
                 "server_cpu_seconds": server_cpu,
                 "client_cpu_seconds_sampled": sampler.cpu_seconds(sampler.client_pids) if sampler else None,
+                "client_cpu_seconds_reaped": locust_reaped_cpu,
+                # this process: preflight, the sampler thread, the watch and the clean-up
+                # (the report's charts come after and are not counted)
+                "orchestrator_cpu_seconds": process_cpu_seconds(os.getpid()),
                 "locust_exit_code": locust.popen.returncode if locust is not None else None}
     summary = build_report(report_dir, run_info, sampler.samples if sampler else [], cursors)
     print_summary(summary, report_dir)
@@ -528,14 +567,19 @@ def stop_locust(locust, sampler, args):
     shape to stop every listener, let each catch up and report, and end (bounded by the
     ramp-down and the settling time). Then its processes by pid: the master and, since a
     master that dies leaves them behind, every worker it forked."""
+    import psutil
+    workers = dict(sampler.client_processes) if sampler else {}
     if locust.alive():
+        try:
+            workers.update((child.pid, child) for child in psutil.Process(locust.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
         locust.signal(signal.SIGUSR1)
         deadline = time.monotonic() + (args.users + args.posters) / args.stop_rate + SETTLE_SECONDS + 15
-        while locust.alive() and time.monotonic() < deadline:
+        while locust.alive() and time.monotonic() < deadline and not CleanUp.hurry:
             time.sleep(0.25)
     stop_quietly(locust, 10)
-    import psutil
-    for worker in (sampler.client_processes.values() if sampler else ()):
+    for worker in workers.values():
         try:
             worker.terminate()
             worker.wait(5)

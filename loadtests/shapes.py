@@ -40,6 +40,10 @@ class StagedShape(LoadTestShape):
             options = self.runner.environment.parsed_options
             self.stages = build_stages(options.listeners, options.posters, options.run_seconds, options.spawn_rate,
                                        options.stop_rate)
+            if self.run_tally is not None:
+                # The stages' 0 s on the wall clock: the report's samples and charts use it
+                # too, not the Locust process's start (the master may first wait for workers).
+                self.run_tally.shape_started = time.time() - self.get_run_time()
         last = self.stages[-1]
         drained = self.run_tally is not None and self.run_tally.drained(self.connected_workers())
         if self.stop_requested_at is not None:
