@@ -596,10 +596,16 @@ def _mib(value):
 def _cpu_line(cpu):
     if cpu["client_cpu_s"] is None or cpu["server_cpu_s"] is None:
         return "load generator %s s, server %s s" % (_seconds(cpu["client_cpu_s"]), _seconds(cpu["server_cpu_s"]))
-    return ("%.1f s / %.1f s = %.2f (Locust %.1f s + orchestrator %s s); per delivery %.0f us / %.0f us%s"
-            % (cpu["client_cpu_s"], cpu["server_cpu_s"], cpu["client_over_server"], cpu["locust_cpu_s"],
-               _seconds(cpu.get("orchestrator_cpu_s")), cpu["client_us_per_delivery"], cpu["server_us_per_delivery"],
-               "  WARNING: over %.2f" % CLIENT_CPU_SHARE if cpu.get("warning") else ""))
+    ratio = "-" if cpu["client_over_server"] is None else "%.2f" % cpu["client_over_server"]
+    return ("%.1f s / %.1f s = %s (Locust %.1f s + orchestrator %s s); per delivery %s us / %s us%s"
+            % (cpu["client_cpu_s"], cpu["server_cpu_s"], ratio, cpu["locust_cpu_s"],
+               _seconds(cpu.get("orchestrator_cpu_s")), _whole(cpu["client_us_per_delivery"]),
+               _whole(cpu["server_us_per_delivery"]), "  WARNING: over %.2f" % CLIENT_CPU_SHARE
+               if cpu.get("warning") else ""))
+
+
+def _whole(value):
+    return "-" if value is None else "%.0f" % value
 
 
 def print_summary(summary, report_dir):
