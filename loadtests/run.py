@@ -20,7 +20,7 @@ from bench.measures import process_cpu_seconds
 from chattle_limits import CLIENT_TIMEOUT_MARGIN, POLL_TIMEOUT_MAX, raise_descriptor_limit
 from harness.processes import LOOPBACK, ROOT, ChattleServer, Process, RedisServer, free_port, get_json
 from harness.system_packages import missing, missing_line
-from loadtests.scenario import SETTLE_SECONDS, build_stages, room_name, stage_at
+from loadtests.scenario import SETTLE_SECONDS, SHAPE_STARTED_FILE, build_stages, room_name, stage_at
 from reports.page import REPORTS_ROOT, new_report_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -348,10 +348,20 @@ class Sampler(threading.Thread):
             self._halt.wait(max(0.0, self.interval - (time.monotonic() - began)))
 
 
-def progress_line(sampler, stages, locust_started, users):
+def shape_started(raw_dir):
+    """The wall-clock time of the stages' 0 s, once Locust's shape has started (it writes
+    it to raw/): the clock of the progress line and the report. None before."""
+    try:
+        with open(os.path.join(raw_dir, SHAPE_STARTED_FILE)) as started:
+            return float(started.read())
+    except (OSError, ValueError):
+        return None
+
+
+def progress_line(sampler, stages, stages_started, users):
     row = sampler.samples[-1] if sampler.samples else {}
-    elapsed = time.time() - locust_started if locust_started else 0
-    stage = stage_at(stages, elapsed) or {"name": "finishing"}
+    elapsed = time.time() - stages_started if stages_started else 0
+    stage = (stage_at(stages, elapsed) or {"name": "finishing"}) if stages_started else {"name": "starting"}
     mib = (row.get("server_rss") or 0) / 2 ** 20
 
     def pct(value):
@@ -433,8 +443,9 @@ def locust_argv(args, urls, report_dir, raw_dir):
             "--csv", os.path.join(report_dir, "locust"), "--html", os.path.join(report_dir, "locust.html")]
 
 
-def watch_locust(locust, sampler, stages, args):
-    """Print progress until Locust ends (bounded: the stage table, settling and a margin)."""
+def watch_locust(locust, sampler, stages, args, raw_dir):
+    """Print progress until Locust ends (bounded: the stage table, settling and a margin),
+    on the shape's clock: with remote workers, the master first waits for them."""
     interactive = sys.stdout.isatty()
     last_print = 0.0
     started = time.time()
@@ -443,7 +454,7 @@ def watch_locust(locust, sampler, stages, args):
         if time.time() > deadline:
             raise RuntimeError("Locust did not finish within %gs of its stage table" % (SETTLE_SECONDS + 60))
         if time.time() - last_print >= (1 if interactive else 10):
-            line = progress_line(sampler, stages, started, args.users)
+            line = progress_line(sampler, stages, shape_started(raw_dir), args.users)
             print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)
             last_print = time.time()
         time.sleep(0.25)
@@ -507,7 +518,7 @@ def main(argv=None):
                          log_path=os.path.join(report_dir, "locust.log"))
         locust_started = time.time()
         sampler.locust_pid = locust.pid
-        watch_locust(locust, sampler, stages, args)
+        watch_locust(locust, sampler, stages, args, raw_dir)
     except KeyboardInterrupt:
         interrupted = True
         print("\nload: interrupted; stopping what it started and writing the partial report", file=sys.stderr)
@@ -546,7 +557,8 @@ def main(argv=None):
                 "server": ("gunicorn x%d, redis bus" % args.workers if args.workers > 1
                                                       else "python chattle.py, memory bus") if not args.host
                 else "external %s" % args.host,
-                "started": started_at, "locust_started": locust_started, "stages": stages,
+                "started": started_at, "locust_started": locust_started, "shape_started": shape_started(raw_dir),
+                "stages": stages,
                 "preflight": notes, "run_error": run_error, "interrupted": interrupted,
                 "server_cpu_seconds": server_cpu,
                 "client_cpu_seconds_sampled": sampler.cpu_seconds(sampler.client_pids) if sampler else None,

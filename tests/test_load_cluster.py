@@ -182,3 +182,14 @@ def test_a_load_worker_killed_mid_run_leaves_its_listeners_lost_contact_not_lost
     assert master.returncode == 1, output
     assert "lost contact (its load worker stopped reporting)" in output, output
     assert "0 lost, 0 duplicated, 0 out of order" in output and "LOST: " in output, output
+    # One clock: the stages count from the shape's start, after the master waited for its
+    # workers, and every post the posters made falls in the bursts on that clock.
+    report = next(line.split("load: report in ", 1)[1].strip() for line in output.splitlines()
+                  if line.startswith("load: report in "))
+    with open(os.path.join(report, "summary.json")) as summary_file:
+        run = json.load(summary_file)["run"]
+    status, body = get_json(server.url + "/rooms/load-0/msgs?since=0&limit=1000", timeout=5)
+    bursts = next(stage for stage in run["stages"] if stage["name"] == "bursts")
+    assert run["shape_started"] > run["locust_started"]
+    assert status == 200 and body["messages"], body
+    assert all(message["ts"] - run["shape_started"] >= bursts["start"] for message in body["messages"])
