@@ -390,3 +390,50 @@ def test_an_error_on_one_poll_keeps_every_record_taken_and_names_that_poll(conne
     assert good_server.recv(100) == b"GET /r?since=12 HTTP/1.1\r\n\r\n"
     assert (bad.ledger.next_expected, bad.ledger.received) == ((13, 2) if moved else (11, 0))
     assert len(numpy.frombuffer(records).reshape(-1, heldfast.FIELDS)) == (2 if moved else 1)
+
+
+def test_the_driver_drops_the_poll_the_compiled_path_failed_on_and_keeps_what_it_took(start_chattle, monkeypatch):
+    """drain() returns a failure beside what it did: the driver hands the records over,
+    drops only the named poll (a failed request with its reason, its listener told), and
+    the other polls stay held."""
+    server = start_chattle()
+    event, failures, runs = [], [], []
+
+    class Event:
+        def fire(self, **kwargs):
+            event.append(kwargs)
+    polls = HeldPolls(Event(), answer_deadline=10, log_answers=lambda count, length: None,
+                      in_order_run=lambda body: None, on_runs=lambda *args: runs.append(args))
+    cursors = {}
+
+    def on_answer(number):
+        def take(reply):
+            cursors[number] = json.loads(reply.body)["cursor"]
+            return cursors[number]
+        return take
+    held = [polls.hold(LongPollClient(server.url), "/rooms/failed/msgs?since=", None, "&timeout=5", on_answer(n),
+                       lambda reason, n=n: failures.append((n, reason)), "/rooms/failed/msgs", "poll (first)")
+            for n in range(3)]
+    assert _until(lambda: len(cursors) == 3 and len(polls) == 3), failures
+    record = numpy.array([[0, 1.0, 1.0, 1.0, 0.0, 0.0]]).tobytes()
+    polls._known_bodies.append(b"{}")
+
+    class Failing:
+        FIELDS = 6
+        calls = 0
+
+        @classmethod
+        def drain(cls, *_args):
+            cls.calls += 1
+            if cls.calls == 1:
+                return record, [], 1, 2, (held[1].fd, RuntimeError("failed on purpose"))
+            return b"", [], 0, 0, None
+    monkeypatch.setattr(longpoll, "_heldfast", Failing)
+    assert polls._drain_compiled()
+    polls.flush()
+    assert failures == [(1, "poll: RuntimeError: failed on purpose")] and len(polls) == 2
+    assert [str(fired["exception"]) for fired in event if fired["exception"]] == \
+        ["poll: RuntimeError: failed on purpose"]
+    assert len(runs) == 1 and runs[0][0] == b"{}" and list(runs[0][1]) == [1.0]   # the record reached on_runs
+    for poll in list(polls._held.values()):
+        polls.release(poll)
