@@ -437,3 +437,16 @@ def test_the_driver_drops_the_poll_the_compiled_path_failed_on_and_keeps_what_it
     assert len(runs) == 1 and runs[0][0] == b"{}" and list(runs[0][1]) == [1.0]   # the record reached on_runs
     for poll in list(polls._held.values()):
         polls.release(poll)
+
+
+@pytest.mark.parametrize("status, body", [(500, b'{"error": "boom"}'), (200, b"<html>not JSON</html>"),
+                                          (200, b'{"messages": 5, "cursor": 3}'), (200, b"[1, 2]")])
+def test_a_listener_refuses_an_answer_that_is_not_a_polls_and_its_ledger_stays(status, body):
+    """The locustfile's listener raises BadAnswer (HeldPolls then drops that one poll and
+    the listener polls again from its cursor): its ledger is where it was."""
+    from loadtests.longpoll import BadAnswer, Reply
+    listener = _Listener(WorkerTally())
+    listener.ledger = DeliveryLedger(2)
+    with pytest.raises(BadAnswer):
+        listener.on_answer(Reply(status, body, None, time.time(), time.time()))
+    assert (listener.ledger.next_expected, listener.ledger.received, listener.polls) == (3, 0, 0)
