@@ -593,3 +593,27 @@ def test_the_machine_check_counts_saturated_burst_seconds():
     weighed = machine_check(late, run)
     assert weighed["burst_seconds"] == 8 and weighed["burst_seconds_saturated"] == 3
     assert weighed["burst_share"] == 3 / 8 and weighed["machine_bound"]
+
+
+def test_a_worker_whose_driver_died_says_so_at_once_and_the_master_stops_the_run(monkeypatch):
+    """The driver's death reaches the worker's next report (sent at once), and the master,
+    merging it, asks the shape to stop the run the way a run ends."""
+    import gevent
+
+    from loadtests import locustfile
+    from loadtests.shapes import StagedShape
+    monkeypatch.setattr(locustfile, "TALLY", WorkerTally())
+    monkeypatch.setattr(locustfile, "RUN", RunTally())
+    monkeypatch.setattr(StagedShape, "stop_requested_at", None)
+    sent = []
+    monkeypatch.setattr(locustfile, "report_now", sent.append)
+    locustfile.driver_died("the environment", "the held-poll driver died: RuntimeError: x")
+    gevent.sleep(0)
+    assert sent == ["the environment"]
+    report = msgpack.unpackb(msgpack.packb(locustfile.TALLY.take_report()), strict_map_key=False)
+    assert report["fatal"] == "the held-poll driver died: RuntimeError: x" and report["error_count"] == 1
+    assert StagedShape.stop_requested_at is None
+    locustfile.add_tally("w1", {"chattle": report})
+    assert StagedShape.stop_requested_at is not None
+    assert locustfile.RUN.fatal == "load worker w1 on %s: the held-poll driver died: RuntimeError: x" % \
+        socket.gethostname()
