@@ -11,13 +11,19 @@ import collections
 import csv
 import os
 
-from instruments.measures import cpu_per_delivery, delivery_summary, memory_per_connection
+from instruments.measures import (
+    CLIENT_LAG_FLOOR,
+    CLIENT_LAG_SHARE,
+    client_bound,
+    cpu_per_delivery,
+    delivery_summary,
+    memory_per_connection,
+)
 from instruments.page import machine_description, machine_line, write_html, write_json
 from loadtests.tally import RunTally
 
 TARGET_REACHED_FRACTION = 0.95
 CONTENDED_PERCENT = 50.0      # other processes' mean CPU, in % of one core, that makes figures suspect
-CLIENT_LAG_SHARE = 0.10       # client lag p99 above this share of the server's p99: client-bound
 CLIENT_CPU_SHARE = 0.5        # load-generator CPU above this share of the server's: a warning (a cost, not validity)
 MACHINE_BUSY_SHARE = 0.90     # a second in which everything together used this share of all cores is saturated
 MACHINE_BOUND_SHARE = 0.25    # more of the burst seconds saturated than this: machine-bound
@@ -146,12 +152,11 @@ def machine_check(samples, run_info):
 
 
 def client_bound_reason(latency, lag):
-    """Why the latencies are partly the client's (its lag p99 over CLIENT_LAG_SHARE of the
-    server's wake-up p99), or None."""
-    if lag.get("p99") is None or not latency.get("p99") or lag["p99"] <= CLIENT_LAG_SHARE * latency["p99"]:
+    """Why the latencies are partly the client's (instruments.measures.client_bound), or None."""
+    if not client_bound(lag.get("p99"), latency.get("p99")):
         return None
-    return ("client lag p99 %.1f ms is over %.0f%% of the server's wake-up p99 %.1f ms"
-            % (lag["p99"] * 1000, CLIENT_LAG_SHARE * 100, latency["p99"] * 1000))
+    return ("client lag p99 %.1f ms is over %.0f%% of the server's wake-up p99 %.1f ms and over %.0f ms"
+            % (lag["p99"] * 1000, CLIENT_LAG_SHARE * 100, latency["p99"] * 1000, CLIENT_LAG_FLOOR * 1000))
 
 
 def cpu_figures(tally, run_info, deliveries):
@@ -276,8 +281,8 @@ def build_summary(report_dir, run_info, samples, cursors):
         check("listeners held on every server", all(entry["held_polls_peak"] for entry in servers.values()),
               ", ".join("%s: %s" % (url, entry["held_polls_peak"]) for url, entry in servers.items()))
     check("latency is the server's, not the client's", client_bound is None,
-          client_bound or ("client lag p99 %s within %.0f%% of the server's p99" %
-                           (_ms(lag.get("p99")), CLIENT_LAG_SHARE * 100)))
+          client_bound or ("client lag p99 %s within %.0f%% of the server's p99 or %.0f ms" %
+                           (_ms(lag.get("p99")), CLIENT_LAG_SHARE * 100, CLIENT_LAG_FLOOR * 1000)))
 
     return {
         "run": run_info, "machine": machine_description(), "machine_line": machine_line(),

@@ -569,6 +569,14 @@ def test_a_client_lag_over_a_tenth_of_the_servers_p99_makes_the_run_client_bound
     assert client_bound_reason({"p99": None}, {"p99": None}) is None
 
 
+def test_a_few_milliseconds_of_client_lag_never_make_a_small_fan_out_client_bound():
+    from loadtests.report import client_bound_reason
+    # 100-listener rooms answer in about 20 ms: 5 ms of lag is over a tenth, under the floor
+    assert client_bound_reason({"p99": 0.020}, {"p99": 0.005}) is None
+    assert client_bound_reason({"p99": 0.020}, {"p99": 0.010}) is None          # exactly the floor
+    assert "over 10 ms" in client_bound_reason({"p99": 0.020}, {"p99": 0.0101})
+
+
 def test_the_machine_check_counts_saturated_burst_seconds():
     import os
 
