@@ -13,7 +13,6 @@ the server and sets the options.
 """
 
 import functools
-import gc
 import itertools
 import json
 import os
@@ -28,14 +27,14 @@ import locust
 from locust import User, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
-from chattle_limits import CLIENT_TIMEOUT_MARGIN
+from chattle_limits import CLIENT_TIMEOUT_MARGIN, client_timeout, collect_garbage_seldom
 from instruments.clocks import Clocks, kernel_stamp_skew
 from instruments.httpframe import FramingError
 from instruments.measures import DeliveryLedger, process_cpu_seconds
 from loadtests import longpoll
 from loadtests.locust_stats import log_untimed
 from loadtests.longpoll import BadAnswer, HeldPolls, LongPollClient
-from loadtests.scenario import build_stages, room_name, stage_at
+from loadtests.scenario import build_stages, room_name, server_urls, stage_at
 from loadtests.shapes import StagedShape, SteppedShape  # Locust finds StagedShape here; --shape steps swaps
 from loadtests.tally import LOCUST_VERSION, RunTally, WorkerTally
 
@@ -66,28 +65,9 @@ def remember_start(environment, **_kwargs):
         measure_clocks(environment.parsed_options)
 
 
-def collect_garbage_seldom():
-    """Every listener keeps a few dozen objects the cyclic collector tracks, for the whole
-    run; with Python's thresholds (700, 10, 10) a 10,000-listener worker ran about 650
-    young, 60 middle and 6 full collections, each full one over every listener: 0.46 s,
-    3 % of its CPU. Locust's own startup objects are frozen (never walked again), and the
-    young generation collects thirty times less often; the run's garbage is freed by
-    reference counting anyway, so memory does not grow."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-GC_THRESHOLDS = (20000, 20, 20)
-
-
 def servers_of(options):
     """The servers listeners spread over and posters take turns on: --servers, else --host."""
-    return _split_servers(options.servers or options.host)
-
-
-@functools.lru_cache(maxsize=8)
-def _split_servers(urls):
-    return tuple(url.strip().rstrip("/") for url in urls.split(",") if url.strip())
+    return server_urls(options.servers or options.host)
 
 
 def measure_clocks(options):
@@ -244,7 +224,7 @@ class Listener(User):
         self.clock_offset, self.clock_bound = (clock.offset, clock.bound) if clock else (0.0, 0.0)
         self.poll_timeout = options.poll_timeout
         self.client = LongPollClient(self.host, self.environment.events.request,
-                                     timeout=options.poll_timeout + CLIENT_TIMEOUT_MARGIN)
+                                     timeout=client_timeout(options.poll_timeout))
         self.ledger = None
         self.polls = 0
         self.gave_up = None
@@ -491,7 +471,7 @@ def held_polls(environment):
     if not HELD_POLLS:
         options = environment.parsed_options
         name = "poll (held)"
-        HELD_POLLS.append(HeldPolls(environment.events.request, options.poll_timeout + CLIENT_TIMEOUT_MARGIN, name,
+        HELD_POLLS.append(HeldPolls(environment.events.request, client_timeout(options.poll_timeout), name,
                                     functools.partial(log_untimed, environment.stats, "GET", name),
                                     ANSWERS.run_of, record_runs, functools.partial(driver_died, environment)))
         TALLY.held_path = "compiled" if HELD_POLLS[0].compiled else "python"
@@ -512,7 +492,7 @@ class Poster(User):
         self.burst_step = None
         # one client per server; posts take turns, so every server's posts reach every other's listeners
         self.clients = [LongPollClient(url, self.environment.events.request,
-                                       timeout=options.poll_timeout + CLIENT_TIMEOUT_MARGIN)
+                                       timeout=client_timeout(options.poll_timeout))
                         for url in servers_of(options)]
         self.turns = itertools.cycle(self.clients)
         # Seeded, the gaps (and so the number of posts a run makes) are the same run after

@@ -1,7 +1,7 @@
 """A lean HTTP/1.1 keep-alive client for Locust users, on gevent sockets.
 
-Why not FastHttpUser: profiled with py-spy at 5000 listeners (README, "Why a client of
-its own"), geventhttpclient's request/response objects, header parsing, cookie jar and
+Why not FastHttpUser: profiled with py-spy at 5000 listeners (docs/design.md, "The load
+client"), geventhttpclient's request/response objects, header parsing, cookie jar and
 Locust's ResponseContextManager cost about 300 us of load-generator CPU per delivery,
 three times what the server spends delivering it. A held poll needs none of that:
 one request line out, one short answer in, framed by `instruments.httpframe` (the parser
@@ -82,11 +82,6 @@ MAX_BATCHES_KEPT = 1000
 # Seconds added to every kernel receive timestamp to put it on this process's wall clock:
 # 0 on a real host; instruments/clocks.py measures it (a process under faketime is shifted).
 kernel_stamp_shift = 0.0
-
-
-def stamp_seconds(value):
-    """The wall-clock time in one SO_TIMESTAMPNS control message, on this process's clock."""
-    return stamps.stamp_seconds(value, kernel_stamp_shift)
 
 
 _RESOLVED = {}
@@ -220,9 +215,7 @@ class LongPollClient:
                 if response is None:
                     raise ConnectionLost("the server closed the connection before answering")
             else:
-                for level, kind, value in ancillary:
-                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                        arrived_at = stamp_seconds(value)
+                arrived_at = stamps.arrival(ancillary, kernel_stamp_shift) or arrived_at
                 response = parser.feed(data)
                 if response is None:
                     continue
@@ -243,7 +236,7 @@ class HeldPolls:
     """The held polls of every listener in this process, driven by one greenlet.
 
     A greenlet per listener, each blocked in its own recv, cost about 45 us of client
-    CPU per delivery here (README, "Why a client of its own"): every answer meant a
+    CPU per delivery here (docs/design.md, "The load client"): every answer meant a
     libev watcher started and stopped, two switches through the hub and a second
     recvmsg. Here a listener hands its keep-alive connection over once; the driver
     waits (cooperatively, through gevent) on one epoll descriptor, and when a fan-out
@@ -407,7 +400,7 @@ class HeldPolls:
     def _log_batch(self):
         """The good answers of one batch, to Locust in one call. Fired one by one, the
         request event cost 4 us of the load generator's ~35 us per delivery at 10,000
-        listeners (py-spy, README "Why a client of its own"); the counts Locust keeps are
+        listeners (py-spy, docs/design.md "The load client"); the counts Locust keeps are
         the same either way (tests/test_locust_internals.py)."""
         count, self._batch_answers = self._batch_answers, 0
         if count:
@@ -574,11 +567,7 @@ class HeldPolls:
         if not data:
             self._drop(held, "poll: the server closed the connection")
             return
-        arrived_at = None
-        for level, kind, value in ancillary:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                arrived_at = stamp_seconds(value)
-        self._took(held, data, arrived_at)
+        self._took(held, data, stamps.arrival(ancillary, kernel_stamp_shift))
 
     def _took(self, held, data, arrived_at):
         """Bytes read from a held poll (`arrived_at`: their kernel stamp, or None): frame

@@ -15,12 +15,20 @@ import sys
 import threading
 import time
 
-from chattle_limits import CLIENT_TIMEOUT_MARGIN, POLL_TIMEOUT_MAX, connections_per_worker, raise_descriptor_limit
+from chattle_limits import POLL_TIMEOUT_MAX, client_timeout, connections_per_worker, raise_descriptor_limit
 from harness.processes import LOOPBACK, ROOT, ChattleServer, Process, RedisServer, free_port, get_json
 from harness.system_packages import missing, missing_line
 from instruments.measures import process_cpu_seconds
 from instruments.page import REPORTS_ROOT, new_report_dir
-from loadtests.scenario import SETTLE_SECONDS, SHAPE_STARTED_FILE, build_stages, build_step_stages, room_name, stage_at
+from loadtests.scenario import (
+    SETTLE_SECONDS,
+    SHAPE_STARTED_FILE,
+    build_stages,
+    build_step_stages,
+    room_name,
+    server_urls,
+    stage_at,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCUST_CONF = os.path.join(HERE, "locust.conf")
@@ -116,11 +124,6 @@ def protocol_problem(url):
     return None
 
 
-def host_urls(host):
-    """The server URLs of --host (comma-separated), without trailing slashes."""
-    return [url.strip().rstrip("/") for url in host.split(",") if url.strip()]
-
-
 def preflight(args):
     """(stages, problems, notes): problems make the run refuse to start."""
     problems, notes = [], []
@@ -147,7 +150,7 @@ def preflight(args):
                         "--client-processes" % (per_client, soft, hard))
     notes.append("client open-file limit %d (raised from the soft limit to the hard one), %d Locust worker "
                  "process(es)" % (soft, args.client_processes))
-    for url in host_urls(args.host):
+    for url in list(server_urls(args.host)):
         problem = protocol_problem(url)
         if problem:
             problems.append(problem)
@@ -178,12 +181,12 @@ def preflight(args):
                                 "gunicorn workers (WORKERS=2)" % (users + DESCRIPTORS_SPARE, users, hard))
             notes.append("server open-file limit %d (chattle.py raises its soft limit to the hard one)" % hard)
 
-    client_timeout = args.poll_timeout + CLIENT_TIMEOUT_MARGIN
+    network_timeout = client_timeout(args.poll_timeout)
     if not 0 < args.poll_timeout <= POLL_TIMEOUT_MAX:
         problems.append("--poll-timeout must be in (0, %d] seconds (the protocol's range)" % POLL_TIMEOUT_MAX)
-    if not args.poll_timeout < client_timeout:
+    if not args.poll_timeout < network_timeout:
         problems.append("the client timeout must be longer than the poll timeout")
-    notes.append("timeouts nest: poll %gs < client network timeout %gs" % (args.poll_timeout, client_timeout))
+    notes.append("timeouts nest: poll %gs < client network timeout %gs" % (args.poll_timeout, network_timeout))
 
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
@@ -497,7 +500,7 @@ def main(argv=None):
     CleanUp.end()
     try:
         if args.host:
-            urls = host_urls(args.host)
+            urls = list(server_urls(args.host))
         else:
             redis_url = None
             if args.workers > 1:
@@ -560,7 +563,7 @@ def main(argv=None):
     run_info = {"users": args.users, "posters": args.posters, "rooms": args.rooms, "duration": args.duration,
                 "burst_size": args.burst_size, "burst_gap": args.burst_gap, "schedule_seed": args.schedule_seed,
                 "poll_timeout": args.poll_timeout,
-                "client_timeout": args.poll_timeout + CLIENT_TIMEOUT_MARGIN, "spawn_rate": args.spawn_rate,
+                "client_timeout": client_timeout(args.poll_timeout), "spawn_rate": args.spawn_rate,
                 "stop_rate": args.stop_rate, "workers": args.workers, "client_processes": args.client_processes,
                 "host": args.host or None, "servers": urls, "remote_workers": args.remote_workers,
                 "server": ("gunicorn x%d, redis bus" % args.workers if args.workers > 1

@@ -5,6 +5,7 @@ same table from the same knobs, so posters know when a burst stage is on without
 message from the master.
 """
 
+import functools
 import math
 
 # Seconds a stage needs at least; shorter runs squeeze the burst stage, never these.
@@ -85,3 +86,10 @@ def stage_at(stages, elapsed):
 
 def room_name(index):
     return "load-%d" % index
+
+
+@functools.lru_cache(maxsize=8)
+def server_urls(urls):
+    """The server URLs of a comma-separated --host or --servers, without trailing slashes
+    (cached: every listener's start asks)."""
+    return tuple(url.strip().rstrip("/") for url in urls.split(",") if url.strip())
