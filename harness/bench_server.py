@@ -8,6 +8,8 @@ chattle's with only the fault added.
     CHATTLE_BENCH_LEAK=requests,sockets  every chat request is kept in a list / opens a
                                          socket never closed (how `make soak` shows its
                                          gates can fail)
+    CHATTLE_BENCH_TRACE=<directory>      tracemalloc on; SIGUSR2 dumps a snapshot there,
+                                         named <pid>-<the word in <directory>/label>
 
     python harness/bench_server.py [chattle.py's flags]    # as `python chattle.py`
     gunicorn --pythonpath harness ... bench_server:app     # as `gunicorn chattle`
@@ -118,10 +120,39 @@ def install_leaks(environ=os.environ, app=None):
     return None
 
 
+###############################################################################
+# tracemalloc snapshots on request: where a soak's growth was allocated
+###############################################################################
+
+TRACE_VARIABLE = "CHATTLE_BENCH_TRACE"
+TRACE_FRAMES = 8
+
+
+def install_trace(environ=os.environ):
+    trace_dir = environ.get(TRACE_VARIABLE, "")
+    if not trace_dir:
+        return
+    import signal
+    import tracemalloc
+
+    import gevent
+
+    tracemalloc.start(TRACE_FRAMES)
+
+    def dump():
+        with open(os.path.join(trace_dir, "label")) as label:
+            name = "%d-%s.snapshot" % (os.getpid(), label.read().strip())
+        tracemalloc.take_snapshot().dump(os.path.join(trace_dir, name + ".tmp"))
+        os.replace(os.path.join(trace_dir, name + ".tmp"), os.path.join(trace_dir, name))
+
+    gevent.signal_handler(signal.SIGUSR2, dump)
+
+
 def install(environ=os.environ, app=None):
     """Every fault the environment asks for, on chattle's application (or `app`)."""
     install_extra_work(environ, app)
     install_leaks(environ, app)
+    install_trace(environ)
 
 
 install()

@@ -1,0 +1,523 @@
+"""`make soak`: a steady load with churn for a long while, every process's memory,
+descriptors, greenlets and rooms sampled, and each judged by the slope of its line.
+
+    python -m bench.soak [--duration 2h] [--quick] [--workers 2] [--trace]
+
+One server (`python chattle.py` on the memory bus, or gunicorn with --workers on a
+redis-server it starts), one load process (bench/soak_driver.py: listeners that come and
+go, rooms left to expire, steady posts, polls that time out, keep-alive connections that
+close, hostile clients). Every --sample-every seconds (10) it reads, for each server
+worker, the gunicorn master, the redis-server and the load process: RSS and descriptors
+from /proc, and the worker's open connections, held polls, rooms and answer cache from
+its /stats (the load process writes its own).
+
+The verdicts, per figure, on the steady part (after --warm-up):
+- memory (RSS, the answer cache): a least-squares line; fails when the upper end of its
+  95 % confidence interval exceeds --rss-gate bytes per held connection per hour;
+- exact counts (descriptors beyond open connections, greenlets beyond clients: each read
+  in one step of the process it counts): fails when the upper end of the line's rise over
+  the steady part exceeds COUNT_TOLERANCE units (docs/soak.md says why two);
+- counts that move with churn (open connections, rooms above the live ones): fails when
+  the lower end of the rise exceeds COUNT_TOLERANCE, i.e. growth beyond doubt;
+- then, the load gone: within the idle timeouts every descriptor and connection count
+  returns to its idle value exactly, and RSS to within 10 % of it.
+Exit 0 when all pass, 1 when a gate fails, 2 when the run could not be made.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from harness.processes import ROOT, ChattleServer, RedisServer, get_json
+from reports import page
+
+SAMPLE_EVERY = 10.0
+QUICK_DURATION = 300.0
+QUICK_WARM_UP = 90.0
+RSS_GATE = 1024                  # bytes per held connection per hour
+COUNT_TOLERANCE = 2.0            # units of rise over the steady part (docs/soak.md)
+IDLE_RETURN = 0.10               # RSS back within this share of idle
+CONFIDENCE_Z = 1.96
+# The server's settings for the soak: a bound on retained history small enough to be
+# reached in the warm-up, so rooms left behind are shed by it (the memory bus keeps a
+# room's history until this bound needs the room), and a short TTL so the shared bus's
+# copies of left rooms expire within the run.
+SOAK_SERVER_ENV = {"CHATTLE_MAX_RETAINED_BYTES": str(64 * 1024), "CHATTLE_ROOM_TTL": "120"}
+TRACE_VARIABLE = "CHATTLE_BENCH_TRACE"
+
+
+def seconds(text):
+    """'2h', '90m', '300s', '300' -> seconds."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([hms]?)\s*", str(text))
+    if not match:
+        raise argparse.ArgumentTypeError("a duration is a number with h, m or s: %r" % text)
+    return float(match.group(1)) * {"h": 3600, "m": 60, "s": 1, "": 1}[match.group(2)]
+
+
+# -- the line ------------------------------------------------------------------------------
+
+def t_quantile(df):
+    """Student's t at 97.5 % for `df` degrees of freedom (Cornish-Fisher, within 0.5 %
+    of the table from 3 up; no scipy in the harness)."""
+    if df <= 0:
+        return float("inf")
+    z = CONFIDENCE_Z
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def fit_line(points):
+    """Least squares over [(t seconds, value)]: slope per second, intercept, the slope's
+    95 % half-width, n."""
+    n = len(points)
+    if n < 3:
+        return None
+    mean_t = sum(t for t, _v in points) / n
+    mean_v = sum(v for _t, v in points) / n
+    sxx = sum((t - mean_t) ** 2 for t, _v in points)
+    if sxx <= 0:
+        return None
+    slope = sum((t - mean_t) * (v - mean_v) for t, v in points) / sxx
+    intercept = mean_v - slope * mean_t
+    residual = sum((v - intercept - slope * t) ** 2 for t, v in points)
+    se = math.sqrt(residual / (n - 2) / sxx)
+    return {"slope": slope, "intercept": intercept, "half_width": t_quantile(n - 2) * se, "n": n}
+
+
+# -- what each figure is and how it is judged -------------------------------------------------
+
+MEMORY, EXACT, CHURNING, SHOWN = "memory", "exact count", "count with churn", "shown"
+
+
+def judge(name, kind, points, span, held):
+    """The verdict of one figure over the steady part."""
+    line = fit_line(points)
+    verdict = {"figure": name, "kind": kind, "n": len(points)}
+    if line is None:
+        verdict.update(passed=kind == SHOWN, why="too few samples to fit a line")
+        return verdict
+    per_hour = line["slope"] * 3600
+    half = line["half_width"] * 3600
+    verdict.update(line, per_hour=per_hour, per_hour_low=per_hour - half, per_hour_high=per_hour + half,
+                   rise=line["slope"] * span, rise_low=(line["slope"] - line["half_width"]) * span,
+                   rise_high=(line["slope"] + line["half_width"]) * span)
+    if kind == MEMORY:
+        gate = RSS_GATE * held
+        verdict.update(per_connection_hour=per_hour / held, per_connection_hour_high=(per_hour + half) / held,
+                       gate_per_hour=gate, passed=per_hour + half <= gate,
+                       why="upper bound %s/h against a gate of %s/h (%d B per held connection per hour)"
+                           % (size(per_hour + half), size(gate), RSS_GATE))
+    elif kind == EXACT:
+        verdict.update(passed=verdict["rise_high"] <= COUNT_TOLERANCE,
+                       why="rise over the steady part at most %.2f (tolerance %g)"
+                           % (verdict["rise_high"], COUNT_TOLERANCE))
+    elif kind == CHURNING:
+        verdict.update(passed=verdict["rise_low"] <= COUNT_TOLERANCE,
+                       why="rise over the steady part at least %.2f (fails above %g)"
+                           % (verdict["rise_low"], COUNT_TOLERANCE))
+    else:
+        verdict.update(passed=True, why="shown, not judged")
+    return verdict
+
+
+def size(value):
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return "%s%.1f %s" % (sign, value, unit)
+        value /= 1024
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+def proc_rss(pid):
+    with open("/proc/%d/statm" % pid) as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def proc_descriptors(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def worker_stats(url, pids, probes=60):
+    """{pid: /stats} of every worker: each probe reaches whichever worker accepts it."""
+    seen = {}
+    for _ in range(probes):
+        status, body = get_json(url + "/stats", timeout=10)
+        if status == 200 and isinstance(body, dict):
+            seen[body["pid"]] = body
+        if set(pids) <= set(seen):
+            break
+    return seen
+
+
+class Sampler:
+    """One row per sample: {figure name: value}, named by role ("worker 1", "redis" ...)."""
+
+    def __init__(self, server, redis, status_path):
+        self.server, self.redis, self.status_path = server, redis, status_path
+        self.workers = sorted(server.worker_pids())
+        self.rows = []
+        self.kinds = {}
+        self.started = time.monotonic()
+
+    def figure(self, row, name, kind, value):
+        if value is not None:
+            row[name] = value
+            self.kinds[name] = kind
+
+    def driver_status(self):
+        try:
+            with open(self.status_path) as status:
+                return json.load(status)
+        except (OSError, ValueError):
+            return None
+
+    def sample(self, phase, driver_pid=None):
+        row = {"t": time.monotonic() - self.started, "time": time.time(), "phase": phase}
+        driver = self.driver_status() if phase == "load" else None
+        live_rooms = driver["live_rooms"] if driver else 0
+        stats = worker_stats(self.server.url, self.workers)
+        for number, pid in enumerate(self.workers, 1):
+            role = "worker %d" % number
+            body = stats.get(pid)
+            self.figure(row, role + " rss", MEMORY, proc_rss(pid))
+            if body is None:
+                continue
+            self.figure(row, role + " descriptors beyond connections", EXACT,
+                        body["descriptors"] - body["connections"])
+            self.figure(row, role + " connections", CHURNING, body["connections"])
+            self.figure(row, role + " rooms above live", CHURNING, body["rooms"] - live_rooms)
+            self.figure(row, role + " answer cache bytes", MEMORY, body["answer_cache_bytes"])
+            self.figure(row, role + " held polls", SHOWN, body["waiters"])
+            self.figure(row, role + " retained bytes", SHOWN, body["retained_bytes"])
+        if self.server.gunicorn:
+            self.figure(row, "master rss", MEMORY, proc_rss(self.server.pid))
+            self.figure(row, "master descriptors", EXACT, proc_descriptors(self.server.pid))
+        if self.redis is not None:
+            self.figure(row, "redis rss", MEMORY, proc_rss(self.redis.pid))
+            self.figure(row, "redis descriptors", EXACT, proc_descriptors(self.redis.pid))
+        if driver_pid is not None:
+            try:
+                self.figure(row, "load rss", MEMORY, proc_rss(driver_pid))
+            except OSError:
+                pass
+        if driver:
+            self.figure(row, "load descriptors beyond sockets", EXACT, driver["descriptors_beyond_sockets"])
+            self.figure(row, "load greenlets beyond clients", EXACT, driver["greenlets_beyond_clients"])
+            self.figure(row, "load sockets", SHOWN, driver["sockets"])
+            row["driver"] = driver
+        self.rows.append(row)
+        return row
+
+
+# -- tracemalloc, on request ---------------------------------------------------------------------
+
+def trace_snapshot(pids, trace_dir, label):
+    """Ask each traced worker for a snapshot (harness/bench_server.py dumps one on SIGUSR2)."""
+    with open(os.path.join(trace_dir, "label"), "w") as out:
+        out.write(label)
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 60
+    wanted = [os.path.join(trace_dir, "%d-%s.snapshot" % (pid, label)) for pid in pids]
+    while time.monotonic() < deadline and not all(os.path.exists(p) for p in wanted):
+        time.sleep(0.5)
+
+
+def growing_sites(trace_dir, pid, top=15):
+    import tracemalloc
+    try:
+        before = tracemalloc.Snapshot.load(os.path.join(trace_dir, "%d-steady.snapshot" % pid))
+        after = tracemalloc.Snapshot.load(os.path.join(trace_dir, "%d-end.snapshot" % pid))
+    except OSError:
+        return []
+    return [str(stat) for stat in after.compare_to(before, "lineno")[:top]]
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def run(args):
+    report_dir = args.out or page.new_report_dir("soak")
+    os.makedirs(report_dir, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="chattle-soak-")
+    status_path = os.path.join(scratch, "driver.json")
+    env = dict(SOAK_SERVER_ENV)
+    trace_dir = None
+    if args.trace:
+        trace_dir = os.path.join(scratch, "trace")
+        os.makedirs(trace_dir)
+        env[TRACE_VARIABLE] = trace_dir
+    redis = server = driver = None
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    try:
+        if args.workers > 1:
+            redis = RedisServer()
+        server = ChattleServer(workers=args.workers, redis_url=redis.url if redis else None, env=env,
+                               log_path=os.path.join(report_dir, "server.log"))
+        sampler = Sampler(server, redis, status_path)
+        print("soak: %s, %s on %s; load for %gs, warm-up %gs, a sample every %gs; report in %s"
+              % ("gunicorn x%d on redis" % args.workers if server.gunicorn else "python chattle.py (memory bus)",
+                 "faults %s" % fault_note() if server.faulted else "clean", server.url, args.duration,
+                 args.warm_up, args.sample_every, report_dir), flush=True)
+        for _ in range(3):
+            sampler.sample("idle")
+            time.sleep(1.0)
+        idle = dict(sampler.rows[-1])
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "bench.soak_driver", "--url", server.url, "--duration", str(args.duration),
+             "--status", status_path, "--listeners", str(args.listeners), "--churn", str(args.churn),
+             "--posts-per-second", str(args.posts_per_second), "--hostile-per-second", str(args.hostile_per_second),
+             "--room-life", str(args.room_life), "--status-every", str(min(args.sample_every, 10.0))],
+            cwd=ROOT, stdout=open(os.path.join(report_dir, "driver.log"), "w"), stderr=subprocess.STDOUT)
+        load_started = time.monotonic()
+        steady_from = load_started + args.warm_up
+        traced_steady = False
+        next_sample = load_started
+        while driver.poll() is None:
+            time.sleep(max(0.0, next_sample - time.monotonic()))
+            next_sample += args.sample_every
+            if driver.poll() is not None:
+                break
+            phase = "load" if time.monotonic() >= steady_from else "warm-up"
+            row = sampler.sample("load" if phase == "load" else "warm-up", driver.pid)
+            row["steady"] = phase == "load"
+            if trace_dir and phase == "load" and not traced_steady:
+                trace_snapshot(sampler.workers, trace_dir, "steady")
+                traced_steady = True
+            if args.verbose:
+                print("soak: %6.0fs %s" % (row["t"], brief(row)), flush=True)
+            if time.monotonic() > load_started + args.duration + 120:
+                break
+        if trace_dir:
+            trace_snapshot(sampler.workers, trace_dir, "end")
+        driver.wait(60)
+        final = sampler.driver_status() or {}
+        returned = return_to_idle(sampler, idle, args.idle_wait)
+        verdicts = judge_all(sampler, args)
+        result = {
+            "started": started_at, "command": " ".join(sys.argv), "commit": git_commit(),
+            "machine": page.machine_line(), "workers": args.workers, "duration_s": args.duration,
+            "warm_up_s": args.warm_up, "sample_every_s": args.sample_every, "listeners": args.listeners,
+            "churn_per_minute": args.churn, "posts_per_second": args.posts_per_second,
+            "hostile_per_second": args.hostile_per_second, "faults": fault_note() if server.faulted else None,
+            "server_env": env, "driver_counters": final.get("counters", {}),
+            "verdicts": verdicts, "return_to_idle": returned,
+        }
+        failed = [v for v in verdicts if not v["passed"]] + [r for r in returned["figures"] if not r["passed"]]
+        errors = load_errors(final.get("counters", {}))
+        result["load_errors"] = errors
+        result["passed"] = not failed and not errors
+        if trace_dir and failed:
+            result["growing_sites"] = {str(pid): growing_sites(trace_dir, pid) for pid in sampler.workers}
+        write_report(report_dir, result, sampler)
+        print_verdicts(result)
+        return 0 if result["passed"] else 1
+    finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+            driver.wait(10)
+        if server is not None:
+            server.stop()
+        if redis is not None:
+            redis.stop()
+
+
+def fault_note():
+    return ", ".join("%s=%s" % (k, v) for k, v in sorted(os.environ.items()) if k.startswith("CHATTLE_BENCH_") and v)
+
+
+def brief(row):
+    keys = [k for k in row if k.endswith(("rss", "beyond connections", "connections", "rooms above live"))]
+    return ", ".join("%s %s" % (k, size(row[k]) if k.endswith("rss") else row[k]) for k in keys)
+
+
+def load_errors(counters):
+    """What the load saw go wrong on the server's side: any 5xx, or a hostile client the
+    server never closed."""
+    return {k: v for k, v in counters.items()
+            if re.search(r"status_5\d\d|_not_closed$", k)}
+
+
+def return_to_idle(sampler, idle, wait):
+    """After the load: sample until each figure is back at its idle value (exactly for
+    counts, within IDLE_RETURN for RSS), or `wait` seconds pass."""
+    deadline = time.monotonic() + wait
+    ended = time.monotonic()
+    wanted = [k for k, kind in sampler.kinds.items() if k in idle and kind in (MEMORY, EXACT, CHURNING)
+              and ("rss" in k or "descriptors" in k or k.endswith("connections"))]
+
+    def back(row, name):
+        if name not in row:
+            return False
+        if name.endswith("rss"):
+            return row[name] <= idle[name] * (1 + IDLE_RETURN)
+        return row[name] == idle[name]
+
+    row = sampler.sample("after")
+    while time.monotonic() < deadline and not all(back(row, name) for name in wanted):
+        time.sleep(2.0)
+        row = sampler.sample("after")
+    took = time.monotonic() - ended
+    figures = [{"figure": name, "idle": idle[name], "after": row.get(name), "passed": back(row, name)}
+               for name in wanted]
+    return {"seconds": took, "wait": wait, "figures": figures}
+
+
+def judge_all(sampler, args):
+    steady = [row for row in sampler.rows if row.get("steady")]
+    if len(steady) < 3:
+        return [{"figure": "steady samples", "kind": "run", "passed": False,
+                 "why": "%d samples after the warm-up: make the run longer than the warm-up" % len(steady)}]
+    span = steady[-1]["t"] - steady[0]["t"]
+    verdicts = []
+    for name, kind in sampler.kinds.items():
+        points = [(row["t"], row[name]) for row in steady if name in row]
+        verdicts.append(judge(name, kind, points, span, args.listeners))
+    return verdicts
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() + (
+            "+changes" if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                         capture_output=True, text=True, timeout=10).stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# -- the report -------------------------------------------------------------------------------------
+
+def verdict_line(v):
+    mark = "pass" if v["passed"] else "FAIL"
+    if "per_hour" not in v:
+        return "%s  %-44s %s" % (mark, v["figure"], v.get("why", ""))
+    if v["kind"] == MEMORY:
+        return "%s  %-44s %s/h [%s, %s]; %.0f B per connection-hour (upper %.0f): %s" % (
+            mark, v["figure"], size(v["per_hour"]), size(v["per_hour_low"]), size(v["per_hour_high"]),
+            v["per_connection_hour"], v["per_connection_hour_high"], v["why"])
+    return "%s  %-44s %+.2f/h [%+.2f, %+.2f]; %s" % (
+        mark, v["figure"], v["per_hour"], v["per_hour_low"], v["per_hour_high"], v["why"])
+
+
+def print_verdicts(result):
+    for v in result["verdicts"]:
+        print("soak: " + verdict_line(v))
+    back = result["return_to_idle"]
+    for r in back["figures"]:
+        print("soak: %s  after the load: %-32s idle %s, after %s" % (
+            "pass" if r["passed"] else "FAIL", r["figure"], r["idle"], r["after"]))
+    print("soak: back to idle in %.0fs (waited at most %gs)" % (back["seconds"], back["wait"]))
+    if result["load_errors"]:
+        print("soak: FAIL  the load saw: %s" % result["load_errors"])
+    print("soak: load did %s" % ", ".join("%s %s" % kv for kv in sorted(result["driver_counters"].items())))
+    for pid, sites in result.get("growing_sites", {}).items():
+        print("soak: worker %s, top growing allocation sites (tracemalloc):" % pid)
+        for line in sites:
+            print("soak:   " + line)
+    failed = [v["figure"] for v in result["verdicts"] if not v["passed"]]
+    failed += ["%s after the load" % r["figure"] for r in back["figures"] if not r["passed"]]
+    if result["passed"]:
+        print("soak: PASSED: every figure flat over the steady part and back to idle after it")
+    else:
+        print("soak: FAILED: %s" % ", ".join(failed + (["load errors"] if result["load_errors"] else [])))
+
+
+def write_report(report_dir, result, sampler):
+    page.write_json(os.path.join(report_dir, "soak.json"), result)
+    with open(os.path.join(report_dir, "samples.jsonl"), "w") as out:
+        for row in sampler.rows:
+            out.write(json.dumps(row, default=str) + "\n")
+    charts = []
+    try:
+        charts = draw_charts(report_dir, result, sampler)
+    except ImportError:
+        pass
+    rows = [("Verdict", "PASSED" if result["passed"] else "FAILED", "pass" if result["passed"] else "fail")]
+    rows += [(v["figure"], verdict_line(v)[6:].split(None, 0)[0], "pass" if v["passed"] else "fail")
+             for v in result["verdicts"]]
+    rows += [("%s after the load" % r["figure"], "idle %s, after %s" % (r["idle"], r["after"]),
+              "pass" if r["passed"] else "fail") for r in result["return_to_idle"]["figures"]]
+    notes = ["%s; commit %s; started %s; %s" % (result["command"], result["commit"], result["started"],
+                                                result["machine"])]
+    for pid, sites in result.get("growing_sites", {}).items():
+        notes.append("worker %s, top growing allocation sites: %s" % (pid, " | ".join(sites[:8])))
+    page.write_html(os.path.join(report_dir, "report.html"), "Soak: %s" % ("passed" if result["passed"] else "FAILED"),
+                    "%d listeners, %g%% churn a minute, %g posts/s, %g hostile/s, %s of load, server %s"
+                    % (result["listeners"], result["churn_per_minute"] * 100, result["posts_per_second"],
+                       result["hostile_per_second"], "%gs" % result["duration_s"],
+                       "gunicorn x%d (redis)" % result["workers"] if result["workers"] > 1 else "python chattle.py"),
+                    rows, charts, notes=notes)
+
+
+def draw_charts(report_dir, result, sampler):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    charts = []
+    by_name = {v["figure"]: v for v in result["verdicts"]}
+    for number, name in enumerate(sampler.kinds):
+        points = [(row["t"], row[name], row["phase"]) for row in sampler.rows if name in row]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 3))
+        for phase, colour in (("idle", "#888"), ("warm-up", "#e0a030"), ("load", "#2060c0"), ("after", "#30a060")):
+            xs = [t / 60 for t, _v, p in points if p == phase]
+            ys = [v for _t, v, p in points if p == phase]
+            ax.plot(xs, ys, ".", color=colour, label=phase, markersize=4)
+        verdict = by_name.get(name)
+        if verdict and "slope" in verdict:
+            steady = [t for t, _v, p in points if p == "load"]
+            xs = [min(steady), max(steady)]
+            ax.plot([x / 60 for x in xs], [verdict["intercept"] + verdict["slope"] * x for x in xs], "-",
+                    color="#b3261e", label="fitted line")
+        ax.set_xlabel("minutes")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        png = "figure-%02d.png" % number
+        fig.savefig(os.path.join(report_dir, png), dpi=80)
+        plt.close(fig)
+        charts.append((png, verdict_line(verdict) if verdict else name))
+    return charts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=seconds, default=None, help="load duration: 2h, 30m, 300s (default 2h)")
+    parser.add_argument("--quick", action="store_true", help="about 5 minutes: 300 s of load, 90 s warm-up")
+    parser.add_argument("--warm-up", type=seconds, default=None,
+                        help="left out of the fit (default: 90 s quick, else a sixth of the run, at most 10 min)")
+    parser.add_argument("--workers", type=int, default=1, help="1: python chattle.py; more: gunicorn on redis")
+    parser.add_argument("--listeners", type=int, default=1000)
+    parser.add_argument("--churn", type=float, default=0.10, help="share of listeners replaced a minute")
+    parser.add_argument("--posts-per-second", type=float, default=10.0)
+    parser.add_argument("--hostile-per-second", type=float, default=1.0)
+    parser.add_argument("--room-life", type=float, default=60.0)
+    parser.add_argument("--sample-every", type=seconds, default=SAMPLE_EVERY)
+    parser.add_argument("--idle-wait", type=seconds, default=75.0,
+                        help="how long the figures get to return to idle (the longest poll, 20 s, plus the send "
+                             "timeout, 30 s, and a margin)")
+    parser.add_argument("--trace", action="store_true", help="tracemalloc in the workers; top growing sites on failure")
+    parser.add_argument("--out", help="report directory (default reports/<timestamp>-soak)")
+    parser.add_argument("--verbose", action="store_true", help="print each sample")
+    args = parser.parse_args(argv)
+    if args.duration is None:
+        args.duration = QUICK_DURATION if args.quick else 7200.0
+    if args.warm_up is None:
+        args.warm_up = QUICK_WARM_UP if args.quick else min(600.0, args.duration / 6)
+    if args.warm_up >= args.duration:
+        parser.error("--warm-up must be shorter than --duration")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
