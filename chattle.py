@@ -387,13 +387,14 @@ class Rooms:
 
     def _shed(self, growing):
         """Back under the bound: forget whole rooms, least recently active first, that
-        nobody waits on (and not `growing`, which just took a message; nor an empty one,
-        which may be loading); if that is not enough, the oldest messages of the rest."""
+        nobody waits on (and not `growing`, which just took a message; nor a new empty
+        one, which may be loading; one this trimmed empty while a poll waited there goes
+        too, or it would stay for good); if that is not enough, the oldest messages of the rest."""
         target = self.max_retained_bytes * self.SHED_TO
         for room in list(self.by_name.values()):
             if self.retained_bytes <= target:
                 return
-            if room is growing or room.waiting or not room.messages:
+            if room is growing or room.waiting or not (room.messages or room.last_id):
                 continue
             room.drop_messages()
             del self.by_name[room.name]

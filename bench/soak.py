@@ -182,7 +182,7 @@ class Sampler:
 
     def sample(self, phase, driver_pid=None):
         row = {"t": time.monotonic() - self.started, "time": time.time(), "phase": phase}
-        driver = self.driver_status() if phase == "load" else None
+        driver = self.driver_status() if phase in ("warm-up", "load") else None
         live_rooms = driver["live_rooms"] if driver else 0
         stats = worker_stats(self.server.url, self.workers)
         for number, pid in enumerate(self.workers, 1):
@@ -267,16 +267,20 @@ def run(args):
               % ("gunicorn x%d on redis" % args.workers if server.gunicorn else "python chattle.py (memory bus)",
                  "faults %s" % fault_note() if server.faulted else "clean", server.url, args.duration,
                  args.warm_up, args.sample_every, report_dir), flush=True)
+        cold = sampler.sample("cold")
+        # The idle a server returns to is that of a server that has held the load once:
+        # CPython keeps the memory of its high-water mark. So a short load first, and the
+        # idle figures after it.
+        prime = start_driver(args, server, args.prime, os.path.join(scratch, "prime.json"), seed=2,
+                             log_path=os.path.join(report_dir, "driver-prime.log"))
+        prime.wait(args.prime + 120)
+        wait_for_counts(sampler, cold, args.idle_wait)
         for _ in range(3):
             sampler.sample("idle")
             time.sleep(1.0)
         idle = dict(sampler.rows[-1])
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "bench.soak_driver", "--url", server.url, "--duration", str(args.duration),
-             "--status", status_path, "--listeners", str(args.listeners), "--churn", str(args.churn),
-             "--posts-per-second", str(args.posts_per_second), "--hostile-per-second", str(args.hostile_per_second),
-             "--room-life", str(args.room_life), "--status-every", str(min(args.sample_every, 10.0))],
-            cwd=ROOT, stdout=open(os.path.join(report_dir, "driver.log"), "w"), stderr=subprocess.STDOUT)
+        driver = start_driver(args, server, args.duration, status_path, seed=1,
+                              log_path=os.path.join(report_dir, "driver.log"))
         load_started = time.monotonic()
         steady_from = load_started + args.warm_up
         traced_steady = False
@@ -309,7 +313,8 @@ def run(args):
             "churn_per_minute": args.churn, "posts_per_second": args.posts_per_second,
             "hostile_per_second": args.hostile_per_second, "faults": fault_note() if server.faulted else None,
             "server_env": env, "driver_counters": final.get("counters", {}),
-            "verdicts": verdicts, "return_to_idle": returned,
+            "verdicts": verdicts, "return_to_idle": returned, "poll_timeout_s": args.poll_timeout,
+            "before_any_load": {k: v for k, v in cold.items() if k in sampler.kinds}, "idle": idle,
         }
         failed = [v for v in verdicts if not v["passed"]] + [r for r in returned["figures"] if not r["passed"]]
         errors = load_errors(final.get("counters", {}))
@@ -328,6 +333,28 @@ def run(args):
             server.stop()
         if redis is not None:
             redis.stop()
+
+
+def start_driver(args, server, duration, status_path, seed, log_path):
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.soak_driver", "--url", server.url, "--duration", str(duration),
+         "--status", status_path, "--listeners", str(args.listeners), "--churn", str(args.churn),
+         "--posts-per-second", str(args.posts_per_second), "--hostile-per-second", str(args.hostile_per_second),
+         "--room-life", str(args.room_life), "--status-every", str(min(args.sample_every, 10.0)),
+         "--poll-timeout", str(args.poll_timeout), "--seed", str(seed)],
+        cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_counts(sampler, cold, wait):
+    """Until the connection counts are back at their values before any load."""
+    deadline = time.monotonic() + wait
+    names = [name for name in cold if name.endswith(" connections")]
+    while time.monotonic() < deadline:
+        row = sampler.sample("cooling")
+        if all(row.get(name) == cold[name] for name in names):
+            return True
+        time.sleep(2.0)
+    return False
 
 
 def fault_note():
@@ -469,7 +496,8 @@ def draw_charts(report_dir, result, sampler):
         if not points:
             continue
         fig, ax = plt.subplots(figsize=(8, 3))
-        for phase, colour in (("idle", "#888"), ("warm-up", "#e0a030"), ("load", "#2060c0"), ("after", "#30a060")):
+        for phase, colour in (("cold", "#bbb"), ("cooling", "#bbb"), ("idle", "#888"), ("warm-up", "#e0a030"),
+                              ("load", "#2060c0"), ("after", "#30a060")):
             xs = [t / 60 for t, _v, p in points if p == phase]
             ys = [v for _t, v, p in points if p == phase]
             ax.plot(xs, ys, ".", color=colour, label=phase, markersize=4)
@@ -502,7 +530,12 @@ def main(argv=None):
     parser.add_argument("--posts-per-second", type=float, default=10.0)
     parser.add_argument("--hostile-per-second", type=float, default=1.0)
     parser.add_argument("--room-life", type=float, default=60.0)
+    parser.add_argument("--poll-timeout", type=int, default=20,
+                        help="the timeout most listeners ask (a fifth ask 3 s); also how long the server "
+                             "holds a left listener's poll")
     parser.add_argument("--sample-every", type=seconds, default=SAMPLE_EVERY)
+    parser.add_argument("--prime", type=seconds, default=30.0,
+                        help="seconds of load before the idle figures are taken (default %(default)s)")
     parser.add_argument("--idle-wait", type=seconds, default=75.0,
                         help="how long the figures get to return to idle (the longest poll, 20 s, plus the send "
                              "timeout, 30 s, and a margin)")

@@ -37,7 +37,6 @@ import time  # noqa: E402
 import urllib.parse  # noqa: E402
 
 import gevent  # noqa: E402
-from greenlet import greenlet  # noqa: E402
 
 from bench.httpframe import FramingError, ResponseParser  # noqa: E402
 from chattle_limits import client_timeout, raise_descriptor_limit  # noqa: E402
@@ -46,7 +45,6 @@ POLLS_PER_CONNECTION = 20      # a listener's keep-alive connection closes after
 POSTS_PER_CONNECTION = 50      # and the poster's after this many posts
 SHORT_TIMEOUT_SHARE = 0.2      # listeners whose polls ask a short timeout (and so time out)
 SHORT_TIMEOUT = 3
-LONG_TIMEOUT = 20
 HOSTILE_CAP = 30.0             # seconds a hostile client waits for the server to close it
 OVERSIZED_HEAD = 48 * 1024     # over the server's 32 KiB head limit
 
@@ -90,10 +88,10 @@ class Driver:
         return client
 
     # -- rooms -------------------------------------------------------------------------
-    def new_short_room(self):
+    def new_short_room(self, life=None):
         self.room_number += 1
         name = "soak-%d-short-%d" % (self.args.seed, self.room_number)
-        self.short_rooms[name] = time.monotonic() + self.args.room_life
+        self.short_rooms[name] = time.monotonic() + (self.args.room_life if life is None else life)
         return name
 
     def live_rooms(self):
@@ -116,7 +114,7 @@ class Driver:
     # -- listeners ---------------------------------------------------------------------
     def join(self, room=None):
         room = room or self.random.choice(self.live_rooms())
-        timeout = SHORT_TIMEOUT if self.random.random() < SHORT_TIMEOUT_SHARE else LONG_TIMEOUT
+        timeout = SHORT_TIMEOUT if self.random.random() < SHORT_TIMEOUT_SHARE else self.args.poll_timeout
         listener = self.spawn(self.listen, room, timeout)
         self.listeners[listener] = room
         listener.link(self.ended)
@@ -275,7 +273,9 @@ class Driver:
     # -- figures -------------------------------------------------------------------------
     def status(self):
         gc.collect()  # a greenlet that ended and awaits the collector is no leak
-        greenlets = sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet))
+        # gevent's Greenlets: every client is one. Raw greenlets also include the main
+        # greenlet of each thread of gevent's resolver pool, which grows and shrinks.
+        greenlets = sum(1 for obj in gc.get_objects() if isinstance(obj, gevent.Greenlet))
         # from here to the dict, nothing yields: the counts agree with each other
         descriptors = len(os.listdir("/proc/self/fd")) - 1
         return {
@@ -296,8 +296,9 @@ class Driver:
         os.replace(path + ".tmp", path)
 
     def run(self):
-        for _ in range(self.args.short_rooms):
-            self.new_short_room()
+        for number in range(self.args.short_rooms):
+            # the first ones end one after another, so that rooms are left at a steady rate
+            self.new_short_room(self.args.room_life * (number + 1) / self.args.short_rooms)
         for number in range(self.args.listeners):
             self.join()
             if number % 50 == 49:
@@ -332,6 +333,7 @@ def main(argv=None):
     parser.add_argument("--posts-per-second", type=float, default=10.0)
     parser.add_argument("--hostile-per-second", type=float, default=1.0)
     parser.add_argument("--status-every", type=float, default=2.0)
+    parser.add_argument("--poll-timeout", type=int, default=20, help="the timeout most listeners ask")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     raise_descriptor_limit()
