@@ -95,7 +95,7 @@ def fit_line(points):
 MEMORY, EXACT, CHURNING, SHOWN = "memory", "exact count", "count with churn", "shown"
 
 
-def judge(name, kind, points, span, held):
+def judge(name, kind, points, span, held, rss_gate=RSS_GATE):
     """The verdict of one figure over the steady part."""
     line = fit_line(points)
     verdict = {"figure": name, "kind": kind, "n": len(points)}
@@ -108,11 +108,11 @@ def judge(name, kind, points, span, held):
                    rise=line["slope"] * span, rise_low=(line["slope"] - line["half_width"]) * span,
                    rise_high=(line["slope"] + line["half_width"]) * span)
     if kind == MEMORY:
-        gate = RSS_GATE * held
+        gate = rss_gate * held
         verdict.update(per_connection_hour=per_hour / held, per_connection_hour_high=(per_hour + half) / held,
                        gate_per_hour=gate, passed=per_hour + half <= gate,
                        why="upper bound %s/h against a gate of %s/h (%d B per held connection per hour)"
-                           % (size(per_hour + half), size(gate), RSS_GATE))
+                           % (size(per_hour + half), size(gate), rss_gate))
     elif kind == EXACT:
         verdict.update(passed=verdict["rise_high"] <= COUNT_TOLERANCE,
                        why="rise over the steady part at most %.2f (tolerance %g)"
@@ -309,7 +309,8 @@ def run(args):
         result = {
             "started": started_at, "command": " ".join(sys.argv), "commit": git_commit(),
             "machine": page.machine_line(), "workers": args.workers, "duration_s": args.duration,
-            "warm_up_s": args.warm_up, "sample_every_s": args.sample_every, "listeners": args.listeners,
+            "warm_up_s": args.warm_up, "rss_gate": args.rss_gate, "sample_every_s": args.sample_every,
+            "listeners": args.listeners,
             "churn_per_minute": args.churn, "posts_per_second": args.posts_per_second,
             "hostile_per_second": args.hostile_per_second, "faults": fault_note() if server.faulted else None,
             "server_env": env, "driver_counters": final.get("counters", {}),
@@ -407,7 +408,7 @@ def judge_all(sampler, args):
     verdicts = []
     for name, kind in sampler.kinds.items():
         points = [(row["t"], row[name]) for row in steady if name in row]
-        verdicts.append(judge(name, kind, points, span, args.listeners))
+        verdicts.append(judge(name, kind, points, span, args.listeners, args.rss_gate))
     return verdicts
 
 
@@ -539,6 +540,8 @@ def main(argv=None):
     parser.add_argument("--idle-wait", type=seconds, default=75.0,
                         help="how long the figures get to return to idle (the longest poll, 20 s, plus the send "
                              "timeout, 30 s, and a margin)")
+    parser.add_argument("--rss-gate", type=int, default=RSS_GATE,
+                        help="bytes of memory growth allowed per held connection per hour (default %(default)s)")
     parser.add_argument("--trace", action="store_true", help="tracemalloc in the workers; top growing sites on failure")
     parser.add_argument("--out", help="report directory (default reports/<timestamp>-soak)")
     parser.add_argument("--verbose", action="store_true", help="print each sample")

@@ -7,6 +7,8 @@ that grew.
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -69,3 +71,58 @@ def test_a_room_emptied_by_the_retained_bound_while_a_poll_was_held_is_forgotten
         assert "live" in rooms.by_name and rooms.retained_bytes <= 20000
     finally:
         chattle.configure(chattle.Settings())
+
+
+# -- a short soak, for real -------------------------------------------------------------------
+
+# make soak's judgement on a shorter run: 300 listeners, 30 s of steady load sampled every
+# 1.5 s. Counts keep make soak's gates; memory gets 128 KiB per held connection per hour
+# (make soak: 1 KiB), since 30 s of samples cannot resolve less than tens of KiB an hour
+# against RSS's page-sized steps. The leak below grows by about 1 KB per request, some
+# MiB per connection-hour, and one descriptor per request.
+SHORT = ["--duration", "45", "--warm-up", "15", "--prime", "5", "--sample-every", "1.5", "--listeners", "300",
+         "--poll-timeout", "5", "--room-life", "15", "--idle-wait", "40", "--rss-gate", str(128 * 1024)]
+LEAK = {"CHATTLE_BENCH_LEAK": "requests,sockets"}
+
+
+def start_soak(out, extra_env):
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CHATTLE_BENCH_")}
+    env.update(extra_env)
+    with open(out / "output.txt", "w") as output:
+        return subprocess.Popen([sys.executable, "-m", "bench.soak", *SHORT, "--out", str(out)], cwd=ROOT,
+                                env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def soaks(tmp_path_factory):
+    """The clean tree and the leaking one, soaked side by side (each a server and a load
+    process of its own): {name: (exit code, output)}."""
+    outs = {"clean": tmp_path_factory.mktemp("clean"), "leak": tmp_path_factory.mktemp("leak")}
+    runs = {"clean": start_soak(outs["clean"], {}), "leak": start_soak(outs["leak"], LEAK)}
+    try:
+        codes = {name: run.wait(300) for name, run in runs.items()}
+        return {name: (codes[name], (outs[name] / "output.txt").read_text()) for name in runs}
+    finally:
+        for run in runs.values():
+            if run.poll() is None:
+                run.kill()
+                run.wait(10)
+
+
+@pytest.mark.slow
+def test_the_clean_tree_passes_a_short_soak(soaks):
+    code, output = soaks["clean"]
+    print(output)
+    assert code == 0, output
+    assert "soak: PASSED" in output
+
+
+@pytest.mark.slow
+def test_a_leak_fails_a_short_soak_naming_the_figures_that_grew(soaks):
+    code, output = soaks["leak"]
+    print(output)
+    assert code == 1, output
+    failed = [line for line in output.splitlines() if line.startswith("soak: FAILED:")]
+    assert failed, output
+    assert "worker 1 rss" in failed[0], "the kept requests must show as memory: " + failed[0]
+    assert "worker 1 descriptors beyond connections" in failed[0], "the sockets must show: " + failed[0]
