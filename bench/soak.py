@@ -146,6 +146,19 @@ def proc_descriptors(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
+def tcp_peers(pid, port):
+    """Established TCP connections of `pid` with `port` at either end: a worker's connections
+    to the shared bus (its pool of up to 64 opens as concurrency needs and then stays), or
+    the redis-server's clients."""
+    import psutil
+    try:
+        return sum(1 for conn in psutil.Process(pid).net_connections(kind="tcp")
+                   if conn.status == psutil.CONN_ESTABLISHED
+                   and port in (conn.laddr.port if conn.laddr else None, conn.raddr.port if conn.raddr else None))
+    except psutil.Error:
+        return None
+
+
 def worker_stats(url, pids, probes=60):
     """{pid: /stats} of every worker: each probe reaches whichever worker accepts it."""
     seen = {}
@@ -191,8 +204,12 @@ class Sampler:
             self.figure(row, role + " rss", MEMORY, proc_rss(pid))
             if body is None:
                 continue
-            self.figure(row, role + " descriptors beyond connections", EXACT,
-                        body["descriptors"] - body["connections"])
+            beyond = body["descriptors"] - body["connections"]
+            if self.redis is not None:
+                bus = tcp_peers(pid, self.redis.port)  # read just after: the pool changes seldom
+                beyond = None if bus is None else beyond - bus
+                self.figure(row, role + " bus connections", SHOWN, bus)
+            self.figure(row, role + " descriptors beyond connections", EXACT, beyond)
             self.figure(row, role + " connections", CHURNING, body["connections"])
             self.figure(row, role + " rooms above live", CHURNING, body["rooms"] - live_rooms)
             self.figure(row, role + " answer cache bytes", MEMORY, body["answer_cache_bytes"])
@@ -203,7 +220,11 @@ class Sampler:
             self.figure(row, "master descriptors", EXACT, proc_descriptors(self.server.pid))
         if self.redis is not None:
             self.figure(row, "redis rss", MEMORY, proc_rss(self.redis.pid))
-            self.figure(row, "redis descriptors", EXACT, proc_descriptors(self.redis.pid))
+            clients = tcp_peers(self.redis.pid, self.redis.port)
+            descriptors = proc_descriptors(self.redis.pid)
+            self.figure(row, "redis descriptors beyond clients", EXACT,
+                        None if clients is None else descriptors - clients)
+            self.figure(row, "redis clients", SHOWN, clients)
         if driver_pid is not None:
             try:
                 self.figure(row, "load rss", MEMORY, proc_rss(driver_pid))
