@@ -174,8 +174,9 @@ def worker_stats(url, pids, probes=60):
 class Sampler:
     """One row per sample: {figure name: value}, named by role ("worker 1", "redis" ...)."""
 
-    def __init__(self, server, redis, status_path):
+    def __init__(self, server, redis, status_path, samples_path=None):
         self.server, self.redis, self.status_path = server, redis, status_path
+        self.samples_path = samples_path  # each row is appended as it is taken: a cut run keeps them
         self.workers = sorted(server.worker_pids())
         self.rows = []
         self.kinds = {}
@@ -236,6 +237,9 @@ class Sampler:
             self.figure(row, "load sockets", SHOWN, driver["sockets"])
             row["driver"] = driver
         self.rows.append(row)
+        if self.samples_path:
+            with open(self.samples_path, "a") as out:
+                out.write(json.dumps(row, default=str) + "\n")
         return row
 
 
@@ -283,7 +287,7 @@ def run(args):
             redis = RedisServer()
         server = ChattleServer(workers=args.workers, redis_url=redis.url if redis else None, env=env,
                                log_path=os.path.join(report_dir, "server.log"))
-        sampler = Sampler(server, redis, status_path)
+        sampler = Sampler(server, redis, status_path, os.path.join(report_dir, "samples.jsonl"))
         print("soak: %s, %s on %s; load for %gs, warm-up %gs, a sample every %gs; report in %s"
               % ("gunicorn x%d on redis" % args.workers if server.gunicorn else "python chattle.py (memory bus)",
                  "faults %s" % fault_note() if server.faulted else "clean", server.url, args.duration,
@@ -370,7 +374,7 @@ def start_driver(args, server, duration, status_path, seed, log_path):
 def wait_for_counts(sampler, cold, wait):
     """Until the connection counts are back at their values before any load."""
     deadline = time.monotonic() + wait
-    names = [name for name in cold if name.endswith(" connections")]
+    names = [name for name in cold if name.endswith(" connections") and "beyond" not in name]
     while time.monotonic() < deadline:
         row = sampler.sample("cooling")
         if all(row.get(name) == cold[name] for name in names):
@@ -482,9 +486,6 @@ def print_verdicts(result):
 
 def write_report(report_dir, result, sampler):
     page.write_json(os.path.join(report_dir, "soak.json"), result)
-    with open(os.path.join(report_dir, "samples.jsonl"), "w") as out:
-        for row in sampler.rows:
-            out.write(json.dumps(row, default=str) + "\n")
     charts = []
     try:
         charts = draw_charts(report_dir, result, sampler)

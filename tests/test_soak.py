@@ -80,8 +80,8 @@ def test_a_room_emptied_by_the_retained_bound_while_a_poll_was_held_is_forgotten
 # (make soak: 1 KiB), since 30 s of samples cannot resolve less than tens of KiB an hour
 # against RSS's page-sized steps. The leak below grows by about 1 KB per request, some
 # MiB per connection-hour, and one descriptor per request.
-SHORT = ["--duration", "45", "--warm-up", "15", "--prime", "5", "--sample-every", "1.5", "--listeners", "300",
-         "--poll-timeout", "5", "--room-life", "15", "--idle-wait", "40", "--rss-gate", str(128 * 1024)]
+SHORT = ["--duration", "50", "--warm-up", "20", "--prime", "5", "--sample-every", "1.5", "--listeners", "300",
+         "--poll-timeout", "5", "--room-life", "15", "--idle-wait", "25", "--rss-gate", str(128 * 1024)]
 LEAK = {"CHATTLE_BENCH_LEAK": "requests,sockets"}
 
 
