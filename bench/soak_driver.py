@@ -72,8 +72,16 @@ class Driver:
 
     # -- sockets, counted --------------------------------------------------------------
     def connect(self):
-        sock = socket.create_connection(self.address, timeout=10)
+        # Counted from its creation, not from the connect's end: the count must hold while
+        # other connects are under way.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sockets.add(sock)
+        try:
+            sock.settimeout(10)
+            sock.connect(self.address)
+        except BaseException:
+            self.close(sock)
+            raise
         return sock
 
     def close(self, sock):
