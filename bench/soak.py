@@ -49,7 +49,16 @@ CONFIDENCE_Z = 1.96
 # reached in the warm-up, so rooms left behind are shed by it (the memory bus keeps a
 # room's history until this bound needs the room), and a short TTL so the shared bus's
 # copies of left rooms expire within the run.
-SOAK_SERVER_ENV = {"CHATTLE_MAX_RETAINED_BYTES": str(64 * 1024), "CHATTLE_ROOM_TTL": "120"}
+SOAK_SERVER_ENV = {"CHATTLE_MAX_RETAINED_BYTES": str(64 * 1024), "CHATTLE_ROOM_TTL": "120",
+                   # a room's history fills in 100 posts to it (at 500, a long-lived room of
+                   # the soak took over a quarter of an hour, past the warm-up)
+                   "CHATTLE_HISTORY": "50"}
+# The shared bus's stream of recent posts (chattle.RedisBus.POSTS) keeps about its last
+# 10 000 entries: at 10 posts a second it would fill for 17 minutes, past the warm-up. It
+# starts full instead, as on a bus that has run for a while; the first post trims it.
+BUS_STREAM = "chattle:posts"
+BUS_PREFILL = 12000
+QUICK_RSS_GATE = 16 * 1024       # what 3.5 minutes of samples resolve (docs/soak.md)
 TRACE_VARIABLE = "CHATTLE_BENCH_TRACE"
 
 
@@ -285,6 +294,7 @@ def run(args):
     try:
         if args.workers > 1:
             redis = RedisServer()
+            prefill_bus_stream(redis.url)
         server = ChattleServer(workers=args.workers, redis_url=redis.url if redis else None, env=env,
                                log_path=os.path.join(report_dir, "server.log"))
         sampler = Sampler(server, redis, status_path, os.path.join(report_dir, "samples.jsonl"))
@@ -361,6 +371,17 @@ def run(args):
             server.stop()
         if redis is not None:
             redis.stop()
+
+
+def prefill_bus_stream(url):
+    import redis
+    client = redis.Redis.from_url(url)
+    pipe = client.pipeline(transaction=False)
+    for number in range(BUS_PREFILL):
+        pipe.xadd(BUS_STREAM, {"r": "soak-prefill", "i": number + 1, "f": "soak",
+                               "c": "message %d" % number, "t": "%.6f" % time.time()})
+    pipe.execute()
+    client.close()
 
 
 def start_driver(args, server, duration, status_path, seed, log_path):
@@ -564,14 +585,17 @@ def main(argv=None):
     parser.add_argument("--idle-wait", type=seconds, default=75.0,
                         help="how long the figures get to return to idle (the longest poll, 20 s, plus the send "
                              "timeout, 30 s, and a margin)")
-    parser.add_argument("--rss-gate", type=int, default=RSS_GATE,
-                        help="bytes of memory growth allowed per held connection per hour (default %(default)s)")
+    parser.add_argument("--rss-gate", type=int, default=None,
+                        help="bytes of memory growth allowed per held connection per hour (default %d; "
+                             "%d with --quick)" % (RSS_GATE, QUICK_RSS_GATE))
     parser.add_argument("--trace", action="store_true", help="tracemalloc in the workers; top growing sites on failure")
     parser.add_argument("--out", help="report directory (default reports/<timestamp>-soak)")
     parser.add_argument("--verbose", action="store_true", help="print each sample")
     args = parser.parse_args(argv)
     if args.duration is None:
         args.duration = QUICK_DURATION if args.quick else 7200.0
+    if args.rss_gate is None:
+        args.rss_gate = QUICK_RSS_GATE if args.quick else RSS_GATE
     if args.warm_up is None:
         args.warm_up = QUICK_WARM_UP if args.quick else min(600.0, args.duration / 6)
     if args.warm_up >= args.duration:
