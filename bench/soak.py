@@ -460,6 +460,27 @@ def judge_all(sampler, args):
     return verdicts
 
 
+def rejudge(report_dir, warm_up):
+    """The verdicts of a finished run's samples with another warm-up (its report stays)."""
+    with open(os.path.join(report_dir, "soak.json")) as summary:
+        result = json.load(summary)
+    with open(os.path.join(report_dir, "samples.jsonl")) as samples:
+        rows = [json.loads(line) for line in samples]
+    loaded = [row for row in rows if row["phase"] in ("warm-up", "load")]
+    steady = [row for row in loaded if row["t"] >= loaded[0]["t"] + warm_up]
+    span = steady[-1]["t"] - steady[0]["t"]
+    print("soak: %s judged again with a warm-up of %gs: %d samples over %.0fs"
+          % (report_dir, warm_up, len(steady), span))
+    verdicts = []
+    for old in result["verdicts"]:
+        name = old["figure"]
+        points = [(row["t"], row[name]) for row in steady if name in row]
+        verdicts.append(judge(name, old["kind"], points, span, result["listeners"],
+                              result.get("rss_gate", RSS_GATE)))
+        print("soak: " + verdict_line(verdicts[-1]))
+    return 0 if all(v["passed"] for v in verdicts) else 1
+
+
 def git_commit():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -591,7 +612,11 @@ def main(argv=None):
     parser.add_argument("--trace", action="store_true", help="tracemalloc in the workers; top growing sites on failure")
     parser.add_argument("--out", help="report directory (default reports/<timestamp>-soak)")
     parser.add_argument("--verbose", action="store_true", help="print each sample")
+    parser.add_argument("--rejudge", metavar="REPORT_DIR",
+                        help="judge the samples of a finished run again with --warm-up, and stop")
     args = parser.parse_args(argv)
+    if args.rejudge:
+        return rejudge(args.rejudge, args.warm_up or 0.0)
     if args.duration is None:
         args.duration = QUICK_DURATION if args.quick else 7200.0
     if args.rss_gate is None:
