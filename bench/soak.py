@@ -147,8 +147,12 @@ def size(value):
 # -- sampling ---------------------------------------------------------------------------------
 
 def proc_rss(pid):
-    with open("/proc/%d/statm" % pid) as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """Resident bytes; None for a process gone (an exiting one reads 0)."""
+    try:
+        with open("/proc/%d/statm" % pid) as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") or None
+    except OSError:
+        return None
 
 
 def proc_descriptors(pid):
@@ -235,11 +239,10 @@ class Sampler:
             self.figure(row, "redis descriptors beyond clients", EXACT,
                         None if clients is None else descriptors - clients)
             self.figure(row, "redis clients", SHOWN, clients)
-        if driver_pid is not None:
-            try:
-                self.figure(row, "load rss", MEMORY, proc_rss(driver_pid))
-            except OSError:
-                pass
+        if driver and driver.get("stopping"):
+            driver = None  # its load is over: its own figures are no longer the steady part's
+        if driver_pid is not None and driver:
+            self.figure(row, "load rss", MEMORY, proc_rss(driver_pid))
         if driver:
             self.figure(row, "load descriptors beyond sockets", EXACT, driver["descriptors_beyond_sockets"])
             self.figure(row, "load greenlets beyond clients", EXACT, driver["greenlets_beyond_clients"])
@@ -474,7 +477,9 @@ def rejudge(report_dir, warm_up):
     verdicts = []
     for old in result["verdicts"]:
         name = old["figure"]
-        points = [(row["t"], row[name]) for row in steady if name in row]
+        # a process that was exiting read 0 (samples of runs before that was caught)
+        points = [(row["t"], row[name]) for row in steady
+                  if name in row and not (old["kind"] == MEMORY and name.endswith("rss") and not row[name])]
         verdicts.append(judge(name, old["kind"], points, span, result["listeners"],
                               result.get("rss_gate", RSS_GATE)))
         print("soak: " + verdict_line(verdicts[-1]))
