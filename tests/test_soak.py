@@ -126,3 +126,36 @@ def test_a_leak_fails_a_short_soak_naming_the_figures_that_grew(soaks):
     assert failed, output
     assert "worker 1 rss" in failed[0], "the kept requests must show as memory: " + failed[0]
     assert "worker 1 descriptors beyond connections" in failed[0], "the sockets must show: " + failed[0]
+
+
+# -- the faults reach whichever process serves ----------------------------------------------
+
+@pytest.mark.parametrize("gunicorn", [False, True], ids=["python chattle.py", "gunicorn"])
+def test_a_leak_asked_for_reaches_the_server_and_grows_by_one_descriptor_per_request(tmp_path, gunicorn):
+    from harness.processes import ChattleServer, get_json
+    server = ChattleServer(gunicorn=gunicorn, env={"CHATTLE_BENCH_LEAK": "sockets"},
+                           log_path=str(tmp_path / "server.log"))
+    try:
+        assert server.faulted and any("bench_server" in part for part in server.argv)
+
+        def beyond():
+            status, stats = get_json(server.url + "/stats")
+            assert status == 200
+            return stats["descriptors"] - stats["connections"]
+
+        before = beyond()
+        for _ in range(5):
+            assert get_json(server.url + "/rooms/leak/msgs?timeout=0")[0] == 200
+        assert beyond() == before + 5
+    finally:
+        server.stop()
+
+
+def test_a_clean_server_is_chattle_itself(tmp_path):
+    from harness.processes import ChattleServer
+    env = {name: "" for name in os.environ if name.startswith("CHATTLE_BENCH_")}
+    server = ChattleServer(env=env, log_path=str(tmp_path / "server.log"))
+    try:
+        assert not server.faulted and server.argv[1].endswith("chattle.py")
+    finally:
+        server.stop()
