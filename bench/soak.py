@@ -218,6 +218,9 @@ class Sampler:
             self.figure(row, role + " rss", MEMORY, proc_rss(pid))
             if body is None:
                 continue
+            if body.get("descriptors") is None:  # it could not list them: out of descriptors
+                row.setdefault("unreadable", []).append(role + " descriptors")
+                continue
             beyond = body["descriptors"] - body["connections"]
             if self.redis is not None:
                 bus = tcp_peers(pid, self.redis.port)  # read just after: the pool changes seldom

@@ -5,9 +5,9 @@ chattle's with only the fault added.
 
     CHATTLE_BENCH_EXTRA_WORK=<squares>   every poll answer sums that many squares first
                                          (how `make regress` shows its gates can fail)
-    CHATTLE_BENCH_LEAK=requests,sockets  every chat request is kept in a list / opens a
-                                         socket never closed (how `make soak` shows its
-                                         gates can fail)
+    CHATTLE_BENCH_LEAK=requests,sockets  every chat request is kept in a list / every
+                                         20th opens a socket never closed (how `make soak`
+                                         shows its gates can fail)
     CHATTLE_BENCH_TRACE=<directory>      tracemalloc on; SIGUSR2 dumps a snapshot there,
                                          named <pid>-<the word in <directory>/label>
 
@@ -77,18 +77,21 @@ def install_extra_work(environ=os.environ, app=None):
 ###############################################################################
 
 class LeakPerRequest:
-    """A Bottle plugin that leaks on every chat request (a poll or a post; not /stats or
-    /health, so the leak follows the load and not the sampler): keeps a copy of the
-    request's text fields in `kept` (about 1 KB each), or opens a socket in `sockets`
-    and never closes it (one descriptor each)."""
+    """A Bottle plugin that leaks on chat requests (polls and posts; not /stats or
+    /health, so the leak follows the load and not the sampler): keeps a copy of every
+    request's text fields in `kept` (about 1 KB each), or opens a socket in `sockets` on
+    every SOCKET_EVERY-th request and never closes it (at one a request, a soak's load
+    took the 20 000 descriptors a process may have within a minute)."""
 
     name = "leak_per_request"
     api = 2
+    SOCKET_EVERY = 20
 
     def __init__(self, leaks):
         self.leaks = set(leaks)
         self.kept = []
         self.sockets = []
+        self.requests = 0
 
     def apply(self, callback, route):
         if callback not in (chattle.poll_messages, chattle.post_message):
@@ -99,7 +102,8 @@ class LeakPerRequest:
         def leaking(*args, **kwargs):
             if keep_requests:
                 self.kept.append({k: v for k, v in chattle.request.environ.items() if isinstance(v, str)})
-            if open_sockets:
+            self.requests += 1
+            if open_sockets and self.requests % self.SOCKET_EVERY == 0:
                 self.sockets.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             return callback(*args, **kwargs)
 

@@ -14,6 +14,7 @@ import pytest
 
 import chattle
 from bench import soak
+from harness import bench_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +80,7 @@ def test_a_room_emptied_by_the_retained_bound_while_a_poll_was_held_is_forgotten
 # 1.5 s. Counts keep make soak's gates; memory gets 128 KiB per held connection per hour
 # (make soak: 1 KiB), since 30 s of samples cannot resolve less than tens of KiB an hour
 # against RSS's page-sized steps. The leak below grows by about 1 KB per request, some
-# MiB per connection-hour, and one descriptor per request.
+# MiB per connection-hour, and one descriptor per 20 requests.
 SHORT = ["--duration", "50", "--warm-up", "20", "--prime", "5", "--sample-every", "1.5", "--listeners", "300",
          "--poll-timeout", "5", "--room-life", "15", "--idle-wait", "25", "--rss-gate", str(128 * 1024)]
 LEAK = {"CHATTLE_BENCH_LEAK": "requests,sockets"}
@@ -144,9 +145,10 @@ def test_a_leak_asked_for_reaches_the_server_and_grows_by_one_descriptor_per_req
             return stats["descriptors"] - stats["connections"]
 
         before = beyond()
-        for _ in range(5):
+        every = bench_server.LeakPerRequest.SOCKET_EVERY
+        for _ in range(3 * every):
             assert get_json(server.url + "/rooms/leak/msgs?timeout=0")[0] == 200
-        assert beyond() == before + 5
+        assert beyond() == before + 3
     finally:
         server.stop()
 
