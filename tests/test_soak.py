@@ -76,12 +76,13 @@ def test_a_room_emptied_by_the_retained_bound_while_a_poll_was_held_is_forgotten
 
 # -- a short soak, for real -------------------------------------------------------------------
 
-# make soak's judgement on a shorter run: 300 listeners, 30 s of steady load sampled every
+# make soak's judgement on a shorter run: 300 listeners, 30 s of steady load (after 30 s
+# of warm-up: a fresh load process still grows for a while) sampled every
 # 1.5 s. Counts keep make soak's gates; memory gets 128 KiB per held connection per hour
 # (make soak: 1 KiB), since 30 s of samples cannot resolve less than tens of KiB an hour
 # against RSS's page-sized steps. The leak below grows by about 1 KB per request, some
 # MiB per connection-hour, and one descriptor per 20 requests.
-SHORT = ["--duration", "50", "--warm-up", "20", "--prime", "5", "--sample-every", "1.5", "--listeners", "300",
+SHORT = ["--duration", "60", "--warm-up", "30", "--prime", "5", "--sample-every", "1.5", "--listeners", "300",
          "--poll-timeout", "5", "--room-life", "15", "--idle-wait", "25", "--rss-gate", str(128 * 1024)]
 LEAK = {"CHATTLE_BENCH_LEAK": "requests,sockets"}
 
