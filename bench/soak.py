@@ -297,6 +297,7 @@ def run(args):
         env[TRACE_VARIABLE] = trace_dir
     redis = server = driver = None
     started_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    commit = git_commit()  # the tree that runs, not the one a long run ends on
     try:
         if args.workers > 1:
             redis = RedisServer()
@@ -350,7 +351,7 @@ def run(args):
         returned = return_to_idle(sampler, idle, args.idle_wait)
         verdicts = judge_all(sampler, args)
         result = {
-            "started": started_at, "command": " ".join(sys.argv), "commit": git_commit(),
+            "started": started_at, "command": " ".join(sys.argv), "commit": commit,
             "machine": page.machine_line(), "workers": args.workers, "duration_s": args.duration,
             "warm_up_s": args.warm_up, "rss_gate": args.rss_gate, "sample_every_s": args.sample_every,
             "listeners": args.listeners,
