@@ -568,10 +568,13 @@ def draw_charts(report_dir, result, sampler):
     charts = []
     by_name = {v["figure"]: v for v in result["verdicts"]}
     for number, name in enumerate(sampler.kinds):
-        points = [(row["t"], row[name], row["phase"]) for row in sampler.rows if name in row]
+        scale = 2 ** 20 if name.endswith(("rss", "bytes")) else 1  # memory in MiB
+        points = [(row["t"], row[name] / scale, row["phase"]) for row in sampler.rows if name in row]
         if not points:
             continue
         fig, ax = plt.subplots(figsize=(8, 3))
+        if scale > 1:
+            ax.set_ylabel("MiB")
         for phase, colour in (("cold", "#bbb"), ("cooling", "#bbb"), ("idle", "#888"), ("warm-up", "#e0a030"),
                               ("load", "#2060c0"), ("after", "#30a060")):
             xs = [t / 60 for t, _v, p in points if p == phase]
@@ -581,7 +584,7 @@ def draw_charts(report_dir, result, sampler):
         if verdict and "slope" in verdict:
             steady = [t for t, _v, p in points if p == "load"]
             xs = [min(steady), max(steady)]
-            ax.plot([x / 60 for x in xs], [verdict["intercept"] + verdict["slope"] * x for x in xs], "-",
+            ax.plot([x / 60 for x in xs], [(verdict["intercept"] + verdict["slope"] * x) / scale for x in xs], "-",
                     color="#b3261e", label="fitted line")
         ax.set_xlabel("minutes")
         ax.set_title(name, fontsize=10)
