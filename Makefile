@@ -108,7 +108,7 @@ regress-accept: $(STAMP)
 	$(PY) -m bench.regress --accept
 
 # Hours of steady load with churn, every process's memory, descriptors, greenlets and rooms
-# judged by their slope (docs/soak.md): DURATION= (default 2h), QUICK=1 (5 minutes),
+# judged by their slope (docs/soak.md): DURATION= (default 2h), QUICK=1 (about 7 minutes),
 # WORKERS=2 (gunicorn on a redis-server of its own), TRACE=1 (tracemalloc's growing sites).
 soak: system-packages $(STAMP)
 	$(PY) -m bench.soak $(if $(QUICK),--quick) $(if $(DURATION),--duration $(DURATION)) \

@@ -637,7 +637,11 @@ def main(argv=None):
         args.warm_up = QUICK_WARM_UP if args.quick else min(600.0, args.duration / 6)
     if args.warm_up >= args.duration:
         parser.error("--warm-up must be shorter than --duration")
-    return run(args)
+    try:
+        return run(args)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print("soak: the run could not be made: %s" % exc, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
