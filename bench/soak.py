@@ -41,6 +41,7 @@ from reports import page
 SAMPLE_EVERY = 10.0
 QUICK_DURATION = 300.0
 QUICK_WARM_UP = 90.0
+WARM_UP_MAX = 1200.0             # the workers' RSS settled for about 20 minutes (docs/soak.md)
 RSS_GATE = 1024                  # bytes per held connection per hour
 COUNT_TOLERANCE = 2.0            # units of rise over the steady part (docs/soak.md)
 IDLE_RETURN = 0.10               # RSS back within this share of idle
@@ -602,7 +603,7 @@ def main(argv=None):
     parser.add_argument("--duration", type=seconds, default=None, help="load duration: 2h, 30m, 300s (default 2h)")
     parser.add_argument("--quick", action="store_true", help="about 5 minutes: 300 s of load, 90 s warm-up")
     parser.add_argument("--warm-up", type=seconds, default=None,
-                        help="left out of the fit (default: 90 s quick, else a sixth of the run, at most 10 min)")
+                        help="left out of the fit (default: 90 s quick, else a third of the run, at most 20 min)")
     parser.add_argument("--workers", type=int, default=1, help="1: python chattle.py; more: gunicorn on redis")
     parser.add_argument("--listeners", type=int, default=1000)
     parser.add_argument("--churn", type=float, default=0.10, help="share of listeners replaced a minute")
@@ -634,7 +635,7 @@ def main(argv=None):
     if args.rss_gate is None:
         args.rss_gate = QUICK_RSS_GATE if args.quick else RSS_GATE
     if args.warm_up is None:
-        args.warm_up = QUICK_WARM_UP if args.quick else min(600.0, args.duration / 6)
+        args.warm_up = QUICK_WARM_UP if args.quick else min(WARM_UP_MAX, args.duration / 3)
     if args.warm_up >= args.duration:
         parser.error("--warm-up must be shorter than --duration")
     try:
