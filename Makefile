@@ -15,6 +15,7 @@ DURATION ?=
 ROOMS   ?=
 HOST    ?=
 QUICK   ?=
+TRACE   ?=
 # make load's scenario knobs (defaults in loadtests/locust.conf)
 POSTERS ?=
 BURST_SIZE ?=
@@ -33,7 +34,7 @@ MASTER_BIND ?=
 MASTER ?=
 PROCESSES ?=
 
-.PHONY: all venv system-packages lint run redis-cluster test test-fast load load-worker cluster-demo bench capacity regress regress-accept clean
+.PHONY: all venv system-packages lint run redis-cluster test test-fast load load-worker cluster-demo bench capacity regress regress-accept soak clean
 
 all: test
 
@@ -48,7 +49,8 @@ SYSTEM_PROGRAMS := $(sort \
   $(if $(filter cluster-demo,$(GOALS)),redis-server faketime) \
   $(if $(filter run,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(REDIS)$(REDIS_CLUSTER),,redis-server))) \
   $(if $(filter redis-cluster,$(GOALS)),redis-server) \
-  $(if $(filter load,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(HOST),,redis-server))))
+  $(if $(filter load,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(HOST),,redis-server))) \
+  $(if $(filter soak,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),redis-server)))
 
 system-packages:
 	@$(PYTHON3) -m harness.system_packages $(SYSTEM_PROGRAMS)
@@ -138,6 +140,13 @@ regress: $(STAMP)
 # Rewrites bench/baselines/callgrind.json from this tree, on purpose: commit it with the change.
 regress-accept: $(STAMP)
 	$(PY) -m bench.regress --accept
+
+# Hours of steady load with churn, every process's memory, descriptors, greenlets and rooms
+# judged by their slope (docs/soak.md): DURATION= (default 2h), QUICK=1 (about 7 minutes),
+# WORKERS=2 (gunicorn on a redis-server of its own), TRACE=1 (tracemalloc's growing sites).
+soak: system-packages $(STAMP)
+	$(PY) -m bench.soak $(if $(QUICK),--quick) $(if $(DURATION),--duration $(DURATION)) \
+	  $(if $(filter-out 1,$(WORKERS)),--workers $(WORKERS)) $(if $(TRACE),--trace)
 
 # Build products only: every baseline stays (the committed one in bench/baselines/,
 # pytest-benchmark's in .benchmarks/), and so does reports/.

@@ -396,13 +396,14 @@ class Rooms:
 
     def _shed(self, growing):
         """Back under the bound: forget whole rooms, least recently active first, that
-        nobody waits on (and not `growing`, which just took a message; nor an empty one,
-        which may be loading); if that is not enough, the oldest messages of the rest."""
+        nobody waits on (and not `growing`, which just took a message; nor a new empty
+        one, which may be loading; one this trimmed empty while a poll waited there goes
+        too, or it would stay for good); if that is not enough, the oldest messages of the rest."""
         target = self.max_retained_bytes * self.SHED_TO
         for room in list(self.by_name.values()):
             if self.retained_bytes <= target:
                 return
-            if room is growing or room.waiting or not room.messages:
+            if room is growing or room.waiting or not (room.messages or room.last_id):
                 continue
             room.drop_messages()
             del self.by_name[room.name]
@@ -1435,8 +1436,18 @@ def stats():
         "encodes": rooms.encodes,
         "retained_bytes": rooms.retained_bytes,
         "answer_cache_bytes": rooms.cached_bytes,
+        # read together, so that descriptors beyond the open connections is exact
+        "connections": chattle_http.open_connections(),
+        "descriptors": descriptors_open(),
         "protocol": PROTOCOL_VERSION,
     }))
+
+
+def descriptors_open():
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
+    except OSError:
+        return None
 
 
 def rss_bytes():
@@ -1464,55 +1475,6 @@ def error_page(error):
 
 
 app.default_error_handler = error_page
-
-
-###############################################################################
-# Extra work per poll answer, on request: how `make regress` shows it can fail
-###############################################################################
-
-EXTRA_WORK_VARIABLE = "CHATTLE_BENCH_EXTRA_WORK"
-
-
-class ExtraWorkPerAnswer:
-    """A Bottle plugin that makes every poll answer sum `squares` squares once its body
-    is made: a slowdown in the answer path of whichever process serves (python
-    chattle.py, a gunicorn worker, a benchmark's in-process app), reaching it through
-    the environment. Work, not a time: under callgrind a timed spin would run fifty
-    times fewer instructions. Installed only when asked for, so it costs nothing otherwise."""
-
-    name = "extra_work_per_answer"
-    api = 2
-
-    def __init__(self, squares):
-        self.squares = squares
-
-    def apply(self, callback, route):
-        if callback is not poll_messages:
-            return callback
-        squares = self.squares
-
-        def poll_with_extra_work(*args, **kwargs):
-            try:
-                return callback(*args, **kwargs)
-            finally:  # also when the answer leaves as chattle_http.SendJson
-                sum(i * i for i in range(squares))
-
-        return poll_with_extra_work
-
-
-def install_extra_work(environ=os.environ):
-    value = environ.get(EXTRA_WORK_VARIABLE, "")
-    if not value:
-        return
-    try:
-        squares = int(value)
-    except ValueError:
-        raise SystemExit("chattle: %s=%r is not a whole number of squares" % (EXTRA_WORK_VARIABLE, value))
-    if squares > 0:
-        app.install(ExtraWorkPerAnswer(squares))
-
-
-install_extra_work()
 
 
 ###############################################################################

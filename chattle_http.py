@@ -804,6 +804,14 @@ class ConnectionPool(pool.Pool):
             self.discard(getcurrent())
 
 
+_open_connections = 0  # accepted and not yet done with, over every server of this process
+
+
+def open_connections():
+    """Connections accepted and not yet closed: each is one greenlet and one descriptor."""
+    return _open_connections
+
+
 def server_class(limits, base=None, access_log=False):
     """gevent.pywsgi's server (or `base`, a subclass of it such as gunicorn's) running
     a handler_class(limits), one greenlet per connection."""
@@ -828,16 +836,20 @@ def server_class(limits, base=None, access_log=False):
             # and C stack. A pool (gunicorn's worker_connections, and its graceful
             # stop, which waits for the pool to drain) is a ConnectionPool: plain
             # greenlets too.
+            global _open_connections
+            _open_connections += 1
             try:
                 if self.pool is None:
                     gevent.spawn_raw(self.serve_connection, sock, address)
                 else:
                     self.pool.spawn(self.serve_connection, sock, address)
             except BaseException:
+                _open_connections -= 1
                 self.do_close(sock)
                 raise
 
         def serve_connection(self, sock, address):
+            global _open_connections
             try:
                 self.handler_class(sock, address, self).handle()
             except Exception:
@@ -845,6 +857,7 @@ def server_class(limits, base=None, access_log=False):
                 self.loop.handle_error(self, *sys.exc_info())
             finally:
                 self.do_close(sock)
+                _open_connections -= 1
 
         def do_close(self, sock, *_address):
             if not sock.closed:  # the handler closes its socket itself

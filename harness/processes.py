@@ -20,6 +20,8 @@ from harness import system_packages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = "127.0.0.1"
+BENCH_SERVER_DIR = os.path.join(ROOT, "harness")
+BENCH_SERVER = os.path.join(BENCH_SERVER_DIR, "bench_server.py")  # chattle with CHATTLE_BENCH_* faults
 SEED_FLAGS = ["--worker-class", "gevent", "--workers", "1", "chattle"]  # the seed's, after its --bind
 
 
@@ -154,12 +156,18 @@ class ChattleServer(Process):
         if redis_url:
             full_env["CHATTLE_REDIS_URL"] = redis_url
         self.gunicorn = workers > 1 if gunicorn is None else gunicorn
+        # A deliberate fault asked for (CHATTLE_BENCH_*): chattle through the harness's
+        # wrapper, which installs it; the product itself carries none.
+        self.faulted = any(name.startswith("CHATTLE_BENCH_") and value for name, value in full_env.items())
+        if self.faulted:  # the wrapper runs from the harness's directory: it wraps `root`'s chattle
+            full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, full_env.get("PYTHONPATH")]))
         if self.gunicorn:
+            app = ["--pythonpath", BENCH_SERVER_DIR, "bench_server:app"] if self.faulted else ["chattle"]
             argv = [python, "-m", "gunicorn", "--config", os.path.join(root, "gunicorn.conf.py"),
-                    "--bind", "%s:%d" % (bind, self.port), "--workers", str(workers), *extra_args, "chattle"]
+                    "--bind", "%s:%d" % (bind, self.port), "--workers", str(workers), *extra_args, *app]
         else:
-            argv = [python, os.path.join(root, "chattle.py"), "--host", bind, "--port", str(self.port),
-                    *extra_args]
+            script = BENCH_SERVER if self.faulted else os.path.join(root, "chattle.py")
+            argv = [python, script, "--host", bind, "--port", str(self.port), *extra_args]
         if log_path is None:
             log_path = tempfile.mkstemp(prefix="chattle-server-", suffix=".log")[1]
         super().__init__(argv, env=full_env, cwd=root, log_path=log_path, own_session=own_session)

@@ -1,8 +1,8 @@
 """`make regress`, both gates, run for real: each must pass what it should and fail
 when every poll answer does about 10 % more work.
 
-EXTRA_WORK squares summed per answer (CHATTLE_BENCH_EXTRA_WORK, read by chattle when
-it is imported, so it reaches whichever process serves) cost about 2.3 us here, about
+EXTRA_WORK squares summed per answer (CHATTLE_BENCH_EXTRA_WORK, installed by the
+harness's harness/bench_server.py in whichever process serves) cost about 2.3 us here, about
 10 % of the time a fan-out spends per waiter: bench/ab.py measured +6 % to +9 % on its
 socket fan-out and +11 % to +17 % on the rig. In instructions it is about 9 % more per
 poll and a quarter more per answered poll (an answer's time is mostly the kernel's and
@@ -19,6 +19,7 @@ import pytest
 
 import chattle
 from bench import ab, regress
+from harness import bench_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRA_WORK = 80
@@ -28,7 +29,7 @@ def run_regress(*args, extra_work=None, timeout=600):
     env = {name: value for name, value in os.environ.items() if not name.startswith("CHATTLE_BENCH_")}
     env.pop("PYTEST_ADDOPTS", None)
     if extra_work:
-        env[chattle.EXTRA_WORK_VARIABLE] = str(extra_work)
+        env[bench_server.EXTRA_WORK_VARIABLE] = str(extra_work)
     return subprocess.run([sys.executable, "-m", "bench.regress", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -113,21 +114,21 @@ def test_the_baseline_is_keyed_on_python_major_minor_not_its_build():
 # -- the extra work itself ----------------------------------------------------------------------
 
 def test_no_extra_work_is_installed_unless_asked():
-    if os.environ.get(chattle.EXTRA_WORK_VARIABLE):
-        pytest.skip("%s is set for this run" % chattle.EXTRA_WORK_VARIABLE)
-    assert not any(isinstance(plugin, chattle.ExtraWorkPerAnswer) for plugin in chattle.app.plugins)
+    if os.environ.get(bench_server.EXTRA_WORK_VARIABLE):
+        pytest.skip("%s is set for this run" % bench_server.EXTRA_WORK_VARIABLE)
+    assert not any(isinstance(plugin, bench_server.ExtraWorkPerAnswer) for plugin in chattle.app.plugins)
 
 
 def test_extra_work_wraps_the_poll_route_only():
-    plugin = chattle.ExtraWorkPerAnswer(3)
+    plugin = bench_server.ExtraWorkPerAnswer(3)
     routes = {route.callback: route for route in chattle.app.routes}
     assert plugin.apply(chattle.poll_messages, routes[chattle.poll_messages]) is not chattle.poll_messages
     assert plugin.apply(chattle.post_message, routes[chattle.post_message]) is chattle.post_message
 
 
 def test_extra_work_that_is_not_a_number_stops_the_server():
-    with pytest.raises(SystemExit, match=chattle.EXTRA_WORK_VARIABLE):
-        chattle.install_extra_work({chattle.EXTRA_WORK_VARIABLE: "lots"})
+    with pytest.raises(SystemExit, match=bench_server.EXTRA_WORK_VARIABLE):
+        bench_server.install_extra_work({bench_server.EXTRA_WORK_VARIABLE: "lots"})
 
 
 # -- the A/B gate's verdict ---------------------------------------------------------------------

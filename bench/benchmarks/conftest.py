@@ -3,9 +3,9 @@
 `make regress` are bench/regress.py and bench/ab.py.
 
 CHATTLE_BENCH_EXTRA_WORK=<squares> makes every poll answer of the route do that much
-more work, here and in the server process the socket benchmark starts (chattle reads it
-when imported). The in-process benchmark parks on Room directly, below the routes, so
-only the socket benchmark sees it.
+more work in the server process the socket benchmark starts (harness/processes.py
+starts it through harness/bench_server.py, which installs it). The in-process
+benchmark parks on Room directly, below the routes, so only the socket benchmark sees it.
 """
 
 from gevent import monkey

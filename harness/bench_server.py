@@ -1,0 +1,169 @@
+"""Chattle with the harness's deliberate faults: the server the benchmarks start when a
+CHATTLE_BENCH_* variable asks for one. The product carries none of this; it is installed
+on chattle's own Bottle application here, before serving, so the path measured is
+chattle's with only the fault added.
+
+    CHATTLE_BENCH_EXTRA_WORK=<squares>   every poll answer sums that many squares first
+                                         (how `make regress` shows its gates can fail)
+    CHATTLE_BENCH_LEAK=requests,sockets  every chat request is kept in a list / every
+                                         20th opens a socket never closed (how `make soak`
+                                         shows its gates can fail)
+    CHATTLE_BENCH_TRACE=<directory>      tracemalloc on; SIGUSR2 dumps a snapshot there,
+                                         named <pid>-<the word in <directory>/label>
+
+    python harness/bench_server.py [chattle.py's flags]    # as `python chattle.py`
+    gunicorn --pythonpath harness ... bench_server:app     # as `gunicorn chattle`
+
+harness/processes.py starts servers through this file whenever such a variable is set.
+It runs as a script or a gunicorn app from the harness directory, so it imports nothing
+of the harness: the chattle it wraps is whichever one the interpreter finds (PYTHONPATH).
+"""
+
+import os
+import socket
+import sys
+
+import chattle  # patches the standard library with gevent first
+
+EXTRA_WORK_VARIABLE = "CHATTLE_BENCH_EXTRA_WORK"
+LEAK_VARIABLE = "CHATTLE_BENCH_LEAK"
+LEAKS = ("requests", "sockets")
+
+
+###############################################################################
+# Extra work per poll answer: a slowdown `make regress` must see
+###############################################################################
+
+class ExtraWorkPerAnswer:
+    """A Bottle plugin that makes every poll answer sum `squares` squares once its body
+    is made: a slowdown in the answer path of whichever process serves (this script, a
+    gunicorn worker, a benchmark's in-process app). Work, not a time: under callgrind a
+    timed spin would run fifty times fewer instructions."""
+
+    name = "extra_work_per_answer"
+    api = 2
+
+    def __init__(self, squares):
+        self.squares = squares
+
+    def apply(self, callback, route):
+        if callback is not chattle.poll_messages:
+            return callback
+        squares = self.squares
+
+        def poll_with_extra_work(*args, **kwargs):
+            try:
+                return callback(*args, **kwargs)
+            finally:  # also when the answer leaves as chattle_http.SendJson
+                sum(i * i for i in range(squares))
+
+        return poll_with_extra_work
+
+
+def install_extra_work(environ=os.environ, app=None):
+    value = environ.get(EXTRA_WORK_VARIABLE, "")
+    if not value:
+        return
+    try:
+        squares = int(value)
+    except ValueError:
+        raise SystemExit("chattle: %s=%r is not a whole number of squares" % (EXTRA_WORK_VARIABLE, value))
+    if squares > 0:
+        (app or chattle.app).install(ExtraWorkPerAnswer(squares))
+
+
+###############################################################################
+# Leaks: what a soak must catch
+###############################################################################
+
+class LeakPerRequest:
+    """A Bottle plugin that leaks on chat requests (polls and posts; not /stats or
+    /health, so the leak follows the load and not the sampler): keeps a copy of every
+    request's text fields in `kept` (about 1 KB each), or opens a socket in `sockets` on
+    every SOCKET_EVERY-th request and never closes it (at one a request, a soak's load
+    took the 20 000 descriptors a process may have within a minute)."""
+
+    name = "leak_per_request"
+    api = 2
+    SOCKET_EVERY = 20
+
+    def __init__(self, leaks):
+        self.leaks = set(leaks)
+        self.kept = []
+        self.sockets = []
+        self.requests = 0
+
+    def apply(self, callback, route):
+        if callback not in (chattle.poll_messages, chattle.post_message):
+            return callback
+        keep_requests = "requests" in self.leaks
+        open_sockets = "sockets" in self.leaks
+
+        def leaking(*args, **kwargs):
+            if keep_requests:
+                self.kept.append({k: v for k, v in chattle.request.environ.items() if isinstance(v, str)})
+            self.requests += 1
+            if open_sockets and self.requests % self.SOCKET_EVERY == 0:
+                self.sockets.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            return callback(*args, **kwargs)
+
+        return leaking
+
+
+def install_leaks(environ=os.environ, app=None):
+    value = environ.get(LEAK_VARIABLE, "")
+    leaks = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = sorted(set(leaks) - set(LEAKS))
+    if unknown:
+        raise SystemExit("chattle: %s=%r: no such leak %s; choose from %s"
+                         % (LEAK_VARIABLE, value, ", ".join(unknown), ", ".join(LEAKS)))
+    if leaks:
+        plugin = LeakPerRequest(leaks)
+        (app or chattle.app).install(plugin)
+        return plugin
+    return None
+
+
+###############################################################################
+# tracemalloc snapshots on request: where a soak's growth was allocated
+###############################################################################
+
+TRACE_VARIABLE = "CHATTLE_BENCH_TRACE"
+TRACE_FRAMES = 8
+
+
+def install_trace(environ=os.environ):
+    trace_dir = environ.get(TRACE_VARIABLE, "")
+    if not trace_dir:
+        return
+    import signal
+    import tracemalloc
+
+    import gevent
+
+    tracemalloc.start(TRACE_FRAMES)
+
+    def dump():
+        with open(os.path.join(trace_dir, "label")) as label:
+            name = "%d-%s.snapshot" % (os.getpid(), label.read().strip())
+        tracemalloc.take_snapshot().dump(os.path.join(trace_dir, name + ".tmp"))
+        os.replace(os.path.join(trace_dir, name + ".tmp"), os.path.join(trace_dir, name))
+
+    gevent.signal_handler(signal.SIGUSR2, dump)
+
+
+def install(environ=os.environ, app=None):
+    """Every fault the environment asks for, on chattle's application (or `app`)."""
+    install_extra_work(environ, app)
+    install_leaks(environ, app)
+    install_trace(environ)
+
+
+install()
+# gunicorn's app: chattle's own entry point (the bound method, as chattle.application is),
+# its routes now carrying the faults.
+app = application = chattle.app.wsgi
+
+
+if __name__ == "__main__":
+    chattle.serve(chattle.parse_args(sys.argv[1:]))
