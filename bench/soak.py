@@ -36,7 +36,7 @@ import tempfile
 import time
 
 from harness.processes import ROOT, ChattleServer, RedisServer, get_json
-from reports import page
+from instruments import page
 
 SAMPLE_EVERY = 10.0
 QUICK_DURATION = 300.0

@@ -38,8 +38,8 @@ import urllib.parse  # noqa: E402
 
 import gevent  # noqa: E402
 
-from bench.httpframe import FramingError, ResponseParser  # noqa: E402
 from chattle_limits import client_timeout, raise_descriptor_limit  # noqa: E402
+from instruments.httpframe import FramingError, ResponseParser  # noqa: E402
 
 POLLS_PER_CONNECTION = 20      # a listener's keep-alive connection closes after this many polls
 POSTS_PER_CONNECTION = 50      # and the poster's after this many posts
