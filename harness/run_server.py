@@ -48,23 +48,11 @@ def main(argv=None):
         raise
     print("run: chattle on %s/ (%s, pid %d); open it in two browser windows. Ctrl-C stops."
           % (server.url, "gunicorn x%d" % args.workers if server.gunicorn else "python chattle.py", server.pid))
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    died = False
     try:
-        while not stopping and server.alive():
-            time.sleep(0.5)
-        died = not stopping
-    except KeyboardInterrupt:
-        pass
+        return wait_for_the_end(server)
     finally:
-        code = server.stop()
         if redis is not None:
             redis.stop()
-    if died:
-        print("run: the server exited by itself (code %s); its output is above" % code, file=sys.stderr)
-        return 1
-    return 0
 
 
 def serve_on_cluster(args):
