@@ -28,7 +28,7 @@ MASTER_BIND ?=
 MASTER ?=
 PROCESSES ?=
 
-.PHONY: all venv system-packages lint run test test-fast load load-worker cluster-demo bench regress regress-accept clean
+.PHONY: all venv system-packages lint run test test-fast load load-worker history cluster-demo bench regress regress-accept clean
 
 all: test
 
@@ -80,8 +80,16 @@ LOAD_ARGS = $(strip $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration 
   $(if $(CLIENT_PROCESSES),--client-processes $(CLIENT_PROCESSES)) \
   $(if $(REMOTE_WORKERS),--remote-workers $(REMOTE_WORKERS)) $(if $(MASTER_BIND),--master-bind $(MASTER_BIND)))
 
+# BASE=<git rev>: that revision's server against this tree's, ROUNDS runs each (loadtests/compare.py)
+COMPARE_ARGS = $(strip $(if $(BASE),--base $(BASE)) $(if $(ROUNDS),--rounds $(ROUNDS)) \
+  $(if $(ALLOW_DIRTY),--allow-dirty))
+
 load: system-packages $(STAMP)
-	$(PY) -m loadtests.run $(LOAD_ARGS)
+	$(PY) -m loadtests.run $(LOAD_ARGS) $(COMPARE_ARGS)
+
+# Trend charts of reports/history.jsonl (every make load appends a line), steps marked.
+history: $(STAMP)
+	$(PY) -m bench.history
 
 # On each load host: Locust workers (one per core, or PROCESSES=n) for the master on MASTER.
 load-worker: $(STAMP)

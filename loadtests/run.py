@@ -89,6 +89,11 @@ def parse_args(argv=None):
                         help="seconds the master waits for its remote workers before it gives up")
     parser.add_argument("--report-root", default=REPORTS_ROOT,
                         help="directory that receives <timestamp>-load/ (tests point it at a temp dir)")
+    # Base against head (loadtests/compare.py): it runs this script once per round.
+    parser.add_argument("--base", help="compare with this git revision, round by round (loadtests/compare.py)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --base: runs of each side (see --base --help)")
+    parser.add_argument("--server-root", default=ROOT, help="the checkout whose chattle.py serves")
+    parser.add_argument("--server-python", default=sys.executable, help="the interpreter the server runs on")
     return parser.parse_args(argv)
 
 
@@ -422,6 +427,10 @@ def watch_locust(locust, sampler, stages, args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg == "--base" or arg.startswith("--base=") for arg in argv):
+        from loadtests import compare  # its own flags (--allow-dirty, --head-env) too
+        return compare.main(argv)
     args = parse_args(argv)
     stages, problems, notes = preflight(args)
     if problems:
@@ -456,7 +465,8 @@ def main(argv=None):
                 redis_url = redis.url
                 print("load: redis-server pid %d on %s" % (redis.pid, redis_url))
             server = ChattleServer(workers=args.workers, redis_url=redis_url, own_session=True,
-                                   log_path=os.path.join(report_dir, "server.log"))
+                                   log_path=os.path.join(report_dir, "server.log"), root=args.server_root,
+                                   python=args.server_python)
             urls = [server.url]
             print("load: chattle %s on %s (pid %d)"
                   % ("gunicorn x%d" % args.workers if server.gunicorn else "python chattle.py", server.url,
@@ -518,6 +528,8 @@ def main(argv=None):
                 "locust_exit_code": locust.popen.returncode if locust is not None else None}
     summary = build_report(report_dir, run_info, sampler.samples if sampler else [], cursors)
     print_summary(summary, report_dir)
+    from bench.history import record_load
+    record_load(summary, args.report_root, report_dir)
     if interrupted:
         return 130
     return 0 if summary["passed"] else 1
