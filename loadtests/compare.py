@@ -48,10 +48,13 @@ DELIVERY_CHECK = "every message delivered once, in order"
 
 
 class Figure:
-    """One compared figure, read off a load report's summary.json; higher is worse."""
+    """One compared figure, read off a load report's summary.json; higher is worse.
+    `resolution(summary)`: how far off one reading can be for want of resolution, as a
+    fraction of it (None: negligible)."""
 
-    def __init__(self, key, label, unit, threshold, read):
+    def __init__(self, key, label, unit, threshold, read, resolution=None):
         self.key, self.label, self.unit, self.threshold, self.read = key, label, unit, threshold, read
+        self.resolution = resolution
 
 
 def _ms(summary, key):
@@ -64,9 +67,16 @@ def _kib_per_poll(summary):
     return None if value is None else value / 1024
 
 
+def _cpu_resolution(summary):
+    """/proc counts CPU in clock ticks (10 ms here): a run's server CPU, the difference of two
+    readings, is off by up to one tick; on a short run that is more than any threshold."""
+    seconds = (summary.get("cpu") or {}).get("server_cpu_s")
+    return None if not seconds else (1.0 / os.sysconf("SC_CLK_TCK")) / seconds
+
+
 FIGURES = (
     Figure("server_us_per_delivery", "server CPU per delivery", "us", 5.0,
-           lambda summary: (summary.get("cpu") or {}).get("server_us_per_delivery")),
+           lambda summary: (summary.get("cpu") or {}).get("server_us_per_delivery"), _cpu_resolution),
     Figure("wakeup_p50_ms", "wake-up latency p50", "ms", 10.0, lambda summary: _ms(summary, "p50")),
     Figure("wakeup_p99_ms", "wake-up latency p99", "ms", 10.0, lambda summary: _ms(summary, "p99")),
     Figure("kib_per_held_poll", "memory per held poll", "KiB", 5.0, _kib_per_poll),
@@ -76,7 +86,7 @@ WRONG_KINDS = ("lost", "duplicated", "out_of_order")
 
 # -- the statistics (pure: tests feed them synthetic rounds) ----------------------------------
 
-def compare_figure(base, head, threshold, seed=BOOTSTRAP_SEED, confidence=CONFIDENCE):
+def compare_figure(base, head, threshold, seed=BOOTSTRAP_SEED, confidence=CONFIDENCE, resolution=0.0):
     """Head against base for one figure, paired by round.
 
     {ratios, ratio, low, high, noise, detectable, verdict}: ratio is the geometric mean of
@@ -84,7 +94,8 @@ def compare_figure(base, head, threshold, seed=BOOTSTRAP_SEED, confidence=CONFID
     half-width (log scale, as a fraction), the change this many rounds cannot tell from
     zero; detectable is the smallest slowdown these rounds would call worse (threshold
     plus noise). verdict: "worse" when low > 1 + threshold, "better" when high < 1 -
-    threshold, else "unchanged"."""
+    threshold, else "unchanged". `resolution`: the most a ratio can be off for want of
+    resolution of the readings (a fraction); the interval is widened by it on both sides."""
     if len(base) != len(head):
         raise ValueError("base has %d rounds and head %d: rounds are paired" % (len(base), len(head)))
     if len(base) < 2:
@@ -93,11 +104,12 @@ def compare_figure(base, head, threshold, seed=BOOTSTRAP_SEED, confidence=CONFID
         raise ValueError("every round needs a positive figure (base %s, head %s)" % (base, head))
     ratios = [h / b for b, h in zip(base, head)]
     ratio, low, high = ratio_interval(ratios, confidence=confidence, seed=seed)
+    low, high = low / (1 + resolution), high * (1 + resolution)
     limit = threshold / 100.0
     noise = math.exp((math.log(high) - math.log(low)) / 2) - 1
     verdict = "worse" if low > 1 + limit else "better" if high < 1 - limit else "unchanged"
     return {"ratios": ratios, "ratio": ratio, "low": low, "high": high, "threshold_percent": threshold,
-            "noise": noise, "detectable": (1 + limit) * (1 + noise) - 1, "verdict": verdict,
+            "noise": noise, "detectable": (1 + limit) * (1 + noise) - 1, "verdict": verdict, "resolution": resolution,
             "base_median": percentile(sorted(base), 0.5), "head_median": percentile(sorted(head), 0.5)}
 
 
@@ -141,8 +153,12 @@ def judge(rounds, figures=FIGURES, seed=BOOTSTRAP_SEED):
         base = [figure.read(pair["base"]) if pair.get("base") else None for pair in rounds]
         head = [figure.read(pair["head"]) if pair.get("head") else None for pair in rounds]
         entry = {"label": figure.label, "unit": figure.unit, "base": base, "head": head}
+        resolution = 0.0
+        if figure.resolution is not None:
+            resolution = max([sum(figure.resolution(pair[side]) or 0.0 for side in ("base", "head") if pair.get(side))
+                              for pair in rounds] or [0.0])
         try:
-            entry.update(compare_figure(base, head, figure.threshold, seed=seed))
+            entry.update(compare_figure(base, head, figure.threshold, seed=seed, resolution=resolution))
         except ValueError as exc:
             entry.update(verdict="not compared", why=str(exc), threshold_percent=figure.threshold)
         result["figures"][figure.key] = entry
@@ -151,13 +167,16 @@ def judge(rounds, figures=FIGURES, seed=BOOTSTRAP_SEED):
         result["reasons"].append("%s %+.1f%% (interval %+.1f%% to %+.1f%%, threshold +%g%%)" % (
             entry["label"], (entry["ratio"] - 1) * 100, (entry["low"] - 1) * 100, (entry["high"] - 1) * 100,
             entry["threshold_percent"]))
-    if any(wrong_in_head.values()) or worse:
+    not_compared = [entry for entry in result["figures"].values() if entry["verdict"] == "not compared"]
+    if any(wrong_in_head.values()):
         result["code"], result["word"] = WORSE, "WORSE"
-    elif result["invalid_rounds"] or any(entry["verdict"] == "not compared" for entry in result["figures"].values()):
+    elif result["invalid_rounds"] or not_compared:
+        # Figures of invalid runs decide nothing, either way: they are shown, not judged.
         result["code"], result["word"] = CANNOT_COMPARE, "COULD NOT COMPARE"
-        result["reasons"] += ["round %(round)d, %(side)s: %(problem)s" % item for item in result["invalid_rounds"]]
-        result["reasons"] += ["%s: %s" % (entry["label"], entry["why"]) for entry in result["figures"].values()
-                              if entry["verdict"] == "not compared"]
+        result["reasons"] = ["round %(round)d, %(side)s: %(problem)s" % item for item in result["invalid_rounds"]]
+        result["reasons"] += ["%s: %s" % (entry["label"], entry["why"]) for entry in not_compared]
+    elif worse:
+        result["code"], result["word"] = WORSE, "WORSE"
     else:
         better = [entry["label"] for entry in result["figures"].values() if entry["verdict"] == "better"]
         result["code"] = UNCHANGED
