@@ -215,16 +215,18 @@ def steps(values, min_run=STEP_MIN_RUN, min_change=STEP_MIN_CHANGE, penalty=None
     sum of absolute deviations plus `penalty` per segment (asv's approach: L1, so a stray
     value moves no level), with every segment at least `min_run` long: a change seen only
     at the last commit, or a one-commit blip, is not a step. Adjacent levels closer than
-    `min_change` are merged. Deterministic: no randomness, exact dynamic programme."""
+    `min_change`, or than twice the series' noise, are merged. Deterministic: no randomness, exact dynamic programme."""
     if any(value is None or value <= 0 for value in values):
         return []
     logs = [math.log(value) for value in values]
     count = len(logs)
     if count < 2 * min_run:
         return []
+    noise = noise_scale(logs)
     if penalty is None:
         # A split must pay for itself beyond noise and beyond the smallest step marked.
-        penalty = max(4 * noise_scale(logs), 2 * math.log1p(min_change))
+        penalty = max(8 * noise, 2 * math.log1p(min_change))
+    smallest = max(math.log1p(min_change), 2 * noise)  # a step stands out of the noise
 
     def cost(start, end):
         level = _median(logs[start:end])
@@ -250,7 +252,7 @@ def steps(values, min_run=STEP_MIN_RUN, min_change=STEP_MIN_CHANGE, penalty=None
     for start, end in segments[1:]:
         last = merged[-1]
         before, after = _median(logs[last[0]:last[1]]), _median(logs[start:end])
-        if abs(after - before) < math.log1p(min_change):
+        if abs(after - before) < smallest:
             merged[-1] = (last[0], end)
         else:
             merged.append((start, end))
