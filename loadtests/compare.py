@@ -351,8 +351,9 @@ def draw_compare_charts(report_dir, result, rounds, what):
         axis.set_xticks(xs)
         axis.set_xlabel("round")
         axis.set_ylabel(figure.unit)
-        axis.set_ylim(bottom=0)
-    axes[0].legend(fontsize=8)
+        highest = [value for value in entry["base"] + entry["head"] if value is not None]
+        axis.set_ylim(0, 1.15 * max(highest) if highest else 1)
+    axes[0].legend(fontsize=8, loc="lower right")
     save(fig, "rounds.png",
          "Each figure round by round, base (blue) against head (orange); a round is base then head, each on a "
          "fresh server, so the two points of a round are minutes apart at most. Paired ratios of these points "
