@@ -82,7 +82,7 @@ LOAD_ARGS = $(strip $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration 
 
 # BASE=<git rev>: that revision's server against this tree's, ROUNDS runs each (loadtests/compare.py)
 COMPARE_ARGS = $(strip $(if $(BASE),--base $(BASE)) $(if $(ROUNDS),--rounds $(ROUNDS)) \
-  $(if $(ALLOW_DIRTY),--allow-dirty))
+  $(if $(RETRIES),--retries $(RETRIES)) $(if $(ALLOW_DIRTY),--allow-dirty))
 
 load: system-packages $(STAMP)
 	$(PY) -m loadtests.run $(LOAD_ARGS) $(COMPARE_ARGS)

@@ -245,19 +245,19 @@ class Side:
 def run_round(side, number, load_argv, rounds_dir, timeout):
     """One complete `make load` of this tree's client against `side`'s server code, as a child
     process of its own (stopped by pid if we are stopped); its summary.json, or None."""
-    root = os.path.join(rounds_dir, "%d-%s" % (number, side.name))
+    root = os.path.join(rounds_dir, "%s-%s" % (number, side.name))
     os.makedirs(root)
     argv = [sys.executable, "-m", "loadtests.run", *load_argv, "--report-root", root,
             "--server-root", side.root, "--server-python", side.python]
     env = dict(side.env, PYTHONHASHSEED=HASH_SEED)
-    log = os.path.join(rounds_dir, "%d-%s.log" % (number, side.name))
+    log = os.path.join(rounds_dir, "%s-%s.log" % (number, side.name))
     child = Process(argv, env=env, cwd=ROOT, log_path=log, own_session=True)
     try:
         deadline = time.monotonic() + timeout
         while child.alive() and time.monotonic() < deadline:
             time.sleep(0.5)
         if child.alive():
-            print("compare: round %d %s still running after %.0f s; stopping it" % (number, side.name, timeout),
+            print("compare: round %s %s still running after %.0f s; stopping it" % (number, side.name, timeout),
                   file=sys.stderr)
     finally:
         child.stop(grace=120)  # SIGTERM: run.py stops its server and Locust and writes its report
@@ -273,15 +273,24 @@ def run_round(side, number, load_argv, rounds_dir, timeout):
     return summary, root
 
 
+def run_pair(sides, label, load_argv, rounds_dir, timeout):
+    pair = {}
+    for side in sides:
+        started = time.monotonic()
+        pair[side.name], _root = run_round(side, label, load_argv, rounds_dir, timeout)
+        print(round_line(label, side.name, pair[side.name]) + " (%.0f s)" % (time.monotonic() - started), flush=True)
+    return pair
+
+
 def round_line(number, side, summary):
     if summary is None:
-        return "compare: round %d %-4s  no report (see its log)" % (number, side)
+        return "compare: round %s %-4s  no report (see its log)" % (number, side)
     values = ["%s %s" % (figure.key.split("_")[0] if figure.unit != "ms" else figure.key[7:10],
                          "-" if figure.read(summary) is None else "%.3g%s" % (figure.read(summary), figure.unit))
               for figure in FIGURES]
     wrong = delivery_wrong(summary)
     problems = round_problems(summary)
-    return "compare: round %d %-4s  %s; %d lost/dup/reordered%s" % (
+    return "compare: round %s %-4s  %s; %d lost/dup/reordered%s" % (
         number, side, ", ".join(values), sum(wrong.values()), "; INVALID: " + "; ".join(problems) if problems else "")
 
 
@@ -457,12 +466,17 @@ def write_report(report_dir, result, rounds, context):
                 links.append((os.path.relpath(os.path.join(pair[side]["_report_dir"], "report.html"), report_dir),
                               "round %d %s" % (number, side)))
     links.append(("compare.json", "compare.json (for CI)"))
+    notes = ["The figures of invalid rounds are shown, not judged."] if result["code"] == CANNOT_COMPARE else []
+    if result.get("discarded_pairs"):
+        notes.append("%d pair(s) of runs were not valid and were run again; their reports are in rounds/ (a "
+                     "round's first attempt is labelled 1, 2, ..., its second 1b, 2b)." % result["discarded_pairs"])
     write_html(os.path.join(report_dir, "report.html"), "Chattle load: head against base: %s" % result["word"],
-               "%s. %s" % (what, machine_line()), headline, charts, links=links,
+               "%s. %s" % (what, machine_line()), headline, charts, links=links, notes=notes,
                tables=[("Both runs side by side, round by round", header, rows)] if rows else ())
     summary = dict(context, verdict=result["word"], exit_code=result["code"], reasons=result["reasons"],
                    figures=result["figures"], delivery=result["delivery"], wrong_in_head=result["wrong_in_head"],
                    invalid_rounds=result["invalid_rounds"], rounds=len(rounds), charts=[name for name, _c in charts],
+                   discarded_pairs=result.get("discarded_pairs", 0),
                    round_reports=[{side: pair[side]["_report_dir"] if pair.get(side) else None
                                    for side in ("base", "head")} for pair in rounds])
     write_json(os.path.join(report_dir, "compare.json"), summary)
@@ -490,6 +504,8 @@ def print_verdict(result, context, rounds, report_dir):
           % result["wrong_in_head"])
     print("  (base, head: medians of the rounds; detects: the smallest slowdown %d rounds call worse, the threshold "
           "plus the noise of this comparison)" % len(rounds))
+    if result["code"] == CANNOT_COMPARE:
+        print("  (the figures of invalid rounds are shown, not judged)")
     print("  report   %s" % os.path.join(report_dir, "report.html"))
     print("=" * 78)
 
@@ -502,6 +518,9 @@ def parse_args(argv):
     parser.add_argument("--base", required=True, help="git revision to compare with (branch, tag, commit, HEAD~1)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side (at least 2)")
     parser.add_argument("--report-root", default=REPORTS_ROOT, help="directory that receives <timestamp>-compare/")
+    parser.add_argument("--retries", type=int, default=1,
+                        help="times an invalid round (machine-bound, say) is run again, both sides, before the "
+                             "comparison gives up")
     parser.add_argument("--allow-dirty", action="store_true",
                         help="compare a tree with uncommitted changes as head (the report says so)")
     parser.add_argument("--head-env", action="append", default=[], metavar="NAME=VALUE",
@@ -594,16 +613,25 @@ def _compare(args, load_argv, load_args, scratch, run):
         if bench_env:
             print("compare: head's servers get %s" % " ".join("%s=%s" % item for item in sorted(bench_env.items())))
         timeout = load_args.duration + ROUND_MARGIN_SECONDS
-        rounds = []
+        rounds, discarded = [], []
         for number in range(1, args.rounds + 1):
-            pair = {}
-            for side in sides:
-                started = time.monotonic()
-                pair[side.name], _root = run_round(side, number, load_argv, rounds_dir, timeout)
-                print(round_line(number, side.name, pair[side.name]) + " (%.0f s)" % (time.monotonic() - started),
+            for attempt in range(args.retries + 1):
+                pair = run_pair(sides, "%d%s" % (number, "abcdefgh"[attempt] if attempt else ""), load_argv,
+                                rounds_dir, timeout)
+                problems = round_problems(pair["base"]) + round_problems(pair["head"])
+                if not problems or attempt == args.retries:
+                    break
+                # A busy spell of the machine is not the code's doing: the pair, both sides, again.
+                print("compare: round %d is not valid (%s); running its pair again" % (number, problems[0]),
                       flush=True)
+                discarded.append(pair)
             rounds.append(pair)
+            if problems:
+                print("compare: round %d is not valid after %d attempt(s); stopping here: the comparison cannot be "
+                      "made on this machine now" % (number, args.retries + 1), flush=True)
+                break
         result = judge(rounds)
+        result["discarded_pairs"] = len(discarded)
         context = {"base_revision": args.base, "base_commit": checkout.commit, "head_commit": head_commit,
                    "head_dirty": bool(dirty), "head_env": bench_env, "settings": settings,
                    "settings_line": settings_line, "load_argv": load_argv, "machine": history.machine_fingerprint()}
