@@ -519,8 +519,8 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side (at least 2)")
     parser.add_argument("--report-root", default=REPORTS_ROOT, help="directory that receives <timestamp>-compare/")
     parser.add_argument("--retries", type=int, default=1,
-                        help="times an invalid round (machine-bound, say) is run again, both sides, before the "
-                             "comparison gives up")
+                        help="times an invalid round (machine-bound, say) is run again, both sides; once one "
+                             "is still invalid after them, the other rounds run once each")
     parser.add_argument("--allow-dirty", action="store_true",
                         help="compare a tree with uncommitted changes as head (the report says so)")
     parser.add_argument("--head-env", action="append", default=[], metavar="NAME=VALUE",
@@ -613,23 +613,25 @@ def _compare(args, load_argv, load_args, scratch, run):
         if bench_env:
             print("compare: head's servers get %s" % " ".join("%s=%s" % item for item in sorted(bench_env.items())))
         timeout = load_args.duration + ROUND_MARGIN_SECONDS
-        rounds, discarded = [], []
+        rounds, discarded, retries = [], [], args.retries
         for number in range(1, args.rounds + 1):
-            for attempt in range(args.retries + 1):
+            for attempt in range(retries + 1):
                 pair = run_pair(sides, "%d%s" % (number, "abcdefgh"[attempt] if attempt else ""), load_argv,
                                 rounds_dir, timeout)
                 problems = round_problems(pair["base"]) + round_problems(pair["head"])
-                if not problems or attempt == args.retries:
+                if not problems or attempt == retries:
                     break
                 # A busy spell of the machine is not the code's doing: the pair, both sides, again.
                 print("compare: round %d is not valid (%s); running its pair again" % (number, problems[0]),
                       flush=True)
                 discarded.append(pair)
             rounds.append(pair)
-            if problems:
-                print("compare: round %d is not valid after %d attempt(s); stopping here: the comparison cannot be "
-                      "made on this machine now" % (number, args.retries + 1), flush=True)
-                break
+            if problems and retries:
+                # Busy for longer than a pair: the rest is run once each, so the figures and their
+                # spread are still measured (shown, not judged) without doubling the time.
+                print("compare: round %d is still not valid; the comparison cannot be judged, the other rounds run "
+                      "once each for their figures" % number, flush=True)
+                retries = 0
         result = judge(rounds)
         result["discarded_pairs"] = len(discarded)
         context = {"base_revision": args.base, "base_commit": checkout.commit, "head_commit": head_commit,
