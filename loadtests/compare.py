@@ -130,9 +130,12 @@ def round_problems(summary):
                 if not check["passed"] and check["check"] not in NOTED_CHECKS and check["check"] != DELIVERY_CHECK]
     machine = summary.get("machine_check") or {}
     if machine.get("machine_bound"):
-        problems.append("machine-bound: every core busy in %s of %s burst seconds (other processes on this machine "
-                        "took CPU the server and the load generator needed)"
-                        % (machine.get("burst_seconds_saturated"), machine.get("burst_seconds")))
+        others = summary.get("other_processes_cpu_mean")
+        problems.append("machine-bound: every core busy in %s of %s burst seconds (server, load generator and %s "
+                        "together), so latencies include waiting for a core"
+                        % (machine.get("burst_seconds_saturated"), machine.get("burst_seconds"),
+                           "other processes at %.0f%% of a core on average" % others if others is not None
+                           else "other processes"))
     return problems
 
 
