@@ -262,18 +262,27 @@ def steps(values, min_run=STEP_MIN_RUN, min_change=STEP_MIN_CHANGE, penalty=None
 
 # -- make history --------------------------------------------------------------------------------------
 
+def valid(entry):
+    """False for a run its own checks failed, or that was machine-bound (or a comparison
+    that could not be judged); such runs are drawn apart."""
+    return entry.get("passed") is not False and not entry.get("machine_bound")
+
+
 def by_commit(entries, figure):
-    """[(commit, [values of clean runs], [values of dirty runs], first time)] in commit order."""
+    """[(commit, [values of clean runs], [values of dirty runs], [values of clean runs that
+    were not valid])] in commit order; the first list includes the third."""
     commits = {}
     for entry in entries:
         value = entry["figures"].get(figure)
         if value is None or entry.get("commit") is None:
             continue
-        slot = commits.setdefault(entry["commit"], {"clean": [], "dirty": [], "order": (entry.get("commit_time") or 0,
-                                                                                          entry["time"])})
+        slot = commits.setdefault(entry["commit"], {"clean": [], "dirty": [], "invalid": [],
+                                                    "order": (entry.get("commit_time") or 0, entry["time"])})
         slot["dirty" if entry.get("dirty") else "clean"].append(value)
+        if not entry.get("dirty") and not valid(entry):
+            slot["invalid"].append(value)
     ordered = sorted(commits.items(), key=lambda item: item[1]["order"])
-    return [(commit, slot["clean"], slot["dirty"], slot["order"]) for commit, slot in ordered]
+    return [(commit, slot["clean"], slot["dirty"], slot["invalid"]) for commit, slot in ordered]
 
 
 def figure_labels(entries):
@@ -305,6 +314,9 @@ def draw(entries, out_dir, title_note=""):
             axis.plot(*zip(*xs_clean), "o", color="#1f5fbf", alpha=0.6, label="run (committed tree)")
         if xs_dirty:
             axis.plot(*zip(*xs_dirty), "o", mfc="none", color="#888", label="run (uncommitted changes)")
+        xs_invalid = [(index, value) for index, (_c, _cl, _d, invalid) in enumerate(series) for value in invalid]
+        if xs_invalid:
+            axis.plot(*zip(*xs_invalid), "x", color="#b3261e", label="run not valid (machine-bound, failed check)")
         medians = [(index, _median(clean)) for index, (_c, clean, _d, _o) in enumerate(series) if clean]
         if medians:
             axis.plot(*zip(*medians), "-", color="#1f5fbf", linewidth=1, label="median per commit")
@@ -330,8 +342,9 @@ def draw(entries, out_dir, title_note=""):
         plt.close(fig)
         runs = len(xs_clean) + len(xs_dirty)
         charts.append((name, "%s by commit: %d run(s) over %d commit(s); hollow points had uncommitted changes and "
-                             "stay out of the median and the steps. Steps (red, dashed) are levels that changed by at "
-                             "least %.0f%% and held for %d or more commits: %s. %s"
+                             "stay out of the median and the steps; red crosses mark runs that were not valid "
+                             "(machine-bound, or a failed check), kept in the median. Steps (red, dashed) are "
+                             "levels that changed by at least %.0f%% and held for %d or more commits: %s. %s"
                        % (label, runs, len(series), STEP_MIN_CHANGE * 100, STEP_MIN_RUN,
                           "; ".join(notes) or "none", title_note)))
     return charts

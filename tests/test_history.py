@@ -145,3 +145,11 @@ def test_make_history_draws_a_chart_per_figure_with_the_step(tmp_path):
 def test_make_history_without_runs_says_how_to_make_some(tmp_path, capsys):
     assert history.main(["--history", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
     assert "make load" in capsys.readouterr().err
+
+
+def test_runs_that_were_not_valid_are_kept_apart_in_the_series():
+    def entry(commit, value, **more):
+        return dict({"commit": commit, "time": "t", "commit_time": 1, "figures": {"f": value}}, **more)
+    series = history.by_commit([entry("a", 1.0), entry("a", 2.0, passed=False), entry("a", 3.0, machine_bound=True),
+                                entry("a", 4.0, dirty=True, passed=False)], "f")
+    assert series == [("a", [1.0, 2.0, 3.0], [4.0], [2.0, 3.0])]
