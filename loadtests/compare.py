@@ -2,11 +2,12 @@
 round by round, and a verdict: worse, unchanged or better, beyond the measured noise.
 
 The base is checked out into a temporary git worktree (removed at the end, also on
-failure or Ctrl-C). Base and head ("this tree") are run in turns, A B A B ..., ROUNDS of
-each, every run a complete `make load` on a freshly started server: the base's server
-code from its worktree, head's from this tree, and this tree's load client and seeded
-schedule for both (the same listeners, rooms and bursts). CHATTLE_BENCH_* variables of
-the environment (and --head-env) reach head's servers only.
+failure or Ctrl-C). Base and head ("this tree") are run in turns, ROUNDS of each, the
+order alternating from round to round (A B, B A, A B, ...), every run a complete `make
+load` on a freshly started server: the base's server code from its worktree, head's from
+this tree, and this tree's load client and seeded schedule for both (the same listeners,
+rooms and bursts). CHATTLE_BENCH_* variables of the environment (and --head-env) reach
+head's servers only.
 
 Per figure (server CPU per delivery, wake-up p50 and p99, memory per held poll) each
 round gives a ratio head / base; their geometric mean and a seeded bootstrap interval
@@ -276,9 +277,11 @@ def run_round(side, number, load_argv, rounds_dir, timeout):
     return summary, root
 
 
-def run_pair(sides, label, load_argv, rounds_dir, timeout):
+def run_pair(sides, label, load_argv, rounds_dir, timeout, number=1):
+    """Both sides once; odd rounds base first, even rounds head first (A B B A ...), so that
+    whatever favours the first or the second run of a pair falls on both sides alike."""
     pair = {}
-    for side in sides:
+    for side in (sides if number % 2 else sides[::-1]):
         started = time.monotonic()
         pair[side.name], _root = run_round(side, label, load_argv, rounds_dir, timeout)
         print(round_line(label, side.name, pair[side.name]) + " (%.0f s)" % (time.monotonic() - started), flush=True)
@@ -367,8 +370,9 @@ def draw_compare_charts(report_dir, result, rounds, what):
         axis.set_ylim(0, 1.15 * max(highest) if highest else 1)
     axes[0].legend(fontsize=8, loc="lower right")
     save(fig, "rounds.png",
-         "Each figure round by round, base (blue) against head (orange); a round is base then head, each on a "
-         "fresh server, so the two points of a round are minutes apart at most. Paired ratios of these points "
+         "Each figure round by round, base (blue) against head (orange); a round is one run of each, each on "
+         "a fresh server (base first in odd rounds, head first in even ones), so the two points of a round are "
+         "minutes apart at most. Paired ratios of these points "
          "make the intervals above. %s." % what)
 
     # the latency histograms, overlaid
@@ -450,7 +454,7 @@ def side_by_side(result, rounds):
 
 
 def write_report(report_dir, result, rounds, context):
-    what = ("%s against base %s (%s), %d rounds each, A B A B; %s" % (
+    what = ("%s against base %s (%s), %d rounds each, A B, B A, ...; %s" % (
         "head %s%s" % (context["head_commit"][:12], " with uncommitted changes" if context["head_dirty"] else ""),
         context["base_revision"], context["base_commit"][:12], len(rounds), context["settings_line"]))
     charts = draw_compare_charts(report_dir, result, rounds, what) if rounds else []
@@ -610,7 +614,7 @@ def _compare(args, load_argv, load_args, scratch, run):
         settings = history.load_settings(vars(load_args), environ={})
         settings_line = ", ".join("%s=%s" % item for item in sorted(settings.items())
                                   if item[1] not in (None, {}, ""))
-        print("compare: base %s (%s) in %s, on %s; head %s is this tree%s; %d rounds, A B A B; report in %s" % (
+        print("compare: base %s (%s) in %s, on %s; head %s is this tree%s; %d rounds, A B, B A, ...; report in %s" % (
             args.base, checkout.commit[:12], checkout.root, checkout.venv_note, head_commit[:12],
             " (uncommitted changes)" if dirty else "", args.rounds, report_dir), flush=True)
         if bench_env:
@@ -620,7 +624,7 @@ def _compare(args, load_argv, load_args, scratch, run):
         for number in range(1, args.rounds + 1):
             for attempt in range(retries + 1):
                 pair = run_pair(sides, "%d%s" % (number, "abcdefgh"[attempt] if attempt else ""), load_argv,
-                                rounds_dir, timeout)
+                                rounds_dir, timeout, number)
                 problems = round_problems(pair["base"]) + round_problems(pair["head"])
                 if not problems or attempt == retries:
                     break
