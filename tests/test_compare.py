@@ -254,4 +254,6 @@ def test_a_small_a_a_comparison_runs_to_a_verdict_with_its_report(needs_git, tmp
     with open(tmp_path / "history.jsonl") as lines:
         [line] = [json.loads(line) for line in lines]
     assert line["compare"]["verdict"] == result["verdict"] and line["kind"] == "load"
-    assert "chattle-compare-" not in git("worktree", "list"), "the base's worktree was left behind"
+    base_tree = run.stdout.split(" in ", 1)[1].split(",", 1)[0]   # "compare: base HEAD (...) in <dir>, on ..."
+    assert base_tree.endswith("/base") and not os.path.exists(base_tree)
+    assert base_tree not in git("worktree", "list"), "the base's worktree was left behind"
