@@ -9,6 +9,7 @@ BIND    ?= 127.0.0.1
 PORT    ?= 8080
 WORKERS ?= 1
 REDIS   ?=
+REDIS_CLUSTER ?=
 USERS   ?=
 DURATION ?=
 ROOMS   ?=
@@ -21,6 +22,10 @@ BURST_GAP ?=
 POLL_TIMEOUT ?=
 SPAWN_RATE ?=
 CLIENT_PROCESSES ?=
+# SHAPE=steps: listeners in steps of STEP up to USERS, one burst each, ending at the first
+# step whose p99 breaks SLO ms (default 500) or whose delivery is incomplete
+SHAPE   ?=
+STEP    ?=
 # Beyond one machine: the master waits for REMOTE_WORKERS workers started elsewhere with
 # `make load-worker MASTER=<this host> [PROCESSES=n]`, listening on MASTER_BIND.
 REMOTE_WORKERS ?=
@@ -28,7 +33,7 @@ MASTER_BIND ?=
 MASTER ?=
 PROCESSES ?=
 
-.PHONY: all venv system-packages lint run test test-fast load load-worker history cluster-demo bench regress regress-accept clean
+.PHONY: all venv system-packages lint run redis-cluster test test-fast load load-worker history cluster-demo bench capacity regress regress-accept clean
 
 all: test
 
@@ -39,9 +44,10 @@ all: test
 GOALS   := $(or $(MAKECMDGOALS),all)
 SYSTEM_PROGRAMS := $(sort \
   $(if $(filter all test,$(GOALS)),redis-server chromium valgrind $(if $(filter 0,$(shell id -u)),faketime)) \
-  $(if $(filter test-fast bench,$(GOALS)),redis-server) \
+  $(if $(filter test-fast bench capacity,$(GOALS)),redis-server) \
   $(if $(filter cluster-demo,$(GOALS)),redis-server faketime) \
-  $(if $(filter run,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(REDIS),,redis-server))) \
+  $(if $(filter run,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(REDIS)$(REDIS_CLUSTER),,redis-server))) \
+  $(if $(filter redis-cluster,$(GOALS)),redis-server) \
   $(if $(filter load,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(HOST),,redis-server))))
 
 system-packages:
@@ -59,7 +65,13 @@ venv: $(STAMP)
 # One worker: python chattle.py, in-memory bus.  WORKERS=N: gunicorn with N gevent
 # workers on the shared Redis bus (REDIS=url, or a local redis-server started for it).
 run: system-packages $(STAMP)
-	$(PY) -m harness.run_server --bind $(BIND) --port $(PORT) --workers $(WORKERS) $(if $(REDIS),--redis $(REDIS))
+	$(PY) -m harness.run_server --bind $(BIND) --port $(PORT) --workers $(WORKERS) $(if $(REDIS),--redis $(REDIS)) \
+	  $(if $(REDIS_CLUSTER),--redis-cluster $(REDIS_CLUSTER))
+
+# A local Redis Cluster (3 masters, 3 replicas, loopback ports) until Ctrl-C; it prints the
+# `make run ... REDIS_CLUSTER=` that uses it (docs/cluster.md).
+redis-cluster: system-packages $(STAMP)
+	$(PY) -m harness.redis_cluster
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -78,6 +90,7 @@ LOAD_ARGS = $(strip $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration 
   $(if $(SEED),--schedule-seed $(SEED)) \
   $(if $(POLL_TIMEOUT),--poll-timeout $(POLL_TIMEOUT)) $(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) \
   $(if $(CLIENT_PROCESSES),--client-processes $(CLIENT_PROCESSES)) \
+  $(if $(SHAPE),--shape $(SHAPE)) $(if $(STEP),--step $(STEP)) $(if $(and $(SHAPE),$(SLO)),--slo-ms $(SLO)) \
   $(if $(REMOTE_WORKERS),--remote-workers $(REMOTE_WORKERS)) $(if $(MASTER_BIND),--master-bind $(MASTER_BIND)))
 
 # BASE=<git rev>: that revision's server against this tree's, ROUNDS runs each (loadtests/compare.py)
@@ -89,7 +102,7 @@ load: system-packages $(STAMP)
 
 # Trend charts of reports/history.jsonl (every make load appends a line), steps marked.
 history: $(STAMP)
-	$(PY) -m bench.history
+	$(PY) -m instruments.history
 
 # On each load host: Locust workers (one per core, or PROCESSES=n) for the master on MASTER.
 load-worker: $(STAMP)
@@ -97,12 +110,33 @@ load-worker: $(STAMP)
 	$(PY) -m loadtests.worker --master $(MASTER) $(if $(PROCESSES),--processes $(PROCESSES))
 
 # Three hosts made of network namespaces on this machine (root: ip and faketime), a run
-# across them, its report in reports/: see README "Beyond one machine".
+# across them, its report in reports/: see docs/deploy.md, "Several hosts".
 cluster-demo: system-packages $(STAMP)
 	$(PY) -m harness.cluster $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION))
 
 bench: system-packages $(STAMP)
 	$(PY) -m bench.sweep $(if $(QUICK),--quick)
+
+# The largest held-poll count each server wakes within SLO ms at p99, every message delivered:
+# WORKERS=1,2,4 (given on the command line; else all three), PEERS=1 both aiohttp references
+# (0: none, or uvloop / asyncio), SLOWED=<squares> one worker slowed (0: not), START, MAX_POLLS,
+# MAX_PROBES (per server), TIME_LIMIT (seconds, the whole run). Report in reports/<ts>-capacity/.
+SLO     ?=
+PEERS   ?=
+SLOWED  ?=
+START   ?=
+MAX_POLLS ?=
+MAX_PROBES ?=
+TIME_LIMIT ?=
+CAPACITY_ARGS = $(strip $(if $(filter command line environment,$(origin WORKERS)),--workers $(WORKERS)) \
+  $(if $(PEERS),--peers $(if $(filter 1,$(PEERS)),uvloop$(,)asyncio,$(if $(filter 0,$(PEERS)),none,$(PEERS)))) \
+  $(if $(SLOWED),--slowed $(SLOWED)) $(if $(SLO),--slo-ms $(SLO)) $(if $(START),--start $(START)) \
+  $(if $(MAX_POLLS),--max-polls $(MAX_POLLS)) $(if $(MAX_PROBES),--max-probes $(MAX_PROBES)) \
+  $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)))
+, := ,
+
+capacity: system-packages $(STAMP)
+	$(PY) -m bench.capacity $(CAPACITY_ARGS)
 
 # Instruction counts under callgrind against the committed bench/baselines/callgrind.json;
 # BASE=<git rev>: that revision and this tree timed side by side instead.

@@ -4,7 +4,7 @@
 Every waiting client is a greenlet parked on a gevent Event of its room; a post sets
 them, waking every held poll at once (the "Event-based broadcast path"), and later polls
 park on fresh ones. The contract with every client is the wire protocol described in
-README.md (version 1).
+docs/protocol.md (version 1).
 
     python chattle.py [--port 8080]                                  # one process
     gunicorn chattle                        # gunicorn.conf.py: chattle's gevent worker
@@ -16,7 +16,6 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402  (everything below must see the patched stdlib)
-import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -37,7 +36,7 @@ from gevent.event import Event  # noqa: E402
 from greenlet import getcurrent  # noqa: E402
 
 import chattle_http  # noqa: E402
-from chattle_limits import POLL_TIMEOUT_MAX, raise_descriptor_limit  # noqa: E402
+from chattle_limits import POLL_TIMEOUT_MAX, collect_garbage_seldom, raise_descriptor_limit  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATIC_ROOT = os.path.join(HERE, "static")
@@ -69,6 +68,12 @@ SETTINGS = [
     ("redis", "CHATTLE_REDIS_URL", str, "",
      "share one history between workers and hosts through Redis, e.g. redis://127.0.0.1:6379/0; "
      "empty keeps the in-memory bus"),
+    ("redis_cluster", "CHATTLE_REDIS_CLUSTER", str, "",
+     "share one history through a Redis Cluster instead, given by one or more of its nodes, "
+     "host:port[,host:port]; each room lives on one master (docs/cluster.md)"),
+    ("redis_wait", "CHATTLE_REDIS_WAIT", int, 0,
+     "with --redis-cluster: milliseconds a post waits for a replica to have it (WAIT 1 <ms>) before "
+     "its 201, so that it survives a failover; not confirmed in time: 503; 0 answers at once"),
     ("access_log", "CHATTLE_ACCESS_LOG", int, 0,
      "1 logs every request (costly with thousands of held polls)"),
     ("max_retained_bytes", "CHATTLE_MAX_RETAINED_BYTES", int, 256 * 1024 * 1024,
@@ -94,6 +99,10 @@ class Settings:
         for name in ("max_retained_bytes", "room_cache_bytes", "answer_cache_bytes", "room_ttl"):
             if getattr(self, name) < 1:
                 raise SystemExit("chattle: --%s must be at least 1" % name.replace("_", "-"))
+        if self.redis and self.redis_cluster:
+            raise SystemExit("chattle: give either --redis or --redis-cluster, not both")
+        if self.redis_wait < 0:
+            raise SystemExit("chattle: --redis-wait must be 0 (answer at once) or more milliseconds")
         self.http_limits()  # checks them
 
     def http_limits(self):
@@ -437,7 +446,12 @@ class Rooms:
 ###############################################################################
 
 class BusUnavailable(Exception):
-    """The shared bus cannot be reached; nothing was written."""
+    """The shared bus cannot be reached; nothing was written (unless `maybe_written`: the
+    post was written but not confirmed as asked, so it may yet be delivered)."""
+
+    def __init__(self, reason, maybe_written=False):
+        super().__init__(reason)
+        self.maybe_written = maybe_written
 
 
 class MemoryBus:
@@ -487,6 +501,7 @@ class RedisBus:
     """
 
     LOAD_ATTEMPTS = 3  # a poll that waited for another's load looks again this often at most
+    SETTLE_TRIES = 20  # a catch-up tries this often while Redis does not answer (about 15 s)
 
     name = "redis"
     POSTS = "chattle:posts"
@@ -534,6 +549,7 @@ return {id, ts}
             socket_connect_timeout=self.SOCKET_TIMEOUT, retry=no_retry, single_connection_client=True)
         self.publish_script = self.client.register_script(self.PUBLISH_SCRIPT)
         self.loaded = {}            # room name -> True, or the Event a load in progress sets
+        self.held_back = {}         # room name -> reader entries a load or catch-up applies after it
         self.reader_ok = False
         self.seen = None            # the last global stream entry the reader has applied
         self.closing = False
@@ -598,9 +614,12 @@ return {id, ts}
             self.loaded[room_name] = True
         except self.redis.RedisError as exc:
             del self.loaded[room_name]
+            self.held_back.pop(room_name, None)  # its next load reads them from its stream
             raise BusUnavailable(type(exc).__name__)
         finally:
             loading.set()
+        if room_name in self.held_back:
+            gevent.spawn(self._settle, room_name)
 
     def _catch_up(self, room_name, room):
         try:
@@ -610,13 +629,9 @@ return {id, ts}
 
     def _sync(self, room_name, room):
         """Bring the local copy up to Redis: the newest `history` messages, contiguous."""
-        last_key, stream_key = self.room_keys(room_name)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.get(last_key)
-        pipe.xrevrange(stream_key, "+", "-", count=self.history)
-        last, newest_first = pipe.execute()
+        last, newest_first = self._fetch(room_name)
         last = int(last or 0)
-        if last < room.last_id:
+        if last < room.last_id or self._diverged(room, newest_first):
             # Redis lost what this worker holds (a wipe, or a crash inside the fsync
             # window): forget it, so clients holding those ids are told "reset".
             room.forget()
@@ -626,6 +641,27 @@ return {id, ts}
             room.drop_messages()  # the copy would have a hole: start it afresh from Redis
         for message_id, fields in entries:
             room.add(message_id, self.fragment(message_id, fields["f"], fields["c"], fields["t"]))
+
+    def _fetch(self, room_name):
+        """(the room's last id, its newest `history` stream entries, newest first), at once."""
+        last_key, stream_key = self.room_keys(room_name)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(last_key)
+        pipe.xrevrange(stream_key, "+", "-", count=self.history)
+        return pipe.execute()
+
+    def _diverged(self, room, newest_first):
+        """Redis holds another message under the newest id of the copy: it lost that one and
+        gave its id again (a replica promoted before it had it). Clients that saw the copy's
+        message are told "reset" rather than silently skipping its replacement."""
+        if not room.messages or not newest_first:
+            return False
+        newest = int(newest_first[0][0].split("-")[0])
+        offset = newest - room.last_id
+        if not 0 <= offset < len(newest_first):
+            return False
+        _entry_id, fields = newest_first[offset]
+        return self.fragment(room.last_id, fields["f"], fields["c"], fields["t"]) != room.messages[-1][1]
 
     # -- the reader ----------------------------------------------------------------
     def _follow(self):
@@ -659,26 +695,75 @@ return {id, ts}
             newest = self.reader_client.xrevrange(self.POSTS, "+", "-", count=1)
             self.seen = newest[0][0] if newest else "0-0"
         for room_name, state in list(self.loaded.items()):
-            if state is True:
-                self._sync(room_name, self.rooms.get(room_name))
+            if state is True and room_name not in self.held_back:
+                self.held_back[room_name] = []
+                gevent.spawn(self._settle, room_name, True)
 
     def _apply(self, fields):
+        """Add one entry of the global stream to this worker's copy of its room, without
+        ever waiting: the reader serves every room, so a room that is loading, or must be
+        fetched again, has its entries held back for the greenlet doing that (_settle)."""
         room_name = fields["r"]
         state = self.loaded.get(room_name)
         if state is None:
             return  # no poll has named it here; its first poll loads it from its stream
-        if state is not True:
-            state.wait()
-            if self.loaded.get(room_name) is not True:
-                return
-        room = self.rooms.get(room_name)
+        held = self.held_back.get(room_name)
+        if held is not None:
+            held.append(fields)
+        elif state is not True:
+            self.held_back[room_name] = [fields]  # the load in progress applies them after it
+        elif not self._add(self.rooms.get(room_name), fields):
+            self.held_back[room_name] = [fields]
+            gevent.spawn(self._settle, room_name)
+
+    def _add(self, room, fields):
+        """Add a reader's entry to the local copy; False when the copy must be fetched from
+        Redis first: entries trimmed from the global stream left a hole, or the room expired
+        in Redis and its ids started again (_sync finds Redis behind and resets it)."""
         message_id = int(fields["i"])
-        if message_id > room.last_id + 1 or message_id < room.last_id:
-            # entries trimmed from the global stream (fetch them), or the room expired in
-            # Redis and its ids started again (_sync finds Redis behind and resets it)
+        fragment = self.fragment(message_id, fields["f"], fields["c"], fields["t"])
+        if message_id == room.last_id + 1:
+            room.add(message_id, fragment)
+            return True
+        # An id the copy has already: this worker's own post, added when it was accepted.
+        messages = room.messages
+        index = message_id - messages[0][0] if messages else -1
+        return 0 <= index < len(messages) and messages[index] == (message_id, fragment)
+
+    def _settle(self, room_name, sync_first=False):
+        """Apply the entries the reader held back for a room, fetching the room from Redis
+        again where they do not follow its copy; in a greenlet of its own, never the reader's.
+        While Redis does not answer (restarting, loading), it tries again, as the reader does."""
+        held = self.held_back.get(room_name)
+        try:
+            for failure in range(self.SETTLE_TRIES):
+                try:
+                    self._settle_once(room_name, held, sync_first)
+                    return
+                except self.redis.RedisError:
+                    if self.closing:
+                        return
+                    sync_first = True  # fetch it all again once Redis answers
+                    gevent.sleep(min(self.BACKOFF_FIRST * 2 ** failure, self.BACKOFF_MAX))
+            self.forget(room_name)  # Redis still does not answer: its next poll loads it afresh
+        finally:
+            self.held_back.pop(room_name, None)
+
+    def _settle_once(self, room_name, held, sync_first):
+        for attempt in range(self.LOAD_ATTEMPTS + 1):
+            if self.loaded.get(room_name) is not True:
+                return  # forgotten meanwhile: its next poll loads it afresh
+            room = self.rooms.get(room_name)
+            if not sync_first or attempt:
+                while held and self._add(room, held[0]):
+                    del held[0]
+                if not held:
+                    return
+                if attempt == self.LOAD_ATTEMPTS:
+                    break
+            del held[:]  # read before the sync started: what it fetches holds them
             self._sync(room_name, room)
-        else:
-            room.add(message_id, self.fragment(message_id, fields["f"], fields["c"], fields["t"]))
+        self.forget(room_name)  # still behind after so many fetches: load it afresh
 
     def forget(self, room_name):
         """The worker dropped an unused room: its next poll loads it from Redis again."""
@@ -712,7 +797,375 @@ return {id, ts}
                 pass
 
 
+class RedisClusterBus(RedisBus):
+    """The shared bus on a Redis Cluster: the rooms spread over its masters, each room on one.
+
+    Each room's keys share the hash tag of its name, so a room lives in one slot of one
+    master, where the post script runs. A command may not read keys of several slots,
+    even on one node, so each master also keeps a feed: a stream, in a slot of that node,
+    to which the post script appends every post of that node's rooms. Each worker follows
+    every master's feed with a reader of its own (a blocking XREAD on that node), applied
+    as the single-Redis reader applies the global stream. A watcher follows the topology:
+    when a master fails over or a slot moves, the reader of that node starts again on the
+    node now serving it, after fetching the rooms this worker holds there again, so nothing
+    written meanwhile is skipped.
+
+    With `wait_ms`, a post is answered 201 only once a replica has it (WAIT 1 <ms>), and
+    the readers and loads read the replicas: a worker then serves only what a replica
+    holds, so what any client was given, and every post acknowledged, survives the
+    promotion of that replica. Without it, a post is served as soon as its master has it,
+    and a master that dies before its replica has the newest posts takes them with it.
+    """
+
+    name = "redis-cluster"
+    FEED = "chattle:feed:{%d}"  # the feed of the master serving the slot of {n}
+    TOPOLOGY_EVERY = 5.0        # seconds between looks at the slots besides those an error asks for
+    REDIRECTS = 5               # MOVED, ASK or a stale feed: a post looks again this often at most
+    POOL_SIZE = 256             # connections per node: a full pool answers 503
+
+    # KEYS: the room's last id, its stream. ARGV: room, from, content, room stream length,
+    # feed length, the room's TTL, the feed of the room's node. The feed is touched first: a
+    # feed another node serves (the caller's slot table is behind) fails the post before
+    # anything is written, and the caller looks again.
+    PUBLISH_SCRIPT = """
+local probe = redis.pcall('TYPE', ARGV[7])
+if type(probe) == 'table' and probe.err then
+  return redis.error_reply('CHATTLEFEED ' .. probe.err)
+end
+local id = redis.call('INCR', KEYS[1])
+local now = redis.call('TIME')
+local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id .. '-0', 'f', ARGV[2], 'c', ARGV[3], 't', ts)
+redis.call('XADD', ARGV[7], 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[1], 'i', id,
+           'f', ARGV[2], 'c', ARGV[3], 't', ts)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+return {id, ts}
+"""
+    FETCH_SCRIPT = """
+return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
+"""
+
+    def __init__(self, rooms, addresses, history, room_ttl=7 * 24 * 3600, wait_ms=0):
+        import hashlib
+
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.cluster import ClusterNode, RedisCluster
+        from redis.retry import Retry
+
+        self.redis = redis
+        self.rooms = rooms
+        self.history = history
+        self.room_ttl = room_ttl
+        self.wait_ms = wait_ms
+        self.read_replicas = wait_ms > 0
+        rooms.on_forget = self.forget
+        # No retries: a post whose reply was lost must not be written twice (MOVED and ASK
+        # are still followed: a redirected command was not run).
+        self.no_retry = Retry(NoBackoff(), 0)
+        startup = []
+        for address in addresses.split(","):
+            host, _colon, port = address.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise SystemExit("chattle: --redis-cluster takes host:port[,host:port...], not %r" % addresses)
+            startup.append(ClusterNode(host, int(port)))
+        self._check_ok(addresses, startup)
+        try:
+            self.cluster = RedisCluster(
+                startup_nodes=startup, decode_responses=True, retry=self.no_retry, require_full_coverage=False,
+                socket_timeout=self.SOCKET_TIMEOUT, socket_connect_timeout=self.SOCKET_TIMEOUT,
+                max_connections=self.POOL_SIZE)
+            for node in self.cluster.get_primaries():
+                self._check_ok(addresses, [node])
+        except Exception as exc:  # redis-py also fails with IndexError on a cluster with no master
+            raise SystemExit("chattle: the Redis Cluster at %s cannot be used (%s: %s); start it "
+                             "(`make redis-cluster`), or check --redis-cluster"
+                             % (addresses, type(exc).__name__, exc))
+        self.publish_sha = hashlib.sha1(self.PUBLISH_SCRIPT.encode()).hexdigest()
+        self.loaded = {}
+        self.held_back = {}
+        self.closing = False
+        self.feeds = {}             # master's name -> (node, its feed key)
+        self.readers = {}           # master's name -> (reader greenlet, the feed it follows)
+        self.topology_changed = Event()
+        self.reader = gevent.spawn(self._watch)
+
+    def _check_ok(self, addresses, nodes):
+        """Stop with a clear error unless every node of `nodes` that answers says the cluster
+        is ok, and at least one answers."""
+        answered = 0
+        for node in nodes:
+            try:
+                client = self.redis.Redis(host=node.host, port=node.port, decode_responses=True,
+                                          socket_timeout=self.SOCKET_TIMEOUT,
+                                          socket_connect_timeout=self.SOCKET_TIMEOUT)
+                try:
+                    state = client.execute_command("CLUSTER INFO").get("cluster_state")
+                finally:
+                    client.close()
+            except self.redis.RedisError:
+                continue
+            answered += 1
+            if state != "ok":
+                raise SystemExit(
+                    "chattle: the Redis Cluster at %s is not ok (cluster_state:%s on %s:%d); wait until "
+                    "`redis-cli -h %s -p %d cluster info` says cluster_state:ok, or repair it with "
+                    "`redis-cli --cluster fix %s:%d`"
+                    % (addresses, state, node.host, node.port, node.host, node.port, node.host, node.port))
+        if not answered:
+            raise SystemExit("chattle: no node of the Redis Cluster at %s answers; start it "
+                             "(`make redis-cluster`), or check --redis-cluster" % addresses)
+
+    @staticmethod
+    def room_keys(room_name):
+        return "chattle:{%s}:last" % room_name, "chattle:{%s}:stream" % room_name
+
+    # -- the topology ----------------------------------------------------------------------
+    def _masters(self):
+        """{master's name: (node, its feed)} as the client's slot table has it now."""
+        owners = {}
+        for slot, nodes in list(self.cluster.nodes_manager.slots_cache.items()):
+            if nodes:
+                owners[slot] = nodes[0]
+        wanted = {node.name for node in owners.values()}
+        masters = {}
+        number = 0
+        while wanted and number < 1000000:
+            node = owners.get(self.cluster.keyslot(self.FEED % number))
+            if node is not None and node.name in wanted:
+                masters[node.name] = (node, self.FEED % number)
+                wanted.discard(node.name)
+            number += 1
+        return masters
+
+    def _master_of(self, key):
+        """(node, its feed) serving `key` now."""
+        nodes = self.cluster.nodes_manager.slots_cache.get(self.cluster.keyslot(key))
+        if not nodes:
+            raise BusUnavailable("no master serves the room's slot")
+        entry = self.feeds.get(nodes[0].name)
+        if entry is None or entry[0] is not nodes[0]:
+            self.feeds = self._masters()
+            entry = self.feeds.get(nodes[0].name)
+        return entry
+
+    def _look_again(self):
+        """The slot table is behind: read it again now, and let the watcher move readers."""
+        try:
+            self.cluster.nodes_manager.initialize(disconnect_startup_nodes_pools=False)
+        except Exception:
+            pass  # no node answered: the next attempt, or the watcher, looks again
+        self.feeds = self._masters()
+        self.topology_changed.set()
+
+    def _moved(self, redirect):
+        """A MOVED answer: the slot's owner as its old owner says, at once, as redis-py does
+        (reading the whole table again may ask a node that has not heard of the move yet);
+        the watcher then reads the whole table, and moves the readers."""
+        manager = self.cluster.nodes_manager
+        manager.move_slot(redirect)
+        manager.create_redis_connections(manager.slots_cache[redirect.slot_id][:1])
+        self.feeds = self._masters()
+        self.topology_changed.set()
+
+    def _watch(self):
+        self.topology_changed.set()
+        while not self.closing:
+            self.topology_changed.wait(self.TOPOLOGY_EVERY)
+            self.topology_changed.clear()
+            try:
+                self.cluster.nodes_manager.initialize(disconnect_startup_nodes_pools=False)
+                masters = self._masters()
+            except Exception:
+                gevent.sleep(self.BACKOFF_MAX)
+                self.topology_changed.set()
+                continue
+            self.feeds = masters
+            for name, (node, feed) in masters.items():
+                source = (feed, self._read_node(feed).name)
+                current = self.readers.get(name)
+                if current is None or current[1] != source or current[0].dead:
+                    if current is not None:
+                        current[0].kill(block=False)
+                    self.readers[name] = (gevent.spawn(self._follow_node, node, feed), source)
+            for name in [name for name in self.readers if name not in masters]:
+                self.readers.pop(name)[0].kill(block=False)
+
+    def _read_node(self, key):
+        """The node reads of `key` go to: its master, or with `wait_ms` its replica (the one
+        a failover promotes), while it has one."""
+        nodes = self.cluster.nodes_manager.slots_cache.get(self.cluster.keyslot(key)) or [None]
+        return nodes[1] if self.read_replicas and len(nodes) > 1 else nodes[0]
+
+    # -- posts ---------------------------------------------------------------------
+    def publish(self, room_name, sender, content):
+        last_key, stream_key = self.room_keys(room_name)
+        args = [room_name, sender, content, self.history, self.POSTS_RETAINED, self.room_ttl]
+        asking = None
+        for _attempt in range(self.REDIRECTS):
+            node, feed = self._master_of(last_key)
+            if asking is not None:
+                # the slot is moving there: post on that node, to that node's feed
+                node, feed = self.feeds.get(asking) or self._masters().get(asking) or (node, feed)
+            try:
+                pipe = node.redis_connection.pipeline(transaction=False)
+                if asking is not None:
+                    pipe.execute_command("ASKING")
+                pipe.execute_command("EVALSHA", self.publish_sha, 2, last_key, stream_key, *args, feed)
+                if self.wait_ms:
+                    pipe.execute_command("WAIT", 1, self.wait_ms)
+                replies = pipe.execute(raise_on_error=False)
+            except (self.redis.RedisError, OSError) as exc:
+                self.topology_changed.set()
+                raise BusUnavailable(type(exc).__name__)
+            if asking is not None:
+                replies = replies[1:]
+                asking = None
+            posted = replies[0]
+            if isinstance(posted, self.redis.exceptions.AskError):
+                asking = "%s:%s" % (posted.host, posted.port)
+                continue
+            if isinstance(posted, self.redis.exceptions.MovedError):
+                self._moved(posted)
+                continue
+            if isinstance(posted, self.redis.ResponseError) and str(posted).startswith("CHATTLEFEED"):
+                self._look_again()
+                continue
+            if isinstance(posted, self.redis.exceptions.NoScriptError):
+                node.redis_connection.script_load(self.PUBLISH_SCRIPT)
+                continue
+            if isinstance(posted, Exception):
+                raise BusUnavailable(type(posted).__name__)
+            if self.wait_ms and not (isinstance(replies[1], int) and replies[1] >= 1):
+                raise BusUnavailable("no replica confirmed the post within %d ms" % self.wait_ms, maybe_written=True)
+            break
+        else:
+            raise BusUnavailable("the room's slot kept moving")
+        message_id, ts = posted
+        message = {"id": int(message_id), "from": sender, "content": content, "ts": float(ts)}
+        room = self.rooms.by_name.get(room_name)
+        if room is not None and self.loaded.get(room_name) is True and room.last_id == message["id"] - 1:
+            room.add(message["id"], self.fragment(message["id"], sender, content, ts))
+        return message
+
+    # -- polls -----------------------------------------------------------------------
+    def _fetch(self, room_name):
+        if self.read_replicas:
+            return self._fetch_from(self._read_node(self.room_keys(room_name)[0]), room_name)
+        try:
+            # EVAL, not EVALSHA: a script missing on a node would be loaded on every master,
+            # and one master down would then fail the reads of all the others' rooms
+            last, newest_first = self.cluster.eval(self.FETCH_SCRIPT, 2, *self.room_keys(room_name), self.history)
+        except self.redis.exceptions.RedisClusterException as exc:
+            raise self.redis.ConnectionError(str(exc))
+        return last, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
+
+    def _fetch_from(self, node, room_name):
+        if node is None:
+            raise self.redis.ConnectionError("no node serves the room's slot")
+        pipe = node.redis_connection.pipeline(transaction=False)
+        pipe.execute_command("READONLY")  # a replica serves its slots' reads only when asked so
+        pipe.execute_command("ROLE")
+        pipe.execute_command("EVAL_RO", self.FETCH_SCRIPT, 2, *self.room_keys(room_name), self.history)
+        try:
+            _readonly, role, (last, newest_first) = pipe.execute()
+            # A node the slot table still calls a replica may be an old master started again,
+            # serving its own data until it learns it was failed over: read only a replica
+            # connected to its master (or the master itself, while it has no replica).
+            if role[0] != "master" and not (role[0] == "slave" and role[3] == "connected"):
+                raise self.redis.ConnectionError("%s:%s is not a replica in sync" % (node.host, node.port))
+            if role[0] == "master" and node is not self._master_of(self.room_keys(room_name)[0])[0]:
+                raise self.redis.ConnectionError("%s:%s is not the room's master" % (node.host, node.port))
+        except self.redis.RedisError:
+            self.topology_changed.set()
+            raise
+        return last, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
+
+    # -- the readers ---------------------------------------------------------------
+    def _follow_node(self, node, feed):
+        """Follow one master's feed (on its replica with `wait_ms`); after a start or an
+        error, fetch the rooms held on that master again first, so nothing written meanwhile
+        is missed."""
+        source = self._read_node(feed)
+        client = self.redis.Redis(
+            host=source.host, port=source.port, decode_responses=True, retry=self.no_retry,
+            socket_timeout=self.READ_BLOCK_MS / 1000.0 + 5, socket_connect_timeout=self.SOCKET_TIMEOUT,
+            single_connection_client=True)
+        seen = None
+        backoff = self.BACKOFF_FIRST
+        try:
+            while not self.closing:
+                try:
+                    if seen is None:
+                        if source is not node:
+                            # a replica still loading, or cut off from its master, may serve
+                            # old data (replica-serve-stale-data): wait until it is in sync
+                            if client.info("replication").get("master_link_status") != "up":
+                                raise self.redis.ConnectionError("the replica is not in sync with its master")
+                            client.execute_command("READONLY")
+                        newest = client.xrevrange(feed, "+", "-", count=1)
+                        seen = newest[0][0] if newest else "0-0"
+                        self._fetch_rooms_of(node.name)
+                        backoff = self.BACKOFF_FIRST
+                    reply = client.xread({feed: seen}, count=self.READ_BATCH, block=self.READ_BLOCK_MS)
+                    for _stream, entries in reply or ():
+                        for entry_id, fields in entries:
+                            self._apply(fields)
+                            seen = entry_id
+                except (self.redis.RedisError, OSError, ValueError):
+                    seen = None
+                    try:
+                        client.connection.disconnect()
+                    except Exception:
+                        pass
+                    self.topology_changed.set()
+                    gevent.sleep(backoff)
+                    backoff = min(backoff * 2, self.BACKOFF_MAX)
+        finally:
+            try:
+                client.close()
+            except Exception:
+                pass
+
+    def _fetch_rooms_of(self, node_name):
+        for room_name, state in list(self.loaded.items()):
+            if state is not True or room_name in self.held_back:
+                continue
+            nodes = self.cluster.nodes_manager.slots_cache.get(self.cluster.keyslot(self.room_keys(room_name)[0]))
+            if nodes and nodes[0].name == node_name:
+                self.held_back[room_name] = []
+                gevent.spawn(self._settle, room_name, True)
+
+    # -- state -------------------------------------------------------------------------
+    def healthy(self):
+        try:
+            return bool(self.cluster.ping(target_nodes=self.cluster.PRIMARIES))
+        except (self.redis.RedisError, self.redis.exceptions.RedisClusterException):
+            return False
+
+    def clock(self):
+        try:
+            seconds, microseconds = self.cluster.time(target_nodes=self.cluster.get_random_node())
+        except (self.redis.RedisError, self.redis.exceptions.RedisClusterException):
+            return None
+        return seconds + microseconds / 1e6
+
+    def close(self):
+        self.closing = True
+        self.reader.kill(block=True, timeout=1)
+        for greenlet, _feed in list(self.readers.values()):
+            greenlet.kill(block=True, timeout=1)
+        try:
+            self.cluster.close()
+        except Exception:
+            pass
+
+
 def make_bus(settings, rooms):
+    if settings.redis_cluster:
+        return RedisClusterBus(rooms, settings.redis_cluster, settings.history, settings.room_ttl,
+                               settings.redis_wait)
     if settings.redis:
         return RedisBus(rooms, settings.redis, settings.history, settings.room_ttl)
     return MemoryBus(rooms)
@@ -954,7 +1407,8 @@ def post_message(room="lobby"):
     try:
         message = get_bus().publish(room, sender, content)
     except BusUnavailable as exc:
-        raise json_error(503, "the shared bus is unreachable (%s); nothing was written, retry later" % exc,
+        raise json_error(503, "the shared bus is unreachable (%s); %s, retry later"
+                         % (exc, "it may yet be delivered" if exc.maybe_written else "nothing was written"),
                          **{"Retry-After": "1"})
     return json_answer(encode({"room": room, "id": message["id"], "ts": message["ts"]}), 201)
 
@@ -1089,19 +1543,9 @@ def make_server(host, port):
                                  log=sys.stderr if settings.access_log else None)
 
 
-def tune_garbage_collector():
-    """Collect young objects less often, and never walk the startup ones again.
-
-    Every held poll keeps a few dozen objects the cyclic collector tracks, and a fan-out
-    allocates more before the woken polls let theirs go; with Python's thresholds
-    (700, 10, 10) a fan-out to 10,000 polls ran a hundred young collections and a full
-    one over every held poll, about 0.2 s of its 1.2 s. Called once in each serving
-    process, after the application is loaded."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-GC_THRESHOLDS = (20000, 20, 20)
+# Once in each serving process, after the application is loaded: the policy the load
+# workers share, stated in chattle_limits.py.
+tune_garbage_collector = collect_garbage_seldom
 
 
 def serve(new_settings):

@@ -7,7 +7,8 @@ do, and what it costs:
 
 - Its request head (request line and headers) arrives within `head_timeout` of its first
   byte (of the previous answer, on a keep-alive connection), fits in `max_head_bytes` and
-  holds at most `max_headers` headers; otherwise 431 (414 for the request line) as JSON.
+  holds at most `max_headers` headers; otherwise 431 as JSON. Its request line fits in
+  `max_line_bytes`; otherwise 414 as JSON.
 - Before a request starts, it may sit idle for `keepalive_timeout`.
 - An answer the client does not take within `send_timeout` drops the connection.
 - A held poll has none of these deadlines: it lasts its own timeout, and costs them nothing.
@@ -49,6 +50,8 @@ LIMIT_SETTINGS = [
     ("max_head_bytes", "CHATTLE_MAX_HEAD_BYTES", int, 32 * 1024,
      "bytes of request line and headers together (more: 431, or 414 for the request line)"),
     ("max_headers", "CHATTLE_MAX_HEADERS", int, 100, "request headers (more: 431)"),
+    ("max_line_bytes", "CHATTLE_MAX_LINE_BYTES", int, 8 * 1024,
+     "bytes of the request line, without its line break (more: 414), as nginx by default"),
 ]
 
 
@@ -293,10 +296,11 @@ class RequestReader:
         self.pending += data
         return data
 
-    def read_head(self, max_bytes):
+    def read_head(self, max_bytes, max_line_bytes=None):
         """The request line and headers, without the line break and blank line that end them;
         b"" when the connection ends (or idles out) before a request starts. Raises
-        Refused when the head is over `max_bytes`, or ends or times out half-way."""
+        Refused when the head is over `max_bytes` or its request line over `max_line_bytes`,
+        or when it ends or times out half-way."""
         try:
             searched = 0
             while True:
@@ -312,10 +316,14 @@ class RequestReader:
                     end, skip = (lf, 2) if crlf < 0 or 0 <= lf < crlf else (crlf, 3)
                     if end + 1 > max_bytes:
                         raise self._too_large(pending, max_bytes)
+                    if max_line_bytes is not None and self._line_too_long(pending, max_line_bytes):
+                        raise Refused(414, "the request line is over the %d byte limit" % max_line_bytes)
                     self.pending = pending[end + skip:]
                     return pending[:end]
                 if len(pending) > max_bytes:
                     raise self._too_large(pending, max_bytes)
+                if max_line_bytes is not None and self._line_too_long(pending, max_line_bytes):
+                    raise Refused(414, "the request line is over the %d byte limit" % max_line_bytes)
                 self.pending = pending
                 searched = max(0, len(pending) - 2)
                 if not self._more():
@@ -329,6 +337,14 @@ class RequestReader:
             if self.tick:
                 self.deadlines.unwatch(self)
             self.until = self.head_from = None  # a held poll keeps neither
+
+    @staticmethod
+    def _line_too_long(pending, max_line_bytes):
+        # searches no further than the limit: a long line costs no more than a short one
+        end = pending.find(b"\n", 0, max_line_bytes + 2)
+        if end < 0:
+            return len(pending) > max_line_bytes + 1
+        return end - (pending[end - 1:end] == b"\r") > max_line_bytes
 
     @staticmethod
     def _too_large(pending, max_bytes):
@@ -547,7 +563,7 @@ def handler_class(limits, base=None, access_log=False):
             if rfile.closed:
                 return None
             try:
-                head = rfile.read_head(limits.max_head_bytes)
+                head = rfile.read_head(limits.max_head_bytes, limits.max_line_bytes)
                 if not head:
                     return None
                 self.response_length = 0

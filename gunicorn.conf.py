@@ -15,7 +15,7 @@ from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGISe
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chattle_http  # noqa: E402  (patches nothing: safe in the master, unlike chattle)
-from chattle_limits import GRACEFUL_TIMEOUT, raise_descriptor_limit  # noqa: E402
+from chattle_limits import GRACEFUL_TIMEOUT, connections_per_worker, raise_descriptor_limit  # noqa: E402
 
 
 class ChattleWorker(GeventPyWSGIWorker):
@@ -43,10 +43,8 @@ workers = int(os.environ.get("CHATTLE_WORKERS", "1"))
 
 # Every held poll is an open socket. The gevent worker admits only `worker_connections`
 # at once and leaves the rest queued in the listen backlog, silently: so take the hard
-# descriptor limit and give nearly all of it to connections (a few are kept for the
-# listener, logs, Redis and the worker's own pipes).
-DESCRIPTORS_RESERVED = 100
-worker_connections = max(1000, (raise_descriptor_limit()[0] or 0) - DESCRIPTORS_RESERVED)
+# descriptor limit and give nearly all of it to connections (chattle_limits.py).
+worker_connections = connections_per_worker(raise_descriptor_limit()[0])
 backlog = 4096
 
 # A stopping worker waits longer than any client waits for a poll, which is longer than
@@ -57,16 +55,16 @@ timeout = 30     # heartbeat: a gevent worker that cannot notify the arbiter for
 
 # Chattle's limits on each connection (chattle_http.LIMIT_SETTINGS: CHATTLE_HEAD_TIMEOUT,
 # CHATTLE_KEEPALIVE_TIMEOUT, CHATTLE_SEND_TIMEOUT, CHATTLE_MAX_HEAD_BYTES,
-# CHATTLE_MAX_HEADERS). ChattleWorker enforces all of them itself, as `python chattle.py`
-# does, and ignores the four gunicorn settings below. gunicorn's own gevent worker
+# CHATTLE_MAX_HEADERS, CHATTLE_MAX_LINE_BYTES). ChattleWorker enforces all of them itself,
+# as `python chattle.py` does, and ignores the four gunicorn settings below. gunicorn's own gevent worker
 # (`--worker-class gevent`, the seed's command) parses heads with gunicorn's parser and
 # gets what gunicorn has closest: `keepalive` bounds both the idle wait and the reading
 # of each head, the request line stops at gunicorn's 8190 bytes, headers are capped one
 # line at a time rather than together, refusals are gunicorn's HTML pages, and there is
-# no send deadline (README: "Limits and deadlines").
+# no send deadline (docs/deploy.md: "gunicorn's own gevent worker").
 _limits = chattle_http.HttpLimits.from_environ()
 keepalive = math.ceil(_limits.keepalive_timeout)  # a long-poll client asks again at once: reuse its connection
-limit_request_line = min(_limits.max_head_bytes, 8190)
+limit_request_line = min(_limits.max_line_bytes, _limits.max_head_bytes, 8190)
 limit_request_fields = min(_limits.max_headers, 32768)
 limit_request_field_size = _limits.max_head_bytes
 
@@ -91,7 +89,13 @@ def post_worker_init(worker):
         gevent.spawn(chattle.rooms.close)
 
     signal.signal(signal.SIGTERM, handle_exit)
-    chattle.get_bus()  # the shared bus's reader follows Redis before the first request arrives
+    try:
+        chattle.get_bus()  # the shared bus's reader follows Redis before the first request arrives
+    except SystemExit as refused:
+        # a bus that cannot start (a Redis Cluster not ok): say why once, and stop gunicorn
+        # ("worker failed to boot") rather than have it start workers again and again
+        sys.stderr.write("%s\n" % refused)
+        sys.exit(3)
     chattle.tune_garbage_collector()
 
 

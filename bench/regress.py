@@ -66,7 +66,9 @@ COMPARABLE = ("python", "gevent", "bottle", "greenlet", "machine", "libc")
 
 def versions():
     return {
-        "python": sys.version.replace("\n", " "),
+        # major.minor: the interpreter's code; a rebuild of the same release (the stamp in
+        # sys.version) runs the same instructions and must not void the baseline
+        "python": "%s %d.%d" % (platform.python_implementation(), *sys.version_info[:2]),
         "gevent": metadata.version("gevent"),
         "bottle": metadata.version("bottle"),
         "greenlet": metadata.version("greenlet"),

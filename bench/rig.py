@@ -2,7 +2,7 @@
 
 No Locust and no HTTP library: each held poll is one non-blocking socket in an
 epoll set, so the client costs little CPU next to the server it measures. Each answer is
-timed at its kernel arrival (SO_TIMESTAMPNS, bench/stamps.py), as the load test's are:
+timed at its kernel arrival (SO_TIMESTAMPNS, instruments/stamps.py), as the load test's are:
 timed at the read, the rig's p50 took in its own queue of unread answers (about 30 ms
 at 5 000 polls), and the two instruments disagreed by a third. Each poll is a keep-alive
 request, as the page's and the load test's are: with `Connection: close` the server also
@@ -24,6 +24,7 @@ all on 127.0.0.1.
 """
 
 import argparse
+import errno
 import json
 import os
 import select
@@ -34,15 +35,64 @@ import sys
 import time
 import urllib.parse
 
-from bench.httpframe import FramingError, ResponseParser
-from bench.measures import DeliveryLedger, latency_summary, memory_per_connection, summed_rss, wakeup_latency
-from bench.stamps import ANCILLARY_SPACE, SO_TIMESTAMPNS, arrival
 from chattle_limits import POLL_TIMEOUT_MAX, client_timeout, raise_descriptor_limit
 from harness.processes import ROOT, get_json, post_json
+from instruments.httpframe import FramingError, ResponseParser
+from instruments.measures import (
+    DeliveryLedger,
+    client_lag,
+    latency_summary,
+    memory_per_connection,
+    process_cpu_seconds,
+    summed_rss,
+    wakeup_latency,
+)
+from instruments.stamps import ANCILLARY_SPACE, SO_TIMESTAMPNS, arrival
 
 POLL_TIMEOUT = POLL_TIMEOUT_MAX  # the protocol's longest hold: nothing times out while we measure
 COALESCE_SECONDS = 0.001  # a fan-out on and nothing to read: sleep, as the load test's driver does
 PER_PROCESS = 8000         # sockets per client process, well under the 20000 descriptor limit
+CLIENT_DESCRIPTOR_MARGIN = 64  # a client process's own pipes, epoll and interpreter files
+IP_BIND_ADDRESS_NO_PORT = 24   # linux/in.h: pick the source port at connect, per destination
+NR_OPEN = "/proc/sys/fs/nr_open"
+HOLD_STALL_SECONDS = 10.0  # held polls not rising for this long: the server holds no more
+
+
+def raise_open_file_limit(wanted=None):
+    """Raise RLIMIT_NOFILE, soft and hard, towards `wanted` (default: as far as allowed).
+
+    The shell's hard limit (20000 here) is not the machine's: root (CAP_SYS_RESOURCE)
+    may raise it up to fs.nr_open, and every process started afterwards (servers, client
+    processes) inherits it. Returns (soft, hard) after; never lowers either."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open(NR_OPEN) as source:
+            ceiling = int(source.read())
+    except (OSError, ValueError):
+        ceiling = hard
+    target = ceiling if wanted is None else min(max(wanted, soft), ceiling)
+    if target > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+        except (ValueError, OSError):
+            pass  # not ours to raise: preflight names the command
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < min(target, hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, hard), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def polls_per_client_process():
+    """Sockets one client process may hold under its descriptor limit."""
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(1, min(PER_PROCESS, soft - CLIENT_DESCRIPTOR_MARGIN))
+
+
+def source_address(index):
+    """Client process `index`'s own loopback source: 127.0.0.1, .2, ... then 127.0.1.x."""
+    return "127.0.%d.%d" % (index // 254, index % 254 + 1)
 
 
 def cpu_seconds_self():
@@ -53,16 +103,17 @@ def cpu_seconds_self():
 # -- the client process -----------------------------------------------------------------
 
 class Poll:
-    __slots__ = ("sock", "parser", "received_at", "body")
+    __slots__ = ("sock", "parser", "received_at", "read_at", "body")
 
     def __init__(self, sock):
         self.sock = sock
         self.parser = ResponseParser()
         self.received_at = None
+        self.read_at = None
         self.body = None
 
     def feed(self, data):
-        """Append bytes; True once the whole answer is in (framed by bench.httpframe, the
+        """Append bytes; True once the whole answer is in (framed by instruments.httpframe, the
         parser the load test's client uses too)."""
         response = self.parser.feed(data)
         if response is None:
@@ -83,8 +134,9 @@ class Poll:
 
 
 def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold_only=False,
-                     out=sys.stdout, stdin=sys.stdin):
-    """Open `count` polls on `since=cursor`, report "parked", then time their answers."""
+                     out=sys.stdout, stdin=sys.stdin, source=None):
+    """Open `count` polls on `since=cursor` (from address `source` when given), report
+    "parked" with the connect errors by name, then time their answers."""
     raise_descriptor_limit()
     request = ("GET /rooms/%s/msgs?since=%d&timeout=%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n"
                % (room, cursor, POLL_TIMEOUT, host, port)).encode()
@@ -92,27 +144,35 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
     # client's CPU per answer and push the rig towards being the bottleneck.
     epoll = select.epoll()
     by_fd = {}
-    polls, failed = [], 0
+    polls, failed, errors = [], 0, {}
     deadline = time.monotonic() + connect_timeout + count / 500.0
     for _ in range(count):
         if time.monotonic() > deadline:
             failed += 1
+            errors["deadline"] = errors.get("deadline", 0) + 1
             continue
         try:
             # A blocking connect returns once the kernel has the handshake: the server's
             # accept loop keeps pace with it, so the backlog never overflows.
-            sock = socket.create_connection((host, port), timeout=connect_timeout)
+            sock = connect(host, port, source, connect_timeout)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sock.sendall(request)
             sock.setblocking(False)
-        except OSError:
+        except OSError as error:
             failed += 1
+            # EMFILE: descriptors, EADDRNOTAVAIL: ports, ENOBUFS/ENOMEM: memory
+            name = errno.errorcode.get(error.errno, type(error).__name__)
+            errors[name] = errors.get(name, 0) + 1
+            if isinstance(error, TimeoutError):
+                # on loopback a connect times out only once the server stops accepting
+                # (its backlog full): the rest would each wait as long, to the same end
+                deadline = 0
             continue
         poll = Poll(sock)
         polls.append(poll)
         epoll.register(sock.fileno(), select.EPOLLIN)
         by_fd[sock.fileno()] = poll
-    out.write(json.dumps({"parked": len(polls), "failed": failed}) + "\n")
+    out.write(json.dumps({"parked": len(polls), "failed": failed, "errors": errors}) + "\n")
     out.flush()
     if hold_only:
         stdin.readline()  # the parent says when to let go
@@ -151,7 +211,9 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
             if data and not complete:
                 continue
             if complete:
-                poll.received_at = arrived_at if arrived_at is not None else time.time()
+                read_at = time.time()
+                poll.received_at = arrived_at if arrived_at is not None else read_at
+                poll.read_at = read_at
             # else: closed before a whole answer; it stays unanswered, never a delivery
             epoll.unregister(fd)  # closed after the timing: a close is not a delivery
             pending -= 1
@@ -162,12 +224,29 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
     answered = [poll for poll in polls if poll.received_at is not None]
     out.write(json.dumps({
         "received_at": [poll.received_at for poll in answered],
+        "client_lag": [client_lag(poll.read_at, poll.received_at) for poll in answered],
         "bodies_ok": sum(1 for poll in answered if poll.body is not None),
         "first_ids": [first_message_id(poll.body) for poll in answered],
         "unanswered": len(polls) - len(answered),
         "cpu_seconds": cpu_collect,
     }) + "\n")
     out.flush()
+
+
+def connect(host, port, source, timeout):
+    """A blocking connect, from `source` when given (its port picked per destination)."""
+    if source is None:
+        return socket.create_connection((host, port), timeout=timeout)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def first_message_id(body):
@@ -190,7 +269,10 @@ def held_waiters(url, expected_pids=None, probes=40, per_pid=None):
     """
     per_pid = {} if per_pid is None else per_pid
     for _ in range(probes):
-        status, body = get_json(url + "/stats", timeout=5)
+        try:
+            status, body = get_json(url + "/stats", timeout=5)
+        except OSError:
+            break  # a server that stopped accepting: its figure stays where it was
         if status == 200 and isinstance(body, dict):
             per_pid[body["pid"]] = body["waiters"]
         if expected_pids and set(expected_pids) <= set(per_pid):
@@ -198,39 +280,54 @@ def held_waiters(url, expected_pids=None, probes=40, per_pid=None):
     return sum(per_pid.values()), per_pid
 
 
-def wait_until_held(url, count, expected_pids=None, timeout=60.0):
-    """Probe /stats until the summed waiters reach `count` (or the deadline passes)."""
+def wait_until_held(url, count, expected_pids=None, timeout=60.0, stall=None):
+    """Probe /stats until the summed waiters reach `count` (or the deadline passes, or,
+    given `stall`, the figure has not risen for that many seconds: a full server)."""
     deadline = time.monotonic() + timeout
     per_pid = {}
     held = 0
+    rose_at, highest = time.monotonic(), -1
     while time.monotonic() < deadline:
         held, per_pid = held_waiters(url, expected_pids, probes=max(4, 4 * len(expected_pids or [1])),
                                      per_pid=per_pid)
         if held >= count:
             break
+        if held > highest:
+            rose_at, highest = time.monotonic(), held
+        elif stall is not None and time.monotonic() - rose_at > stall:
+            break
         time.sleep(0.2)
     return held, per_pid
 
 
-def cpu_seconds_of(pids):
+def machine_memory_in_use():
+    """Bytes of this machine's memory not available to new work (total - MemAvailable)."""
     import psutil
+    memory = psutil.virtual_memory()
+    return memory.total - memory.available
+
+
+def cpu_seconds_of(pids):
+    """Summed CPU seconds of the live ones among `pids` (instruments.measures.process_cpu_seconds)."""
     total = 0.0
     for pid in pids:
         try:
-            times = psutil.Process(pid).cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
+            total += process_cpu_seconds(pid)
+        except (OSError, IndexError, ValueError):
+            pass  # gone
     return total
 
 
 class Rig:
-    def __init__(self, url, room="bench", per_process=PER_PROCESS):
+    def __init__(self, url, room="bench", per_process=None, spread_sources=False):
+        """`spread_sources`: client process i connects from 127.0.0.(1+i), so the polls are
+        not bounded by one source address's ephemeral ports (needs a loopback server)."""
         self.url = url.rstrip("/")
         parsed = urllib.parse.urlsplit(self.url)
         self.host, self.port = parsed.hostname, parsed.port or 80
         self.room = room
-        self.per_process = per_process
+        self.per_process = per_process or polls_per_client_process()
+        self.spread_sources = spread_sources
 
     def cursor(self):
         """The room's last id (posting one message first, so the room exists)."""
@@ -251,6 +348,8 @@ class Rig:
                     "--room", self.room, "--cursor", str(cursor)]
             if hold_only:
                 argv.append("--hold-only")
+            if self.spread_sources:
+                argv += ["--source", source_address(len(clients))]
             clients.append(subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             text=True))
             remaining -= share
@@ -274,17 +373,69 @@ class Rig:
         cursor = self.cursor()
         if server_pids and rss_idle is None:
             rss_idle = summed_rss(server_pids)
+        machine_idle = machine_memory_in_use()
         clients = self.start_clients(count, cursor)
-        parked = sum(self.read_line(c, "parked", 60 + count / 200.0)["parked"] for c in clients)
-        held, per_pid = wait_until_held(self.url, parked, server_pids, timeout=30 + count / 500.0)
+        try:
+            return self.park_post_collect(clients, count, cursor, server_pids, rss_idle, machine_idle)
+        finally:
+            for client in clients:
+                if client.poll() is None:
+                    client.kill()
+                    client.wait(10)
+
+    def park(self, clients, count, server_pids):
+        """Read every client's "parked" line and wait until the server holds them (or stops
+        taking more): requested, parked, connect errors by name, held (summed and per pid)."""
+        parked_lines = [self.read_line(c, "parked", 60 + count / 200.0) for c in clients]
+        parked = sum(line["parked"] for line in parked_lines)
+        connect_errors = {}
+        for line in parked_lines:
+            for name, times in line.get("errors", {}).items():
+                connect_errors[name] = connect_errors.get(name, 0) + times
+        held, per_pid = wait_until_held(self.url, parked, server_pids, timeout=30 + count / 500.0,
+                                        stall=HOLD_STALL_SECONDS)
+        return {"requested": count, "parked": parked, "connect_errors": connect_errors,
+                "client_processes": len(clients), "held_confirmed": held,
+                "held_per_pid": {str(k): v for k, v in per_pid.items()}}
+
+    def hold(self, count, server_pids=None):
+        """Park `count` polls and hold them without a post: how many the server holds, and
+        what stopped more (the connect errors, the per-process counts)."""
+        clients = self.start_clients(count, self.cursor(), hold_only=True)
+        try:
+            return dict(self.park(clients, count, server_pids),
+                        rss_holding=summed_rss(server_pids) if server_pids else None)
+        finally:
+            for client in clients:  # a line on stdin lets go
+                try:
+                    client.stdin.write("\n")
+                    client.stdin.flush()
+                except OSError:
+                    pass
+            for client in clients:
+                try:
+                    client.wait(30)
+                except subprocess.TimeoutExpired:
+                    client.kill()
+                    client.wait(10)
+
+    def park_post_collect(self, clients, count, cursor, server_pids, rss_idle, machine_idle):
+        hold = self.park(clients, count, server_pids)
+        parked, held = hold["parked"], hold["held_confirmed"]
+        if held < parked:
+            # The server holds fewer than it accepted a connection for: it is full, and a post
+            # would only wait on it. No fan-out is measured; the hold is the finding.
+            return dict(hold, delivered=0, unanswered=parked, complete_listeners=0,
+                        latency=latency_summary([]), client_lag=latency_summary([]), last_delivery_s=None,
+                        client_cpu_s=0.0, server_cpu_s=None, client_bound=False, rss_idle=rss_idle,
+                        rss_holding=None, bytes_per_poll=None, machine_bytes_per_poll=None)
         time.sleep(0.3)  # let the last accepted sockets settle before reading memory
         rss_holding = summed_rss(server_pids) if server_pids else None
+        machine_holding = machine_memory_in_use()
         cpu_before = cpu_seconds_of(server_pids) if server_pids else None
         posted_at = time.time()
         status, answer = post_json("%s/rooms/%s/msgs" % (self.url, self.room), {"from": "rig", "content": "wake"})
         if status != 201:
-            for client in clients:
-                client.kill()
             raise RuntimeError("the post answered %s: %s" % (status, answer))
         results = [self.read_line(c, "results", POLL_TIMEOUT + 30) for c in clients]
         for client in clients:
@@ -299,11 +450,9 @@ class Rig:
                 ledger.record(first_id)
             ledgers += ledger.complete(answer["id"])
         cpu_client = sum(r["cpu_seconds"] for r in results)
-        point = {
-            "requested": count,
-            "parked": parked,
-            "held_confirmed": held,
-            "held_per_pid": {str(k): v for k, v in per_pid.items()},
+        point = dict(hold, **{
+            "unanswered": sum(r["unanswered"] for r in results),
+            "client_lag": latency_summary([lag for r in results for lag in r.get("client_lag", ())]),
             "delivered": len(received),
             "complete_listeners": ledgers,
             "latency": latency_summary(latencies),
@@ -314,7 +463,10 @@ class Rig:
             "rss_idle": rss_idle,
             "rss_holding": rss_holding,
             "bytes_per_poll": memory_per_connection(rss_idle, rss_holding, parked) if rss_holding else None,
-        }
+            # the whole machine's rise: both ends' sockets and the client processes too
+            # (blurred by anything else running), what bounds the hold on one host
+            "machine_bytes_per_poll": memory_per_connection(machine_idle, machine_holding, parked),
+        })
         return point
 
 
@@ -376,10 +528,11 @@ def main(argv=None):
     parser.add_argument("--cursor", type=int, required=True, help="the since= every poll sends")
     parser.add_argument("--hold-only", action="store_true",
                         help="park, report, then hold until stdin gets a line (no timing)")
+    parser.add_argument("--source", help="loopback address to connect from (default: the kernel's choice)")
     args = parser.parse_args(argv)
     parsed = urllib.parse.urlsplit(args.url)
     park_and_collect(parsed.hostname, parsed.port or 80, args.room, args.cursor, args.park,
-                     hold_only=args.hold_only)
+                     hold_only=args.hold_only, source=args.source)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ import statistics
 import sys
 import time
 
-from bench.measures import summed_rss, time_per_waiter
 from bench.rig import Rig
 from chattle_limits import raise_descriptor_limit
 from harness.processes import ChattleServer, PeerServer, RedisServer
 from harness.system_packages import require_or_exit
-from reports.page import machine_description, machine_line, new_report_dir, write_html, write_json
+from instruments.measures import summed_rss, time_per_waiter
+from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
 DESCRIPTOR_MARGIN = 200  # listener, logs, redis and the worker's pipes
 # Each reference server: its label in reports, and its flags to bench.peers.aiohttp_chat.
@@ -46,16 +46,22 @@ def median_point(repeats):
     return chosen
 
 
-def measure_point(workers, count, redis_url, log_dir):
+def start_server(workers, count, redis_url, log_dir, env=None):
+    """A fresh server for one run: a peer of PEERS by its label, or Chattle with `workers`
+    workers (more than one on the shared redis at `redis_url`); `env` adds to its environment."""
     if workers in PEERS:
-        server = PeerServer(log_path=os.path.join(log_dir, "peer-%s-n%d.log" % (workers.replace(" ", "-"), count)),
-                            args=PEERS[workers])
-    else:
-        server = ChattleServer(workers=workers, redis_url=redis_url if workers > 1 else None,
-                               log_path=os.path.join(log_dir, "server-w%d-n%d.log" % (workers, count)))
+        return PeerServer(log_path=os.path.join(log_dir, "peer-%s-n%d.log" % (workers.replace(" ", "-"), count)),
+                          args=PEERS[workers])
+    return ChattleServer(workers=workers, redis_url=redis_url if workers > 1 else None, env=env,
+                         log_path=os.path.join(log_dir, "server-w%d-n%d.log" % (workers, count)))
+
+
+def measure_point(workers, count, redis_url, log_dir, env=None, spread_sources=False):
+    """Start a fresh server, park `count` polls with the rig, post once, stop the server."""
+    server = start_server(workers, count, redis_url, log_dir, env)
     try:
         pids = server.worker_pids()
-        rig = Rig(server.url)
+        rig = Rig(server.url, spread_sources=spread_sources)
         rig.cursor()  # the room exists and its code paths are warm before the idle reading
         time.sleep(0.2)
         point = rig.run(count, server_pids=pids, rss_idle=summed_rss(pids))
@@ -67,7 +73,7 @@ def measure_point(workers, count, redis_url, log_dir):
 
 def peer_ratios(points):
     """Per peer and count measured for both: Chattle (one worker) / that peer, for memory per
-    held poll and time per waiter (bench.measures.time_per_waiter). Above 1: Chattle costs more."""
+    held poll and time per waiter (instruments.measures.time_per_waiter). Above 1: Chattle costs more."""
     chattle = {p["requested"]: p for p in points if p["workers"] == 1}
     ratios = []
     for peer in (p for p in points if p["workers"] in PEERS):
@@ -175,7 +181,8 @@ def write_charts(report_dir, points, slo, caption_tail):
     plt.close(fig)
     charts.append(("capacity.png", "Capacity per worker count: the largest held-poll count measured whose "
                    "p99 wake-up latency stayed under %g ms with every poll answered (0: none did). It is a "
-                   "lower bound: the sweep only tries the listed counts. " % (slo * 1000) + caption_tail))
+                   "lower bound: the sweep only tries the listed counts (`make capacity` searches the "
+                   "largest). " % (slo * 1000) + caption_tail))
     return charts, best
 
 
@@ -316,7 +323,7 @@ def main(argv=None):
                      "fail" if row["delivered"] != row["requested"] else ""))
     notes = ["Ratios Chattle / each reference server: memory per held poll is the rise in server RSS per held "
              "poll; time per waiter is the time from the post to the last answer received, divided by the "
-             "waiters answered (bench.measures.time_per_waiter). Both servers are one process on an "
+             "waiters answered (instruments.measures.time_per_waiter). Both servers are one process on an "
              "in-memory store, measured by the same rig at the same count; above 1 Chattle costs more.",
              "A point is marked client-bound when the rig used more than a quarter of the server's CPU "
              "time during the fan-out: its latency then partly measures the client."]

@@ -28,7 +28,7 @@ import sys
 import time
 
 from harness.processes import ROOT, Process, free_port, get_json, wait_until
-from reports.page import REPORTS_ROOT
+from instruments.page import REPORTS_ROOT
 
 SERVER_PORT = 8080
 REDIS_PORT = 6379

@@ -25,7 +25,12 @@ def main(argv=None):
                         help="gunicorn workers; more than 1 uses the shared Redis bus (default %(default)s)")
     parser.add_argument("--redis", default=os.environ.get("CHATTLE_REDIS_URL", ""),
                         help="Redis URL of the shared bus; empty with --workers > 1 starts a local redis-server")
+    parser.add_argument("--redis-cluster", default=os.environ.get("CHATTLE_REDIS_CLUSTER", ""),
+                        help="host:port[,host:port] of a Redis Cluster to share the history through instead "
+                             "(`make redis-cluster` starts a local one)")
     args = parser.parse_args(argv)
+    if args.redis_cluster:
+        return serve_on_cluster(args)
 
     redis = None
     redis_url = args.redis
@@ -56,6 +61,33 @@ def main(argv=None):
         code = server.stop()
         if redis is not None:
             redis.stop()
+    if died:
+        print("run: the server exited by itself (code %s); its output is above" % code, file=sys.stderr)
+        return 1
+    return 0
+
+
+def serve_on_cluster(args):
+    server = ChattleServer(port=args.port, workers=args.workers, env={"CHATTLE_REDIS_CLUSTER": args.redis_cluster},
+                           log_path="-", bind=args.bind)
+    print("run: chattle on %s/ (%s on the Redis Cluster at %s, pid %d). Ctrl-C stops."
+          % (server.url, "gunicorn x%d" % args.workers if server.gunicorn else "python chattle.py",
+             args.redis_cluster, server.pid))
+    return wait_for_the_end(server)
+
+
+def wait_for_the_end(server):
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    died = False
+    try:
+        while not stopping and server.alive():
+            time.sleep(0.5)
+        died = not stopping
+    except KeyboardInterrupt:
+        pass
+    finally:
+        code = server.stop()
     if died:
         print("run: the server exited by itself (code %s); its output is above" % code, file=sys.stderr)
         return 1

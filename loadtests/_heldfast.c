@@ -18,7 +18,7 @@
  *          and does not take this way.
  *
  *   For each readable fast HeldPoll: recvmsg with its SO_TIMESTAMPNS stamp. If the answer
- *   is known and the HeldPoll's `ledger` (bench.measures.DeliveryLedger) is at its first
+ *   is known and the HeldPoll's `ledger` (instruments.measures.DeliveryLedger) is at its first
  *   id, the ledger moves on as DeliveryLedger.record_run does in that case (received +=
  *   the run's length, next_expected = last_id + 1), `fast_answers` counts it, and the next
  *   poll asks since last_id. Other answer bytes, or a ledger elsewhere (a gap, a
@@ -32,7 +32,7 @@
  *
  *   records: 6 doubles per answer taken here: index, arrived (kernel stamp + stamp_shift,
  *   else the read time), read time, stamped (1.0/0.0), the HeldPoll's clock_offset and
- *   clock_bound; the driver turns them into deliveries (bench/measures.py's definitions).
+ *   clock_bound; the driver turns them into deliveries (instruments/measures.py's definitions).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

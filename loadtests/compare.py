@@ -11,7 +11,7 @@ head's servers only.
 
 Per figure (server CPU per delivery, wake-up p50 and p99, memory per held poll) each
 round gives a ratio head / base; their geometric mean and a seeded bootstrap interval
-(bench/measures.py's ratio_interval) make the difference. A figure is worse when the
+(instruments/measures.py's ratio_interval) make the difference. A figure is worse when the
 whole interval lies above its threshold (5 % CPU and memory, 10 % latency percentiles),
 better when it lies below minus the threshold. A message lost, duplicated or out of
 order in head is a regression whatever the figures. A round whose run is not valid
@@ -31,11 +31,11 @@ import sys
 import tempfile
 import time
 
-from bench import history
-from bench.ab import BaseCheckout, Unmeasured
-from bench.measures import LatencyHistogram, percentile, ratio_interval
+from harness.checkout import BaseCheckout, Unmeasured
 from harness.processes import LOOPBACK, ROOT, Process, free_port, wait_until
-from reports.page import REPORTS_ROOT, machine_line, new_report_dir, write_html, write_json
+from instruments import history
+from instruments.measures import LatencyHistogram, percentile, ratio_interval
+from instruments.page import REPORTS_ROOT, machine_line, new_report_dir, write_html, write_json
 
 WORSE_OR_NOT = {0: "UNCHANGED", 1: "WORSE", 2: "COULD NOT COMPARE"}
 UNCHANGED, WORSE, CANNOT_COMPARE = 0, 1, 2

@@ -30,15 +30,15 @@ import locust
 from locust import User, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
-from bench.httpframe import FramingError
-from bench.measures import DeliveryLedger, process_cpu_seconds
 from chattle_limits import CLIENT_TIMEOUT_MARGIN
+from instruments.clocks import Clocks, kernel_stamp_skew
+from instruments.httpframe import FramingError
+from instruments.measures import DeliveryLedger, process_cpu_seconds
 from loadtests import longpoll
-from loadtests.clocks import Clocks, kernel_stamp_skew
 from loadtests.locust_stats import log_untimed
 from loadtests.longpoll import HeldPolls, LongPollClient
 from loadtests.scenario import build_stages, room_name, stage_at
-from loadtests.shapes import StagedShape  # noqa: F401  (Locust finds the shape in the locustfile)
+from loadtests.shapes import StagedShape, SteppedShape  # Locust finds StagedShape here; --shape steps swaps
 from loadtests.tally import LOCUST_VERSION, RunTally, WorkerTally
 
 try:
@@ -99,7 +99,7 @@ def _split_servers(urls):
 
 def measure_clocks(options):
     """Before any listener starts: this process's clock against the kernel's receive stamps
-    and against every server's `ts` clock (loadtests/clocks.py)."""
+    and against every server's `ts` clock (instruments/clocks.py)."""
     CLOCKS.kernel_skew, CLOCKS.kernel_skew_bound = kernel_stamp_skew()
     longpoll.kernel_stamp_shift = CLOCKS.kernel_skew
     try:
@@ -125,12 +125,19 @@ def add_options(parser):
     group.add_argument("--lost-contact-seconds", type=float, default=15,
                        help="a listener failing this long without one good answer gives up (lost contact)")
     group.add_argument("--raw-dir", default="", help="where the master writes run.json")
+    group.add_argument("--shape", choices=("bursts", "steps"), default="bursts",
+                       help="bursts: ramp, hold, bursts, drain; steps: listeners in steps of --step, one burst "
+                            "at each, ending at the first step that breaks --slo-ms or loses a delivery")
+    group.add_argument("--step", type=int, default=2000, help="listeners added per step (--shape steps)")
+    group.add_argument("--slo-ms", type=float, default=500, help="p99 wake-up objective of a step (--shape steps)")
     group.add_argument("--servers", default="",
                        help="comma-separated server URLs sharing one bus: listeners spread evenly over them, "
                             "posts take turns (default: --host)")
 
 
 def stages_of(options):
+    if options.shape == "steps":
+        return SteppedShape.table(options)
     return build_stages(options.listeners, options.posters, options.run_seconds, options.spawn_rate,
                         options.stop_rate)
 
@@ -236,6 +243,10 @@ def write_run(**_kwargs):
 def remember_environment(environment, **_kwargs):
     write_run.environment = environment
     StagedShape.run_tally = RUN
+    options = environment.parsed_options
+    if options is not None and options.shape == "steps" and environment.shape_class is not None:
+        environment.shape_class = SteppedShape()
+        environment.shape_class.runner = environment.runner
     if isinstance(environment.runner, MasterRunner):
         gevent.signal_handler(signal.SIGUSR1, StagedShape.request_stop)
 
@@ -518,6 +529,7 @@ class Poster(User):
         self.number = next(poster_numbers)
         self.stages = stages_of(options)
         self.next_room = self.number
+        self.burst_step = None
         # one client per server; posts take turns, so every server's posts reach every other's listeners
         self.clients = [LongPollClient(url, self.environment.events.request,
                                        timeout=options.poll_timeout + CLIENT_TIMEOUT_MARGIN)
@@ -531,9 +543,10 @@ class Poster(User):
     @task
     def burst(self):
         stage = stage_at(self.stages, time.time() - TestClock.started)
-        if stage is None or not stage["posting"]:
+        if stage is None or not stage["posting"] or ("step" in stage and stage["step"] == self.burst_step):
             gevent.sleep(0.25)
             return
+        self.burst_step = stage.get("step")  # a stepped table: one burst per step
         room = room_name(self.next_room % self.options.rooms)
         self.next_room += 1
         for sequence in range(self.options.burst_size):

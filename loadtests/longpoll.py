@@ -4,7 +4,7 @@ Why not FastHttpUser: profiled with py-spy at 5000 listeners (README, "Why a cli
 its own"), geventhttpclient's request/response objects, header parsing, cookie jar and
 Locust's ResponseContextManager cost about 300 us of load-generator CPU per delivery,
 three times what the server spends delivering it. A held poll needs none of that:
-one request line out, one short answer in, framed by `bench.httpframe` (the parser
+one request line out, one short answer in, framed by `instruments.httpframe` (the parser
 the bench rig uses too).
 
 Every answer is read with recvmsg() and the kernel's receive timestamp
@@ -25,9 +25,9 @@ import socket
 import time
 import urllib.parse
 
-from bench import stamps
-from bench.httpframe import FramingError, ResponseParser
-from bench.stamps import ANCILLARY_SPACE, SO_TIMESTAMPNS
+from instruments import stamps
+from instruments.httpframe import FramingError, ResponseParser
+from instruments.stamps import ANCILLARY_SPACE, SO_TIMESTAMPNS
 
 try:
     from loadtests import _heldfast  # the common case compiled: see HeldPolls
@@ -71,7 +71,7 @@ MAX_KNOWN_ANSWERS = 256
 # Batches of the compiled path's records kept before they are handed over (see flush).
 MAX_BATCHES_KEPT = 1000
 # Seconds added to every kernel receive timestamp to put it on this process's wall clock:
-# 0 on a real host; loadtests/clocks.py measures it (a process under faketime is shifted).
+# 0 on a real host; instruments/clocks.py measures it (a process under faketime is shifted).
 kernel_stamp_shift = 0.0
 
 
@@ -232,7 +232,7 @@ class HeldPolls:
     When `loadtests._heldfast` is built and the caller says how to take an answer the
     short way, `_heldfast.drain` does it: an answer whose bytes the driver has framed
     before (whole, in one read, 200, keep-alive) and whose body `in_order_run(body)` calls
-    a run of ids, for a held poll whose `ledger` (bench.measures.DeliveryLedger) is at its
+    a run of ids, for a held poll whose `ledger` (instruments.measures.DeliveryLedger) is at its
     first id, moves that ledger on (DeliveryLedger.record_run's usual case, in C) and the
     next poll asks since its last id; its arrival, read time and clock go to
     `on_runs(body, arrived, read, stamped, clock_offset, clock_bound)` (numpy arrays) a

@@ -3,7 +3,7 @@
 Inputs: the per-second samples of run.py, raw/run.json (what the Locust master added up
 from its workers' reports: latency and client-lag HdrHistograms, every listener's
 ledger, every post, the errors, each process's CPU), the rooms' final cursors, and
-Locust's own CSV. Figures go through bench/measures.py so they mean what they mean
+Locust's own CSV. Figures go through instruments/measures.py so they mean what they mean
 everywhere else.
 """
 
@@ -11,9 +11,9 @@ import collections
 import csv
 import os
 
-from bench.measures import cpu_per_delivery, delivery_summary, memory_per_connection
+from instruments.measures import cpu_per_delivery, delivery_summary, memory_per_connection
+from instruments.page import machine_description, machine_line, write_html, write_json
 from loadtests.tally import RunTally
-from reports.page import machine_description, machine_line, write_html, write_json
 
 TARGET_REACHED_FRACTION = 0.95
 CONTENDED_PERCENT = 50.0      # other processes' mean CPU, in % of one core, that makes figures suspect
@@ -76,7 +76,7 @@ def server_figures(samples, run_info):
 
 
 def clock_figures(tally):
-    """Each load process's offset to each server's clock, with its bound (loadtests/clocks.py)."""
+    """Each load process's offset to each server's clock, with its bound (instruments/clocks.py)."""
     rows = []
     for worker_id, worker in sorted((tally.workers if tally else {}).items()):
         clocks = worker.get("clocks") or {}

@@ -9,18 +9,17 @@ process it starts is stopped by pid at the end, also on Ctrl-C or failure. Exit 
 
 import argparse
 import os
-import runpy
 import signal
 import sys
 import threading
 import time
 
-from bench.measures import process_cpu_seconds
-from chattle_limits import CLIENT_TIMEOUT_MARGIN, POLL_TIMEOUT_MAX, raise_descriptor_limit
+from chattle_limits import CLIENT_TIMEOUT_MARGIN, POLL_TIMEOUT_MAX, connections_per_worker, raise_descriptor_limit
 from harness.processes import LOOPBACK, ROOT, ChattleServer, Process, RedisServer, free_port, get_json
 from harness.system_packages import missing, missing_line
-from loadtests.scenario import SETTLE_SECONDS, build_stages, room_name, stage_at
-from reports.page import REPORTS_ROOT, new_report_dir
+from instruments.measures import process_cpu_seconds
+from instruments.page import REPORTS_ROOT, new_report_dir
+from loadtests.scenario import SETTLE_SECONDS, build_stages, build_step_stages, room_name, stage_at
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCUST_CONF = os.path.join(HERE, "locust.conf")
@@ -87,6 +86,11 @@ def parse_args(argv=None):
                         help="port of the Locust master (0: 5557 with remote workers, else a free one)")
     parser.add_argument("--worker-wait", type=float, default=120,
                         help="seconds the master waits for its remote workers before it gives up")
+    parser.add_argument("--shape", choices=("bursts", "steps"), default="bursts",
+                        help="steps: listeners held in steps of --step up to --users, one burst at each; the run "
+                             "ends at the first step whose p99 breaks --slo-ms or whose delivery is incomplete")
+    parser.add_argument("--step", type=int, default=2000, help="listeners added per step (--shape steps)")
+    parser.add_argument("--slo-ms", type=float, default=500, help="p99 wake-up objective of a step (--shape steps)")
     parser.add_argument("--report-root", default=REPORTS_ROOT,
                         help="directory that receives <timestamp>-load/ (tests point it at a temp dir)")
     # Base against head (loadtests/compare.py): it runs this script once per round.
@@ -127,7 +131,11 @@ def preflight(args):
     users = args.users + args.posters
     stages = None
     try:
-        stages = build_stages(args.users, args.posters, args.duration, args.spawn_rate, args.stop_rate)
+        if args.shape == "steps":
+            stages = build_step_stages(args.step, args.users, args.posters, args.spawn_rate, args.stop_rate)
+            args.duration = stages[-1]["end"]  # the table's length; the shape may end it sooner
+        else:
+            stages = build_stages(args.users, args.posters, args.duration, args.spawn_rate, args.stop_rate)
     except ValueError as exc:
         problems.append(str(exc))
     if args.users < 1 or args.posters < 1 or args.rooms < 1:
@@ -159,13 +167,13 @@ def preflight(args):
         if args.workers > 1:
             if missing(["redis-server"]):
                 problems.append(missing_line(["redis-server"]))
-            conf = runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py"))
-            capacity = conf["worker_connections"] * args.workers
+            per_worker = connections_per_worker(soft)  # as gunicorn.conf.py sets it, under the same limit
+            capacity = per_worker * args.workers
             if capacity < users:
                 problems.append("gunicorn admits worker_connections %d x %d workers = %d connections, fewer "
                                 "than the %d users; the rest would wait silently in the listen backlog"
-                                % (conf["worker_connections"], args.workers, capacity, users))
-            notes.append("gunicorn worker_connections %d x %d workers" % (conf["worker_connections"], args.workers))
+                                % (per_worker, args.workers, capacity, users))
+            notes.append("gunicorn worker_connections %d x %d workers" % (per_worker, args.workers))
         else:
             # chattle.py takes the hard limit for itself; one process holds every poll.
             if hard < users + DESCRIPTORS_SPARE:
@@ -308,7 +316,7 @@ class Sampler(threading.Thread):
     def sample(self):
         import psutil
 
-        from bench.measures import summed_rss
+        from instruments.measures import summed_rss
         # Every CPU reading first, at one moment; held polls and remote RSS come from what
         # the prober last saw.
         now = time.time()
@@ -404,6 +412,7 @@ def locust_argv(args, urls, report_dir, raw_dir):
             "--stop-rate", str(args.stop_rate), "--poll-timeout", str(args.poll_timeout),
             "--burst-size", str(args.burst_size), "--burst-gap", str(args.burst_gap), "--raw-dir", raw_dir,
             "--schedule-seed", str(args.schedule_seed),
+            "--shape", args.shape, "--step", str(args.step), "--slo-ms", str(args.slo_ms),
             "--lost-contact-seconds", str(args.lost_contact_seconds),
             "--csv", os.path.join(report_dir, "locust"), "--html", os.path.join(report_dir, "locust.html")]
 
@@ -528,7 +537,11 @@ def main(argv=None):
                 "locust_exit_code": locust.popen.returncode if locust is not None else None}
     summary = build_report(report_dir, run_info, sampler.samples if sampler else [], cursors)
     print_summary(summary, report_dir)
-    from bench.history import record_load
+    if args.shape == "steps":
+        from loadtests.shapes import steps_summary
+        for line in steps_summary(os.path.join(raw_dir, "steps.json")) or ["no step was judged"]:
+            print("steps: " + line)
+    from instruments.history import record_load
     record_load(summary, args.report_root, report_dir)
     if interrupted:
         return 130

@@ -43,6 +43,36 @@ def build_stages(listeners, posters, duration, spawn_rate, stop_rate=2500):
     return stages
 
 
+# SHAPE=steps: each step holds its listeners, sends one burst, then waits for the answers
+# and for the workers' reports (every 3 s) to reach the master, which judges the step.
+STEP_HOLD_SECONDS = 3
+STEP_BURST_SECONDS = 2
+STEP_SETTLE_SECONDS = 8
+
+
+def build_step_stages(step, most, posters, spawn_rate, stop_rate=2500):
+    """[{name, start, end, users, spawn_rate, posting, step, listeners}]: listeners added
+    `step` at a time up to `most`, each step a ramp, a hold, one burst and a settling wait,
+    then the ramp-down. The shape may end the run at an earlier step (loadtests/shapes.py)."""
+    if step < 1 or most < 1:
+        raise ValueError("--step and --users must each be at least 1")
+    stages, start, listeners, number = [], 0.0, 0, 0
+    while listeners < most:
+        number += 1
+        added = min(step, most - listeners) + (posters if number == 1 else 0)
+        listeners = min(most, listeners + step)
+        for name, length, posting in (("ramp", math.ceil(added / spawn_rate) + 2, False),
+                                      ("hold", STEP_HOLD_SECONDS, False), ("bursts", STEP_BURST_SECONDS, True),
+                                      ("settle", STEP_SETTLE_SECONDS, False)):
+            stages.append({"name": name, "start": start, "end": start + length, "users": listeners + posters,
+                           "spawn_rate": spawn_rate, "posting": posting, "step": number, "listeners": listeners})
+            start += length
+    ramp_down = max(RAMP_DOWN_SECONDS, math.ceil((listeners + posters) / stop_rate) + 1)
+    stages.append({"name": "ramp-down", "start": start, "end": start + ramp_down, "users": 0,
+                   "spawn_rate": stop_rate, "posting": False})
+    return stages
+
+
 def stage_at(stages, elapsed):
     for stage in stages:
         if stage["start"] <= elapsed < stage["end"]:

@@ -17,7 +17,7 @@ import os
 import socket
 import time
 
-from bench.measures import DeliveryLedger, LatencyHistogram, client_lag, process_cpu_seconds, wakeup_latency
+from instruments.measures import DeliveryLedger, LatencyHistogram, client_lag, process_cpu_seconds, wakeup_latency
 
 ERRORS_KEPT = 200           # examples kept per process; every error is counted
 LOCUST_VERSION = [None]     # set by the locustfile: the report reads tallies without Locust

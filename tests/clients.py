@@ -18,9 +18,10 @@ import gevent
 from gevent.pool import Pool
 
 import chattle
-from bench.measures import DeliveryLedger, wakeup_latency
 from chattle_limits import client_timeout
 from harness.processes import ROOT, SEED_FLAGS, free_port, get_json, post_json, wait_until
+from instruments.httpframe import ResponseParser
+from instruments.measures import DeliveryLedger, wakeup_latency
 
 GENEROUS = 30.0  # seconds: a deadline for what should take milliseconds, on a loaded machine
 
@@ -35,7 +36,12 @@ class HttpConnection:
     def __init__(self, port, timeout=GENEROUS):
         self.timeout = timeout
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buffer = b""
+        self.parser = ResponseParser()
+
+    @property
+    def buffer(self):
+        """What the server sent after the last answer read: the start of another."""
+        return self.parser.buffered
 
     def send(self, method, path, body=None, headers=None):
         lines = ["%s %s HTTP/1.1" % (method, path), "Host: 127.0.0.1"]
@@ -46,35 +52,34 @@ class HttpConnection:
         lines += ["%s: %s" % item for item in (headers or {}).items()]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
 
-    def _fill(self, deadline):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("no whole answer from the server in time")
-        self.sock.settimeout(remaining)
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("the server closed the connection")
-        self.buffer += chunk
-
     def receive(self, within=None):
         """(status, headers with lower-case names, decoded JSON body or raw bytes), read
-        within `within` seconds (the connection's timeout by default) however the bytes trickle."""
+        within `within` seconds (the connection's timeout by default) however the bytes
+        trickle, framed by the harness's one framer (Content-Length, chunked or close)."""
         deadline = time.monotonic() + (self.timeout if within is None else within)
-        while b"\r\n\r\n" not in self.buffer:
-            self._fill(deadline)
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        answer = self.parser.feed(b"") if self.parser.pending else None  # pipelined: already here
+        while answer is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no whole answer from the server in time")
+            self.sock.settimeout(remaining)
+            chunk = self.sock.recv(65536)
+            if chunk:
+                answer = self.parser.feed(chunk)
+            else:
+                answer = self.parser.feed_eof()
+                if answer is None:
+                    raise ConnectionError("the server closed the connection")
+        _status_line, *header_lines = answer.head.decode("latin-1").split("\r\n")
         headers = {}
         for line in header_lines:
             name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers["content-length"])
-        while len(self.buffer) < length:
-            self._fill(deadline)
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
+            if name:
+                headers[name.strip().lower()] = value.strip()
+        body = answer.body
         if headers.get("content-type", "").startswith("application/json"):
             body = json.loads(body)
-        return int(status_line.split()[1]), headers, body
+        return answer.status, headers, body
 
     def request(self, method, path, body=None, headers=None):
         self.send(method, path, body, headers)
@@ -106,6 +111,17 @@ def held_poll(port, path):
         connection.close()
 
 
+def settle(check, what, within=GENEROUS, step=0.005):
+    """Yield to the hub until `check()` holds: the synchronisation for tests inside one
+    process (parked greenlets, a pool, a log). Bounded by `within`, never by a count of
+    steps, since a loaded machine makes each step slower."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("%s: not so after %g s" % (what, within))
+        gevent.sleep(step)
+
+
 ###############################################################################
 # One-shot calls against a running server
 ###############################################################################
@@ -128,6 +144,22 @@ def wait_for_waiters(server, count, within=GENEROUS):
         wait_until(held, within, "%d held polls" % count)
     except RuntimeError as error:  # what wait_until raises at its deadline
         raise AssertionError("%s; the server held %s" % (error, seen[-1:])) from None
+
+
+def wait_for_waiters_across_workers(server, count, within=GENEROUS):
+    """Until the workers behind one port hold `count` polls between them: each /stats
+    answer is one worker's, so the newest answer of every pid seen is summed."""
+    newest = {}
+
+    def held():
+        body = stats(server)
+        newest[body["pid"]] = body["waiters"]
+        return sum(newest.values()) == count
+
+    try:
+        wait_until(held, within, "%d held polls" % count, interval=0.01)
+    except RuntimeError as error:
+        raise AssertionError("%s; the workers held %s" % (error, newest)) from None
 
 
 def post(server, room, content="hi", sender="ann"):
@@ -330,7 +362,7 @@ class Raw(HttpConnection):
         self.timeout = 10.0
         self.sock.settimeout(self.timeout)
         self.sock.connect(("127.0.0.1", port))
-        self.buffer = b""
+        self.parser = ResponseParser()
 
     def answer(self, within=10.0):
         """(status, lower-case headers, body: decoded JSON when JSON, else bytes)."""

@@ -16,7 +16,7 @@ import pytest
 
 import chattle
 import chattle_http
-from clients import read_to_end
+from clients import read_to_end, settle
 
 WAITERS = 1000
 # Measured on this tree (gevent 26.9, greenlet 3.5): 231 bytes peak traced allocation and
@@ -41,10 +41,7 @@ def fan_out_counters(waiters=WAITERS):
         bodies.append(room.answer(since, 100))
 
     parked = [gevent.spawn(poll) for _ in range(waiters)]
-    deadline = 200
-    while chattle.rooms.waiters < waiters and deadline:
-        gevent.sleep(0.01)
-        deadline -= 1
+    settle(lambda: chattle.rooms.waiters >= waiters, "every waiter parked")
     assert chattle.rooms.waiters == waiters, "waiters did not all park"
 
     switches = [0]
@@ -147,7 +144,7 @@ HELD_POLLS = 200
 MAX_BYTES_PER_HELD_POLL = 5.8 * 1024
 if sys.version_info >= (3, 12):
     # greenlet makes a frame object (about 220 bytes) for every Python frame on a
-    # suspended greenlet's stack there, nine per held poll (see README, Performance):
+    # suspended greenlet's stack there, nine per held poll (see docs/results.md):
     # 6.6 KB on 3.12, 6.8 KB on 3.13.
     MAX_BYTES_PER_HELD_POLL += 1.3 * 1024
 # About 58.75 Python calls per answered GET poll with chattle's handler, which sends the
@@ -200,10 +197,7 @@ def held_poll_bytes(make_server=chattle_server, held=HELD_POLLS):
             client = socket.create_connection(("127.0.0.1", server.server_port))
             client.sendall(request)
             clients.append(client)
-        for _ in range(3000):
-            if chattle.rooms.waiters >= held:
-                break
-            gevent.sleep(0.01)
+        settle(lambda: chattle.rooms.waiters >= held, "every poll parked")
         parked = tracemalloc.get_traced_memory()[0]
         tracemalloc.stop()
         assert chattle.rooms.waiters == held, "polls did not all park"
@@ -312,10 +306,7 @@ def test_a_pooled_connection_is_served_and_counted(app_state):
             client.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             client.settimeout(10)
             assert read_to_end(client).startswith(b"HTTP/1.1 200 OK")
-        for _ in range(100):
-            if server.pool.free_count() == server.pool.size:
-                break
-            gevent.sleep(0.01)
+        settle(lambda: server.pool.free_count() == server.pool.size, "the pool counted the connection out")
         assert server.pool.free_count() == server.pool.size, "the pool did not count the connection out"
     finally:
         server.stop(timeout=1)
@@ -359,7 +350,7 @@ def test_held_polls_share_their_deadline_timers(app_state, monkeypatch):
     room = chattle.rooms.get("deadlines")
     chattle.get_bus().publish("deadlines", "ann", "before")
     parked = [gevent.spawn(room.wait_for_news, room.last_id, 30) for _ in range(HELD_POLLS)]
-    gevent.sleep(0.05)
+    settle(lambda: room.waiting == HELD_POLLS, "every poll parked")
     assert room.waiting == HELD_POLLS
     assert timeouts == [], "a held poll started a timer of its own"
     assert len(room._wakeup.by_tick) <= 3, "polls parked within one tick share one Event and timer"
@@ -481,20 +472,14 @@ def fan_out_order(handler_class, polls=50, keep_alive=False):
             client.sendall(b"GET /rooms/order/msgs?since=%d&timeout=30 HTTP/1.1\r\nHost: t\r\n%s\r\n"
                            % (since, connection))
             clients.append(client)
-        for _ in range(500):
-            if chattle.rooms.waiters >= polls:
-                break
-            gevent.sleep(0.01)
+        settle(lambda: chattle.rooms.waiters >= polls, "every poll parked")
         assert chattle.rooms.waiters == polls
         del events[:]
         chattle.get_bus().publish("order", "bob", "wake")
         for client in clients:
             client.settimeout(10)
             assert client.recv(4096).startswith(b"HTTP/1.1 200 OK")
-        for _ in range(500):
-            if events.count(after) >= polls:
-                break
-            gevent.sleep(0.01)
+        settle(lambda: events.count(after) >= polls, "every answer followed by its event")
         return [event for event in events if event in ("answered", after)]
     finally:
         for client in clients:
@@ -607,17 +592,12 @@ def held_poll_deadlines(monkeypatch, held=HELD_POLLS):
     try:
         since = chattle.get_bus().publish("deadline-cost", "ann", "before")["id"]
         clients = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(held)]
-        for _ in range(300):  # every connection waits for its head, under its deadline
-            if deadlines.watched() >= held:
-                break
-            gevent.sleep(0.01)
+        # every connection waits for its head, under its deadline
+        settle(lambda: deadlines.watched() >= held, "every connection watched")
         assert deadlines.watched() == held, "connections waiting for their head are not all watched"
         for client in clients:
             client.sendall(b"GET /rooms/deadline-cost/msgs?since=%d&timeout=30 HTTP/1.1\r\nHost: t\r\n\r\n" % since)
-        for _ in range(3000):
-            if chattle.rooms.waiters >= held:
-                break
-            gevent.sleep(0.01)
+        settle(lambda: chattle.rooms.waiters >= held, "every poll parked")
         assert chattle.rooms.waiters == held, "polls did not all park"
         return deadlines.watched(), len(ticks)
     finally:

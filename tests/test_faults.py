@@ -2,7 +2,7 @@
 
 Each test breaks one part on purpose (a worker killed, the master stopped, Redis stopped
 or restarted) while clients keep going, and judges delivery with the one ledger the
-project has (bench.measures.DeliveryLedger).
+project has (instruments.measures.DeliveryLedger).
 """
 
 import os
@@ -11,7 +11,7 @@ import time
 
 import gevent
 
-from clients import Listener, Poster, post_once, room_last_id
+from clients import Listener, Poster, post_once, room_last_id, wait_for_waiters_across_workers
 from harness.processes import get_json, wait_until
 
 
@@ -65,7 +65,7 @@ def test_sigterm_to_the_master_answers_held_polls_promptly(start_chattle, redis_
             answers.append(type(exc).__name__)
 
     holders = [gevent.spawn(hold) for _ in range(20)]
-    gevent.sleep(1.0)
+    wait_for_waiters_across_workers(server, 20)
     assert not answers  # they are held
     stopped_at = time.monotonic()
     server.signal(signal.SIGTERM)

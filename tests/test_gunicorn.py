@@ -7,13 +7,14 @@ so gunicorn.conf.py is picked up from the working directory exactly as it is in 
 
 import os
 import re
+import resource
 import signal
 import time
 
 import gevent
 
 import chattle
-from chattle_limits import client_timeout
+from chattle_limits import client_timeout, connections_per_worker
 from clients import GENEROUS, HttpConnection, effective_config
 from harness.processes import ROOT, get_json, post_json, wait_until
 
@@ -24,6 +25,13 @@ def test_config_is_sized_for_long_polls():
     assert int(config["worker_connections"]) > 1000  # the default 1000 silently queues the rest
     assert float(config["timeout"]) > 0 and int(config["backlog"]) >= 1024
     assert config["control_socket_disable"] == "True"
+
+
+def test_make_load_counts_the_connections_gunicorn_admits():
+    """make load's preflight weighs its users against chattle_limits.connections_per_worker;
+    gunicorn must really run with that figure, under the hard limit it raises itself to."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert int(effective_config()["worker_connections"]) == connections_per_worker(hard)
 
 
 def page_constant(name):

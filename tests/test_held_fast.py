@@ -12,7 +12,7 @@ import gevent
 import numpy
 import pytest
 
-from bench.measures import DeliveryLedger, LatencyHistogram
+from instruments.measures import DeliveryLedger, LatencyHistogram
 from loadtests import longpoll
 from loadtests.longpoll import HeldPolls, LongPollClient
 from loadtests.tally import WorkerTally

@@ -1,11 +1,11 @@
-"""bench/history.py: the line each run appends, and `make history`'s steps and charts,
+"""instruments/history.py: the line each run appends, and `make history`'s steps and charts,
 on synthetic data (deterministic, fast)."""
 
 import json
 import os
 import random
 
-from bench import history
+from instruments import history
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -194,8 +194,14 @@ def test_a_request_line_over_the_limit_is_414_json(server):
     assert status == 414 and "error" in body and answer_headers["connection"] == "close" and closed
 
 
+def test_a_request_line_over_8_kib_is_414_json(server):
+    """As nginx refuses by default: a line of 20 KB is not a request anyone means."""
+    status, answer_headers, body, closed = refused(server.port, request("GET", "/" + "a" * 20000))
+    assert status == 414 and "8192" in body["error"] and answer_headers["connection"] == "close" and closed
+
+
 def test_a_long_request_line_within_the_limit_is_served(server):
-    status, _headers, body, _closed = refused(server.port, request("GET", "/" + "a" * 20000))
+    status, _headers, body, _closed = refused(server.port, request("GET", "/" + "a" * 8000))
     assert status == 404 and "error" in body
 
 
@@ -337,12 +343,15 @@ def test_a_room_name_that_is_not_utf8_is_404(server, method):
 # -- every limit is a setting: a flag, a variable, and gunicorn's own knob where it has one ---
 
 def test_the_limits_are_flags_of_python_chattle_py(start_chattle):
-    chattle = start_chattle(extra_args=["--max-headers", "5", "--max-head-bytes", "2048"])
+    chattle = start_chattle(extra_args=["--max-headers", "5", "--max-head-bytes", "2048",
+                                        "--max-line-bytes", "1000"])
     too_many = ["X-H%d: v" % n for n in range(5)]
     status, _headers, body, _closed = refused(chattle.port, request("GET", "/health", too_many))
     assert status == 431 and "over the limit of 5" in body["error"]
-    status, _headers, body, _closed = refused(chattle.port, request("GET", "/" + "a" * 3000))
-    assert status == 414 and "2048" in body["error"]
+    status, _headers, body, _closed = refused(chattle.port, request("GET", "/health", ["X-Long: " + "a" * 3000]))
+    assert status == 431 and "2048" in body["error"]
+    status, _headers, body, _closed = refused(chattle.port, request("GET", "/" + "a" * 1500))
+    assert status == 414 and "1000" in body["error"]
 
 
 def test_gunicorn_conf_hands_the_limits_to_gunicorns_own_worker():

@@ -16,14 +16,13 @@ import json
 import subprocess
 import sys
 
-import gevent
 import pytest
 from gevent import pywsgi, socket
 
 import chattle
 import chattle_http
-from clients import Raw, read_to_end, request
-from harness.processes import ROOT, ChattleServer, get_json
+from clients import GENEROUS, Raw, read_to_end, request
+from harness.processes import ROOT, ChattleServer, get_json, wait_until
 
 # -- bottle -----------------------------------------------------------------------------------
 
@@ -210,7 +209,9 @@ def test_the_access_log_path_with_a_log_on(tmp_path, kind):
             assert client.answer()[0] == 431
         finally:
             client.close()
-        gevent.sleep(0.5)  # the log is written after the answer
+        # the log line is written after the answer is sent
+        wait_until(lambda: "431" in log_path.read_text() and " 200 " in log_path.read_text(), GENEROUS,
+                   "both requests in the access log")
     finally:
         server.stop()
     log = log_path.read_text()

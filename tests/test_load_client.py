@@ -11,8 +11,8 @@ import gevent
 import msgpack
 import pytest
 
-from bench.httpframe import FramingError, ResponseParser
-from bench.measures import DeliveryLedger, LatencyHistogram, latency_summary, percentile
+from instruments.httpframe import FramingError, ResponseParser
+from instruments.measures import DeliveryLedger, LatencyHistogram, latency_summary, percentile
 from loadtests.longpoll import ConnectionLost, HeldPolls, LongPollClient
 from loadtests.tally import RunTally, WorkerTally
 
@@ -86,7 +86,7 @@ def test_counting_by_bucket_first_gives_what_hdrhistogram_gives_bucket_for_bucke
     HdrHistogram; that must be HdrHistogram's own bucketing at 3 digits (2048 sub-buckets)."""
     from hdrh.histogram import HdrHistogram
 
-    from bench.measures import LATENCY_HIGHEST_US, SIGNIFICANT_BITS
+    from instruments.measures import LATENCY_HIGHEST_US, SIGNIFICANT_BITS
     direct = HdrHistogram(1, LATENCY_HIGHEST_US, 3)
     assert direct.sub_bucket_count == 2 ** SIGNIFICANT_BITS
     ours = LatencyHistogram()
@@ -99,7 +99,7 @@ def test_counting_by_bucket_first_gives_what_hdrhistogram_gives_bucket_for_bucke
     mine = [(item.value_iterated_to, item.count_at_value_iterated_to) for item in ours._hdr.get_recorded_iterator()]
     theirs = [(item.value_iterated_to, item.count_at_value_iterated_to) for item in direct.get_recorded_iterator()]
     assert mine == theirs
-    # bench.measures fills the HdrHistogram's counts itself (_record_counted): the same array
+    # instruments.measures fills the HdrHistogram's counts itself (_record_counted): the same array
     assert list(ours._hdr.counts) == list(direct.counts)
     assert (ours._hdr.get_total_count(), ours._hdr.min_value, ours._hdr.get_max_value()) == \
         (direct.get_total_count(), direct.min_value, direct.get_max_value())
@@ -393,7 +393,7 @@ def test_a_fan_outs_identical_bodies_are_parsed_once_and_the_cache_stays_bounded
 
 
 def test_heads_are_framed_once_each_and_the_table_stays_bounded():
-    from bench import httpframe
+    from instruments import httpframe
     for n in range(httpframe.MAX_FRAMINGS_KEPT + 10):
         answer = ResponseParser().feed(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n + b"x" * n)
         assert len(answer.body) == n
@@ -403,7 +403,7 @@ def test_heads_are_framed_once_each_and_the_table_stays_bounded():
 
 
 def test_a_whole_answer_read_again_is_framed_once_and_the_table_stays_bounded():
-    from bench import httpframe
+    from instruments import httpframe
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
     first = ResponseParser().feed(answer)
     assert ResponseParser().feed(bytes(answer)) is first             # equal bytes, one framing

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import IN_CI, ROOT
 from harness.processes import free_port
-from loadtests import clocks
+from instruments import clocks
 from loadtests.report import worker_shares
 from loadtests.tally import RunTally, WorkerTally
 

@@ -7,10 +7,10 @@ ratios in every bench report would quietly compare different things.
 import gevent
 import pytest
 
-from bench.measures import time_per_waiter
 from bench.rig import Rig
 from bench.sweep import PEERS
 from harness.processes import PeerServer, get_json, post_json, wait_until
+from instruments.measures import time_per_waiter
 
 
 @pytest.fixture(scope="module", params=sorted(PEERS.items()), ids=sorted(PEERS))

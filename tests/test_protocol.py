@@ -1,7 +1,7 @@
 """The wire protocol, route by route and error row by error row, called in process.
 
-Each test names the rule of /work/shared/wire-protocol.md (and README's protocol
-section) it holds the server to.
+Each test names the rule of /work/shared/wire-protocol.md (and docs/protocol.md)
+it holds the server to.
 """
 
 import io
@@ -11,7 +11,7 @@ import gevent
 import pytest
 
 import chattle
-from clients import WsgiAnswer
+from clients import WsgiAnswer, settle
 
 JSON = {"Content-Type": "application/json"}
 
@@ -455,7 +455,7 @@ def test_held_poll_is_woken_by_a_post(wsgi):
     post_ok(wsgi, "w")
     held = [gevent.spawn(wsgi, "GET", "/rooms/w/msgs", query="since=1&timeout=30") for _ in range(5)]
     other_room = gevent.spawn(wsgi, "GET", "/rooms/x/msgs", query="since=0&timeout=30")
-    gevent.sleep(0.05)
+    settle(lambda: chattle.rooms.waiters == 6, "six polls parked")
     assert chattle.rooms.waiters == 6 and not any(greenlet.ready() for greenlet in held)
     posted = post_ok(wsgi, "w", "bob", "wake up")
     gevent.joinall(held, timeout=5, raise_error=True)
@@ -470,7 +470,7 @@ def test_held_poll_is_woken_by_a_post(wsgi):
 def test_a_fan_out_encodes_one_answer(wsgi):
     post_ok(wsgi, "fan")
     held = [gevent.spawn(wsgi, "GET", "/rooms/fan/msgs", query="since=1&timeout=30") for _ in range(50)]
-    gevent.sleep(0.05)
+    settle(lambda: chattle.rooms.waiters == 50, "fifty polls parked")
     before = chattle.rooms.encodes
     post_ok(wsgi, "fan")
     gevent.joinall(held, timeout=5, raise_error=True)
@@ -481,7 +481,7 @@ def test_a_fan_out_encodes_one_answer(wsgi):
 def test_closing_answers_held_polls_at_once(wsgi):
     post_ok(wsgi, "c")
     held = [gevent.spawn(wsgi, "GET", "/rooms/c/msgs", query="since=1&timeout=60") for _ in range(3)]
-    gevent.sleep(0.05)
+    settle(lambda: chattle.rooms.waiters == 3, "three polls parked")
     chattle.rooms.close()
     gevent.joinall(held, timeout=5, raise_error=True)
     for greenlet in held:

@@ -143,3 +143,68 @@ def test_concurrent_first_polls_of_an_empty_room_are_all_answered(redis_server, 
         gevent.joinall(polls, timeout=30, raise_error=True)
         statuses = sorted(poll.value[0] for poll in polls)
         assert statuses == [200] * 40, [poll.value for poll in polls if poll.value[0] != 200][:3]
+
+
+def test_a_room_whose_load_is_held_up_does_not_delay_another_room(workers):
+    """The reader applies every room's posts; a room still loading on this worker (a slow
+    Redis answer, a large history) must not hold up the posts of the others. Its load is
+    held on an Event the test controls, so nothing here depends on timing."""
+    import gevent
+    from gevent.event import Event
+
+    writer, worker = workers(), workers()
+    worker.room("quick", 0)
+    release = Event()
+    syncing = []
+    real_sync = worker._sync
+
+    def held_sync(room_name, room):
+        if room_name == "slow":
+            syncing.append(room_name)
+            release.wait()
+        return real_sync(room_name, room)
+
+    worker._sync = held_sync
+    loading = gevent.spawn(worker.room, "slow", 0)
+    try:
+        wait_until(lambda: syncing, 10.0, "the slow room's load started")
+        writer.publish("slow", "ann", "while it loads")
+        writer.publish("quick", "bob", "not held up")
+        quick = worker.rooms.get("quick")
+        wait_until(lambda: quick.last_id == 1, 10.0, "the quick room's post, while the slow room loads")
+        assert not release.is_set() and not loading.ready()
+    finally:
+        release.set()
+    slow = loading.get(timeout=10)
+    writer.publish("slow", "ann", "after the load")
+    wait_until(lambda: slow.last_id == 2, 10.0, "both posts of the slow room")
+    assert [m["content"] for m in answer(slow, 0)["messages"]] == ["while it loads", "after the load"]
+
+
+def test_a_catch_up_that_meets_a_redis_error_tries_again(workers, redis_server):
+    """After an outage every loaded room is fetched again in a greenlet of its own; a fetch
+    that meets Redis still loading (or refusing) tries again, as the reader does, rather
+    than leave the room's copy as it was (here: Redis lost the room, so it must reset)."""
+    import gevent
+    import redis
+
+    worker = workers()
+    for n in range(3):
+        worker.publish("flaky", "ann", "m%d" % n)
+    room = worker.room("flaky", 0)
+    wait_until(lambda: room.last_id == 3, 10.0, "the room loaded")
+    redis.Redis.from_url(redis_server.url).flushall()
+    failures = []
+    real_sync = worker._sync
+
+    def flaky_sync(room_name, copy):
+        if not failures:
+            failures.append(room_name)
+            raise redis.ConnectionError("Redis is loading")
+        return real_sync(room_name, copy)
+
+    worker._sync = flaky_sync
+    worker.held_back["flaky"] = []
+    gevent.spawn(worker._settle, "flaky", True)  # as the reader's _resume does after an outage
+    wait_until(lambda: room.last_id == 0, 10.0, "the room reset after one failed fetch")
+    assert failures == ["flaky"]

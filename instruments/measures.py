@@ -1,6 +1,6 @@
 """The one definition of each figure Chattle reports.
 
-loadtests/, bench/, reports/ and the tests all compute wake-up latency, delivery
+loadtests/, bench/ and the tests all compute wake-up latency, delivery
 completeness and memory per held connection through these functions, so a number in
 a load report and the same number in a capacity sweep mean the same thing.
 """

@@ -6,11 +6,11 @@ where (a machine fingerprint: CPU model, cores, memory, kernel, Python and the l
 versions), how (the run's settings) and what came out (its headline figures). Another
 tool records a run with one call:
 
-    from bench import history
+    from instruments import history
     history.append("capacity", settings={...}, figures={"capacity_polls": 15000, ...},
                    report_dir=report_dir)
 
-`make history` (python -m bench.history) reads the file and, for this machine, draws one
+`make history` (python -m instruments.history) reads the file and, for this machine, draws one
 chart per figure and per group of identical settings, commit by commit (in commit
 order), and marks its steps as asv does: a level that changed and stayed changed over
 the following commits, found by a penalised piecewise-constant fit.
@@ -26,7 +26,7 @@ import platform
 import subprocess
 import sys
 
-from reports.page import REPORTS_ROOT, machine_description, write_html
+from instruments.page import REPORTS_ROOT, machine_description, write_html
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HISTORY_NAME = "history.jsonl"

@@ -9,7 +9,8 @@ import os
 import platform
 import sys
 
-REPORTS_ROOT = os.path.dirname(os.path.abspath(__file__))
+# Output only: made on the first run, ignored by git.
+REPORTS_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reports")
 
 
 def new_report_dir(kind, root=REPORTS_ROOT):

@@ -102,6 +102,12 @@ class ResponseParser:
         """True while part of an answer (or of the next one) is buffered."""
         return bool(self._buffer) or self._head is not None
 
+    @property
+    def buffered(self):
+        """The bytes kept after the last whole answer: what the next one is made of so far
+        (less its head, once that is framed)."""
+        return self._buffer
+
     def feed(self, data):
         """Add bytes; the next whole answer, or None while it is incomplete."""
         if self._buffer or self._head is not None:

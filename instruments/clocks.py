@@ -20,13 +20,12 @@ No Locust import: the parts are tested without it.
 
 import json
 import socket
-import struct
 import time
+
+from instruments.stamps import ANCILLARY_SPACE, SO_TIMESTAMPNS, arrival
 
 ROUNDS = 8                  # /health round trips per server; the tightest one is kept
 SKEW_ROUNDS = 5             # datagrams for the kernel stamp clock; the tightest one is kept
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-TIMESPEC = struct.Struct("@qq")
 
 
 class ClockOffset:
@@ -73,12 +72,11 @@ def kernel_stamp_skew(rounds=SKEW_ROUNDS, clock=time.time):
         for _ in range(rounds):
             before = clock()
             sender.send(b".")
-            _data, ancillary, _flags, _address = receiver.recvmsg(1, socket.CMSG_SPACE(TIMESPEC.size))
+            _data, ancillary, _flags, _address = receiver.recvmsg(1, ANCILLARY_SPACE)
             after = clock()
-            for level, kind, data in ancillary:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                    seconds, nanoseconds = TIMESPEC.unpack(data)
-                    samples.append((before, seconds + nanoseconds * 1e-9, after))
+            stamped = arrival(ancillary)
+            if stamped is not None:
+                samples.append((before, stamped, after))
     finally:
         sender.close()
         receiver.close()

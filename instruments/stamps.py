@@ -1,7 +1,7 @@
 """The kernel's receive timestamp of a socket read (SO_TIMESTAMPNS): when an answer's last
 segment reached this host, whatever the reader was doing then.
 
-Both instruments end the wake-up latency there (bench/measures.py wakeup_latency): the
+Both instruments end the wake-up latency there (instruments/measures.py wakeup_latency): the
 load test's held polls (loadtests/longpoll.py) and the bench rig (bench/rig.py). Timed
 at the read instead, the rig's figures took in its own queue of unread answers.
 """
@@ -18,7 +18,7 @@ ANCILLARY_SPACE = socket.CMSG_SPACE(TIMESPEC.size)
 
 def stamp_seconds(value, shift=0.0):
     """The wall-clock time in one SO_TIMESTAMPNS control message, plus `shift` (a process
-    whose clock is not the kernel's: loadtests/clocks.py)."""
+    whose clock is not the kernel's: instruments/clocks.py)."""
     seconds, nanoseconds = TIMESPEC.unpack_from(value)
     return seconds + nanoseconds * 1e-9 + shift
 

@@ -1,0 +1,236 @@
+"""The documentation shows only what exists: every `make <target>` in README.md and
+docs/*.md is a target of the Makefile (and every VARIABLE= it sets is one the Makefile
+reads), every `python -m <module>` and `python <script>.py` it names answers --help,
+and every relative link reaches its file and, for #anchors, a heading there.
+
+Targets come from make's own database (`make -qp`: question mode runs no recipe, so no
+system-packages check and no venv build), not from `make -n <target>`, which still
+expands and runs what a target's prerequisites need.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md"] + sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(ROOT, "docs"))
+                              if name.endswith(".md"))
+HELP_DEADLINE = 120  # seconds for one --help: imports only, but on a shared, loaded machine
+
+FENCED = re.compile(r"^```.*?^```", re.M | re.S)
+INDENTED = re.compile(r"(?:^(?: {4}|\t).*\n?)+", re.M)
+INLINE = re.compile(r"`([^`\n]+)`")
+# A make command starts a line of code (after any indentation or a shell prompt), so
+# prose that happens to sit in an indented list item is not taken for one.
+MAKE_COMMAND = re.compile(r"^[ \t]*(?:\$ )?make ([a-z][\w-]*)((?: +[A-Z][A-Z0-9_]*=\S*)*)", re.M)
+PYTHON_MODULE = re.compile(r"python -m ([A-Za-z_][\w.]*)")
+PYTHON_SCRIPT = re.compile(r"python ([\w/]+\.py)\b")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^#{1,6} +(.+?) *#*$", re.M)
+
+
+def read(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def code_of(text):
+    """The code a page shows: fenced blocks, indented blocks and inline code spans."""
+    blocks = FENCED.findall(text)
+    prose = FENCED.sub("", text)
+    blocks += INDENTED.findall(prose)
+    blocks += INLINE.findall(INDENTED.sub("", prose))
+    return "\n".join(blocks)
+
+
+def shown(pattern):
+    """(page, match) for every match of `pattern` in the code of every page."""
+    return [(page, match) for page in DOCS for match in pattern.finditer(code_of(read(page)))]
+
+
+def make_targets():
+    """Every explicit target in make's database of this Makefile."""
+    run = subprocess.run(["make", "-qp", "-f", "Makefile", "-C", ROOT, "--no-print-directory",
+                          "chattle-docs-no-such-target"], capture_output=True, text=True,
+                         timeout=HELP_DEADLINE, env=dict(os.environ, MAKEFLAGS=""))
+    targets, not_a_target = set(), False
+    for line in run.stdout.splitlines():
+        if line.startswith("# Not a target"):
+            not_a_target = True
+            continue
+        match = re.match(r"^([A-Za-z0-9][\w.-]*):(?!=)", line)
+        if match and not not_a_target:
+            targets.add(match.group(1))
+        not_a_target = False
+    assert "test" in targets, "make -qp listed no targets:\n" + run.stdout[-2000:] + run.stderr
+    return targets
+
+
+def test_every_make_command_shown_is_a_target_with_its_variables():
+    targets = make_targets()
+    makefile = read("Makefile")
+    commands = shown(MAKE_COMMAND)
+    assert commands, "no `make <target>` found in the docs: is the pattern wrong?"
+    wrong = []
+    for page, match in commands:
+        target, assignments = match.group(1), match.group(2).split()
+        if target not in targets:
+            wrong.append("%s: `make %s` is not a target of the Makefile" % (page, target))
+        for assignment in assignments:
+            variable = assignment.split("=", 1)[0]
+            if "$(%s)" % variable not in makefile:
+                wrong.append("%s: `%s` sets %s, which the Makefile never reads" % (page, match.group(0), variable))
+    assert not wrong, "\n".join(sorted(set(wrong)))
+
+
+def help_commands():
+    """Each module and script the docs run with python, once, as an argv for --help."""
+    commands = {}
+    for _page, match in shown(PYTHON_MODULE):
+        commands.setdefault(match.group(1), ["-m", match.group(1)])
+    for _page, match in shown(PYTHON_SCRIPT):
+        commands.setdefault(match.group(1), [match.group(1)])
+    return sorted(commands.items())
+
+
+HELP_COMMANDS = help_commands()
+
+
+def test_the_docs_name_python_commands():
+    names = [name for name, _argv in HELP_COMMANDS]
+    assert "loadtests.run" in names and "chattle.py" in names, names
+
+
+@pytest.mark.parametrize("name,argv", HELP_COMMANDS, ids=[name for name, _argv in HELP_COMMANDS])
+def test_every_python_command_shown_answers_help(name, argv):
+    run = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=HELP_DEADLINE)
+    assert run.returncode == 0 and "usage" in run.stdout.lower(), (
+        "`python %s --help` failed (exit %d):\n%s%s" % (" ".join(argv), run.returncode, run.stdout, run.stderr))
+
+
+def slug(heading):
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]|<[^>]+>", "", heading).strip().lower()
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path):
+    seen, found = {}, set()
+    for heading in HEADING.findall(FENCED.sub("", read(path))):
+        base = slug(heading)
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        found.add(base if count == 0 else "%s-%d" % (base, count))
+    return found
+
+
+def test_slugs_are_githubs():
+    assert slug("Many workers: the shared Redis bus") == "many-workers-the-shared-redis-bus"
+    assert slug("What `make load` prints") == "what-make-load-prints"
+    assert slug("gunicorn's own gevent worker") == "gunicorns-own-gevent-worker"
+
+
+def test_every_relative_link_resolves():
+    broken = []
+    for page in DOCS:
+        text = FENCED.sub("", read(page))
+        for target in LINK.findall(text):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+                continue
+            path, _hash, anchor = target.partition("#")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            if not os.path.exists(os.path.join(ROOT, resolved)):
+                broken.append("%s: %s (no file %s)" % (page, target, resolved))
+            elif anchor and resolved.endswith(".md") and anchor not in anchors(resolved):
+                broken.append("%s: %s (no heading with anchor #%s in %s)" % (page, target, anchor, resolved))
+    assert not broken, "\n".join(broken)
+
+
+def table_rows(text, first_header):
+    """The cells of each row of the table whose first column is headed `first_header`."""
+    rows, inside = [], False
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_header:
+            inside = True
+        elif inside and line.startswith("|"):
+            if not set(cells[0]) <= set("- "):
+                rows.append(cells)
+        else:
+            inside = False
+    return rows
+
+
+def test_the_settings_table_is_the_servers():
+    """deploy.md's settings table names every flag of `python chattle.py`, its variable
+    and its default."""
+    import chattle
+
+    documented = {row[0].strip("`"): row for row in table_rows(read("docs/deploy.md"), "flag")}
+    wrong = []
+    for name, env, _kind, default, _help in chattle.SETTINGS:
+        flag = "--" + name.replace("_", "-")
+        row = documented.pop(flag, None)
+        if row is None:
+            wrong.append("%s is not in docs/deploy.md's settings table" % flag)
+            continue
+        if row[1].strip("`") != env:
+            wrong.append("%s: the table says %s, the server reads %s" % (flag, row[1], env))
+        shown_default = row[2].split(" (")[0]
+        if shown_default != ("(empty)" if default == "" else "%g" % default if isinstance(default, float)
+                             else str(default)):
+            wrong.append("%s: the table's default is %s, the server's %r" % (flag, row[2], default))
+    wrong += ["%s is in the table but not a flag of chattle.py" % flag for flag in documented]
+    assert not wrong, "\n".join(wrong)
+
+
+def documented_default(text):
+    """A default as the knobs table writes it ("20 s", "500/s", "0 (auto)", "(none)") as a string
+    to compare with the flag's."""
+    text = text.strip("`").split(" (")[0]
+    if text in ("", "(none)"):
+        return ""
+    return re.sub(r"(?<=\d)(?: s|/s)$", "", text)
+
+
+def same_default(shown, actual):
+    if isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        try:
+            return float(shown) == float(actual)
+        except ValueError:
+            return False
+    return shown == actual or (shown.endswith("/") and os.path.basename(str(actual)) == shown.strip("/"))
+
+
+def test_the_make_load_knobs_table_is_what_make_load_does():
+    """docs/measuring.md's knobs: each make variable passes its flag (Makefile), and each
+    default is the one `python -m loadtests.run` takes (from loadtests/locust.conf)."""
+    from loadtests import run
+
+    defaults = vars(run.parse_args([]))
+    makefile = read("Makefile")
+    rows = table_rows(read("docs/measuring.md"), "variable")
+    assert len(rows) > 10, rows
+    wrong = []
+    for variables, flags, shown_defaults, _meaning in rows:
+        variables = [name.strip("`=") for name in variables.split(", ") if name]
+        flags = [name.strip("`") for name in flags.split(", ")]
+        shown = [documented_default(value) for value in shown_defaults.split(", ")]
+        if len(shown) != len(flags):
+            wrong.append("%s: %d defaults for %d flags" % (flags, len(shown), len(flags)))
+            continue
+        for variable, flag in zip(variables, flags):
+            if "%s $(%s)" % (flag, variable) not in makefile:
+                wrong.append("%s= does not pass %s in the Makefile" % (variable, flag))
+        for flag, value in zip(flags, shown):
+            name = flag.lstrip("-").replace("-", "_")
+            if name not in defaults:
+                wrong.append("%s is not a flag of python -m loadtests.run" % flag)
+            elif not same_default(value, defaults[name]):
+                wrong.append("%s: the table's default is %r, make load's %r" % (flag, value, defaults[name]))
+    assert not wrong, "\n".join(wrong)
