@@ -103,10 +103,11 @@ def bench_environment(environ=None):
     return {name: value for name, value in sorted(environ.items()) if name.startswith("CHATTLE_BENCH_")}
 
 
-def append(kind, settings, figures, report_dir=None, path=None, root=ROOT, extra=None):
+def append(kind, settings, figures, report_dir=None, path=None, root=ROOT, extra=None, state=None):
     """Append one run's line to the history (reports/history.jsonl unless `path`); the line.
-    Never fails the run that calls it: a history that cannot be written is said, not raised."""
-    state = git_state(root)
+    `state`: git_state() as it was when the run began (else read now). Never fails the run
+    that calls it: a history that cannot be written is said, not raised."""
+    state = state or git_state(root)
     machine = machine_fingerprint()
     entry = {"kind": kind, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "commit": state["commit"], "dirty": state["dirty"], "commit_time": state["commit_time"],

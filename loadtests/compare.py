@@ -597,6 +597,7 @@ def _compare(args, load_argv, load_args, scratch, run):
 
     checkout = BaseCheckout(args.base, scratch)  # a revision that does not exist stops here
     _code, head_commit = git_output("rev-parse", "HEAD")
+    head_state = history.git_state()  # what the history line names, whatever happens meanwhile
     try:
         checkout.check_out()
         problem = base_protocol_problem(checkout.root, checkout.python, os.path.join(scratch, "base-protocol.log"))
@@ -646,13 +647,13 @@ def _compare(args, load_argv, load_args, scratch, run):
                    "settings_line": settings_line, "load_argv": load_argv, "machine": history.machine_fingerprint()}
         write_report(report_dir, result, rounds, context)
         print_verdict(result, context, rounds, report_dir)
-        record_history(result, settings, bench_env, checkout.commit, report_dir, args.report_root)
+        record_history(result, settings, bench_env, checkout.commit, report_dir, args.report_root, head_state)
         return result["code"]
     finally:
         checkout.remove()
 
 
-def record_history(result, settings, bench_env, base_commit, report_dir, report_root):
+def record_history(result, settings, bench_env, base_commit, report_dir, report_root, head_state=None):
     """One line for the whole comparison: head's figures (the rounds' medians)."""
     figures = {key: entry.get("head_median") for key, entry in result["figures"].items()}
     figures["messages_wrong"] = sum(result["wrong_in_head"].values())
@@ -660,7 +661,7 @@ def record_history(result, settings, bench_env, base_commit, report_dir, report_
                    path=history.history_path(report_root),
                    extra={"compare": {"base_commit": base_commit, "verdict": result["word"],
                                       "rounds": len(result["delivery"])},
-                          "passed": result["code"] != CANNOT_COMPARE})
+                          "passed": result["code"] != CANNOT_COMPARE}, state=head_state)
 
 
 if __name__ == "__main__":
