@@ -53,8 +53,8 @@ SYSTEM_PROGRAMS := $(sort \
 system-packages:
 	@$(PYTHON3) -m harness.system_packages $(SYSTEM_PROGRAMS)
 
-# setup.py builds loadtests/_heldfast.c and _usercount.c in place (the load worker's compiled paths)
-$(STAMP): pyproject.toml setup.py loadtests/_heldfast.c loadtests/_usercount.c
+# setup.py builds loadtests/_heldfast.c in place (the load worker's compiled path)
+$(STAMP): pyproject.toml setup.py loadtests/_heldfast.c
 	$(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[harness]'

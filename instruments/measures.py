@@ -29,6 +29,24 @@ def client_lag(read_at, arrived_at):
     return read_at - arrived_at
 
 
+CLIENT_LAG_SHARE = 0.10   # client lag p99 above this share of the server's wake-up p99 ...
+CLIENT_LAG_FLOOR = 0.010  # ... and above this many seconds: the run is client-bound
+
+
+def client_bound(lag_p99, wakeup_p99, floor=CLIENT_LAG_FLOOR):
+    """Whether the client's own lag is a material part of what a run measured.
+
+    Wake-up latency ends at the kernel's arrival stamp, so the client's lag never enters
+    it; lag matters when the client falls so far behind that its re-polls come back late
+    and the server meets a different load than the one asked for. A tenth of the
+    server's p99 is that mark, with a floor: a few milliseconds of lag are a shared core's
+    scheduling and the driver's 1 ms read pauses, which would fail every small fan-out
+    (a 20 ms p99 of 100-listener rooms) while changing nothing the server does."""
+    if lag_p99 is None or not wakeup_p99:
+        return False
+    return lag_p99 > max(CLIENT_LAG_SHARE * wakeup_p99, floor)
+
+
 def percentile(sorted_values, fraction):
     """Linear interpolation between closest ranks (numpy's default), on sorted input."""
     if not sorted_values:

@@ -7,7 +7,7 @@
  * `make load`'s load generator above half the server's CPU. What is left here per answer
  * is the two system calls, a dict lookup and one Python call (the listener's ledger).
  *
- * drain(epoll_fd, max_events, held, known, stamp_shift) -> (records, slow, answers, body_bytes)
+ * drain(epoll_fd, max_events, held, known, stamp_shift) -> (records, slow, answers, body_bytes, failure)
  *
  *   held   dict fd -> HeldPoll. A HeldPoll with `fast` false is not read here: it goes to
  *          `slow` as (fd, None, None, 0) for the driver's own path (a connect finishing,
@@ -33,6 +33,13 @@
  *   records: 6 doubles per answer taken here: index, arrived (kernel stamp + stamp_shift,
  *   else the read time), read time, stamped (1.0/0.0), the HeldPoll's clock_offset and
  *   clock_bound; the driver turns them into deliveries (instruments/measures.py's definitions).
+ *
+ *   failure: None, or (fd, exception) when a Python call failed while handling that held
+ *   poll (one of its attributes, a list append, memory). The call stops there and still
+ *   returns what it did before: ledgers already moved have their records, polls already
+ *   sent are in `records` or `slow`, so no delivery leaves the histograms. The driver then
+ *   drops that one held poll (its listener polls again from its cursor) and raises nothing.
+ *   Only a failure before any answer was read (epoll_wait, the result's allocation) raises.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -84,13 +91,16 @@ slow_entry(PyObject *slow, int fd, PyObject *data, PyObject *arrived, int proble
 }
 
 /* DeliveryLedger.record_run's usual case, on `held`'s ledger: 1 when the ledger was at
- * `first` and moved past `last` (the cursor is then `last`), 0 when not, -1 on an error.
+ * `first` and moved past `last` (the cursor is then `last`), 0 when not, -1 on an error
+ * with the ledger untouched, 2 when the ledger moved and only its count in `fast_answers`
+ * failed (an error is set; the answer is taken all the same). Every value is read before
+ * anything is written, so an error leaves the ledger as it was or wholly moved on.
  * The attribute calls cost a tenth of the Python call they replace (per answer). */
 static int
-take_run(PyObject *held, PyObject *first_object, PyObject *last_object)
+take_run(PyObject *held, long long first, long long last)
 {
-    PyObject *ledger, *value = NULL;
-    long long first, last, number;
+    PyObject *ledger, *value = NULL, *received_before = NULL;
+    long long next_expected, received, fast_answers;
     int result = -1;
 
     ledger = PyObject_GetAttr(held, s_ledger);
@@ -100,46 +110,63 @@ take_run(PyObject *held, PyObject *first_object, PyObject *last_object)
         result = 0;
         goto done;
     }
-    first = PyLong_AsLongLong(first_object);
-    last = PyLong_AsLongLong(last_object);
-    value = PyObject_GetAttr(ledger, s_next_expected);
-    if (value == NULL || PyErr_Occurred())
+    if ((value = PyObject_GetAttr(ledger, s_next_expected)) == NULL)
         goto done;
-    number = PyLong_AsLongLong(value);
+    next_expected = PyLong_AsLongLong(value);
     Py_CLEAR(value);
-    if (number == -1 && PyErr_Occurred())
+    if (next_expected == -1 && PyErr_Occurred())
         goto done;
-    if (number != first) {
+    if (next_expected != first) {
         result = 0;
         goto done;
     }
-    value = PyObject_GetAttr(ledger, s_received);
-    if (value == NULL)
+    if ((received_before = PyObject_GetAttr(ledger, s_received)) == NULL)
         goto done;
-    number = PyLong_AsLongLong(value);
+    received = PyLong_AsLongLong(received_before);
+    if (received == -1 && PyErr_Occurred())
+        goto done;
+    if ((value = PyObject_GetAttr(held, s_fast_answers)) == NULL)
+        goto done;
+    fast_answers = PyLong_AsLongLong(value);
     Py_CLEAR(value);
-    if (number == -1 && PyErr_Occurred())
+    if (fast_answers == -1 && PyErr_Occurred())
         goto done;
-    if (!(value = PyLong_FromLongLong(number + last - first + 1)) || PyObject_SetAttr(ledger, s_received, value) < 0)
-        goto done;
-    Py_CLEAR(value);
-    if (!(value = PyLong_FromLongLong(last + 1)) || PyObject_SetAttr(ledger, s_next_expected, value) < 0)
+
+    if (!(value = PyLong_FromLongLong(received + last - first + 1)) || PyObject_SetAttr(ledger, s_received, value) < 0)
         goto done;
     Py_CLEAR(value);
-    value = PyObject_GetAttr(held, s_fast_answers);
-    if (value == NULL)
+    if (!(value = PyLong_FromLongLong(last + 1)) || PyObject_SetAttr(ledger, s_next_expected, value) < 0) {
+        /* put `received` back: the ledger must not be half moved */
+        PyObject *type, *error, *traceback;
+        PyErr_Fetch(&type, &error, &traceback);
+        if (PyObject_SetAttr(ledger, s_received, received_before) < 0)
+            PyErr_Clear();
+        PyErr_Restore(type, error, traceback);
         goto done;
-    number = PyLong_AsLongLong(value);
+    }
     Py_CLEAR(value);
-    if (number == -1 && PyErr_Occurred())
-        goto done;
-    if (!(value = PyLong_FromLongLong(number + 1)) || PyObject_SetAttr(held, s_fast_answers, value) < 0)
-        goto done;
     result = 1;
+    if (!(value = PyLong_FromLongLong(fast_answers + 1)) || PyObject_SetAttr(held, s_fast_answers, value) < 0)
+        result = 2;
 done:
     Py_XDECREF(value);
+    Py_XDECREF(received_before);
     Py_DECREF(ledger);
     return result;
+}
+
+/* A known answer's four fields (index, first id, last id, body length) as numbers; -1 on
+ * an error. */
+static int
+known_fields(PyObject *entry, long long fields[4])
+{
+    int index;
+    for (index = 0; index < 4; index++) {
+        fields[index] = PyLong_AsLongLong(PyTuple_GET_ITEM(entry, index));
+        if (fields[index] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
 }
 
 /* The next poll for `cursor`: request_head + cursor + request_tail, sent at once.
@@ -185,17 +212,18 @@ done:
 static PyObject *
 drain(PyObject *module, PyObject *args)
 {
-    int epoll_fd, max_events, ready, index;
+    int epoll_fd, max_events, ready, index, failed_fd = -1;
     PyObject *held_by_fd, *known;
     double stamp_shift;
     struct epoll_event events[MAX_EVENTS];
     static char buffer[RECEIVE_SIZE];
     char control[CMSG_SPACE(sizeof(struct timespec))];
-    PyObject *records = NULL, *slow = NULL, *result = NULL;
+    PyObject *records = NULL, *slow = NULL, *failure = NULL, *result = NULL;
     double *record;
     Py_ssize_t taken = 0;
     long long answers = 0, body_bytes = 0;
 
+    (void)module;
     if (!PyArg_ParseTuple(args, "iiO!O!d", &epoll_fd, &max_events, &PyDict_Type, &held_by_fd, &PyDict_Type, &known,
                           &stamp_shift))
         return NULL;
@@ -210,39 +238,46 @@ drain(PyObject *module, PyObject *args)
     }
     records = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)ready * FIELDS * sizeof(double));
     slow = PyList_New(0);
-    if (records == NULL || slow == NULL)
-        goto fail;
+    if (records == NULL || slow == NULL) {
+        Py_XDECREF(records);
+        Py_XDECREF(slow);
+        return NULL;
+    }
     record = (double *)PyBytes_AS_STRING(records);
 
+    /* Every path through one held poll ends at `next` (done with it) or at `failed` (a
+     * Python error, set, about this fd); the references it holds are released at either. */
     for (index = 0; index < ready; index++) {
         int fd = events[index].data.fd;
-        PyObject *fd_object, *held, *fast, *data = NULL, *arrived = NULL, *entry, *cursor = NULL;
+        PyObject *fd_object, *held = NULL, *fast, *data = NULL, *arrived = NULL, *entry = NULL;
         struct iovec vector = {buffer, RECEIVE_SIZE};
         struct msghdr message;
         struct cmsghdr *header;
         ssize_t length;
-        double arrived_at = 0.0, read_at;
-        int stamped = 0, is_fast, sent;
+        double arrived_at = 0.0, read_at, clock_offset, clock_bound;
+        long long fields[4];
+        int stamped = 0, is_fast, sent, moved = 0, stop = 0;
 
         fd_object = PyLong_FromLong(fd);
         if (fd_object == NULL)
-            goto fail;
+            goto failed;
         held = PyDict_GetItemWithError(held_by_fd, fd_object);
         Py_DECREF(fd_object);
         if (held == NULL) {
             if (PyErr_Occurred())
-                goto fail;
+                goto failed;
             continue;  /* released meanwhile */
         }
         Py_INCREF(held);
         fast = PyObject_GetAttr(held, s_fast);
         is_fast = fast ? PyObject_IsTrue(fast) : -1;
         Py_XDECREF(fast);
-        if (is_fast <= 0) {
-            if (is_fast < 0 || slow_entry(slow, fd, NULL, NULL, 0) < 0)
-                goto fail_held;
-            Py_DECREF(held);
-            continue;
+        if (is_fast < 0)
+            goto failed;
+        if (is_fast == 0) {
+            if (slow_entry(slow, fd, NULL, NULL, 0) < 0)
+                goto failed;
+            goto next;
         }
 
         memset(&message, 0, sizeof(message));
@@ -254,9 +289,8 @@ drain(PyObject *module, PyObject *args)
         read_at = wall_clock();
         if (length < 0) {
             if (!(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) && slow_entry(slow, fd, NULL, NULL, errno) < 0)
-                goto fail_held;
-            Py_DECREF(held);
-            continue;
+                goto failed;
+            goto next;
         }
         for (header = CMSG_FIRSTHDR(&message); header != NULL; header = CMSG_NXTHDR(&message, header)) {
             if (header->cmsg_level == SOL_SOCKET && header->cmsg_type == SCM_TIMESTAMPNS) {
@@ -268,68 +302,91 @@ drain(PyObject *module, PyObject *args)
         }
         data = PyBytes_FromStringAndSize(buffer, length);
         if (data == NULL)
-            goto fail_held;
-        entry = length ? PyDict_GetItemWithError(known, data) : NULL;
-        if (entry != NULL && !(PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 4))
-            entry = Py_None;  /* known not to be one of ours */
-        if (entry != NULL && entry != Py_None) {
-            int taken = take_run(held, PyTuple_GET_ITEM(entry, 1), PyTuple_GET_ITEM(entry, 2));
-            if (taken < 0)
-                goto fail_data;
-            if (taken) {
-                cursor = PyTuple_GET_ITEM(entry, 2);
-                Py_INCREF(cursor);
-            }
-        } else if (PyErr_Occurred()) {
-            goto fail_data;
+            goto failed;
+        if (length) {
+            /* a strong reference: the attribute calls below may run code that changes `known` */
+            entry = PyDict_GetItemWithError(known, data);
+            if (entry == NULL && PyErr_Occurred())
+                goto failed;
+            Py_XINCREF(entry);
         }
-        if (cursor == NULL) {
+        if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 4) {
+            /* everything the record needs, read before the ledger moves: once it has,
+             * nothing may stop the record from being written */
+            if (known_fields(entry, fields) < 0)
+                goto failed;
+            clock_offset = attribute_double(held, s_clock_offset);
+            clock_bound = clock_offset == -1.0 && PyErr_Occurred() ? -1.0 : attribute_double(held, s_clock_bound);
+            if (PyErr_Occurred())
+                goto failed;
+            moved = take_run(held, fields[1], fields[2]);
+            if (moved < 0)
+                goto failed;
+        }
+        if (!moved) {
             /* not one this loop takes: the driver frames and hands it over */
             arrived = stamped ? PyFloat_FromDouble(arrived_at) : NULL;
             if ((stamped && arrived == NULL) || slow_entry(slow, fd, data, arrived, 0) < 0)
-                goto fail_data;
-            Py_XDECREF(arrived);
-            Py_DECREF(data);
-            Py_DECREF(held);
-            if (entry == NULL && length > 0)
-                break;  /* a new answer: the driver learns it, and the rest of a fan-out,
-                           still ready, comes back at the next call, known */
-            continue;
+                goto failed;
+            /* A new answer ends the call: the driver learns it, and the rest of a fan-out,
+             * still ready, comes back at the next call, known. */
+            stop = entry == NULL && length > 0;
+            goto next;
         }
-        record[0] = (double)PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 0));
+        record[0] = (double)fields[0];
         record[1] = stamped ? arrived_at : read_at;
         record[2] = read_at;
         record[3] = stamped ? 1.0 : 0.0;
-        record[4] = attribute_double(held, s_clock_offset);
-        record[5] = attribute_double(held, s_clock_bound);
-        body_bytes += PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 3));
-        if (PyErr_Occurred()) {
-            Py_DECREF(cursor);
-            goto fail_data;
-        }
+        record[4] = clock_offset;
+        record[5] = clock_bound;
         record += FIELDS;
         taken++;
         answers++;
-        sent = send_next_poll(held, fd, PyLong_AsLongLong(cursor));
-        Py_DECREF(cursor);
-        Py_DECREF(data);
+        body_bytes += fields[3];
+        if (moved == 2)
+            goto failed;  /* taken and recorded; its fast_answers could not be counted */
+        sent = send_next_poll(held, fd, fields[2]);
         if (sent < 0 || (sent == 0 && slow_entry(slow, fd, NULL, NULL, -1) < 0))
-            goto fail_held;
-        Py_DECREF(held);
+            goto failed;
+    next:
+        Py_XDECREF(entry);
+        Py_XDECREF(arrived);
+        Py_XDECREF(data);
+        Py_XDECREF(held);
+        if (stop)
+            break;
         continue;
-    fail_data:
-        Py_DECREF(data);
-    fail_held:
-        Py_DECREF(held);
-        goto fail;
+    failed:
+        Py_XDECREF(entry);
+        Py_XDECREF(arrived);
+        Py_XDECREF(data);
+        Py_XDECREF(held);
+        failed_fd = fd;
+        break;
+    }
+    if (failed_fd >= 0) {
+        PyObject *type, *error, *traceback;
+        PyErr_Fetch(&type, &error, &traceback);
+        PyErr_NormalizeException(&type, &error, &traceback);
+        if (error != NULL && traceback != NULL)
+            PyException_SetTraceback(error, traceback);
+        failure = Py_BuildValue("(iO)", failed_fd, error ? error : Py_None);
+        Py_XDECREF(type);
+        Py_XDECREF(error);
+        Py_XDECREF(traceback);
+        if (failure == NULL)
+            goto fail;
+    } else {
+        failure = Py_NewRef(Py_None);
     }
     if (_PyBytes_Resize(&records, taken * FIELDS * sizeof(double)) < 0)
-        goto fail;
-    result = Py_BuildValue("(NNLL)", records, slow, answers, body_bytes);
+        goto fail;  /* records is NULL now; shrinking cannot fail in practice */
+    result = Py_BuildValue("(NNLLN)", records, slow, answers, body_bytes, failure);
     return result;
 fail:
     Py_XDECREF(records);
     Py_XDECREF(slow);
+    Py_XDECREF(failure);
     return NULL;
 }
 
@@ -340,7 +397,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module_definition = {
     PyModuleDef_HEAD_INIT, "_heldfast", "The held polls' common case, compiled (see loadtests/longpoll.py).", -1,
-    methods,
+    methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC

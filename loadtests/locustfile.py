@@ -12,12 +12,10 @@ to the master in Locust's worker reports; the master adds them up and writes
 the server and sets the options.
 """
 
-import collections
 import functools
 import gc
 import itertools
 import json
-import operator
 import os
 import random
 import signal
@@ -36,15 +34,10 @@ from instruments.httpframe import FramingError
 from instruments.measures import DeliveryLedger, process_cpu_seconds
 from loadtests import longpoll
 from loadtests.locust_stats import log_untimed
-from loadtests.longpoll import HeldPolls, LongPollClient
+from loadtests.longpoll import BadAnswer, HeldPolls, LongPollClient
 from loadtests.scenario import build_stages, room_name, stage_at
 from loadtests.shapes import StagedShape, SteppedShape  # Locust finds StagedShape here; --shape steps swaps
 from loadtests.tally import LOCUST_VERSION, RunTally, WorkerTally
-
-try:
-    from loadtests import _usercount
-except ImportError:       # no C compiler where it was installed: the Python walk
-    _usercount = None
 
 CATCH_UP_POLLS = 50          # answers of up to 1000 messages each, when a listener stops
 RETRY_SECONDS = (0.5, 4.0)   # back-off after a failed request: first, longest
@@ -157,40 +150,6 @@ def cache_default_args():
 cache_default_args()
 
 
-def counted_user_classes(runner):
-    """Locust 2.47's Runner.user_classes_count, the same count, walked in C
-    (loadtests/_usercount.c) or else in fewer interpreter steps. It walks every user
-    greenlet and runs about ten times per spawn message (the worker compares, logs and
-    reports counts): a fifth of a worker's CPU in a 10,000-listener ramp (py-spy). As
-    Locust's: a greenlet whose args are gone (it died) is not counted.
-    tests/test_locust_internals.py holds it to Locust's own, and fails if Locust's changes."""
-    counts = {user_class.__name__: 0 for user_class in runner.user_classes}
-    if _usercount is not None:
-        try:
-            by_type = _usercount.count_first_argument_types(runner.user_greenlets)
-        except TypeError:
-            pass
-        else:
-            for kind, count in by_type.items():
-                counts[kind.__name__] = counts.get(kind.__name__, 0) + count
-            return counts
-    counts.update(collections.Counter([args[0].__class__.__name__
-                                       for args in map(_GREENLET_ARGS, runner.user_greenlets) if args]))
-    return counts
-
-
-_GREENLET_ARGS = operator.attrgetter("args")
-
-
-def count_user_classes_faster():
-    from locust.runners import Runner
-    if Runner.user_classes_count.fget is not counted_user_classes:
-        Runner.user_classes_count = property(counted_user_classes, doc=Runner.user_classes_count.__doc__)
-
-
-count_user_classes_faster()
-
-
 # -- worker to master ----------------------------------------------------------------------------
 
 @events.report_to_master.add_listener
@@ -203,10 +162,13 @@ def ship_tally(client_id, data, **_kwargs):
 @events.worker_report.add_listener
 def add_tally(client_id, data, **_kwargs):
     if "chattle" in data:
-        known = RUN.version_problem
+        known, fatal = RUN.version_problem, RUN.fatal
         RUN.merge(client_id, data["chattle"])
         if RUN.version_problem and not known:
             print("chattle: " + RUN.version_problem, flush=True)
+            StagedShape.request_stop()
+        if RUN.fatal and not fatal:
+            print("chattle: " + RUN.fatal, flush=True)
             StagedShape.request_stop()
 
 
@@ -317,25 +279,31 @@ class Listener(User):
         gevent.sleep(3600)  # gave up: stay counted as a user, do nothing, until the run stops it
 
     def _answered(self, reply):
-        """HeldPolls calls this with each answer; the next poll's cursor, or None to stop."""
+        """HeldPolls calls this with each answer; the next poll's cursor, or None to stop.
+        An answer that is not a poll's raises BadAnswer: HeldPolls counts that poll as a
+        failed request and this listener polls again from its cursor (`_broke`)."""
         if reply.status != 200:
-            self._broke("poll (held) answered %d: %s" % (reply.status, reply.body[:200].decode("utf-8", "replace")))
-            return None
-        if self.trouble_since is not None:
-            self.trouble_since, self.retry = None, RETRY_SECONDS[0]
+            raise BadAnswer("answered %d: %s" % (reply.status, reply.body[:200].decode("utf-8", "replace")))
         ledger = self.ledger
         if ledger is None:
             # the first answer (no since): where this listener's duty starts
             try:
-                ledger = self.ledger = DeliveryLedger(int(json.loads(reply.body)["cursor"]))
+                ledger = DeliveryLedger(int(json.loads(reply.body)["cursor"]))
             except (ValueError, KeyError, TypeError):
-                self._broke("poll (first, no since) answered without a cursor: %r" % reply.body[:200])
-                return None
+                raise BadAnswer("the first poll (no since) answered without a cursor: %r" % reply.body[:200]) from None
+            self.ledger = ledger
             if self.held is not None:
                 self.held.ledger = ledger   # from now on the compiled path may move it on
+            self._in_contact()
             return ledger.next_expected - 1
         # once per answer, 10 000 times per post: kept flat
-        messages, missed, reset = ANSWERS.parse(reply.body)
+        try:
+            messages, missed, reset = ANSWERS.parse(reply.body)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BadAnswer("a body that is not a poll's answer (%s): %r" % (type(exc).__name__, reply.body[:80])) \
+                from None
+        if self.trouble_since is not None:
+            self._in_contact()
         self.polls += 1
         if reset or missed:
             self._note_missed(missed, reset)
@@ -345,6 +313,9 @@ class Listener(User):
             ledger.record(message_id)
             TALLY.delivery(arrived_at, read_at, ts, stamped, offset, bound)
         return ledger.next_expected - 1
+
+    def _in_contact(self):
+        self.trouble_since, self.retry = None, RETRY_SECONDS[0]
 
     def _broke(self, reason):
         self.broken_reason = reason
@@ -506,6 +477,15 @@ ROOM_ENDS = RoomEnds()
 HELD_POLLS = []
 
 
+def driver_died(environment, reason):
+    """This process's held-poll driver failed: its listeners cannot hold a poll any more.
+    The master hears it in a report sent now, stops the run and its report says why."""
+    TALLY.fatal = reason
+    TALLY.error("listener", reason)
+    print("chattle: %s" % reason, flush=True)
+    gevent.spawn(report_now, environment)
+
+
 def held_polls(environment):
     """This process's HeldPolls (made on first use: it needs the run's options)."""
     if not HELD_POLLS:
@@ -513,7 +493,7 @@ def held_polls(environment):
         name = "poll (held)"
         HELD_POLLS.append(HeldPolls(environment.events.request, options.poll_timeout + CLIENT_TIMEOUT_MARGIN, name,
                                     functools.partial(log_untimed, environment.stats, "GET", name),
-                                    ANSWERS.run_of, record_runs))
+                                    ANSWERS.run_of, record_runs, functools.partial(driver_died, environment)))
         TALLY.held_path = "compiled" if HELD_POLLS[0].compiled else "python"
     return HELD_POLLS[0]
 

@@ -37,6 +37,10 @@ else:
     # its answers come as arrays; imported here, not at the first fan-out (a 0.8 s stall
     # the first wave's client lag showed)
     import numpy
+    # numpy.unique imports numpy.ma at its first call, 8 to 30 ms measured: here, not in
+    # the first flush, where it showed as the first burst's client lag p99 (about 30 ms
+    # against a few ms in the later bursts, 1,000 listeners)
+    numpy.unique(numpy.zeros(1))
 
 RECEIVE_SIZE = 65536
 # A keep-alive connection idle longer than this is replaced before a request is sent on
@@ -65,6 +69,11 @@ COALESCE_SECONDS = 0.001
 # the kernel walks every held socket on each such EPOLL_CTL_ADD (ep_loop_check), 15 %
 # of the load generator's CPU in a fan-out at 5,000 listeners (perf).
 IDLE_WAIT_SECONDS = 1.0
+# The compiled path's records go to the tally (flush) only after this long without an
+# answer: flushed at the first idle moment, between two fan-outs of one burst, they took
+# up to 16 ms while the next fan-out's answers waited in the kernel, which showed as the
+# client lag's p99 at 1,000 listeners.
+FLUSH_QUIET_SECONDS = 0.1
 # Answers the compiled path knows by their bytes; the table is cleared when full (a
 # fan-out's answers share their bytes within a second, so a few entries serve thousands).
 MAX_KNOWN_ANSWERS = 256
@@ -93,6 +102,21 @@ def resolve(address):
 
 class ConnectionLost(OSError):
     """The server closed the connection, or it broke, before a whole answer arrived."""
+
+
+class BadAnswer(ValueError):
+    """A whole answer that is not what the poll asked for (its status, its body): a
+    listener's `on_answer` raises it, and it costs that one poll (HeldPolls)."""
+
+
+class DriverDied(OSError):
+    """The process's held-poll driver stopped on an error of its own: no poll can be held."""
+
+
+def describe(exc):
+    """An exception in one line, its kind first: the reason a failed request is counted under."""
+    text = str(exc)
+    return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
 
 
 class Reply:
@@ -227,6 +251,14 @@ class HeldPolls:
     callback and sends the next poll for each, without a switch in between. The
     listener's greenlet only waits for its connection to fail, or for the run to stop it.
 
+    One bad answer costs one poll. A malformed or unexpected answer, a reset, a framing
+    error or any exception while handling one held poll (its listener's `on_answer`
+    included) drops that poll alone: it is fired to `request_event` as a failed request
+    with its reason, and its listener's `on_failure` polls again from its cursor, so
+    nothing is lost; the other held polls never notice. Should the driver itself fail,
+    every held poll fails at once with the reason, `on_driver_death(reason)` is told,
+    and `hold` refuses new polls (DriverDied): nobody waits for a driver that is gone.
+
     The common case, compiled. Even so the Python of that loop was half the load
     generator's CPU in a fan-out (perf: 51 % libpython, 44 % kernel; 13 us per answer).
     When `loadtests._heldfast` is built and the caller says how to take an answer the
@@ -241,7 +273,7 @@ class HeldPolls:
     """
 
     def __init__(self, request_event=None, answer_deadline=30.0, name="poll (held)", log_answers=None,
-                 in_order_run=None, on_runs=None):
+                 in_order_run=None, on_runs=None, on_driver_death=None):
         """`request_event` gets each failed poll; `log_answers(count, content_length)`,
         when given, gets the good answers of each batch the driver read, in one call, and
         `request_event` each one otherwise (see `_log_batch`). `in_order_run` and `on_runs`
@@ -252,6 +284,8 @@ class HeldPolls:
         self.name = name
         self.in_order_run = in_order_run
         self.on_runs = on_runs
+        self.on_driver_death = on_driver_death
+        self.failure = None         # why the driver died, once it has
         self.compiled = _heldfast is not None and in_order_run is not None and on_runs is not None
         self._epoll = None
         self._held = {}
@@ -281,6 +315,8 @@ class HeldPolls:
         (the listener's offset to its server's clock and its bound) serve the compiled
         path."""
         import gevent
+        if self.failure is not None:
+            raise DriverDied(self.failure)
         request_head = ("GET %s" % path_to_cursor).encode("latin-1")
         request_tail = ("%s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path_after_cursor, client.host_header)).encode("latin-1")
         fresh = client._sock is not None and time.time() - client._last_used <= IDLE_REUSE_SECONDS
@@ -385,6 +421,15 @@ class HeldPolls:
 
     def _drive(self):
         import gevent
+        try:
+            self._drive_while_held()
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:  # noqa: BLE001  (every held poll is told, and the run is stopped)
+            self._died("the held-poll driver died: %s" % describe(exc))
+
+    def _drive_while_held(self):
+        import gevent
         from gevent import get_hub
         threads = get_hub().threadpool
         epoll = self._epoll
@@ -397,7 +442,7 @@ class HeldPolls:
                     if answering:
                         answering = False
                         gevent.sleep(COALESCE_SECONDS)
-                    else:
+                    elif not (self._runs and threads.apply(epoll.poll, (FLUSH_QUIET_SECONDS, 1))):
                         self.flush()
                         threads.apply(epoll.poll, (IDLE_WAIT_SECONDS, 1))
                     yielded = time.monotonic()
@@ -410,9 +455,29 @@ class HeldPolls:
                     gevent.sleep(0)
                     yielded = time.monotonic()
         finally:
+            sweeper.kill(block=False)
             self.flush()
             self._log_batch()
-            sweeper.kill(block=False)
+
+    def _died(self, reason):
+        """The driver (or its sweeper) failed: say why, fail every held poll with the
+        reason, and tell `on_driver_death`; from now on `hold` refuses."""
+        import traceback
+        if self.failure is not None:
+            return
+        self.failure = reason
+        traceback.print_exc()
+        for held in list(self._held.values()):
+            self._drop(held, reason)
+        if self.on_driver_death is not None:
+            self.on_driver_death(reason)
+
+    def _contained(self, held, handle, *args):
+        """`handle(held, *args)`; an exception costs this held poll only (see the class)."""
+        try:
+            handle(held, *args)
+        except Exception as exc:  # noqa: BLE001  (counted as this poll's failure, with its reason)
+            self._drop(held, "poll: %s" % describe(exc))
 
     def _drain(self):
         """Every ready held poll, the Python way; False when none was ready."""
@@ -420,17 +485,14 @@ class HeldPolls:
         for fd, _events in events:
             held = self._held.get(fd)
             if held is not None:
-                if held.connecting:
-                    self._connected(held)
-                else:
-                    self._readable(held)
+                self._contained(held, self._connected if held.connecting else self._readable)
         return bool(events)
 
     def _drain_compiled(self):
         """Every ready held poll, known answers through `_heldfast.drain`, the rest as in
         `_drain`; False when none was ready."""
-        records, slow, answers, length = _heldfast.drain(self._epoll.fileno(), 4096, self._held, self._known,
-                                                         kernel_stamp_shift)
+        records, slow, answers, length, failure = _heldfast.drain(self._epoll.fileno(), 4096, self._held,
+                                                                  self._known, kernel_stamp_shift)
         if records:
             self._runs.append(records)
             if len(self._runs) >= MAX_BATCHES_KEPT:
@@ -446,15 +508,18 @@ class HeldPolls:
             elif problem:
                 self._drop(held, "poll: %s" % OSError(problem, os.strerror(problem)))
             elif data is None:
-                if held.connecting:
-                    self._connected(held)
-                else:
-                    self._readable(held)
+                self._contained(held, self._connected if held.connecting else self._readable)
             elif not data:
                 self._drop(held, "poll: the server closed the connection")
             else:
-                self._took(held, data, arrived_at)
-        return bool(records or slow)
+                self._contained(held, self._took, data, arrived_at)
+        if failure is not None:
+            # what the call did before it stopped is in records and slow, handled above
+            fd, exc = failure
+            held = self._held.get(fd)
+            if held is not None:
+                self._drop(held, "poll: %s" % describe(exc))
+        return bool(records or slow or failure)
 
     def _learn(self, data, response):
         """Remember an answer read whole in one piece for the compiled path: to take it when
@@ -489,9 +554,14 @@ class HeldPolls:
 
     def _sweep_now_and_then(self):
         import gevent
-        while self._held:
-            gevent.sleep(self.sweep_seconds)
-            self._sweep()
+        try:
+            while self._held:
+                gevent.sleep(self.sweep_seconds)
+                self._sweep()
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:  # noqa: BLE001  (a sweeper gone would leave late polls held for ever)
+            self._died("the held-poll sweeper died: %s" % describe(exc))
 
     def _readable(self, held):
         try:
@@ -525,14 +595,14 @@ class HeldPolls:
             self._learn(data, response)
         while response is not None:
             read_at = time.time()
+            reply = Reply(response.status, response.body, held.arrived_at, read_at, held.sent_at)
+            held.arrived_at = None
+            cursor = held.on_answer(reply)   # raises BadAnswer (or worse): _contained drops this poll
             if held.first_name is None:
                 self._batch_answers += 1
                 self._batch_bytes += len(response.body)
             else:
                 self._fire_first(held, response, read_at)
-            reply = Reply(response.status, response.body, held.arrived_at, read_at, held.sent_at)
-            held.arrived_at = None
-            cursor = held.on_answer(reply)
             if cursor is None or not response.keep_alive:
                 self.release(held)
                 if cursor is not None:

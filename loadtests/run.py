@@ -9,6 +9,7 @@ process it starts is stopped by pid at the end, also on Ctrl-C or failure. Exit 
 
 import argparse
 import os
+import resource
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ from harness.processes import LOOPBACK, ROOT, ChattleServer, Process, RedisServe
 from harness.system_packages import missing, missing_line
 from instruments.measures import process_cpu_seconds
 from instruments.page import REPORTS_ROOT, new_report_dir
-from loadtests.scenario import SETTLE_SECONDS, build_stages, build_step_stages, room_name, stage_at
+from loadtests.scenario import SETTLE_SECONDS, SHAPE_STARTED_FILE, build_stages, build_step_stages, room_name, stage_at
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCUST_CONF = os.path.join(HERE, "locust.conf")
@@ -360,10 +361,20 @@ class Sampler(threading.Thread):
             self._halt.wait(max(0.0, self.interval - (time.monotonic() - began)))
 
 
-def progress_line(sampler, stages, locust_started, users):
+def shape_started(raw_dir):
+    """The wall-clock time of the stages' 0 s, once Locust's shape has started (it writes
+    it to raw/): the clock of the progress line and the report. None before."""
+    try:
+        with open(os.path.join(raw_dir, SHAPE_STARTED_FILE)) as started:
+            return float(started.read())
+    except (OSError, ValueError):
+        return None
+
+
+def progress_line(sampler, stages, stages_started, users):
     row = sampler.samples[-1] if sampler.samples else {}
-    elapsed = time.time() - locust_started if locust_started else 0
-    stage = stage_at(stages, elapsed) or {"name": "finishing"}
+    elapsed = time.time() - stages_started if stages_started else 0
+    stage = (stage_at(stages, elapsed) or {"name": "finishing"}) if stages_started else {"name": "starting"}
     mib = (row.get("server_rss") or 0) / 2 ** 20
 
     def pct(value):
@@ -386,8 +397,37 @@ def final_cursors(url, rooms):
 
 # -- the run ----------------------------------------------------------------------------------------
 
-def stop_on_sigterm(_signum, _frame):
-    raise KeyboardInterrupt  # the same clean-up path as Ctrl-C
+class CleanUp:
+    """The first SIGTERM or Ctrl-C ends the run through its clean-up; a later one only
+    hurries it (no more waiting for the listeners to catch up), never cuts it short: every
+    process the run started is still stopped."""
+
+    hurry = False
+
+    @classmethod
+    def interrupt(cls, _signum, _frame):
+        cls.begin()
+        raise KeyboardInterrupt  # Ctrl-C and SIGTERM take the same clean-up path
+
+    @classmethod
+    def begin(cls):
+        signal.signal(signal.SIGTERM, cls.hurry_up)
+        signal.signal(signal.SIGINT, cls.hurry_up)
+
+    @classmethod
+    def hurry_up(cls, _signum, _frame):
+        cls.hurry = True
+
+    @classmethod
+    def end(cls):
+        signal.signal(signal.SIGTERM, cls.interrupt)
+        signal.signal(signal.SIGINT, cls.interrupt)
+
+
+def children_cpu_seconds():
+    """CPU seconds of every child this process has reaped (and the children they reaped)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def locust_argv(args, urls, report_dir, raw_dir):
@@ -417,8 +457,9 @@ def locust_argv(args, urls, report_dir, raw_dir):
             "--csv", os.path.join(report_dir, "locust"), "--html", os.path.join(report_dir, "locust.html")]
 
 
-def watch_locust(locust, sampler, stages, args):
-    """Print progress until Locust ends (bounded: the stage table, settling and a margin)."""
+def watch_locust(locust, sampler, stages, args, raw_dir):
+    """Print progress until Locust ends (bounded: the stage table, settling and a margin),
+    on the shape's clock: with remote workers, the master first waits for them."""
     interactive = sys.stdout.isatty()
     last_print = 0.0
     started = time.time()
@@ -427,7 +468,7 @@ def watch_locust(locust, sampler, stages, args):
         if time.time() > deadline:
             raise RuntimeError("Locust did not finish within %gs of its stage table" % (SETTLE_SECONDS + 60))
         if time.time() - last_print >= (1 if interactive else 10):
-            line = progress_line(sampler, stages, started, args.users)
+            line = progress_line(sampler, stages, shape_started(raw_dir), args.users)
             print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)
             last_print = time.time()
         time.sleep(0.25)
@@ -458,12 +499,11 @@ def main(argv=None):
     redis = server = locust = sampler = None
     interrupted = False
     started_at = time.time()
-    locust_started = server_cpu_before = None
+    locust_started = server_cpu_before = locust_reaped_cpu = None
     urls, cursors, run_error = [], {}, None
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
     # Python leaves SIGINT ignored when it starts ignored (a script's background job):
     # Ctrl-C, or a SIGINT sent on purpose, must still end the run through its clean-up.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    CleanUp.end()
     try:
         if args.host:
             urls = host_urls(args.host)
@@ -489,11 +529,15 @@ def main(argv=None):
         if args.remote_workers:
             print("load: the Locust master waits up to %gs for %d remote worker(s) on %s:%d"
                   % (args.worker_wait, args.remote_workers, args.master_bind, args.master_port or DEFAULT_MASTER_PORT))
+        # Locust's master reaps the workers it forked, and this process reaps the master:
+        # the CPU of them all, start-up included, reaches RUSAGE_CHILDREN, as an outside
+        # observer (`time make load`) would count it.
+        children_cpu_before = children_cpu_seconds()
         locust = Process(locust_argv(args, urls, report_dir, raw_dir), env=env, own_session=True,
                          log_path=os.path.join(report_dir, "locust.log"))
         locust_started = time.time()
         sampler.locust_pid = locust.pid
-        watch_locust(locust, sampler, stages, args)
+        watch_locust(locust, sampler, stages, args, raw_dir)
     except KeyboardInterrupt:
         interrupted = True
         print("\nload: interrupted; stopping what it started and writing the partial report", file=sys.stderr)
@@ -501,10 +545,12 @@ def main(argv=None):
         run_error = str(exc)
         print("\nload: the run failed: %s" % exc, file=sys.stderr)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        CleanUp.begin()  # a second SIGTERM or Ctrl-C must not cut the clean-up short
         # Locust first, then the servers.
         if locust is not None:
             stop_locust(locust, sampler, args)
+            if not locust.alive():
+                locust_reaped_cpu = children_cpu_seconds() - children_cpu_before
         if sampler is not None and sampler.is_alive():
             sampler.stop()
         server_cpu = None
@@ -518,7 +564,7 @@ def main(argv=None):
         for started, grace in ((server, 10), (redis, 10)):
             if started is not None:
                 stop_quietly(started, grace)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        CleanUp.end()
 
     from loadtests.report import build_report, print_summary
     run_info = {"users": args.users, "posters": args.posters, "rooms": args.rooms, "duration": args.duration,
@@ -530,10 +576,15 @@ def main(argv=None):
                 "server": ("gunicorn x%d, redis bus" % args.workers if args.workers > 1
                                                       else "python chattle.py, memory bus") if not args.host
                 else "external %s" % args.host,
-                "started": started_at, "locust_started": locust_started, "stages": stages,
+                "started": started_at, "locust_started": locust_started, "shape_started": shape_started(raw_dir),
+                "stages": stages,
                 "preflight": notes, "run_error": run_error, "interrupted": interrupted,
                 "server_cpu_seconds": server_cpu,
                 "client_cpu_seconds_sampled": sampler.cpu_seconds(sampler.client_pids) if sampler else None,
+                "client_cpu_seconds_reaped": locust_reaped_cpu,
+                # this process: preflight, the sampler thread, the watch and the clean-up
+                # (the report's charts come after and are not counted)
+                "orchestrator_cpu_seconds": process_cpu_seconds(os.getpid()),
                 "locust_exit_code": locust.popen.returncode if locust is not None else None}
     summary = build_report(report_dir, run_info, sampler.samples if sampler else [], cursors)
     print_summary(summary, report_dir)
@@ -553,14 +604,19 @@ def stop_locust(locust, sampler, args):
     shape to stop every listener, let each catch up and report, and end (bounded by the
     ramp-down and the settling time). Then its processes by pid: the master and, since a
     master that dies leaves them behind, every worker it forked."""
+    import psutil
+    workers = dict(sampler.client_processes) if sampler else {}
     if locust.alive():
+        try:
+            workers.update((child.pid, child) for child in psutil.Process(locust.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
         locust.signal(signal.SIGUSR1)
         deadline = time.monotonic() + (args.users + args.posters) / args.stop_rate + SETTLE_SECONDS + 15
-        while locust.alive() and time.monotonic() < deadline:
+        while locust.alive() and time.monotonic() < deadline and not CleanUp.hurry:
             time.sleep(0.25)
     stop_quietly(locust, 10)
-    import psutil
-    for worker in (sampler.client_processes.values() if sampler else ()):
+    for worker in workers.values():
         try:
             worker.terminate()
             worker.wait(5)

@@ -14,6 +14,9 @@ RAMP_DOWN_SECONDS = 3  # at least; more when stopping every listener at --stop-r
 # After the table: seconds the shape waits at most for every listener to catch up and
 # report its ledger, before it ends the run anyway (the stragglers count as gave up).
 SETTLE_SECONDS = 30
+# In the master's --raw-dir: the wall-clock time of the stages' 0 s, written by the shape
+# when it starts (after the master waited for its workers), read by the orchestrator.
+SHAPE_STARTED_FILE = "shape_started"
 
 
 def build_stages(listeners, posters, duration, spawn_rate, stop_rate=2500):

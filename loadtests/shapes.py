@@ -8,7 +8,7 @@ from locust import LoadTestShape
 from locust.runners import STATE_MISSING
 
 from instruments.measures import LatencyHistogram
-from loadtests.scenario import SETTLE_SECONDS, build_stages, build_step_stages, stage_at
+from loadtests.scenario import SETTLE_SECONDS, SHAPE_STARTED_FILE, build_stages, build_step_stages, stage_at
 
 
 class StagedShape(LoadTestShape):
@@ -45,7 +45,19 @@ class StagedShape(LoadTestShape):
 
     def tick(self):
         if self.stages is None:
-            self.stages = self.table(self.runner.environment.parsed_options)
+            options = self.runner.environment.parsed_options
+            self.stages = self.table(options)
+            # The stages' 0 s on the wall clock: the report's samples and charts use it too,
+            # not the Locust process's start (the master may first wait for its workers);
+            # in raw/ at once, for the orchestrator's progress line.
+            started = time.time() - self.get_run_time()
+            if self.run_tally is not None:
+                self.run_tally.shape_started = started
+            raw_dir = getattr(options, "raw_dir", "")
+            if raw_dir:
+                os.makedirs(raw_dir, exist_ok=True)
+                with open(os.path.join(raw_dir, SHAPE_STARTED_FILE), "w") as out:
+                    out.write("%.6f\n" % started)
         last = self.stages[-1]
         drained = self.run_tally is not None and self.run_tally.drained(self.connected_workers())
         if self.stop_requested_at is not None:

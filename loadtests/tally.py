@@ -36,6 +36,7 @@ class WorkerTally:
         self.under_bound = 0        # latencies shorter than the clock offset's bound: not measurable
         self.clocks = None          # Clocks.to_dict(): offsets to each server, sent with every report
         self.held_path = None       # "compiled" or "python": how this process reads held polls
+        self.fatal = None           # why this process cannot go on (its held-poll driver died)
         self._reset()
 
     def _reset(self):
@@ -127,6 +128,7 @@ class WorkerTally:
             "listeners_started": self.listeners_started, "listeners_ended": self.listeners_ended,
             "deliveries": self.deliveries, "unstamped": self.unstamped, "under_bound": self.under_bound,
             "clocks": self.clocks, "locust_version": LOCUST_VERSION[0], "held_path": self.held_path,
+            "fatal": self.fatal,
             "seconds": [[second, self.seconds[second][0].to_dict(), self.seconds[second][1].to_dict()]
                         for second in done],
             "ended": self.ended, "posts": self.posts, "errors": self.errors, "error_count": self.error_count,
@@ -154,6 +156,8 @@ class RunTally:
         self.worker_latency = {}    # worker id -> its own LatencyHistogram (clocks compared per host)
         self.master = None          # host, pid and CPU seconds of the master, set when it writes
         self.version_problem = None  # a worker on another Locust version: the run was stopped
+        self.fatal = None           # a worker that could not go on (its held-poll driver died): the run was stopped
+        self.shape_started = None   # wall-clock time of the shape's 0 s: the stages' clock, the report's origin
 
     def merge(self, worker_id, report):
         worker = self.workers.setdefault(worker_id, {"host": report["host"], "pid": report["pid"], "reports": 0,
@@ -171,6 +175,8 @@ class RunTally:
             self.version_problem = ("load worker %s on %s runs Locust %s, the master runs %s: install the same "
                                     "version on every load host" % (worker_id, report["host"],
                                                                     report.get("locust_version"), self.locust_version))
+        if report.get("fatal") and self.fatal is None:
+            self.fatal = "load worker %s on %s: %s" % (worker_id, report["host"], report["fatal"])
         own = self.worker_latency.setdefault(worker_id, LatencyHistogram())
         for second, latency, lag in report["seconds"]:
             latency, lag = LatencyHistogram.from_dict(latency), LatencyHistogram.from_dict(lag)
@@ -219,7 +225,8 @@ class RunTally:
                             for second, pair in sorted(self.seconds.items())],
                 "listeners": self.listeners, "posts": self.posts, "errors": self.errors,
                 "error_count": self.error_count, "workers": self.workers,
-                "master": self.master, "version_problem": self.version_problem}
+                "master": self.master, "version_problem": self.version_problem, "fatal": self.fatal,
+                "shape_started": self.shape_started}
 
     @classmethod
     def from_dict(cls, data):
@@ -233,6 +240,8 @@ class RunTally:
         tally.errors, tally.error_count, tally.workers = data["errors"], data["error_count"], data["workers"]
         tally.master = data.get("master")
         tally.version_problem = data.get("version_problem")
+        tally.fatal = data.get("fatal")
+        tally.shape_started = data.get("shape_started")
         return tally
 
     def write(self, path):

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import IN_CI, ROOT
-from harness.processes import free_port
+from harness.processes import free_port, get_json, wait_until
 from instruments import clocks
 from loadtests.report import worker_shares
 from loadtests.tally import RunTally, WorkerTally
@@ -134,17 +133,24 @@ def test_a_run_across_namespace_hosts_corrects_a_clock_two_seconds_ahead(tmp_pat
     assert sorted(offsets) == ["host-c", "host-d"] and all(len(per) == 2 for per in offsets.values()), output
     for host, expected in (("host-c", 2.0), ("host-d", 0.0)):
         for clock in offsets[host]:
-            assert abs(clock["offset"] - expected) <= 0.020 and clock["bound"] < 0.020, (host, clock)
+            # the true offset lies within the measured bound (half the tightest round trip),
+            # however slow this machine made that round trip
+            assert abs(clock["offset"] - expected) <= clock["bound"] + 0.001, (host, clock)
     shares = {share["host"]: share for share in summary["worker_shares"].values()}
     skewed, control = shares["host-c"]["latency"]["p50"], shares["host-d"]["latency"]["p50"]
-    # Within 10 %, or half a millisecond where 10 % is less: at latencies of a millisecond
-    # or two, a listener's place in the wake order moves p50 by more than 10 % from run to
-    # run (seen: 1.45 against 1.30 ms), while an uncorrected 2 s skew would be 2000 ms off.
-    assert skewed == pytest.approx(control, rel=0.10, abs=0.0005), output
+    # Corrected or not, not how close: an uncorrected 2 s skew puts the skewed host's
+    # latencies 2 s away from the control's; corrected, they differ by the machine's noise
+    # (how much is a benchmark's question, not this test's).
+    assert abs(skewed - control) < 1.0, output
     delivery = summary["delivery"]
     assert delivery["lost"] == 0 and delivery["gave_up"] == 0 and delivery["listeners"] == 300, output
     assert all(server["held_polls_peak"] for server in summary["servers"].values()), summary["servers"]
     assert len(summary["servers"]) == 2 and summary["deliveries"] > 0
+
+
+def room_cursor(url):
+    status, body = get_json(url + "/rooms/load-0/msgs?limit=1", timeout=2)
+    return body["cursor"] if status == 200 else 0
 
 
 @pytest.mark.slow
@@ -163,10 +169,10 @@ def test_a_load_worker_killed_mid_run_leaves_its_listeners_lost_contact_not_lost
                                 stderr=subprocess.DEVNULL, start_new_session=True) for _ in range(2)]
     try:
         doomed = psutil.Process(workers[1].pid)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(doomed.children(recursive=True)) < 2:
-            time.sleep(0.5)  # its Locust process and the worker that process forked
-        time.sleep(18)  # both connected, ramped (3 s), held (8 s): in the bursts
+        # its Locust process and the worker that process forked
+        wait_until(lambda: len(doomed.children(recursive=True)) >= 2, 60, "the doomed worker's processes")
+        # both connected, ramped, held: in the bursts once the first post is in
+        wait_until(lambda: room_cursor(server.url) > 0, 90, "the first post of the bursts")
         for process in [doomed] + doomed.children(recursive=True):
             process.kill()
         output, _ = master.communicate(timeout=150)
@@ -178,3 +184,14 @@ def test_a_load_worker_killed_mid_run_leaves_its_listeners_lost_contact_not_lost
     assert master.returncode == 1, output
     assert "lost contact (its load worker stopped reporting)" in output, output
     assert "0 lost, 0 duplicated, 0 out of order" in output and "LOST: " in output, output
+    # One clock: the stages count from the shape's start, after the master waited for its
+    # workers, and every post the posters made falls in the bursts on that clock.
+    report = next(line.split("load: report in ", 1)[1].strip() for line in output.splitlines()
+                  if line.startswith("load: report in "))
+    with open(os.path.join(report, "summary.json")) as summary_file:
+        run = json.load(summary_file)["run"]
+    status, body = get_json(server.url + "/rooms/load-0/msgs?since=0&limit=1000", timeout=5)
+    bursts = next(stage for stage in run["stages"] if stage["name"] == "bursts")
+    assert run["shape_started"] > run["locust_started"]
+    assert status == 200 and body["messages"], body
+    assert all(message["ts"] - run["shape_started"] >= bursts["start"] for message in body["messages"])

@@ -38,10 +38,9 @@ def raw_run(report_dir):
         return json.load(raw)
 
 
-# Checks that judge this machine, not the pipeline: at 50 listeners the load generator's
-# fixed costs (master, heartbeats, reports) outweigh the server's tiny fan-outs, and
-# on a contended machine the client's lag can pass its share of a tiny p99.
-MACHINE_DEPENDENT = {"load generator cheaper than the server", "latency is the server's, not the client's"}
+# Checks that judge this machine, not the pipeline: on a contended machine the client's
+# lag can pass its share of a tiny p99, and other processes can keep every core busy.
+MACHINE_DEPENDENT = {"the machine was not saturated", "latency is the server's, not the client's"}
 
 
 def test_the_small_run_passes_its_checks(small_run):
@@ -176,3 +175,49 @@ def test_ctrl_c_stops_everything_and_writes_the_partial_report(tmp_path):
         summary = json.load(summary_file)
     assert summary["run"]["interrupted"] and not summary["passed"]
     assert summary["delivery"]["listeners"] == 30       # every listener caught up and reported on its way out
+
+
+def test_a_second_sigterm_during_the_clean_up_still_stops_every_process_the_run_started(tmp_path):
+    """The first SIGTERM starts the clean-up (listeners asked to stop and catch up); a
+    second one, while that goes on, hurries it and must not cut it short: the server,
+    Locust's master and its workers are all stopped, and the partial report is written."""
+    import psutil
+    argv = [sys.executable, "-m", "loadtests.run", "--report-root", str(tmp_path), "--users", "30",
+            "--duration", "60", "--spawn-rate", "30"]
+    run = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    lines, started = [], []
+
+    def read_until(text):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = run.stdout.readline()
+            lines.append(line)
+            if text in line or not line:
+                return text in line
+        return False
+    try:
+        assert read_until("bursts"), "".join(lines)
+        started = psutil.Process(run.pid).children(recursive=True)   # server, Locust master, its worker
+        assert len(started) >= 3, started
+        run.send_signal(signal.SIGTERM)
+        assert read_until("interrupted; stopping"), "".join(lines)
+        run.send_signal(signal.SIGTERM)                              # during the clean-up
+        output, _ = run.communicate(timeout=90)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    output = "".join(lines) + output
+    left = [process for process in started if _running(process)]
+    for process in left:
+        process.kill()                                               # ours: never leave them behind
+    assert left == [] and run.returncode == 130, output
+    assert glob.glob(os.path.join(str(tmp_path), "*-load", "summary.json")), output
+
+
+def _running(process):
+    import psutil
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -7,7 +7,6 @@ import time
 import locust
 import locust.main
 import locust.runners
-import pytest
 from locust.env import Environment
 
 
@@ -138,82 +137,3 @@ def test_the_worker_still_rebuilds_its_argument_defaults_per_spawn_message():
     source = inspect.getsource(locust.runners.WorkerRunner.handle_message)
     assert "argument_parser.default_args_dict()" in source
     assert hasattr(argument_parser.default_args_dict, "cache_info")
-
-
-_LOCUSTS_OWN_COUNT = locust.runners.Runner.user_classes_count.fget
-
-
-@pytest.mark.parametrize("walk", ["compiled", "python"])
-def test_counting_users_by_class_gives_locusts_own_count_as_users_come_and_go(walk, monkeypatch):
-    """loadtests/locustfile.py replaces Runner.user_classes_count with counted_user_classes;
-    at every step (spawned, stopped, dead and not yet discarded) it must equal Locust's,
-    walked in C (loadtests/_usercount.c) or in Python."""
-    import gevent
-    from locust import User, constant, task
-
-    from loadtests import locustfile
-    from loadtests.locustfile import counted_user_classes
-    if walk == "python":
-        monkeypatch.setattr(locustfile, "_usercount", None)
-    else:
-        assert locustfile._usercount is not None, "loadtests/_usercount.c is not built: run `make venv`"
-    source = inspect.getsource(_LOCUSTS_OWN_COUNT)
-    assert "user_greenlet.args[0]" in source and "user.__class__.__name__" in source and "except IndexError" in source
-    assert locust.runners.Runner.user_classes_count.fget is counted_user_classes
-
-    class Waiting(User):
-        wait_time = constant(60)
-
-        @task
-        def wait(self):
-            gevent.sleep(60)
-
-    class Leaving(User):
-        wait_time = constant(0)
-
-        @task
-        def leave(self):
-            gevent.sleep(0.05)
-            raise locust.exception.StopUser()
-
-    runner = Environment(user_classes=[Waiting, Leaving]).create_local_runner()
-    try:
-        seen = []
-        for step in ({"Waiting": 3, "Leaving": 2}, {"Waiting": 1}):
-            runner.spawn_users(step, wait=False)
-            gevent.sleep(0)
-            seen.append((counted_user_classes(runner), _LOCUSTS_OWN_COUNT(runner)))
-        gevent.sleep(0.2)                                    # the Leaving ones stop themselves
-        seen.append((counted_user_classes(runner), _LOCUSTS_OWN_COUNT(runner)))
-        runner.stop_users({"Waiting": 2})
-        seen.append((counted_user_classes(runner), _LOCUSTS_OWN_COUNT(runner)))
-        dying = next(iter(runner.user_greenlets))
-        dying.kill(block=False)
-        gevent.sleep(0)                                      # dead, args gone, maybe not yet discarded
-        seen.append((counted_user_classes(runner), _LOCUSTS_OWN_COUNT(runner)))
-    finally:
-        runner.quit()
-    assert all(ours == theirs for ours, theirs in seen), seen
-    assert [theirs for _ours, theirs in seen][:3] == [
-        {"Waiting": 3, "Leaving": 2}, {"Waiting": 4, "Leaving": 2}, {"Waiting": 4, "Leaving": 0}]
-
-
-def test_the_compiled_count_walks_any_iterable_of_greenlets_and_refuses_args_that_are_not_a_tuple():
-    from loadtests import _usercount
-
-    class Fake:
-        def __init__(self, args):
-            self.args = args
-
-    class First:
-        pass
-
-    class Second:
-        pass
-    greenlets = [Fake((First(),)), Fake((Second(), 1)), Fake(()), Fake((First(),)), Fake((First(),))]
-    assert _usercount.count_first_argument_types(greenlets) == {First: 3, Second: 1}
-    assert _usercount.count_first_argument_types(set()) == {}
-    with pytest.raises(TypeError):
-        _usercount.count_first_argument_types([Fake([First()])])
-    with pytest.raises(AttributeError):
-        _usercount.count_first_argument_types([object()])
