@@ -22,6 +22,7 @@ def summary(cpu_us=60.0, p50_ms=50.0, p99_ms=120.0, kib=7.0, lost=0, duplicated=
             failed_checks=(), machine_bound=False, server_cpu_s=30.0):
     """The parts of a load report's summary.json that the comparison reads."""
     checks = [{"check": name, "passed": False, "detail": "synthetic"} for name in failed_checks]
+    checks.append({"check": compare.MACHINE_CHECK, "passed": not machine_bound, "detail": "synthetic"})
     checks.append({"check": compare.DELIVERY_CHECK, "passed": not (lost or duplicated or out_of_order),
                    "detail": "synthetic"})
     return {"cpu": {"server_us_per_delivery": cpu_us, "server_cpu_s": server_cpu_s},
@@ -125,6 +126,7 @@ def test_an_invalid_round_makes_the_comparison_impossible_with_the_reason():
     assert result["code"] == compare.CANNOT_COMPARE and result["word"] == "COULD NOT COMPARE"
     assert any(reason.startswith("round 3, head: machine-bound") for reason in result["reasons"])
     assert any(reason.startswith("round 1, base: target of held polls reached") for reason in result["reasons"])
+    assert sum("round 3, head" in reason for reason in result["reasons"]) == 1   # said once, not twice
 
 
 def test_a_failed_cost_or_client_bound_check_does_not_invalidate_a_round():
