@@ -34,7 +34,7 @@ MASTER_BIND ?=
 MASTER ?=
 PROCESSES ?=
 
-.PHONY: all venv system-packages lint run redis-cluster test test-fast load load-worker cluster-demo bench capacity regress regress-accept soak clean
+.PHONY: all venv system-packages lint run redis-cluster test test-fast load load-worker history cluster-demo bench capacity regress regress-accept soak clean
 
 all: test
 
@@ -95,8 +95,16 @@ LOAD_ARGS = $(strip $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration 
   $(if $(SHAPE),--shape $(SHAPE)) $(if $(STEP),--step $(STEP)) $(if $(and $(SHAPE),$(SLO)),--slo-ms $(SLO)) \
   $(if $(REMOTE_WORKERS),--remote-workers $(REMOTE_WORKERS)) $(if $(MASTER_BIND),--master-bind $(MASTER_BIND)))
 
+# BASE=<git rev>: that revision's server against this tree's, ROUNDS runs each (loadtests/compare.py)
+COMPARE_ARGS = $(strip $(if $(BASE),--base $(BASE)) $(if $(ROUNDS),--rounds $(ROUNDS)) \
+  $(if $(RETRIES),--retries $(RETRIES)) $(if $(ALLOW_DIRTY),--allow-dirty))
+
 load: system-packages $(STAMP)
-	$(PY) -m loadtests.run $(LOAD_ARGS)
+	$(PY) -m loadtests.run $(LOAD_ARGS) $(COMPARE_ARGS)
+
+# Trend charts of reports/history.jsonl (every make load appends a line), steps marked.
+history: $(STAMP)
+	$(PY) -m instruments.history
 
 # On each load host: Locust workers (one per core, or PROCESSES=n) for the master on MASTER.
 load-worker: $(STAMP)

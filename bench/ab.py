@@ -30,12 +30,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 
 from bench.rig import Rig, answer_polls, hold_polls
+from harness.checkout import BaseCheckout, Unmeasured
 from harness.processes import ROOT, ChattleServer
 from instruments.measures import percentile, ratio_interval
 
@@ -48,69 +48,6 @@ FIGURES = (
     ("socket_us", "socket fan-out, us per waiter"),
     ("rig_us", "rig last delivery, us per waiter"),
 )
-
-
-class Unmeasured(Exception):
-    """The A/B run could not be made; the message says why."""
-
-
-# -- the base checkout ----------------------------------------------------------------------
-
-def git(*args, cwd=ROOT):
-    run = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
-    if run.returncode != 0:
-        raise Unmeasured("git %s: %s" % (" ".join(args), (run.stderr or run.stdout).strip()))
-    return run.stdout.strip()
-
-
-class BaseCheckout:
-    """The base revision in a temporary git worktree, with the interpreter to run it on."""
-
-    def __init__(self, revision, scratch):
-        self.revision = revision
-        try:
-            self.commit = git("rev-parse", "--verify", "--quiet", revision + "^{commit}")
-        except Unmeasured:
-            raise Unmeasured("%r is not a commit of this repository" % revision)
-        self.root = os.path.join(scratch, "base")
-        self.scratch = scratch
-        self.python = sys.executable
-        self.venv_note = "this virtualenv (same server dependencies)"
-
-    def check_out(self):
-        git("worktree", "add", "--detach", self.root, self.commit)
-        if server_dependencies(self.root) != server_dependencies(ROOT):
-            self.python = make_venv(os.path.join(self.scratch, "venv"), server_dependencies(self.root))
-            self.venv_note = "a virtualenv of its own (its server dependencies differ)"
-
-    def remove(self):
-        if os.path.exists(self.root):
-            subprocess.run(["git", "worktree", "remove", "--force", self.root], cwd=ROOT, capture_output=True,
-                           timeout=120)
-        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True, timeout=120)
-
-
-def server_dependencies(root):
-    """What the server needs installed: pyproject.toml's [project] dependencies."""
-    path = os.path.join(root, "pyproject.toml")
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10: the whole file stands in for its dependency list
-        with open(path) as text:
-            return text.read()
-    with open(path, "rb") as data:
-        return sorted(tomllib.load(data).get("project", {}).get("dependencies", []))
-
-
-def make_venv(where, requirements):
-    print("ab: the base needs other server dependencies; making a virtualenv for it", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", where], check=True, timeout=300)
-    python = os.path.join(where, "bin", "python")
-    install = subprocess.run([python, "-m", "pip", "install", "--quiet", *requirements], capture_output=True,
-                             text=True, timeout=900)
-    if install.returncode != 0:
-        raise Unmeasured("installing the base's dependencies failed:\n%s" % install.stderr[-2000:])
-    return python
 
 
 # -- one pair: a server of each side, fan-outs alternating between them ---------------------

@@ -83,11 +83,12 @@ figcaption { color: #39414f; margin-top: .4em; } .note { background: #fff7e0; pa
 """
 
 
-def write_html(path, title, subtitle, headline_rows, charts, notes=(), links=()):
+def write_html(path, title, subtitle, headline_rows, charts, notes=(), links=(), tables=()):
     """report.html: a headline table, then each chart with the caption that explains it.
 
     headline_rows: [(label, value, css_class or "")]; charts: [(png file name, caption)];
-    notes: paragraphs shown highlighted above the charts; links: [(href, text)].
+    notes: paragraphs shown highlighted above the charts; links: [(href, text)];
+    tables: [(title, header cells, rows of cells)] shown after the headline table.
     """
     esc = html.escape
     out = ["<!doctype html><html lang=en><meta charset=utf-8><title>%s</title><style>%s</style>"
@@ -98,6 +99,11 @@ def write_html(path, title, subtitle, headline_rows, charts, notes=(), links=())
     for label, value, css in headline_rows:
         out.append("<tr><th>%s</th><td class='%s'>%s</td></tr>" % (esc(label), esc(css or ""), esc(str(value))))
     out.append("</table>")
+    for title_text, header, rows in tables:
+        out.append("<h2>%s</h2><table><tr>%s</tr>" % (esc(title_text), "".join("<th>%s</th>" % esc(str(cell))
+                                                                            for cell in header)))
+        out += ["<tr>%s</tr>" % "".join("<td>%s</td>" % esc(str(cell)) for cell in row) for row in rows]
+        out.append("</table>")
     for png, caption in charts:
         out.append("<figure><img src='%s' alt='%s'><figcaption>%s</figcaption></figure>"
                    % (esc(png), esc(caption[:120]), esc(caption)))

@@ -102,6 +102,11 @@ def parse_args(argv=None):
     parser.add_argument("--slo-ms", type=float, default=500, help="p99 wake-up objective of a step (--shape steps)")
     parser.add_argument("--report-root", default=REPORTS_ROOT,
                         help="directory that receives <timestamp>-load/ (tests point it at a temp dir)")
+    # Base against head (loadtests/compare.py): it runs this script once per round.
+    parser.add_argument("--base", help="compare with this git revision, round by round (loadtests/compare.py)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --base: runs of each side (see --base --help)")
+    parser.add_argument("--server-root", default=ROOT, help="the checkout whose chattle.py serves")
+    parser.add_argument("--server-python", default=sys.executable, help="the interpreter the server runs on")
     return parser.parse_args(argv)
 
 
@@ -475,6 +480,10 @@ def watch_locust(locust, sampler, stages, args, raw_dir):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg == "--base" or arg.startswith("--base=") for arg in argv):
+        from loadtests import compare  # its own flags (--allow-dirty, --head-env) too
+        return compare.main(argv)
     args = parse_args(argv)
     stages, problems, notes = preflight(args)
     if problems:
@@ -508,7 +517,8 @@ def main(argv=None):
                 redis_url = redis.url
                 print("load: redis-server pid %d on %s" % (redis.pid, redis_url))
             server = ChattleServer(workers=args.workers, redis_url=redis_url, own_session=True,
-                                   log_path=os.path.join(report_dir, "server.log"))
+                                   log_path=os.path.join(report_dir, "server.log"), root=args.server_root,
+                                   python=args.server_python)
             urls = [server.url]
             print("load: chattle %s on %s (pid %d)"
                   % ("gunicorn x%d" % args.workers if server.gunicorn else "python chattle.py", server.url,
@@ -585,6 +595,8 @@ def main(argv=None):
         from loadtests.shapes import steps_summary
         for line in steps_summary(os.path.join(raw_dir, "steps.json")) or ["no step was judged"]:
             print("steps: " + line)
+    from instruments.history import record_load
+    record_load(summary, args.report_root, report_dir)
     if interrupted:
         return 130
     return 0 if summary["passed"] else 1

@@ -1,0 +1,155 @@
+"""instruments/history.py: the line each run appends, and `make history`'s steps and charts,
+on synthetic data (deterministic, fast)."""
+
+import json
+import os
+import random
+
+from instruments import history
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def series(count=20, step_at=None, factor=1.15, noise=0.03, seed=1):
+    draw = random.Random(seed)
+    return [100 * (1 + draw.gauss(0, noise)) * (factor if step_at is not None and index >= step_at else 1)
+            for index in range(count)]
+
+
+# -- steps ------------------------------------------------------------------------------------------
+
+def test_a_level_that_changes_and_stays_is_a_step():
+    [(index, before, after)] = history.steps(series(step_at=10))
+    assert index == 10
+    assert 1.10 < after / before < 1.20
+
+
+def test_a_step_down_is_found_too():
+    [(index, before, after)] = history.steps(series(step_at=6, factor=0.8, seed=2))
+    assert index == 6 and after < before
+
+
+def test_noise_alone_has_no_step():
+    for seed in range(20):
+        assert history.steps(series(seed=seed)) == [], seed
+
+
+def test_a_one_commit_blip_is_not_a_step():
+    values = series(seed=3)
+    values[7] *= 1.4
+    assert history.steps(values) == []
+
+
+def test_a_change_must_persist_over_the_following_runs():
+    values = series(seed=4)
+    values[-1] *= 1.3
+    assert history.steps(values) == []          # seen at the last commit only: not yet a step
+    values[-2] *= 1.3
+    assert [index for index, _b, _a in history.steps(values)] == [len(values) - 2]
+
+
+def test_steps_smaller_than_the_minimum_are_not_marked():
+    assert history.steps(series(step_at=10, factor=1.03, noise=0.002)) == []
+    assert history.steps([0, 1, 2, 3, 4]) == [] and history.steps([1.0, 2.0]) == []
+
+
+def test_two_steps():
+    values = series(count=30, noise=0.01, seed=5)
+    values = [value * (1.2 if 10 <= index < 20 else 1) for index, value in enumerate(values)]
+    assert [index for index, _b, _a in history.steps(values)] == [10, 20]
+
+
+# -- the line ------------------------------------------------------------------------------------------
+
+def load_summary():
+    return {"run": {"users": 100, "posters": 1, "rooms": 1, "duration": 24.0, "burst_size": 5, "burst_gap": 8.0,
+                    "schedule_seed": 1, "poll_timeout": 20.0, "spawn_rate": 500.0, "stop_rate": 2500.0, "workers": 1,
+                    "host": None},
+            "cpu": {"server_us_per_delivery": 61.0}, "wakeup_latency_s": {"p50": 0.05, "p99": 0.12},
+            "memory": {"bytes_per_held_poll": 7168.0}, "delivery": {"lost": 1, "duplicated": 0, "out_of_order": 2},
+            "held_polls_peak": 100, "deliveries": 5000, "passed": True, "machine_check": {"machine_bound": False}}
+
+
+def test_a_load_run_appends_one_line_with_commit_machine_settings_and_figures(tmp_path):
+    entry = history.record_load(load_summary(), str(tmp_path), report_dir="somewhere")
+    [line] = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert json.loads(line) == json.loads(json.dumps(entry))
+    assert entry["kind"] == "load" and entry["report"] == "somewhere"
+    assert len(entry["commit"]) == 40 and isinstance(entry["dirty"], bool)
+    machine = entry["machine"]
+    assert machine["cores"] == os.cpu_count() and machine["kernel"] == os.uname().release
+    assert machine["cpu_model"] and machine["python"] and "gevent" in machine["libraries"]
+    assert entry["settings"]["users"] == 100 and entry["settings"]["host"] is None
+    assert entry["figures"] == {"server_us_per_delivery": 61.0, "wakeup_p50_ms": 50.0, "wakeup_p99_ms": 120.0,
+                                "kib_per_held_poll": 7.0, "messages_wrong": 3, "held_polls_peak": 100,
+                                "deliveries": 5000}
+    history.record_load(load_summary(), str(tmp_path))
+    entries, bad = history.read(str(tmp_path / "history.jsonl"))
+    assert len(entries) == 2 and bad == 0
+    assert entries[0]["settings_id"] == entries[1]["settings_id"]
+
+
+def test_other_tools_append_through_the_same_function(tmp_path):
+    path = str(tmp_path / "history.jsonl")
+    history.append("capacity", {"workers": 1, "p99_target_ms": 200}, {"capacity_polls": 15000}, path=path)
+    [entry], _bad = history.read(path)
+    assert entry["kind"] == "capacity" and entry["figures"] == {"capacity_polls": 15000}
+
+
+def test_the_bench_environment_is_part_of_the_settings():
+    assert history.load_settings({}, environ={"CHATTLE_BENCH_EXTRA_WORK": "600", "HOME": "/x"})[
+        "bench_environment"] == {"CHATTLE_BENCH_EXTRA_WORK": "600"}
+
+
+def test_lines_that_are_not_records_are_counted_and_skipped(tmp_path):
+    path = tmp_path / "history.jsonl"
+    path.write_text('{"figures": {"a": 1}}\nnot json\n[1, 2]\n\n')
+    entries, bad = history.read(str(path))
+    assert len(entries) == 1 and bad == 2
+
+
+def test_an_unwritable_history_does_not_fail_the_run(tmp_path, capsys):
+    (tmp_path / "history.jsonl").mkdir()
+    history.record_load(load_summary(), str(tmp_path))
+    assert "could not append" in capsys.readouterr().err
+
+
+# -- make history ------------------------------------------------------------------------------------
+
+def test_make_history_draws_a_chart_per_figure_with_the_step(tmp_path):
+    path = str(tmp_path / "history.jsonl")
+    machine = history.machine_fingerprint()
+    settings = {"users": 5000}
+    values = series(count=8, step_at=4, noise=0.01)
+    with open(path, "w") as out:
+        for index, value in enumerate(values):
+            for repeat in range(2):
+                out.write(json.dumps({"kind": "load", "time": "2026-01-01T00:%02d:%02d" % (index, repeat),
+                                      "commit": "%040x" % (index + 1), "commit_time": 1000 + index,
+                                      "dirty": False, "machine": machine, "machine_id": machine["id"],
+                                      "settings": settings, "settings_id": "s1",
+                                      "figures": {"server_us_per_delivery": value, "wakeup_p99_ms": 100.0}}) + "\n")
+        out.write(json.dumps({"kind": "load", "time": "2026-01-02", "commit": "f" * 40, "machine_id": "elsewhere",
+                              "machine": {}, "settings": settings, "settings_id": "s1",
+                              "figures": {"server_us_per_delivery": 1.0}}) + "\n")
+    out_dir = str(tmp_path / "charts")
+    assert history.main(["--history", path, "--out", out_dir]) == 0
+    assert sorted(os.listdir(os.path.join(out_dir, "group-1"))) == ["server_us_per_delivery.png",
+                                                                    "wakeup_p99_ms.png"]
+    page = open(os.path.join(out_dir, "index.html")).read()
+    assert "8 run(s) over" not in page and "16 run(s) over 8 commit(s)" in page
+    assert "%s: +" % ("%040x" % 5)[:10] in page       # the step at the fifth commit, named in the caption
+    assert "wake-up latency p99 by commit" in page and "none" in page
+
+
+def test_make_history_without_runs_says_how_to_make_some(tmp_path, capsys):
+    assert history.main(["--history", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
+    assert "make load" in capsys.readouterr().err
+
+
+def test_runs_that_were_not_valid_are_kept_apart_in_the_series():
+    def entry(commit, value, **more):
+        return dict({"commit": commit, "time": "t", "commit_time": 1, "figures": {"f": value}}, **more)
+    series = history.by_commit([entry("a", 1.0), entry("a", 2.0, passed=False), entry("a", 3.0, machine_bound=True),
+                                entry("a", 4.0, dirty=True, passed=False)], "f")
+    assert series == [("a", [1.0, 2.0, 3.0], [4.0], [2.0, 3.0])]
