@@ -29,6 +29,7 @@ first) is reported apart from where the fan-out misses the objective.
 import argparse
 import math
 import os
+import re
 import signal
 import statistics
 import sys
@@ -38,6 +39,7 @@ from bench.rig import PER_PROCESS, Rig, raise_open_file_limit
 from bench.sweep import measure_point, median_point, start_server
 from harness.processes import RedisServer
 from harness.system_packages import require_or_exit
+from instruments import history
 from instruments.measures import CLIENT_LAG_SHARE, client_bound, cpu_per_delivery
 from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
@@ -574,6 +576,7 @@ def main(argv=None):
         print("preflight: " + note, flush=True)
     report_dir = new_report_dir("capacity")
     info = machine_description()
+    commit_at_start = history.git_state()
     started = time.monotonic()
     redis = None
     results = []
@@ -612,7 +615,23 @@ def main(argv=None):
     finally:
         if redis is not None:
             redis.stop()
-    return write_report(report_dir, results, args, slo, info, notes, time.monotonic() - started)
+    code = write_report(report_dir, results, args, slo, info, notes, time.monotonic() - started)
+    append_to_history(results, args, report_dir, commit_at_start)
+    return code
+
+
+def append_to_history(results, args, report_dir, state):
+    """One line per run in reports/history.jsonl: each server's capacity and its figures there."""
+    figures = {}
+    for entry in results:
+        at = entry["at_capacity"] or {}
+        key = re.sub(r"[^a-z0-9]+", "_", entry["label"].lower()).strip("_")
+        figures[key + "_capacity"] = entry["search"]["capacity"]
+        figures[key + "_p99_s"] = at.get("p99_s")
+        figures[key + "_bytes_per_poll"] = at.get("bytes_per_poll")
+    settings = {"workers": args.workers, "peers": args.peers, "slowed": args.slowed, "slo_ms": args.slo_ms,
+                "start": args.start, "max_polls": args.max_polls, "repeats": args.repeats, "needed": args.needed}
+    history.append("capacity", settings, figures, report_dir=report_dir, state=state)
 
 
 def write_report(report_dir, results, args, slo, info, notes, elapsed):

@@ -279,6 +279,10 @@ def test_a_small_search_against_a_real_server_writes_the_report(tmp_path):
     assert results["verdict"].startswith("One worker of Chattle on this %d-core machine holds 150 long-polls with "
                                          "p99 wake-up under 20000 ms" % os.cpu_count())
     assert server["at_capacity"]["server_us_per_delivery"] is not None  # 10 ms ticks: may read 0 at 150
+    from instruments import history
+    with open(history.history_path()) as lines:
+        (line,) = [entry for entry in map(json.loads, lines) if entry.get("report") == folder]
+    assert line["kind"] == "capacity" and line["figures"]["chattle_1_worker_capacity"] == 150, line["figures"]
 
 
 @pytest.mark.slow
