@@ -34,7 +34,7 @@ from instruments.measures import DeliveryLedger, process_cpu_seconds
 from loadtests import longpoll
 from loadtests.locust_stats import log_untimed
 from loadtests.longpoll import BadAnswer, HeldPolls, LongPollClient
-from loadtests.scenario import build_stages, room_name, server_urls, stage_at
+from loadtests.scenario import build_stages, conf_defaults, room_name, server_urls, stage_at
 from loadtests.shapes import StagedShape, SteppedShape  # Locust finds StagedShape here; --shape steps swaps
 from loadtests.tally import LOCUST_VERSION, RunTally, WorkerTally
 
@@ -82,20 +82,30 @@ def measure_clocks(options):
     TALLY.clocks = CLOCKS.to_dict()
 
 
+DEFAULTS = conf_defaults()  # loadtests/locust.conf: one set of defaults for every entry point
+
+
 @events.init_command_line_parser.add_listener
 def add_options(parser):
     group = parser.add_argument_group("chattle")
-    group.add_argument("--listeners", type=int, default=10000, help="listeners held at the target")
-    group.add_argument("--posters", type=int, default=1, help="posters (fixed count, spawned first)")
-    group.add_argument("--rooms", type=int, default=1, help="rooms; listeners are spread evenly over them")
-    group.add_argument("--run-seconds", type=float, default=150, help="length of the whole stage table")
-    group.add_argument("--poll-timeout", type=float, default=20, help="the 'timeout' each poll asks the server for")
-    group.add_argument("--burst-size", type=int, default=5, help="messages a poster sends back to back")
-    group.add_argument("--burst-gap", type=float, default=8, help="mean seconds of quiet between a poster's bursts")
-    group.add_argument("--schedule-seed", type=int, default=1,
+    group.add_argument("--listeners", type=int, default=int(DEFAULTS["listeners"]), help="listeners held at the target")
+    group.add_argument("--posters", type=int, default=int(DEFAULTS["posters"]),
+                       help="posters (fixed count, spawned first)")
+    group.add_argument("--rooms", type=int, default=int(DEFAULTS["rooms"]),
+                       help="rooms; listeners are spread evenly over them")
+    group.add_argument("--run-seconds", type=float, default=float(DEFAULTS["run-seconds"]),
+                       help="length of the whole stage table")
+    group.add_argument("--poll-timeout", type=float, default=float(DEFAULTS["poll-timeout"]),
+                       help="the 'timeout' each poll asks the server for")
+    group.add_argument("--burst-size", type=int, default=int(DEFAULTS["burst-size"]),
+                       help="messages a poster sends back to back")
+    group.add_argument("--burst-gap", type=float, default=float(DEFAULTS["burst-gap"]),
+                       help="mean seconds of quiet between a poster's bursts")
+    group.add_argument("--schedule-seed", type=int, default=int(DEFAULTS["schedule-seed"]),
                        help="seeds the posters' quiet gaps (same seed, same schedule); 0: a new one each run")
-    group.add_argument("--stop-rate", type=float, default=2500, help="listeners stopped per second at ramp-down")
-    group.add_argument("--lost-contact-seconds", type=float, default=15,
+    group.add_argument("--stop-rate", type=float, default=float(DEFAULTS["stop-rate"]),
+                       help="listeners stopped per second at ramp-down")
+    group.add_argument("--lost-contact-seconds", type=float, default=float(DEFAULTS["lost-contact-seconds"]),
                        help="a listener failing this long without one good answer gives up (lost contact)")
     group.add_argument("--raw-dir", default="", help="where the master writes run.json")
     group.add_argument("--shape", choices=("bursts", "steps"), default="bursts",

@@ -21,31 +21,20 @@ from harness.system_packages import missing, missing_line
 from instruments.measures import process_cpu_seconds
 from instruments.page import REPORTS_ROOT, new_report_dir
 from loadtests.scenario import (
+    LOCUST_CONF,
     SETTLE_SECONDS,
     SHAPE_STARTED_FILE,
     build_stages,
     build_step_stages,
+    conf_defaults,
     room_name,
     server_urls,
     stage_at,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LOCUST_CONF = os.path.join(HERE, "locust.conf")
 DESCRIPTORS_SPARE = 200       # logs, pipes, the master link, /stats probes
 DEFAULT_MASTER_PORT = 5557    # Locust's own default: the port to open to the load hosts
-
-
-def conf_defaults(path=LOCUST_CONF):
-    """key = value lines of locust.conf, so the orchestrator and Locust share one set of defaults."""
-    values = {}
-    with open(path) as conf:
-        for line in conf:
-            line = line.split("#", 1)[0].strip()
-            if "=" in line:
-                key, value = (part.strip() for part in line.split("=", 1))
-                values[key] = value
-    return values
 
 
 def parse_args(argv=None):

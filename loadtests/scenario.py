@@ -7,6 +7,7 @@ message from the master.
 
 import functools
 import math
+import os
 
 # Seconds a stage needs at least; shorter runs squeeze the burst stage, never these.
 HOLD_SECONDS = 8      # everyone held, nothing posted: the idle cost of a held poll
@@ -93,3 +94,20 @@ def server_urls(urls):
     """The server URLs of a comma-separated --host or --servers, without trailing slashes
     (cached: every listener's start asks)."""
     return tuple(url.strip().rstrip("/") for url in urls.split(",") if url.strip())
+
+
+LOCUST_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locust.conf")
+
+
+@functools.lru_cache(maxsize=1)
+def conf_defaults(path=LOCUST_CONF):
+    """key = value lines of locust.conf: the scenario's one set of defaults, read by the
+    orchestrator's flags and by the locustfile's options alike."""
+    values = {}
+    with open(path) as conf:
+        for line in conf:
+            line = line.split("#", 1)[0].strip()
+            if "=" in line:
+                key, value = (part.strip() for part in line.split("=", 1))
+                values[key] = value
+    return values
