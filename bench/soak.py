@@ -354,7 +354,8 @@ def run(args):
         result = {
             "started": started_at, "command": " ".join(sys.argv), "commit": commit,
             "machine": page.machine_line(), "workers": args.workers, "duration_s": args.duration,
-            "warm_up_s": args.warm_up, "rss_gate": args.rss_gate, "sample_every_s": args.sample_every,
+            "warm_up_s": args.warm_up, "rss_gate": args.rss_gate, "load_rss_gate": args.load_rss_gate,
+            "sample_every_s": args.sample_every,
             "listeners": args.listeners,
             "churn_per_minute": args.churn, "posts_per_second": args.posts_per_second,
             "hostile_per_second": args.hostile_per_second, "faults": fault_note() if server.faulted else None,
@@ -464,7 +465,8 @@ def judge_all(sampler, args):
     verdicts = []
     for name, kind in sampler.kinds.items():
         points = [(row["t"], row[name]) for row in steady if name in row]
-        verdicts.append(judge(name, kind, points, span, args.listeners, args.rss_gate))
+        gate = args.load_rss_gate if name.startswith("load ") and args.load_rss_gate else args.rss_gate
+        verdicts.append(judge(name, kind, points, span, args.listeners, gate))
     return verdicts
 
 
@@ -622,6 +624,10 @@ def main(argv=None):
     parser.add_argument("--rss-gate", type=int, default=None,
                         help="bytes of memory growth allowed per held connection per hour (default %d; "
                              "%d with --quick)" % (RSS_GATE, QUICK_RSS_GATE))
+    parser.add_argument("--load-rss-gate", type=int, default=None,
+                        help="the load process's own memory gate, when it differs from --rss-gate: a run of a "
+                             "minute or two is still the load process's warm-up (its buffers and tallies grow "
+                             "with the connections it has made), while the server's must already be flat")
     parser.add_argument("--trace", action="store_true", help="tracemalloc in the workers; top growing sites on failure")
     parser.add_argument("--out", help="report directory (default reports/<timestamp>-soak)")
     parser.add_argument("--verbose", action="store_true", help="print each sample")
