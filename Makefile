@@ -34,7 +34,7 @@ MASTER_BIND ?=
 MASTER ?=
 PROCESSES ?=
 
-.PHONY: all venv system-packages lint run redis-cluster test test-fast load load-worker history cluster-demo bench capacity regress regress-accept soak clean
+.PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-worker history cluster-demo bench capacity regress regress-accept soak clean
 
 all: test
 
@@ -44,7 +44,7 @@ all: test
 # or stops at once with one line naming the command to run. It runs before the venv.
 GOALS   := $(or $(MAKECMDGOALS),all)
 SYSTEM_PROGRAMS := $(sort \
-  $(if $(filter all test,$(GOALS)),redis-server chromium valgrind $(if $(filter 0,$(shell id -u)),faketime)) \
+  $(if $(filter all test test-long,$(GOALS)),redis-server chromium valgrind $(if $(filter 0,$(shell id -u)),faketime)) \
   $(if $(filter test-fast bench capacity,$(GOALS)),redis-server) \
   $(if $(filter cluster-demo,$(GOALS)),redis-server faketime) \
   $(if $(filter run,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(REDIS)$(REDIS_CLUSTER),,redis-server))) \
@@ -79,7 +79,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 test: system-packages lint
-	$(PY) -m pytest tests
+	$(PY) -m pytest -m "not long" tests
+
+# What make test leaves out for time: whole harness commands run several times over.
+test-long: system-packages $(STAMP)
+	$(PY) -m pytest -m long tests
 
 # The inner loop: everything but the tests marked slow (the page, scale, the pipeline).
 test-fast: system-packages $(STAMP)

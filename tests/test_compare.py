@@ -231,6 +231,7 @@ def test_one_round_is_refused_before_anything_runs(needs_git, tmp_path):
 # -- a real A/A comparison ------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.long  # four load runs, about two minutes: make test-long
 def test_a_small_a_a_comparison_runs_to_a_verdict_with_its_report(needs_git, tmp_path):
     """Two rounds of each side, 100 listeners, the shortest run: about two minutes. The
     verdict itself is timing (a shared machine may make a round invalid, or a small run
