@@ -38,6 +38,7 @@ import tempfile
 from importlib import metadata
 
 from bench.callgrind_workload import PHASE_MARKER
+from instruments.history import cpu_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = os.path.join(ROOT, "bench", "baselines", "callgrind.json")
@@ -87,17 +88,6 @@ def recorded_with():
         "commit": git_output("rev-parse", "HEAD"),
         "tree_changed": bool(git_output("status", "--porcelain", "--untracked-files=no")),
     }
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def git_output(*args):
