@@ -171,9 +171,13 @@ class ChattleServer(Process):
         if log_path is None:
             log_path = tempfile.mkstemp(prefix="chattle-server-", suffix=".log")[1]
         super().__init__(argv, env=full_env, cwd=root, log_path=log_path, own_session=own_session)
-        wait_until(self.healthy, 30, "chattle on %s" % self.url, self)
-        if self.gunicorn:
-            wait_until(lambda: len(self.worker_pids()) >= workers, 30, "%d gunicorn workers" % workers, self)
+        try:
+            wait_until(self.healthy, 30, "chattle on %s" % self.url, self)
+            if self.gunicorn:
+                wait_until(lambda: len(self.worker_pids()) >= workers, 30, "%d gunicorn workers" % workers, self)
+        except BaseException:  # never ready, or interrupted meanwhile: the server must not outlive its caller
+            self.stop()
+            raise
 
     def healthy(self):
         status, _body = get_json(self.url + "/health", timeout=1)

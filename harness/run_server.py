@@ -29,6 +29,8 @@ def main(argv=None):
                         help="host:port[,host:port] of a Redis Cluster to share the history through instead "
                              "(`make redis-cluster` starts a local one)")
     args = parser.parse_args(argv)
+    # Until wait_for_the_end takes SIGTERM over, it unwinds whatever was started so far.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if args.redis_cluster:
         return serve_on_cluster(args)
 
