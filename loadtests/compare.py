@@ -10,7 +10,8 @@ rooms and bursts). CHATTLE_BENCH_* variables of the environment (and --head-env)
 head's servers only.
 
 Per figure (server CPU per delivery, wake-up p50 and p99, memory per held poll) each
-round gives a ratio head / base; their geometric mean and a seeded bootstrap interval
+round gives a ratio head / base; their geometric mean and a seeded bootstrap interval,
+widened at few rounds to Student's t interval
 (instruments/measures.py's ratio_interval) make the difference. A figure is worse when the
 whole interval lies above its threshold (5 % CPU and memory, 10 % latency percentiles),
 better when it lies below minus the threshold. A message lost, duplicated or out of
@@ -95,7 +96,8 @@ def compare_figure(base, head, threshold, seed=BOOTSTRAP_SEED, confidence=CONFID
     """Head against base for one figure, paired by round.
 
     {ratios, ratio, low, high, noise, detectable, verdict}: ratio is the geometric mean of
-    the rounds' head / base, [low, high] its bootstrap interval; noise is the interval's
+    the rounds' head / base, [low, high] its bootstrap interval (widened to Student's t
+    interval where that is wider, as it is at few rounds); noise is the interval's
     half-width (log scale, as a fraction), the change this many rounds cannot tell from
     zero; detectable is the smallest slowdown these rounds would call worse (threshold
     plus noise). verdict: "worse" when low > 1 + threshold, "better" when high < 1 -
@@ -350,7 +352,8 @@ def draw_compare_charts(report_dir, result, rounds, what):
     axis.set_xlabel("head / base - 1, %")
     save(fig, "intervals.png",
          "Head against base, per figure: the dot is the geometric mean of the rounds' head / base ratios, the bar "
-         "its %.0f%% bootstrap interval (rounds resampled with replacement, seed %d), grey ticks each round's "
+         "its %.0f%% bootstrap interval (rounds resampled with replacement, seed %d; widened to Student's t "
+         "interval where that is wider, as at few rounds), grey ticks each round's "
          "ratio. Red dashes are the thresholds: a figure is worse only when its whole bar lies right of its red "
          "dash, better when it lies left of the green one. %s."
          % (CONFIDENCE * 100, BOOTSTRAP_SEED, what))
