@@ -278,3 +278,22 @@ def test_a_small_a_a_comparison_runs_to_a_verdict_with_its_report(needs_git, tmp
     base_tree = run.stdout.split(" in ", 1)[1].split(",", 1)[0]   # "compare: base HEAD (...) in <dir>, on ..."
     assert base_tree.endswith("/base") and not os.path.exists(base_tree)
     assert base_tree not in git("worktree", "list"), "the base's worktree was left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.long  # thirty comparisons' worth of load runs, about half an hour on a quiet machine
+def test_ten_a_a_comparisons_raise_at_most_one_false_alarm(needs_git, tmp_path):
+    """The same tree against itself ten times, 3 rounds each (the default), 100 listeners:
+    at most one verdict may say worse. A comparison the machine made impossible (exit 2,
+    a round machine-bound) is no verdict; at least 8 of the 10 must be judged, so a busy
+    machine fails this test rather than passing it by saying nothing."""
+    verdicts = []
+    for number in range(10):
+        run = run_load("--base", "HEAD", "--rounds", "3", "--allow-dirty", *SMALL,
+                       "--report-root", str(tmp_path / str(number)), timeout=1200)
+        print("A/A %d: exit %d" % (number + 1, run.returncode), run.stdout.splitlines()[-8:])
+        assert run.returncode in (compare.UNCHANGED, compare.WORSE, compare.CANNOT_COMPARE), run.stderr
+        verdicts.append(run.returncode)
+    judged = [code for code in verdicts if code != compare.CANNOT_COMPARE]
+    assert len(judged) >= 8, "only %d of 10 comparisons could be judged: %s" % (len(judged), verdicts)
+    assert judged.count(compare.WORSE) <= 1, verdicts
