@@ -40,6 +40,7 @@ from harness.processes import ROOT, get_json, post_json
 from instruments.httpframe import FramingError, ResponseParser
 from instruments.measures import (
     DeliveryLedger,
+    client_bound,
     client_lag,
     latency_summary,
     memory_per_connection,
@@ -368,15 +369,17 @@ class Rig:
             raise RuntimeError("client %d exited before its %s line (code %s)" % (client.pid, what, client.wait()))
         return json.loads(line)
 
-    def run(self, count, server_pids=None, rss_idle=None):
-        """Park `count` polls, confirm they are held, post once, time every answer."""
+    def run(self, count, server_pids=None, rss_idle=None, backend_cpu=None):
+        """Park `count` polls, confirm they are held, post once, time every answer.
+        `backend_cpu`: a callable giving the CPU seconds the server's Redis has used so far,
+        read around the fan-out as the server's are."""
         cursor = self.cursor()
         if server_pids and rss_idle is None:
             rss_idle = summed_rss(server_pids)
         machine_idle = machine_memory_in_use()
         clients = self.start_clients(count, cursor)
         try:
-            return self.park_post_collect(clients, count, cursor, server_pids, rss_idle, machine_idle)
+            return self.park_post_collect(clients, count, cursor, server_pids, rss_idle, machine_idle, backend_cpu)
         finally:
             for client in clients:
                 if client.poll() is None:
@@ -419,7 +422,7 @@ class Rig:
                     client.kill()
                     client.wait(10)
 
-    def park_post_collect(self, clients, count, cursor, server_pids, rss_idle, machine_idle):
+    def park_post_collect(self, clients, count, cursor, server_pids, rss_idle, machine_idle, backend_cpu=None):
         hold = self.park(clients, count, server_pids)
         parked, held = hold["parked"], hold["held_confirmed"]
         if held < parked:
@@ -427,12 +430,14 @@ class Rig:
             # would only wait on it. No fan-out is measured; the hold is the finding.
             return dict(hold, delivered=0, unanswered=parked, complete_listeners=0,
                         latency=latency_summary([]), client_lag=latency_summary([]), last_delivery_s=None,
-                        client_cpu_s=0.0, server_cpu_s=None, client_bound=False, rss_idle=rss_idle,
+                        client_cpu_s=0.0, server_cpu_s=None, redis_cpu_s=None, client_bound=False,
+                        rss_idle=rss_idle,
                         rss_holding=None, bytes_per_poll=None, machine_bytes_per_poll=None)
         time.sleep(0.3)  # let the last accepted sockets settle before reading memory
         rss_holding = summed_rss(server_pids) if server_pids else None
         machine_holding = machine_memory_in_use()
         cpu_before = cpu_seconds_of(server_pids) if server_pids else None
+        backend_before = backend_cpu() if backend_cpu else None
         posted_at = time.time()
         status, answer = post_json("%s/rooms/%s/msgs" % (self.url, self.room), {"from": "rig", "content": "wake"})
         if status != 201:
@@ -441,6 +446,7 @@ class Rig:
         for client in clients:
             client.wait(10)
         cpu_server = cpu_seconds_of(server_pids) - cpu_before if server_pids else None
+        cpu_backend = backend_cpu() - backend_before if backend_cpu else None
         received = [t for r in results for t in r["received_at"]]
         latencies = [wakeup_latency(t, answer["ts"]) for t in received]
         ledgers = 0
@@ -450,16 +456,20 @@ class Rig:
                 ledger.record(first_id)
             ledgers += ledger.complete(answer["id"])
         cpu_client = sum(r["cpu_seconds"] for r in results)
+        lag = latency_summary([seconds for r in results for seconds in r.get("client_lag", ())])
+        latency = latency_summary(latencies)
         point = dict(hold, **{
             "unanswered": sum(r["unanswered"] for r in results),
-            "client_lag": latency_summary([lag for r in results for lag in r.get("client_lag", ())]),
+            "client_lag": lag,
             "delivered": len(received),
             "complete_listeners": ledgers,
-            "latency": latency_summary(latencies),
+            "latency": latency,
             "last_delivery_s": (max(received) - posted_at) if received else None,
             "client_cpu_s": cpu_client,
             "server_cpu_s": cpu_server,
-            "client_bound": bool(cpu_server is not None and cpu_client > 0.25 * cpu_server),
+            "redis_cpu_s": cpu_backend,
+            # the shared rule (the load test's, make capacity's): the client's own lag, not its CPU
+            "client_bound": client_bound(lag["p99"], latency["p99"]),
             "rss_idle": rss_idle,
             "rss_holding": rss_holding,
             "bytes_per_poll": memory_per_connection(rss_idle, rss_holding, parked) if rss_holding else None,
