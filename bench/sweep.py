@@ -156,8 +156,9 @@ BUS_CAPTIONS = {
                "(all its client processes), the server (every worker) and the Redis nodes (`INFO cpu` of every "
                "node of the bus: the one redis-server, or the cluster's masters and replicas). The server's "
                "share is the fan-out; the Redis share is one post and one read per worker and per master, "
-               "small whatever the held polls. The rig's CPU beside the server's shows the harness costs less "
-               "than what it measures.",
+               "small whatever the held polls, and it includes what the nodes do on their own over the window "
+               "(their timers, the cluster bus's pings). The rig's CPU beside the server's shows the harness "
+               "costs less than what it measures.",
 }
 
 
@@ -485,13 +486,18 @@ def main(argv=None):
                         ", other work %.1f cores" % point["other_work_cores"] if "other_work_cores" in point else "",
                         " (client-bound)" if row["client_bound"] else ""),
                      "fail" if row["delivered"] != row["requested"] else ""))
-    notes = ["Ratios Chattle / each reference server: memory per held poll is the rise in server RSS per held "
-             "poll; time per waiter is the time from the post to the last answer received, divided by the "
-             "waiters answered (instruments.measures.time_per_waiter). Both servers are one process on an "
-             "in-memory store, measured by the same rig at the same count; above 1 Chattle costs more.",
-             "A point is marked client-bound when the rig's own lag (an answer's kernel arrival to its read) "
-             "at p99 exceeds a tenth of the wake-up p99 and 10 ms (instruments.measures.client_bound, the "
-             "load test's rule): the rig then fell behind the server it measures."]
+    notes = [] if not ratios else [
+        "Ratios Chattle / each reference server: memory per held poll is the rise in server RSS per held "
+        "poll; time per waiter is the time from the post to the last answer received, divided by the "
+        "waiters answered (instruments.measures.time_per_waiter). Both servers are one process on an "
+        "in-memory store, measured by the same rig at the same count; above 1 Chattle costs more."]
+    if buses:
+        notes.append("Other work: the cores the rest of the machine kept busy during a run (/proc/stat less this "
+                     "sweep, its servers, clients and Redis nodes); above a few tenths of the %d cores the "
+                     "latencies include waiting for a core." % os.cpu_count())
+    notes.append("A point is marked client-bound when the rig's own lag (an answer's kernel arrival to its read) "
+                 "at p99 exceeds a tenth of the wake-up p99 and 10 ms (instruments.measures.client_bound, the "
+                 "load test's rule): the rig then fell behind the server it measures.")
     if skipped:
         notes.append("Skipped counts over the descriptor limit (%d): %s" % (limit, skipped))
     if anatomy:
@@ -508,7 +514,8 @@ def main(argv=None):
         for site in anatomy["top_sites"][:12]:
             rows.append(("  %s" % site["site"], "%.0f B/poll (%d blocks total)"
                          % (site["bytes_per_poll"], site["count"]), ""))
-    write_html(os.path.join(report_dir, "report.html"), "Chattle capacity sweep",
+    write_html(os.path.join(report_dir, "report.html"),
+               "Chattle capacity sweep" + (": the buses side by side" if buses else ""),
                caption_tail, rows, charts, notes=notes,
                links=[("results.json", "results.json"), ("results.csv", "results.csv")])
     for ratio in ratios:
