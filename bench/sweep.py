@@ -25,6 +25,7 @@ time per waiter against each.
 import argparse
 import csv
 import os
+import signal
 import statistics
 import sys
 import time
@@ -372,6 +373,8 @@ def measure_buses(buses, counts, repeats, log_dir):
 
 def main(argv=None):
     args = parse_args(argv)
+    # A SIGTERM unwinds as an error does: the servers, Redis and cluster nodes started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     counts = [int(c) for c in args.counts.split(",")]
     workers_list = [int(w) for w in args.workers.split(",")]
 
