@@ -18,6 +18,7 @@ from instruments.measures import redis_cpu_seconds
 LOCAL = "local"
 MEMORY, REDIS, CLUSTER = "memory", "Redis", "Redis Cluster"
 NODE_TIMEOUT = 5.0  # seconds for one INFO or CLUSTER command
+ROOM_CANDIDATES = 100  # names tried for a room on every master (3 masters: all are met within a handful)
 
 
 def parse_addresses(text):
@@ -80,13 +81,15 @@ def nodes_listed(text):
 class Bus:
     """One bus of the comparison: how a server is started on it, and its Redis nodes."""
 
-    def __init__(self, name, workers, env=None, nodes=()):
-        """`env`: what the server is given to use the bus (none: its memory bus)."""
-        self.name, self.workers, self.env, self.nodes = name, workers, env or {}, nodes
+    def __init__(self, name, workers, env=None, nodes=(), rooms=None):
+        """`env`: what the server is given to use the bus (none: its memory bus); `rooms`: the
+        rooms the polls are spread over (None: the rig's one room)."""
+        self.name, self.workers, self.env, self.nodes, self.rooms = name, workers, env or {}, nodes, rooms
 
     @property
     def label(self):
-        return "%d worker%s, %s" % (self.workers, "" if self.workers == 1 else "s", self.name)
+        return "%d worker%s, %s%s" % (self.workers, "" if self.workers == 1 else "s", self.name,
+                                      ", %d rooms" % len(self.rooms) if self.rooms else "")
 
     def redis_cpu_seconds(self):
         """CPU seconds its Redis nodes have used so far, summed (None: the bus has none)."""
@@ -114,10 +117,14 @@ class Buses:
             self.cluster_address = address
             single = [(LOOPBACK, self.single.port)]
             nodes = cluster_nodes(seeds)
+            self.spread = self.room_per_master()
             self.all = [Bus(MEMORY, 1)] if memory else []
             for count in workers:
-                self.all += [Bus(REDIS, count, env={"CHATTLE_REDIS_URL": self.single.url}, nodes=single),
-                             Bus(CLUSTER, count, env={"CHATTLE_REDIS_CLUSTER": address}, nodes=nodes)]
+                for rooms in (None, list(self.spread)):
+                    self.all += [Bus(REDIS, count, env={"CHATTLE_REDIS_URL": self.single.url}, nodes=single,
+                                     rooms=rooms),
+                                 Bus(CLUSTER, count, env={"CHATTLE_REDIS_CLUSTER": address}, nodes=nodes,
+                                     rooms=rooms)]
         except BaseException:
             self.stop()
             raise
@@ -128,17 +135,36 @@ class Buses:
 
     def room_home(self, room):
         """'host:port (slot s)' of the master holding `room`'s keys on the cluster."""
+        return self.homes([room])[room]
+
+    def homes(self, rooms):
+        """{room: 'host:port (slot s)' of the master holding its keys} (a room's keys share
+        the hash tag {room}, so its slot is that of any of them)."""
         host, port = parse_addresses(self.cluster_address)[0]
         connection = client(host, port)
         try:
-            slot = connection.execute_command("CLUSTER", "KEYSLOT", "chattle:{%s}:id" % room)
-            for start, end, master, *_replicas in connection.execute_command("CLUSTER", "SLOTS"):
-                if start <= slot <= end:
-                    master_host = master[0].decode() if isinstance(master[0], bytes) else master[0]
-                    return "%s:%d (slot %d)" % (master_host, master[1], slot)
+            ranges = connection.execute_command("CLUSTER", "SLOTS")
+            found = {}
+            for room in rooms:
+                slot = connection.execute_command("CLUSTER", "KEYSLOT", "chattle:{%s}:last" % room)
+                found[room] = "slot %d" % slot
+                for start, end, master, *_replicas in ranges:
+                    if start <= slot <= end:
+                        master_host = master[0].decode() if isinstance(master[0], bytes) else master[0]
+                        found[room] = "%s:%d (slot %d)" % (master_host, master[1], slot)
+            return found
         finally:
             connection.close()
-        return "slot %d" % slot
+
+    def room_per_master(self):
+        """{room: its master} of rooms bench-0, bench-1, ... until every master holds one."""
+        homes = self.homes(["bench-%d" % number for number in range(ROOM_CANDIDATES)])
+        chosen = {}
+        for room, home in homes.items():
+            master = home.split(" ")[0]
+            if master not in {where.split(" ")[0] for where in chosen.values()}:
+                chosen[room] = home
+        return chosen
 
     def stop(self):
         if self.cluster is not None:

@@ -74,8 +74,8 @@ def measure_point(workers, count, redis_url, log_dir, env=None, spread_sources=F
                           name="-" + bus.name.replace(" ", "-").lower() if bus else "")
     try:
         pids = server.worker_pids()
-        rig = Rig(server.url, spread_sources=spread_sources)
-        rig.cursor()  # the room exists and its code paths are warm before the idle reading
+        rig = Rig(server.url, spread_sources=spread_sources, rooms=bus.rooms if bus is not None else None)
+        rig.cursors()  # the rooms exist and their code paths are warm before the idle reading
         time.sleep(0.2)
         point = rig.run(count, server_pids=pids, rss_idle=summed_rss(pids),
                         backend_cpu=bus.redis_cpu_seconds if bus is not None and bus.nodes else None)
@@ -395,7 +395,7 @@ def main(argv=None):
             buses = bus_module.Buses(args.redis_cluster, workers_list)
             compared = {"redis_cluster": args.redis_cluster, "cluster_address": buses.cluster_address,
                         "buses": [bus.label for bus in buses.all], "room": "bench",
-                        "room_master": buses.room_home("bench"),
+                        "room_master": buses.room_home("bench"), "rooms_spread": buses.spread,
                         "cluster_nodes": ["%s:%d" % node for node in buses.all[-1].nodes]}
             print("bench: %s; room bench on the cluster's master %s"
                   % (", ".join(compared["buses"]), compared["room_master"]), flush=True)
@@ -441,13 +441,15 @@ def main(argv=None):
     if args.target:
         workload = "Target %s (not started by the sweep). " % args.target + workload
     if buses:
-        workload = ("Workload: N polls on one room (bench; on the cluster it lives on the master %s: the rig "
-                    "holds one room per run, so the polls are not spread over the masters), since=cursor, "
-                    "timeout=60 s, one post wakes all; raw HTTP/1.1 on 127.0.0.1, client in separate "
-                    "process(es) of at most 8000 sockets; median of %d repeat(s), the buses in alternation, "
-                    "a fresh server per run. Buses: %s. Redis: a redis-server started for the run (no "
-                    "persistence); Redis Cluster: %s. Load average %.1f at the start, %.1f at the end."
-                    % (compared["room_master"], args.repeats, "; ".join(compared["buses"]),
+        spread = ", ".join("%s on %s" % pair for pair in compared["rooms_spread"].items())
+        workload = ("Workload: N polls on one room (bench; on the cluster it lives on the master %s), or, "
+                    "on the lines marked rooms, spread evenly over one room per master (%s; on the single "
+                    "Redis the same rooms), since=cursor, timeout=60 s; one post wakes all (one post per room, "
+                    "one right after the other); raw HTTP/1.1 on 127.0.0.1, client in separate "
+                    "process(es) of at most 8000 sockets, one per room at least; median of %d repeat(s), the "
+                    "buses in alternation, a fresh server per run. Buses: %s. Redis: a redis-server started for "
+                    "the run (no persistence); Redis Cluster: %s. Load average %.1f at the start, %.1f at the end."
+                    % (compared["room_master"], spread, args.repeats, "; ".join(compared["buses"]),
                        "3 masters and 3 replicas on loopback started for the run (no persistence)"
                        if args.redis_cluster == bus_module.LOCAL else "the given nodes %s" % args.redis_cluster,
                        load_before[0], load_after[0]))
