@@ -12,9 +12,10 @@ point is reported, with charts, results.json and results.csv under reports/<ts>-
     python -m bench.sweep --redis-cluster local # the buses side by side (bench/buses.py)
 
 With --redis-cluster (`local`, or host:port[,...] of a running cluster), the same workers
-are measured on a single redis-server and on the Redis Cluster, beside one worker in
-memory, in alternation at each count (default 5 000 and 10 000, 2 workers), with the
-CPU of the Redis nodes beside the client's and the server's.
+are measured on a single redis-server and on the Redis Cluster, with the polls on one room
+and spread over a room per master, beside one worker in memory, in alternation at each
+count (default 5 000 and 10 000, 2 workers), with the CPU of the Redis nodes beside the
+client's and the server's.
 
 Beside Chattle's one-worker points, the reference servers of bench/peers/ (aiohttp on
 asyncio's loop, and the same app on uvloop) are measured by the same rig at the same
