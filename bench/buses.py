@@ -130,8 +130,8 @@ class Buses:
             raise
 
     def redis_cpu_seconds(self):
-        """Every Redis node of every bus together: what the rest of the machine is not."""
-        return sum(bus.redis_cpu_seconds() or 0.0 for bus in self.all)
+        """Every Redis node of the buses together, each once: what the rest of the machine is not."""
+        return sum(node_cpu_seconds(host, port) for host, port in {node for bus in self.all for node in bus.nodes})
 
     def room_home(self, room):
         """'host:port (slot s)' of the master holding `room`'s keys on the cluster."""

@@ -149,7 +149,8 @@ BUS_CAPTIONS = {
                    "back to every worker through its reader before any poll is answered; the one-worker "
                    "memory line has no such hop and one process answering every poll. Where the Redis and "
                    "the cluster lines lie together, the cluster's extra hop (a slot lookup, the room's master, "
-                   "one reader per master in each worker) costs nothing next to the fan-out itself.",
+                   "one reader per master in each worker) costs nothing next to the fan-out itself. Lines "
+                   "marked 3 rooms: the polls spread evenly over a room on each master, one post to each.",
     "memory.png": "Memory per held poll (instruments.measures.memory_per_connection): the rise in summed RSS "
                   "of the worker processes over their idle RSS, divided by the polls held (median of repeats). "
                   "A held poll is a greenlet waiting on the worker's room, whichever bus carries the posts, so "
@@ -157,7 +158,7 @@ BUS_CAPTIONS = {
     "cpu.png": "CPU seconds of one fan-out, measured in the same run from the post to the last answer: the rig "
                "(all its client processes), the server (every worker) and the Redis nodes (`INFO cpu` of every "
                "node of the bus: the one redis-server, or the cluster's masters and replicas). The server's "
-               "share is the fan-out; the Redis share is one post and one read per worker and per master, "
+               "share is the fan-out; the Redis share is the post (one per room) and the workers' reads, "
                "small whatever the held polls, and it includes what the nodes do on their own over the window "
                "(their timers, the cluster bus's pings). The rig's CPU beside the server's shows the harness "
                "costs less than what it measures.",
@@ -317,8 +318,9 @@ def parse_args(argv=None):
                              "--redis-cluster 0)" % SWEEP_DEFAULTS["anatomy"])
     parser.add_argument("--redis-cluster", metavar="local|HOST:PORT[,...]",
                         help="compare the buses instead: the same workers on a single redis-server and on this "
-                             "Redis Cluster (`local`: one of 3 masters and 3 replicas started for the run), beside "
-                             "one worker in memory, in alternation at each count")
+                             "Redis Cluster (`local`: one of 3 masters and 3 replicas started for the run), the "
+                             "polls on one room and spread over a room per master, beside one worker in memory, "
+                             "in alternation at each count")
     args = parser.parse_args(argv)
     if args.redis_cluster is not None:
         if args.target:
