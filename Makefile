@@ -120,8 +120,10 @@ load-worker: $(STAMP)
 cluster-demo: system-packages $(STAMP)
 	$(PY) -m harness.cluster $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION))
 
+# REDIS_CLUSTER=local (a cluster started for the run) or host:port[,...]: the buses side by side
+# at 5k and 10k polls, 2 workers (docs/cluster.md)
 bench: system-packages $(STAMP)
-	$(PY) -m bench.sweep $(if $(QUICK),--quick)
+	$(PY) -m bench.sweep $(if $(QUICK),--quick) $(if $(REDIS_CLUSTER),--redis-cluster $(REDIS_CLUSTER))
 
 # The largest held-poll count each server wakes within SLO ms at p99, every message delivered:
 # WORKERS=1,2,4 (given on the command line; else all three), PEERS=1 both aiohttp references

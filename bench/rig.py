@@ -40,6 +40,7 @@ from harness.processes import ROOT, get_json, post_json
 from instruments.httpframe import FramingError, ResponseParser
 from instruments.measures import (
     DeliveryLedger,
+    client_bound,
     client_lag,
     latency_summary,
     memory_per_connection,
@@ -319,40 +320,52 @@ def cpu_seconds_of(pids):
 
 
 class Rig:
-    def __init__(self, url, room="bench", per_process=None, spread_sources=False):
+    def __init__(self, url, room="bench", per_process=None, spread_sources=False, rooms=None):
         """`spread_sources`: client process i connects from 127.0.0.(1+i), so the polls are
-        not bounded by one source address's ephemeral ports (needs a loopback server)."""
+        not bounded by one source address's ephemeral ports (needs a loopback server).
+        `rooms`: spread the polls evenly over these rooms instead of one (a client process
+        per room at least), and post once to each, one post right after the other."""
         self.url = url.rstrip("/")
         parsed = urllib.parse.urlsplit(self.url)
         self.host, self.port = parsed.hostname, parsed.port or 80
-        self.room = room
+        self.rooms = list(rooms) if rooms else [room]
+        self.room = self.rooms[0]
         self.per_process = per_process or polls_per_client_process()
         self.spread_sources = spread_sources
 
-    def cursor(self):
+    def cursor(self, room=None):
         """The room's last id (posting one message first, so the room exists)."""
-        status, body = get_json("%s/rooms/%s/msgs?limit=1" % (self.url, self.room))
+        room = room or self.room
+        status, body = get_json("%s/rooms/%s/msgs?limit=1" % (self.url, room))
         if status == 200 and body["cursor"] > 0:
             return body["cursor"]
-        status, body = post_json("%s/rooms/%s/msgs" % (self.url, self.room), {"from": "rig", "content": "warm-up"})
+        status, body = post_json("%s/rooms/%s/msgs" % (self.url, room), {"from": "rig", "content": "warm-up"})
         if status != 201:
             raise RuntimeError("warm-up post answered %s: %s" % (status, body))
         return body["id"]
 
-    def start_clients(self, count, cursor, hold_only=False):
+    def cursors(self):
+        """{room: its last id} of every room the rig polls."""
+        return {room: self.cursor(room) for room in self.rooms}
+
+    def start_clients(self, count, cursors, hold_only=False):
+        """Client processes holding `count` polls spread evenly over the rooms of `cursors`
+        ({room: since}); each process knows its room as `.room`."""
         clients = []
-        remaining = count
-        while remaining > 0:
-            share = min(self.per_process, remaining)
-            argv = [sys.executable, "-m", "bench.rig", "--park", str(share), "--url", self.url,
-                    "--room", self.room, "--cursor", str(cursor)]
-            if hold_only:
-                argv.append("--hold-only")
-            if self.spread_sources:
-                argv += ["--source", source_address(len(clients))]
-            clients.append(subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            text=True))
-            remaining -= share
+        for index, room in enumerate(cursors):
+            remaining = count // len(cursors) + (index < count % len(cursors))
+            while remaining > 0:
+                share = min(self.per_process, remaining)
+                argv = [sys.executable, "-m", "bench.rig", "--park", str(share), "--url", self.url,
+                        "--room", room, "--cursor", str(cursors[room])]
+                if hold_only:
+                    argv.append("--hold-only")
+                if self.spread_sources:
+                    argv += ["--source", source_address(len(clients))]
+                client = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                client.room = room
+                clients.append(client)
+                remaining -= share
         return clients
 
     @staticmethod
@@ -368,15 +381,17 @@ class Rig:
             raise RuntimeError("client %d exited before its %s line (code %s)" % (client.pid, what, client.wait()))
         return json.loads(line)
 
-    def run(self, count, server_pids=None, rss_idle=None):
-        """Park `count` polls, confirm they are held, post once, time every answer."""
-        cursor = self.cursor()
+    def run(self, count, server_pids=None, rss_idle=None, backend_cpu=None):
+        """Park `count` polls, confirm they are held, post once, time every answer.
+        `backend_cpu`: a callable giving the CPU seconds the server's Redis has used so far,
+        read around the fan-out as the server's are."""
+        cursors = self.cursors()
         if server_pids and rss_idle is None:
             rss_idle = summed_rss(server_pids)
         machine_idle = machine_memory_in_use()
-        clients = self.start_clients(count, cursor)
+        clients = self.start_clients(count, cursors)
         try:
-            return self.park_post_collect(clients, count, cursor, server_pids, rss_idle, machine_idle)
+            return self.park_post_collect(clients, count, cursors, server_pids, rss_idle, machine_idle, backend_cpu)
         finally:
             for client in clients:
                 if client.poll() is None:
@@ -401,7 +416,7 @@ class Rig:
     def hold(self, count, server_pids=None):
         """Park `count` polls and hold them without a post: how many the server holds, and
         what stopped more (the connect errors, the per-process counts)."""
-        clients = self.start_clients(count, self.cursor(), hold_only=True)
+        clients = self.start_clients(count, self.cursors(), hold_only=True)
         try:
             return dict(self.park(clients, count, server_pids),
                         rss_holding=summed_rss(server_pids) if server_pids else None)
@@ -419,7 +434,7 @@ class Rig:
                     client.kill()
                     client.wait(10)
 
-    def park_post_collect(self, clients, count, cursor, server_pids, rss_idle, machine_idle):
+    def park_post_collect(self, clients, count, cursors, server_pids, rss_idle, machine_idle, backend_cpu=None):
         hold = self.park(clients, count, server_pids)
         parked, held = hold["parked"], hold["held_confirmed"]
         if held < parked:
@@ -427,39 +442,51 @@ class Rig:
             # would only wait on it. No fan-out is measured; the hold is the finding.
             return dict(hold, delivered=0, unanswered=parked, complete_listeners=0,
                         latency=latency_summary([]), client_lag=latency_summary([]), last_delivery_s=None,
-                        client_cpu_s=0.0, server_cpu_s=None, client_bound=False, rss_idle=rss_idle,
+                        client_cpu_s=0.0, server_cpu_s=None, redis_cpu_s=None, client_bound=False,
+                        rss_idle=rss_idle,
                         rss_holding=None, bytes_per_poll=None, machine_bytes_per_poll=None)
         time.sleep(0.3)  # let the last accepted sockets settle before reading memory
         rss_holding = summed_rss(server_pids) if server_pids else None
         machine_holding = machine_memory_in_use()
         cpu_before = cpu_seconds_of(server_pids) if server_pids else None
+        backend_before = backend_cpu() if backend_cpu else None
         posted_at = time.time()
-        status, answer = post_json("%s/rooms/%s/msgs" % (self.url, self.room), {"from": "rig", "content": "wake"})
-        if status != 201:
-            raise RuntimeError("the post answered %s: %s" % (status, answer))
+        answers = {}
+        for room in cursors:
+            status, answer = post_json("%s/rooms/%s/msgs" % (self.url, room), {"from": "rig", "content": "wake"})
+            if status != 201:
+                raise RuntimeError("the post answered %s: %s" % (status, answer))
+            answers[room] = answer
         results = [self.read_line(c, "results", POLL_TIMEOUT + 30) for c in clients]
         for client in clients:
             client.wait(10)
         cpu_server = cpu_seconds_of(server_pids) - cpu_before if server_pids else None
+        cpu_backend = backend_cpu() - backend_before if backend_cpu else None
         received = [t for r in results for t in r["received_at"]]
-        latencies = [wakeup_latency(t, answer["ts"]) for t in received]
+        latencies = [wakeup_latency(t, answers[client.room]["ts"])
+                     for client, result in zip(clients, results) for t in result["received_at"]]
         ledgers = 0
-        for first_id in (i for r in results for i in r["first_ids"]):
-            ledger = DeliveryLedger(cursor)
-            if first_id is not None:
-                ledger.record(first_id)
-            ledgers += ledger.complete(answer["id"])
+        for client, result in zip(clients, results):
+            for first_id in result["first_ids"]:
+                ledger = DeliveryLedger(cursors[client.room])
+                if first_id is not None:
+                    ledger.record(first_id)
+                ledgers += ledger.complete(answers[client.room]["id"])
         cpu_client = sum(r["cpu_seconds"] for r in results)
+        lag = latency_summary([seconds for r in results for seconds in r.get("client_lag", ())])
+        latency = latency_summary(latencies)
         point = dict(hold, **{
             "unanswered": sum(r["unanswered"] for r in results),
-            "client_lag": latency_summary([lag for r in results for lag in r.get("client_lag", ())]),
+            "client_lag": lag,
             "delivered": len(received),
             "complete_listeners": ledgers,
-            "latency": latency_summary(latencies),
+            "latency": latency,
             "last_delivery_s": (max(received) - posted_at) if received else None,
             "client_cpu_s": cpu_client,
             "server_cpu_s": cpu_server,
-            "client_bound": bool(cpu_server is not None and cpu_client > 0.25 * cpu_server),
+            "redis_cpu_s": cpu_backend,
+            # the shared rule (the load test's, make capacity's): the client's own lag, not its CPU
+            "client_bound": client_bound(lag["p99"], latency["p99"]),
             "rss_idle": rss_idle,
             "rss_holding": rss_holding,
             "bytes_per_poll": memory_per_connection(rss_idle, rss_holding, parked) if rss_holding else None,

@@ -9,6 +9,13 @@ point is reported, with charts, results.json and results.csv under reports/<ts>-
     python -m bench.sweep --quick               # about a minute
     python -m bench.sweep --target http://host:port [--target-pid PID]
     python -m bench.sweep --no-peers            # skip the aiohttp reference servers
+    python -m bench.sweep --redis-cluster local # the buses side by side (bench/buses.py)
+
+With --redis-cluster (`local`, or host:port[,...] of a running cluster), the same workers
+are measured on a single redis-server and on the Redis Cluster, with the polls on one room
+and spread over a room per master, beside one worker in memory, in alternation at each
+count (default 5 000 and 10 000, 2 workers), with the CPU of the Redis nodes beside the
+client's and the server's.
 
 Beside Chattle's one-worker points, the reference servers of bench/peers/ (aiohttp on
 asyncio's loop, and the same app on uvloop) are measured by the same rig at the same
@@ -19,10 +26,12 @@ time per waiter against each.
 import argparse
 import csv
 import os
+import signal
 import statistics
 import sys
 import time
 
+from bench import buses as bus_module
 from bench.rig import Rig
 from chattle_limits import raise_descriptor_limit
 from harness.processes import ChattleServer, PeerServer, RedisServer
@@ -46,28 +55,36 @@ def median_point(repeats):
     return chosen
 
 
-def start_server(workers, count, redis_url, log_dir, env=None):
+def start_server(workers, count, redis_url, log_dir, env=None, name=""):
     """A fresh server for one run: a peer of PEERS by its label, or Chattle with `workers`
-    workers (more than one on the shared redis at `redis_url`); `env` adds to its environment."""
+    workers (more than one on the shared redis at `redis_url`); `env` adds to its environment;
+    `name` tells its log apart from another bus's at the same point."""
     if workers in PEERS:
         return PeerServer(log_path=os.path.join(log_dir, "peer-%s-n%d.log" % (workers.replace(" ", "-"), count)),
                           args=PEERS[workers])
     return ChattleServer(workers=workers, redis_url=redis_url if workers > 1 else None, env=env,
-                         log_path=os.path.join(log_dir, "server-w%d-n%d.log" % (workers, count)))
+                         log_path=os.path.join(log_dir, "server%s-w%d-n%d.log" % (name, workers, count)))
 
 
-def measure_point(workers, count, redis_url, log_dir, env=None, spread_sources=False):
-    """Start a fresh server, park `count` polls with the rig, post once, stop the server."""
-    server = start_server(workers, count, redis_url, log_dir, env)
+def measure_point(workers, count, redis_url, log_dir, env=None, spread_sources=False, bus=None):
+    """Start a fresh server, park `count` polls with the rig, post once, stop the server.
+    `bus` (bench.buses.Bus): start it on that bus, and read its Redis CPU around the fan-out."""
+    if bus is not None:
+        env = dict(env or {}, **bus.env)
+    server = start_server(workers, count, redis_url, log_dir, env,
+                          name="-" + bus.name.replace(" ", "-").lower() if bus else "")
     try:
         pids = server.worker_pids()
-        rig = Rig(server.url, spread_sources=spread_sources)
-        rig.cursor()  # the room exists and its code paths are warm before the idle reading
+        rig = Rig(server.url, spread_sources=spread_sources, rooms=bus.rooms if bus is not None else None)
+        rig.cursors()  # the rooms exist and their code paths are warm before the idle reading
         time.sleep(0.2)
-        point = rig.run(count, server_pids=pids, rss_idle=summed_rss(pids))
+        point = rig.run(count, server_pids=pids, rss_idle=summed_rss(pids),
+                        backend_cpu=bus.redis_cpu_seconds if bus is not None and bus.nodes else None)
     finally:
         server.stop()
     point["workers"] = workers
+    if bus is not None:
+        point["bus"], point["series"] = bus.name, bus.label
     return point
 
 
@@ -93,8 +110,17 @@ def peer_ratios(points):
     return ratios
 
 
-def series_label(workers):
-    return workers if workers in PEERS else "%s worker(s)" % workers
+def series_of(point):
+    """A chart line: the worker count or peer of the point, or in a comparison of buses its bus."""
+    return point.get("series", point["workers"])
+
+
+def key_label(key):
+    return key if isinstance(key, str) else "%s worker(s)" % key
+
+
+def series_label(point):
+    return key_label(series_of(point))
 
 
 def fmt(value, pattern="%.0f", scale=1):
@@ -108,11 +134,35 @@ def capacity(points, slo):
     for point in points:
         ok = (point["latency"]["p99"] is not None and point["latency"]["p99"] < slo
               and point["delivered"] == point["requested"])
-        key = point["workers"]
+        key = series_of(point)
         best.setdefault(key, None)
         if ok and (best[key] is None or point["requested"] > best[key]):
             best[key] = point["requested"]
     return best
+
+
+# What the charts of a comparison of buses show, and how to read them (under each chart).
+BUS_CAPTIONS = {
+    "latency.png": "Wake-up latency after one post (kernel arrival of each answer minus the message's ts, "
+                   "instruments.measures.wakeup_latency), p50 solid and p99 dashed, one line per bus, "
+                   "median of the repeats by p99. On Redis and on the cluster the post goes to Redis and comes "
+                   "back to every worker through its reader before any poll is answered; the one-worker "
+                   "memory line has no such hop and one process answering every poll. Where the Redis and "
+                   "the cluster lines lie together, the cluster's extra hop (a slot lookup, the room's master, "
+                   "one reader per master in each worker) costs nothing next to the fan-out itself. Lines "
+                   "marked 3 rooms: the polls spread evenly over a room on each master, one post to each.",
+    "memory.png": "Memory per held poll (instruments.measures.memory_per_connection): the rise in summed RSS "
+                  "of the worker processes over their idle RSS, divided by the polls held (median of repeats). "
+                  "A held poll is a greenlet waiting on the worker's room, whichever bus carries the posts, so "
+                  "the buses should agree; the Redis processes' memory is not in it.",
+    "cpu.png": "CPU seconds of one fan-out, measured in the same run from the post to the last answer: the rig "
+               "(all its client processes), the server (every worker) and the Redis nodes (`INFO cpu` of every "
+               "node of the bus: the one redis-server, or the cluster's masters and replicas). The server's "
+               "share is the fan-out; the Redis share is the post (one per room) and the workers' reads, "
+               "small whatever the held polls, and it includes what the nodes do on their own over the window "
+               "(their timers, the cluster bus's pings). The rig's CPU beside the server's shows the harness "
+               "costs less than what it measures.",
+}
 
 
 def write_charts(report_dir, points, slo, caption_tail):
@@ -122,7 +172,8 @@ def write_charts(report_dir, points, slo, caption_tail):
 
     by_workers = {}
     for point in points:
-        by_workers.setdefault(point["workers"], []).append(point)
+        by_workers.setdefault(series_of(point), []).append(point)
+    compared = any("bus" in point for point in points)
     charts = []
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -130,9 +181,9 @@ def write_charts(report_dir, points, slo, caption_tail):
         series.sort(key=lambda p: p["requested"])
         xs = [p["requested"] for p in series]
         line, = ax.plot(xs, [p["latency"]["p50"] * 1000 for p in series], marker="o",
-                        label="%s p50" % series_label(workers))
+                        label="%s p50" % key_label(workers))
         ax.plot(xs, [p["latency"]["p99"] * 1000 for p in series], marker="s", linestyle="--",
-                color=line.get_color(), label="%s p99" % series_label(workers))
+                color=line.get_color(), label="%s p99" % key_label(workers))
     ax.axhline(slo * 1000, color="#b3261e", linewidth=1, linestyle=":", label="SLO %g ms" % (slo * 1000))
     ax.set_xlabel("held polls")
     ax.set_ylabel("wake-up latency (ms)")
@@ -142,7 +193,8 @@ def write_charts(report_dir, points, slo, caption_tail):
     fig.tight_layout()
     fig.savefig(os.path.join(report_dir, "latency.png"), dpi=90)
     plt.close(fig)
-    charts.append(("latency.png", "Wake-up latency (receive time minus the message's ts), p50 solid and p99 "
+    charts.append(("latency.png", BUS_CAPTIONS["latency.png"] + " " + caption_tail if compared else
+                   "Wake-up latency (receive time minus the message's ts), p50 solid and p99 "
                    "dashed, against the number of held polls; one line per worker count, and one per "
                    "reference server (one process) when measured. " + caption_tail))
 
@@ -151,7 +203,7 @@ def write_charts(report_dir, points, slo, caption_tail):
         series = [p for p in series if p.get("bytes_per_poll_median") is not None]
         if series:
             ax.plot([p["requested"] for p in series], [p["bytes_per_poll_median"] / 1024 for p in series],
-                    marker="o", label=series_label(workers))
+                    marker="o", label=key_label(workers))
     ax.set_xlabel("held polls")
     ax.set_ylabel("KiB of RSS per held poll")
     ax.set_title("Memory per held poll (rise in summed worker RSS / held polls)")
@@ -161,11 +213,15 @@ def write_charts(report_dir, points, slo, caption_tail):
     fig.tight_layout()
     fig.savefig(os.path.join(report_dir, "memory.png"), dpi=90)
     plt.close(fig)
-    charts.append(("memory.png", "Memory per held poll: the rise in summed RSS of all worker processes "
+    charts.append(("memory.png", BUS_CAPTIONS["memory.png"] + " " + caption_tail if compared else
+                   "Memory per held poll: the rise in summed RSS of all worker processes "
                    "over their idle RSS, divided by the polls held (median of repeats). Kernel socket "
                    "buffers are not in RSS; see the anatomy. " + caption_tail))
 
     best = capacity([p for p in points if p["workers"] not in PEERS], slo)
+    if compared:
+        charts.append(cpu_chart(plt, report_dir, by_workers, caption_tail))
+        return charts, best
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [str(w) for w in sorted(best, key=str)]
     values = [best[w] or 0 for w in sorted(best, key=str)]
@@ -186,9 +242,35 @@ def write_charts(report_dir, points, slo, caption_tail):
     return charts, best
 
 
-CSV_FIELDS = ["workers", "requested", "parked", "held_confirmed", "delivered", "p50_ms", "p95_ms", "p99_ms",
-              "max_ms", "last_delivery_ms", "bytes_per_poll", "server_cpu_s", "client_cpu_s", "client_bound",
-              "repeats", "us_per_waiter"]
+def cpu_chart(plt, report_dir, by_series, caption_tail):
+    """Per count, a group of bars per bus: the client's, the server's and Redis's CPU of one fan-out."""
+    counts = sorted({p["requested"] for series in by_series.values() for p in series})
+    labels = sorted(by_series, key=str)
+    fig, axes = plt.subplots(1, len(counts), figsize=(4.5 * len(counts), 4.5), squeeze=False, sharey=True)
+    for ax, count in zip(axes[0], counts):
+        at = {label: next((p for p in by_series[label] if p["requested"] == count), {}) for label in labels}
+        width = 0.27
+        for offset, (field, name, colour) in enumerate((("client_cpu_s", "client (rig)", "#8c8c8c"),
+                                                        ("server_cpu_s", "server", "#3b6fb6"),
+                                                        ("redis_cpu_s", "Redis nodes", "#b3261e"))):
+            ax.bar([i + (offset - 1) * width for i in range(len(labels))],
+                   [at[label].get(field) or 0 for label in labels], width, label=name, color=colour)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels([label.replace(", ", "\n") for label in labels], fontsize=8)
+        ax.set_title("%d held polls" % count)
+        ax.grid(alpha=.3, axis="y")
+    axes[0][0].set_ylabel("CPU seconds per fan-out")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("CPU of one fan-out: client, server and Redis, per bus")
+    fig.tight_layout()
+    fig.savefig(os.path.join(report_dir, "cpu.png"), dpi=90)
+    plt.close(fig)
+    return "cpu.png", BUS_CAPTIONS["cpu.png"] + " " + caption_tail
+
+
+CSV_FIELDS = ["workers", "bus", "requested", "parked", "held_confirmed", "delivered", "p50_ms", "p95_ms", "p99_ms",
+              "max_ms", "last_delivery_ms", "bytes_per_poll", "server_cpu_s", "client_cpu_s", "redis_cpu_s",
+              "client_lag_p99_ms", "client_bound", "repeats", "us_per_waiter"]
 
 
 def csv_row(point):
@@ -199,34 +281,103 @@ def csv_row(point):
 
     def us(value):
         return None if value is None else round(value * 1e6, 2)
-    return {"workers": point["workers"], "requested": point["requested"], "parked": point["parked"],
+    return {"workers": point["workers"], "bus": point.get("bus"), "requested": point["requested"],
+            "parked": point["parked"],
             "held_confirmed": point["held_confirmed"], "delivered": point["delivered"],
             "p50_ms": ms(lat["p50"]), "p95_ms": ms(lat["p95"]), "p99_ms": ms(lat["p99"]), "max_ms": ms(lat["max"]),
             "last_delivery_ms": ms(point["last_delivery_s"]), "bytes_per_poll": point.get("bytes_per_poll_median"),
             "server_cpu_s": point["server_cpu_s"], "client_cpu_s": point["client_cpu_s"],
+            "redis_cpu_s": point.get("redis_cpu_s"), "client_lag_p99_ms": ms(point["client_lag"]["p99"]),
             "client_bound": point["client_bound"], "repeats": point.get("repeats"),
             "us_per_waiter": us(time_per_waiter(point["last_delivery_s"], point["delivered"]))}
 
 
-def main(argv=None):
+# Defaults of the plain sweep, and of the comparison of buses (--redis-cluster): a flag given wins.
+SWEEP_DEFAULTS = {"counts": "1000,2000,5000,10000,15000", "workers": "1,2,4", "peers": True, "anatomy": 2000}
+BUS_DEFAULTS = {"counts": "5000,10000", "workers": "2", "peers": False, "anatomy": 0}
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Capacity sweep: held polls x workers, wake-up latency and memory")
-    parser.add_argument("--counts", default="1000,2000,5000,10000,15000",
-                        help="held-poll counts, comma-separated (default %(default)s)")
-    parser.add_argument("--workers", default="1,2,4", help="worker counts (default %(default)s)")
+    parser.add_argument("--counts", help="held-poll counts, comma-separated (default %s; with --redis-cluster %s)"
+                        % (SWEEP_DEFAULTS["counts"], BUS_DEFAULTS["counts"]))
+    parser.add_argument("--workers", help="worker counts (default %s; with --redis-cluster %s)"
+                        % (SWEEP_DEFAULTS["workers"], BUS_DEFAULTS["workers"]))
     parser.add_argument("--repeats", type=int, default=3, help="runs per point; the median is reported")
     parser.add_argument("--slo", type=float, default=0.5, help="p99 wake-up SLO in seconds (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="1k and 2k polls, 1 and 2 workers, 1 repeat")
     parser.add_argument("--target", help="measure this running server instead of starting one (URL)")
     parser.add_argument("--target-pid", type=int, action="append", default=[],
                         help="pid(s) serving --target, for RSS and CPU figures (repeatable)")
-    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction,
                         help="also measure the reference servers (aiohttp, aiohttp on uvloop) at the same "
-                             "counts and report the ratios Chattle / each (default on; --no-peers skips them)")
-    parser.add_argument("--anatomy", type=int, default=2000,
-                        help="held polls for the per-poll memory anatomy (0 skips it; default %(default)s)")
+                             "counts and report the ratios Chattle / each (default on, off with --redis-cluster; "
+                             "--no-peers skips them)")
+    parser.add_argument("--anatomy", type=int,
+                        help="held polls for the per-poll memory anatomy (0 skips it; default %d, with "
+                             "--redis-cluster 0)" % SWEEP_DEFAULTS["anatomy"])
+    parser.add_argument("--redis-cluster", metavar="local|HOST:PORT[,...]",
+                        help="compare the buses instead: the same workers on a single redis-server and on this "
+                             "Redis Cluster (`local`: one of 3 masters and 3 replicas started for the run), the "
+                             "polls on one room and spread over a room per master, beside one worker in memory, "
+                             "in alternation at each count")
     args = parser.parse_args(argv)
+    if args.redis_cluster is not None:
+        if args.target:
+            parser.error("--redis-cluster starts the servers it compares: it does not go with --target")
+        if args.redis_cluster != bus_module.LOCAL:
+            try:
+                bus_module.parse_addresses(args.redis_cluster)
+            except ValueError as error:
+                parser.error(str(error))
+    for name, value in (BUS_DEFAULTS if args.redis_cluster is not None else SWEEP_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.quick:
-        args.counts, args.workers, args.repeats, args.anatomy = "1000,2000", "1,2", 1, 1000
+        args.counts, args.repeats = "1000,2000", 1
+        if args.redis_cluster is None:
+            args.workers, args.anatomy = "1,2", 1000
+    return args
+
+
+def say_point(name, count, repeat, point):
+    lat = point["latency"]
+    print("%s polls=%d repeat=%d: held %d, delivered %d, p50 %.1f ms, p99 %.1f ms, "
+          "%s B/poll, server cpu %s s, client cpu %.2f s%s%s"
+          % (name, count, repeat + 1, point["held_confirmed"], point["delivered"],
+             (lat["p50"] or 0) * 1000, (lat["p99"] or 0) * 1000,
+             "%.0f" % point["bytes_per_poll"] if point["bytes_per_poll"] else "-",
+             "%.2f" % point["server_cpu_s"] if point["server_cpu_s"] is not None else "-",
+             point["client_cpu_s"],
+             ", redis cpu %.3f s" % point["redis_cpu_s"] if point.get("redis_cpu_s") is not None else "",
+             " CLIENT-BOUND" if point["client_bound"] else ""),
+          flush=True)
+
+
+def measure_buses(buses, counts, repeats, log_dir):
+    """Every bus at every count, in alternation (each count, each repeat, each bus), so that a
+    drift of the shared machine falls on all of them alike; the median repeat of each. Each
+    run also records the cores the rest of the machine kept busy meanwhile."""
+    from bench.capacity import machine_busy_seconds, own_cpu_seconds  # bench.capacity imports this module
+    runs = {}
+    for count in counts:
+        for repeat in range(repeats):
+            for bus in buses.all:
+                began, busy, own, redis = (time.monotonic(), machine_busy_seconds(), own_cpu_seconds(),
+                                           buses.redis_cpu_seconds())
+                point = measure_point(bus.workers, count, None, log_dir, bus=bus)
+                others = (machine_busy_seconds() - busy - (own_cpu_seconds() - own)
+                          - (buses.redis_cpu_seconds() - redis))
+                point["other_work_cores"] = max(0.0, others) / max(1e-6, time.monotonic() - began)
+                runs.setdefault((bus.label, count), []).append(point)
+                say_point(bus.label + ":", count, repeat, point)
+    return [median_point(runs[(bus.label, count)]) for bus in buses.all for count in counts]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # A SIGTERM unwinds as an error does: the servers, Redis and cluster nodes started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     counts = [int(c) for c in args.counts.split(",")]
     workers_list = [int(w) for w in args.workers.split(",")]
 
@@ -235,19 +386,29 @@ def main(argv=None):
     limit = raise_descriptor_limit()[0] - DESCRIPTOR_MARGIN
     skipped = [c for c in counts if c > limit]
     counts = [c for c in counts if c <= limit]
-    if not args.target and any(w > 1 for w in workers_list):
+    if not args.target and (any(w > 1 for w in workers_list) or args.redis_cluster is not None):
         require_or_exit(["redis-server"], "bench")  # before the report directory: none is left empty
     report_dir = new_report_dir("bench")
     info = machine_description()
     started = time.monotonic()
-    points, redis = [], None
+    load_before = os.getloadavg()
+    points, redis, buses, compared = [], None, None, {}
     try:
-        if args.target:
+        if args.redis_cluster is not None:
+            buses = bus_module.Buses(args.redis_cluster, workers_list)
+            compared = {"redis_cluster": args.redis_cluster, "cluster_address": buses.cluster_address,
+                        "buses": [bus.label for bus in buses.all], "room": "bench",
+                        "room_master": buses.room_home("bench"), "rooms_spread": buses.spread,
+                        "cluster_nodes": ["%s:%d" % node for node in buses.all[-1].nodes]}
+            print("bench: %s; room bench on the cluster's master %s"
+                  % (", ".join(compared["buses"]), compared["room_master"]), flush=True)
+            points = measure_buses(buses, counts, args.repeats, report_dir)
+        elif args.target:
             workers_list = ["target"]
         elif any(w > 1 for w in workers_list):
             redis = RedisServer(appendonly=False)
         # The peer is one process on an in-memory store: it pairs with the one-worker points.
-        measured = workers_list + (list(PEERS) if args.peers and not args.target else [])
+        measured = ([] if buses else workers_list) + (list(PEERS) if args.peers and not args.target else [])
         for workers in measured:
             for count in counts:
                 repeats = []
@@ -259,19 +420,14 @@ def main(argv=None):
                     else:
                         point = measure_point(workers, count, redis.url if redis else None, report_dir)
                     repeats.append(point)
-                    lat = point["latency"]
-                    print("workers=%s polls=%d repeat=%d: held %d, delivered %d, p50 %.1f ms, p99 %.1f ms, "
-                          "%s B/poll, server cpu %s s, client cpu %.2f s%s"
-                          % (workers, count, repeat + 1, point["held_confirmed"], point["delivered"],
-                             (lat["p50"] or 0) * 1000, (lat["p99"] or 0) * 1000,
-                             "%.0f" % point["bytes_per_poll"] if point["bytes_per_poll"] else "-",
-                             "%.2f" % point["server_cpu_s"] if point["server_cpu_s"] is not None else "-",
-                             point["client_cpu_s"], " CLIENT-BOUND" if point["client_bound"] else ""),
-                          flush=True)
+                    say_point("workers=%s" % workers, count, repeat, point)
                 points.append(median_point(repeats))
     finally:
         if redis is not None:
             redis.stop()
+        if buses is not None:
+            buses.stop()
+    load_after = os.getloadavg()
 
     anatomy = None
     if args.anatomy and not args.target:
@@ -287,6 +443,19 @@ def main(argv=None):
                                                           "with --uvloop" if args.peers else ""))
     if args.target:
         workload = "Target %s (not started by the sweep). " % args.target + workload
+    if buses:
+        spread = ", ".join("%s on %s" % pair for pair in compared["rooms_spread"].items())
+        workload = ("Workload: N polls on one room (bench; on the cluster it lives on the master %s), or, "
+                    "on the lines marked rooms, spread evenly over one room per master (%s; on the single "
+                    "Redis the same rooms), since=cursor, timeout=60 s; one post wakes all (one post per room, "
+                    "one right after the other); raw HTTP/1.1 on 127.0.0.1, client in separate "
+                    "process(es) of at most 8000 sockets, one per room at least; median of %d repeat(s), the "
+                    "buses in alternation, a fresh server per run. Buses: %s. Redis: a redis-server started for "
+                    "the run (no persistence); Redis Cluster: %s. Load average %.1f at the start, %.1f at the end."
+                    % (compared["room_master"], spread, args.repeats, "; ".join(compared["buses"]),
+                       "3 masters and 3 replicas on loopback started for the run (no persistence)"
+                       if args.redis_cluster == bus_module.LOCAL else "the given nodes %s" % args.redis_cluster,
+                       load_before[0], load_after[0]))
     caption_tail = "Machine: %s. %s" % (machine_line(info), workload)
     charts, best = write_charts(report_dir, points, args.slo, caption_tail)
     ratios = peer_ratios(points)
@@ -294,7 +463,7 @@ def main(argv=None):
                "machine": info, "slo_s": args.slo, "counts": counts, "skipped_counts": skipped,
                "workers": workers_list, "repeats": args.repeats, "capacity": {str(k): v for k, v in best.items()},
                "points": points, "anatomy": anatomy, "elapsed_s": time.monotonic() - started,
-               "target": args.target}
+               "target": args.target, "load_average": {"start": load_before, "end": load_after}, **compared}
     write_json(os.path.join(report_dir, "results.json"), results)
     with open(os.path.join(report_dir, "results.csv"), "w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
@@ -302,7 +471,7 @@ def main(argv=None):
         for point in points:
             writer.writerow(csv_row(point))
 
-    rows = [("capacity (p99 < %g ms), %s workers" % (args.slo * 1000, w), best[w] if best[w] else "none", "")
+    rows = [("capacity (p99 < %g ms), %s" % (args.slo * 1000, key_label(w)), best[w] if best[w] else "none", "")
             for w in sorted(best, key=str)]
     for ratio in ratios:
         rows.append(("Chattle / %s, %d polls: memory per held poll" % (ratio["peer"], ratio["requested"]),
@@ -314,19 +483,29 @@ def main(argv=None):
                                           fmt(ratio["peer_s_per_waiter"], "%.1f", 1e6)), ""))
     for point in points:
         row = csv_row(point)
-        rows.append(("%s, %d polls" % (series_label(point["workers"]), point["requested"]),
-                     "p50 %s ms, p99 %s ms, last %s ms, %s us/waiter, %s B/poll, server CPU %s s, client CPU %.2f s%s"
-                     % (row["p50_ms"], row["p99_ms"], row["last_delivery_ms"], row["us_per_waiter"],
+        rows.append(("%s, %d polls" % (series_label(point), point["requested"]),
+                     "p50 %s ms, p99 %s ms, max %s ms, last %s ms, %s us/waiter, %s B/poll, server CPU %s s, "
+                     "client CPU %.2f s%s%s%s"
+                     % (row["p50_ms"], row["p99_ms"], row["max_ms"], row["last_delivery_ms"], row["us_per_waiter"],
                         "%.0f" % row["bytes_per_poll"] if row["bytes_per_poll"] else "-",
                         "%.2f" % row["server_cpu_s"] if row["server_cpu_s"] is not None else "-",
-                        row["client_cpu_s"], " (client-bound)" if row["client_bound"] else ""),
+                        row["client_cpu_s"],
+                        ", Redis CPU %.3f s" % row["redis_cpu_s"] if row["redis_cpu_s"] is not None else "",
+                        ", other work %.1f cores" % point["other_work_cores"] if "other_work_cores" in point else "",
+                        " (client-bound)" if row["client_bound"] else ""),
                      "fail" if row["delivered"] != row["requested"] else ""))
-    notes = ["Ratios Chattle / each reference server: memory per held poll is the rise in server RSS per held "
-             "poll; time per waiter is the time from the post to the last answer received, divided by the "
-             "waiters answered (instruments.measures.time_per_waiter). Both servers are one process on an "
-             "in-memory store, measured by the same rig at the same count; above 1 Chattle costs more.",
-             "A point is marked client-bound when the rig used more than a quarter of the server's CPU "
-             "time during the fan-out: its latency then partly measures the client."]
+    notes = [] if not ratios else [
+        "Ratios Chattle / each reference server: memory per held poll is the rise in server RSS per held "
+        "poll; time per waiter is the time from the post to the last answer received, divided by the "
+        "waiters answered (instruments.measures.time_per_waiter). Both servers are one process on an "
+        "in-memory store, measured by the same rig at the same count; above 1 Chattle costs more."]
+    if buses:
+        notes.append("Other work: the cores the rest of the machine kept busy during a run (/proc/stat less this "
+                     "sweep, its servers, clients and Redis nodes); above a few tenths of the %d cores the "
+                     "latencies include waiting for a core." % os.cpu_count())
+    notes.append("A point is marked client-bound when the rig's own lag (an answer's kernel arrival to its read) "
+                 "at p99 exceeds a tenth of the wake-up p99 and 10 ms (instruments.measures.client_bound, the "
+                 "load test's rule): the rig then fell behind the server it measures.")
     if skipped:
         notes.append("Skipped counts over the descriptor limit (%d): %s" % (limit, skipped))
     if anatomy:
@@ -343,14 +522,15 @@ def main(argv=None):
         for site in anatomy["top_sites"][:12]:
             rows.append(("  %s" % site["site"], "%.0f B/poll (%d blocks total)"
                          % (site["bytes_per_poll"], site["count"]), ""))
-    write_html(os.path.join(report_dir, "report.html"), "Chattle capacity sweep",
+    write_html(os.path.join(report_dir, "report.html"),
+               "Chattle capacity sweep" + (": the buses side by side" if buses else ""),
                caption_tail, rows, charts, notes=notes,
                links=[("results.json", "results.json"), ("results.csv", "results.csv")])
     for ratio in ratios:
         print("Chattle / %s at %d polls: memory per held poll %s, time per waiter %s"
               % (ratio["peer"], ratio["requested"], fmt(ratio["memory_ratio"], "%.2f"),
                  fmt(ratio["time_per_waiter_ratio"], "%.2f")))
-    print("capacity (p99 < %g ms): %s" % (args.slo * 1000, ", ".join("%s workers: %s" % (w, best[w])
+    print("capacity (p99 < %g ms): %s" % (args.slo * 1000, "; ".join("%s: %s" % (key_label(w), best[w])
                                                                      for w in sorted(best, key=str))))
     print("report: %s (%.0f s)" % (os.path.join(report_dir, "report.html"), time.monotonic() - started))
     return 0

@@ -332,6 +332,14 @@ def process_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def redis_cpu_seconds(info_cpu):
+    """User + system CPU seconds a redis-server has used so far, from its `INFO cpu` (a dict):
+    the same figure as process_cpu_seconds (the whole process, every thread; forked children
+    such as a save are counted apart by Redis and left out), read over the wire, so it also
+    serves for nodes this machine did not start."""
+    return float(info_cpu["used_cpu_user"]) + float(info_cpu["used_cpu_sys"])
+
+
 # -- fan-out cost ---------------------------------------------------------------------------
 
 def time_per_waiter(last_delivery_s, waiters):
