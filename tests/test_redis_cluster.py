@@ -242,6 +242,8 @@ def test_two_gunicorn_workers_on_the_cluster_lose_and_duplicate_nothing(cluster,
     for listener in followers:
         assert listener.contents == posters[listener.room].acknowledged
         assert listener.resets == 0
+    _status, stats = get_json(server.url + "/stats")
+    assert stats["bus_posts_received"] > 0 and stats["bus_posts_received_for_rooms_not_held"] >= 0, stats
 
 
 # -- a failover in the middle of a burst, every loss counted ---------------------------------------
