@@ -31,7 +31,6 @@ import gevent  # noqa: E402
 # tools; every held poll is a greenlet, so that record was kept once per waiter.
 gevent.config.track_greenlet_tree = False
 import bottle  # noqa: E402
-import gevent.lock  # noqa: E402
 from bottle import Bottle, HTTPResponse, request, response, static_file, template  # noqa: E402
 from gevent.event import Event  # noqa: E402
 from greenlet import getcurrent  # noqa: E402
@@ -1212,9 +1211,10 @@ class ShardReader:
     (the master, or with `wait_ms` its replica), SSUBSCRIBEd to the shard channels of the
     rooms the worker holds there, and to no other.
 
-    Only its greenlet reads the connection; (un)subscribing greenlets write to it, one at
-    a time. Every subscription confirmed on a new connection, or moved here, has its room
-    fetched again (the bus's _refetch): what was published meanwhile went to nobody."""
+    One greenlet reads the connection, one writes to it: subscribing and unsubscribing only
+    queue a command, so they never wait (Rooms forgets rooms in the middle of an add).
+    Every subscription confirmed on a new connection, or moved here, has its room fetched
+    again (the bus's _refetch): what was published meanwhile went to nobody."""
 
     def __init__(self, bus, master, source, rooms=()):
         self.bus, self.master, self.source = bus, master, source
@@ -1224,50 +1224,61 @@ class ShardReader:
         for room_name in rooms:
             self.rooms[room_name] = Event()
         self.connection = None
-        self.sending = gevent.lock.Semaphore()
-        self.greenlet = gevent.spawn(self._run)
-        self.keeper = gevent.spawn(self._keep_alive)
+        self.outbox = deque()       # commands for the writer, on the current connection only
+        self.outbox_filled = Event()
+        self.greenlet = gevent.spawn(self._read)
+        self.helpers = [gevent.spawn(self._write), gevent.spawn(self._keep_alive)]
 
     def add(self, room_name, fetch_after=False):
-        """Subscribe (at once if connected, else on connecting); the Event its confirmation sets."""
-        with self.sending:
-            confirmed = self.rooms.get(room_name)
-            if confirmed is None:
-                confirmed = self.rooms[room_name] = Event()
-                if fetch_after:
-                    self.refetch.add(room_name)
-                self._send("SSUBSCRIBE", self.bus.CHANNEL % room_name)
-            return confirmed
+        """Subscribe (now if connected, else on connecting); the Event its confirmation sets."""
+        confirmed = self.rooms.get(room_name)
+        if confirmed is None:
+            confirmed = self.rooms[room_name] = Event()
+            if fetch_after:
+                self.refetch.add(room_name)
+            self._queue("SSUBSCRIBE", self.bus.CHANNEL % room_name)
+        return confirmed
 
     def remove(self, room_name):
-        with self.sending:
-            if self.rooms.pop(room_name, None) is None:
-                return
-            self.refetch.discard(room_name)
-            if self.connection is not None:
-                channel = self.bus.CHANNEL % room_name
-                self.unsubscribing[channel] = self.unsubscribing.get(channel, 0) + 1
-                self._send("SUNSUBSCRIBE", channel)
-
-    def _send(self, *words):
-        """Write one command, the lock held; a connection that fails is dropped for the
-        reading greenlet to start again (redis-py would otherwise reconnect it here)."""
-        if self.connection is None:
+        if self.rooms.pop(room_name, None) is None:
             return
-        try:
-            self.connection.send_command(*words)
-        except (self.bus.redis.RedisError, OSError):
-            self.connection = None
+        self.refetch.discard(room_name)
+        if self.connection is not None:
+            channel = self.bus.CHANNEL % room_name
+            self.unsubscribing[channel] = self.unsubscribing.get(channel, 0) + 1
+            self._queue("SUNSUBSCRIBE", channel)
+
+    def _queue(self, *words):
+        if self.connection is not None:  # otherwise connecting subscribes every room
+            self.outbox.append(words)
+            self.outbox_filled.set()
+
+    def _write(self):
+        redis = self.bus.redis
+        while True:
+            self.outbox_filled.wait()
+            self.outbox_filled.clear()
+            while self.outbox:
+                words = self.outbox.popleft()
+                connection = self.connection
+                if connection is None:
+                    continue
+                try:
+                    connection.send_command(*words)
+                except (redis.RedisError, OSError):
+                    # redis-py closed it: the reader fails, and connects again
+                    if self.connection is connection:
+                        self.connection = None
+                        self.outbox.clear()
 
     def _keep_alive(self):
         """A PING now and then: a node gone silent fails the read (socket timeout) instead
         of holding the subscriptions in a connection nothing comes through."""
         while True:
             gevent.sleep(self.bus.READ_BLOCK_MS / 1000.0)
-            with self.sending:
-                self._send("PING")
+            self._queue("PING")
 
-    def _run(self):
+    def _read(self):
         bus, redis = self.bus, self.bus.redis
         backoff = bus.BACKOFF_FIRST
         while not bus.closing:
@@ -1306,10 +1317,9 @@ class ShardReader:
         except BaseException:
             connection.disconnect()
             raise
-        with self.sending:
-            self.connection = connection
-            for room_name in list(self.rooms):
-                self._send("SSUBSCRIBE", self.bus.CHANNEL % room_name)
+        self.connection = connection
+        for room_name in self.rooms:
+            self._queue("SSUBSCRIBE", self.bus.CHANNEL % room_name)
         return connection
 
     def _receive(self, reply):
@@ -1349,14 +1359,14 @@ class ShardReader:
         return channel[len(prefix):-len(suffix)]
 
     def _lost(self, connection):
-        with self.sending:
-            if self.connection is connection:
-                self.connection = None
-            for room_name, confirmed in list(self.rooms.items()):
-                if confirmed.is_set():
-                    self.rooms[room_name] = Event()
-            self.refetch.update(self.rooms)
-            self.unsubscribing.clear()
+        if self.connection is connection:
+            self.connection = None
+        self.outbox.clear()
+        for room_name, confirmed in list(self.rooms.items()):
+            if confirmed.is_set():
+                self.rooms[room_name] = Event()
+        self.refetch.update(self.rooms)
+        self.unsubscribing.clear()
         if connection is not None:
             try:
                 connection.disconnect()
@@ -1364,12 +1374,12 @@ class ShardReader:
                 pass
 
     def stop(self):
-        self.keeper.kill(block=False)
+        for helper in self.helpers:
+            helper.kill(block=False)
         self.greenlet.kill(block=True, timeout=1)
-        with self.sending:
-            connection, self.connection = self.connection, None
-            for confirmed in self.rooms.values():
-                confirmed.set()  # a load waiting here goes on: the reader taking over fetches its room again
+        connection, self.connection = self.connection, None
+        for confirmed in self.rooms.values():
+            confirmed.set()  # a load waiting here goes on: the reader taking over fetches its room again
         if connection is not None:
             try:
                 connection.disconnect()
