@@ -2,12 +2,14 @@
 
 Two `python chattle.py` on one local Redis Cluster (3 masters, 3 replicas,
 harness/redis_cluster.py): the listening worker holds a long-poll on one room; the
-posting worker takes `--posts` posts to that room and, in the busy case, `--others-per-post`
-more after each of them, spread over `--other-rooms` other rooms. Reported per case: the
-listening worker's CPU seconds over the posts, what its readers were given (its /stats,
-where the revision counts it), the messages its poll delivered; beside them the CPU of the
-client (this process) and of the posting worker, in the same run. Cases and revisions run
-in alternation, `--rounds` times each, so a drift of a shared machine falls on all of them.
+posting worker takes `--posts` posts to that room and, in the busy case,
+`--others-per-post` more after each of them, spread over `--other-rooms` other rooms.
+Reported per case: the listening worker's CPU seconds over the posts, and beyond what it
+spends idle with the poll held (measured over a few seconds before; the busy case takes
+longer); what its readers were given (its /stats, where the revision counts it); the
+messages its poll delivered; beside them the CPU of the client (this process) and of the
+posting worker, in the same run. Cases and revisions run in alternation, `--rounds`
+times each, so a drift of a shared machine falls on all of them.
 
     python -m bench.cluster_reader_cost [--posts 300] [--other-rooms 50] [--others-per-post 10]
                                         [--rounds 2] [--base CHECKOUT]
@@ -30,6 +32,7 @@ from harness.redis_cluster import RedisCluster
 from instruments.measures import process_cpu_seconds
 
 HELD = "held"
+IDLE_SECONDS = 4.0
 
 
 class Poster:
@@ -80,6 +83,12 @@ def measure(revision, root, cluster, posts, other_rooms, others_per_post):
         listener.start()
         wait_until(lambda: get_json(listening.url + "/stats")[1]["waiters"] == 1, 30, "the poll held")
         others = ["other-%d" % number for number in range(other_rooms)]
+        # what the worker spends with a poll held and nothing posted (its topology watch,
+        # the poll's renewals), so that a longer run is not mistaken for a dearer one
+        idle_from = process_cpu_seconds(listening.pid)
+        time.sleep(IDLE_SECONDS)
+        idle_per_s = (process_cpu_seconds(listening.pid) - idle_from) / IDLE_SECONDS
+        started = time.monotonic()
         before = (process_cpu_seconds(listening.pid), process_cpu_seconds(posting.pid),
                   process_cpu_seconds(os.getpid()))
         for number in range(posts):
@@ -87,6 +96,7 @@ def measure(revision, root, cluster, posts, other_rooms, others_per_post):
                 poster.post(others[(number * others_per_post + step) % len(others)], "elsewhere")
             last = poster.post(HELD, "post %d" % number)
         wait_until(lambda: listener.cursor >= last, 60, "every post of the held room delivered")
+        seconds = time.monotonic() - started
         after = (process_cpu_seconds(listening.pid), process_cpu_seconds(posting.pid),
                  process_cpu_seconds(os.getpid()))
         stats = get_json(listening.url + "/stats")[1]
@@ -98,7 +108,8 @@ def measure(revision, root, cluster, posts, other_rooms, others_per_post):
     listener.join(10)
     return {"revision": revision, "other_rooms": other_rooms, "held_room_posts": posts,
             "other_rooms_posts": posts * others_per_post if other_rooms else 0,
-            "listening_worker_cpu_s": round(after[0] - before[0], 2),
+            "seconds": round(seconds, 2), "listening_worker_cpu_s": round(after[0] - before[0], 2),
+            "listening_worker_cpu_s_beyond_idle": round(after[0] - before[0] - idle_per_s * seconds, 2),
             "received": stats.get("bus_posts_received"),
             "received_for_rooms_not_held": stats.get("bus_posts_received_for_rooms_not_held"),
             "delivered": listener.delivered,
