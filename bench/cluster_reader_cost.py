@@ -3,13 +3,15 @@
 Two `python chattle.py` on one local Redis Cluster (3 masters, 3 replicas,
 harness/redis_cluster.py): the listening worker holds a long-poll on one room; the
 posting worker takes `--posts` posts to that room and, in the busy case,
-`--others-per-post` more after each of them, spread over `--other-rooms` other rooms.
-Reported per case: the listening worker's CPU seconds over the posts, and beyond what it
-spends idle with the poll held (measured over a few seconds before; the busy case takes
-longer); what its readers were given (its /stats, where the revision counts it); the
-messages its poll delivered; beside them the CPU of the client (this process) and of the
-posting worker, in the same run. Cases and revisions run in alternation, `--rounds`
-times each, so a drift of a shared machine falls on all of them.
+`--others-per-post` more before each of them, spread over `--other-rooms` other rooms;
+each post of that room is delivered before the next is made (one poll answer per post).
+Reported per case: the listening worker's wake-ups (instruments/measures.py) and CPU
+seconds over the posts, and its CPU beyond what it spends idle with the poll held
+(measured over a few seconds before; the busy case takes longer); what its readers were
+given (its /stats, where the revision counts it); the messages its poll delivered; beside
+them the CPU of the client (this process) and of the posting worker, in the same run.
+Cases and revisions run in alternation, `--rounds` times each, so a drift of a shared
+machine falls on all of them.
 
     python -m bench.cluster_reader_cost [--posts 300] [--other-rooms 50] [--others-per-post 10]
                                         [--rounds 2] [--base CHECKOUT]
@@ -29,7 +31,7 @@ import time
 
 from harness.processes import ROOT, ChattleServer, get_json, wait_until
 from harness.redis_cluster import RedisCluster
-from instruments.measures import process_cpu_seconds
+from instruments.measures import process_cpu_seconds, process_wakeups
 
 HELD = "held"
 IDLE_SECONDS = 4.0
@@ -57,7 +59,13 @@ class Listener(threading.Thread):
 
     def __init__(self, port, cursor):
         super().__init__(daemon=True)
-        self.port, self.cursor, self.delivered, self.stopping = port, cursor, 0, False
+        self.port, self.cursor, self.delivered, self.polls, self.stopping = port, cursor, 0, 0, False
+        self.moved = threading.Condition()
+
+    def wait_for(self, cursor, timeout=30):
+        with self.moved:
+            if not self.moved.wait_for(lambda: self.cursor >= cursor, timeout):
+                raise SystemExit("cluster_reader_cost: post %d not delivered in %d s" % (cursor, timeout))
 
     def run(self):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -65,8 +73,11 @@ class Listener(threading.Thread):
             while not self.stopping:
                 connection.request("GET", "/rooms/%s/msgs?since=%d&timeout=2&limit=1000" % (HELD, self.cursor))
                 body = json.loads(connection.getresponse().read())
+                self.polls += 1
                 self.delivered += len(body["messages"])
-                self.cursor = body["cursor"]
+                with self.moved:
+                    self.cursor = body["cursor"]
+                    self.moved.notify_all()
         finally:
             connection.close()
 
@@ -90,15 +101,15 @@ def measure(revision, root, cluster, posts, other_rooms, others_per_post):
         idle_per_s = (process_cpu_seconds(listening.pid) - idle_from) / IDLE_SECONDS
         started = time.monotonic()
         before = (process_cpu_seconds(listening.pid), process_cpu_seconds(posting.pid),
-                  process_cpu_seconds(os.getpid()))
+                  process_cpu_seconds(os.getpid()), process_wakeups(listening.pid))
         for number in range(posts):
             for step in range(others_per_post if others else 0):
                 poster.post(others[(number * others_per_post + step) % len(others)], "elsewhere")
-            last = poster.post(HELD, "post %d" % number)
-        wait_until(lambda: listener.cursor >= last, 60, "every post of the held room delivered")
+            # one poll answer per post of the held room, in both cases alike
+            listener.wait_for(poster.post(HELD, "post %d" % number))
         seconds = time.monotonic() - started
         after = (process_cpu_seconds(listening.pid), process_cpu_seconds(posting.pid),
-                 process_cpu_seconds(os.getpid()))
+                 process_cpu_seconds(os.getpid()), process_wakeups(listening.pid))
         stats = get_json(listening.url + "/stats")[1]
         listener.stopping = True
     finally:
@@ -110,9 +121,10 @@ def measure(revision, root, cluster, posts, other_rooms, others_per_post):
             "other_rooms_posts": posts * others_per_post if other_rooms else 0,
             "seconds": round(seconds, 2), "listening_worker_cpu_s": round(after[0] - before[0], 2),
             "listening_worker_cpu_s_beyond_idle": round(after[0] - before[0] - idle_per_s * seconds, 2),
+            "listening_worker_wakeups": after[3] - before[3],
             "received": stats.get("bus_posts_received"),
             "received_for_rooms_not_held": stats.get("bus_posts_received_for_rooms_not_held"),
-            "delivered": listener.delivered,
+            "delivered": listener.delivered, "polls": listener.polls,
             "posting_worker_cpu_s": round(after[1] - before[1], 2), "client_cpu_s": round(after[2] - before[2], 2)}
 
 

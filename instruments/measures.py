@@ -331,6 +331,17 @@ def process_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_wakeups(pid):
+    """Times a live process has gone to sleep waiting (voluntary context switches, from
+    /proc/<pid>/status): an event-loop server sleeps once per wake-up of its loop, so this
+    counts the wake-ups its sockets caused, whatever the machine's speed."""
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise OSError("no voluntary_ctxt_switches in /proc/%d/status" % pid)
+
+
 # -- fan-out cost ---------------------------------------------------------------------------
 
 def time_per_waiter(last_delivery_s, waiters):
