@@ -1103,7 +1103,10 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         if held_by is not None and held_by != master.name and held_by in self.readers:
             self.readers[held_by].remove(room_name)
         self.subscribed[room_name] = master.name
-        if not reader.add(room_name).wait(self.SOCKET_TIMEOUT):
+        confirmed = reader.add(room_name)
+        if reader.down and not confirmed.is_set():
+            raise BusUnavailable("the room's node does not answer")  # rather than each poll waiting for it
+        if not confirmed.wait(self.SOCKET_TIMEOUT):
             raise BusUnavailable("the room's node did not confirm its subscription")
 
     def _unsubscribe(self, room_name):
@@ -1224,6 +1227,7 @@ class ShardReader:
         for room_name in rooms:
             self.rooms[room_name] = Event()
         self.connection = None
+        self.down = False           # its last attempt to connect failed
         self.outbox = deque()       # commands for the writer, on the current connection only
         self.outbox_filled = Event()
         self.greenlet = gevent.spawn(self._read)
@@ -1285,6 +1289,7 @@ class ShardReader:
             connection = None
             try:
                 connection = self._connect()
+                self.down = False
                 while True:
                     try:
                         reply = connection.read_response(disconnect_on_error=False)
@@ -1295,6 +1300,7 @@ class ShardReader:
                     backoff = bus.BACKOFF_FIRST
             except (redis.RedisError, OSError, ValueError):
                 # ValueError: redis-py reading from a socket closed under it
+                self.down = connection is None
                 self._lost(connection)
                 bus.topology_changed.set()
                 gevent.sleep(backoff)
