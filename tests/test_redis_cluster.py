@@ -131,6 +131,20 @@ def test_a_forgotten_room_is_unsubscribed_and_a_new_subscription_fetches_what_it
     wait_until(lambda: worker.posts_received == 2 and held.last_id == 5, 10.0, "a post through the new subscriber")
 
 
+def test_a_message_that_never_came_is_fetched_when_the_next_one_leaves_a_gap(buses):
+    worker, poster = buses(), buses()
+    room = worker.room("gap", 0)
+    last_key, stream_key = poster.room_keys("gap")
+    # the post script with its publishing left out: written, never published (as a post
+    # with --redis-wait that no replica confirmed)
+    poster.cluster.eval(poster.PUBLISH_SCRIPT, 2, last_key, stream_key, "gap", "ann", "never published",
+                        poster.history, poster.room_ttl, "0", poster.CHANNEL % "gap")
+    assert poster.publish("gap", "ann", "published")["id"] == 2
+    wait_until(lambda: room.last_id == 2, 10.0, "the room fetched up to the post after the gap")
+    got = [m["content"] for m in chattle.json.loads(room.answer(0, 10))["messages"]]
+    assert got == ["never published", "published"] and worker.posts_received == 1
+
+
 def test_a_post_confirmed_by_a_replica_is_served_from_the_replicas(buses):
     """With WAIT, a worker reads what a replica holds: the subscribers are on the replicas."""
     poster, reader = buses(wait_ms=5000), buses(wait_ms=5000)
