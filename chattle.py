@@ -459,6 +459,7 @@ class MemoryBus:
     """One process, no setup: the post is the wake-up."""
 
     name = "memory"
+    posts_received = posts_received_for_rooms_not_held = 0  # no reader: the post is the wake-up
 
     def __init__(self, rooms):
         self.rooms = rooms
@@ -553,6 +554,8 @@ return {id, ts}
         self.held_back = {}         # room name -> reader entries a load or catch-up applies after it
         self.reader_ok = False
         self.seen = None            # the last global stream entry the reader has applied
+        self.posts_received = 0     # posts the reader was given (the reader's cost)
+        self.posts_received_for_rooms_not_held = 0  # of those, posts of rooms this worker holds no copy of
         self.closing = False
         self.reader = gevent.spawn(self._follow)
 
@@ -706,7 +709,9 @@ return {id, ts}
         fetched again, has its entries held back for the greenlet doing that (_settle)."""
         room_name = fields["r"]
         state = self.loaded.get(room_name)
+        self.posts_received += 1
         if state is None:
+            self.posts_received_for_rooms_not_held += 1
             return  # no poll has named it here; its first poll loads it from its stream
         held = self.held_back.get(room_name)
         if held is not None:
@@ -802,45 +807,54 @@ class RedisClusterBus(RedisBus):
     """The shared bus on a Redis Cluster: the rooms spread over its masters, each room on one.
 
     Each room's keys share the hash tag of its name, so a room lives in one slot of one
-    master, where the post script runs. A command may not read keys of several slots,
-    even on one node, so each master also keeps a feed: a stream, in a slot of that node,
-    to which the post script appends every post of that node's rooms. Each worker follows
-    every master's feed with a reader of its own (a blocking XREAD on that node), applied
-    as the single-Redis reader applies the global stream. A watcher follows the topology:
-    when a master fails over or a slot moves, the reader of that node starts again on the
-    node now serving it, after fetching the rooms this worker holds there again, so nothing
-    written meanwhile is skipped.
+    master, where the post script runs. The script also publishes the post on the room's
+    shard channel (SPUBLISH `chattle:{<room>}:posts`, in the same slot). Each worker has one
+    subscriber connection per master it reads from (ShardReader), SSUBSCRIBEd to the
+    channels of the rooms it holds there and to no others: a worker is given the posts of
+    its own rooms only, however many other rooms the cluster serves. A room is subscribed
+    before it is loaded from its stream, and unsubscribed when the worker forgets it.
+
+    Pub/Sub delivers at most once: a message sent while a subscriber is not connected is
+    gone. So a room is fetched from its stream again whenever its subscription is made
+    anew (a reconnect, a failover, a slot moved to another master: subscribed first, then
+    fetched, so nothing written in between is missed; what comes twice is dropped by its
+    id), and a message whose id does not follow the copy has the room fetched again, as
+    the single-Redis reader does. A watcher follows the topology and moves the rooms'
+    subscriptions to the masters now serving them.
 
     With `wait_ms`, a post is answered 201 only once a replica has it (WAIT 1 <ms>), and
-    the readers and loads read the replicas: a worker then serves only what a replica
+    the subscribers and loads read the replicas: a worker then serves only what a replica
     holds, so what any client was given, and every post acknowledged, survives the
-    promotion of that replica. Without it, a post is served as soon as its master has it,
-    and a master that dies before its replica has the newest posts takes them with it.
+    promotion of that replica. The post is published only after its WAIT confirmed it
+    (a second round trip): a shard message reaches the replicas over the cluster bus, not
+    the replication stream, so published by the script it could outrun the data. A post
+    no replica confirmed is not published; the room's next post (its id leaves a gap) or
+    a fetch brings it to the other workers. Without `wait_ms`, a post is served as soon as
+    its master has it, and a master that dies before its replica has the newest posts
+    takes them with it.
     """
 
     name = "redis-cluster"
-    FEED = "chattle:feed:{%d}"  # the feed of the master serving the slot of {n}
+    CHANNEL = "chattle:{%s}:posts"  # a room's shard channel: the hash tag of its keys, so its slot
     TOPOLOGY_EVERY = 5.0        # seconds between looks at the slots besides those an error asks for
-    REDIRECTS = 5               # MOVED, ASK or a stale feed: a post looks again this often at most
+    REDIRECTS = 5               # MOVED or ASK: a post looks again this often at most
     POOL_SIZE = 256             # connections per node: a full pool answers 503
 
     # KEYS: the room's last id, its stream. ARGV: room, from, content, room stream length,
-    # feed length, the room's TTL, the feed of the room's node. The feed is touched first: a
-    # feed another node serves (the caller's slot table is behind) fails the post before
-    # anything is written, and the caller looks again.
+    # the room's TTL, '1' to publish the post here ('0': the caller publishes it once a
+    # replica confirmed it), the room's channel. The channel, in the room's slot by its hash
+    # tag, is not passed as a key: a slot being migrated answers TRYAGAIN to a script naming
+    # a key it does not hold. The id goes out as a string: cjson writes 14 digits only.
     PUBLISH_SCRIPT = """
-local probe = redis.pcall('TYPE', ARGV[7])
-if type(probe) == 'table' and probe.err then
-  return redis.error_reply('CHATTLEFEED ' .. probe.err)
-end
 local id = redis.call('INCR', KEYS[1])
 local now = redis.call('TIME')
 local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id .. '-0', 'f', ARGV[2], 'c', ARGV[3], 't', ts)
-redis.call('XADD', ARGV[7], 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[1], 'i', id,
-           'f', ARGV[2], 'c', ARGV[3], 't', ts)
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+if ARGV[6] == '1' then
+  redis.call('SPUBLISH', ARGV[7], cjson.encode({r=ARGV[1], i=string.format('%d', id), f=ARGV[2], c=ARGV[3], t=ts}))
+end
 return {id, ts}
 """
     FETCH_SCRIPT = """
@@ -886,9 +900,12 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         self.publish_sha = hashlib.sha1(self.PUBLISH_SCRIPT.encode()).hexdigest()
         self.loaded = {}
         self.held_back = {}
+        self.stale = set()          # rooms to fetch again once the catch-up under way is done
         self.closing = False
-        self.feeds = {}             # master's name -> (node, its feed key)
-        self.readers = {}           # master's name -> (reader greenlet, the feed it follows)
+        self.posts_received = 0
+        self.posts_received_for_rooms_not_held = 0
+        self.readers = {}           # master's name -> its ShardReader
+        self.subscribed = {}        # room name -> the master's name whose reader holds its subscription
         self.topology_changed = Event()
         self.reader = gevent.spawn(self._watch)
 
@@ -924,50 +941,28 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
 
     # -- the topology ----------------------------------------------------------------------
     def _masters(self):
-        """{master's name: (node, its feed)} as the client's slot table has it now."""
-        owners = {}
-        for slot, nodes in list(self.cluster.nodes_manager.slots_cache.items()):
-            if nodes:
-                owners[slot] = nodes[0]
-        wanted = {node.name for node in owners.values()}
+        """{master's name: (master, the node its rooms are read from)} as the client's slot
+        table has it now."""
         masters = {}
-        number = 0
-        while wanted and number < 1000000:
-            node = owners.get(self.cluster.keyslot(self.FEED % number))
-            if node is not None and node.name in wanted:
-                masters[node.name] = (node, self.FEED % number)
-                wanted.discard(node.name)
-            number += 1
+        for nodes in list(self.cluster.nodes_manager.slots_cache.values()):
+            if nodes and nodes[0].name not in masters:
+                masters[nodes[0].name] = (nodes[0], nodes[1] if self.read_replicas and len(nodes) > 1 else nodes[0])
         return masters
 
     def _master_of(self, key):
-        """(node, its feed) serving `key` now."""
+        """The master serving `key` now."""
         nodes = self.cluster.nodes_manager.slots_cache.get(self.cluster.keyslot(key))
         if not nodes:
             raise BusUnavailable("no master serves the room's slot")
-        entry = self.feeds.get(nodes[0].name)
-        if entry is None or entry[0] is not nodes[0]:
-            self.feeds = self._masters()
-            entry = self.feeds.get(nodes[0].name)
-        return entry
-
-    def _look_again(self):
-        """The slot table is behind: read it again now, and let the watcher move readers."""
-        try:
-            self.cluster.nodes_manager.initialize(disconnect_startup_nodes_pools=False)
-        except Exception:
-            pass  # no node answered: the next attempt, or the watcher, looks again
-        self.feeds = self._masters()
-        self.topology_changed.set()
+        return nodes[0]
 
     def _moved(self, redirect):
         """A MOVED answer: the slot's owner as its old owner says, at once, as redis-py does
         (reading the whole table again may ask a node that has not heard of the move yet);
-        the watcher then reads the whole table, and moves the readers."""
+        the watcher then reads the whole table, and moves the subscriptions."""
         manager = self.cluster.nodes_manager
         manager.move_slot(redirect)
         manager.create_redis_connections(manager.slots_cache[redirect.slot_id][:1])
-        self.feeds = self._masters()
         self.topology_changed.set()
 
     def _watch(self):
@@ -982,16 +977,33 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
                 gevent.sleep(self.BACKOFF_MAX)
                 self.topology_changed.set()
                 continue
-            self.feeds = masters
-            for name, (node, feed) in masters.items():
-                source = (feed, self._read_node(feed).name)
+            for name, (node, source) in masters.items():
                 current = self.readers.get(name)
-                if current is None or current[1] != source or current[0].dead:
+                if current is None or current.source.name != source.name or current.greenlet.dead:
+                    # its rooms go with it, each fetched again once subscribed on the new node
+                    self.readers[name] = ShardReader(self, node, source, current.rooms if current else ())
                     if current is not None:
-                        current[0].kill(block=False)
-                    self.readers[name] = (gevent.spawn(self._follow_node, node, feed), source)
+                        current.stop()
             for name in [name for name in self.readers if name not in masters]:
-                self.readers.pop(name)[0].kill(block=False)
+                self.readers.pop(name).stop()
+            self._place_subscriptions()
+
+    def _place_subscriptions(self):
+        """Every held room subscribed on the reader of the master serving it now (a failover,
+        a slot moved, a subscription Redis dropped)."""
+        for room_name, held_by in list(self.subscribed.items()):
+            try:
+                master = self._master_of(self.room_keys(room_name)[0]).name
+            except BusUnavailable:
+                continue  # no master serves it: its posts are refused meanwhile
+            reader = self.readers.get(master)
+            if reader is None or room_name in reader.rooms:
+                continue
+            previous = self.readers.get(held_by)
+            if previous is not None and previous is not reader:
+                previous.remove(room_name)
+            self.subscribed[room_name] = master
+            reader.add(room_name, fetch_after=True)
 
     def _read_node(self, key):
         """The node reads of `key` go to: its master, or with `wait_ms` its replica (the one
@@ -1002,18 +1014,19 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
     # -- posts ---------------------------------------------------------------------
     def publish(self, room_name, sender, content):
         last_key, stream_key = self.room_keys(room_name)
-        args = [room_name, sender, content, self.history, self.POSTS_RETAINED, self.room_ttl]
+        channel = self.CHANNEL % room_name
+        args = [room_name, sender, content, self.history, self.room_ttl, "0" if self.wait_ms else "1", channel]
         asking = None
         for _attempt in range(self.REDIRECTS):
-            node, feed = self._master_of(last_key)
+            node = self._master_of(last_key)
             if asking is not None:
-                # the slot is moving there: post on that node, to that node's feed
-                node, feed = self.feeds.get(asking) or self._masters().get(asking) or (node, feed)
+                # the slot is moving there: post on that node
+                node = self.cluster.get_node(node_name=asking) or node
             try:
                 pipe = node.redis_connection.pipeline(transaction=False)
                 if asking is not None:
                     pipe.execute_command("ASKING")
-                pipe.execute_command("EVALSHA", self.publish_sha, 2, last_key, stream_key, *args, feed)
+                pipe.execute_command("EVALSHA", self.publish_sha, 2, last_key, stream_key, *args)
                 if self.wait_ms:
                     pipe.execute_command("WAIT", 1, self.wait_ms)
                 replies = pipe.execute(raise_on_error=False)
@@ -1030,9 +1043,6 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             if isinstance(posted, self.redis.exceptions.MovedError):
                 self._moved(posted)
                 continue
-            if isinstance(posted, self.redis.ResponseError) and str(posted).startswith("CHATTLEFEED"):
-                self._look_again()
-                continue
             if isinstance(posted, self.redis.exceptions.NoScriptError):
                 node.redis_connection.script_load(self.PUBLISH_SCRIPT)
                 continue
@@ -1044,13 +1054,74 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         else:
             raise BusUnavailable("the room's slot kept moving")
         message_id, ts = posted
+        if self.wait_ms:
+            self._announce(last_key, channel, {"r": room_name, "i": str(message_id), "f": sender, "c": content,
+                                               "t": ts})
         message = {"id": int(message_id), "from": sender, "content": content, "ts": float(ts)}
         room = self.rooms.by_name.get(room_name)
         if room is not None and self.loaded.get(room_name) is True and room.last_id == message["id"] - 1:
             room.add(message["id"], self.fragment(message["id"], sender, content, ts))
         return message
 
+    def _announce(self, last_key, channel, fields):
+        """Publish a post a replica confirmed, on the room's master, where subscribers of the
+        room's shard (its replicas too) are given it. The post is written and confirmed
+        whatever happens here: a publish lost with its node is made up for by the fetch
+        that follows every new subscription, and a gap by the next post."""
+        try:
+            self._master_of(last_key).redis_connection.execute_command("SPUBLISH", channel, encode(fields))
+        except (self.redis.RedisError, OSError, BusUnavailable):
+            self.topology_changed.set()
+
     # -- polls -----------------------------------------------------------------------
+    def _load(self, room_name, room):
+        """Subscribe to the room's channel, then fetch it: a post written in between is in
+        the fetch or in a message, never in neither."""
+        loading = self.loaded[room_name] = Event()
+        try:
+            self._subscribe(room_name)
+            self._sync(room_name, room)
+            self.loaded[room_name] = True
+        except (self.redis.RedisError, BusUnavailable) as exc:
+            del self.loaded[room_name]
+            self.held_back.pop(room_name, None)  # its next load reads them from its stream
+            self.stale.discard(room_name)
+            self._unsubscribe(room_name)
+            raise exc if isinstance(exc, BusUnavailable) else BusUnavailable(type(exc).__name__)
+        finally:
+            loading.set()
+        if room_name in self.held_back:
+            gevent.spawn(self._settle, room_name)
+
+    def _subscribe(self, room_name):
+        key = self.room_keys(room_name)[0]
+        master = self._master_of(key)
+        reader = self.readers.get(master.name)
+        if reader is None:  # before the watcher's first look
+            reader = self.readers[master.name] = ShardReader(self, master, self._read_node(key))
+        held_by = self.subscribed.get(room_name)
+        if held_by is not None and held_by != master.name and held_by in self.readers:
+            self.readers[held_by].remove(room_name)
+        self.subscribed[room_name] = master.name
+        confirmed = reader.add(room_name)
+        if reader.down and not confirmed.is_set():
+            raise BusUnavailable("the room's node does not answer")  # rather than each poll waiting for it
+        if not confirmed.wait(self.SOCKET_TIMEOUT):
+            raise BusUnavailable("the room's node did not confirm its subscription")
+
+    def _unsubscribe(self, room_name):
+        reader = self.readers.get(self.subscribed.pop(room_name, None))
+        if reader is not None:
+            reader.remove(room_name)
+
+    def forget(self, room_name):
+        """The worker dropped an unused room: its next poll loads it from Redis again, and
+        its posts are no longer sent here."""
+        if self.loaded.get(room_name) is True:
+            del self.loaded[room_name]
+            self.stale.discard(room_name)
+            self._unsubscribe(room_name)
+
     def _fetch(self, room_name):
         if self.read_replicas:
             return self._fetch_from(self._read_node(self.room_keys(room_name)[0]), room_name)
@@ -1076,67 +1147,42 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             # connected to its master (or the master itself, while it has no replica).
             if role[0] != "master" and not (role[0] == "slave" and role[3] == "connected"):
                 raise self.redis.ConnectionError("%s:%s is not a replica in sync" % (node.host, node.port))
-            if role[0] == "master" and node is not self._master_of(self.room_keys(room_name)[0])[0]:
+            if role[0] == "master" and node is not self._master_of(self.room_keys(room_name)[0]):
                 raise self.redis.ConnectionError("%s:%s is not the room's master" % (node.host, node.port))
         except self.redis.RedisError:
             self.topology_changed.set()
             raise
         return last, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
 
-    # -- the readers ---------------------------------------------------------------
-    def _follow_node(self, node, feed):
-        """Follow one master's feed (on its replica with `wait_ms`); after a start or an
-        error, fetch the rooms held on that master again first, so nothing written meanwhile
-        is missed."""
-        source = self._read_node(feed)
-        client = self.redis.Redis(
-            host=source.host, port=source.port, decode_responses=True, retry=self.no_retry,
-            socket_timeout=self.READ_BLOCK_MS / 1000.0 + 5, socket_connect_timeout=self.SOCKET_TIMEOUT,
-            single_connection_client=True)
-        seen = None
-        backoff = self.BACKOFF_FIRST
-        try:
-            while not self.closing:
-                try:
-                    if seen is None:
-                        if source is not node:
-                            # a replica still loading, or cut off from its master, may serve
-                            # old data (replica-serve-stale-data): wait until it is in sync
-                            if client.info("replication").get("master_link_status") != "up":
-                                raise self.redis.ConnectionError("the replica is not in sync with its master")
-                            client.execute_command("READONLY")
-                        newest = client.xrevrange(feed, "+", "-", count=1)
-                        seen = newest[0][0] if newest else "0-0"
-                        self._fetch_rooms_of(node.name)
-                        backoff = self.BACKOFF_FIRST
-                    reply = client.xread({feed: seen}, count=self.READ_BATCH, block=self.READ_BLOCK_MS)
-                    for _stream, entries in reply or ():
-                        for entry_id, fields in entries:
-                            self._apply(fields)
-                            seen = entry_id
-                except (self.redis.RedisError, OSError, ValueError):
-                    seen = None
-                    try:
-                        client.connection.disconnect()
-                    except Exception:
-                        pass
-                    self.topology_changed.set()
-                    gevent.sleep(backoff)
-                    backoff = min(backoff * 2, self.BACKOFF_MAX)
-        finally:
-            try:
-                client.close()
-            except Exception:
-                pass
+    # -- what the subscribers are given ------------------------------------------------------
+    def _receive(self, payload):
+        self._apply(json.loads(payload))
 
-    def _fetch_rooms_of(self, node_name):
-        for room_name, state in list(self.loaded.items()):
-            if state is not True or room_name in self.held_back:
-                continue
-            nodes = self.cluster.nodes_manager.slots_cache.get(self.cluster.keyslot(self.room_keys(room_name)[0]))
-            if nodes and nodes[0].name == node_name:
-                self.held_back[room_name] = []
-                gevent.spawn(self._settle, room_name, True)
+    def _refetch(self, room_name):
+        """Fetch a held room from its stream again: its subscription was made anew, and
+        what was published while it had none is only there."""
+        state = self.loaded.get(room_name)
+        if state is None:
+            return
+        if room_name in self.held_back or state is not True:
+            # a load or catch-up under way read it, perhaps before the subscription: once
+            # more after it (a load's end starts the catch-up of what it holds back)
+            self.stale.add(room_name)
+            self.held_back.setdefault(room_name, [])
+            return
+        self.held_back[room_name] = []
+        gevent.spawn(self._settle, room_name, True)
+
+    def _settle(self, room_name, sync_first=False):
+        while True:
+            RedisBus._settle(self, room_name, sync_first)
+            if room_name not in self.stale:
+                return
+            self.stale.discard(room_name)
+            if self.closing or self.loaded.get(room_name) is not True or room_name in self.held_back:
+                return
+            self.held_back[room_name] = []
+            sync_first = True
 
     # -- state -------------------------------------------------------------------------
     def healthy(self):
@@ -1155,12 +1201,196 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
     def close(self):
         self.closing = True
         self.reader.kill(block=True, timeout=1)
-        for greenlet, _feed in list(self.readers.values()):
-            greenlet.kill(block=True, timeout=1)
+        for reader in list(self.readers.values()):
+            reader.stop()
         try:
             self.cluster.close()
         except Exception:
             pass
+
+
+class ShardReader:
+    """One subscriber connection of a worker: to the node it reads one master's rooms from
+    (the master, or with `wait_ms` its replica), SSUBSCRIBEd to the shard channels of the
+    rooms the worker holds there, and to no other.
+
+    One greenlet reads the connection, one writes to it: subscribing and unsubscribing only
+    queue a command, so they never wait (Rooms forgets rooms in the middle of an add).
+    Every subscription confirmed on a new connection, or moved here, has its room fetched
+    again (the bus's _refetch): what was published meanwhile went to nobody."""
+
+    def __init__(self, bus, master, source, rooms=()):
+        self.bus, self.master, self.source = bus, master, source
+        self.rooms = {}             # room name -> Event set once this connection confirmed its subscription
+        self.refetch = set(rooms)   # rooms to fetch again once their subscription is confirmed
+        self.unsubscribing = {}     # channel -> SUNSUBSCRIBEs sent, not yet answered
+        for room_name in rooms:
+            self.rooms[room_name] = Event()
+        self.connection = None
+        self.down = False           # its last attempt to connect failed
+        self.outbox = deque()       # commands for the writer, on the current connection only
+        self.outbox_filled = Event()
+        self.greenlet = gevent.spawn(self._read)
+        self.helpers = [gevent.spawn(self._write), gevent.spawn(self._keep_alive)]
+
+    def add(self, room_name, fetch_after=False):
+        """Subscribe (now if connected, else on connecting); the Event its confirmation sets."""
+        confirmed = self.rooms.get(room_name)
+        if confirmed is None:
+            confirmed = self.rooms[room_name] = Event()
+            if fetch_after:
+                self.refetch.add(room_name)
+            self._queue("SSUBSCRIBE", self.bus.CHANNEL % room_name)
+        return confirmed
+
+    def remove(self, room_name):
+        if self.rooms.pop(room_name, None) is None:
+            return
+        self.refetch.discard(room_name)
+        if self.connection is not None:
+            channel = self.bus.CHANNEL % room_name
+            self.unsubscribing[channel] = self.unsubscribing.get(channel, 0) + 1
+            self._queue("SUNSUBSCRIBE", channel)
+
+    def _queue(self, *words):
+        if self.connection is not None:  # otherwise connecting subscribes every room
+            self.outbox.append(words)
+            self.outbox_filled.set()
+
+    def _write(self):
+        redis = self.bus.redis
+        while True:
+            self.outbox_filled.wait()
+            self.outbox_filled.clear()
+            while self.outbox:
+                words = self.outbox.popleft()
+                connection = self.connection
+                if connection is None:
+                    continue
+                try:
+                    connection.send_command(*words)
+                except (redis.RedisError, OSError):
+                    # redis-py closed it: the reader fails, and connects again
+                    if self.connection is connection:
+                        self.connection = None
+                        self.outbox.clear()
+
+    def _keep_alive(self):
+        """A PING now and then: a node gone silent fails the read (socket timeout) instead
+        of holding the subscriptions in a connection nothing comes through."""
+        while True:
+            gevent.sleep(self.bus.READ_BLOCK_MS / 1000.0)
+            self._queue("PING")
+
+    def _read(self):
+        bus, redis = self.bus, self.bus.redis
+        backoff = bus.BACKOFF_FIRST
+        while not bus.closing:
+            connection = None
+            try:
+                connection = self._connect()
+                self.down = False
+                while True:
+                    try:
+                        reply = connection.read_response(disconnect_on_error=False)
+                    except redis.exceptions.MovedError as moved:
+                        self._moved(moved)
+                        continue
+                    self._receive(reply)
+                    backoff = bus.BACKOFF_FIRST
+            except (redis.RedisError, OSError, ValueError):
+                # ValueError: redis-py reading from a socket closed under it
+                self.down = connection is None
+                self._lost(connection)
+                bus.topology_changed.set()
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, bus.BACKOFF_MAX)
+
+    def _connect(self):
+        redis = self.bus.redis
+        connection = redis.Connection(
+            host=self.source.host, port=self.source.port, decode_responses=True, protocol=2,
+            socket_timeout=self.bus.READ_BLOCK_MS / 1000.0 + 5, socket_connect_timeout=self.bus.SOCKET_TIMEOUT,
+            retry=self.bus.no_retry)
+        try:
+            connection.connect()
+            if self.source is not self.master:
+                # a replica still loading, or cut off from its master, may be behind what its
+                # master published: wait until it is in sync
+                connection.send_command("INFO", "replication")
+                if "master_link_status:up" not in connection.read_response():
+                    raise redis.ConnectionError("the replica is not in sync with its master")
+        except BaseException:
+            connection.disconnect()
+            raise
+        self.connection = connection
+        for room_name in self.rooms:
+            self._queue("SSUBSCRIBE", self.bus.CHANNEL % room_name)
+        return connection
+
+    def _receive(self, reply):
+        kind, channel = reply[0], reply[1]
+        if kind == "smessage":
+            self.bus._receive(reply[2])
+        elif kind == "ssubscribe":
+            room_name = self.room_of(channel)
+            confirmed = self.rooms.get(room_name)
+            if confirmed is not None:
+                confirmed.set()
+                if room_name in self.refetch:
+                    self.refetch.discard(room_name)
+                    self.bus._refetch(room_name)
+        elif kind == "sunsubscribe":
+            pending = self.unsubscribing.pop(channel, 0)
+            if pending > 1:
+                self.unsubscribing[channel] = pending - 1
+            elif not pending:
+                # Not asked for: the slot left this node. The watcher subscribes the room on
+                # the node serving it now, and fetches it again.
+                self.rooms.pop(self.room_of(channel), None)
+                self.bus.topology_changed.set()
+
+    def _moved(self, moved):
+        """A subscription refused: the slot is served elsewhere. Its rooms are let go here
+        (their loads go on; the watcher subscribes them where the slot is, and fetches them)."""
+        cluster = self.bus.cluster
+        for room_name, confirmed in list(self.rooms.items()):
+            if cluster.keyslot(self.bus.room_keys(room_name)[0]) == moved.slot_id:
+                del self.rooms[room_name]
+                confirmed.set()
+        self.bus._moved(moved)
+
+    def room_of(self, channel):
+        prefix, suffix = self.bus.CHANNEL.split("%s")
+        return channel[len(prefix):-len(suffix)]
+
+    def _lost(self, connection):
+        if self.connection is connection:
+            self.connection = None
+        self.outbox.clear()
+        for room_name, confirmed in list(self.rooms.items()):
+            if confirmed.is_set():
+                self.rooms[room_name] = Event()
+        self.refetch.update(self.rooms)
+        self.unsubscribing.clear()
+        if connection is not None:
+            try:
+                connection.disconnect()
+            except Exception:
+                pass
+
+    def stop(self):
+        for helper in self.helpers:
+            helper.kill(block=False)
+        self.greenlet.kill(block=True, timeout=1)
+        connection, self.connection = self.connection, None
+        for confirmed in self.rooms.values():
+            confirmed.set()  # a load waiting here goes on: the reader taking over fetches its room again
+        if connection is not None:
+            try:
+                connection.disconnect()
+            except Exception:
+                pass
 
 
 def make_bus(settings, rooms):
@@ -1436,6 +1666,9 @@ def stats():
         "encodes": rooms.encodes,
         "retained_bytes": rooms.retained_bytes,
         "answer_cache_bytes": rooms.cached_bytes,
+        # what the bus's readers were given: every post of the cluster, or only the held rooms'
+        "bus_posts_received": get_bus().posts_received,
+        "bus_posts_received_for_rooms_not_held": get_bus().posts_received_for_rooms_not_held,
         # read together, so that descriptors beyond the open connections is exact
         "connections": chattle_http.open_connections(),
         "descriptors": descriptors_open(),

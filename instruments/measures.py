@@ -340,6 +340,17 @@ def redis_cpu_seconds(info_cpu):
     return float(info_cpu["used_cpu_user"]) + float(info_cpu["used_cpu_sys"])
 
 
+def process_wakeups(pid):
+    """Times a live process has gone to sleep waiting (voluntary context switches, from
+    /proc/<pid>/status): an event-loop server sleeps once per wake-up of its loop, so this
+    counts the wake-ups its sockets caused, whatever the machine's speed."""
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise OSError("no voluntary_ctxt_switches in /proc/%d/status" % pid)
+
+
 # -- fan-out cost ---------------------------------------------------------------------------
 
 def time_per_waiter(last_delivery_s, waiters):
