@@ -341,6 +341,11 @@ def shard_lines(summary, run):
         rows.append(("CPU: client / server / redis", "%s s / %s s / %.1f s (the %d nodes, INFO cpu)"
                      % (_seconds(cpu.get("client_cpu_s")), _seconds(cpu.get("server_cpu_s")),
                         cluster["cluster_cpu_s"], sum(len(shard["node_cpu_s"]) for shard in cluster["shards"])), ""))
+    post = ((summary.get("locust") or {}).get("by_name") or {}).get("POST post")
+    if cluster.get("shards") and post:
+        wait = (run.get("cluster") or {}).get("redis_wait_ms")
+        rows.append(("post latency", "p50 %s ms, p99 %s ms over %d posts (Locust), --redis-wait %s"
+                     % (post["median_ms"], post["p99_ms"], post["requests"], wait or 0), ""))
     failed = cluster.get("failover")
     if failed:
         rows.append(("failover", "killed %s (pid %s, master of %s), %s promoted %s%s" % (
