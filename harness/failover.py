@@ -19,9 +19,13 @@ PROMOTION_DEADLINE = 60.0   # seconds a replica has to be promoted: a bound, not
 def node_client(address, timeout=5.0):
     """A plain (non-cluster) client of one node, `host:port`."""
     import redis  # the harness's virtualenv has it
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     host, port = address.rsplit(":", 1)
-    return redis.Redis(host=host, port=int(port), socket_timeout=timeout, decode_responses=True)
+    # no retries: a node that refuses is down now, and the caller says so at once
+    return redis.Redis(host=host, port=int(port), socket_timeout=timeout, socket_connect_timeout=timeout,
+                       retry=Retry(NoBackoff(), 0), decode_responses=True)
 
 
 def ask(address, *words):
