@@ -33,6 +33,10 @@ REMOTE_WORKERS ?=
 MASTER_BIND ?=
 MASTER ?=
 PROCESSES ?=
+# make load on a Redis Cluster (REDIS_CLUSTER=local starts one for the run), CHAOS=failover,
+# REDIS_WAIT=ms the server's --redis-wait (docs/cluster.md)
+CHAOS   ?=
+REDIS_WAIT ?=
 
 .PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-worker history cluster-demo bench capacity regress regress-accept soak clean
 
@@ -49,7 +53,7 @@ SYSTEM_PROGRAMS := $(sort \
   $(if $(filter cluster-demo,$(GOALS)),redis-server faketime) \
   $(if $(filter run,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(REDIS)$(REDIS_CLUSTER),,redis-server))) \
   $(if $(filter redis-cluster,$(GOALS)),redis-server) \
-  $(if $(filter load,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(HOST),,redis-server))) \
+  $(if $(filter load,$(GOALS)),$(if $(filter-out 1,$(WORKERS))$(filter local,$(REDIS_CLUSTER)),$(if $(HOST),,redis-server))) \
   $(if $(filter soak,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),redis-server)))
 
 system-packages:
@@ -97,7 +101,9 @@ LOAD_ARGS = $(strip $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration 
   $(if $(POLL_TIMEOUT),--poll-timeout $(POLL_TIMEOUT)) $(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) \
   $(if $(CLIENT_PROCESSES),--client-processes $(CLIENT_PROCESSES)) \
   $(if $(SHAPE),--shape $(SHAPE)) $(if $(STEP),--step $(STEP)) $(if $(and $(SHAPE),$(SLO)),--slo-ms $(SLO)) \
-  $(if $(REMOTE_WORKERS),--remote-workers $(REMOTE_WORKERS)) $(if $(MASTER_BIND),--master-bind $(MASTER_BIND)))
+  $(if $(REMOTE_WORKERS),--remote-workers $(REMOTE_WORKERS)) $(if $(MASTER_BIND),--master-bind $(MASTER_BIND)) \
+  $(if $(REDIS_CLUSTER),--redis-cluster $(REDIS_CLUSTER)) $(if $(CHAOS),--chaos $(CHAOS)) \
+  $(if $(REDIS_WAIT),--redis-wait $(REDIS_WAIT)))
 
 # BASE=<git rev>: that revision's server against this tree's, ROUNDS runs each (loadtests/compare.py)
 COMPARE_ARGS = $(strip $(if $(BASE),--base $(BASE)) $(if $(ROUNDS),--rounds $(ROUNDS)) \

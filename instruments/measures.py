@@ -248,6 +248,14 @@ class DeliveryLedger:
         self.received += last_id - first_id + 1
         self.next_expected = last_id + 1
 
+    def rebase(self, cursor):
+        """The server answered `reset` with `cursor`: the room's history is no longer what
+        this listener saw. Ids after the cursor it held or skipped are forgotten; the next
+        one owed is cursor + 1 (what it skipped up to the cursor stays owed)."""
+        self._gaps = {gap for gap in self._gaps if gap <= cursor}
+        self.start = min(self.start, cursor)
+        self.next_expected = cursor + 1
+
     def lost(self, last_id):
         """Ids after the start cursor up to `last_id` (the room's final id) never received."""
         tail = max(0, last_id - (self.next_expected - 1))

@@ -40,6 +40,7 @@ from loadtests.tally import LOCUST_VERSION, RunTally, WorkerTally
 
 CATCH_UP_POLLS = 50          # answers of up to 1000 messages each, when a listener stops
 RETRY_SECONDS = (0.5, 4.0)   # back-off after a failed request: first, longest
+SIGNALS_KEPT = 20            # times a listener was told reset or missed, kept per listener
 
 TALLY = WorkerTally()        # this process's figures (on a worker)
 RUN = RunTally(locust.__version__)  # the whole run's (on the master)
@@ -241,6 +242,7 @@ class Listener(User):
         self.trouble_since = None
         self.retry = RETRY_SECONDS[0]
         self.held = None
+        self.signals = []
         self.broken = gevent.event.Event()
         self.broken_reason = None
         TALLY.listener_started()
@@ -297,6 +299,11 @@ class Listener(User):
         self.polls += 1
         if reset or missed:
             self._note_missed(missed, reset)
+        if reset:
+            # The room's history is not what this listener saw (a failover lost its newest
+            # posts): it starts over from the server's cursor, as a client drops its view.
+            ledger.rebase(json.loads(reply.body)["cursor"])
+            return ledger.next_expected - 1
         arrived_at, read_at, stamped = reply.arrived_at, reply.read_at, reply.stamped
         offset, bound = self.clock_offset, self.clock_bound
         for message_id, ts in messages:
@@ -330,11 +337,16 @@ class Listener(User):
         self.polls += 1
         if reset or missed:
             self._note_missed(missed, reset)
+        if reset:
+            self.ledger.rebase(json.loads(reply.body)["cursor"])
+            return 0
         for message_id, _ts in messages:
             self.ledger.record(message_id)
         return len(messages)
 
     def _note_missed(self, missed, reset):
+        if len(self.signals) < SIGNALS_KEPT:
+            self.signals.append(time.time())  # when it was told: posts accepted before are not silent losses
         if reset:
             TALLY.error("listener", "the server answered reset: it lost the room's history")
         self.ledger.missed_reported += missed
@@ -374,7 +386,8 @@ class Listener(User):
             self.gave_up = "stopped before its first answer"
         TALLY.listener_ended({"listener": self.name, "room": self.room,
                               "ledger": self.ledger.to_dict() if self.ledger else None, "polls": self.polls,
-                              "caught_up": caught_up, "listened_until": listened_until, "gave_up": self.gave_up})
+                              "caught_up": caught_up, "listened_until": listened_until, "gave_up": self.gave_up,
+                              "signals": self.signals})
         if TALLY.live_listeners == 0:
             gevent.spawn(report_now, self.environment)
 
@@ -524,10 +537,10 @@ class Poster(User):
             try:
                 reply = next(self.turns).post("/rooms/%s/msgs" % room, payload.encode(), name="post")
             except (OSError, FramingError) as exc:
-                TALLY.error("poster", "post: %s" % (exc or type(exc).__name__))
+                TALLY.error("poster", "post to %s : %s" % (room, exc or type(exc).__name__))
                 continue
             if reply.status != 201:
-                TALLY.error("poster", "post answered %d" % reply.status)
+                TALLY.error("poster", "post to %s answered %d" % (room, reply.status))
                 continue
             accepted = json.loads(reply.body)
             TALLY.post(room, accepted["id"], accepted["ts"])

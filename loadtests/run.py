@@ -20,6 +20,7 @@ from harness.processes import LOOPBACK, ROOT, ChattleServer, Process, RedisServe
 from harness.system_packages import missing, missing_line
 from instruments.measures import process_cpu_seconds
 from instruments.page import REPORTS_ROOT, new_report_dir
+from loadtests.cluster_load import CHAOS_KINDS, LOCAL
 from loadtests.scenario import (
     LOCUST_CONF,
     SETTLE_SECONDS,
@@ -66,6 +67,15 @@ def parse_args(argv=None):
                              "as lost contact, apart from messages lost by the server")
     parser.add_argument("--workers", type=int, default=1,
                         help="server workers; more than 1 runs gunicorn on the shared Redis bus")
+    parser.add_argument("--redis-cluster", default="",
+                        help="the server's bus on a Redis Cluster: `local` starts 3 masters and 3 replicas for the "
+                             "run (stopped at its end), or host:port[,...] of a running one; the report gives each "
+                             "shard's share (docs/cluster.md)")
+    parser.add_argument("--redis-wait", type=int, default=0,
+                        help="with --redis-cluster: the server's --redis-wait (ms a post waits for a replica)")
+    parser.add_argument("--chaos", choices=("",) + CHAOS_KINDS, default="",
+                        help="failover (with --redis-cluster local): during the bursts the master of the busiest "
+                             "room is killed; every accepted post is judged lost, signalled or delivered")
     parser.add_argument("--client-processes", type=int, default=0,
                         help="Locust worker processes beside the master (0: as few as the open-file limit "
                              "allows). One holds 10000 listeners at "
@@ -156,8 +166,9 @@ def preflight(args):
         notes.append("the master listens on loopback only: remote workers reach it only through a tunnel "
                      "(give --master-bind / MASTER_BIND an address they can reach)")
 
+    problems += cluster_problems(args)
     if not args.host:
-        if args.workers > 1:
+        if args.workers > 1 and not args.redis_cluster:
             if missing(["redis-server"]):
                 problems.append(missing_line(["redis-server"]))
             per_worker = connections_per_worker(soft)  # as gunicorn.conf.py sets it, under the same limit
@@ -191,6 +202,39 @@ def preflight(args):
     except (OSError, ValueError):
         pass
     return stages, problems, notes
+
+
+def cluster_problems(args):
+    """Why --redis-cluster, --redis-wait and --chaos cannot run as given; [] when they can."""
+    problems = []
+    if args.chaos and args.redis_cluster != LOCAL:
+        problems.append("--chaos %s kills a master of the cluster by its pid: it needs --redis-cluster local "
+                        "(REDIS_CLUSTER=local), a cluster this run starts" % args.chaos)
+    if args.chaos and args.shape != "bursts":
+        problems.append("--chaos %s strikes during the bursts stage: it needs --shape bursts" % args.chaos)
+    if args.redis_wait and not args.redis_cluster:
+        problems.append("--redis-wait (REDIS_WAIT=) is a setting of the cluster bus: give --redis-cluster too")
+    if args.redis_wait < 0:
+        problems.append("--redis-wait must be 0 or more milliseconds")
+    if not args.redis_cluster:
+        return problems
+    if args.host:
+        problems.append("--host runs no server here: start those servers on the cluster yourself "
+                        "(--redis-cluster goes with a server this run starts)")
+    if args.redis_cluster == LOCAL:
+        if missing(["redis-server"]):
+            problems.append(missing_line(["redis-server"]))
+        return problems
+    from harness import failover
+    try:
+        state = failover.ask(args.redis_cluster.split(",")[0].strip(), "CLUSTER", "INFO")
+        if "cluster_state:ok" not in state:
+            problems.append("the Redis Cluster at %s says it is not ok (CLUSTER INFO); start it with "
+                            "`make redis-cluster` or use REDIS_CLUSTER=local" % args.redis_cluster)
+    except Exception as exc:  # noqa: BLE001  (any failure to ask is the same refusal)
+        problems.append("no Redis Cluster node answers at %s (%s): give host:port of a node, or "
+                        "REDIS_CLUSTER=local to start one for the run" % (args.redis_cluster, exc))
+    return problems
 
 
 # -- sampling the server and the load generator once a second --------------------------------------
@@ -488,7 +532,8 @@ def main(argv=None):
     for note in notes:
         print("load: preflight ok: " + note)
 
-    redis = server = locust = sampler = None
+    redis = server = locust = sampler = cluster = chaos = None
+    cluster_info, histories = None, {}
     interrupted = False
     started_at = time.time()
     locust_started = server_cpu_before = locust_reaped_cpu = None
@@ -500,12 +545,18 @@ def main(argv=None):
         if args.host:
             urls = list(server_urls(args.host))
         else:
-            redis_url = None
-            if args.workers > 1:
+            redis_url, server_env = None, {}
+            if args.redis_cluster:
+                from loadtests.cluster_load import ClusterForLoad
+                cluster = ClusterForLoad(args.redis_cluster, os.path.join(report_dir, "redis-cluster"))
+                server_env = {"CHATTLE_REDIS_CLUSTER": cluster.addresses, "CHATTLE_REDIS_WAIT": str(args.redis_wait)}
+                print("load: redis cluster %s%s" % (cluster.addresses, " (pids %s)" % ", ".join(
+                    str(pid) for pid in cluster.pids().values()) if cluster.local else ""))
+            elif args.workers > 1:
                 redis = RedisServer(own_session=True)
                 redis_url = redis.url
                 print("load: redis-server pid %d on %s" % (redis.pid, redis_url))
-            server = ChattleServer(workers=args.workers, redis_url=redis_url, own_session=True,
+            server = ChattleServer(workers=args.workers, redis_url=redis_url, env=server_env, own_session=True,
                                    log_path=os.path.join(report_dir, "server.log"), root=args.server_root,
                                    python=args.server_python)
             urls = [server.url]
@@ -529,6 +580,10 @@ def main(argv=None):
                          log_path=os.path.join(report_dir, "locust.log"))
         locust_started = time.time()
         sampler.locust_pid = locust.pid
+        if args.chaos:
+            from loadtests.cluster_load import FailoverChaos
+            chaos = FailoverChaos(cluster, urls[0], room_name(0), stages, lambda: shape_started(raw_dir))
+            chaos.start()
         watch_locust(locust, sampler, stages, args, raw_dir)
     except KeyboardInterrupt:
         interrupted = True
@@ -543,6 +598,8 @@ def main(argv=None):
             stop_locust(locust, sampler, args)
             if not locust.alive():
                 locust_reaped_cpu = children_cpu_seconds() - children_cpu_before
+        if chaos is not None:
+            chaos.stop()
         if sampler is not None and sampler.is_alive():
             sampler.stop()
         server_cpu = None
@@ -553,9 +610,19 @@ def main(argv=None):
                 cursors = final_cursors(urls[0], args.rooms)
             except (OSError, RuntimeError, ValueError) as exc:
                 run_error = run_error or "final cursors: %s" % exc
+        if cluster is not None:
+            try:
+                cluster_info, histories = cluster_figures(cluster, args, urls, cursors, chaos)
+            except Exception as exc:  # noqa: BLE001  (the report says it, the cluster is still stopped)
+                run_error = run_error or "the cluster's figures: %s" % exc
         for started, grace in ((server, 10), (redis, 10)):
             if started is not None:
                 stop_quietly(started, grace)
+        if cluster is not None:
+            try:
+                cluster.stop()
+            except Exception as exc:  # noqa: BLE001
+                print("load: could not stop the redis cluster: %s" % exc, file=sys.stderr)
         CleanUp.end()
 
     from loadtests.report import build_report, print_summary
@@ -565,9 +632,14 @@ def main(argv=None):
                 "client_timeout": client_timeout(args.poll_timeout), "spawn_rate": args.spawn_rate,
                 "stop_rate": args.stop_rate, "workers": args.workers, "client_processes": args.client_processes,
                 "host": args.host or None, "servers": urls, "remote_workers": args.remote_workers,
-                "server": ("gunicorn x%d, redis bus" % args.workers if args.workers > 1
-                                                      else "python chattle.py, memory bus") if not args.host
+                "server": ("%s, redis-cluster bus%s" % ("gunicorn x%d" % args.workers if args.workers > 1
+                                                         else "python chattle.py",
+                                                         ", --redis-wait %d" % args.redis_wait if args.redis_wait
+                                                         else "") if args.redis_cluster else
+                           "gunicorn x%d, redis bus" % args.workers if args.workers > 1
+                           else "python chattle.py, memory bus") if not args.host
                 else "external %s" % args.host,
+                "cluster": cluster_info, "chaos": args.chaos or None,
                 "started": started_at, "locust_started": locust_started, "shape_started": shape_started(raw_dir),
                 "stages": stages,
                 "preflight": notes, "run_error": run_error, "interrupted": interrupted,
@@ -578,6 +650,9 @@ def main(argv=None):
                 # (the report's charts come after and are not counted)
                 "orchestrator_cpu_seconds": process_cpu_seconds(os.getpid()),
                 "locust_exit_code": locust.popen.returncode if locust is not None else None}
+    if histories:
+        from instruments.page import write_json
+        write_json(os.path.join(raw_dir, "histories.json"), histories)
     summary = build_report(report_dir, run_info, sampler.samples if sampler else [], cursors)
     print_summary(summary, report_dir)
     if args.shape == "steps":
@@ -589,6 +664,22 @@ def main(argv=None):
     if interrupted:
         return 130
     return 0 if summary["passed"] else 1
+
+
+def cluster_figures(cluster, args, urls, cursors, chaos):
+    """(what the report needs of the cluster, {room: {id: ts}} of every room's history with
+    --chaos), read after the load and before the server stops."""
+    from loadtests.cluster_load import room_history
+    rooms = [room_name(index) for index in range(args.rooms)]
+    info = {"addresses": cluster.addresses, "local": cluster.local is not None, "pids": cluster.pids(),
+            "table": cluster.table, "room_slots": cluster.room_slots(rooms), "node_cpu_s": cluster.cpu_used(),
+            "redis_wait_ms": args.redis_wait}
+    histories = {}
+    if chaos is not None:
+        info["failover"] = dict(chaos.record, probe_posts=chaos.probe_posts, error=chaos.error)
+        for room in rooms:
+            histories[room] = {str(key): ts for key, ts in room_history(urls[0], room, cursors.get(room, 0)).items()}
+    return info, histories
 
 
 def stop_locust(locust, sampler, args):

@@ -16,6 +16,7 @@ import pytest
 
 import chattle
 from clients import Listener, Poster, post_once
+from harness import failover
 from harness.processes import ROOT, get_json, wait_until
 from harness.redis_cluster import ClusterNode, RedisCluster
 from instruments.measures import delivery_summary
@@ -291,8 +292,7 @@ class RoomPoster:
 
     def longest_silence(self):
         """The longest time between two acknowledged posts: the room's time without service."""
-        times = sorted(self.answered_at)
-        return max((later - earlier for earlier, later in zip(times, times[1:])), default=0.0)
+        return failover.longest_silence(self.answered_at)
 
 
 class RoomLedger:
@@ -338,17 +338,8 @@ class RoomLedger:
 
     def judge(self, acknowledged):
         """(delivered, signalled, lost) of the posts acknowledged after it started."""
-        delivered = signalled = lost = 0
-        for content, _id, when in acknowledged:
-            if when < self.started:
-                continue
-            if content in self.received:
-                delivered += 1
-            elif any(signal >= when for signal in self.signals):
-                signalled += 1
-            else:
-                lost += 1
-        return delivered, signalled, lost
+        return failover.judge([(content, when) for content, _id, when in acknowledged if when >= self.started],
+                              self.received.__contains__, self.signals)
 
 
 def history_of(server, room, last):
@@ -400,14 +391,10 @@ def failover_during_a_burst(tmp_path, start_chattle, wait_ms, before=150, after=
             wait_until(lambda: len(posters[busiest].acknowledged) + len(posters[busiest].refused) >= answered + 30,
                        60.0, "posts answered while the replica lags")
         refused_while_stalled = len(posters[busiest].refused) - refused_at_stall
-        killed_at = time.monotonic()
-        doomed.signal(9)
-        doomed.popen.wait(10)
-        if lagging:
-            heir.signal(signal.SIGCONT)
-        wait_until(lambda: heir.role() == "master", 60.0, "the replica promoted")
-        promoted_at = time.monotonic()
-        cluster.restart(doomed)  # back as the new master's replica, as a supervisor would do
+        # back as the new master's replica afterwards, as a supervisor would do
+        continued = (lambda: heir.signal(signal.SIGCONT)) if lagging else None
+        done = failover.fail_over(cluster, doomed, after_kill=continued)
+        killed_at, promoted_at = done["killed_at"], done["promoted_at"]
         acknowledged_before = len(posters[busiest].acknowledged)
         wait_until(lambda: len(posters[busiest].acknowledged) >= acknowledged_before + after, 90.0,
                    "the busiest room served again")
