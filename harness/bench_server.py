@@ -1,9 +1,9 @@
 """Chattle with the harness's deliberate faults: the server the benchmarks start when a
 CHATTLE_BENCH_* variable asks for one. The product carries none of this; it is installed
-on chattle's own Bottle application here, before serving, so the path measured is
-chattle's with only the fault added.
+on chattle's own Bottle application (the extra work on its Room class) here, before
+serving, so the path measured is chattle's with only the fault added.
 
-    CHATTLE_BENCH_EXTRA_WORK=<squares>   every poll answer sums that many squares first
+    CHATTLE_BENCH_EXTRA_WORK=<squares>   every poll answer sums that many squares once made
                                          (how `make regress` shows its gates can fail)
     CHATTLE_BENCH_LEAK=requests,sockets  every chat request is kept in a list / every
                                          20th opens a socket never closed (how `make soak`
@@ -35,41 +35,51 @@ LEAKS = ("requests", "sockets")
 ###############################################################################
 
 class ExtraWorkPerAnswer:
-    """A Bottle plugin that makes every poll answer sum `squares` squares once its body
-    is made: a slowdown in the answer path of whichever process serves (this script, a
-    gunicorn worker, a benchmark's in-process app). Work, not a time: under callgrind a
-    timed spin would run fifty times fewer instructions."""
+    """Makes every poll answer sum `squares` squares once its body is made: a slowdown in
+    the answer path of whichever process serves (this script, a gunicorn worker, a
+    benchmark's in-process app). Work, not a time: under callgrind a timed spin would run
+    fifty times fewer instructions.
 
-    name = "extra_work_per_answer"
-    api = 2
+    It wraps chattle's Room.answer, which a poll calls once it is woken (or at once when
+    it need not wait), and not the poll route: a wrapper around the route stays on every
+    parked poll's stack, and made memory per held poll 5-6 % larger as well, so a
+    deliberate CPU slowdown also looked like a memory regression."""
 
     def __init__(self, squares):
         self.squares = squares
+        self.answer = None
 
-    def apply(self, callback, route):
-        if callback is not chattle.poll_messages:
-            return callback
+    def install(self, room_class):
+        if self.answer is not None:
+            return
+        answer = self.answer = room_class.answer
         squares = self.squares
 
-        def poll_with_extra_work(*args, **kwargs):
-            try:
-                return callback(*args, **kwargs)
-            finally:  # also when the answer leaves as chattle_http.SendJson
-                sum(i * i for i in range(squares))
+        def answer_with_extra_work(room, since, limit, shared=False):
+            body = answer(room, since, limit, shared)
+            sum(i * i for i in range(squares))
+            return body
 
-        return poll_with_extra_work
+        room_class.answer = answer_with_extra_work
+
+    def remove(self, room_class):
+        if self.answer is not None:
+            room_class.answer, self.answer = self.answer, None
 
 
-def install_extra_work(environ=os.environ, app=None):
+def install_extra_work(environ=os.environ, room_class=None):
     value = environ.get(EXTRA_WORK_VARIABLE, "")
     if not value:
-        return
+        return None
     try:
         squares = int(value)
     except ValueError:
         raise SystemExit("chattle: %s=%r is not a whole number of squares" % (EXTRA_WORK_VARIABLE, value))
-    if squares > 0:
-        (app or chattle.app).install(ExtraWorkPerAnswer(squares))
+    if squares <= 0:
+        return None
+    extra_work = ExtraWorkPerAnswer(squares)
+    extra_work.install(room_class or chattle.Room)
+    return extra_work
 
 
 ###############################################################################
@@ -154,7 +164,7 @@ def install_trace(environ=os.environ):
 
 def install(environ=os.environ, app=None):
     """Every fault the environment asks for, on chattle's application (or `app`)."""
-    install_extra_work(environ, app)
+    install_extra_work(environ)
     install_leaks(environ, app)
     install_trace(environ)
 

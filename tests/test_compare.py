@@ -90,6 +90,22 @@ def test_coarse_readings_widen_the_interval():
     assert widened["verdict"] == "unchanged" and widened["low"] < 1.0
 
 
+def test_memory_in_whole_pages_widens_the_interval():
+    # Measured in an A/A comparison of 100 listeners: the same page counts in all three
+    # rounds, -5.8 % each, an interval of zero width, called better.
+    def with_memory(kib, idle=36 * 2 ** 20, polls=100):
+        figures = summary(kib=kib)
+        figures["memory"].update(rss_idle=idle, rss_holding=idle + kib * 1024 * polls)
+        return figures
+    rounds = [{"base": with_memory(7.6), "head": with_memory(7.16)}] * 3
+    entry = compare.judge(rounds)["figures"]["kib_per_held_poll"]
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert entry["resolution"] == pytest.approx(page / (7.6 * 1024 * 100) + page / (7.16 * 1024 * 100))
+    assert entry["low"] < 0.95 < entry["high"] and entry["verdict"] == "unchanged"
+    unwidened = compare.compare_figure([7.6] * 3, [7.16] * 3, threshold=5.0)
+    assert unwidened["low"] == unwidened["high"] and unwidened["verdict"] == "better"
+
+
 def test_short_runs_cpu_resolution_comes_from_the_clock_tick():
     rounds = [{"base": summary(server_cpu_s=0.08), "head": summary(cpu_us=67.5, server_cpu_s=0.09)}] * 2
     entry = compare.judge(rounds)["figures"]["server_us_per_delivery"]
@@ -297,3 +313,30 @@ def test_ten_a_a_comparisons_raise_at_most_one_false_alarm(needs_git, tmp_path):
     judged = [code for code in verdicts if code != compare.CANNOT_COMPARE]
     assert len(judged) >= 8, "only %d of 10 comparisons could be judged: %s" % (len(judged), verdicts)
     assert judged.count(compare.WORSE) <= 1, verdicts
+
+
+# Every poll answer sums this many squares more in head (CHATTLE_BENCH_EXTRA_WORK): about
+# 15 % more server CPU per delivery at MIDDLE's size here (docs/compare.md, measured).
+FIFTEEN_PERCENT_OF_SQUARES = 100
+MIDDLE = ("--users", "1000", "--duration", "60", "--burst-gap", "1")
+
+
+@pytest.mark.slow
+@pytest.mark.long  # ten one-minute load runs: about a quarter of an hour on a quiet machine
+def test_about_fifteen_percent_more_work_per_answer_in_head_is_caught(needs_git, tmp_path):
+    """The same tree on both sides, head's servers made slower on purpose. At 5 rounds the
+    verdict must be worse, and worse on server CPU per delivery: the hook's own frame on
+    every parked poll also moves memory per held poll a few percent, which must not be
+    what carries the verdict. A machine that makes a round invalid fails this test."""
+    run = run_load("--base", "HEAD", "--rounds", "5", "--allow-dirty", *MIDDLE,
+                   "--head-env", "CHATTLE_BENCH_EXTRA_WORK=%d" % FIFTEEN_PERCENT_OF_SQUARES,
+                   "--report-root", str(tmp_path), timeout=3000)
+    print(run.stdout, run.stderr)
+    [report] = glob.glob(str(tmp_path / "*-compare"))
+    with open(os.path.join(report, "compare.json")) as data:
+        result = json.load(data)
+    assert run.returncode == compare.WORSE, result["reasons"]
+    cpu = result["figures"]["server_us_per_delivery"]
+    assert cpu["verdict"] == "worse", cpu
+    assert 1.05 < cpu["ratio"] < 1.35, "not about 15 %% more CPU per delivery: %r" % cpu["ratio"]
+    assert result["head_env"] == {"CHATTLE_BENCH_EXTRA_WORK": str(FIFTEEN_PERCENT_OF_SQUARES)}

@@ -113,8 +113,9 @@ def test_every_python_command_shown_answers_help(name, argv):
 
 
 def slug(heading):
-    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]|<[^>]+>", "", heading).strip().lower()
+    """GitHub's anchor for a heading: lower case, punctuation but - and _ dropped, spaces to
+    hyphens (`make_load` keeps its underscore)."""
+    text = re.sub(r"[`*]|<[^>]+>", "", heading).strip().lower()
     text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
@@ -133,6 +134,7 @@ def test_slugs_are_githubs():
     assert slug("Many workers: the shared Redis bus") == "many-workers-the-shared-redis-bus"
     assert slug("What `make load` prints") == "what-make-load-prints"
     assert slug("gunicorn's own gevent worker") == "gunicorns-own-gevent-worker"
+    assert slug("Wake-up latency: make bench REDIS_CLUSTER=") == "wake-up-latency-make-bench-redis_cluster"
 
 
 def test_every_relative_link_resolves():
