@@ -5,6 +5,7 @@ One place for it, used by `make run`, `make load`, `make bench` and the tests al
 Every process is started here, remembered by its pid and ended by that pid only.
 """
 
+import compileall
 import json
 import os
 import signal
@@ -140,6 +141,18 @@ class RedisServer(Process):
         self.__init__(self.workdir, self.port, appendonly=True, bind=self.bind)
 
 
+def compile_server_modules(root):
+    """Byte-compile the modules a server imports from `root` (chattle_http, chattle_limits;
+    chattle itself under gunicorn) and the fault wrapper, before it starts. A server that
+    compiled them from source at start-up (a fresh worktree, or PYTHONDONTWRITEBYTECODE
+    set) grew less while holding polls, the compiler's freed memory being reused, it
+    seems: 684 KiB for 100 held polls against 760 KiB from bytecode, and 1376 against 1660
+    KiB for 200. So memory per held poll came out 10 % or more lower on whichever side of a
+    comparison had no bytecode. compileall writes whatever the environment says."""
+    for directory in (root, BENCH_SERVER_DIR):
+        compileall.compile_dir(directory, maxlevels=0, quiet=2)
+
+
 class ChattleServer(Process):
     """Chattle under `python chattle.py` (one process) or gunicorn with N gevent workers."""
 
@@ -170,6 +183,7 @@ class ChattleServer(Process):
             argv = [python, script, "--host", bind, "--port", str(self.port), *extra_args]
         if log_path is None:
             log_path = tempfile.mkstemp(prefix="chattle-server-", suffix=".log")[1]
+        compile_server_modules(root)
         super().__init__(argv, env=full_env, cwd=root, log_path=log_path, own_session=own_session)
         try:
             wait_until(self.healthy, 30, "chattle on %s" % self.url, self)
