@@ -5,6 +5,7 @@ this tree's, else one made for it). Used by `make regress BASE=` (bench/ab.py) a
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -49,6 +50,23 @@ class BaseCheckout:
             subprocess.run(["git", "worktree", "remove", "--force", self.root], cwd=ROOT, capture_output=True,
                            timeout=120)
         subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True, timeout=120)
+
+
+def copy_of_this_tree(where, root=ROOT):
+    """This tree as it is (committed, changed and untracked files, not the ignored ones) at
+    `where`, for head's servers to run from: beside the base's worktree, at a path of the
+    same length. A server's memory depends on its path: one run from a longer directory
+    grew about 30 KiB more while holding polls (4 % at 100 listeners), so a base in a
+    temporary directory and head in a checkout differed by that much in A/A runs."""
+    listed = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=root)
+    for name in filter(None, listed.split("\0")):
+        source = os.path.join(root, name)
+        if not os.path.lexists(source):
+            continue  # deleted in this tree, not yet committed
+        target = os.path.join(where, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(source, target, follow_symlinks=False)
+    return where
 
 
 def server_dependencies(root):

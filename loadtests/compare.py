@@ -5,8 +5,9 @@ The base is checked out into a temporary git worktree (removed at the end, also 
 failure or Ctrl-C). Base and head ("this tree") are run in turns, ROUNDS of each, the
 order alternating from round to round (A B, B A, A B, ...), every run a complete `make
 load` on a freshly started server: the base's server code from its worktree, head's from
-this tree, and this tree's load client and seeded schedule for both (the same listeners,
-rooms and bursts). CHATTLE_BENCH_* variables of the environment (and --head-env) reach
+a copy of this tree beside it (the same path length: a server's memory depends on it),
+and this tree's load client and seeded schedule for both (the same listeners, rooms and
+bursts). CHATTLE_BENCH_* variables of the environment (and --head-env) reach
 head's servers only.
 
 Per figure (server CPU per delivery, wake-up p50 and p99, memory per held poll) each
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from harness.checkout import BaseCheckout, Unmeasured
+from harness.checkout import BaseCheckout, Unmeasured, copy_of_this_tree
 from harness.processes import LOOPBACK, ROOT, Process, free_port, wait_until
 from instruments import history
 from instruments.measures import LatencyHistogram, percentile, ratio_interval
@@ -622,8 +623,9 @@ def _compare(args, load_argv, load_args, scratch, run):
                   % (args.base, checkout.commit[:12], problem), file=sys.stderr)
             return CANNOT_COMPARE
         bench_env = dict(history.bench_environment(), **head_env)
+        head_root = copy_of_this_tree(os.path.join(scratch, "head"))  # beside the base's: the same path length
         sides = (Side("base", checkout.root, checkout.python, without_bench_env(os.environ)),
-                 Side("head", ROOT, sys.executable, dict(without_bench_env(os.environ), **bench_env)))
+                 Side("head", head_root, sys.executable, dict(without_bench_env(os.environ), **bench_env)))
         os.makedirs(args.report_root, exist_ok=True)
         report_dir = new_report_dir("compare", root=args.report_root)
         rounds_dir = os.path.join(report_dir, "rounds")
@@ -631,9 +633,10 @@ def _compare(args, load_argv, load_args, scratch, run):
         settings = history.load_settings(vars(load_args), environ={})
         settings_line = ", ".join("%s=%s" % item for item in sorted(settings.items())
                                   if item[1] not in (None, {}, ""))
-        print("compare: base %s (%s) in %s, on %s; head %s is this tree%s; %d rounds, A B, B A, ...; report in %s" % (
-            args.base, checkout.commit[:12], checkout.root, checkout.venv_note, head_commit[:12],
-            " (uncommitted changes)" if dirty else "", args.rounds, report_dir), flush=True)
+        print("compare: base %s (%s) in %s, on %s; head %s is this tree%s, its servers run from a copy in %s; "
+              "%d rounds, A B, B A, ...; report in %s" % (
+                  args.base, checkout.commit[:12], checkout.root, checkout.venv_note, head_commit[:12],
+                  " (uncommitted changes)" if dirty else "", head_root, args.rounds, report_dir), flush=True)
         if bench_env:
             print("compare: head's servers get %s" % " ".join("%s=%s" % item for item in sorted(bench_env.items())))
         timeout = load_args.duration + ROUND_MARGIN_SECONDS
