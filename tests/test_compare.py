@@ -219,48 +219,47 @@ def test_a_revision_that_does_not_exist_is_refused(needs_git, tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_a_dirty_tree_is_refused(needs_git, tmp_path):
-    # A worktree of this commit of our own, made dirty: the repository's tree is left alone.
+@pytest.fixture
+def dirty_tree(needs_git, tmp_path):
+    """A worktree of this commit of our own with chattle.py changed: the repository's tree
+    is left alone."""
     tree = str(tmp_path / "tree")
     git("worktree", "add", "--detach", tree, "HEAD")
     try:
         with open(os.path.join(tree, "chattle.py"), "a") as source:
             source.write("\n# an uncommitted change\n")
-        run = run_load("--base", "HEAD", *SMALL, "--report-root", str(tmp_path / "reports"), cwd=tree)
-        assert run.returncode == compare.CANNOT_COMPARE, run.stdout + run.stderr
-        assert "this tree has uncommitted changes (chattle.py)" in run.stderr
-        assert "ALLOW_DIRTY=1" in run.stderr
+        yield tree
     finally:
         git("worktree", "remove", "--force", tree)
 
 
-def test_heads_servers_run_from_a_copy_of_this_tree_beside_the_base(needs_git, tmp_path):
+def test_a_dirty_tree_is_refused(dirty_tree, tmp_path):
+    run = run_load("--base", "HEAD", *SMALL, "--report-root", str(tmp_path / "reports"), cwd=dirty_tree)
+    assert run.returncode == compare.CANNOT_COMPARE, run.stdout + run.stderr
+    assert "this tree has uncommitted changes (chattle.py)" in run.stderr
+    assert "ALLOW_DIRTY=1" in run.stderr
+
+
+def test_heads_servers_run_from_a_copy_of_this_tree_beside_the_base(dirty_tree, tmp_path):
     # A server's memory depends on the length of its directory's path, so head runs from a
     # copy at <scratch>/head as the base from <scratch>/base: with its uncommitted changes
     # and untracked files, without what git ignores.
     from harness.checkout import copy_of_this_tree
-    tree = str(tmp_path / "tree")
-    git("worktree", "add", "--detach", tree, "HEAD")
-    try:
-        with open(os.path.join(tree, "chattle.py"), "a") as source:
-            source.write("\n# an uncommitted change\n")
-        os.makedirs(os.path.join(tree, "__pycache__"))
-        with open(os.path.join(tree, "__pycache__", "ignored.pyc"), "w") as ignored:
-            ignored.write("ignored")
-        with open(os.path.join(tree, "new_module.py"), "w") as untracked:
-            untracked.write("UNTRACKED = True\n")
-        os.remove(os.path.join(tree, "README.md"))
-        scratch = tmp_path / "chattle-compare-x"
-        head = copy_of_this_tree(str(scratch / "head"), root=tree)
-        assert len(head) == len(str(scratch / "base"))
-        with open(os.path.join(head, "chattle.py")) as copied:
-            assert copied.read().endswith("# an uncommitted change\n")
-        assert os.path.exists(os.path.join(head, "new_module.py"))
-        assert os.path.exists(os.path.join(head, "views")) and os.path.exists(os.path.join(head, "static"))
-        assert not os.path.exists(os.path.join(head, "__pycache__"))
-        assert not os.path.exists(os.path.join(head, "README.md"))
-    finally:
-        git("worktree", "remove", "--force", tree)
+    os.makedirs(os.path.join(dirty_tree, "__pycache__"))
+    with open(os.path.join(dirty_tree, "__pycache__", "ignored.pyc"), "w") as ignored:
+        ignored.write("ignored")
+    with open(os.path.join(dirty_tree, "new_module.py"), "w") as untracked:
+        untracked.write("UNTRACKED = True\n")
+    os.remove(os.path.join(dirty_tree, "README.md"))
+    scratch = tmp_path / "chattle-compare-x"
+    head = copy_of_this_tree(str(scratch / "head"), root=dirty_tree)
+    assert len(head) == len(str(scratch / "base"))
+    with open(os.path.join(head, "chattle.py")) as copied:
+        assert copied.read().endswith("# an uncommitted change\n")
+    assert os.path.exists(os.path.join(head, "new_module.py"))
+    assert os.path.exists(os.path.join(head, "views")) and os.path.exists(os.path.join(head, "static"))
+    assert not os.path.exists(os.path.join(head, "__pycache__"))
+    assert not os.path.exists(os.path.join(head, "README.md"))
 
 
 def commit_without_health(tmp_path):
