@@ -163,7 +163,8 @@ def install_trace(environ=os.environ):
 
 
 def install(environ=os.environ, app=None):
-    """Every fault the environment asks for, on chattle's application (or `app`)."""
+    """Every fault the environment asks for: the extra work on chattle's Room, the leaks on its
+    application (or `app`), the tracing on the process."""
     install_extra_work(environ)
     install_leaks(environ, app)
     install_trace(environ)
