@@ -8,6 +8,7 @@ Flags given on the command line override what is set here.
 
 import math
 import os
+import queue
 import signal
 import sys
 
@@ -75,6 +76,45 @@ accesslog = os.environ.get("CHATTLE_GUNICORN_ACCESSLOG") or None
 control_socket_disable = True
 
 
+# A worker runs the master's signal handlers from fork until gunicorn's
+# Worker.init_signals, which comes after gevent has patched and chattle's modules have
+# loaded (up to a second on a busy machine). The master's handler only queues a signal,
+# in this process's copy of the master's queue, which nothing reads: a SIGTERM that
+# reached a booting worker (the master stopped right after it started, or while it
+# replaced a worker) was lost, and the master waited out the whole graceful timeout
+# for a worker that was never told to stop. Both gunicorn internals this reads (the
+# arbiter's SIG_QUEUE, and `alive` ending Worker.run) are checked by
+# tests/test_gunicorn.py against the pinned version.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def post_fork(server, worker):
+    """Keep a stop asked for while this worker boots: it ends the worker once booted."""
+
+    def stop_once_booted(_signum, _frame):
+        worker.alive = False
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop_once_booted)
+    if STOP_SIGNALS_QUEUED.intersection(_drain(getattr(server, "SIG_QUEUE", None))):
+        worker.alive = False  # one arrived between fork and this hook
+
+
+STOP_SIGNALS_QUEUED = frozenset(STOP_SIGNALS)
+
+
+def _drain(signal_queue):
+    """What the master's handler queued in this process (the master's own pending
+    signals at fork time among them: a master about to stop stops this worker too)."""
+    queued = []
+    while signal_queue is not None:
+        try:
+            queued.append(signal_queue.get_nowait())
+        except queue.Empty:
+            break
+    return queued
+
+
 def post_worker_init(worker):
     """On SIGTERM, answer every held poll at once instead of sitting out the graceful
     timeout; and tune the worker's garbage collector as `python chattle.py` does."""
@@ -89,6 +129,8 @@ def post_worker_init(worker):
         gevent.spawn(chattle.rooms.close)
 
     signal.signal(signal.SIGTERM, handle_exit)
+    if not worker.alive:  # stopped while booting: what it accepts meanwhile is answered at once
+        gevent.spawn(chattle.rooms.close)
     try:
         chattle.get_bus()  # the shared bus's reader follows Redis before the first request arrives
     except SystemExit as refused:

@@ -12,6 +12,7 @@ import signal
 import time
 
 import gevent
+import pytest
 
 import chattle
 from chattle_limits import client_timeout, connections_per_worker
@@ -109,4 +110,55 @@ def test_sigterm_answers_held_polls_and_the_master_exits(seed_gunicorn):
     while server.alive() and time.monotonic() < deadline:
         gevent.sleep(0.1)
     assert not server.alive(), "the gunicorn master did not exit after SIGTERM"
+    assert server.popen.returncode == 0
+
+
+# A wrapper around gunicorn.conf.py whose post_fork holds a new worker, before or after
+# chattle's own post_fork, until the test says go: the window in which a booting worker
+# still runs the master's signal handlers, made as wide as the test needs.
+PAUSED_BOOT_CONFIG = '''
+import os, runpy, time
+globals().update(runpy.run_path({config!r}))
+chattles_post_fork = globals().get("post_fork", lambda server, worker: None)
+
+
+def post_fork(server, worker):
+    if {before!r}:
+        hold_while_asked()
+    chattles_post_fork(server, worker)
+    if not {before!r}:
+        hold_while_asked()
+
+
+def hold_while_asked():
+    if not os.path.exists(os.path.join({pauses!r}, "pause")):
+        return
+    open(os.path.join({pauses!r}, "%d.booting" % os.getpid()), "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join({pauses!r}, "go")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+'''
+
+
+@pytest.mark.parametrize("held", ["before chattle's post_fork", "after chattle's post_fork"])
+def test_a_stop_that_reaches_a_booting_worker_ends_it_once_booted(start_chattle, tmp_path, held):
+    """SIGTERM to the master while a worker boots: the master must not wait out the
+    75 s graceful timeout for a worker that lost the signal."""
+    config = tmp_path / "paused.conf.py"
+    config.write_text(PAUSED_BOOT_CONFIG.format(config=os.path.join(ROOT, "gunicorn.conf.py"),
+                                                before=held.startswith("before"), pauses=str(tmp_path)))
+    server = start_chattle(workers=1, gunicorn=True, extra_args=("--config", str(config)))
+    [booted] = server.worker_pids()
+    (tmp_path / "pause").touch()
+    try:
+        server.signal(signal.SIGTTIN)  # one more worker: it is held in post_fork
+        wait_until(lambda: list(tmp_path.glob("*.booting")), GENEROUS, "a second worker held while booting")
+        stopped_at = time.monotonic()
+        server.signal(signal.SIGTERM)
+        # the master signals every worker at once: the booted one ending shows the held one was signalled too
+        wait_until(lambda: booted not in server.worker_pids(), GENEROUS, "the booted worker stopped")
+    finally:
+        (tmp_path / "go").touch()
+    wait_until(lambda: not server.alive(), 30, "the master exited, well before the 75 s graceful timeout")
+    assert time.monotonic() - stopped_at < 60
     assert server.popen.returncode == 0

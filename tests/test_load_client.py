@@ -394,12 +394,14 @@ def test_kernel_arrival_shows_a_client_that_reads_late_as_client_lag():
     client = LongPollClient("http://127.0.0.1:%d" % listener.getsockname()[1], None, timeout=5)
     client._connect()
     sock = client._sock
-    # The kernel turns receive timestamps on in deferred work after the first socket asks:
-    # a process's very first answers may come unstamped, so ask until one is.
-    for _attempt in range(50):
+    # The kernel turns receive timestamps on in deferred work (a kworker) after the first
+    # socket asks: the first answers may come unstamped, for as long as a busy machine
+    # keeps that kworker waiting, so ask until one is.
+    stamped, deadline = False, time.monotonic() + 20
+    while not stamped and time.monotonic() < deadline:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        if client._read(time.time()).stamped:
-            break
+        stamped = client._read(time.time()).stamped
+    assert stamped, "the kernel stamped no answer in 20 s: are receive timestamps (SO_TIMESTAMPNS) available?"
     sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     wait_read(sock.fileno(), 5)                        # the answer is in the socket
     waiting_since = time.time()
