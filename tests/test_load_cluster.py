@@ -161,7 +161,7 @@ def test_a_load_worker_killed_mid_run_leaves_its_listeners_lost_contact_not_lost
     server = start_chattle()
     port = free_port()
     master = subprocess.Popen([sys.executable, "-m", "loadtests.run", "--host", server.url, "--remote-workers", "2",
-                               "--master-port", str(port), "--users", "40", "--duration", "36", "--spawn-rate", "40",
+                               "--master-port", str(port), "--users", "40", "--duration", "28", "--spawn-rate", "40",
                                "--burst-gap", "1", "--report-root", str(tmp_path)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     workers = [subprocess.Popen([sys.executable, "-m", "loadtests.worker", "--master", "127.0.0.1", "--master-port",

@@ -107,9 +107,9 @@ def test_three_garbage_answers_cost_three_polls_and_nothing_else(start_chattle, 
     users = 300
     try:
         run = subprocess.run(
-            [sys.executable, "-m", "loadtests.run", "--host", proxy.url, "--users", str(users), "--duration", "30",
+            [sys.executable, "-m", "loadtests.run", "--host", proxy.url, "--users", str(users), "--duration", "25",
              "--spawn-rate", "300", "--burst-gap", "2", "--report-root", str(tmp_path)],
-            cwd=ROOT, capture_output=True, text=True, timeout=30 + 30 + 90)   # ends on time: never at its deadline
+            cwd=ROOT, capture_output=True, text=True, timeout=25 + 30 + 90)   # ends on time: never at its deadline
     finally:
         proxy.close()
     assert proxy.corrupted == 3, run.stdout + run.stderr

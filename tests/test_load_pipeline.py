@@ -122,7 +122,7 @@ def test_a_target_that_does_not_speak_the_protocol_is_refused_in_one_line(tmp_pa
 def test_listeners_whose_server_vanishes_count_as_lost_contact_not_lost_messages(tmp_path, start_chattle):
     server = start_chattle()
     argv = [sys.executable, "-m", "loadtests.run", "--report-root", str(tmp_path), "--host", server.url,
-            "--users", "30", "--duration", "40", "--spawn-rate", "30", "--lost-contact-seconds", "3"]
+            "--users", "30", "--duration", "26", "--spawn-rate", "30", "--lost-contact-seconds", "3"]
     run = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until(lambda: server_waiters(server) >= 30, 40, "30 held polls")
