@@ -71,16 +71,21 @@ class Process:
         return self.popen.poll() is None
 
     def signal(self, signum):
+        """Signal the process if it still runs. It may end, and be reaped by gevent's child
+        watcher in a patched caller, between the check and the signal: that is not an error."""
         if self.alive():
-            os.kill(self.pid, signum)
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
 
     def stop(self, grace=10.0):
         if self.alive():
-            os.kill(self.pid, signal.SIGTERM)
+            self.signal(signal.SIGTERM)
             try:
                 self.popen.wait(grace)
             except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
+                self.signal(signal.SIGKILL)
                 self.popen.wait(5)
         if self._log not in (None, subprocess.DEVNULL):
             self._log.close()

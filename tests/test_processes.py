@@ -1,6 +1,7 @@
 """harness/processes.py: what the harness starts, it stops, also when it is interrupted."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -49,3 +50,18 @@ def test_a_server_starts_from_bytecode_even_where_none_is_written(tmp_path, cann
             assert (tree / "__pycache__" / ("%s.%s.pyc" % (module, tag))).exists(), module
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True, timeout=60)
+
+
+def test_a_process_that_ends_and_is_reaped_while_being_stopped_is_stopped_without_an_error():
+    """alive() said yes, then the process ended and something else reaped it (gevent's
+    child watcher does, in a patched caller) before the signal went: ProcessLookupError,
+    which a Ctrl-C's clean-up must not raise."""
+    process = Process([sys.executable, "-c", "pass"], log_path=None)
+    os.waitpid(process.pid, 0)           # ended and reaped behind Popen's back
+
+    class StillThoughtAlive(Process):
+        def alive(self):
+            return True
+    process.__class__ = StillThoughtAlive
+    process.signal(signal.SIGTERM)
+    assert process.stop(grace=1) is not None
