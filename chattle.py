@@ -23,6 +23,7 @@ import re  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from collections import OrderedDict, deque  # noqa: E402
 
 import gevent  # noqa: E402
@@ -32,7 +33,7 @@ import gevent  # noqa: E402
 gevent.config.track_greenlet_tree = False
 import bottle  # noqa: E402
 from bottle import Bottle, HTTPResponse, request, response, static_file, template  # noqa: E402
-from gevent.event import Event  # noqa: E402
+from gevent.event import AsyncResult, Event  # noqa: E402
 from greenlet import getcurrent  # noqa: E402
 
 import chattle_http  # noqa: E402
@@ -388,6 +389,8 @@ class Rooms:
 
     # -- the retained history's bound -----------------------------------------------
     def count_retained(self, room, change):
+        if self.by_name.get(room.name) is not room:
+            return  # forgotten while a fetch still filled it: its bytes are nobody's (and go with it)
         self.retained_bytes += change
         if change > 0 and self.max_retained_bytes is not None and self.retained_bytes > self.max_retained_bytes:
             self._shed(room)
@@ -446,6 +449,11 @@ class Rooms:
 # Buses: how a post reaches every worker's rooms
 ###############################################################################
 
+def bus_log(message):
+    """One line (or a traceback) on the server's log, stderr."""
+    print("chattle: " + message, file=sys.stderr, flush=True)
+
+
 class BusUnavailable(Exception):
     """The shared bus cannot be reached; nothing was written (unless `maybe_written`: the
     post was written but not confirmed as asked, so it may yet be delivered)."""
@@ -480,6 +488,9 @@ class MemoryBus:
     def healthy(self):
         return True
 
+    def reader_state(self):
+        return None  # no reader
+
     def clock(self):
         """The clock every `ts` of this bus is read from."""
         return time.time()
@@ -510,6 +521,11 @@ class RedisBus:
     POSTS_RETAINED = 10000      # the reader only needs recent entries; a longer outage resyncs rooms
     READ_BLOCK_MS = 5000
     READ_BATCH = 500
+    # What the publish scripts write in each entry (room, id, from, content, ts): an entry
+    # short of one, or with an id or ts that is not a number, is skipped, never applied.
+    ENTRY_FIELDS = ("r", "i", "f", "c", "t")
+    ENTRY_ID = re.compile(r"[1-9][0-9]{0,17}")
+    ENTRY_TS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
     BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0
     POOL_SIZE = 64              # posts and loads share it; a full pool waits, then answers 503
     SOCKET_TIMEOUT = 2.0
@@ -548,12 +564,21 @@ return {id, ts}
         self.client = redis.Redis(connection_pool=pool, retry=no_retry)
         self.reader_client = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=self.READ_BLOCK_MS / 1000.0 + 5,
-            socket_connect_timeout=self.SOCKET_TIMEOUT, retry=no_retry, single_connection_client=True)
+            socket_connect_timeout=self.SOCKET_TIMEOUT, retry=no_retry, single_connection_client=True,
+            encoding_errors="replace")  # bytes that are not UTF-8 must not fail a whole batch, read after read
         self.publish_script = self.client.register_script(self.PUBLISH_SCRIPT)
         self.loaded = {}            # room name -> True, or the Event a load in progress sets
         self.held_back = {}         # room name -> reader entries a load or catch-up applies after it
         self.reader_ok = False
         self.seen = None            # the last global stream entry the reader has applied
+        self.trim_handled = "0-0"   # the trim mark (_trimmed_past) every room was last fetched again for
+        self.reader_status = "starting"
+        self.reader_restarts = 0    # unexpected errors the reader started again after
+        self.reader_reconnects = 0  # Redis errors it connected again after
+        self.malformed_entries = 0  # entries skipped: not as the publish script writes them
+        self.resyncs = 0            # times every loaded room was fetched again (a resume, a trim past the reader)
+        self.reader_error = None    # the last error the reader met, for /stats and /health
+        self.catching_up = {}       # room name -> the AsyncResult of the catch-up under way
         self.posts_received = 0     # posts the reader was given (the reader's cost)
         self.posts_received_for_rooms_not_held = 0  # of those, posts of rooms this worker holds no copy of
         self.closing = False
@@ -604,6 +629,7 @@ return {id, ts}
             finally:
                 room.waiting -= 1
         else:
+            self.rooms.release(room)
             raise BusUnavailable("the room could not be loaded")
         if since is not None and since > room.last_id:
             # A cursor another worker handed out before this worker's reader caught up
@@ -619,6 +645,7 @@ return {id, ts}
         except self.redis.RedisError as exc:
             del self.loaded[room_name]
             self.held_back.pop(room_name, None)  # its next load reads them from its stream
+            self.rooms.release(room)  # or each poll naming a new room while Redis is down leaves one
             raise BusUnavailable(type(exc).__name__)
         finally:
             loading.set()
@@ -626,10 +653,38 @@ return {id, ts}
             gevent.spawn(self._settle, room_name)
 
     def _catch_up(self, room_name, room):
+        """Bring the copy up to Redis for a cursor past it. The room is fetched only when
+        Redis' last id differs from the copy's (one GET first), so a cursor from the future,
+        however often it comes, costs Redis no fetch; concurrent catch-ups of a room share
+        one. A room left empty by a failed one is let go, as a failed load is."""
+        pending = self.catching_up.get(room_name)
+        if pending is None:
+            pending = self.catching_up[room_name] = AsyncResult()
+            try:
+                if int(self._last_id(room_name) or 0) != room.last_id:
+                    self._sync(room_name, room)
+                pending.set()
+            except self.redis.RedisError as exc:
+                pending.set_exception(BusUnavailable(type(exc).__name__))
+            finally:
+                del self.catching_up[room_name]
+                if not pending.ready():  # this poll was ended meanwhile: those sharing it ask again
+                    pending.set_exception(BusUnavailable("the catch-up was interrupted"))
+        else:
+            room.waiting += 1  # as for a load: not let go under the polls waiting for it
+            try:
+                pending.wait()
+            finally:
+                room.waiting -= 1
         try:
-            self._sync(room_name, room)
-        except self.redis.RedisError as exc:
-            raise BusUnavailable(type(exc).__name__)
+            pending.get(block=False)
+        except BusUnavailable:
+            if self.rooms.release(room):
+                self.forget(room_name)
+            raise
+
+    def _last_id(self, room_name):
+        return self.client.get(self.room_keys(room_name)[0])
 
     def _sync(self, room_name, room):
         """Bring the local copy up to Redis: the newest `history` messages, contiguous."""
@@ -669,28 +724,112 @@ return {id, ts}
 
     # -- the reader ----------------------------------------------------------------
     def _follow(self):
+        """The reader, for the bus's whole life: a Redis error connects again, a malformed
+        entry is skipped, and any other error is logged and the reader starts again, each
+        after a backoff. Starting again fetches every loaded room, so nothing is lost."""
         backoff = self.BACKOFF_FIRST
         while not self.closing:
             try:
                 if not self.reader_ok:
                     self._resume()
                     self.reader_ok = True
+                    self.reader_status = "ok"
                     backoff = self.BACKOFF_FIRST
-                reply = self.reader_client.xread({self.POSTS: self.seen}, count=self.READ_BATCH,
+                seen = self.seen
+                reply = self.reader_client.xread({self.POSTS: seen}, count=self.READ_BATCH,
                                                  block=self.READ_BLOCK_MS)
                 for _stream, entries in reply or ():
                     for entry_id, fields in entries:
-                        self._apply(fields)
+                        # past it first: an entry that fails is not read again, and starting
+                        # again fetches its room
                         self.seen = entry_id
-            except (self.redis.RedisError, OSError, ValueError):
+                        self._take(entry_id, fields)
+                if self._trimmed_past(seen):
+                    self._refetch_every_room()
+            except (self.redis.RedisError, OSError, ValueError) as exc:
                 # ValueError: redis-py reading from a socket closed under it
-                self.reader_ok = False
-                try:
-                    self.reader_client.connection.disconnect()
-                except Exception:
-                    pass
+                self._reader_down("reconnecting", exc)
+                self.reader_reconnects += 1
                 gevent.sleep(backoff)
                 backoff = min(backoff * 2, self.BACKOFF_MAX)
+            except Exception as exc:
+                self._reader_down("restarting", exc)
+                self.reader_restarts += 1
+                bus_log("the Redis bus reader failed and starts again in %g s, fetching every room this "
+                    "worker holds (please report this, with what follows):\n%s" % (backoff, traceback.format_exc()))
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, self.BACKOFF_MAX)
+
+    def _reader_down(self, status, exc):
+        self.reader_ok = False
+        self.reader_status = status
+        self.reader_error = "%s: %s" % (type(exc).__name__, str(exc)[:200])
+        try:
+            self.reader_client.connection.disconnect()
+        except Exception:
+            pass
+
+    def _take(self, entry_id, fields):
+        """Apply one entry of the global stream, unless it is not as the publish script
+        writes it (anything with access to Redis may XADD there)."""
+        problem = self.malformed(fields)
+        if problem is None:
+            self._apply(fields)
+            return
+        self.malformed_entries += 1
+        self.reader_error = "malformed entry %s: %s" % (entry_id, problem)
+        bus_log("skipped entry %s of %s: %s; only chattle's post script may write there (find what else does, "
+            "and remove the entry with XDEL %s %s)" % (entry_id, self.POSTS, problem, self.POSTS, entry_id))
+
+    @classmethod
+    def malformed(cls, fields):
+        """Why a reader's entry (a dict of text fields) cannot be applied, or None."""
+        if not isinstance(fields, dict):
+            return "not a set of fields"
+        missing = [name for name in cls.ENTRY_FIELDS if not isinstance(fields.get(name), str)]
+        if missing:
+            return "field %s missing" % ", ".join(missing)
+        if not cls.ENTRY_ID.fullmatch(fields["i"]):
+            return "id %r is not a message id" % fields["i"][:40]
+        if not cls.ENTRY_TS.fullmatch(fields["t"]):
+            return "ts %r is not a time" % fields["t"][:40]
+        return None
+
+    @staticmethod
+    def stream_id(entry_id):
+        milliseconds, _dash, sequence = entry_id.partition("-")
+        return int(milliseconds), int(sequence or 0)
+
+    def _trimmed_past(self, seen):
+        """Whether entries after `seen` may have been trimmed from the global stream before
+        the reader read them (a worker stalled while a burst went by): then its rooms could
+        miss posts, and a quiet room would never be woken. The stream is trimmed from its
+        oldest end, so that is when `seen` itself is gone: the first entry kept is after it,
+        or the stream is empty and its last id is after it. Checked after every read, and
+        true once per trim (`trim_handled`); XDEL is covered by max-deleted-entry-id."""
+        if seen in (None, "0-0"):
+            return False  # started on an empty stream: the first read begins at its start
+        try:
+            info = self.reader_client.xinfo_stream(self.POSTS)
+        except self.redis.ResponseError:
+            return False  # no stream (yet): nothing was written since this reader started
+        first = info.get("first-entry")
+        mark = first[0] if first else info.get("last-generated-id") or "0-0"
+        deleted = info.get("max-deleted-entry-id") or "0-0"  # Redis 7 and later
+        mark = max(mark, deleted, key=self.stream_id)
+        if self.stream_id(mark) <= max(self.stream_id(seen), self.stream_id(self.trim_handled)):
+            return False
+        self.trim_handled = mark
+        bus_log("the Redis bus reader fell behind %s's trimming (it was at %s, the stream now starts after %s): "
+            "fetching every room this worker holds again; a worker this far behind is overloaded or was "
+            "stopped" % (self.POSTS, seen, mark))
+        return True
+
+    def reader_state(self):
+        """How the reader is doing, for /stats and /health."""
+        return {"state": self.reader_status, "restarts": self.reader_restarts,
+                "reconnects": self.reader_reconnects, "malformed_entries": self.malformed_entries,
+                "resyncs": self.resyncs, "last_error": self.reader_error}
 
     def _resume(self):
         """After a start or an outage: fix where to read from, then fill every loaded room,
@@ -698,6 +837,10 @@ return {id, ts}
         if self.seen is None:
             newest = self.reader_client.xrevrange(self.POSTS, "+", "-", count=1)
             self.seen = newest[0][0] if newest else "0-0"
+        self._refetch_every_room()
+
+    def _refetch_every_room(self):
+        self.resyncs += 1
         for room_name, state in list(self.loaded.items()):
             if state is True and room_name not in self.held_back:
                 self.held_back[room_name] = []
@@ -906,6 +1049,9 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         self.posts_received_for_rooms_not_held = 0
         self.readers = {}           # master's name -> its ShardReader
         self.subscribed = {}        # room name -> the master's name whose reader holds its subscription
+        self.catching_up = {}
+        self.reader_restarts = self.reader_reconnects = self.malformed_entries = 0
+        self.reader_error = None
         self.topology_changed = Event()
         self.reader = gevent.spawn(self._watch)
 
@@ -1087,6 +1233,7 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             self.held_back.pop(room_name, None)  # its next load reads them from its stream
             self.stale.discard(room_name)
             self._unsubscribe(room_name)
+            self.rooms.release(room)
             raise exc if isinstance(exc, BusUnavailable) else BusUnavailable(type(exc).__name__)
         finally:
             loading.set()
@@ -1133,6 +1280,12 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             raise self.redis.ConnectionError(str(exc))
         return last, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
 
+    def _last_id(self, room_name):
+        try:
+            return self.cluster.get(self.room_keys(room_name)[0])
+        except self.redis.exceptions.RedisClusterException as exc:
+            raise self.redis.ConnectionError(str(exc))
+
     def _fetch_from(self, node, room_name):
         if node is None:
             raise self.redis.ConnectionError("no node serves the room's slot")
@@ -1156,7 +1309,27 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
 
     # -- what the subscribers are given ------------------------------------------------------
     def _receive(self, payload):
-        self._apply(json.loads(payload))
+        """A shard message: applied unless it is not as the post script publishes it."""
+        try:
+            fields = json.loads(payload)
+            problem = self.malformed(fields)
+        except ValueError:
+            problem = "not JSON"
+        if problem is None:
+            self._apply(fields)
+            return
+        self.malformed_entries += 1
+        self.reader_error = "malformed message: %s" % problem
+        bus_log("skipped a message on a room's shard channel: %s; only chattle's post script may publish "
+                "there (find what else does): %r" % (problem, payload[:200]))
+
+    def reader_state(self):
+        """The shard readers together: "ok" while each is connected."""
+        readers = list(self.readers.values())
+        state = "starting" if not readers else "ok" if all(r.connection is not None for r in readers) \
+            else "reconnecting"
+        return {"state": state, "restarts": self.reader_restarts, "reconnects": self.reader_reconnects,
+                "malformed_entries": self.malformed_entries, "resyncs": 0, "last_error": self.reader_error}
 
     def _refetch(self, room_name):
         """Fetch a held room from its stream again: its subscription was made anew, and
@@ -1298,9 +1471,21 @@ class ShardReader:
                         continue
                     self._receive(reply)
                     backoff = bus.BACKOFF_FIRST
-            except (redis.RedisError, OSError, ValueError):
+            except (redis.RedisError, OSError, ValueError) as exc:
                 # ValueError: redis-py reading from a socket closed under it
+                bus.reader_reconnects += 1
+                bus.reader_error = "%s: %s" % (type(exc).__name__, str(exc)[:200])
                 self.down = connection is None
+                self._lost(connection)
+                bus.topology_changed.set()
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, bus.BACKOFF_MAX)
+            except Exception as exc:
+                # connecting again subscribes and fetches every room of this master: nothing is lost
+                bus.reader_restarts += 1
+                bus.reader_error = "%s: %s" % (type(exc).__name__, str(exc)[:200])
+                bus_log("a Redis Cluster shard reader failed and starts again in %g s, fetching the rooms "
+                        "it holds (please report this, with what follows):\n%s" % (backoff, traceback.format_exc()))
                 self._lost(connection)
                 bus.topology_changed.set()
                 gevent.sleep(backoff)
@@ -1650,7 +1835,7 @@ def health():
     ok = current.healthy()
     # "time": the clock `ts` comes from, so a client on another host can measure its offset to it
     body = encode({"status": "ok" if ok else "degraded", "bus": current.name, "pid": os.getpid(),
-                   "time": current.clock() if ok else None})
+                   "time": current.clock() if ok else None, "bus_reader": current.reader_state()})
     return json_answer(body, 200 if ok else 503)
 
 
@@ -1669,6 +1854,7 @@ def stats():
         # what the bus's readers were given: every post of the cluster, or only the held rooms'
         "bus_posts_received": get_bus().posts_received,
         "bus_posts_received_for_rooms_not_held": get_bus().posts_received_for_rooms_not_held,
+        "bus_reader": get_bus().reader_state(),
         # read together, so that descriptors beyond the open connections is exact
         "connections": chattle_http.open_connections(),
         "descriptors": descriptors_open(),
