@@ -146,6 +146,58 @@ def test_a_message_that_never_came_is_fetched_when_the_next_one_leaves_a_gap(bus
     assert got == ["never published", "published"] and worker.posts_received == 1
 
 
+def test_malformed_shard_messages_are_skipped_and_the_subscription_goes_on(buses):
+    worker, poster = buses(), buses()
+    room = worker.room("odd", 0)
+    master = worker._master_of(worker.room_keys("odd")[0])
+    shard = worker.readers[master.name]
+    connection = shard.connection
+    no_id = {"r": "odd", "i": "x", "f": "ann", "c": "x", "t": "1.5"}
+    for payload in ("not json", "[1]", chattle.json.dumps({"r": "odd"}), chattle.json.dumps(no_id)):
+        master.redis_connection.execute_command("SPUBLISH", worker.CHANNEL % "odd", payload)
+    poster.publish("odd", "ann", "after them")
+    wait_until(lambda: room.last_id == 1, 10.0, "the post after the malformed messages")
+    # through the same subscription: no reconnect, no fetch
+    assert shard.connection is connection and worker.readers[master.name] is shard
+    state = worker.reader_state()
+    assert (state["state"], state["malformed_entries"], state["restarts"], worker.posts_received) == ("ok", 4, 0, 1)
+
+
+def test_a_failed_load_or_catch_up_keeps_neither_the_room_nor_its_subscription(buses):
+    import redis
+
+    worker = buses()
+
+    def down(*_args, **_kwargs):
+        raise redis.ConnectionError("the room's master does not answer (the test says so)")
+
+    def held(room_name):
+        return room_name in worker.rooms.by_name or room_name in worker.loaded or room_name in worker.subscribed
+
+    real_eval = worker.cluster.eval
+    worker.cluster.eval = down  # the load's fetch fails
+    with pytest.raises(chattle.BusUnavailable):
+        worker.room("noload", 0)
+    assert not held("noload")
+    real_sync = worker._sync
+    syncs = []
+
+    def sync_then_down(room_name, room):
+        syncs.append(room_name)
+        if len(syncs) > 1:
+            down()
+        worker.cluster.eval = real_eval
+        real_sync(room_name, room)
+        worker.cluster.eval = worker.cluster.get = down  # the catch-up after the load fails
+
+    worker._sync = sync_then_down
+    with pytest.raises(chattle.BusUnavailable):
+        worker.room("nocatchup", 5)
+    assert not held("nocatchup")
+    wait_until(lambda: not any(name in reader.rooms for reader in worker.readers.values()
+                               for name in ("noload", "nocatchup")), 10.0, "both unsubscribed")
+
+
 def test_a_post_confirmed_by_a_replica_is_served_from_the_replicas(buses):
     """With WAIT, a worker reads what a replica holds: the subscribers are on the replicas."""
     poster, reader = buses(wait_ms=5000), buses(wait_ms=5000)
