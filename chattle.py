@@ -526,6 +526,7 @@ class RedisBus:
     ENTRY_FIELDS = ("r", "i", "f", "c", "t")
     ENTRY_ID = re.compile(r"[1-9][0-9]{0,17}")
     ENTRY_TS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+    ERROR_CHARS = 200           # of an error or a malformed entry quoted in /stats and the log
     BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0
     POOL_SIZE = 64              # posts and loads share it; a full pool waits, then answers 503
     SOCKET_TIMEOUT = 2.0
@@ -763,7 +764,7 @@ return {id, ts}
     def _reader_down(self, status, exc):
         self.reader_ok = False
         self.reader_status = status
-        self.reader_error = "%s: %s" % (type(exc).__name__, str(exc)[:200])
+        self.reader_error = self.error_text(exc)
         try:
             self.reader_client.connection.disconnect()
         except Exception:
@@ -777,9 +778,13 @@ return {id, ts}
             self._apply(fields)
             return
         self.malformed_entries += 1
-        self.reader_error = "malformed entry %s: %s" % (entry_id, problem)
+        self.reader_error = ("malformed entry %s: %s" % (entry_id, problem))[:self.ERROR_CHARS]
         bus_log("skipped entry %s of %s: %s; only chattle's post script may write there (find what else does, "
             "and remove the entry with XDEL %s %s)" % (entry_id, self.POSTS, problem, self.POSTS, entry_id))
+
+    @classmethod
+    def error_text(cls, exc):
+        return ("%s: %s" % (type(exc).__name__, exc))[:cls.ERROR_CHARS]
 
     @classmethod
     def malformed(cls, fields):
@@ -790,9 +795,9 @@ return {id, ts}
         if missing:
             return "field %s missing" % ", ".join(missing)
         if not cls.ENTRY_ID.fullmatch(fields["i"]):
-            return "id %r is not a message id" % fields["i"][:40]
+            return "id %r is not a message id" % fields["i"][:cls.ERROR_CHARS]
         if not cls.ENTRY_TS.fullmatch(fields["t"]):
-            return "ts %r is not a time" % fields["t"][:40]
+            return "ts %r is not a time" % fields["t"][:cls.ERROR_CHARS]
         return None
 
     @staticmethod
@@ -1319,9 +1324,9 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             self._apply(fields)
             return
         self.malformed_entries += 1
-        self.reader_error = "malformed message: %s" % problem
+        self.reader_error = ("malformed message: %s" % problem)[:self.ERROR_CHARS]
         bus_log("skipped a message on a room's shard channel: %s; only chattle's post script may publish "
-                "there (find what else does): %r" % (problem, payload[:200]))
+                "there (find what else does): %r" % (problem, payload[:self.ERROR_CHARS]))
 
     def reader_state(self):
         """The shard readers together: "ok" while each is connected."""
@@ -1474,7 +1479,7 @@ class ShardReader:
             except (redis.RedisError, OSError, ValueError) as exc:
                 # ValueError: redis-py reading from a socket closed under it
                 bus.reader_reconnects += 1
-                bus.reader_error = "%s: %s" % (type(exc).__name__, str(exc)[:200])
+                bus.reader_error = bus.error_text(exc)
                 self.down = connection is None
                 self._lost(connection)
                 bus.topology_changed.set()
@@ -1483,7 +1488,7 @@ class ShardReader:
             except Exception as exc:
                 # connecting again subscribes and fetches every room of this master: nothing is lost
                 bus.reader_restarts += 1
-                bus.reader_error = "%s: %s" % (type(exc).__name__, str(exc)[:200])
+                bus.reader_error = bus.error_text(exc)
                 bus_log("a Redis Cluster shard reader failed and starts again in %g s, fetching the rooms "
                         "it holds (please report this, with what follows):\n%s" % (backoff, traceback.format_exc()))
                 self._lost(connection)

@@ -163,6 +163,29 @@ def test_malformed_shard_messages_are_skipped_and_the_subscription_goes_on(buses
     assert (state["state"], state["malformed_entries"], state["restarts"], worker.posts_received) == ("ok", 4, 0, 1)
 
 
+def test_a_shard_reader_that_fails_starts_again_and_fetches_its_rooms(buses):
+    worker, poster = buses(), buses()
+    room = worker.room("oops", 0)
+    shard = worker.readers[worker._master_of(worker.room_keys("oops")[0]).name]
+    real_apply = worker._apply
+    failures = []
+
+    def failing_apply(fields):
+        if not failures:
+            failures.append(fields["c"])
+            raise RuntimeError("a bug in applying a message")
+        return real_apply(fields)
+
+    worker._apply = failing_apply
+    poster.publish("oops", "ann", "the one it failed on")
+    wait_until(lambda: room.last_id == 1, 10.0, "the message, fetched when the subscriber connected again")
+    poster.publish("oops", "ann", "after it")
+    wait_until(lambda: room.last_id == 2, 10.0, "a message through the new connection")
+    state = worker.reader_state()
+    assert (failures, state["restarts"], state["state"]) == (["the one it failed on"], 1, "ok")
+    assert worker.readers[shard.master.name] is shard and not shard.greenlet.dead  # the same reader went on
+
+
 def test_a_failed_load_or_catch_up_keeps_neither_the_room_nor_its_subscription(buses):
     import redis
 

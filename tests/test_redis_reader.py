@@ -76,7 +76,7 @@ def test_an_unexpected_error_restarts_the_reader_which_loses_nothing(workers):
     def failing_apply(fields):
         if not failures:
             failures.append(fields["c"])
-            raise RuntimeError("a bug in applying an entry")
+            raise RuntimeError("a bug in applying an entry " + "x" * 1000)
         return real_apply(fields)
 
     worker._apply = failing_apply
@@ -87,7 +87,7 @@ def test_an_unexpected_error_restarts_the_reader_which_loses_nothing(workers):
     assert contents(room) == ["the one it failed on", "read after the restart"]
     state = worker.reader_state()
     assert (failures, state["state"], state["restarts"], state["resyncs"]) == (["the one it failed on"], "ok", 1, 2)
-    assert state["last_error"].startswith("RuntimeError")
+    assert state["last_error"].startswith("RuntimeError: a bug") and len(state["last_error"]) == worker.ERROR_CHARS
 
 
 def test_stats_and_health_report_the_reader(redis_server, raw):
