@@ -1839,9 +1839,11 @@ def health():
     current = get_bus()
     ok = current.healthy()
     # "time": the clock `ts` comes from, so a client on another host can measure its offset to it
-    body = encode({"status": "ok" if ok else "degraded", "bus": current.name, "pid": os.getpid(),
-                   "time": current.clock() if ok else None, "bus_reader": current.reader_state()})
-    return json_answer(body, 200 if ok else 503)
+    body = {"status": "ok" if ok else "degraded", "bus": current.name, "pid": os.getpid(),
+            "time": current.clock() if ok else None}
+    if current.reader_state() is not None:  # a shared bus: how its reader is doing
+        body["bus_reader"] = current.reader_state()
+    return json_answer(encode(body), 200 if ok else 503)
 
 
 @app.get("/stats")
