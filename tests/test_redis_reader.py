@@ -148,6 +148,20 @@ def test_a_reader_stalled_past_the_trim_of_the_global_stream_wakes_its_held_poll
     assert (reader["state"], reader["resyncs"], reader["restarts"], reader["reconnects"]) == ("ok", 2, 0, 0)
 
 
+def test_a_reader_whose_reads_follow_quickly_makes_no_extra_round_trip(workers, raw):
+    """A read that began less than TRIM_CHECK_SPAN after the one before it cannot have been
+    trimmed past (and neither can one after a batch short of READ_BATCH): no XINFO. Here
+    the span is made too long for any read to end after it, so none is asked."""
+    writer, worker = workers(), workers()
+    worker.TRIM_CHECK_SPAN = 3600.0
+    room = worker.room("busy", 0)
+    raw.config_resetstat()
+    for number in range(20):
+        writer.publish("busy", "ann", "m%d" % number)
+    wait_until(lambda: room.last_id == 20, 10.0, "every post read")
+    assert command_calls(raw, "xinfo|stream") == 0 and command_calls(raw, "xread") >= 1
+
+
 def test_polls_on_new_rooms_while_redis_is_down_keep_no_room(redis_server):
     chattle.configure(chattle.Settings(history=50, redis=redis_server.url))
     try:
