@@ -527,13 +527,12 @@ class RedisBus:
     ENTRY_ID = re.compile(r"[1-9][0-9]{0,17}")
     ENTRY_TS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
     ERROR_CHARS = 200           # of an error or a malformed entry quoted in /stats and the log
-    # A read that may have missed entries trimmed from the global stream is followed by a
-    # look at the stream (_trimmed_past): one after a full batch (the reader is behind), or
-    # that ends this long after the previous read began (a stall). In less time, fewer posts
-    # than POSTS_RETAINED can be written (a Redis runs the post script about 50 000 times a
-    # second at most), so a reader at the stream's end then cannot be trimmed past, and a
-    # busy reader makes no extra round trip.
-    TRIM_CHECK_SPAN = 0.1
+    # The reader looks whether it was trimmed past (_trimmed_past) after a full batch (it is
+    # behind), and otherwise at most this often: in less time, fewer posts than
+    # POSTS_RETAINED can be written (a Redis runs the post script about 50 000 times a
+    # second at most), so a reader that was at the stream's end cannot be trimmed past in
+    # between, and a busy reader makes at most 10 such round trips a second.
+    TRIM_CHECK_EVERY = 0.1
     BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0
     POOL_SIZE = 64              # posts and loads share it; a full pool waits, then answers 503
     SOCKET_TIMEOUT = 2.0
@@ -736,7 +735,7 @@ return {id, ts}
         entry is skipped, and any other error is logged and the reader starts again, each
         after a backoff. Starting again fetches every loaded room, so nothing is lost."""
         backoff = self.BACKOFF_FIRST
-        previous_read = behind = None
+        checked = behind = None
         while not self.closing:
             try:
                 if not self.reader_ok:
@@ -744,12 +743,10 @@ return {id, ts}
                     self.reader_ok = True
                     self.reader_status = "ok"
                     backoff = self.BACKOFF_FIRST
-                    previous_read, behind = time.monotonic(), False  # it fetched every room just now
+                    checked, behind = time.monotonic(), False  # it fetched every room just now
                 seen = self.seen
-                started = time.monotonic()
                 reply = self.reader_client.xread({self.POSTS: seen}, count=self.READ_BATCH,
                                                  block=self.READ_BLOCK_MS)
-                stalled = time.monotonic() - previous_read >= self.TRIM_CHECK_SPAN
                 read = 0
                 for _stream, entries in reply or ():
                     read += len(entries)
@@ -758,9 +755,12 @@ return {id, ts}
                         # again fetches its room
                         self.seen = entry_id
                         self._take(entry_id, fields)
-                if (behind or stalled or read >= self.READ_BATCH) and self._trimmed_past(seen):
-                    self._refetch_every_room()
-                previous_read, behind = started, read >= self.READ_BATCH
+                now = time.monotonic()
+                if behind or read >= self.READ_BATCH or now - checked >= self.TRIM_CHECK_EVERY:
+                    checked = now
+                    if self._trimmed_past(seen):
+                        self._refetch_every_room()
+                behind = read >= self.READ_BATCH
             except (self.redis.RedisError, OSError, ValueError) as exc:
                 # ValueError: redis-py reading from a socket closed under it
                 self._reader_down("reconnecting", exc)
@@ -825,7 +825,7 @@ return {id, ts}
         miss posts, and a quiet room would never be woken. The stream is trimmed from its
         oldest end, so that is when `seen` itself is gone: the first entry kept is after it,
         or the stream is empty and its last id is after it. Asked after a read that may have
-        missed some (TRIM_CHECK_SPAN), and true once per trim (`trim_handled`); XDEL is
+        missed some (TRIM_CHECK_EVERY), and true once per trim (`trim_handled`); XDEL is
         covered by max-deleted-entry-id."""
         if seen in (None, "0-0"):
             return False  # started on an empty stream: the first read begins at its start

@@ -148,12 +148,12 @@ def test_a_reader_stalled_past_the_trim_of_the_global_stream_wakes_its_held_poll
     assert (reader["state"], reader["resyncs"], reader["restarts"], reader["reconnects"]) == ("ok", 2, 0, 0)
 
 
-def test_a_reader_whose_reads_follow_quickly_makes_no_extra_round_trip(workers, raw):
-    """A read that began less than TRIM_CHECK_SPAN after the one before it cannot have been
-    trimmed past (and neither can one after a batch short of READ_BATCH): no XINFO. Here
-    the span is made too long for any read to end after it, so none is asked."""
+def test_a_busy_reader_looks_for_a_trim_at_most_every_trim_check_every(workers, raw):
+    """Between two looks less than TRIM_CHECK_EVERY apart (and after batches short of
+    READ_BATCH) no trim can pass the reader: it asks no XINFO. Here that time is made too
+    long to pass, so none is asked however many reads."""
     writer, worker = workers(), workers()
-    worker.TRIM_CHECK_SPAN = 3600.0
+    worker.TRIM_CHECK_EVERY = 3600.0
     room = worker.room("busy", 0)
     raw.config_resetstat()
     for number in range(20):
