@@ -74,6 +74,12 @@ SETTINGS = [
     ("redis_wait", "CHATTLE_REDIS_WAIT", int, 0,
      "with --redis-cluster: milliseconds a post waits for a replica to have it (WAIT 1 <ms>) before "
      "its 201, so that it survives a failover; not confirmed in time: 503; 0 answers at once"),
+    ("idempotency_seconds", "CHATTLE_IDEMPOTENCY_SECONDS", int, 300,
+     "seconds a post's Idempotency-Key is remembered: the same key to the same room within them "
+     "is answered with the first post's id and ts, and not posted again"),
+    ("idempotency_keys", "CHATTLE_IDEMPOTENCY_KEYS", int, 100000,
+     "Idempotency-Keys the in-memory bus remembers per worker; beyond, the oldest are forgotten "
+     "(the shared bus keeps each in Redis for --idempotency-seconds)"),
     ("access_log", "CHATTLE_ACCESS_LOG", int, 0,
      "1 logs every request (costly with thousands of held polls)"),
     ("max_retained_bytes", "CHATTLE_MAX_RETAINED_BYTES", int, 256 * 1024 * 1024,
@@ -103,6 +109,8 @@ class Settings:
             raise SystemExit("chattle: give either --redis or --redis-cluster, not both")
         if self.redis_wait < 0:
             raise SystemExit("chattle: --redis-wait must be 0 (answer at once) or more milliseconds")
+        if self.idempotency_seconds < 1 or self.idempotency_keys < 1:
+            raise SystemExit("chattle: --idempotency-seconds and --idempotency-keys must be at least 1")
         self.http_limits()  # checks them
 
     def http_limits(self):
@@ -448,11 +456,25 @@ class Rooms:
 
 class BusUnavailable(Exception):
     """The shared bus cannot be reached; nothing was written (unless `maybe_written`: the
-    post was written but not confirmed as asked, so it may yet be delivered)."""
+    post's outcome is unknown, as it was sent and no answer came, or it was written but
+    not confirmed as asked)."""
 
     def __init__(self, reason, maybe_written=False):
         super().__init__(reason)
         self.maybe_written = maybe_written
+
+
+def never_sent(redis, exc, one_command=True):
+    """Whether redis-py raised `exc` where the command certainly never ran: Redis refused it,
+    or it never reached Redis whole (no free connection, none made, or its write failed,
+    and Redis runs only a whole command; of a pipeline the first may be whole). Anything
+    else, a reply that timed out or a connection lost while waiting for it above all, may
+    come after Redis ran it."""
+    if isinstance(exc, (redis.exceptions.ResponseError, redis.exceptions.MaxConnectionsError)):
+        return True
+    text = str(exc)
+    return (text.startswith("No connection available") or " connecting to " in text
+            or text == "Timeout connecting to server" or (one_command and "writing to socket" in text))
 
 
 class MemoryBus:
@@ -461,14 +483,36 @@ class MemoryBus:
     name = "memory"
     posts_received = posts_received_for_rooms_not_held = 0  # no reader: the post is the wake-up
 
-    def __init__(self, rooms):
+    def __init__(self, rooms, idempotency_seconds=300, idempotency_keys=100000):
         self.rooms = rooms
+        self.idempotency_seconds = idempotency_seconds
+        self.idempotency_keys = idempotency_keys
+        # (room, Idempotency-Key) -> (id, ts, when it lapses on the monotonic clock), oldest
+        # first: every entry lives the same window, so the oldest is also the first to lapse.
+        self.posted_by_key = OrderedDict()
 
-    def publish(self, room_name, sender, content):
+    def publish(self, room_name, sender, content, idempotency_key=None):
+        if idempotency_key is not None:
+            posted = self._posted(room_name, idempotency_key)
+            if posted is not None:
+                return posted
         room = self.rooms.get(room_name)
         message = {"id": room.last_id + 1, "from": sender, "content": content, "ts": time.time()}
         room.add(message["id"], encode(message))
+        if idempotency_key is not None:
+            self.posted_by_key[room_name, idempotency_key] = (
+                message["id"], message["ts"], time.monotonic() + self.idempotency_seconds)
         return message
+
+    def _posted(self, room_name, idempotency_key):
+        """The first post under this key, while remembered; drops what lapsed or is over the bound."""
+        table, now = self.posted_by_key, time.monotonic()
+        while table and (len(table) >= self.idempotency_keys or next(iter(table.values()))[2] <= now):
+            table.popitem(last=False)
+        posted = table.get((room_name, idempotency_key))
+        if posted is None:
+            return None
+        return {"id": posted[0], "ts": posted[1], "replayed": True}
 
     def room(self, room_name, since=None):
         """The room a poll after `since` is answered from (the shared bus may load it first)."""
@@ -514,11 +558,21 @@ class RedisBus:
     POOL_SIZE = 64              # posts and loads share it; a full pool waits, then answers 503
     SOCKET_TIMEOUT = 2.0
 
-    # KEYS: the room's last id, the room's stream, the global stream.
+    # KEYS: the room's last id, the room's stream, the global stream; a post with an
+    # Idempotency-Key also its key (IDEMPOTENCY_KEY), and its window in seconds as ARGV[7].
     # ARGV: room, from, content, room stream length, global stream length, the room's TTL.
     # Both keys of a room expire together when nobody posts to it for the TTL (every post
     # starts it again): its life ends, and its ids start again from 1 in the next one.
+    # A key already there is the same post sent again: answered with what the first was
+    # given (and 'replayed'), and not posted; else it is kept, "<id> <ts>", for the window.
     PUBLISH_SCRIPT = """
+if KEYS[4] then
+  local posted = redis.call('GET', KEYS[4])
+  if posted then
+    local id, ts = string.match(posted, '^(%d+) (.+)$')
+    return {tonumber(id), ts, 'replayed'}
+  end
+end
 local id = redis.call('INCR', KEYS[1])
 local now = redis.call('TIME')
 local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
@@ -527,10 +581,14 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[1], 'i', id,
            'f', ARGV[2], 'c', ARGV[3], 't', ts)
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
+if KEYS[4] then
+  redis.call('SET', KEYS[4], id .. ' ' .. ts, 'EX', ARGV[7])
+end
 return {id, ts}
 """
+    IDEMPOTENCY_KEY = "chattle:room:%s:idem:%s"  # room, Idempotency-Key
 
-    def __init__(self, rooms, url, history, room_ttl=7 * 24 * 3600):
+    def __init__(self, rooms, url, history, room_ttl=7 * 24 * 3600, idempotency_seconds=300):
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -539,6 +597,7 @@ return {id, ts}
         self.rooms = rooms
         self.history = history
         self.room_ttl = room_ttl
+        self.idempotency_seconds = idempotency_seconds
         rooms.on_forget = self.forget  # a room the worker forgot is loaded again from Redis
         # No retries: a post whose reply was lost must not be written twice.
         no_retry = Retry(NoBackoff(), 0)
@@ -568,15 +627,21 @@ return {id, ts}
         return encode({"id": message_id, "from": sender, "content": content, "ts": float(ts)})
 
     # -- posts ---------------------------------------------------------------------
-    def publish(self, room_name, sender, content):
+    def publish(self, room_name, sender, content, idempotency_key=None):
         last_key, stream_key = self.room_keys(room_name)
+        keys = [last_key, stream_key, self.POSTS]
+        args = [room_name, sender, content, self.history, self.POSTS_RETAINED, self.room_ttl]
+        if idempotency_key is not None:
+            keys.append(self.IDEMPOTENCY_KEY % (room_name, idempotency_key))
+            args.append(self.idempotency_seconds)
         try:
-            message_id, ts = self.publish_script(
-                keys=[last_key, stream_key, self.POSTS],
-                args=[room_name, sender, content, self.history, self.POSTS_RETAINED, self.room_ttl])
+            reply = self.publish_script(keys=keys, args=args)
         except self.redis.RedisError as exc:
-            raise BusUnavailable(type(exc).__name__)
+            raise BusUnavailable(type(exc).__name__, maybe_written=not never_sent(self.redis, exc))
+        message_id, ts = reply[0], reply[1]
         message = {"id": int(message_id), "from": sender, "content": content, "ts": float(ts)}
+        if reply[-1] == "replayed":  # posted by its first sending: the reader delivers it as it was
+            return {"id": message["id"], "ts": message["ts"], "replayed": True}
         room = self.rooms.by_name.get(room_name)
         # The reader will deliver it too; adding it here now only when it is the very
         # next id keeps the local copy contiguous and wakes this worker's polls sooner.
@@ -840,12 +905,24 @@ class RedisClusterBus(RedisBus):
     REDIRECTS = 5               # MOVED or ASK: a post looks again this often at most
     POOL_SIZE = 256             # connections per node: a full pool answers 503
 
-    # KEYS: the room's last id, its stream. ARGV: room, from, content, room stream length,
+    # KEYS: the room's last id, its stream; a post with an Idempotency-Key also its key
+    # (IDEMPOTENCY_KEY, in the room's slot), and its window in seconds as ARGV[8].
+    # ARGV: room, from, content, room stream length,
     # the room's TTL, '1' to publish the post here ('0': the caller publishes it once a
     # replica confirmed it), the room's channel. The channel, in the room's slot by its hash
     # tag, is not passed as a key: a slot being migrated answers TRYAGAIN to a script naming
     # a key it does not hold. The id goes out as a string: cjson writes 14 digits only.
+    # A post sent again is answered as RedisBus's is; it writes its key once more (the same
+    # value and expiry): WAIT confirms what its own connection wrote, and so the first post.
     PUBLISH_SCRIPT = """
+if KEYS[3] then
+  local posted = redis.call('GET', KEYS[3])
+  if posted then
+    redis.call('SET', KEYS[3], posted, 'KEEPTTL')
+    local id, ts = string.match(posted, '^(%d+) (.+)$')
+    return {tonumber(id), ts, 'replayed'}
+  end
+end
 local id = redis.call('INCR', KEYS[1])
 local now = redis.call('TIME')
 local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
@@ -855,13 +932,17 @@ redis.call('EXPIRE', KEYS[2], ARGV[5])
 if ARGV[6] == '1' then
   redis.call('SPUBLISH', ARGV[7], cjson.encode({r=ARGV[1], i=string.format('%d', id), f=ARGV[2], c=ARGV[3], t=ts}))
 end
+if KEYS[3] then
+  redis.call('SET', KEYS[3], id .. ' ' .. ts, 'EX', ARGV[8])
+end
 return {id, ts}
 """
+    IDEMPOTENCY_KEY = "chattle:{%s}:idem:%s"  # room (its hash tag), Idempotency-Key
     FETCH_SCRIPT = """
 return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
 """
 
-    def __init__(self, rooms, addresses, history, room_ttl=7 * 24 * 3600, wait_ms=0):
+    def __init__(self, rooms, addresses, history, room_ttl=7 * 24 * 3600, wait_ms=0, idempotency_seconds=300):
         import hashlib
 
         import redis
@@ -874,6 +955,7 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         self.history = history
         self.room_ttl = room_ttl
         self.wait_ms = wait_ms
+        self.idempotency_seconds = idempotency_seconds
         self.read_replicas = wait_ms > 0
         rooms.on_forget = self.forget
         # No retries: a post whose reply was lost must not be written twice (MOVED and ASK
@@ -1012,10 +1094,14 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         return nodes[1] if self.read_replicas and len(nodes) > 1 else nodes[0]
 
     # -- posts ---------------------------------------------------------------------
-    def publish(self, room_name, sender, content):
+    def publish(self, room_name, sender, content, idempotency_key=None):
         last_key, stream_key = self.room_keys(room_name)
         channel = self.CHANNEL % room_name
+        keys = [last_key, stream_key]
         args = [room_name, sender, content, self.history, self.room_ttl, "0" if self.wait_ms else "1", channel]
+        if idempotency_key is not None:
+            keys.append(self.IDEMPOTENCY_KEY % (room_name, idempotency_key))
+            args.append(self.idempotency_seconds)
         asking = None
         for _attempt in range(self.REDIRECTS):
             node = self._master_of(last_key)
@@ -1026,13 +1112,14 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
                 pipe = node.redis_connection.pipeline(transaction=False)
                 if asking is not None:
                     pipe.execute_command("ASKING")
-                pipe.execute_command("EVALSHA", self.publish_sha, 2, last_key, stream_key, *args)
+                pipe.execute_command("EVALSHA", self.publish_sha, len(keys), *keys, *args)
                 if self.wait_ms:
                     pipe.execute_command("WAIT", 1, self.wait_ms)
                 replies = pipe.execute(raise_on_error=False)
             except (self.redis.RedisError, OSError) as exc:
                 self.topology_changed.set()
-                raise BusUnavailable(type(exc).__name__)
+                raise BusUnavailable(type(exc).__name__,
+                                     maybe_written=not never_sent(self.redis, exc, one_command=not self.wait_ms))
             if asking is not None:
                 replies = replies[1:]
                 asking = None
@@ -1053,7 +1140,11 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             break
         else:
             raise BusUnavailable("the room's slot kept moving")
-        message_id, ts = posted
+        message_id, ts = posted[0], posted[1]
+        if posted[-1] == "replayed":  # posted by its first sending
+            if self.wait_ms:
+                self._announce_again(room_name, last_key, stream_key, channel, int(message_id))
+            return {"id": int(message_id), "ts": float(ts), "replayed": True}
         if self.wait_ms:
             self._announce(last_key, channel, {"r": room_name, "i": str(message_id), "f": sender, "c": content,
                                                "t": ts})
@@ -1072,6 +1163,20 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             self._master_of(last_key).redis_connection.execute_command("SPUBLISH", channel, encode(fields))
         except (self.redis.RedisError, OSError, BusUnavailable):
             self.topology_changed.set()
+
+    def _announce_again(self, room_name, last_key, stream_key, channel, message_id):
+        """Announce a post sent again, now confirmed, as its first sending wrote it: that one
+        was not announced if no replica confirmed it in time. A subscriber that has it already
+        drops it by its id."""
+        try:
+            written = self._master_of(last_key).redis_connection.xrange(
+                stream_key, "%d-0" % message_id, "%d-0" % message_id)
+        except (self.redis.RedisError, OSError, BusUnavailable):
+            self.topology_changed.set()
+            return
+        for _entry_id, fields in written:
+            self._announce(last_key, channel, {"r": room_name, "i": str(message_id), "f": fields["f"],
+                                               "c": fields["c"], "t": fields["t"]})
 
     # -- polls -----------------------------------------------------------------------
     def _load(self, room_name, room):
@@ -1396,10 +1501,10 @@ class ShardReader:
 def make_bus(settings, rooms):
     if settings.redis_cluster:
         return RedisClusterBus(rooms, settings.redis_cluster, settings.history, settings.room_ttl,
-                               settings.redis_wait)
+                               settings.redis_wait, settings.idempotency_seconds)
     if settings.redis:
-        return RedisBus(rooms, settings.redis, settings.history, settings.room_ttl)
-    return MemoryBus(rooms)
+        return RedisBus(rooms, settings.redis, settings.history, settings.room_ttl, settings.idempotency_seconds)
+    return MemoryBus(rooms, settings.idempotency_seconds, settings.idempotency_keys)
 
 
 ###############################################################################
@@ -1635,13 +1740,30 @@ def forget_request():
 @app.post(ROOM_URL + "/msgs")
 def post_message(room="lobby"):
     sender, content = checked_message(read_json_object())
+    key = idempotency_key()
     try:
-        message = get_bus().publish(room, sender, content)
+        message = get_bus().publish(room, sender, content, key)
     except BusUnavailable as exc:
-        raise json_error(503, "the shared bus is unreachable (%s); %s, retry later"
-                         % (exc, "it may yet be delivered" if exc.maybe_written else "nothing was written"),
-                         **{"Retry-After": "1"})
+        if exc.maybe_written:
+            error = ("the shared bus did not confirm the post (%s): its outcome is unknown, it may have been "
+                     "posted; retry with the same Idempotency-Key, which posts it at most once" % exc)
+        else:
+            error = "the shared bus is unreachable (%s); nothing was written, retry later" % exc
+        raise HTTPResponse(encode({"error": error, "outcome": "unknown" if exc.maybe_written else "not written"}),
+                           503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
     return json_answer(encode({"room": room, "id": message["id"], "ts": message["ts"]}), 201)
+
+
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,64}")
+
+
+def idempotency_key():
+    """The post's Idempotency-Key header (None without one): 1 to 64 visible ASCII characters."""
+    key = request.environ.get("HTTP_IDEMPOTENCY_KEY")
+    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise json_error(400, "the Idempotency-Key header must be 1 to 64 visible ASCII characters "
+                              "(no spaces), got %d characters" % len(key))
+    return key
 
 
 @app.get("/health")

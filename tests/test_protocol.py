@@ -42,11 +42,13 @@ def ids(answer):
 
 
 def assert_error(answer, status, *words):
-    """Every error is JSON {"error": "..."} that says what was wrong."""
+    """Every error is JSON {"error": "..."} that says what was wrong (a post's 503 also
+    says its "outcome")."""
     assert answer.status == status, (answer.status, answer.body)
     assert answer.header("Content-Type").startswith("application/json")
     body = answer.json
-    assert set(body) == {"error"} and isinstance(body["error"], str) and len(body["error"]) > 15
+    assert set(body) - ({"outcome"} if status == 503 else set()) == {"error"}
+    assert isinstance(body["error"], str) and len(body["error"]) > 15
     for word in words:
         assert word in body["error"], (word, body["error"])
     return body["error"]
@@ -348,11 +350,23 @@ def test_unreachable_bus_on_post_is_503_and_writes_nothing(wsgi, monkeypatch):
     monkeypatch.setattr(chattle.get_bus(), "publish", unreachable)
     answer = post(wsgi, "/msgs", {"from": "ann", "content": "lost"})
     assert_error(answer, 503, "nothing was written")
+    assert answer.json["outcome"] == "not written"
     assert answer.header("Retry-After") == "1"
     monkeypatch.undo()
     assert poll(wsgi, "/msgs", since=1, timeout=0)["messages"] == []
     assert ids(poll(wsgi, "/msgs", since=0)) == [1]
     assert post_ok(wsgi)["id"] == 2
+
+
+def test_a_post_of_unknown_outcome_is_a_503_of_its_own(wsgi, monkeypatch):
+    def unanswered(*args, **kwargs):
+        raise chattle.BusUnavailable("TimeoutError", maybe_written=True)
+
+    monkeypatch.setattr(chattle.get_bus(), "publish", unanswered)
+    answer = post(wsgi, "/msgs", {"from": "ann", "content": "sent, never answered"})
+    assert_error(answer, 503, "outcome is unknown", "same Idempotency-Key")
+    assert answer.json["outcome"] == "unknown"
+    assert answer.header("Retry-After") == "1"
 
 
 def test_unreachable_bus_on_poll_is_503(wsgi, monkeypatch):
