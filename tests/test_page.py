@@ -139,6 +139,12 @@ def test_two_people_chat_in_headless_chromium(start_chattle, tmp_path, chromium)
     assert seen["status_after_reload"] == "connected"
     assert seen["history_after_reload"][-2:] == [XSS, "héllo ann — long-poll works"]
 
+    # a post whose answers are lost is sent again with the same key, and posted once
+    keys = seen["lost_answers_keys"]
+    assert len(keys) == 3 and len(set(keys)) == 1 and re.fullmatch(r"[0-9a-f]{32}", keys[0]), keys
+    assert seen["lost_answers_in_room"] == seen["lost_answers_at_bob"] == 1
+    assert not seen["lost_answers_error_shown"]
+
     # offline through a burst larger than the history: told exactly how many were lost
     notices = seen["notices_after_missed"]
     assert len(notices) == 1, notices
