@@ -154,3 +154,18 @@ def test_a_post_redis_never_received_is_not_written(redis_server):
         assert "nothing was written" in answer.json["error"]
     finally:
         chattle.configure(chattle.Settings())
+
+
+# -- the load client's posters ----------------------------------------------------------------------
+
+def test_the_load_posters_record_an_unknown_outcome_apart_from_a_refusal():
+    from loadtests.locustfile import refused_post
+    from loadtests.longpoll import Reply
+
+    def reply(status, body):
+        return Reply(status, json.dumps(body).encode(), None, 0.0, 0.0)
+
+    unknown = refused_post("r1", reply(503, {"error": "e", "outcome": "unknown"}))
+    assert unknown == "post to r1 answered 503, outcome unknown"
+    assert refused_post("r1", reply(503, {"error": "e", "outcome": "not written"})) == "post to r1 answered 503"
+    assert refused_post("r1", Reply(502, b"<html>", None, 0.0, 0.0)) == "post to r1 answered 502"
