@@ -77,7 +77,7 @@ SETTINGS = [
     ("idempotency_seconds", "CHATTLE_IDEMPOTENCY_SECONDS", int, 300,
      "seconds a post's Idempotency-Key is remembered: the same key to the same room within them "
      "is answered with the first post's id and ts, and not posted again"),
-    ("idempotency_keys", "CHATTLE_IDEMPOTENCY_KEYS", int, 100000,
+    ("idempotency_keys", "CHATTLE_IDEMPOTENCY_KEYS", int, 10000,
      "Idempotency-Keys the in-memory bus remembers per worker; beyond, the oldest are forgotten "
      "(the shared bus keeps each in Redis for --idempotency-seconds)"),
     ("access_log", "CHATTLE_ACCESS_LOG", int, 0,
@@ -483,7 +483,7 @@ class MemoryBus:
     name = "memory"
     posts_received = posts_received_for_rooms_not_held = 0  # no reader: the post is the wake-up
 
-    def __init__(self, rooms, idempotency_seconds=300, idempotency_keys=100000):
+    def __init__(self, rooms, idempotency_seconds=300, idempotency_keys=10000):
         self.rooms = rooms
         self.idempotency_seconds = idempotency_seconds
         self.idempotency_keys = idempotency_keys
