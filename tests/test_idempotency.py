@@ -13,7 +13,8 @@ import pytest
 import redis
 
 import chattle
-from clients import GENEROUS, call_wsgi
+from clients import GENEROUS, Raw, call_wsgi
+from clients import request as raw_request
 from harness.processes import get_json, wait_until
 
 JSON = {"Content-Type": "application/json"}
@@ -63,6 +64,21 @@ def test_an_idempotency_key_that_is_not_1_to_64_visible_ascii_characters_is_400(
     assert answer.status == 400 and answer.header("Content-Type").startswith("application/json")
     assert "Idempotency-Key" in answer.json["error"]
     assert call_wsgi("GET", "/rooms/badkey/msgs", query="since=0&timeout=0").json["messages"] == []
+
+
+def test_a_key_of_other_bytes_on_the_wire_is_a_json_400(start_chattle):
+    server = start_chattle()
+    for key in ("caf\u00e9", "x" * 65, "a b"):  # sent as latin-1 bytes
+        connection = Raw(server.port)
+        try:
+            connection.sock.sendall(raw_request("POST", "/rooms/wire/msgs", [
+                "Content-Type: application/json", "Content-Length: 29", "Idempotency-Key: " + key],
+                b'{"from": "a", "content": "b"}'))
+            status, _headers, body = connection.answer()
+        finally:
+            connection.close()
+        assert status == 400 and "Idempotency-Key" in body["error"], (key, status, body)
+    assert contents(server, "wire") == []
 
 
 def test_the_widest_keys_are_taken(wsgi):
