@@ -466,10 +466,11 @@ class BusUnavailable(Exception):
 
 def never_sent(redis, exc, one_command=True):
     """Whether redis-py raised `exc` where the command certainly never ran: Redis refused it,
-    or it never reached Redis whole (no free connection, none made, or its write failed,
-    and Redis runs only a whole command; of a pipeline the first may be whole). Anything
-    else, a reply that timed out or a connection lost while waiting for it above all, may
-    come after Redis ran it."""
+    or it never reached Redis whole (no free connection, none made, or its write failed:
+    Redis runs only a whole command, but a pipeline's first command may be whole when the
+    write of a later one fails, so `one_command` False). Anything else, a reply that timed
+    out or a connection lost while waiting for it above all, may come after Redis ran it.
+    Told by redis-py's messages: one it words otherwise counts as unknown, never as unsent."""
     if isinstance(exc, (redis.exceptions.ResponseError, redis.exceptions.MaxConnectionsError)):
         return True
     text = str(exc)
