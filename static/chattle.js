@@ -215,7 +215,7 @@
     return Array.from(bytes, function (b) { return (b + 256).toString(16).slice(1); }).join("");
   }
 
-  // Sent again at once only where that may help: no answer came (the post may or may not
+  // Sent again by itself only where that may help: no answer came (the post may or may not
   // have arrived) or the server said 503; anything else it refused would be refused again.
   function worthRetrying(error) {
     return !(error instanceof HttpError) || error.status === 503;
@@ -274,7 +274,7 @@
     } catch (failed) {
       if (failed.mayHavePosted) {
         showSendError("Not confirmed: the server did not answer, so your message may have been posted. " +
-                      "It was kept: send it again, and it will not be posted twice.");
+                      "It was kept: send it again within a few minutes, and it will not be posted twice.");
       } else {
         showSendError("Not sent: " + (failed.error || failed).message);
       }
