@@ -482,9 +482,10 @@ _epochs_made = itertools.count()
 
 def new_epoch():
     """A token no earlier history of a room in any process is likely to have had: this
-    process's clock in microseconds, its pid and a count, in hex. A room forgotten here
-    and posted to again, or a server started again, begins a history of a new epoch."""
-    return "%x%x%x" % (time.time_ns() // 1000, os.getpid() & 0xFFFF, next(_epochs_made) & 0xFFF)
+    process's clock in microseconds, its pid and a count, in hex of a fixed width (20
+    characters, so every answer of a room has one length). A room forgotten here and
+    posted to again, or a server started again, begins a history of a new epoch."""
+    return "%013x%04x%03x" % (time.time_ns() // 1000, os.getpid() & 0xFFFF, next(_epochs_made) & 0xFFF)
 
 
 class MemoryBus:

@@ -138,7 +138,8 @@ def test_a_message_that_never_came_is_fetched_when_the_next_one_leaves_a_gap(bus
     last_key, stream_key = poster.room_keys("gap")
     # the post script with its publishing left out: written, never published (as a post
     # with --redis-wait that no replica confirmed)
-    poster.cluster.eval(poster.PUBLISH_SCRIPT, 2, last_key, stream_key, "gap", "ann", "never published",
+    poster.cluster.eval(poster.PUBLISH_SCRIPT, 3, last_key, stream_key, poster.epoch_key("gap"), "gap", "ann",
+                        "never published",
                         poster.history, poster.room_ttl, "0", poster.CHANNEL % "gap")
     assert poster.publish("gap", "ann", "published")["id"] == 2
     wait_until(lambda: room.last_id == 2, 10.0, "the room fetched up to the post after the gap")
