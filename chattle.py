@@ -16,6 +16,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402  (everything below must see the patched stdlib)
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -205,13 +206,14 @@ class Room:
     same bytes N times.
     """
 
-    __slots__ = ("name", "messages", "last_id", "waiting", "_wakeup", "_answers", "_name_json", "registry",
-                 "retained_bytes", "cached_bytes")
+    __slots__ = ("name", "messages", "last_id", "epoch", "restarts", "waiting", "_wakeup", "_answers",
+                 "_name_json", "registry", "retained_bytes", "cached_bytes")
 
     ANSWER_CACHE_SIZE = 64
     # A message's cost beyond its encoding: its (id, fragment) tuple, the id, the bytes
     # object's header and its slot in the deque.
     MESSAGE_OVERHEAD = 120
+    RESET = -1  # the `since` of an answer that tells its client "reset"
     # An answer to a cursor this close to the newest message is worth keeping even when
     # the poll was not held: the clients a burst of posts left one step behind ask it.
     SHARED_CATCH_UP = 8
@@ -220,6 +222,11 @@ class Room:
         self.name = name
         self.messages = deque(maxlen=history)
         self.last_id = 0
+        # The token of the history the ids belong to: a history that starts again (its ids
+        # from 1) gets a new one, so a cursor of the old one is told "reset", never given a
+        # reused id as news. None until the first post of a history names it.
+        self.epoch = None
+        self.restarts = 0  # times the history started again here: what a held poll watches
         self.waiting = 0  # polls held on this room now
         self._wakeup = Wakeup()
         self._answers = {}
@@ -251,18 +258,20 @@ class Room:
         self.registry.count_retained(self, change)
 
     # -- verb 2 ---------------------------------------------------------------
-    def wait_for_news(self, since, timeout):
-        """Hold the calling greenlet until a message after `since` exists, or timeout.
-        True when it was held: its answer is then one a fan-out shares."""
-        if self.last_id != since or timeout <= 0:
-            return False  # news already, or a cursor from the future: "reset" answers at once
+    def wait_for_news(self, since, timeout, epoch=None):
+        """Hold the calling greenlet until a message after `since` exists, the history
+        starts again, or timeout. True when it was held: its answer is then one a fan-out
+        shares."""
+        if self.last_id != since or timeout <= 0 or self.stale(epoch):
+            return False  # news already, or a cursor from the future or another history: "reset" answers at once
         deadline = time.monotonic() + timeout
         registry = self.registry
         registry.waiters += 1
         self.waiting += 1
         resume = getcurrent().switch
+        restarts = self.restarts
         try:
-            while self.last_id <= since and not registry.closing:
+            while self.last_id <= since and self.restarts == restarts and not registry.closing:
                 if time.monotonic() >= deadline:
                     break
                 # Park until the Event is set: Event.wait without a timeout and with fewer
@@ -299,32 +308,44 @@ class Room:
         self.registry.drop_answers(self)
         self._count_retained(-self.retained_bytes)
 
-    def forget(self):
-        """Drop every message (the shared bus lost them): the next poll is told "reset"."""
+    def start_again(self, epoch=None):
+        """The history starts over (the shared bus lost it, or gave its ids again): drop
+        every message and wake every held poll, which is told "reset" with the new epoch;
+        ids go on from 0 here, as the shared bus has them."""
         self.drop_messages()
         self.last_id = 0
+        self.epoch = epoch
+        self.restarts += 1
+        self._wakeup.set()
+
+    def stale(self, epoch):
+        """A cursor of `epoch` belongs to a history this room no longer holds."""
+        return epoch is not None and epoch != self.epoch
 
     # -- answers ----------------------------------------------------------------
-    def answer(self, since, limit, shared=False):
-        """The encoded poll answer for `since` (None: the newest) as the room is now.
+    def answer(self, since, limit, shared=False, epoch=None):
+        """The encoded poll answer for `since` (None: the newest) of the history `epoch`
+        (None: the current one) as the room is now.
 
         Kept for others to share when a fan-out shares it (`shared`: the poll was held,
         so every poll woken with it asks the same), or when it is the newest messages
         or a cursor just behind them; a catch-up read from an older cursor is made for
         its one client and not kept. What is kept is bounded in bytes per room and per
         worker (Rooms.keep_answer)."""
+        if since is not None and (since > self.last_id or self.stale(epoch)):
+            since = self.RESET  # one answer for every cursor the room cannot continue
         key = (since, limit)
         body = self._answers.get(key)
         if body is None:
             body = self._encode_answer(since, limit)
-            if shared or since is None or self.last_id - since <= self.SHARED_CATCH_UP:
+            if shared or since is None or since == self.RESET or self.last_id - since <= self.SHARED_CATCH_UP:
                 self.registry.keep_answer(self, key, body)
         return body
 
     def _encode_answer(self, since, limit):
         self.registry.encodes += 1
         messages = self.messages
-        reset = since is not None and since > self.last_id
+        reset = since == self.RESET
         missed = 0
         if since is None or reset:
             chosen = list(messages)[-limit:] if limit < len(messages) else list(messages)
@@ -337,7 +358,8 @@ class Room:
             cursor = chosen[-1][0] if chosen else since
         parts = [b'{"room":', self._name_json, b',"messages":[',
                  b",".join(fragment for _id, fragment in chosen),
-                 b'],"cursor":%d,"missed":%d' % (cursor, missed)]
+                 b'],"cursor":%d,"missed":%d,"epoch":' % (cursor, missed),
+                 b"null" if self.epoch is None else encode(self.epoch)]
         if reset:
             parts.append(b',"reset":true')
         parts.append(b"}")
@@ -478,6 +500,17 @@ def never_sent(redis, exc, one_command=True):
             or text == "Timeout connecting to server" or (one_command and "writing to socket" in text))
 
 
+_epochs_made = itertools.count()
+
+
+def new_epoch():
+    """A token no earlier history of a room in any process is likely to have had: this
+    process's clock in microseconds, its pid and a count, in hex of a fixed width (20
+    characters, so every answer of a room has one length). A room forgotten here and
+    posted to again, or a server started again, begins a history of a new epoch."""
+    return "%013x%04x%03x" % (time.time_ns() // 1000, os.getpid() & 0xFFFF, next(_epochs_made) & 0xFFF)
+
+
 class MemoryBus:
     """One process, no setup: the post is the wake-up."""
 
@@ -488,35 +521,39 @@ class MemoryBus:
         self.rooms = rooms
         self.idempotency_seconds = idempotency_seconds
         self.idempotency_keys = idempotency_keys
-        # (room, Idempotency-Key) -> (id, ts, when it lapses on the monotonic clock), oldest
+        # (room, Idempotency-Key) -> (id, ts, epoch, when it lapses on the monotonic clock), oldest
         # first: every entry lives the same window, so the oldest is also the first to lapse.
         self.posted_by_key = OrderedDict()
 
     def publish(self, room_name, sender, content, idempotency_key=None):
         if idempotency_key is not None:
-            posted = self._posted(room_name, idempotency_key)
+            posted = self._posted_before(room_name, idempotency_key)
             if posted is not None:
                 return posted
         room = self.rooms.get(room_name)
+        if room.epoch is None:
+            room.epoch = new_epoch()
         message = {"id": room.last_id + 1, "from": sender, "content": content, "ts": time.time()}
         room.add(message["id"], encode(message))
+        message["epoch"] = room.epoch
         if idempotency_key is not None:
             self.posted_by_key[room_name, idempotency_key] = (
-                message["id"], message["ts"], time.monotonic() + self.idempotency_seconds)
+                message["id"], message["ts"], message["epoch"], time.monotonic() + self.idempotency_seconds)
         return message
 
-    def _posted(self, room_name, idempotency_key):
+    def _posted_before(self, room_name, idempotency_key):
         """The first post under this key, while remembered; drops what lapsed or is over the bound."""
         table, now = self.posted_by_key, time.monotonic()
-        while table and (len(table) >= self.idempotency_keys or next(iter(table.values()))[2] <= now):
+        while table and (len(table) >= self.idempotency_keys or next(iter(table.values()))[3] <= now):
             table.popitem(last=False)
         posted = table.get((room_name, idempotency_key))
         if posted is None:
             return None
-        return {"id": posted[0], "ts": posted[1], "replayed": True}
+        return {"id": posted[0], "ts": posted[1], "epoch": posted[2], "replayed": True}
 
-    def room(self, room_name, since=None):
-        """The room a poll after `since` is answered from (the shared bus may load it first)."""
+    def room(self, room_name, since=None, epoch=None):
+        """The room a poll after `since` of history `epoch` is answered from (the shared bus
+        may load it first)."""
         return self.rooms.get(room_name)
 
     def forget(self, room_name):
@@ -531,6 +568,23 @@ class MemoryBus:
 
     def close(self):
         pass
+
+
+# The part of both buses' post scripts that names the room's history (its epoch). A history
+# starts at id 1: a Redis that lost the room (a restart without persistence, an eviction,
+# the room's TTL) starts it again there, and a new epoch says so to every worker and client.
+# The epoch is Redis' clock at that start in microseconds, in hex. An id 1 drops what is
+# left of an older stream (its ids would refuse the new ones); an epoch key lost on its own
+# starts a new epoch too, so clients are told "reset" rather than assumed to be current.
+# The uses of `id`, `now`, EPOCH_KEY and STREAM_KEY are the caller's.
+EPOCH_LUA = """
+local epoch = redis.call('GET', EPOCH_KEY)
+if id == 1 or not epoch then
+  if id == 1 then redis.call('DEL', STREAM_KEY) end
+  epoch = string.format('%x', tonumber(now[1]) * 1000000 + tonumber(now[2]))
+  redis.call('SET', EPOCH_KEY, epoch)
+end
+"""
 
 
 class RedisBus:
@@ -559,33 +613,35 @@ class RedisBus:
     POOL_SIZE = 64              # posts and loads share it; a full pool waits, then answers 503
     SOCKET_TIMEOUT = 2.0
 
-    # KEYS: the room's last id, the room's stream, the global stream; a post with an
-    # Idempotency-Key also its key (IDEMPOTENCY_KEY), and its window in seconds as ARGV[7].
+    # KEYS: the room's last id, the room's stream, the global stream, the room's epoch; a post
+    # with an Idempotency-Key also its key (IDEMPOTENCY_KEY), and its window in seconds as ARGV[7].
     # ARGV: room, from, content, room stream length, global stream length, the room's TTL.
-    # Both keys of a room expire together when nobody posts to it for the TTL (every post
+    # The room's keys expire together when nobody posts to it for the TTL (every post
     # starts it again): its life ends, and its ids start again from 1 in the next one.
     # A key already there is the same post sent again: answered with what the first was
-    # given (and 'replayed'), and not posted; else it is kept, "<id> <ts>", for the window.
+    # given (and 'replayed'), and not posted; else it is kept, "<id> <ts> <epoch>", for the window.
     PUBLISH_SCRIPT = """
-if KEYS[4] then
-  local posted = redis.call('GET', KEYS[4])
+if KEYS[5] then
+  local posted = redis.call('GET', KEYS[5])
   if posted then
-    local id, ts = string.match(posted, '^(%d+) (.+)$')
-    return {tonumber(id), ts, 'replayed'}
+    local id, ts, epoch = string.match(posted, '^(%d+) (%S+) (%S+)$')
+    return {tonumber(id), ts, epoch, 'replayed'}
   end
 end
 local id = redis.call('INCR', KEYS[1])
 local now = redis.call('TIME')
 local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+""" + EPOCH_LUA.replace("EPOCH_KEY", "KEYS[4]").replace("STREAM_KEY", "KEYS[2]") + """
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id .. '-0', 'f', ARGV[2], 'c', ARGV[3], 't', ts)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[1], 'i', id,
-           'f', ARGV[2], 'c', ARGV[3], 't', ts)
+           'f', ARGV[2], 'c', ARGV[3], 't', ts, 'e', epoch)
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-if KEYS[4] then
-  redis.call('SET', KEYS[4], id .. ' ' .. ts, 'EX', ARGV[7])
+redis.call('EXPIRE', KEYS[4], ARGV[6])
+if KEYS[5] then
+  redis.call('SET', KEYS[5], id .. ' ' .. ts .. ' ' .. epoch, 'EX', ARGV[7])
 end
-return {id, ts}
+return {id, ts, epoch}
 """
     IDEMPOTENCY_KEY = "chattle:room:%s:idem:%s"  # room, Idempotency-Key
 
@@ -624,13 +680,17 @@ return {id, ts}
         return "chattle:room:%s:last" % room_name, "chattle:room:%s:stream" % room_name
 
     @staticmethod
+    def epoch_key(room_name):
+        return "chattle:room:%s:epoch" % room_name
+
+    @staticmethod
     def fragment(message_id, sender, content, ts):
         return encode({"id": message_id, "from": sender, "content": content, "ts": float(ts)})
 
     # -- posts ---------------------------------------------------------------------
     def publish(self, room_name, sender, content, idempotency_key=None):
         last_key, stream_key = self.room_keys(room_name)
-        keys = [last_key, stream_key, self.POSTS]
+        keys = [last_key, stream_key, self.POSTS, self.epoch_key(room_name)]
         args = [room_name, sender, content, self.history, self.POSTS_RETAINED, self.room_ttl]
         if idempotency_key is not None:
             keys.append(self.IDEMPOTENCY_KEY % (room_name, idempotency_key))
@@ -639,20 +699,38 @@ return {id, ts}
             reply = self.publish_script(keys=keys, args=args)
         except self.redis.RedisError as exc:
             raise BusUnavailable(type(exc).__name__, maybe_written=not never_sent(self.redis, exc))
-        message_id, ts = reply[0], reply[1]
-        message = {"id": int(message_id), "from": sender, "content": content, "ts": float(ts)}
+        message_id, ts, epoch = reply[0], reply[1], reply[2]
         if reply[-1] == "replayed":  # posted by its first sending: the reader delivers it as it was
-            return {"id": message["id"], "ts": message["ts"], "replayed": True}
+            return {"id": int(message_id), "ts": float(ts), "epoch": epoch, "replayed": True}
+        return self._posted(room_name, sender, content, int(message_id), ts, epoch)
+
+    def _posted(self, room_name, sender, content, message_id, ts, epoch):
+        message = {"id": message_id, "from": sender, "content": content, "ts": float(ts), "epoch": epoch}
         room = self.rooms.by_name.get(room_name)
         # The reader will deliver it too; adding it here now only when it is the very
-        # next id keeps the local copy contiguous and wakes this worker's polls sooner.
-        if room is not None and self.loaded.get(room_name) is True and room.last_id == message["id"] - 1:
-            room.add(message["id"], self.fragment(message["id"], sender, content, ts))
+        # next id of the copy's history keeps the local copy contiguous and wakes this
+        # worker's polls sooner.
+        if room is not None and self.loaded.get(room_name) is True and self._follows(room, message_id, epoch):
+            room.add(message_id, self.fragment(message_id, sender, content, ts))
         return message
 
+    @staticmethod
+    def _follows(room, message_id, epoch):
+        """The message is the next one of the copy's history, or the first of a history
+        where the copy holds none (its epoch is then taken)."""
+        if message_id != room.last_id + 1:
+            return False
+        if epoch == room.epoch:
+            return True
+        if room.last_id == 0 and room.epoch is None:
+            room.epoch = epoch
+            return True
+        return False
+
     # -- polls -----------------------------------------------------------------------
-    def room(self, room_name, since=None):
-        """The room with its local copy current enough to answer a poll after `since`."""
+    def room(self, room_name, since=None, epoch=None):
+        """The room with its local copy current enough to answer a poll after `since` of
+        the history `epoch`."""
         for _attempt in range(self.LOAD_ATTEMPTS):
             room = self.rooms.get(room_name)
             state = self.loaded.get(room_name)
@@ -671,9 +749,9 @@ return {id, ts}
                 room.waiting -= 1
         else:
             raise BusUnavailable("the room could not be loaded")
-        if since is not None and since > room.last_id:
+        if since is not None and (since > room.last_id or room.stale(epoch)):
             # A cursor another worker handed out before this worker's reader caught up
-            # is not from the future: ask Redis before answering "reset".
+            # is not from the future, nor from a history gone: ask Redis before answering "reset".
             self._catch_up(room_name, room)
         return room
 
@@ -699,12 +777,16 @@ return {id, ts}
 
     def _sync(self, room_name, room):
         """Bring the local copy up to Redis: the newest `history` messages, contiguous."""
-        last, newest_first = self._fetch(room_name)
+        last, epoch, newest_first = self._fetch(room_name)
         last = int(last or 0)
-        if last < room.last_id or self._diverged(room, newest_first):
-            # Redis lost what this worker holds (a wipe, or a crash inside the fsync
-            # window): forget it, so clients holding those ids are told "reset".
-            room.forget()
+        if room.last_id == 0 and room.epoch is None:
+            room.epoch = epoch  # the copy holds nothing yet: it takes Redis' history as it is
+        elif epoch != room.epoch or last < room.last_id or self._diverged(room, newest_first):
+            # Redis holds another history than the copy's (it lost the room: a restart
+            # without persistence, an eviction, the room's TTL; or a promoted replica lacked
+            # posts): start it again, so every held poll and every client holding those
+            # ids is told "reset".
+            room.start_again(epoch)
         entries = [(int(entry_id.split("-")[0]), fields) for entry_id, fields in reversed(newest_first)]
         entries = [(message_id, fields) for message_id, fields in entries if message_id > room.last_id]
         if entries and entries[0][0] > room.last_id + 1:
@@ -713,10 +795,12 @@ return {id, ts}
             room.add(message_id, self.fragment(message_id, fields["f"], fields["c"], fields["t"]))
 
     def _fetch(self, room_name):
-        """(the room's last id, its newest `history` stream entries, newest first), at once."""
+        """(the room's last id, its epoch, its newest `history` stream entries, newest
+        first), at once."""
         last_key, stream_key = self.room_keys(room_name)
         pipe = self.client.pipeline(transaction=True)
         pipe.get(last_key)
+        pipe.get(self.epoch_key(room_name))
         pipe.xrevrange(stream_key, "+", "-", count=self.history)
         return pipe.execute()
 
@@ -794,9 +878,12 @@ return {id, ts}
         in Redis and its ids started again (_sync finds Redis behind and resets it)."""
         message_id = int(fields["i"])
         fragment = self.fragment(message_id, fields["f"], fields["c"], fields["t"])
-        if message_id == room.last_id + 1:
+        epoch = fields.get("e")
+        if self._follows(room, message_id, epoch):
             room.add(message_id, fragment)
             return True
+        if epoch != room.epoch:
+            return False  # another history: _sync starts the copy's again
         # An id the copy has already: this worker's own post, added when it was accepted.
         messages = room.messages
         index = message_id - messages[0][0] if messages else -1
@@ -906,8 +993,8 @@ class RedisClusterBus(RedisBus):
     REDIRECTS = 5               # MOVED or ASK: a post looks again this often at most
     POOL_SIZE = 256             # connections per node: a full pool answers 503
 
-    # KEYS: the room's last id, its stream; a post with an Idempotency-Key also its key
-    # (IDEMPOTENCY_KEY, in the room's slot), and its window in seconds as ARGV[8].
+    # KEYS: the room's last id, its stream, its epoch; a post with an Idempotency-Key also its
+    # key (IDEMPOTENCY_KEY, in the room's slot), and its window in seconds as ARGV[8].
     # ARGV: room, from, content, room stream length,
     # the room's TTL, '1' to publish the post here ('0': the caller publishes it once a
     # replica confirmed it), the room's channel. The channel, in the room's slot by its hash
@@ -916,31 +1003,35 @@ class RedisClusterBus(RedisBus):
     # A post sent again is answered as RedisBus's is; it writes its key once more (the same
     # value and expiry): WAIT confirms what its own connection wrote, and so the first post.
     PUBLISH_SCRIPT = """
-if KEYS[3] then
-  local posted = redis.call('GET', KEYS[3])
+if KEYS[4] then
+  local posted = redis.call('GET', KEYS[4])
   if posted then
-    redis.call('SET', KEYS[3], posted, 'KEEPTTL')
-    local id, ts = string.match(posted, '^(%d+) (.+)$')
-    return {tonumber(id), ts, 'replayed'}
+    redis.call('SET', KEYS[4], posted, 'KEEPTTL')
+    local id, ts, epoch = string.match(posted, '^(%d+) (%S+) (%S+)$')
+    return {tonumber(id), ts, epoch, 'replayed'}
   end
 end
 local id = redis.call('INCR', KEYS[1])
 local now = redis.call('TIME')
 local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+""" + EPOCH_LUA.replace("EPOCH_KEY", "KEYS[3]").replace("STREAM_KEY", "KEYS[2]") + """
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id .. '-0', 'f', ARGV[2], 'c', ARGV[3], 't', ts)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
 if ARGV[6] == '1' then
-  redis.call('SPUBLISH', ARGV[7], cjson.encode({r=ARGV[1], i=string.format('%d', id), f=ARGV[2], c=ARGV[3], t=ts}))
+  redis.call('SPUBLISH', ARGV[7], cjson.encode({r=ARGV[1], i=string.format('%d', id), f=ARGV[2], c=ARGV[3], t=ts,
+                                                e=epoch}))
 end
-if KEYS[3] then
-  redis.call('SET', KEYS[3], id .. ' ' .. ts, 'EX', ARGV[8])
+if KEYS[4] then
+  redis.call('SET', KEYS[4], id .. ' ' .. ts .. ' ' .. epoch, 'EX', ARGV[8])
 end
-return {id, ts}
+return {id, ts, epoch}
 """
     IDEMPOTENCY_KEY = "chattle:{%s}:idem:%s"  # room (its hash tag), Idempotency-Key
     FETCH_SCRIPT = """
-return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
+return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
+        redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
 """
 
     def __init__(self, rooms, addresses, history, room_ttl=7 * 24 * 3600, wait_ms=0, idempotency_seconds=300):
@@ -1022,6 +1113,10 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
     def room_keys(room_name):
         return "chattle:{%s}:last" % room_name, "chattle:{%s}:stream" % room_name
 
+    @staticmethod
+    def epoch_key(room_name):
+        return "chattle:{%s}:epoch" % room_name
+
     # -- the topology ----------------------------------------------------------------------
     def _masters(self):
         """{master's name: (master, the node its rooms are read from)} as the client's slot
@@ -1098,7 +1193,7 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
     def publish(self, room_name, sender, content, idempotency_key=None):
         last_key, stream_key = self.room_keys(room_name)
         channel = self.CHANNEL % room_name
-        keys = [last_key, stream_key]
+        keys = [last_key, stream_key, self.epoch_key(room_name)]
         args = [room_name, sender, content, self.history, self.room_ttl, "0" if self.wait_ms else "1", channel]
         if idempotency_key is not None:
             keys.append(self.IDEMPOTENCY_KEY % (room_name, idempotency_key))
@@ -1141,19 +1236,15 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             break
         else:
             raise BusUnavailable("the room's slot kept moving")
-        message_id, ts = posted[0], posted[1]
+        message_id, ts, epoch = posted[0], posted[1], posted[2]
         if posted[-1] == "replayed":  # posted by its first sending
             if self.wait_ms:
-                self._announce_again(room_name, last_key, stream_key, channel, int(message_id))
-            return {"id": int(message_id), "ts": float(ts), "replayed": True}
+                self._announce_again(room_name, last_key, stream_key, channel, int(message_id), epoch)
+            return {"id": int(message_id), "ts": float(ts), "epoch": epoch, "replayed": True}
         if self.wait_ms:
             self._announce(last_key, channel, {"r": room_name, "i": str(message_id), "f": sender, "c": content,
-                                               "t": ts})
-        message = {"id": int(message_id), "from": sender, "content": content, "ts": float(ts)}
-        room = self.rooms.by_name.get(room_name)
-        if room is not None and self.loaded.get(room_name) is True and room.last_id == message["id"] - 1:
-            room.add(message["id"], self.fragment(message["id"], sender, content, ts))
-        return message
+                                               "t": ts, "e": epoch})
+        return self._posted(room_name, sender, content, int(message_id), ts, epoch)
 
     def _announce(self, last_key, channel, fields):
         """Publish a post a replica confirmed, on the room's master, where subscribers of the
@@ -1165,7 +1256,7 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         except (self.redis.RedisError, OSError, BusUnavailable):
             self.topology_changed.set()
 
-    def _announce_again(self, room_name, last_key, stream_key, channel, message_id):
+    def _announce_again(self, room_name, last_key, stream_key, channel, message_id, epoch):
         """Announce a post sent again, now confirmed, as its first sending wrote it: that one
         was not announced if no replica confirmed it in time. A subscriber that has it already
         drops it by its id."""
@@ -1177,7 +1268,7 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             return
         for _entry_id, fields in written:
             self._announce(last_key, channel, {"r": room_name, "i": str(message_id), "f": fields["f"],
-                                               "c": fields["c"], "t": fields["t"]})
+                                               "c": fields["c"], "t": fields["t"], "e": epoch})
 
     # -- polls -----------------------------------------------------------------------
     def _load(self, room_name, room):
@@ -1234,10 +1325,11 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         try:
             # EVAL, not EVALSHA: a script missing on a node would be loaded on every master,
             # and one master down would then fail the reads of all the others' rooms
-            last, newest_first = self.cluster.eval(self.FETCH_SCRIPT, 2, *self.room_keys(room_name), self.history)
+            last, epoch, newest_first = self.cluster.eval(self.FETCH_SCRIPT, 3, *self.room_keys(room_name),
+                                                          self.epoch_key(room_name), self.history)
         except self.redis.exceptions.RedisClusterException as exc:
             raise self.redis.ConnectionError(str(exc))
-        return last, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
+        return last, epoch, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
 
     def _fetch_from(self, node, room_name):
         if node is None:
@@ -1245,9 +1337,10 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         pipe = node.redis_connection.pipeline(transaction=False)
         pipe.execute_command("READONLY")  # a replica serves its slots' reads only when asked so
         pipe.execute_command("ROLE")
-        pipe.execute_command("EVAL_RO", self.FETCH_SCRIPT, 2, *self.room_keys(room_name), self.history)
+        pipe.execute_command("EVAL_RO", self.FETCH_SCRIPT, 3, *self.room_keys(room_name), self.epoch_key(room_name),
+                             self.history)
         try:
-            _readonly, role, (last, newest_first) = pipe.execute()
+            _readonly, role, (last, epoch, newest_first) = pipe.execute()
             # A node the slot table still calls a replica may be an old master started again,
             # serving its own data until it learns it was failed over: read only a replica
             # connected to its master (or the master itself, while it has no replica).
@@ -1258,7 +1351,7 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         except self.redis.RedisError:
             self.topology_changed.set()
             raise
-        return last, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
+        return last, epoch, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
 
     # -- what the subscribers are given ------------------------------------------------------
     def _receive(self, payload):
@@ -1518,6 +1611,7 @@ _CONTROL_IN_CONTENT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 # Plain decimals only: Python's int() and float() also take "1_0", " 7 ", "1e3", "inf".
 _PLAIN_NUMBER = {int: re.compile(r"-?[0-9]{1,30}"), float: re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?")}
+_EPOCH = re.compile(r"[0-9A-Za-z]{1,32}")
 
 
 def query_number(query, name, kind, low, high, default):
@@ -1535,7 +1629,7 @@ def query_number(query, name, kind, low, high, default):
 
 
 def poll_arguments():
-    """since, limit and timeout of a poll, from its query string.
+    """since, limit, timeout and epoch of a poll, from its query string.
 
     Parsed by Bottle's own query parser (the last value of a repeated name wins, as
     with request.query.get), but not through request.query: that FormsDict stays in
@@ -1545,7 +1639,11 @@ def poll_arguments():
     limit = query_number(query, "limit", int, 1, MAX_LIMIT,
                          DEFAULT_LIMIT_RECENT if since is None else DEFAULT_LIMIT_SINCE)
     timeout = query_number(query, "timeout", float, 0, MAX_POLL_TIMEOUT, settings.poll_timeout)
-    return since, limit, timeout
+    epoch = query.get("epoch") or None
+    if epoch is not None and not _EPOCH.fullmatch(epoch):
+        raise json_error(400, "query parameter 'epoch' must be the 'epoch' of an answer (1 to 32 letters "
+                         "and digits), got %r" % epoch[:40])
+    return since, limit, timeout, epoch
 
 
 def read_json_object():
@@ -1703,16 +1801,20 @@ def static(path):
 @app.get("/msgs")
 @app.get(ROOM_URL + "/msgs")
 def poll_messages(room="lobby"):
-    since, limit, timeout = poll_arguments()
+    since, limit, timeout, epoch = poll_arguments()
     try:
-        chat = get_bus().room(room, since)
+        chat = get_bus().room(room, since, epoch)
     except BusUnavailable as exc:
         raise json_error(503, "the shared bus is unreachable (%s); retry later" % exc, **{"Retry-After": "1"})
     sends_json = request.environ.get(chattle_http.SENDS_JSON)
     if sends_json == chattle_http.FORGET and since is not None:
         forget_request()
-    shared = since is not None and chat.wait_for_news(since, timeout)
-    body = chat.answer(since, limit, shared)
+    if epoch is None:
+        # A client that names no history is taken to be in the one it arrived in: a poll
+        # held across a start of the history is still told "reset".
+        epoch = chat.epoch
+    shared = since is not None and chat.wait_for_news(since, timeout, epoch)
+    body = chat.answer(since, limit, shared, epoch)
     if rooms.release(chat):
         bus.forget(room)
     if sends_json:
@@ -1752,7 +1854,8 @@ def post_message(room="lobby"):
             error = "the shared bus is unreachable (%s); nothing was written, retry later" % exc
         raise HTTPResponse(encode({"error": error, "outcome": "unknown" if exc.maybe_written else "not written"}),
                            503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
-    return json_answer(encode({"room": room, "id": message["id"], "ts": message["ts"]}), 201)
+    return json_answer(encode({"room": room, "id": message["id"], "ts": message["ts"], "epoch": message["epoch"]}),
+                       201)
 
 
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,64}")

@@ -26,6 +26,8 @@
   var messageTemplate = $("message-template"), noticeTemplate = $("notice-template");
 
   var cursor = null;   // null until the first answer: then every poll sends since=cursor
+  var epoch = null;    // the history the cursor belongs to; sent with it, so a history that
+                       // started again on the server is told "reset", never passed off as news
   var lastShown = 0;   // highest id on screen, so a repeated answer never duplicates
   var lastSender = null, lastTs = 0;
   var failures = 0;
@@ -116,9 +118,9 @@
   function apply(answer) {
     var follow = atBottom();
     if (answer.reset) {
-      // The server lost its memory (a restart): our cursor means nothing there now.
+      // The room's history started again (the server lost it): our cursor means nothing there now.
       clearView();
-      renderNotice("The server restarted; showing its history from here.");
+      renderNotice("The room's history started again; showing it from here.");
     }
     if (answer.missed > 0) {
       renderNotice(answer.missed + (answer.missed === 1 ? " earlier message is" : " earlier messages are") +
@@ -131,6 +133,7 @@
       }
     });
     cursor = answer.cursor;
+    epoch = answer.epoch || null;
     empty.hidden = list.childElementCount > 0;
     if (follow) scrollToBottom();
   }
@@ -181,7 +184,8 @@
   async function pollForever() {
     for (;;) {
       var url = cursor === null ? msgsUrl
-        : msgsUrl + "?since=" + cursor + "&timeout=" + POLL_TIMEOUT_S;
+        : msgsUrl + "?since=" + cursor + "&timeout=" + POLL_TIMEOUT_S +
+          (epoch ? "&epoch=" + encodeURIComponent(epoch) : "");
       try {
         var answer = await request(url, { method: "GET" }, POLL_ABORT_MS);
         failures = 0;

@@ -50,7 +50,7 @@ def test_a_post_sent_again_with_its_key_is_answered_as_the_first_and_not_posted(
     first = post("keyed", "hello", "k-1")
     again = post("keyed", "hello", "k-1")
     assert first.status == again.status == 201
-    assert again.json == first.json == {"room": "keyed", "id": 1, "ts": first.json["ts"]}
+    assert again.json == first.json == {"room": "keyed", "id": 1, "ts": first.json["ts"], "epoch": first.json["epoch"]}
     assert post("keyed", "hello", "k-2").json["id"] == 2  # another key is another post
     assert post("keyed", "hello").json["id"] == 3 and post("keyed", "hello").json["id"] == 4  # no key: each posts
     assert post("other", "hello", "k-1").json["id"] == 1  # the same key in another room posts anew
@@ -99,9 +99,9 @@ def test_a_key_is_forgotten_once_its_window_is_over(app_state):
     chattle.configure(chattle.Settings(idempotency_seconds=60))
     assert post("window", "m", "w").json["id"] == 1
     table = chattle.get_bus().posted_by_key
-    message_id, ts, lapses = table["window", "w"]
+    message_id, ts, epoch, lapses = table["window", "w"]
     assert 59 <= lapses - chattle.time.monotonic() <= 60
-    table["window", "w"] = (message_id, ts, chattle.time.monotonic())  # as if the window were over
+    table["window", "w"] = (message_id, ts, epoch, chattle.time.monotonic())  # as if the window were over
     assert post("window", "m", "w").json["id"] == 2
     assert list(table) == [("window", "w")]
 
@@ -121,7 +121,7 @@ def test_a_key_holds_across_two_servers_on_one_redis(redis_server, start_chattle
     second = start_chattle(redis_url=redis_server.url, env={"CHATTLE_IDEMPOTENCY_SECONDS": "120"})
     data = redis.Redis.from_url(redis_server.url, decode_responses=True)
     assert post_to(first, "shared", "unkeyed")[0] == 201
-    assert sorted(data.keys("chattle:*")) == ["chattle:posts", "chattle:room:shared:last",
+    assert sorted(data.keys("chattle:*")) == ["chattle:posts", "chattle:room:shared:epoch", "chattle:room:shared:last",
                                               "chattle:room:shared:stream"]  # no key: nothing more kept
     status, accepted, _ = post_to(first, "shared", "keyed", key="abc{1}:*")
     assert status == 201 and accepted["id"] == 2

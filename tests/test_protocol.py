@@ -101,7 +101,7 @@ def test_post_answers_201_with_room_id_and_ts(wsgi):
     assert answer.status == 201
     assert answer.header("Content-Type") == "application/json; charset=utf-8"
     body = answer.json
-    assert set(body) == {"room", "id", "ts"} and body["room"] == "abc" and body["id"] == 1
+    assert set(body) == {"room", "id", "ts", "epoch"} and body["room"] == "abc" and body["id"] == 1
     assert isinstance(body["ts"], float)
     message = poll(wsgi, "/rooms/abc/msgs", since=0)["messages"][0]
     assert message == {"id": 1, "from": "ann", "content": "hi", "ts": body["ts"]}
@@ -244,7 +244,8 @@ def test_escaped_surrogate_pair_is_one_character(wsgi):
 def test_rejected_posts_write_nothing(wsgi):
     post(wsgi, "/msgs", {"from": "", "content": "x"})
     post(wsgi, "/msgs", {"from": "ann", "content": "x" * 2001})
-    assert poll(wsgi, "/msgs", since=0, timeout=0) == {"room": "lobby", "messages": [], "cursor": 0, "missed": 0}
+    assert poll(wsgi, "/msgs", since=0, timeout=0) == \
+        {"room": "lobby", "messages": [], "cursor": 0, "missed": 0, "epoch": None}
 
 
 # -- 400: the query -----------------------------------------------------------------------------
@@ -389,9 +390,10 @@ def test_ids_are_dense_per_room_and_rooms_are_independent(wsgi):
 
 
 def test_empty_room(wsgi):
-    assert poll(wsgi, "/rooms/new/msgs") == {"room": "new", "messages": [], "cursor": 0, "missed": 0}
+    # no history yet, so no epoch: the first post names it
+    assert poll(wsgi, "/rooms/new/msgs") == {"room": "new", "messages": [], "cursor": 0, "missed": 0, "epoch": None}
     assert poll(wsgi, "/rooms/new/msgs", since=0, timeout=0) == \
-        {"room": "new", "messages": [], "cursor": 0, "missed": 0}
+        {"room": "new", "messages": [], "cursor": 0, "missed": 0, "epoch": None}
 
 
 def test_no_since_is_newest_at_most_limit_default_50(app_state, wsgi):
@@ -454,14 +456,14 @@ def test_cursor_from_the_future_resets_at_once(wsgi):
     answer = poll(wsgi, "/rooms/f/msgs", since=6, limit=2)
     assert answer["reset"] is True and ids(answer) == [4, 5] and answer["cursor"] == 5
     answer = poll(wsgi, "/rooms/never/msgs", since=3)
-    assert answer == {"room": "never", "messages": [], "cursor": 0, "missed": 0, "reset": True}
+    assert answer == {"room": "never", "messages": [], "cursor": 0, "missed": 0, "epoch": None, "reset": True}
     assert "reset" not in poll(wsgi, "/rooms/f/msgs", since=5, timeout=0)
 
 
 def test_timeout_answers_empty_with_cursor_n(wsgi):
-    post_ok(wsgi, "t")
+    epoch = post_ok(wsgi, "t")["epoch"]
     assert poll(wsgi, "/rooms/t/msgs", since=1, timeout="0.05") == \
-        {"room": "t", "messages": [], "cursor": 1, "missed": 0}
+        {"room": "t", "messages": [], "cursor": 1, "missed": 0, "epoch": epoch}
     assert poll(wsgi, "/rooms/t/msgs", since=1, timeout=0)["cursor"] == 1
 
 

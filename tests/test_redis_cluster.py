@@ -138,7 +138,8 @@ def test_a_message_that_never_came_is_fetched_when_the_next_one_leaves_a_gap(bus
     last_key, stream_key = poster.room_keys("gap")
     # the post script with its publishing left out: written, never published (as a post
     # with --redis-wait that no replica confirmed)
-    poster.cluster.eval(poster.PUBLISH_SCRIPT, 2, last_key, stream_key, "gap", "ann", "never published",
+    poster.cluster.eval(poster.PUBLISH_SCRIPT, 3, last_key, stream_key, poster.epoch_key("gap"), "gap", "ann",
+                        "never published",
                         poster.history, poster.room_ttl, "0", poster.CHANNEL % "gap")
     assert poster.publish("gap", "ann", "published")["id"] == 2
     wait_until(lambda: room.last_id == 2, 10.0, "the room fetched up to the post after the gap")
@@ -149,7 +150,8 @@ def test_a_message_that_never_came_is_fetched_when_the_next_one_leaves_a_gap(bus
 def test_a_post_sent_again_with_its_key_is_posted_once_whichever_worker_takes_it(buses):
     first, second = buses(), buses()
     posted = first.publish("idem", "ann", "once", "k:{x}")
-    assert second.publish("idem", "ann", "once", "k:{x}") == {"id": 1, "ts": posted["ts"], "replayed": True}
+    assert second.publish("idem", "ann", "once", "k:{x}") == {"id": 1, "ts": posted["ts"], "epoch": posted["epoch"],
+                                                              "replayed": True}
     assert second.publish("idem-other", "ann", "once", "k:{x}")["id"] == 1  # another room: posted
     assert first.publish("idem", "ann", "unkeyed")["id"] == 2
     assert first.cluster.xlen(first.room_keys("idem")[1]) == 2
@@ -163,9 +165,9 @@ def test_a_post_no_replica_confirmed_is_announced_when_its_retry_is(buses):
     poster, worker = buses(wait_ms=5000), buses(wait_ms=5000)
     room = worker.room("idem-waited", 0)
     last_key, stream_key = poster.room_keys("idem-waited")
-    poster.cluster.eval(poster.PUBLISH_SCRIPT, 3, last_key, stream_key, "chattle:{idem-waited}:idem:w",
-                        "idem-waited", "ann", "first sending", poster.history, poster.room_ttl, "0",
-                        poster.CHANNEL % "idem-waited", 60)
+    poster.cluster.eval(poster.PUBLISH_SCRIPT, 4, last_key, stream_key, poster.epoch_key("idem-waited"),
+                        "chattle:{idem-waited}:idem:w", "idem-waited", "ann", "first sending", poster.history,
+                        poster.room_ttl, "0", poster.CHANNEL % "idem-waited", 60)
     assert poster.publish("idem-waited", "ann", "sent again", "w")["id"] == 1
     wait_until(lambda: room.last_id == 1, 10.0, "the post, announced once a replica confirmed it")
     assert [m["content"] for m in chattle.json.loads(room.answer(0, 10))["messages"]] == ["first sending"]
