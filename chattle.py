@@ -77,7 +77,7 @@ SETTINGS = [
      "its 201, so that it survives a failover; not confirmed in time: 503; 0 answers at once"),
     ("idempotency_seconds", "CHATTLE_IDEMPOTENCY_SECONDS", int, 300,
      "seconds a post's Idempotency-Key is remembered: the same key to the same room within them "
-     "is answered with the first post's id and ts, and not posted again"),
+     "is answered as the first post was, and not posted again"),
     ("idempotency_keys", "CHATTLE_IDEMPOTENCY_KEYS", int, 10000,
      "Idempotency-Keys the in-memory bus remembers per worker; beyond, the oldest are forgotten "
      "(the shared bus keeps each in Redis for --idempotency-seconds)"),
