@@ -188,23 +188,29 @@ def test_a_cursor_from_the_future_costs_redis_no_fetch(workers, raw):
     for _ in range(100):
         got = json.loads(bus.room("future", 10 ** 9).answer(10 ** 9, 100))
         assert got["reset"] is True and got["cursor"] == 1
-    assert (command_calls(raw, "xrevrange"), command_calls(raw, "get")) == (0, 100)
+    assert (command_calls(raw, "xrevrange"), command_calls(raw, "mget")) == (0, 100)
+    # nor does a cursor of a history the room no longer has (or never had)
+    raw.config_resetstat()
+    for _ in range(100):
+        got = json.loads(bus.room("future", 1, "not-its-epoch").answer(1, 100, epoch="not-its-epoch"))
+        assert got["reset"] is True and got["cursor"] == 1
+    assert (command_calls(raw, "xrevrange"), command_calls(raw, "mget")) == (0, 100)
     # concurrent ones share one look at Redis (held up here, as a slow Redis would)
     raw.config_resetstat()
     release = Event()
-    real_last_id = bus._last_id
+    real_head = bus._head
 
-    def slow_last_id(room_name):
+    def slow_head(room_name):
         release.wait()
-        return real_last_id(room_name)
+        return real_head(room_name)
 
-    bus._last_id = slow_last_id
+    bus._head = slow_head
     polls = [gevent.spawn(bus.room, "future", 10 ** 9) for _ in range(50)]
     gevent.sleep(0)  # every poll has started: one waits in the GET, the others for it
     release.set()
     gevent.joinall(polls, timeout=GENEROUS, raise_error=True)
     assert all(poll.value is polls[0].value for poll in polls)
-    assert (command_calls(raw, "xrevrange"), command_calls(raw, "get")) == (0, 1)
+    assert (command_calls(raw, "xrevrange"), command_calls(raw, "mget")) == (0, 1)
     # a cursor another worker handed out is still caught up with
     workers().publish("future", "di", "from another worker")
     got = json.loads(bus.room("future", 2).answer(2, 100))
