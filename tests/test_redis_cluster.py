@@ -198,6 +198,8 @@ def test_a_failed_load_or_catch_up_keeps_neither_the_room_nor_its_subscription(b
     def held(room_name):
         return room_name in worker.rooms.by_name or room_name in worker.loaded or room_name in worker.subscribed
 
+    worker.publish("far", "ann", "x")
+    assert chattle.json.loads(worker.room("far", 10 ** 9).answer(10 ** 9, 10))["reset"] is True  # a check that answers
     real_eval = worker.cluster.eval
     worker.cluster.eval = down  # the load's fetch fails
     with pytest.raises(chattle.BusUnavailable):
