@@ -88,6 +88,27 @@ control_socket_disable = True
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
+# Opt-in to gunicorn workers that each keep a history of their own (the in-memory bus), for
+# measurements only: memory and capacity per worker without Redis. Never for chat.
+SPLIT_HISTORY = "CHATTLE_SPLIT_HISTORY"
+
+
+def on_starting(server):
+    """Refuse, in the master and before any worker starts, more than one worker on the
+    in-memory bus: each worker would number a room's posts itself (answering 1, 1, 2, 2),
+    and a client would see another history whenever its next request lands elsewhere.
+    `server.cfg.workers` is what gunicorn runs: -w/--workers, CHATTLE_WORKERS, or
+    WEB_CONCURRENCY; `--env` has already been applied to os.environ."""
+    workers = server.cfg.workers
+    shared = any(os.environ.get(name, "").strip() for name in ("CHATTLE_REDIS_URL", "CHATTLE_REDIS_CLUSTER"))
+    if workers > 1 and not shared and os.environ.get(SPLIT_HISTORY, "").strip() != "1":
+        raise SystemExit(
+            "chattle: %d gunicorn workers on the in-memory bus would each keep a history of their own "
+            "(one room's posts numbered 1, 1, 2, 2); share one: set CHATTLE_REDIS_URL=redis://<host>:6379/0 "
+            "(or CHATTLE_REDIS_CLUSTER=<host>:<port>), or run `make run WORKERS=%d`, which starts a "
+            "redis-server for them; or run 1 worker" % (workers, workers))
+
+
 def post_fork(server, worker):
     """Keep a stop asked for while this worker boots: it ends the worker once booted."""
 
@@ -132,10 +153,13 @@ def post_worker_init(worker):
     if not worker.alive:  # stopped while booting: what it accepts meanwhile is answered at once
         gevent.spawn(chattle.rooms.close)
     try:
-        chattle.get_bus()  # the shared bus's reader follows Redis before the first request arrives
+        # the shared bus's reader follows Redis before the first request arrives; a Redis
+        # or Redis Cluster that is down does not stop the worker: it serves 503 meanwhile,
+        # and recovers by itself
+        chattle.say_if_degraded(chattle.get_bus())
     except SystemExit as refused:
-        # a bus that cannot start (a Redis Cluster not ok): say why once, and stop gunicorn
-        # ("worker failed to boot") rather than have it start workers again and again
+        # a setting that can never work (a malformed --redis-cluster): say why once, and stop
+        # gunicorn ("worker failed to boot") rather than have it start workers again and again
         sys.stderr.write("%s\n" % refused)
         sys.exit(3)
     chattle.tune_garbage_collector()
