@@ -12,36 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import gevent
 
-from clients import HttpConnection, post_once, wait_for_waiters_across_workers
+from clients import close_all, connections_to_each_worker, post_once, wait_for_waiters_across_workers
 from harness.processes import ROOT, Process, RedisServer, free_port, get_json, wait_until
 
 BOUND = 30.0  # seconds: a bound on what takes milliseconds, on a loaded machine
-
-
-def connections_to_each_worker(server, within=BOUND):
-    """{pid: a keep-alive connection to that worker}, one per worker of `server`: fresh
-    connections until the kernel has handed one to each (a connection stays on its worker)."""
-    wanted = set(server.worker_pids())
-    found = {}
-    deadline = time.monotonic() + within
-    while set(found) != wanted:
-        assert time.monotonic() < deadline, "no connection reached workers %s" % sorted(wanted - set(found))
-        connection = HttpConnection(server.port)
-        _status, _headers, body = connection.request("GET", "/stats")
-        if body["pid"] in wanted and body["pid"] not in found:
-            found[body["pid"]] = connection
-        else:
-            connection.close()
-    return found
-
-
-def close_all(connections):
-    for connection in connections.values():
-        connection.close()
 
 
 def post_body(content):
@@ -58,7 +35,7 @@ def test_a_worker_replaced_while_redis_is_down_boots_serves_503_and_recovers(sta
     # the master stays up (wait_until fails at once if it exits) and boots a new worker
     wait_until(lambda: len(server.worker_pids()) == 2 and killed not in server.worker_pids(), BOUND,
                "gunicorn replaced the killed worker", server)
-    workers = connections_to_each_worker(server)
+    workers = connections_to_each_worker(server.port, server.worker_pids())
     try:
         for pid, connection in workers.items():
             status, _headers, body = connection.request("GET", "/health")
@@ -73,7 +50,7 @@ def test_a_worker_replaced_while_redis_is_down_boots_serves_503_and_recovers(sta
 
     redis_server.restart()  # the same port: every worker finds it again by itself
     wait_until(lambda: all(get_json(server.url + "/health")[0] == 200 for _ in range(4)), BOUND, "health back")
-    workers = connections_to_each_worker(server)
+    workers = connections_to_each_worker(server.port, server.worker_pids())
     try:
         (holder, held), (_poster, posting) = sorted(workers.items())
         status, _headers, body = held.request("GET", "/rooms/boot/msgs?since=0&timeout=0")
@@ -161,7 +138,7 @@ def test_a_malformed_cluster_address_stops_gunicorn_with_the_reason():
 def test_split_history_is_an_explicit_opt_in(start_chattle):
     """CHATTLE_SPLIT_HISTORY=1 (measurements only) starts them: each worker numbers its own posts."""
     server = start_chattle(workers=2, env={"CHATTLE_SPLIT_HISTORY": "1"})
-    workers = connections_to_each_worker(server)
+    workers = connections_to_each_worker(server.port, server.worker_pids())
     try:
         ids = [connection.request("POST", "/rooms/split/msgs", post_body("m"))[2]["id"]
                for connection in list(workers.values()) * 2]
