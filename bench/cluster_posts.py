@@ -6,9 +6,9 @@ For each bus, one `python chattle.py` on a fresh local Redis (harness/processes.
 Redis Cluster of 3 masters and 3 replicas (harness/redis_cluster.py), and one client in
 this process posting `--posts` messages one after the other on one keep-alive connection,
 over rooms spread on every master. Reported per bus: the post's round trip (p50, p99,
-max), the posts per second one client made so, and the CPU seconds of the client beside those of the server and its Redis nodes,
-all measured in the same run. The buses run in alternation, `--rounds` times each, so a
-drift of the shared machine falls on all of them.
+max), the posts per second one client made so, and the CPU seconds of the client beside
+those of the server and its Redis nodes, all measured in the same run. The buses run in
+alternation, `--rounds` times each, so a drift of the shared machine falls on all of them.
 
     python -m bench.cluster_posts [--posts 2000] [--rounds 3] [--wait-ms 1000]
 """
@@ -69,8 +69,9 @@ def measure(name, env, redis_pids, posts):
     finally:
         server.stop()
     summary = latency_summary(round_trips)
-    return {"bus": name, "posts": posts, "posts_per_s": round(posts / took, 1), "p50_ms": round(summary["p50"] * 1000, 2),
-            "p99_ms": round(summary["p99"] * 1000, 2), "max_ms": round(summary["max"] * 1000, 2),
+    return {"bus": name, "posts": posts, "posts_per_s": round(posts / took, 1),
+            "p50_ms": round(summary["p50"] * 1000, 2), "p99_ms": round(summary["p99"] * 1000, 2),
+            "max_ms": round(summary["max"] * 1000, 2),
             "client_cpu_s": round(after[0] - before[0], 2), "server_cpu_s": round(after[1] - before[1], 2),
             "redis_cpu_s": round(after[2] - before[2], 2)}
 
