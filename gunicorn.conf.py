@@ -97,8 +97,8 @@ def on_starting(server):
     """Refuse, in the master and before any worker starts, more than one worker on the
     in-memory bus: each worker would number a room's posts itself (answering 1, 1, 2, 2),
     and a client would see another history whenever its next request lands elsewhere.
-    `server.cfg.workers` is what gunicorn runs: -w/--workers, CHATTLE_WORKERS, or
-    WEB_CONCURRENCY; `--env` has already been applied to os.environ."""
+    `server.cfg.workers` is what gunicorn runs: -w/--workers over CHATTLE_WORKERS (this
+    file's `workers`); `--env` has already been applied to os.environ."""
     workers = server.cfg.workers
     shared = any(os.environ.get(name, "").strip() for name in ("CHATTLE_REDIS_URL", "CHATTLE_REDIS_CLUSTER"))
     if workers > 1 and not shared and os.environ.get(SPLIT_HISTORY, "").strip() != "1":
