@@ -130,6 +130,14 @@ def test_several_workers_on_the_memory_bus_are_refused_with_the_fix():
         assert "Booting worker" not in said and "Traceback" not in said, said[-2000:]
 
 
+def test_sigttin_adds_no_worker_on_the_memory_bus(start_chattle):
+    server = start_chattle(workers=1, gunicorn=True)
+    before = server.worker_pids()
+    server.signal(signal.SIGTTIN)
+    wait_until(lambda: "SIGTTIN ignored" in server.log_tail(), BOUND, "the master refusing a second worker", server)
+    assert server.worker_pids() == before
+
+
 def test_a_malformed_cluster_address_stops_gunicorn_with_the_reason():
     done = gunicorn_run([], {"CHATTLE_REDIS_CLUSTER": "no-port-here"})
     assert done.returncode != 0 and "host:port" in done.stderr, done.stderr[-2000:]
