@@ -83,6 +83,9 @@ SETTINGS = [
     ("idempotency_keys", "CHATTLE_IDEMPOTENCY_KEYS", int, 10000,
      "Idempotency-Keys the in-memory bus remembers per worker; beyond, the oldest are forgotten "
      "(the shared bus keeps each in Redis for --idempotency-seconds)"),
+    ("stop_timeout", "CHATTLE_STOP_TIMEOUT", float, 5.0,
+     "seconds a stopping `python chattle.py` lets requests inside the shared bus (a post Redis has "
+     "not answered yet) finish before it closes the bus; gunicorn waits its graceful_timeout instead"),
     ("access_log", "CHATTLE_ACCESS_LOG", int, 0,
      "1 logs every request (costly with thousands of held polls)"),
     ("max_retained_bytes", "CHATTLE_MAX_RETAINED_BYTES", int, 256 * 1024 * 1024,
@@ -114,6 +117,8 @@ class Settings:
             raise SystemExit("chattle: --redis-wait must be 0 (answer at once) or more milliseconds")
         if self.idempotency_seconds < 1 or self.idempotency_keys < 1:
             raise SystemExit("chattle: --idempotency-seconds and --idempotency-keys must be at least 1")
+        if not 0 <= self.stop_timeout <= 3600:
+            raise SystemExit("chattle: --stop-timeout must be 0 (close the bus at once) to 3600 seconds")
         self.http_limits()  # checks them
 
     def http_limits(self):
@@ -2247,9 +2252,6 @@ def make_server(host, port):
 # workers share, stated in chattle_limits.py.
 tune_garbage_collector = collect_garbage_seldom
 
-STOP_TIMEOUT = 5.0  # seconds a stopping `python chattle.py` gives the requests inside the bus
-
-
 def say_if_degraded(current):
     """One line on stderr when the bus starts without its Redis: the process serves anyway
     (503 for what needs Redis) and recovers by itself once Redis answers."""
@@ -2276,7 +2278,7 @@ def serve(new_settings):
 
     def stop(*_signal):
         rooms.close()
-        gevent.spawn(server.stop, timeout=STOP_TIMEOUT)
+        gevent.spawn(server.stop, timeout=settings.stop_timeout)
 
     gevent.signal_handler(signal.SIGTERM, stop)
     gevent.signal_handler(signal.SIGINT, stop)
@@ -2290,7 +2292,7 @@ def serve(new_settings):
           % (settings.host, server.server_port, bus.name, os.getpid()), flush=True)
     say_if_degraded(bus)
     server.serve_forever()
-    finish_bus_calls(STOP_TIMEOUT)
+    finish_bus_calls(settings.stop_timeout)
     if bus is not None:
         bus.close()
 
