@@ -2040,7 +2040,14 @@ def configure(new_settings):
 def get_bus():
     global bus
     if bus is None:
-        bus = make_bus(settings, rooms)
+        made = make_bus(settings, rooms)
+        # Making a bus may wait on the network (the cluster bus asks its nodes), and a
+        # request that came meanwhile made one too: one is kept, the other closed, so no
+        # second reader follows every post for nobody.
+        if bus is None:
+            bus = made
+        else:
+            made.close()
     return bus
 
 
