@@ -871,7 +871,22 @@ return {id, ts, epoch}
         if entries and entries[0][0] > room.last_id + 1:
             room.drop_messages()  # the copy would have a hole: start it afresh from Redis
         for message_id, fields in entries:
+            if self.malformed_message(fields):
+                # Not as the post script writes it (anything with access to Redis may XADD
+                # there): its id, and all before it, are told as `missed`, never sent as
+                # something else, and the copy stays contiguous after it.
+                self.malformed_entries += 1
+                self.reader_error = ("malformed message %d of room %s" % (message_id, room_name))[:self.ERROR_CHARS]
+                room.drop_messages()
+                room.last_id = message_id
+                continue
             room.add(message_id, self.fragment(message_id, fields["f"], fields["c"], fields["t"]))
+
+    @classmethod
+    def malformed_message(cls, fields):
+        """True when a room stream's entry lacks what a message needs."""
+        return not (isinstance(fields, dict) and all(isinstance(fields.get(name), str) for name in "fct")
+                    and cls.ENTRY_TS.fullmatch(fields["t"]))
 
     def _fetch(self, room_name):
         """(the room's last id, its epoch, its newest `history` stream entries, newest
@@ -894,6 +909,8 @@ return {id, ts, epoch}
         if not 0 <= offset < len(newest_first):
             return False
         _entry_id, fields = newest_first[offset]
+        if self.malformed_message(fields):
+            return False  # _sync tells it as missed
         return self.fragment(room.last_id, fields["f"], fields["c"], fields["t"]) != room.messages[-1][1]
 
     # -- the reader ----------------------------------------------------------------

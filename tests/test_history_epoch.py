@@ -158,3 +158,20 @@ def test_a_redis_restart_under_a_held_poll_loses_nothing_silently(start_chattle,
         assert received == ["new %d" % n for n in range(5)]
     finally:
         store.stop()
+
+
+def test_a_message_not_written_by_chattle_in_a_room_stream_is_told_as_missed(worker, redis_server):
+    """Anything with access to Redis may XADD to a room's stream: a load meets it and goes on,
+    the ids up to it told as missed, never a 500 nor a room that answers 503 for good."""
+    poster = worker()
+    for n in range(2):
+        poster.publish("odd", "ann", "m%d" % n)
+    direct = redis.Redis.from_url(redis_server.url)
+    last_key, stream_key = poster.room_keys("odd")
+    direct.xadd(stream_key, {"x": "not a message"}, id="3-0")
+    direct.incr(last_key)
+    assert poster.publish("odd", "ann", "after")["id"] == 4
+    fresh = worker()
+    got = answer(fresh.room("odd", 0), 0)
+    assert got["missed"] == 3 and [m["content"] for m in got["messages"]] == ["after"], got
+    assert fresh.reader_state()["malformed_entries"] == 1
