@@ -1641,17 +1641,18 @@ def poll_messages(room="lobby"):
     address = request.environ.get("REMOTE_ADDR")
     peer = request.environ.get(chattle_http.PEER) or request.environ.get("gunicorn.socket")
     held = since is not None and chat.holds(since, timeout)
-    if held and not rooms.hold_poll(address):
+    if held and not chat.registry.hold_poll(address):
         raise json_error(429, "too many polls held for the client address %s: at most %d "
                          "(--max-polls-per-address, CHATTLE_MAX_POLLS_PER_ADDRESS); poll again once one ends"
-                         % (address, rooms.max_polls_per_address), **{"Retry-After": "1", "Connection": "close"})
+                         % (address, chat.registry.max_polls_per_address),
+                         **{"Retry-After": "1", "Connection": "close"})
     if sends_json == chattle_http.FORGET and since is not None:
         forget_request()
     try:
         shared = since is not None and chat.wait_for_news(since, timeout, peer)
     finally:
         if held:
-            rooms.end_poll(address)
+            chat.registry.end_poll(address)
     if shared is None and sends_json:
         # Its client left while it was held: nothing to answer. (Under another server,
         # gunicorn's own worker, the answer goes out as at a timeout, and the server
