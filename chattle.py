@@ -1636,10 +1636,11 @@ def poll_messages(room="lobby"):
         chat = get_bus().room(room, since)
     except BusUnavailable as exc:
         raise json_error(503, "the shared bus is unreachable (%s); retry later" % exc, **{"Retry-After": "1"})
-    sends_json = request.environ.get(chattle_http.SENDS_JSON)
+    environ = request.environ
+    sends_json = environ.get(chattle_http.SENDS_JSON)
     # Both outlive forget_request: the connection holds the same objects.
-    address = request.environ.get("REMOTE_ADDR")
-    peer = request.environ.get(chattle_http.PEER) or request.environ.get("gunicorn.socket")
+    address = environ.get("REMOTE_ADDR")
+    peer = environ.get(chattle_http.PEER) or environ.get("gunicorn.socket")
     held = since is not None and chat.holds(since, timeout)
     if held and not chat.registry.hold_poll(address):
         raise json_error(429, "too many polls held for the client address %s: at most %d "
