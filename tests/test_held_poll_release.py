@@ -221,3 +221,21 @@ def test_early_bytes_stir_a_held_poll_once(app_state, monkeypatch):
         client.close()
         settle(lambda: chattle.rooms.waiters == 0, "the poll released")
         server.stop(timeout=1)
+
+
+@pytest.mark.parametrize("kind", ["python", "gunicorn"])
+def test_a_poll_whose_client_left_is_logged_499_with_a_log_on(tmp_path, kind):
+    log_path = tmp_path / ("%s.log" % kind)
+    env = {"CHATTLE_ACCESS_LOG": "1", "CHATTLE_GUNICORN_ACCESSLOG": "-"}
+    server = ChattleServer(gunicorn=kind == "gunicorn", env=env, log_path=str(log_path))
+    try:
+        baseline, clients = hold(server, 1, "logged")
+        clients[0].sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        clients[0].close()
+        released(server, baseline)
+        wait_until(lambda: " 499 " in log_path.read_text(), 30, "the poll in the access log")
+    finally:
+        server.stop()
+    log = log_path.read_text()
+    assert "GET /rooms/logged/msgs?since=0&timeout=60 HTTP/1.1" in log
+    assert "Traceback" not in log and "Error" not in log.replace("error", "")
