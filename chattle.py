@@ -193,6 +193,10 @@ class Wakeup:
             event.set()
 
 
+# What Room.wait_for_news returns when the client of the poll left while it was held.
+CLIENT_LEFT = object()
+
+
 class Room:
     """One room's retained messages, and the two verbs: add a message, wait for one.
 
@@ -253,8 +257,8 @@ class Room:
 
     def wait_for_news(self, since, timeout, peer=None):
         """Hold the calling greenlet until a message after `since` exists, or timeout.
-        True when it was held: its answer is then one a fan-out shares. None when the
-        client of `peer`, the poll's socket, closed or reset it meanwhile."""
+        True when it was held: its answer is then one a fan-out shares. CLIENT_LEFT when
+        the client of `peer`, the poll's socket, closed or reset it meanwhile."""
         if self.last_id != since or timeout <= 0:
             return False  # news already, or a cursor from the future: "reset" answers at once
         deadline = time.monotonic() + timeout
@@ -283,7 +287,7 @@ class Room:
                     # the client's end stirred: it left, or sent bytes early (held on)
                     if woken_by is chattle_http.STIRRED and watcher is not None:
                         if chattle_http.peer_gone(peer, watcher):
-                            return None
+                            return CLIENT_LEFT
         finally:
             if watcher is not None:
                 watcher.stop()
@@ -1654,13 +1658,14 @@ def poll_messages(room="lobby"):
     finally:
         if held:
             chat.registry.end_poll(address)
-    if shared is None and sends_json:
-        # Its client left while it was held: nothing to answer. (Under another server,
-        # gunicorn's own worker, the answer goes out as at a timeout, and the server
-        # finds the connection gone as it writes it.)
-        if rooms.release(chat):
-            bus.forget(room)
-        raise chattle_http.PeerGone
+    if shared is CLIENT_LEFT:
+        if sends_json:  # chattle_http's handler closes the connection unanswered
+            if rooms.release(chat):
+                bus.forget(room)
+            raise chattle_http.PeerGone
+        # Another server (gunicorn's own worker): answered as at a timeout, and the
+        # server finds the connection gone as it writes.
+        shared = False
     body = chat.answer(since, limit, shared)
     if rooms.release(chat):
         bus.forget(room)
