@@ -157,10 +157,12 @@ def test_a_poll_beyond_the_cap_of_its_address_is_429_until_one_ends(capped):
         try:
             over.sock.sendall(request("GET", "/rooms/capped/msgs?since=0&timeout=5"))
             status, headers, body = over.answer()
+            assert status == 429, (status, body)
+            assert over.closed_by_server(10), "a refused poll left its connection open"
         finally:
             over.close()
-        assert status == 429, (status, body)
         assert headers["retry-after"] == "1" and "CHATTLE_MAX_POLLS_PER_ADDRESS" in body["error"]
+        assert headers["content-type"].startswith("application/json")
         assert stats(capped)["waiters"] == CAP
         # a poll answered at once is not held, and not refused
         assert get_json(capped.url + "/rooms/capped/msgs?since=0&timeout=0")[0] == 200
