@@ -284,10 +284,11 @@ class Room:
                     raise
                 if woken_by is not event:
                     event.unlink(resume)
-                    # the client's end stirred: it left, or sent bytes early (held on)
-                    if woken_by is chattle_http.STIRRED and watcher is not None:
-                        if chattle_http.peer_gone(peer, watcher):
-                            return CLIENT_LEFT
+                    # Woken by the socket's watcher (STIRRED), the one other waker: the
+                    # client left, or sent bytes early (held on). Not told apart by the
+                    # value, so that no wake-up leaves a stirred watcher to fire again.
+                    if watcher is not None and chattle_http.peer_gone(peer, watcher):
+                        return CLIENT_LEFT
         finally:
             if watcher is not None:
                 watcher.stop()

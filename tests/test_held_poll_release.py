@@ -243,3 +243,29 @@ def test_a_poll_whose_client_left_is_logged_499_with_a_log_on(tmp_path, kind):
     log = log_path.read_text()
     assert "GET /rooms/logged/msgs?since=0&timeout=60 HTTP/1.1" in log
     assert "Traceback" not in log and "Error" not in log.replace("error", "")
+
+
+def test_gevent_sockets_still_have_the_idle_read_watcher_watch_peer_borrows():
+    """watch_peer starts the socket's own read watcher (gevent's private `_read_event`) with
+    the parked greenlet's switch, and stops it: pinned here against a gevent upgrade."""
+    ours, theirs = socket.socketpair()
+    try:
+        woken = []
+
+        def park():
+            watcher = chattle_http.watch_peer(ours, gevent.getcurrent().switch)
+            woken.append(gevent.get_hub().switch())
+            woken.append(chattle_http.peer_gone(ours, watcher))
+            watcher.stop()
+
+        parked = gevent.spawn(park)
+        gevent.sleep(0)
+        assert ours._read_event.callback is not None
+        theirs.close()
+        parked.join(timeout=10)
+        assert woken == [chattle_http.STIRRED, True]
+        assert ours._read_event.callback is None and not ours._read_event.active
+        assert chattle_http.watch_peer(object(), None) is None  # not a gevent socket: not watched
+    finally:
+        ours.close()
+        theirs.close()
