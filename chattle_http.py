@@ -190,8 +190,9 @@ ok_json_heads = OkJsonHeads()
 # Held polls: a client that leaves ends its poll
 ###############################################################################
 
-# In every environ this layer builds: the connection's socket, which a held poll watches
-# for its client's close (watch_peer). Read before the environ is emptied (FORGET).
+# In every environ this layer builds: the connection's reader (RequestReader), whose
+# socket a held poll watches for its client's close (watch_peer). Read before the
+# environ is emptied (FORGET).
 PEER = "chattle.peer"
 
 # What watch_peer's watcher switches a held poll with: the watcher calls its callback
@@ -206,11 +207,13 @@ class PeerGone(BaseException):
     A BaseException, as SendJson, so that Bottle lets it through."""
 
 
-def watch_peer(sock, resume):
-    """Have `resume()` called when the client's side of the connection `sock` stirs: it
-    closes, resets, or sends bytes. The socket's own read watcher does it: nothing reads
-    the socket while its poll is held, so watching costs no object per poll. The watcher,
-    to stop when the poll ends; None when `sock` is not a gevent socket or is being read."""
+def watch_peer(peer, resume):
+    """Have `resume()` called when the client's side of the connection stirs: it closes,
+    resets, or sends bytes. `peer`: the connection's RequestReader, or (under another
+    server) its gevent socket. The socket's own read watcher does it: nothing reads the
+    socket while its poll is held, so watching costs no object per poll. The watcher, to
+    stop when the poll ends; None when there is no gevent socket or it is being read."""
+    sock = peer.sock if isinstance(peer, RequestReader) else peer
     watcher = getattr(sock, "_read_event", None)
     if watcher is None or watcher.callback is not None:
         return None
@@ -218,13 +221,23 @@ def watch_peer(sock, resume):
     return watcher
 
 
-def peer_gone(sock, watcher):
+def peer_gone(peer, watcher):
     """After `watcher` (of watch_peer) stirred: True when the client closed (FIN) or reset
-    the connection. Bytes it sent instead (its next request, pipelined) stay in the kernel
-    for the handler to read once the poll is answered; the watcher is stopped, since it
-    would fire for as long as they are there, and the poll is held on as if nothing came."""
+    the connection. Bytes it sent instead (its next request, pipelined) are read into the
+    connection's reader, up to READ_BUFFER_BYTES, for the handler to read once the poll is
+    answered, and the poll is held on, still watched. Beyond that (or with no reader) they
+    stay in the kernel and the watcher is stopped, since it would fire for as long as they
+    are there: the client's close is then noticed only when the poll ends."""
+    reader = peer if isinstance(peer, RequestReader) else None
+    raw = (peer.sock if reader is not None else peer)._sock
     try:
-        if sock._sock.recv(1, socket.MSG_PEEK):
+        room = READ_BUFFER_BYTES - len(reader.pending) if reader is not None else 0
+        if room > 0:
+            data = raw.recv(room)
+            if data:
+                reader.pending += data
+                return False
+        elif raw.recv(1, socket.MSG_PEEK):
             watcher.stop()
             return False
     except BlockingIOError:
@@ -640,7 +653,7 @@ def handler_class(limits, base=None, access_log=False):
             environ = self.server.get_environ()
             logged = self.wants_access_log()
             environ[SENDS_JSON] = KEEP if logged else FORGET
-            environ[PEER] = self.socket
+            environ[PEER] = self.rfile
             for name, value in head.fields:
                 if "_" in name:
                     continue

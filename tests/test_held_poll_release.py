@@ -22,6 +22,10 @@ HELD = 200
 RELEASED_WITHIN = 2.0  # seconds; the contract says within one, the rest is this machine's load
 CAP = 3
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close sends a reset, not a FIN
+EARLY_SMALL = request("GET", "/health")
+# Over what the reader takes in while a poll is held (READ_BUFFER_BYTES): the rest waits
+# in the kernel, where it keeps the socket readable.
+EARLY_LARGE = request("GET", "/health", ["X-Pad: " + "p" * 2 * chattle_http.READ_BUFFER_BYTES])
 
 
 @pytest.fixture(scope="module", params=["python", "gunicorn", "seed"])
@@ -106,14 +110,16 @@ def test_held_polls_whose_clients_close_are_released(server, how):
             client.close()
 
 
-def test_a_client_that_sends_its_next_request_early_keeps_its_poll(server):
-    """Pipelining: the poll is held on and answered, then the early request."""
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_a_client_that_sends_its_next_request_early_keeps_its_poll(server, size):
+    """Pipelining: the poll is held on and answered, then the early request (read in
+    while the poll is held, or over that bound left in the kernel)."""
     since = get_json(server.url + "/rooms/early/msgs")[1]["cursor"]
     client = Raw(server.port)
     try:
         client.sock.sendall(request("GET", "/rooms/early/msgs?since=%d&timeout=60" % since))
         wait_until(lambda: stats(server)["waiters"] >= 1, 30, "the poll held")
-        client.sock.sendall(request("GET", "/health"))
+        client.sock.sendall(EARLY_SMALL if size == "small" else EARLY_LARGE)
         # once the server answers this, its hub has seen the early bytes stir the poll
         assert stats(server)["waiters"] == 1
         post = request("POST", "/rooms/early/msgs", ["Content-Type: application/json", "Content-Length: 31"],
@@ -197,15 +203,18 @@ def test_the_cap_is_a_flag_and_at_least_one():
         chattle.Settings(max_polls_per_address=0)
 
 
-def test_early_bytes_stir_a_held_poll_once(app_state, monkeypatch):
-    """The watcher is stopped once it has seen bytes: a socket that stays readable does
-    not wake its held poll again (counted over many turns of the hub)."""
+@pytest.mark.parametrize("early, stirs, watched", [(EARLY_SMALL, 1, True), (EARLY_LARGE, 2, False)])
+def test_early_bytes_stir_a_held_poll_a_bounded_number_of_times(app_state, monkeypatch, early, stirs, watched):
+    """Bytes a client sends while its poll is held wake the poll once to be read in (or
+    once more to find them over the bound and stop watching): a socket that stays
+    readable does not wake its held poll again (counted over many turns of the hub).
+    While still watched, the client's close then ends the poll."""
     stirred = []
     real = chattle_http.peer_gone
 
-    def counted(sock, watcher):
+    def counted(peer, watcher):
         stirred.append(1)
-        return real(sock, watcher)
+        return real(peer, watcher)
 
     monkeypatch.setattr(chattle_http, "peer_gone", counted)
     server = chattle.make_server("127.0.0.1", 0)
@@ -214,17 +223,33 @@ def test_early_bytes_stir_a_held_poll_once(app_state, monkeypatch):
     try:
         client.sendall(request("GET", "/rooms/stir/msgs?since=0&timeout=30"))
         settle(lambda: chattle.rooms.waiters == 1, "the poll parked")
-        client.sendall(request("GET", "/health"))
-        settle(lambda: stirred, "the poll stirred")
+        client.sendall(early)
+        settle(lambda: len(stirred) >= stirs, "the poll stirred")
         for _ in range(200):
             gevent.sleep(0)
-        assert len(stirred) == 1 and chattle.rooms.waiters == 1
+        assert len(stirred) == stirs and chattle.rooms.waiters == 1
+        if watched:
+            client.close()
+            settle(lambda: chattle.rooms.waiters == 0, "the poll released")
     finally:
-        # its close would go unseen now, until the poll ends (docs/protocol.md): end it
+        # once unwatched, its close would go unseen until the poll ends: end it
         chattle.get_bus().publish("stir", "ann", "wake")
         settle(lambda: chattle.rooms.waiters == 0, "the poll answered")
         client.close()
         server.stop(timeout=1)
+
+
+@pytest.mark.parametrize("kind", ["python", "gunicorn"])
+def test_a_client_that_sends_its_next_request_early_and_resets_is_released(tmp_path, kind):
+    server = ChattleServer(gunicorn=kind == "gunicorn", log_path=str(tmp_path / ("%s.log" % kind)))
+    try:
+        baseline, clients = hold(server, 1, "early-reset")
+        clients[0].sock.sendall(EARLY_SMALL)
+        clients[0].sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        clients[0].close()
+        released(server, baseline)
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("kind", ["python", "gunicorn"])
