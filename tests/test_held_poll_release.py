@@ -203,7 +203,8 @@ def test_the_cap_is_a_flag_and_at_least_one():
         chattle.Settings(max_polls_per_address=0)
 
 
-@pytest.mark.parametrize("early, stirs, watched", [(EARLY_SMALL, 1, True), (EARLY_LARGE, 2, False)])
+@pytest.mark.parametrize("early, stirs, watched", [(EARLY_SMALL, 1, True), (EARLY_LARGE, 2, False)],
+                         ids=["small", "large"])
 def test_early_bytes_stir_a_held_poll_a_bounded_number_of_times(app_state, monkeypatch, early, stirs, watched):
     """Bytes a client sends while its poll is held wake the poll once to be read in (or
     once more to find them over the bound and stop watching): a socket that stays
