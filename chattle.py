@@ -16,6 +16,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402  (everything below must see the patched stdlib)
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -23,6 +24,7 @@ import re  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from collections import OrderedDict, deque  # noqa: E402
 
 import gevent  # noqa: E402
@@ -32,7 +34,7 @@ import gevent  # noqa: E402
 gevent.config.track_greenlet_tree = False
 import bottle  # noqa: E402
 from bottle import Bottle, HTTPResponse, request, response, static_file, template  # noqa: E402
-from gevent.event import Event  # noqa: E402
+from gevent.event import AsyncResult, Event  # noqa: E402
 from greenlet import getcurrent  # noqa: E402
 
 import chattle_http  # noqa: E402
@@ -74,6 +76,12 @@ SETTINGS = [
     ("redis_wait", "CHATTLE_REDIS_WAIT", int, 0,
      "with --redis-cluster: milliseconds a post waits for a replica to have it (WAIT 1 <ms>) before "
      "its 201, so that it survives a failover; not confirmed in time: 503; 0 answers at once"),
+    ("idempotency_seconds", "CHATTLE_IDEMPOTENCY_SECONDS", int, 300,
+     "seconds a post's Idempotency-Key is remembered: the same key to the same room within them "
+     "is answered as the first post was, and not posted again"),
+    ("idempotency_keys", "CHATTLE_IDEMPOTENCY_KEYS", int, 10000,
+     "Idempotency-Keys the in-memory bus remembers per worker; beyond, the oldest are forgotten "
+     "(the shared bus keeps each in Redis for --idempotency-seconds)"),
     ("access_log", "CHATTLE_ACCESS_LOG", int, 0,
      "1 logs every request (costly with thousands of held polls)"),
     ("max_retained_bytes", "CHATTLE_MAX_RETAINED_BYTES", int, 256 * 1024 * 1024,
@@ -107,6 +115,8 @@ class Settings:
             raise SystemExit("chattle: give either --redis or --redis-cluster, not both")
         if self.redis_wait < 0:
             raise SystemExit("chattle: --redis-wait must be 0 (answer at once) or more milliseconds")
+        if self.idempotency_seconds < 1 or self.idempotency_keys < 1:
+            raise SystemExit("chattle: --idempotency-seconds and --idempotency-keys must be at least 1")
         self.http_limits()  # checks them
 
     def http_limits(self):
@@ -205,13 +215,14 @@ class Room:
     same bytes N times.
     """
 
-    __slots__ = ("name", "messages", "last_id", "waiting", "_wakeup", "_answers", "_name_json", "registry",
-                 "retained_bytes", "cached_bytes")
+    __slots__ = ("name", "messages", "last_id", "epoch", "restarts", "waiting", "_wakeup", "_answers",
+                 "_name_json", "registry", "retained_bytes", "cached_bytes")
 
     ANSWER_CACHE_SIZE = 64
     # A message's cost beyond its encoding: its (id, fragment) tuple, the id, the bytes
     # object's header and its slot in the deque.
     MESSAGE_OVERHEAD = 120
+    RESET = -1  # the `since` of an answer that tells its client "reset"
     # An answer to a cursor this close to the newest message is worth keeping even when
     # the poll was not held: the clients a burst of posts left one step behind ask it.
     SHARED_CATCH_UP = 8
@@ -220,6 +231,11 @@ class Room:
         self.name = name
         self.messages = deque(maxlen=history)
         self.last_id = 0
+        # The token of the history the ids belong to: a history that starts again (its ids
+        # from 1) gets a new one, so a cursor of the old one is told "reset", never given a
+        # reused id as news. None until the first post of a history names it.
+        self.epoch = None
+        self.restarts = 0  # times the history started again here: what a held poll watches
         self.waiting = 0  # polls held on this room now
         self._wakeup = Wakeup()
         self._answers = {}
@@ -251,24 +267,26 @@ class Room:
         self.registry.count_retained(self, change)
 
     # -- verb 2 ---------------------------------------------------------------
-    def holds(self, since, timeout):
-        """Whether wait_for_news(since, timeout) would hold the poll, asked just before it."""
-        return self.last_id == since and timeout > 0
+    def holds(self, since, timeout, epoch=None):
+        """Whether wait_for_news(since, timeout, epoch) would hold the poll, asked just before it."""
+        return self.last_id == since and timeout > 0 and not self.stale(epoch)
 
-    def wait_for_news(self, since, timeout, peer=None):
-        """Hold the calling greenlet until a message after `since` exists, or timeout.
-        True when it was held: its answer is then one a fan-out shares. CLIENT_LEFT when
-        the client of `peer`, the poll's socket, closed or reset it meanwhile."""
-        if self.last_id != since or timeout <= 0:
-            return False  # news already, or a cursor from the future: "reset" answers at once
+    def wait_for_news(self, since, timeout, epoch=None, peer=None):
+        """Hold the calling greenlet until a message after `since` exists, the history
+        starts again, or timeout. True when it was held: its answer is then one a fan-out
+        shares. CLIENT_LEFT when the client of `peer`, the poll's connection, closed or
+        reset it meanwhile."""
+        if self.last_id != since or timeout <= 0 or self.stale(epoch):
+            return False  # news already, or a cursor from the future or another history: "reset" answers at once
         deadline = time.monotonic() + timeout
         registry = self.registry
         registry.waiters += 1
         self.waiting += 1
         resume = getcurrent().switch
+        restarts = self.restarts
         watcher = None if peer is None else chattle_http.watch_peer(peer, resume)
         try:
-            while self.last_id <= since and not registry.closing:
+            while self.last_id <= since and self.restarts == restarts and not registry.closing:
                 if time.monotonic() >= deadline:
                     break
                 # Park until the Event is set: Event.wait without a timeout and with fewer
@@ -312,32 +330,44 @@ class Room:
         self.registry.drop_answers(self)
         self._count_retained(-self.retained_bytes)
 
-    def forget(self):
-        """Drop every message (the shared bus lost them): the next poll is told "reset"."""
+    def start_again(self, epoch=None):
+        """The history starts over (the shared bus lost it, or gave its ids again): drop
+        every message and wake every held poll, which is told "reset" with the new epoch;
+        ids go on from 0 here, as the shared bus has them."""
         self.drop_messages()
         self.last_id = 0
+        self.epoch = epoch
+        self.restarts += 1
+        self._wakeup.set()
+
+    def stale(self, epoch):
+        """A cursor of `epoch` belongs to a history this room no longer holds."""
+        return epoch is not None and epoch != self.epoch
 
     # -- answers ----------------------------------------------------------------
-    def answer(self, since, limit, shared=False):
-        """The encoded poll answer for `since` (None: the newest) as the room is now.
+    def answer(self, since, limit, shared=False, epoch=None):
+        """The encoded poll answer for `since` (None: the newest) of the history `epoch`
+        (None: the current one) as the room is now.
 
         Kept for others to share when a fan-out shares it (`shared`: the poll was held,
         so every poll woken with it asks the same), or when it is the newest messages
         or a cursor just behind them; a catch-up read from an older cursor is made for
         its one client and not kept. What is kept is bounded in bytes per room and per
         worker (Rooms.keep_answer)."""
+        if since is not None and (since > self.last_id or self.stale(epoch)):
+            since = self.RESET  # one answer for every cursor the room cannot continue
         key = (since, limit)
         body = self._answers.get(key)
         if body is None:
             body = self._encode_answer(since, limit)
-            if shared or since is None or self.last_id - since <= self.SHARED_CATCH_UP:
+            if shared or since is None or since == self.RESET or self.last_id - since <= self.SHARED_CATCH_UP:
                 self.registry.keep_answer(self, key, body)
         return body
 
     def _encode_answer(self, since, limit):
         self.registry.encodes += 1
         messages = self.messages
-        reset = since is not None and since > self.last_id
+        reset = since == self.RESET
         missed = 0
         if since is None or reset:
             chosen = list(messages)[-limit:] if limit < len(messages) else list(messages)
@@ -350,7 +380,8 @@ class Room:
             cursor = chosen[-1][0] if chosen else since
         parts = [b'{"room":', self._name_json, b',"messages":[',
                  b",".join(fragment for _id, fragment in chosen),
-                 b'],"cursor":%d,"missed":%d' % (cursor, missed)]
+                 b'],"cursor":%d,"missed":%d,"epoch":' % (cursor, missed),
+                 b"null" if self.epoch is None else encode(self.epoch)]
         if reset:
             parts.append(b',"reset":true')
         parts.append(b"}")
@@ -427,6 +458,8 @@ class Rooms:
 
     # -- the retained history's bound -----------------------------------------------
     def count_retained(self, room, change):
+        if self.by_name.get(room.name) is not room:
+            return  # forgotten while a fetch still filled it: its bytes are nobody's (and go with it)
         self.retained_bytes += change
         if change > 0 and self.max_retained_bytes is not None and self.retained_bytes > self.max_retained_bytes:
             self._shed(room)
@@ -485,13 +518,44 @@ class Rooms:
 # Buses: how a post reaches every worker's rooms
 ###############################################################################
 
+def bus_log(message):
+    """One line (or a traceback) on the server's log, stderr."""
+    print("chattle: " + message, file=sys.stderr, flush=True)
+
+
 class BusUnavailable(Exception):
     """The shared bus cannot be reached; nothing was written (unless `maybe_written`: the
-    post was written but not confirmed as asked, so it may yet be delivered)."""
+    post's outcome is unknown, as it was sent and no answer came, or it was written but
+    not confirmed as asked)."""
 
     def __init__(self, reason, maybe_written=False):
         super().__init__(reason)
         self.maybe_written = maybe_written
+
+
+def never_sent(redis, exc, one_command=True):
+    """Whether redis-py raised `exc` where the command certainly never ran: Redis refused it,
+    or it never reached Redis whole (no free connection, none made, or its write failed:
+    Redis runs only a whole command, but a pipeline's first command may be whole when the
+    write of a later one fails, so `one_command` False). Anything else, a reply that timed
+    out or a connection lost while waiting for it above all, may come after Redis ran it.
+    Told by redis-py's messages: one it words otherwise counts as unknown, never as unsent."""
+    if isinstance(exc, (redis.exceptions.ResponseError, redis.exceptions.MaxConnectionsError)):
+        return True
+    text = str(exc)
+    return (text.startswith("No connection available") or " connecting to " in text
+            or text == "Timeout connecting to server" or (one_command and "writing to socket" in text))
+
+
+_epochs_made = itertools.count()
+
+
+def new_epoch():
+    """A token no earlier history of a room in any process is likely to have had: this
+    process's clock in microseconds, its pid and a count, in hex of a fixed width (20
+    characters, so every answer of a room has one length). A room forgotten here and
+    posted to again, or a server started again, begins a history of a new epoch."""
+    return "%013x%04x%03x" % (time.time_ns() // 1000, os.getpid() & 0xFFFF, next(_epochs_made) & 0xFFF)
 
 
 class MemoryBus:
@@ -500,17 +564,43 @@ class MemoryBus:
     name = "memory"
     posts_received = posts_received_for_rooms_not_held = 0  # no reader: the post is the wake-up
 
-    def __init__(self, rooms):
+    def __init__(self, rooms, idempotency_seconds=300, idempotency_keys=10000):
         self.rooms = rooms
+        self.idempotency_seconds = idempotency_seconds
+        self.idempotency_keys = idempotency_keys
+        # (room, Idempotency-Key) -> (id, ts, epoch, when it lapses on the monotonic clock), oldest
+        # first: every entry lives the same window, so the oldest is also the first to lapse.
+        self.posted_by_key = OrderedDict()
 
-    def publish(self, room_name, sender, content):
+    def publish(self, room_name, sender, content, idempotency_key=None):
+        if idempotency_key is not None:
+            posted = self._posted_before(room_name, idempotency_key)
+            if posted is not None:
+                return posted
         room = self.rooms.get(room_name)
+        if room.epoch is None:
+            room.epoch = new_epoch()
         message = {"id": room.last_id + 1, "from": sender, "content": content, "ts": time.time()}
         room.add(message["id"], encode(message))
+        message["epoch"] = room.epoch
+        if idempotency_key is not None:
+            self.posted_by_key[room_name, idempotency_key] = (
+                message["id"], message["ts"], message["epoch"], time.monotonic() + self.idempotency_seconds)
         return message
 
-    def room(self, room_name, since=None):
-        """The room a poll after `since` is answered from (the shared bus may load it first)."""
+    def _posted_before(self, room_name, idempotency_key):
+        """The first post under this key, while remembered; drops what lapsed or is over the bound."""
+        table, now = self.posted_by_key, time.monotonic()
+        while table and (len(table) >= self.idempotency_keys or next(iter(table.values()))[3] <= now):
+            table.popitem(last=False)
+        posted = table.get((room_name, idempotency_key))
+        if posted is None:
+            return None
+        return {"id": posted[0], "ts": posted[1], "epoch": posted[2], "replayed": True}
+
+    def room(self, room_name, since=None, epoch=None):
+        """The room a poll after `since` of history `epoch` is answered from (the shared bus
+        may load it first)."""
         return self.rooms.get(room_name)
 
     def forget(self, room_name):
@@ -519,12 +609,32 @@ class MemoryBus:
     def healthy(self):
         return True
 
+    def reader_state(self):
+        return None  # no reader
+
     def clock(self):
         """The clock every `ts` of this bus is read from."""
         return time.time()
 
     def close(self):
         pass
+
+
+# The part of both buses' post scripts that names the room's history (its epoch). A history
+# starts at id 1: a Redis that lost the room (a restart without persistence, an eviction,
+# the room's TTL) starts it again there, and a new epoch says so to every worker and client.
+# The epoch is Redis' clock at that start in microseconds, in hex. An id 1 drops what is
+# left of an older stream (its ids would refuse the new ones); an epoch key lost on its own
+# starts a new epoch too, so clients are told "reset" rather than assumed to be current.
+# The uses of `id`, `now`, EPOCH_KEY and STREAM_KEY are the caller's.
+EPOCH_LUA = """
+local epoch = redis.call('GET', EPOCH_KEY)
+if id == 1 or not epoch then
+  if id == 1 then redis.call('DEL', STREAM_KEY) end
+  epoch = string.format('%x', tonumber(now[1]) * 1000000 + tonumber(now[2]))
+  redis.call('SET', EPOCH_KEY, epoch)
+end
+"""
 
 
 class RedisBus:
@@ -549,27 +659,55 @@ class RedisBus:
     POSTS_RETAINED = 10000      # the reader only needs recent entries; a longer outage resyncs rooms
     READ_BLOCK_MS = 5000
     READ_BATCH = 500
+    # What the publish scripts write in each entry (room, id, from, content, ts): an entry
+    # short of one, or with an id or ts that is not a number, is skipped, never applied.
+    ENTRY_FIELDS = ("r", "i", "f", "c", "t")
+    ENTRY_ID = re.compile(r"[1-9][0-9]{0,17}")
+    ENTRY_TS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+    ERROR_CHARS = 200           # of an error or a malformed entry quoted in /stats and the log
+    # The reader looks whether it was trimmed past (_trimmed_past) after a full batch (it is
+    # behind), and otherwise at most this often: in less time, fewer posts than
+    # POSTS_RETAINED can be written (a Redis runs the post script about 50 000 times a
+    # second at most), so a reader that was at the stream's end cannot be trimmed past in
+    # between, and a busy reader makes at most 10 such round trips a second.
+    TRIM_CHECK_EVERY = 0.1
     BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0
     POOL_SIZE = 64              # posts and loads share it; a full pool waits, then answers 503
     SOCKET_TIMEOUT = 2.0
 
-    # KEYS: the room's last id, the room's stream, the global stream.
+    # KEYS: the room's last id, the room's stream, the global stream, the room's epoch; a post
+    # with an Idempotency-Key also its key (IDEMPOTENCY_KEY), and its window in seconds as ARGV[7].
     # ARGV: room, from, content, room stream length, global stream length, the room's TTL.
-    # Both keys of a room expire together when nobody posts to it for the TTL (every post
+    # The room's keys expire together when nobody posts to it for the TTL (every post
     # starts it again): its life ends, and its ids start again from 1 in the next one.
+    # A key already there is the same post sent again: answered with what the first was
+    # given (and 'replayed'), and not posted; else it is kept, "<id> <ts> <epoch>", for the window.
     PUBLISH_SCRIPT = """
+if KEYS[5] then
+  local posted = redis.call('GET', KEYS[5])
+  if posted then
+    local id, ts, epoch = string.match(posted, '^(%d+) (%S+) (%S+)$')
+    return {tonumber(id), ts, epoch, 'replayed'}
+  end
+end
 local id = redis.call('INCR', KEYS[1])
 local now = redis.call('TIME')
 local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+""" + EPOCH_LUA.replace("EPOCH_KEY", "KEYS[4]").replace("STREAM_KEY", "KEYS[2]") + """
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id .. '-0', 'f', ARGV[2], 'c', ARGV[3], 't', ts)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[1], 'i', id,
-           'f', ARGV[2], 'c', ARGV[3], 't', ts)
+           'f', ARGV[2], 'c', ARGV[3], 't', ts, 'e', epoch)
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-return {id, ts}
+redis.call('EXPIRE', KEYS[4], ARGV[6])
+if KEYS[5] then
+  redis.call('SET', KEYS[5], id .. ' ' .. ts .. ' ' .. epoch, 'EX', ARGV[7])
+end
+return {id, ts, epoch}
 """
+    IDEMPOTENCY_KEY = "chattle:room:%s:idem:%s"  # room, Idempotency-Key
 
-    def __init__(self, rooms, url, history, room_ttl=7 * 24 * 3600):
+    def __init__(self, rooms, url, history, room_ttl=7 * 24 * 3600, idempotency_seconds=300):
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -578,6 +716,7 @@ return {id, ts}
         self.rooms = rooms
         self.history = history
         self.room_ttl = room_ttl
+        self.idempotency_seconds = idempotency_seconds
         rooms.on_forget = self.forget  # a room the worker forgot is loaded again from Redis
         # No retries: a post whose reply was lost must not be written twice.
         no_retry = Retry(NoBackoff(), 0)
@@ -587,12 +726,21 @@ return {id, ts}
         self.client = redis.Redis(connection_pool=pool, retry=no_retry)
         self.reader_client = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=self.READ_BLOCK_MS / 1000.0 + 5,
-            socket_connect_timeout=self.SOCKET_TIMEOUT, retry=no_retry, single_connection_client=True)
+            socket_connect_timeout=self.SOCKET_TIMEOUT, retry=no_retry, single_connection_client=True,
+            encoding_errors="replace")  # bytes that are not UTF-8 must not fail a whole batch, read after read
         self.publish_script = self.client.register_script(self.PUBLISH_SCRIPT)
         self.loaded = {}            # room name -> True, or the Event a load in progress sets
         self.held_back = {}         # room name -> reader entries a load or catch-up applies after it
         self.reader_ok = False
         self.seen = None            # the last global stream entry the reader has applied
+        self.trim_handled = "0-0"   # the trim mark (_trimmed_past) every room was last fetched again for
+        self.reader_status = "starting"
+        self.reader_restarts = 0    # unexpected errors the reader started again after
+        self.reader_reconnects = 0  # Redis errors it connected again after
+        self.malformed_entries = 0  # entries skipped: not as the publish script writes them
+        self.resyncs = 0            # times every loaded room was fetched again (a resume, a trim past the reader)
+        self.reader_error = None    # the last error the reader met, for /stats and /health
+        self.catching_up = {}       # room name -> the AsyncResult of the catch-up under way
         self.posts_received = 0     # posts the reader was given (the reader's cost)
         self.posts_received_for_rooms_not_held = 0  # of those, posts of rooms this worker holds no copy of
         self.closing = False
@@ -603,29 +751,57 @@ return {id, ts}
         return "chattle:room:%s:last" % room_name, "chattle:room:%s:stream" % room_name
 
     @staticmethod
+    def epoch_key(room_name):
+        return "chattle:room:%s:epoch" % room_name
+
+    @staticmethod
     def fragment(message_id, sender, content, ts):
         return encode({"id": message_id, "from": sender, "content": content, "ts": float(ts)})
 
     # -- posts ---------------------------------------------------------------------
-    def publish(self, room_name, sender, content):
+    def publish(self, room_name, sender, content, idempotency_key=None):
         last_key, stream_key = self.room_keys(room_name)
+        keys = [last_key, stream_key, self.POSTS, self.epoch_key(room_name)]
+        args = [room_name, sender, content, self.history, self.POSTS_RETAINED, self.room_ttl]
+        if idempotency_key is not None:
+            keys.append(self.IDEMPOTENCY_KEY % (room_name, idempotency_key))
+            args.append(self.idempotency_seconds)
         try:
-            message_id, ts = self.publish_script(
-                keys=[last_key, stream_key, self.POSTS],
-                args=[room_name, sender, content, self.history, self.POSTS_RETAINED, self.room_ttl])
+            reply = self.publish_script(keys=keys, args=args)
         except self.redis.RedisError as exc:
-            raise BusUnavailable(type(exc).__name__)
-        message = {"id": int(message_id), "from": sender, "content": content, "ts": float(ts)}
+            raise BusUnavailable(type(exc).__name__, maybe_written=not never_sent(self.redis, exc))
+        message_id, ts, epoch = reply[0], reply[1], reply[2]
+        if reply[-1] == "replayed":  # posted by its first sending: the reader delivers it as it was
+            return {"id": int(message_id), "ts": float(ts), "epoch": epoch, "replayed": True}
+        return self._posted(room_name, sender, content, int(message_id), ts, epoch)
+
+    def _posted(self, room_name, sender, content, message_id, ts, epoch):
+        message = {"id": message_id, "from": sender, "content": content, "ts": float(ts), "epoch": epoch}
         room = self.rooms.by_name.get(room_name)
         # The reader will deliver it too; adding it here now only when it is the very
-        # next id keeps the local copy contiguous and wakes this worker's polls sooner.
-        if room is not None and self.loaded.get(room_name) is True and room.last_id == message["id"] - 1:
-            room.add(message["id"], self.fragment(message["id"], sender, content, ts))
+        # next id of the copy's history keeps the local copy contiguous and wakes this
+        # worker's polls sooner.
+        if room is not None and self.loaded.get(room_name) is True and self._follows(room, message_id, epoch):
+            room.add(message_id, self.fragment(message_id, sender, content, ts))
         return message
 
+    @staticmethod
+    def _follows(room, message_id, epoch):
+        """The message is the next one of the copy's history, or the first of a history
+        where the copy holds none (its epoch is then taken)."""
+        if message_id != room.last_id + 1:
+            return False
+        if epoch == room.epoch:
+            return True
+        if room.last_id == 0 and room.epoch is None:
+            room.epoch = epoch
+            return True
+        return False
+
     # -- polls -----------------------------------------------------------------------
-    def room(self, room_name, since=None):
-        """The room with its local copy current enough to answer a poll after `since`."""
+    def room(self, room_name, since=None, epoch=None):
+        """The room with its local copy current enough to answer a poll after `since` of
+        the history `epoch`."""
         for _attempt in range(self.LOAD_ATTEMPTS):
             room = self.rooms.get(room_name)
             state = self.loaded.get(room_name)
@@ -643,10 +819,11 @@ return {id, ts}
             finally:
                 room.waiting -= 1
         else:
+            self.rooms.release(room)
             raise BusUnavailable("the room could not be loaded")
-        if since is not None and since > room.last_id:
+        if since is not None and (since > room.last_id or room.stale(epoch)):
             # A cursor another worker handed out before this worker's reader caught up
-            # is not from the future: ask Redis before answering "reset".
+            # is not from the future, nor from a history gone: ask Redis before answering "reset".
             self._catch_up(room_name, room)
         return room
 
@@ -658,6 +835,7 @@ return {id, ts}
         except self.redis.RedisError as exc:
             del self.loaded[room_name]
             self.held_back.pop(room_name, None)  # its next load reads them from its stream
+            self.rooms.release(room)  # or each poll naming a new room while Redis is down leaves one
             raise BusUnavailable(type(exc).__name__)
         finally:
             loading.set()
@@ -665,19 +843,54 @@ return {id, ts}
             gevent.spawn(self._settle, room_name)
 
     def _catch_up(self, room_name, room):
+        """Bring the copy up to Redis for a cursor past it (or of another history). The room
+        is fetched only when Redis' last id or epoch differs from the copy's (one MGET first),
+        so a cursor from the future, however often it comes, costs Redis no fetch; concurrent
+        catch-ups of a room share one. A room left empty by a failed one is let go, as a
+        failed load is."""
+        pending = self.catching_up.get(room_name)
+        if pending is None:
+            pending = self.catching_up[room_name] = AsyncResult()
+            try:
+                last, epoch = self._head(room_name)
+                if int(last or 0) != room.last_id or epoch != room.epoch:
+                    self._sync(room_name, room)
+                pending.set()
+            except self.redis.RedisError as exc:
+                pending.set_exception(BusUnavailable(type(exc).__name__))
+            finally:
+                del self.catching_up[room_name]
+                if not pending.ready():  # this poll was ended meanwhile: those sharing it ask again
+                    pending.set_exception(BusUnavailable("the catch-up was interrupted"))
+        else:
+            room.waiting += 1  # as for a load: not let go under the polls waiting for it
+            try:
+                pending.wait()
+            finally:
+                room.waiting -= 1
         try:
-            self._sync(room_name, room)
-        except self.redis.RedisError as exc:
-            raise BusUnavailable(type(exc).__name__)
+            pending.get(block=False)
+        except BusUnavailable:
+            if self.rooms.release(room):
+                self.forget(room_name)
+            raise
+
+    def _head(self, room_name):
+        """(the room's last id, its epoch) in Redis."""
+        return self.client.mget(self.room_keys(room_name)[0], self.epoch_key(room_name))
 
     def _sync(self, room_name, room):
         """Bring the local copy up to Redis: the newest `history` messages, contiguous."""
-        last, newest_first = self._fetch(room_name)
+        last, epoch, newest_first = self._fetch(room_name)
         last = int(last or 0)
-        if last < room.last_id or self._diverged(room, newest_first):
-            # Redis lost what this worker holds (a wipe, or a crash inside the fsync
-            # window): forget it, so clients holding those ids are told "reset".
-            room.forget()
+        if room.last_id == 0 and room.epoch is None:
+            room.epoch = epoch  # the copy holds nothing yet: it takes Redis' history as it is
+        elif epoch != room.epoch or last < room.last_id or self._diverged(room, newest_first):
+            # Redis holds another history than the copy's (it lost the room: a restart
+            # without persistence, an eviction, the room's TTL; or a promoted replica lacked
+            # posts): start it again, so every held poll and every client holding those
+            # ids is told "reset".
+            room.start_again(epoch)
         entries = [(int(entry_id.split("-")[0]), fields) for entry_id, fields in reversed(newest_first)]
         entries = [(message_id, fields) for message_id, fields in entries if message_id > room.last_id]
         if entries and entries[0][0] > room.last_id + 1:
@@ -686,10 +899,12 @@ return {id, ts}
             room.add(message_id, self.fragment(message_id, fields["f"], fields["c"], fields["t"]))
 
     def _fetch(self, room_name):
-        """(the room's last id, its newest `history` stream entries, newest first), at once."""
+        """(the room's last id, its epoch, its newest `history` stream entries, newest
+        first), at once."""
         last_key, stream_key = self.room_keys(room_name)
         pipe = self.client.pipeline(transaction=True)
         pipe.get(last_key)
+        pipe.get(self.epoch_key(room_name))
         pipe.xrevrange(stream_key, "+", "-", count=self.history)
         return pipe.execute()
 
@@ -708,28 +923,125 @@ return {id, ts}
 
     # -- the reader ----------------------------------------------------------------
     def _follow(self):
+        """The reader, for the bus's whole life: a Redis error connects again, a malformed
+        entry is skipped, and any other error is logged and the reader starts again, each
+        after a backoff. Starting again fetches every loaded room, so nothing is lost."""
         backoff = self.BACKOFF_FIRST
+        checked = behind = None
         while not self.closing:
             try:
                 if not self.reader_ok:
                     self._resume()
                     self.reader_ok = True
+                    self.reader_status = "ok"
                     backoff = self.BACKOFF_FIRST
-                reply = self.reader_client.xread({self.POSTS: self.seen}, count=self.READ_BATCH,
+                    checked, behind = time.monotonic(), False  # it fetched every room just now
+                seen = self.seen
+                reply = self.reader_client.xread({self.POSTS: seen}, count=self.READ_BATCH,
                                                  block=self.READ_BLOCK_MS)
+                read = 0
                 for _stream, entries in reply or ():
+                    read += len(entries)
                     for entry_id, fields in entries:
-                        self._apply(fields)
+                        # past it first: an entry that fails is not read again, and starting
+                        # again fetches its room
                         self.seen = entry_id
-            except (self.redis.RedisError, OSError, ValueError):
+                        self._take(entry_id, fields)
+                now = time.monotonic()
+                if behind or read >= self.READ_BATCH or now - checked >= self.TRIM_CHECK_EVERY:
+                    checked = now
+                    if self._trimmed_past(seen):
+                        self._refetch_every_room()
+                behind = read >= self.READ_BATCH
+            except (self.redis.RedisError, OSError, ValueError) as exc:
                 # ValueError: redis-py reading from a socket closed under it
-                self.reader_ok = False
-                try:
-                    self.reader_client.connection.disconnect()
-                except Exception:
-                    pass
+                self._reader_down("reconnecting", exc)
+                self.reader_reconnects += 1
                 gevent.sleep(backoff)
                 backoff = min(backoff * 2, self.BACKOFF_MAX)
+            except Exception as exc:
+                self._reader_down("restarting", exc)
+                self.reader_restarts += 1
+                bus_log("the Redis bus reader failed and starts again in %g s, fetching every room this "
+                    "worker holds (please report this, with what follows):\n%s" % (backoff, traceback.format_exc()))
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, self.BACKOFF_MAX)
+
+    def _reader_down(self, status, exc):
+        self.reader_ok = False
+        self.reader_status = status
+        self.reader_error = self.error_text(exc)
+        try:
+            self.reader_client.connection.disconnect()
+        except Exception:
+            pass
+
+    def _take(self, entry_id, fields):
+        """Apply one entry of the global stream, unless it is not as the publish script
+        writes it (anything with access to Redis may XADD there)."""
+        problem = self.malformed(fields)
+        if problem is None:
+            self._apply(fields)
+            return
+        self.malformed_entries += 1
+        self.reader_error = ("malformed entry %s: %s" % (entry_id, problem))[:self.ERROR_CHARS]
+        bus_log("skipped entry %s of %s: %s; only chattle's post script may write there (find what else does, "
+            "and remove the entry with XDEL %s %s)" % (entry_id, self.POSTS, problem, self.POSTS, entry_id))
+
+    @classmethod
+    def error_text(cls, exc):
+        return ("%s: %s" % (type(exc).__name__, exc))[:cls.ERROR_CHARS]
+
+    @classmethod
+    def malformed(cls, fields):
+        """Why a reader's entry (a dict of text fields) cannot be applied, or None."""
+        if not isinstance(fields, dict):
+            return "not a set of fields"
+        missing = [name for name in cls.ENTRY_FIELDS if not isinstance(fields.get(name), str)]
+        if missing:
+            return "field %s missing" % ", ".join(missing)
+        if not cls.ENTRY_ID.fullmatch(fields["i"]):
+            return "id %r is not a message id" % fields["i"][:cls.ERROR_CHARS]
+        if not cls.ENTRY_TS.fullmatch(fields["t"]):
+            return "ts %r is not a time" % fields["t"][:cls.ERROR_CHARS]
+        return None
+
+    @staticmethod
+    def stream_id(entry_id):
+        milliseconds, _dash, sequence = entry_id.partition("-")
+        return int(milliseconds), int(sequence or 0)
+
+    def _trimmed_past(self, seen):
+        """Whether entries after `seen` may have been trimmed from the global stream before
+        the reader read them (a worker stalled while a burst went by): then its rooms could
+        miss posts, and a quiet room would never be woken. The stream is trimmed from its
+        oldest end, so that is when `seen` itself is gone: the first entry kept is after it,
+        or the stream is empty and its last id is after it. Asked after a read that may have
+        missed some (TRIM_CHECK_EVERY), and true once per trim (`trim_handled`); XDEL is
+        covered by max-deleted-entry-id."""
+        if seen in (None, "0-0"):
+            return False  # started on an empty stream: the first read begins at its start
+        try:
+            info = self.reader_client.xinfo_stream(self.POSTS)
+        except self.redis.ResponseError:
+            return False  # no stream (yet): nothing was written since this reader started
+        first = info.get("first-entry")
+        mark = first[0] if first else info.get("last-generated-id") or "0-0"
+        deleted = info.get("max-deleted-entry-id") or "0-0"  # Redis 7 and later
+        mark = max(mark, deleted, key=self.stream_id)
+        if self.stream_id(mark) <= max(self.stream_id(seen), self.stream_id(self.trim_handled)):
+            return False
+        self.trim_handled = mark
+        bus_log("the Redis bus reader fell behind %s's trimming (it was at %s, the stream now starts after %s): "
+            "fetching every room this worker holds again; a worker this far behind is overloaded or was "
+            "stopped" % (self.POSTS, seen, mark))
+        return True
+
+    def reader_state(self):
+        """How the reader is doing, for /stats and /health."""
+        return {"state": self.reader_status, "restarts": self.reader_restarts,
+                "reconnects": self.reader_reconnects, "malformed_entries": self.malformed_entries,
+                "resyncs": self.resyncs, "last_error": self.reader_error}
 
     def _resume(self):
         """After a start or an outage: fix where to read from, then fill every loaded room,
@@ -737,6 +1049,10 @@ return {id, ts}
         if self.seen is None:
             newest = self.reader_client.xrevrange(self.POSTS, "+", "-", count=1)
             self.seen = newest[0][0] if newest else "0-0"
+        self._refetch_every_room()
+
+    def _refetch_every_room(self):
+        self.resyncs += 1
         for room_name, state in list(self.loaded.items()):
             if state is True and room_name not in self.held_back:
                 self.held_back[room_name] = []
@@ -767,9 +1083,12 @@ return {id, ts}
         in Redis and its ids started again (_sync finds Redis behind and resets it)."""
         message_id = int(fields["i"])
         fragment = self.fragment(message_id, fields["f"], fields["c"], fields["t"])
-        if message_id == room.last_id + 1:
+        epoch = fields.get("e")
+        if self._follows(room, message_id, epoch):
             room.add(message_id, fragment)
             return True
+        if epoch != room.epoch:
+            return False  # another history: _sync starts the copy's again
         # An id the copy has already: this worker's own post, added when it was accepted.
         messages = room.messages
         index = message_id - messages[0][0] if messages else -1
@@ -879,28 +1198,48 @@ class RedisClusterBus(RedisBus):
     REDIRECTS = 5               # MOVED or ASK: a post looks again this often at most
     POOL_SIZE = 256             # connections per node: a full pool answers 503
 
-    # KEYS: the room's last id, its stream. ARGV: room, from, content, room stream length,
+    # KEYS: the room's last id, its stream, its epoch; a post with an Idempotency-Key also its
+    # key (IDEMPOTENCY_KEY, in the room's slot), and its window in seconds as ARGV[8].
+    # ARGV: room, from, content, room stream length,
     # the room's TTL, '1' to publish the post here ('0': the caller publishes it once a
     # replica confirmed it), the room's channel. The channel, in the room's slot by its hash
     # tag, is not passed as a key: a slot being migrated answers TRYAGAIN to a script naming
     # a key it does not hold. The id goes out as a string: cjson writes 14 digits only.
+    # A post sent again is answered as RedisBus's is; it writes its key once more (the same
+    # value and expiry): WAIT confirms what its own connection wrote, and so the first post.
     PUBLISH_SCRIPT = """
+if KEYS[4] then
+  local posted = redis.call('GET', KEYS[4])
+  if posted then
+    redis.call('SET', KEYS[4], posted, 'KEEPTTL')
+    local id, ts, epoch = string.match(posted, '^(%d+) (%S+) (%S+)$')
+    return {tonumber(id), ts, epoch, 'replayed'}
+  end
+end
 local id = redis.call('INCR', KEYS[1])
 local now = redis.call('TIME')
 local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+""" + EPOCH_LUA.replace("EPOCH_KEY", "KEYS[3]").replace("STREAM_KEY", "KEYS[2]") + """
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id .. '-0', 'f', ARGV[2], 'c', ARGV[3], 't', ts)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
 if ARGV[6] == '1' then
-  redis.call('SPUBLISH', ARGV[7], cjson.encode({r=ARGV[1], i=string.format('%d', id), f=ARGV[2], c=ARGV[3], t=ts}))
+  redis.call('SPUBLISH', ARGV[7], cjson.encode({r=ARGV[1], i=string.format('%d', id), f=ARGV[2], c=ARGV[3], t=ts,
+                                                e=epoch}))
 end
-return {id, ts}
+if KEYS[4] then
+  redis.call('SET', KEYS[4], id .. ' ' .. ts .. ' ' .. epoch, 'EX', ARGV[8])
+end
+return {id, ts, epoch}
 """
+    IDEMPOTENCY_KEY = "chattle:{%s}:idem:%s"  # room (its hash tag), Idempotency-Key
     FETCH_SCRIPT = """
-return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
+return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
+        redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
 """
 
-    def __init__(self, rooms, addresses, history, room_ttl=7 * 24 * 3600, wait_ms=0):
+    def __init__(self, rooms, addresses, history, room_ttl=7 * 24 * 3600, wait_ms=0, idempotency_seconds=300):
         import hashlib
 
         import redis
@@ -913,6 +1252,7 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         self.history = history
         self.room_ttl = room_ttl
         self.wait_ms = wait_ms
+        self.idempotency_seconds = idempotency_seconds
         self.read_replicas = wait_ms > 0
         rooms.on_forget = self.forget
         # No retries: a post whose reply was lost must not be written twice (MOVED and ASK
@@ -945,6 +1285,9 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         self.posts_received_for_rooms_not_held = 0
         self.readers = {}           # master's name -> its ShardReader
         self.subscribed = {}        # room name -> the master's name whose reader holds its subscription
+        self.catching_up = {}
+        self.reader_restarts = self.reader_reconnects = self.malformed_entries = 0
+        self.reader_error = None
         self.topology_changed = Event()
         self.reader = gevent.spawn(self._watch)
 
@@ -977,6 +1320,10 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
     @staticmethod
     def room_keys(room_name):
         return "chattle:{%s}:last" % room_name, "chattle:{%s}:stream" % room_name
+
+    @staticmethod
+    def epoch_key(room_name):
+        return "chattle:{%s}:epoch" % room_name
 
     # -- the topology ----------------------------------------------------------------------
     def _masters(self):
@@ -1051,10 +1398,14 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         return nodes[1] if self.read_replicas and len(nodes) > 1 else nodes[0]
 
     # -- posts ---------------------------------------------------------------------
-    def publish(self, room_name, sender, content):
+    def publish(self, room_name, sender, content, idempotency_key=None):
         last_key, stream_key = self.room_keys(room_name)
         channel = self.CHANNEL % room_name
+        keys = [last_key, stream_key, self.epoch_key(room_name)]
         args = [room_name, sender, content, self.history, self.room_ttl, "0" if self.wait_ms else "1", channel]
+        if idempotency_key is not None:
+            keys.append(self.IDEMPOTENCY_KEY % (room_name, idempotency_key))
+            args.append(self.idempotency_seconds)
         asking = None
         for _attempt in range(self.REDIRECTS):
             node = self._master_of(last_key)
@@ -1065,13 +1416,14 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
                 pipe = node.redis_connection.pipeline(transaction=False)
                 if asking is not None:
                     pipe.execute_command("ASKING")
-                pipe.execute_command("EVALSHA", self.publish_sha, 2, last_key, stream_key, *args)
+                pipe.execute_command("EVALSHA", self.publish_sha, len(keys), *keys, *args)
                 if self.wait_ms:
                     pipe.execute_command("WAIT", 1, self.wait_ms)
                 replies = pipe.execute(raise_on_error=False)
             except (self.redis.RedisError, OSError) as exc:
                 self.topology_changed.set()
-                raise BusUnavailable(type(exc).__name__)
+                raise BusUnavailable(type(exc).__name__,
+                                     maybe_written=not never_sent(self.redis, exc, one_command=not self.wait_ms))
             if asking is not None:
                 replies = replies[1:]
                 asking = None
@@ -1092,15 +1444,15 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             break
         else:
             raise BusUnavailable("the room's slot kept moving")
-        message_id, ts = posted
+        message_id, ts, epoch = posted[0], posted[1], posted[2]
+        if posted[-1] == "replayed":  # posted by its first sending
+            if self.wait_ms:
+                self._announce_again(room_name, last_key, stream_key, channel, int(message_id), epoch)
+            return {"id": int(message_id), "ts": float(ts), "epoch": epoch, "replayed": True}
         if self.wait_ms:
             self._announce(last_key, channel, {"r": room_name, "i": str(message_id), "f": sender, "c": content,
-                                               "t": ts})
-        message = {"id": int(message_id), "from": sender, "content": content, "ts": float(ts)}
-        room = self.rooms.by_name.get(room_name)
-        if room is not None and self.loaded.get(room_name) is True and room.last_id == message["id"] - 1:
-            room.add(message["id"], self.fragment(message["id"], sender, content, ts))
-        return message
+                                               "t": ts, "e": epoch})
+        return self._posted(room_name, sender, content, int(message_id), ts, epoch)
 
     def _announce(self, last_key, channel, fields):
         """Publish a post a replica confirmed, on the room's master, where subscribers of the
@@ -1111,6 +1463,20 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             self._master_of(last_key).redis_connection.execute_command("SPUBLISH", channel, encode(fields))
         except (self.redis.RedisError, OSError, BusUnavailable):
             self.topology_changed.set()
+
+    def _announce_again(self, room_name, last_key, stream_key, channel, message_id, epoch):
+        """Announce a post sent again, now confirmed, as its first sending wrote it: that one
+        was not announced if no replica confirmed it in time. A subscriber that has it already
+        drops it by its id."""
+        try:
+            written = self._master_of(last_key).redis_connection.xrange(
+                stream_key, "%d-0" % message_id, "%d-0" % message_id)
+        except (self.redis.RedisError, OSError, BusUnavailable):
+            self.topology_changed.set()
+            return
+        for _entry_id, fields in written:
+            self._announce(last_key, channel, {"r": room_name, "i": str(message_id), "f": fields["f"],
+                                               "c": fields["c"], "t": fields["t"], "e": epoch})
 
     # -- polls -----------------------------------------------------------------------
     def _load(self, room_name, room):
@@ -1126,6 +1492,7 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
             self.held_back.pop(room_name, None)  # its next load reads them from its stream
             self.stale.discard(room_name)
             self._unsubscribe(room_name)
+            self.rooms.release(room)
             raise exc if isinstance(exc, BusUnavailable) else BusUnavailable(type(exc).__name__)
         finally:
             loading.set()
@@ -1167,10 +1534,17 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         try:
             # EVAL, not EVALSHA: a script missing on a node would be loaded on every master,
             # and one master down would then fail the reads of all the others' rooms
-            last, newest_first = self.cluster.eval(self.FETCH_SCRIPT, 2, *self.room_keys(room_name), self.history)
+            last, epoch, newest_first = self.cluster.eval(self.FETCH_SCRIPT, 3, *self.room_keys(room_name),
+                                                          self.epoch_key(room_name), self.history)
         except self.redis.exceptions.RedisClusterException as exc:
             raise self.redis.ConnectionError(str(exc))
-        return last, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
+        return last, epoch, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
+
+    def _head(self, room_name):
+        try:
+            return self.cluster.mget(self.room_keys(room_name)[0], self.epoch_key(room_name))
+        except self.redis.exceptions.RedisClusterException as exc:
+            raise self.redis.ConnectionError(str(exc))
 
     def _fetch_from(self, node, room_name):
         if node is None:
@@ -1178,9 +1552,10 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         pipe = node.redis_connection.pipeline(transaction=False)
         pipe.execute_command("READONLY")  # a replica serves its slots' reads only when asked so
         pipe.execute_command("ROLE")
-        pipe.execute_command("EVAL_RO", self.FETCH_SCRIPT, 2, *self.room_keys(room_name), self.history)
+        pipe.execute_command("EVAL_RO", self.FETCH_SCRIPT, 3, *self.room_keys(room_name), self.epoch_key(room_name),
+                             self.history)
         try:
-            _readonly, role, (last, newest_first) = pipe.execute()
+            _readonly, role, (last, epoch, newest_first) = pipe.execute()
             # A node the slot table still calls a replica may be an old master started again,
             # serving its own data until it learns it was failed over: read only a replica
             # connected to its master (or the master itself, while it has no replica).
@@ -1191,11 +1566,31 @@ return {redis.call('GET', KEYS[1]), redis.call('XREVRANGE', KEYS[2], '+', '-', '
         except self.redis.RedisError:
             self.topology_changed.set()
             raise
-        return last, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
+        return last, epoch, [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in newest_first]
 
     # -- what the subscribers are given ------------------------------------------------------
     def _receive(self, payload):
-        self._apply(json.loads(payload))
+        """A shard message: applied unless it is not as the post script publishes it."""
+        try:
+            fields = json.loads(payload)
+            problem = self.malformed(fields)
+        except ValueError:
+            problem = "not JSON"
+        if problem is None:
+            self._apply(fields)
+            return
+        self.malformed_entries += 1
+        self.reader_error = ("malformed message: %s" % problem)[:self.ERROR_CHARS]
+        bus_log("skipped a message on a room's shard channel: %s; only chattle's post script may publish "
+                "there (find what else does): %r" % (problem, payload[:self.ERROR_CHARS]))
+
+    def reader_state(self):
+        """The shard readers together: "ok" while each is connected."""
+        readers = list(self.readers.values())
+        state = "starting" if not readers else "ok" if all(r.connection is not None for r in readers) \
+            else "reconnecting"
+        return {"state": state, "restarts": self.reader_restarts, "reconnects": self.reader_reconnects,
+                "malformed_entries": self.malformed_entries, "resyncs": 0, "last_error": self.reader_error}
 
     def _refetch(self, room_name):
         """Fetch a held room from its stream again: its subscription was made anew, and
@@ -1337,9 +1732,21 @@ class ShardReader:
                         continue
                     self._receive(reply)
                     backoff = bus.BACKOFF_FIRST
-            except (redis.RedisError, OSError, ValueError):
+            except (redis.RedisError, OSError, ValueError) as exc:
                 # ValueError: redis-py reading from a socket closed under it
+                bus.reader_reconnects += 1
+                bus.reader_error = bus.error_text(exc)
                 self.down = connection is None
+                self._lost(connection)
+                bus.topology_changed.set()
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, bus.BACKOFF_MAX)
+            except Exception as exc:
+                # connecting again subscribes and fetches every room of this master: nothing is lost
+                bus.reader_restarts += 1
+                bus.reader_error = bus.error_text(exc)
+                bus_log("a Redis Cluster shard reader failed and starts again in %g s, fetching the rooms "
+                        "it holds (please report this, with what follows):\n%s" % (backoff, traceback.format_exc()))
                 self._lost(connection)
                 bus.topology_changed.set()
                 gevent.sleep(backoff)
@@ -1435,10 +1842,10 @@ class ShardReader:
 def make_bus(settings, rooms):
     if settings.redis_cluster:
         return RedisClusterBus(rooms, settings.redis_cluster, settings.history, settings.room_ttl,
-                               settings.redis_wait)
+                               settings.redis_wait, settings.idempotency_seconds)
     if settings.redis:
-        return RedisBus(rooms, settings.redis, settings.history, settings.room_ttl)
-    return MemoryBus(rooms)
+        return RedisBus(rooms, settings.redis, settings.history, settings.room_ttl, settings.idempotency_seconds)
+    return MemoryBus(rooms, settings.idempotency_seconds, settings.idempotency_keys)
 
 
 ###############################################################################
@@ -1451,6 +1858,7 @@ _CONTROL_IN_CONTENT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 # Plain decimals only: Python's int() and float() also take "1_0", " 7 ", "1e3", "inf".
 _PLAIN_NUMBER = {int: re.compile(r"-?[0-9]{1,30}"), float: re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?")}
+_EPOCH = re.compile(r"[0-9A-Za-z]{1,32}")
 
 
 def query_number(query, name, kind, low, high, default):
@@ -1468,7 +1876,7 @@ def query_number(query, name, kind, low, high, default):
 
 
 def poll_arguments():
-    """since, limit and timeout of a poll, from its query string.
+    """since, limit, timeout and epoch of a poll, from its query string.
 
     Parsed by Bottle's own query parser (the last value of a repeated name wins, as
     with request.query.get), but not through request.query: that FormsDict stays in
@@ -1478,7 +1886,11 @@ def poll_arguments():
     limit = query_number(query, "limit", int, 1, MAX_LIMIT,
                          DEFAULT_LIMIT_RECENT if since is None else DEFAULT_LIMIT_SINCE)
     timeout = query_number(query, "timeout", float, 0, MAX_POLL_TIMEOUT, settings.poll_timeout)
-    return since, limit, timeout
+    epoch = query.get("epoch") or None
+    if epoch is not None and not _EPOCH.fullmatch(epoch):
+        raise json_error(400, "query parameter 'epoch' must be the 'epoch' of an answer (1 to 32 letters "
+                         "and digits), got %r" % epoch[:40])
+    return since, limit, timeout, epoch
 
 
 def read_json_object():
@@ -1636,9 +2048,9 @@ def static(path):
 @app.get("/msgs")
 @app.get(ROOM_URL + "/msgs")
 def poll_messages(room="lobby"):
-    since, limit, timeout = poll_arguments()
+    since, limit, timeout, epoch = poll_arguments()
     try:
-        chat = get_bus().room(room, since)
+        chat = get_bus().room(room, since, epoch)
     except BusUnavailable as exc:
         raise json_error(503, "the shared bus is unreachable (%s); retry later" % exc, **{"Retry-After": "1"})
     environ = request.environ
@@ -1646,7 +2058,7 @@ def poll_messages(room="lobby"):
     # Both outlive forget_request: the connection holds the same objects.
     address = environ.get("REMOTE_ADDR")
     peer = environ.get(chattle_http.PEER) or environ.get("gunicorn.socket")
-    held = since is not None and chat.holds(since, timeout)
+    held = since is not None and chat.holds(since, timeout, epoch)
     if held and not chat.registry.hold_poll(address):
         raise json_error(429, "too many polls held for the client address %s: at most %d "
                          "(--max-polls-per-address, CHATTLE_MAX_POLLS_PER_ADDRESS); poll again once one ends"
@@ -1654,8 +2066,12 @@ def poll_messages(room="lobby"):
                          **{"Retry-After": "1", "Connection": "close"})
     if sends_json == chattle_http.FORGET and since is not None:
         forget_request()
+    if epoch is None:
+        # A client that names no history is taken to be in the one it arrived in: a poll
+        # held across a start of the history is still told "reset".
+        epoch = chat.epoch
     try:
-        shared = since is not None and chat.wait_for_news(since, timeout, peer)
+        shared = since is not None and chat.wait_for_news(since, timeout, epoch, peer)
     finally:
         if held:
             chat.registry.end_poll(address)
@@ -1667,7 +2083,7 @@ def poll_messages(room="lobby"):
         # Another server (gunicorn's own worker): answered as at a timeout, and the
         # server finds the connection gone as it writes.
         shared = False
-    body = chat.answer(since, limit, shared)
+    body = chat.answer(since, limit, shared, epoch)
     if rooms.release(chat):
         bus.forget(room)
     if sends_json:
@@ -1696,13 +2112,31 @@ def forget_request():
 @app.post(ROOM_URL + "/msgs")
 def post_message(room="lobby"):
     sender, content = checked_message(read_json_object())
+    key = idempotency_key()
     try:
-        message = get_bus().publish(room, sender, content)
+        message = get_bus().publish(room, sender, content, key)
     except BusUnavailable as exc:
-        raise json_error(503, "the shared bus is unreachable (%s); %s, retry later"
-                         % (exc, "it may yet be delivered" if exc.maybe_written else "nothing was written"),
-                         **{"Retry-After": "1"})
-    return json_answer(encode({"room": room, "id": message["id"], "ts": message["ts"]}), 201)
+        if exc.maybe_written:
+            error = ("the shared bus did not confirm the post (%s): its outcome is unknown, it may have been "
+                     "posted; retry with the same Idempotency-Key, which posts it at most once" % exc)
+        else:
+            error = "the shared bus is unreachable (%s); nothing was written, retry later" % exc
+        raise HTTPResponse(encode({"error": error, "outcome": "unknown" if exc.maybe_written else "not written"}),
+                           503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
+    return json_answer(encode({"room": room, "id": message["id"], "ts": message["ts"], "epoch": message["epoch"]}),
+                       201)
+
+
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,64}")
+
+
+def idempotency_key():
+    """The post's Idempotency-Key header (None without one): 1 to 64 visible ASCII characters."""
+    key = request.environ.get("HTTP_IDEMPOTENCY_KEY")
+    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise json_error(400, "the Idempotency-Key header must be 1 to 64 visible ASCII characters "
+                              "(no spaces), got %d characters" % len(key))
+    return key
 
 
 @app.get("/health")
@@ -1710,9 +2144,11 @@ def health():
     current = get_bus()
     ok = current.healthy()
     # "time": the clock `ts` comes from, so a client on another host can measure its offset to it
-    body = encode({"status": "ok" if ok else "degraded", "bus": current.name, "pid": os.getpid(),
-                   "time": current.clock() if ok else None})
-    return json_answer(body, 200 if ok else 503)
+    body = {"status": "ok" if ok else "degraded", "bus": current.name, "pid": os.getpid(),
+            "time": current.clock() if ok else None}
+    if current.reader_state() is not None:  # a shared bus: how its reader is doing
+        body["bus_reader"] = current.reader_state()
+    return json_answer(encode(body), 200 if ok else 503)
 
 
 @app.get("/stats")
@@ -1730,6 +2166,7 @@ def stats():
         # what the bus's readers were given: every post of the cluster, or only the held rooms'
         "bus_posts_received": get_bus().posts_received,
         "bus_posts_received_for_rooms_not_held": get_bus().posts_received_for_rooms_not_held,
+        "bus_reader": get_bus().reader_state(),
         # read together, so that descriptors beyond the open connections is exact
         "connections": chattle_http.open_connections(),
         "descriptors": descriptors_open(),

@@ -501,6 +501,20 @@ def held_polls(environment):
     return HELD_POLLS[0]
 
 
+def refused_post(room, reply):
+    """The error a poster records for a post not answered 201. Posters do not retry, so a
+    503 of unknown outcome (the post may have been written, and its listeners given it) is
+    told apart from a refusal; both name the room, as the failover's time without service counts them."""
+    what = "post to %s answered %d" % (room, reply.status)
+    if reply.status == 503:
+        try:
+            if json.loads(reply.body).get("outcome") == "unknown":
+                what += ", outcome unknown"
+        except (ValueError, AttributeError):
+            pass
+    return what
+
+
 class Poster(User):
     """Posts bursts (several messages back to back, then quiet) while a burst stage is on."""
 
@@ -540,7 +554,7 @@ class Poster(User):
                 TALLY.error("poster", "post to %s : %s" % (room, exc or type(exc).__name__))
                 continue
             if reply.status != 201:
-                TALLY.error("poster", "post to %s answered %d" % (room, reply.status))
+                TALLY.error("poster", refused_post(room, reply))
                 continue
             accepted = json.loads(reply.body)
             TALLY.post(room, accepted["id"], accepted["ts"])

@@ -7,6 +7,7 @@
   var POLL_TIMEOUT_S = 25;          // what the server is asked to hold a poll for
   var POLL_ABORT_MS = 35000;        // longer than the hold, so a quiet room is not an error
   var POST_ABORT_MS = 15000;
+  var POST_ATTEMPTS = 4;            // a message is sent at most this often before the page gives up
   var BACKOFF_BASE_MS = 500;
   var BACKOFF_MAX_MS = 30000;
   var MAX_NAME = 40;
@@ -25,6 +26,8 @@
   var messageTemplate = $("message-template"), noticeTemplate = $("notice-template");
 
   var cursor = null;   // null until the first answer: then every poll sends since=cursor
+  var epoch = null;    // the history the cursor belongs to; sent with it, so a history that
+                       // started again on the server is told "reset", never passed off as news
   var lastShown = 0;   // highest id on screen, so a repeated answer never duplicates
   var lastSender = null, lastTs = 0;
   var failures = 0;
@@ -115,9 +118,9 @@
   function apply(answer) {
     var follow = atBottom();
     if (answer.reset) {
-      // The server lost its memory (a restart): our cursor means nothing there now.
+      // The room's history started again (the server lost it): our cursor means nothing there now.
       clearView();
-      renderNotice("The server restarted; showing its history from here.");
+      renderNotice("The room's history started again; showing it from here.");
     }
     if (answer.missed > 0) {
       renderNotice(answer.missed + (answer.missed === 1 ? " earlier message is" : " earlier messages are") +
@@ -130,16 +133,18 @@
       }
     });
     cursor = answer.cursor;
+    epoch = answer.epoch || null;
     empty.hidden = list.childElementCount > 0;
     if (follow) scrollToBottom();
   }
 
   // -- network -----------------------------------------------------------------------
 
-  function HttpError(status, message, retryAfter) {
+  function HttpError(status, message, retryAfter, outcome) {
     this.status = status;
     this.message = message;
     this.retryAfter = retryAfter;
+    this.outcome = outcome;         // a post's 503: "unknown" (it may have been posted) or "not written"
   }
 
   // fetch with a deadline; resolves to the decoded JSON of a 2xx, rejects otherwise
@@ -153,7 +158,7 @@
         if (response.ok) return body;
         var retryAfter = parseFloat(response.headers.get("Retry-After"));
         throw new HttpError(response.status, body.error || ("HTTP " + response.status),
-                            isFinite(retryAfter) ? retryAfter * 1000 : 0);
+                            isFinite(retryAfter) ? retryAfter * 1000 : 0, body.outcome);
       });
     }).finally(function () { clearTimeout(timer); });
   }
@@ -179,7 +184,8 @@
   async function pollForever() {
     for (;;) {
       var url = cursor === null ? msgsUrl
-        : msgsUrl + "?since=" + cursor + "&timeout=" + POLL_TIMEOUT_S;
+        : msgsUrl + "?since=" + cursor + "&timeout=" + POLL_TIMEOUT_S +
+          (epoch ? "&epoch=" + encodeURIComponent(epoch) : "");
       try {
         var answer = await request(url, { method: "GET" }, POLL_ABORT_MS);
         failures = 0;
@@ -203,6 +209,45 @@
   }
 
   var sending = false;
+  // The message not yet known to be posted, and the Idempotency-Key it is sent with every
+  // time, by the page's own retries and by the user's: the server posts it at most once.
+  var pending = null;
+
+  function newKey() {
+    var bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes);  // also where crypto.randomUUID is not (plain http)
+    return Array.from(bytes, function (b) { return (b + 256).toString(16).slice(1); }).join("");
+  }
+
+  // Sent again by itself only where that may help: no answer came (the post may or may not
+  // have arrived) or the server said 503; anything else it refused would be refused again.
+  function worthRetrying(error) {
+    return !(error instanceof HttpError) || error.status === 503;
+  }
+
+  function wait(ms) {
+    return new Promise(function (resolve) { setTimeout(resolve, ms); });
+  }
+
+  // The server's answer; else the last error, marked when any attempt may have posted it.
+  async function postWithRetries(name, content, key) {
+    var mayHavePosted = false;
+    for (var attempt = 1; ; attempt++) {
+      try {
+        return await request(msgsUrl, {
+          method: "POST",
+          headers: { "Content-Type": "application/json", "Idempotency-Key": key },
+          body: JSON.stringify({ from: name, content: content }),
+        }, POST_ABORT_MS);
+      } catch (error) {
+        mayHavePosted = mayHavePosted || !(error instanceof HttpError) || error.outcome === "unknown";
+        if (attempt >= POST_ATTEMPTS || !worthRetrying(error)) {
+          throw { error: error, mayHavePosted: mayHavePosted };
+        }
+        await wait(Math.max(backoffMs(attempt), (error && error.retryAfter) || 0));
+      }
+    }
+  }
 
   async function send() {
     var name = myName(), content = textarea.value;
@@ -217,23 +262,26 @@
       showSendError("A message is at most " + MAX_CONTENT + " characters.");
       return;
     }
+    if (!pending || pending.name !== name || pending.content !== content) {
+      pending = { name: name, content: content, key: newKey() };
+    }
     sending = true;
     sendButton.disabled = true;
     try {
-      await request(msgsUrl, {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ from: name, content: content }),
-      }, POST_ABORT_MS);
+      await postWithRetries(name, content, pending.key);
+      pending = null;
       showSendError("");
       // Only clear what was sent: the user may have typed on while it was in flight.
       if (textarea.value === content) textarea.value = "";
       autoGrow();
       scrollToBottom();
-    } catch (error) {
-      var reason = error instanceof HttpError ? error.message
-        : "the server could not be reached; your message was kept, try again";
-      showSendError("Not sent: " + reason);
+    } catch (failed) {
+      if (failed.mayHavePosted) {
+        showSendError("Not confirmed: the server did not answer, so your message may have been posted. " +
+                      "It was kept: send it again within a few minutes, and it will not be posted twice.");
+      } else {
+        showSendError("Not sent: " + (failed.error || failed).message);
+      }
     } finally {
       sending = false;
       sendButton.disabled = false;

@@ -44,6 +44,11 @@ def post(url, room, sender, content):
         return json.loads(answer.read())
 
 
+def get_messages(url, room):
+    with urllib.request.urlopen("%s/rooms/%s/msgs?since=0&timeout=0&limit=1000" % (url, room), timeout=10) as answer:
+        return json.loads(answer.read())["messages"]
+
+
 class Person:
     """One browser context: its own storage, so its own remembered name."""
 
@@ -172,6 +177,34 @@ def run(args, observed):
             observed["name_after_reload"] = bob.page.input_value("#name")
             bob.wait_for_content(XSS)
             observed["history_after_reload"] = bob.page.evaluate(CONTENTS_JS)
+
+            stage = observed["stage"] = "lost answers"
+            # Ann's post reaches the server each time, but the first answer is lost with its
+            # connection and the second is a 503 of unknown outcome: the page sends it again
+            # with the same key, and it is posted once.
+            keys = observed["lost_answers_keys"] = []
+
+            def lose_answers(route):
+                if route.request.method != "POST":
+                    return route.continue_()
+                keys.append(route.request.headers.get("idempotency-key"))
+                if len(keys) > 2:
+                    return route.continue_()
+                route.fetch()
+                if len(keys) == 1:
+                    return route.abort("connectionreset")
+                return route.fulfill(status=503, headers={"Retry-After": "1"},
+                                     json={"error": "the answer was lost", "outcome": "unknown"})
+
+            ann.page.route("**/rooms/*/msgs", lose_answers)
+            ann.say("said once")
+            ann.page.wait_for_function("() => document.querySelector('#content').value === ''", timeout=wait_ms)
+            ann.page.unroute("**/rooms/*/msgs", lose_answers)
+            bob.wait_for_content("said once")
+            observed["lost_answers_at_bob"] = bob.page.evaluate(CONTENTS_JS).count("said once")
+            observed["lost_answers_in_room"] = [message["content"] for message in get_messages(args.url, args.room)
+                                                ].count("said once")
+            observed["lost_answers_error_shown"] = ann.page.is_visible("#send-error")
 
             stage = observed["stage"] = "missed"
             # Offline long enough that more messages arrive than the server retains.

@@ -236,3 +236,31 @@ def test_the_make_load_knobs_table_is_what_make_load_does():
             elif not same_default(value, defaults[name]):
                 wrong.append("%s: the table's default is %r, make load's %r" % (flag, value, defaults[name]))
     assert not wrong, "\n".join(wrong)
+
+
+# A commit as pages name one: an abbreviated or whole hash standing alone (not inside a
+# quoted JSON value, a path or an anchor), with both letters and digits so plain numbers
+# and words are not taken for one.
+COMMIT = re.compile(r'(?<![\w"/.#-])([0-9a-f]{7,40})(?![\w"/.-])')
+
+
+def named_commits(text):
+    return sorted({match for match in COMMIT.findall(text) if re.search("[a-f]", match) and re.search("[0-9]", match)})
+
+
+def test_every_commit_a_page_names_is_in_the_history():
+    """A figure's provenance is its commit: one that is not in this repository's history
+    (a scratch branch, a typo) cannot be checked out to run it again."""
+    missing = []
+    for page in DOCS:
+        for commit in named_commits(read(page)):
+            found = subprocess.run(["git", "-C", ROOT, "cat-file", "-e", commit + "^{commit}"],
+                                   capture_output=True, timeout=HELP_DEADLINE)
+            if found.returncode != 0:
+                missing.append("%s names commit %s, which is not in this repository's history" % (page, commit))
+    assert not missing, "\n".join(missing)
+
+
+def test_a_made_up_commit_is_found_and_json_values_are_not_commits():
+    assert named_commits("measured at commit 7a91a01 (and 0123abc), 2026-12-07") == ["0123abc", "7a91a01"]
+    assert named_commits('{"epoch": "6621361f3c9a2"}, reports/20261204-170128-load, #a1b2c3d4') == []

@@ -55,11 +55,11 @@ def test_a_wait_for_held_polls_that_runs_out_says_how_many_were_held(start_chatt
 
 def test_timeout_is_honoured(start_chattle):
     server = start_chattle()
-    post(server, "quiet")
+    epoch = post(server, "quiet")["epoch"]
     started = time.monotonic()
     status, _headers, body = held_poll(server.port, "/rooms/quiet/msgs?since=1&timeout=2")
     elapsed = time.monotonic() - started
-    assert status == 200 and body == {"room": "quiet", "messages": [], "cursor": 1, "missed": 0}
+    assert status == 200 and body == {"room": "quiet", "messages": [], "cursor": 1, "missed": 0, "epoch": epoch}
     assert 1.5 <= elapsed < GENEROUS, elapsed
 
 

@@ -114,7 +114,10 @@ def test_two_people_chat_in_headless_chromium(start_chattle, tmp_path, chromium)
     # history first, then long-polls from the cursor, asking for less than the page waits
     polls = seen["polls_ann"]
     assert len(polls) >= 2 and polls[0] == "/rooms/e2e/msgs"
-    assert all(re.fullmatch(r"/rooms/e2e/msgs\?since=\d+&timeout=25", url) for url in polls[1:]), polls
+    # with the history's epoch once an answer named one (the room has none before its first post)
+    poll_url = re.compile(r"/rooms/e2e/msgs\?since=\d+&timeout=25(&epoch=[0-9a-f]{20})?")
+    assert all(poll_url.fullmatch(url) for url in polls[1:]), polls
+    assert any("&epoch=" in url for url in polls), polls
 
     # typed in one page with Enter, shown in the other, as the sender's own in the first
     assert seen["hello_at_bob"]["from"] == "ann" and not seen["hello_at_bob"]["own"]
@@ -138,6 +141,12 @@ def test_two_people_chat_in_headless_chromium(start_chattle, tmp_path, chromium)
     assert seen["name_after_reload"] == "bob"
     assert seen["status_after_reload"] == "connected"
     assert seen["history_after_reload"][-2:] == [XSS, "héllo ann — long-poll works"]
+
+    # a post whose answers are lost is sent again with the same key, and posted once
+    keys = seen["lost_answers_keys"]
+    assert len(keys) == 3 and len(set(keys)) == 1 and re.fullmatch(r"[0-9a-f]{32}", keys[0]), keys
+    assert seen["lost_answers_in_room"] == seen["lost_answers_at_bob"] == 1
+    assert not seen["lost_answers_error_shown"]
 
     # offline through a burst larger than the history: told exactly how many were lost
     notices = seen["notices_after_missed"]

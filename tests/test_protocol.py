@@ -42,11 +42,13 @@ def ids(answer):
 
 
 def assert_error(answer, status, *words):
-    """Every error is JSON {"error": "..."} that says what was wrong."""
+    """Every error is JSON {"error": "..."} that says what was wrong (a post's 503 also
+    says its "outcome")."""
     assert answer.status == status, (answer.status, answer.body)
     assert answer.header("Content-Type").startswith("application/json")
     body = answer.json
-    assert set(body) == {"error"} and isinstance(body["error"], str) and len(body["error"]) > 15
+    assert set(body) - ({"outcome"} if status == 503 else set()) == {"error"}
+    assert isinstance(body["error"], str) and len(body["error"]) > 15
     for word in words:
         assert word in body["error"], (word, body["error"])
     return body["error"]
@@ -99,7 +101,7 @@ def test_post_answers_201_with_room_id_and_ts(wsgi):
     assert answer.status == 201
     assert answer.header("Content-Type") == "application/json; charset=utf-8"
     body = answer.json
-    assert set(body) == {"room", "id", "ts"} and body["room"] == "abc" and body["id"] == 1
+    assert set(body) == {"room", "id", "ts", "epoch"} and body["room"] == "abc" and body["id"] == 1
     assert isinstance(body["ts"], float)
     message = poll(wsgi, "/rooms/abc/msgs", since=0)["messages"][0]
     assert message == {"id": 1, "from": "ann", "content": "hi", "ts": body["ts"]}
@@ -242,7 +244,8 @@ def test_escaped_surrogate_pair_is_one_character(wsgi):
 def test_rejected_posts_write_nothing(wsgi):
     post(wsgi, "/msgs", {"from": "", "content": "x"})
     post(wsgi, "/msgs", {"from": "ann", "content": "x" * 2001})
-    assert poll(wsgi, "/msgs", since=0, timeout=0) == {"room": "lobby", "messages": [], "cursor": 0, "missed": 0}
+    assert poll(wsgi, "/msgs", since=0, timeout=0) == \
+        {"room": "lobby", "messages": [], "cursor": 0, "missed": 0, "epoch": None}
 
 
 # -- 400: the query -----------------------------------------------------------------------------
@@ -348,11 +351,23 @@ def test_unreachable_bus_on_post_is_503_and_writes_nothing(wsgi, monkeypatch):
     monkeypatch.setattr(chattle.get_bus(), "publish", unreachable)
     answer = post(wsgi, "/msgs", {"from": "ann", "content": "lost"})
     assert_error(answer, 503, "nothing was written")
+    assert answer.json["outcome"] == "not written"
     assert answer.header("Retry-After") == "1"
     monkeypatch.undo()
     assert poll(wsgi, "/msgs", since=1, timeout=0)["messages"] == []
     assert ids(poll(wsgi, "/msgs", since=0)) == [1]
     assert post_ok(wsgi)["id"] == 2
+
+
+def test_a_post_of_unknown_outcome_is_a_503_of_its_own(wsgi, monkeypatch):
+    def unanswered(*args, **kwargs):
+        raise chattle.BusUnavailable("TimeoutError", maybe_written=True)
+
+    monkeypatch.setattr(chattle.get_bus(), "publish", unanswered)
+    answer = post(wsgi, "/msgs", {"from": "ann", "content": "sent, never answered"})
+    assert_error(answer, 503, "outcome is unknown", "same Idempotency-Key")
+    assert answer.json["outcome"] == "unknown"
+    assert answer.header("Retry-After") == "1"
 
 
 def test_unreachable_bus_on_poll_is_503(wsgi, monkeypatch):
@@ -375,9 +390,10 @@ def test_ids_are_dense_per_room_and_rooms_are_independent(wsgi):
 
 
 def test_empty_room(wsgi):
-    assert poll(wsgi, "/rooms/new/msgs") == {"room": "new", "messages": [], "cursor": 0, "missed": 0}
+    # no history yet, so no epoch: the first post names it
+    assert poll(wsgi, "/rooms/new/msgs") == {"room": "new", "messages": [], "cursor": 0, "missed": 0, "epoch": None}
     assert poll(wsgi, "/rooms/new/msgs", since=0, timeout=0) == \
-        {"room": "new", "messages": [], "cursor": 0, "missed": 0}
+        {"room": "new", "messages": [], "cursor": 0, "missed": 0, "epoch": None}
 
 
 def test_no_since_is_newest_at_most_limit_default_50(app_state, wsgi):
@@ -440,14 +456,14 @@ def test_cursor_from_the_future_resets_at_once(wsgi):
     answer = poll(wsgi, "/rooms/f/msgs", since=6, limit=2)
     assert answer["reset"] is True and ids(answer) == [4, 5] and answer["cursor"] == 5
     answer = poll(wsgi, "/rooms/never/msgs", since=3)
-    assert answer == {"room": "never", "messages": [], "cursor": 0, "missed": 0, "reset": True}
+    assert answer == {"room": "never", "messages": [], "cursor": 0, "missed": 0, "epoch": None, "reset": True}
     assert "reset" not in poll(wsgi, "/rooms/f/msgs", since=5, timeout=0)
 
 
 def test_timeout_answers_empty_with_cursor_n(wsgi):
-    post_ok(wsgi, "t")
+    epoch = post_ok(wsgi, "t")["epoch"]
     assert poll(wsgi, "/rooms/t/msgs", since=1, timeout="0.05") == \
-        {"room": "t", "messages": [], "cursor": 1, "missed": 0}
+        {"room": "t", "messages": [], "cursor": 1, "missed": 0, "epoch": epoch}
     assert poll(wsgi, "/rooms/t/msgs", since=1, timeout=0)["cursor"] == 1
 
 

@@ -138,12 +138,117 @@ def test_a_message_that_never_came_is_fetched_when_the_next_one_leaves_a_gap(bus
     last_key, stream_key = poster.room_keys("gap")
     # the post script with its publishing left out: written, never published (as a post
     # with --redis-wait that no replica confirmed)
-    poster.cluster.eval(poster.PUBLISH_SCRIPT, 2, last_key, stream_key, "gap", "ann", "never published",
+    poster.cluster.eval(poster.PUBLISH_SCRIPT, 3, last_key, stream_key, poster.epoch_key("gap"), "gap", "ann",
+                        "never published",
                         poster.history, poster.room_ttl, "0", poster.CHANNEL % "gap")
     assert poster.publish("gap", "ann", "published")["id"] == 2
     wait_until(lambda: room.last_id == 2, 10.0, "the room fetched up to the post after the gap")
     got = [m["content"] for m in chattle.json.loads(room.answer(0, 10))["messages"]]
     assert got == ["never published", "published"] and worker.posts_received == 1
+
+
+def test_malformed_shard_messages_are_skipped_and_the_subscription_goes_on(buses):
+    worker, poster = buses(), buses()
+    room = worker.room("odd", 0)
+    master = worker._master_of(worker.room_keys("odd")[0])
+    shard = worker.readers[master.name]
+    connection = shard.connection
+    no_id = {"r": "odd", "i": "x", "f": "ann", "c": "x", "t": "1.5"}
+    for payload in ("not json", "[1]", chattle.json.dumps({"r": "odd"}), chattle.json.dumps(no_id)):
+        master.redis_connection.execute_command("SPUBLISH", worker.CHANNEL % "odd", payload)
+    poster.publish("odd", "ann", "after them")
+    wait_until(lambda: room.last_id == 1, 10.0, "the post after the malformed messages")
+    # through the same subscription: no reconnect, no fetch
+    assert shard.connection is connection and worker.readers[master.name] is shard
+    state = worker.reader_state()
+    assert (state["state"], state["malformed_entries"], state["restarts"], worker.posts_received) == ("ok", 4, 0, 1)
+
+
+def test_a_shard_reader_that_fails_starts_again_and_fetches_its_rooms(buses):
+    worker, poster = buses(), buses()
+    room = worker.room("oops", 0)
+    shard = worker.readers[worker._master_of(worker.room_keys("oops")[0]).name]
+    real_apply = worker._apply
+    failures = []
+
+    def failing_apply(fields):
+        if not failures:
+            failures.append(fields["c"])
+            raise RuntimeError("a bug in applying a message")
+        return real_apply(fields)
+
+    worker._apply = failing_apply
+    poster.publish("oops", "ann", "the one it failed on")
+    wait_until(lambda: room.last_id == 1, 10.0, "the message, fetched when the subscriber connected again")
+    poster.publish("oops", "ann", "after it")
+    wait_until(lambda: room.last_id == 2, 10.0, "a message through the new connection")
+    state = worker.reader_state()
+    assert (failures, state["restarts"], state["state"]) == (["the one it failed on"], 1, "ok")
+    assert worker.readers[shard.master.name] is shard and not shard.greenlet.dead  # the same reader went on
+
+
+def test_a_failed_load_or_catch_up_keeps_neither_the_room_nor_its_subscription(buses):
+    import redis
+
+    worker = buses()
+
+    def down(*_args, **_kwargs):
+        raise redis.ConnectionError("the room's master does not answer (the test says so)")
+
+    def held(room_name):
+        return room_name in worker.rooms.by_name or room_name in worker.loaded or room_name in worker.subscribed
+
+    worker.publish("far", "ann", "x")
+    assert chattle.json.loads(worker.room("far", 10 ** 9).answer(10 ** 9, 10))["reset"] is True  # a check that answers
+    real_eval = worker.cluster.eval
+    worker.cluster.eval = down  # the load's fetch fails
+    with pytest.raises(chattle.BusUnavailable):
+        worker.room("noload", 0)
+    assert not held("noload")
+    real_sync = worker._sync
+    syncs = []
+
+    def sync_then_down(room_name, room):
+        syncs.append(room_name)
+        if len(syncs) > 1:
+            down()
+        worker.cluster.eval = real_eval
+        real_sync(room_name, room)
+        worker.cluster.eval = worker.cluster.mget = down  # the catch-up after the load fails
+
+    worker._sync = sync_then_down
+    with pytest.raises(chattle.BusUnavailable):
+        worker.room("nocatchup", 5)
+    assert not held("nocatchup")
+    wait_until(lambda: not any(name in reader.rooms for reader in worker.readers.values()
+                               for name in ("noload", "nocatchup")), 10.0, "both unsubscribed")
+
+
+def test_a_post_sent_again_with_its_key_is_posted_once_whichever_worker_takes_it(buses):
+    first, second = buses(), buses()
+    posted = first.publish("idem", "ann", "once", "k:{x}")
+    assert second.publish("idem", "ann", "once", "k:{x}") == {"id": 1, "ts": posted["ts"], "epoch": posted["epoch"],
+                                                              "replayed": True}
+    assert second.publish("idem-other", "ann", "once", "k:{x}")["id"] == 1  # another room: posted
+    assert first.publish("idem", "ann", "unkeyed")["id"] == 2
+    assert first.cluster.xlen(first.room_keys("idem")[1]) == 2
+    assert 0 < first.cluster.ttl("chattle:{idem}:idem:k:{x}") <= first.idempotency_seconds
+
+
+def test_a_post_no_replica_confirmed_is_announced_when_its_retry_is(buses):
+    """With WAIT, a post whose first sending no replica confirmed in time was written, not
+    announced (its outcome unknown); its retry with the same key is confirmed, given the
+    first one's id, and announced as the first sending wrote it."""
+    poster, worker = buses(wait_ms=5000), buses(wait_ms=5000)
+    room = worker.room("idem-waited", 0)
+    last_key, stream_key = poster.room_keys("idem-waited")
+    poster.cluster.eval(poster.PUBLISH_SCRIPT, 4, last_key, stream_key, poster.epoch_key("idem-waited"),
+                        "chattle:{idem-waited}:idem:w", "idem-waited", "ann", "first sending", poster.history,
+                        poster.room_ttl, "0", poster.CHANNEL % "idem-waited", 60)
+    assert poster.publish("idem-waited", "ann", "sent again", "w")["id"] == 1
+    wait_until(lambda: room.last_id == 1, 10.0, "the post, announced once a replica confirmed it")
+    assert [m["content"] for m in chattle.json.loads(room.answer(0, 10))["messages"]] == ["first sending"]
+    assert poster.cluster.xlen(stream_key) == 1
 
 
 def test_a_post_confirmed_by_a_replica_is_served_from_the_replicas(buses):

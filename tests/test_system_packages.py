@@ -23,12 +23,27 @@ DEADLINE = 60
 
 
 def run_module(args, as_nobody=False, path=None):
-    """`python3 -m harness.system_packages ARGS`, as this user or as nobody (no sudo, not root)."""
+    """`python3 -m harness.system_packages ARGS`, as this user or as nobody (no sudo, not root).
+
+    As nobody, from a copy of the module in a directory nobody can read: the checkout may
+    be one only its owner can (a clone inside `mktemp -d`, or under /root)."""
     argv = [SYSTEM_PYTHON if as_nobody else sys.executable, "-m", "harness.system_packages", *args]
-    if as_nobody:
-        argv = ["setpriv", "--reuid=%d" % NOBODY, "--regid=%d" % NOBODY, "--clear-groups", *argv]
     env = dict(os.environ, PATH=path or os.environ["PATH"])
-    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=DEADLINE)
+    if not as_nobody:
+        return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=DEADLINE)
+    readable = tempfile.mkdtemp(prefix="chattle-packages-")
+    try:
+        os.mkdir(os.path.join(readable, "harness"))
+        for name in ("__init__.py", "system_packages.py"):
+            shutil.copy(os.path.join(ROOT, "harness", name), os.path.join(readable, "harness", name))
+        for folder, _dirs, files in os.walk(readable):
+            os.chmod(folder, 0o755)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o644)
+        argv = ["setpriv", "--reuid=%d" % NOBODY, "--regid=%d" % NOBODY, "--clear-groups", *argv]
+        return subprocess.run(argv, cwd=readable, env=env, capture_output=True, text=True, timeout=DEADLINE)
+    finally:
+        shutil.rmtree(readable)
 
 
 def look_nowhere(*programs):
@@ -105,14 +120,14 @@ def path_without_redis(tmp_path):
 
 def test_sweep_without_redis_server_is_one_line_and_leaves_no_report(tmp_path):
     reports = os.path.join(ROOT, "reports")
-    before = set(os.listdir(reports))
+    before = set(os.listdir(reports)) if os.path.isdir(reports) else set()  # a fresh clone has none
     done = subprocess.run([sys.executable, "-m", "bench.sweep", "--quick", "--no-peers"], cwd=ROOT,
                           env=dict(os.environ, PATH=path_without_redis(tmp_path)), capture_output=True,
                           text=True, timeout=DEADLINE)
     assert done.returncode == 1
     assert done.stderr == ("bench: redis-server is not installed; install it with: "
                            "sudo apt-get install -y redis-server\n")
-    assert set(os.listdir(reports)) == before
+    assert (set(os.listdir(reports)) if os.path.isdir(reports) else set()) == before
 
 
 def test_load_without_redis_server_refuses_before_its_report(tmp_path):
