@@ -73,15 +73,19 @@ SETTINGS = [
     ("redis_cluster", "CHATTLE_REDIS_CLUSTER", str, "",
      "share one history through a Redis Cluster instead, given by one or more of its nodes, "
      "host:port[,host:port]; each room lives on one master (docs/cluster.md)"),
-    ("redis_wait", "CHATTLE_REDIS_WAIT", int, 0,
+    ("redis_wait", "CHATTLE_REDIS_WAIT", int, 1000,
      "with --redis-cluster: milliseconds a post waits for a replica to have it (WAIT 1 <ms>) before "
-     "its 201, so that it survives a failover; not confirmed in time: 503; 0 answers at once"),
+     "its 201, so that it survives a failover; not confirmed in time: 503; 0 answers at once, and a "
+     "failover may then lose acknowledged posts and give their ids again (docs/cluster.md)"),
     ("idempotency_seconds", "CHATTLE_IDEMPOTENCY_SECONDS", int, 300,
      "seconds a post's Idempotency-Key is remembered: the same key to the same room within them "
      "is answered as the first post was, and not posted again"),
     ("idempotency_keys", "CHATTLE_IDEMPOTENCY_KEYS", int, 10000,
      "Idempotency-Keys the in-memory bus remembers per worker; beyond, the oldest are forgotten "
      "(the shared bus keeps each in Redis for --idempotency-seconds)"),
+    ("stop_timeout", "CHATTLE_STOP_TIMEOUT", float, 5.0,
+     "seconds a stopping `python chattle.py` lets requests inside the shared bus (a post Redis has "
+     "not answered yet) finish before it closes the bus; gunicorn waits its graceful_timeout instead"),
     ("access_log", "CHATTLE_ACCESS_LOG", int, 0,
      "1 logs every request (costly with thousands of held polls)"),
     ("max_retained_bytes", "CHATTLE_MAX_RETAINED_BYTES", int, 256 * 1024 * 1024,
@@ -117,6 +121,8 @@ class Settings:
             raise SystemExit("chattle: --redis-wait must be 0 (answer at once) or more milliseconds")
         if self.idempotency_seconds < 1 or self.idempotency_keys < 1:
             raise SystemExit("chattle: --idempotency-seconds and --idempotency-keys must be at least 1")
+        if not 0 <= self.stop_timeout <= 3600:
+            raise SystemExit("chattle: --stop-timeout must be 0 (close the bus at once) to 3600 seconds")
         self.http_limits()  # checks them
 
     def http_limits(self):
@@ -606,8 +612,12 @@ class MemoryBus:
     def forget(self, room_name):
         pass
 
+    def health(self):
+        """(ok, why not): what /health answers."""
+        return True, None
+
     def healthy(self):
-        return True
+        return self.health()[0]
 
     def reader_state(self):
         return None  # no reader
@@ -726,8 +736,12 @@ return {id, ts, epoch}
         self.client = redis.Redis(connection_pool=pool, retry=no_retry)
         self.reader_client = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=self.READ_BLOCK_MS / 1000.0 + 5,
-            socket_connect_timeout=self.SOCKET_TIMEOUT, retry=no_retry, single_connection_client=True,
+            socket_connect_timeout=self.SOCKET_TIMEOUT, retry=no_retry,
             encoding_errors="replace")  # bytes that are not UTF-8 must not fail a whole batch, read after read
+        # One connection of its own, as single_connection_client gives, but not connected yet:
+        # that option connects in the constructor, so a worker started while Redis was down
+        # failed its boot (and gunicorn halted). The reader's first command connects it.
+        self.reader_client.connection = self.reader_client.connection_pool.make_connection()
         self.publish_script = self.client.register_script(self.PUBLISH_SCRIPT)
         self.loaded = {}            # room name -> True, or the Event a load in progress sets
         self.held_back = {}         # room name -> reader entries a load or catch-up applies after it
@@ -1135,12 +1149,17 @@ return {id, ts, epoch}
             del self.loaded[room_name]
 
     # -- state -------------------------------------------------------------------------
-    def healthy(self):
-        # Redis answering is what counts: the reader reconnects within BACKOFF_MAX of it.
+    def health(self):
+        """(ok, why not). Redis answering is what counts: the reader reconnects within
+        BACKOFF_MAX of it."""
         try:
-            return bool(self.client.ping())
-        except self.redis.RedisError:
-            return False
+            self.client.ping()
+        except self.redis.RedisError as exc:
+            return False, "Redis does not answer (%s: %s)" % (type(exc).__name__, exc)
+        return True, None
+
+    def healthy(self):
+        return self.health()[0]
 
     def clock(self):
         """Redis' TIME, which stamps every `ts` (None while Redis is unreachable)."""
@@ -1153,6 +1172,8 @@ return {id, ts, epoch}
     def close(self):
         self.closing = True
         self.reader.kill(block=True, timeout=1)  # before its socket is closed under it
+        if self.reader_client.connection is not None:
+            self.reader_client.connection.disconnect()  # made outside its pool, which would not close it
         for client in (self.client, self.reader_client):
             try:
                 client.close()
@@ -1244,7 +1265,7 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
 
         import redis
         from redis.backoff import NoBackoff
-        from redis.cluster import ClusterNode, RedisCluster
+        from redis.cluster import ClusterNode
         from redis.retry import Retry
 
         self.redis = redis
@@ -1264,18 +1285,9 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
             if not host or not port.isdigit():
                 raise SystemExit("chattle: --redis-cluster takes host:port[,host:port...], not %r" % addresses)
             startup.append(ClusterNode(host, int(port)))
-        self._check_ok(addresses, startup)
-        try:
-            self.cluster = RedisCluster(
-                startup_nodes=startup, decode_responses=True, retry=self.no_retry, require_full_coverage=False,
-                socket_timeout=self.SOCKET_TIMEOUT, socket_connect_timeout=self.SOCKET_TIMEOUT,
-                max_connections=self.POOL_SIZE)
-            for node in self.cluster.get_primaries():
-                self._check_ok(addresses, [node])
-        except Exception as exc:  # redis-py also fails with IndexError on a cluster with no master
-            raise SystemExit("chattle: the Redis Cluster at %s cannot be used (%s: %s); start it "
-                             "(`make redis-cluster`), or check --redis-cluster"
-                             % (addresses, type(exc).__name__, exc))
+        self.addresses, self.startup = addresses, startup
+        self.cluster = None         # until the cluster answers and is ok (_connect)
+        self.down_reason = "not connected to the Redis Cluster at %s yet" % addresses
         self.publish_sha = hashlib.sha1(self.PUBLISH_SCRIPT.encode()).hexdigest()
         self.loaded = {}
         self.held_back = {}
@@ -1289,11 +1301,44 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
         self.reader_restarts = self.reader_reconnects = self.malformed_entries = 0
         self.reader_error = None
         self.topology_changed = Event()
+        self._connect()  # now, so that a cluster that is up serves the first request
         self.reader = gevent.spawn(self._watch)
 
+    def _connect(self):
+        """Make the cluster's client; False (and `down_reason` says why) while no node answers,
+        or the cluster is not ok. Meanwhile the bus is down, not stopped: posts and polls
+        that need the cluster answer 503, /health names the reason, and the watcher tries
+        again until it can (a worker must boot and serve while its cluster is away)."""
+        from redis.cluster import RedisCluster
+
+        cluster = None
+        try:
+            self._check_ok(self.addresses, self.startup)
+            cluster = RedisCluster(
+                startup_nodes=self.startup, decode_responses=True, retry=self.no_retry,
+                require_full_coverage=False, socket_timeout=self.SOCKET_TIMEOUT,
+                socket_connect_timeout=self.SOCKET_TIMEOUT, max_connections=self.POOL_SIZE)
+            for node in cluster.get_primaries():
+                self._check_ok(self.addresses, [node])
+        except BusUnavailable as exc:
+            reason = str(exc)
+        except Exception as exc:  # redis-py also fails with IndexError on a cluster with no master
+            reason = ("the Redis Cluster at %s cannot be used (%s: %s); start it (`make redis-cluster`), "
+                      "or check --redis-cluster" % (self.addresses, type(exc).__name__, exc))
+        else:
+            self.cluster = cluster
+            return True
+        if cluster is not None:
+            try:
+                cluster.close()
+            except Exception:
+                pass
+        self.down_reason = reason
+        return False
+
     def _check_ok(self, addresses, nodes):
-        """Stop with a clear error unless every node of `nodes` that answers says the cluster
-        is ok, and at least one answers."""
+        """BusUnavailable, saying what to do, unless every node of `nodes` that answers says
+        the cluster is ok, and at least one answers."""
         answered = 0
         for node in nodes:
             try:
@@ -1308,14 +1353,14 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
                 continue
             answered += 1
             if state != "ok":
-                raise SystemExit(
-                    "chattle: the Redis Cluster at %s is not ok (cluster_state:%s on %s:%d); wait until "
+                raise BusUnavailable(
+                    "the Redis Cluster at %s is not ok (cluster_state:%s on %s:%d); wait until "
                     "`redis-cli -h %s -p %d cluster info` says cluster_state:ok, or repair it with "
                     "`redis-cli --cluster fix %s:%d`"
                     % (addresses, state, node.host, node.port, node.host, node.port, node.host, node.port))
         if not answered:
-            raise SystemExit("chattle: no node of the Redis Cluster at %s answers; start it "
-                             "(`make redis-cluster`), or check --redis-cluster" % addresses)
+            raise BusUnavailable("no node of the Redis Cluster at %s answers; start it "
+                                 "(`make redis-cluster`), or check --redis-cluster" % addresses)
 
     @staticmethod
     def room_keys(room_name):
@@ -1337,6 +1382,8 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
 
     def _master_of(self, key):
         """The master serving `key` now."""
+        if self.cluster is None:
+            raise BusUnavailable(self.down_reason)
         nodes = self.cluster.nodes_manager.slots_cache.get(self.cluster.keyslot(key))
         if not nodes:
             raise BusUnavailable("no master serves the room's slot")
@@ -1354,6 +1401,10 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
     def _watch(self):
         self.topology_changed.set()
         while not self.closing:
+            if self.cluster is None:  # not reachable, or not ok, at start
+                if not self._connect():
+                    gevent.sleep(self.BACKOFF_MAX)
+                continue
             self.topology_changed.wait(self.TOPOLOGY_EVERY)
             self.topology_changed.clear()
             try:
@@ -1402,13 +1453,18 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
         last_key, stream_key = self.room_keys(room_name)
         channel = self.CHANNEL % room_name
         keys = [last_key, stream_key, self.epoch_key(room_name)]
-        args = [room_name, sender, content, self.history, self.room_ttl, "0" if self.wait_ms else "1", channel]
+        args = [room_name, sender, content, self.history, self.room_ttl, "1", channel]
         if idempotency_key is not None:
             keys.append(self.IDEMPOTENCY_KEY % (room_name, idempotency_key))
             args.append(self.idempotency_seconds)
         asking = None
         for _attempt in range(self.REDIRECTS):
             node = self._master_of(last_key)
+            # A master with no replica listed has none a failover could promote, and none to
+            # confirm: WAIT would refuse every post of its rooms.
+            nodes = self.cluster.nodes_manager.slots_cache.get(self.cluster.keyslot(last_key)) or ()
+            wait_ms = self.wait_ms if len(nodes) > 1 else 0
+            args[5] = "0" if wait_ms else "1"
             if asking is not None:
                 # the slot is moving there: post on that node
                 node = self.cluster.get_node(node_name=asking) or node
@@ -1417,13 +1473,13 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
                 if asking is not None:
                     pipe.execute_command("ASKING")
                 pipe.execute_command("EVALSHA", self.publish_sha, len(keys), *keys, *args)
-                if self.wait_ms:
-                    pipe.execute_command("WAIT", 1, self.wait_ms)
+                if wait_ms:
+                    pipe.execute_command("WAIT", 1, wait_ms)
                 replies = pipe.execute(raise_on_error=False)
             except (self.redis.RedisError, OSError) as exc:
                 self.topology_changed.set()
                 raise BusUnavailable(type(exc).__name__,
-                                     maybe_written=not never_sent(self.redis, exc, one_command=not self.wait_ms))
+                                     maybe_written=not never_sent(self.redis, exc, one_command=not wait_ms))
             if asking is not None:
                 replies = replies[1:]
                 asking = None
@@ -1439,17 +1495,17 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
                 continue
             if isinstance(posted, Exception):
                 raise BusUnavailable(type(posted).__name__)
-            if self.wait_ms and not (isinstance(replies[1], int) and replies[1] >= 1):
-                raise BusUnavailable("no replica confirmed the post within %d ms" % self.wait_ms, maybe_written=True)
+            if wait_ms and not (isinstance(replies[1], int) and replies[1] >= 1):
+                raise BusUnavailable("no replica confirmed the post within %d ms" % wait_ms, maybe_written=True)
             break
         else:
             raise BusUnavailable("the room's slot kept moving")
         message_id, ts, epoch = posted[0], posted[1], posted[2]
         if posted[-1] == "replayed":  # posted by its first sending
-            if self.wait_ms:
+            if wait_ms:
                 self._announce_again(room_name, last_key, stream_key, channel, int(message_id), epoch)
             return {"id": int(message_id), "ts": float(ts), "epoch": epoch, "replayed": True}
-        if self.wait_ms:
+        if wait_ms:
             self._announce(last_key, channel, {"r": room_name, "i": str(message_id), "f": sender, "c": content,
                                                "t": ts, "e": epoch})
         return self._posted(room_name, sender, content, int(message_id), ts, epoch)
@@ -1619,13 +1675,19 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
             sync_first = True
 
     # -- state -------------------------------------------------------------------------
-    def healthy(self):
+    def health(self):
+        if self.cluster is None:
+            return False, self.down_reason
         try:
-            return bool(self.cluster.ping(target_nodes=self.cluster.PRIMARIES))
-        except (self.redis.RedisError, self.redis.exceptions.RedisClusterException):
-            return False
+            if self.cluster.ping(target_nodes=self.cluster.PRIMARIES):
+                return True, None
+            return False, "a master of the Redis Cluster does not answer PING"
+        except (self.redis.RedisError, self.redis.exceptions.RedisClusterException) as exc:
+            return False, "a master of the Redis Cluster does not answer (%s: %s)" % (type(exc).__name__, exc)
 
     def clock(self):
+        if self.cluster is None:
+            return None
         try:
             seconds, microseconds = self.cluster.time(target_nodes=self.cluster.get_random_node())
         except (self.redis.RedisError, self.redis.exceptions.RedisClusterException):
@@ -2001,6 +2063,7 @@ bottle.LocalResponse.default_content_type = JSON_TYPE
 settings = Settings.from_environ()
 rooms = Rooms.from_settings(settings)
 bus = None  # made on first use, in the process that serves (after gunicorn forks)
+bus_calls = 0  # requests inside the bus now: a stopping `python chattle.py` waits for them (serve)
 
 
 def configure(new_settings):
@@ -2016,7 +2079,14 @@ def configure(new_settings):
 def get_bus():
     global bus
     if bus is None:
-        bus = make_bus(settings, rooms)
+        made = make_bus(settings, rooms)
+        # Making a bus may wait on the network (the cluster bus asks its nodes), and a
+        # request that came meanwhile made one too: one is kept, the other closed, so no
+        # second reader follows every post for nobody.
+        if bus is None:
+            bus = made
+        else:
+            made.close()
     return bus
 
 
@@ -2049,10 +2119,14 @@ def static(path):
 @app.get(ROOM_URL + "/msgs")
 def poll_messages(room="lobby"):
     since, limit, timeout, epoch = poll_arguments()
+    global bus_calls
+    bus_calls += 1
     try:
         chat = get_bus().room(room, since, epoch)
     except BusUnavailable as exc:
         raise json_error(503, "the shared bus is unreachable (%s); retry later" % exc, **{"Retry-After": "1"})
+    finally:
+        bus_calls -= 1
     environ = request.environ
     sends_json = environ.get(chattle_http.SENDS_JSON)
     # Both outlive forget_request: the connection holds the same objects.
@@ -2113,6 +2187,8 @@ def forget_request():
 def post_message(room="lobby"):
     sender, content = checked_message(read_json_object())
     key = idempotency_key()
+    global bus_calls
+    bus_calls += 1
     try:
         message = get_bus().publish(room, sender, content, key)
     except BusUnavailable as exc:
@@ -2123,6 +2199,8 @@ def post_message(room="lobby"):
             error = "the shared bus is unreachable (%s); nothing was written, retry later" % exc
         raise HTTPResponse(encode({"error": error, "outcome": "unknown" if exc.maybe_written else "not written"}),
                            503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
+    finally:
+        bus_calls -= 1
     return json_answer(encode({"room": room, "id": message["id"], "ts": message["ts"], "epoch": message["epoch"]}),
                        201)
 
@@ -2142,12 +2220,14 @@ def idempotency_key():
 @app.get("/health")
 def health():
     current = get_bus()
-    ok = current.healthy()
+    ok, reason = current.health()
     # "time": the clock `ts` comes from, so a client on another host can measure its offset to it
     body = {"status": "ok" if ok else "degraded", "bus": current.name, "pid": os.getpid(),
             "time": current.clock() if ok else None}
     if current.reader_state() is not None:  # a shared bus: how its reader is doing
         body["bus_reader"] = current.reader_state()
+    if not ok:
+        body["reason"] = reason
     return json_answer(encode(body), 200 if ok else 503)
 
 
@@ -2240,6 +2320,23 @@ def make_server(host, port):
 # workers share, stated in chattle_limits.py.
 tune_garbage_collector = collect_garbage_seldom
 
+def say_if_degraded(current):
+    """One line on stderr when the bus starts without its Redis: the process serves anyway
+    (503 for what needs Redis) and recovers by itself once Redis answers."""
+    ok, reason = current.health()
+    if not ok:
+        sys.stderr.write("chattle: the shared bus is unreachable (%s); posts and polls that need it answer "
+                         "503 until it is back, /health says degraded\n" % reason)
+        sys.stderr.flush()
+
+
+def finish_bus_calls(timeout):
+    """Wait, at most `timeout`, for the requests inside the bus: closed under them, a post Redis
+    wrote would be answered 503 "nothing was written", or not at all."""
+    deadline = time.monotonic() + timeout
+    while bus_calls and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+
 
 def serve(new_settings):
     configure(new_settings)
@@ -2249,7 +2346,7 @@ def serve(new_settings):
 
     def stop(*_signal):
         rooms.close()
-        gevent.spawn(server.stop, timeout=5)
+        gevent.spawn(server.stop, timeout=settings.stop_timeout)
 
     gevent.signal_handler(signal.SIGTERM, stop)
     gevent.signal_handler(signal.SIGINT, stop)
@@ -2261,7 +2358,9 @@ def serve(new_settings):
     get_bus()
     print("chattle: serving on http://%s:%d/ (bus: %s, pid %d)"
           % (settings.host, server.server_port, bus.name, os.getpid()), flush=True)
+    say_if_degraded(bus)
     server.serve_forever()
+    finish_bus_calls(settings.stop_timeout)
     if bus is not None:
         bus.close()
 

@@ -88,6 +88,41 @@ control_socket_disable = True
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
+# Opt-in to gunicorn workers that each keep a history of their own (the in-memory bus), for
+# measurements only: memory and capacity per worker without Redis. Never for chat.
+SPLIT_HISTORY = "CHATTLE_SPLIT_HISTORY"
+
+
+def split_history(workers):
+    """Why `workers` workers must not start as configured: several on the in-memory bus would
+    each number a room's posts themselves (answering 1, 1, 2, 2), and a client would see
+    another history whenever its next request lands elsewhere. None when they may."""
+    shared = any(os.environ.get(name, "").strip() for name in ("CHATTLE_REDIS_URL", "CHATTLE_REDIS_CLUSTER"))
+    if workers <= 1 or shared or os.environ.get(SPLIT_HISTORY, "").strip() == "1":
+        return None
+    return ("chattle: %d gunicorn workers on the in-memory bus would each keep a history of their own "
+            "(one room's posts numbered 1, 1, 2, 2); share one: set CHATTLE_REDIS_URL=redis://<host>:6379/0 "
+            "(or CHATTLE_REDIS_CLUSTER=<host>:<port>), or run `make run WORKERS=%d`, which starts a "
+            "redis-server for them; or run 1 worker" % (workers, workers))
+
+
+def on_starting(server):
+    """Refuse in the master, before any worker starts, what split_history refuses.
+    `server.cfg.workers` is what gunicorn runs: -w/--workers over CHATTLE_WORKERS (this
+    file's `workers`); `--env` has already been applied to os.environ."""
+    refused = split_history(server.cfg.workers)
+    if refused:
+        raise SystemExit(refused)
+
+
+def nworkers_changed(server, new_value, old_value):
+    """SIGTTIN adds a worker to a running master: not one that would split the history."""
+    refused = split_history(new_value) if old_value is not None else None
+    if refused:
+        server.log.error("%s; SIGTTIN ignored", refused)
+        server.num_workers = old_value  # this hook again, with a count it accepts
+
+
 def post_fork(server, worker):
     """Keep a stop asked for while this worker boots: it ends the worker once booted."""
 
@@ -132,10 +167,13 @@ def post_worker_init(worker):
     if not worker.alive:  # stopped while booting: what it accepts meanwhile is answered at once
         gevent.spawn(chattle.rooms.close)
     try:
-        chattle.get_bus()  # the shared bus's reader follows Redis before the first request arrives
+        # the shared bus's reader follows Redis before the first request arrives; a Redis
+        # or Redis Cluster that is down does not stop the worker: it serves 503 meanwhile,
+        # and recovers by itself
+        chattle.say_if_degraded(chattle.get_bus())
     except SystemExit as refused:
-        # a bus that cannot start (a Redis Cluster not ok): say why once, and stop gunicorn
-        # ("worker failed to boot") rather than have it start workers again and again
+        # a setting that can never work (a malformed --redis-cluster): say why once, and stop
+        # gunicorn ("worker failed to boot") rather than have it start workers again and again
         sys.stderr.write("%s\n" % refused)
         sys.exit(3)
     chattle.tune_garbage_collector()

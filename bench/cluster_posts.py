@@ -1,13 +1,14 @@
-"""What a post costs on each shared bus: single Redis, Redis Cluster, and Redis Cluster
-with --redis-wait (a replica confirms each post before its 201).
+"""What a post costs on each shared bus: single Redis, Redis Cluster with --redis-wait 0
+(answered once its master has it), and Redis Cluster with --redis-wait (a replica confirms
+each post before its 201: the default).
 
 For each bus, one `python chattle.py` on a fresh local Redis (harness/processes.py) or
 Redis Cluster of 3 masters and 3 replicas (harness/redis_cluster.py), and one client in
 this process posting `--posts` messages one after the other on one keep-alive connection,
 over rooms spread on every master. Reported per bus: the post's round trip (p50, p99,
-max), and the CPU seconds of the client beside those of the server and its Redis nodes,
-all measured in the same run. The buses run in alternation, `--rounds` times each, so a
-drift of the shared machine falls on all of them.
+max), the posts per second one client made so, and the CPU seconds of the client beside
+those of the server and its Redis nodes, all measured in the same run. The buses run in
+alternation, `--rounds` times each, so a drift of the shared machine falls on all of them.
 
     python -m bench.cluster_posts [--posts 2000] [--rounds 3] [--wait-ms 1000]
 """
@@ -61,13 +62,16 @@ def measure(name, env, redis_pids, posts):
     try:
         post_round_trips(server.port, 50)  # rooms loaded, scripts cached, connections made
         before = (process_cpu_seconds(os.getpid()), cpu([server.pid]), cpu(redis_pids))
+        started = time.perf_counter()
         round_trips = post_round_trips(server.port, posts)
+        took = time.perf_counter() - started
         after = (process_cpu_seconds(os.getpid()), cpu([server.pid]), cpu(redis_pids))
     finally:
         server.stop()
     summary = latency_summary(round_trips)
-    return {"bus": name, "posts": posts, "p50_ms": round(summary["p50"] * 1000, 2),
-            "p99_ms": round(summary["p99"] * 1000, 2), "max_ms": round(summary["max"] * 1000, 2),
+    return {"bus": name, "posts": posts, "posts_per_s": round(posts / took, 1),
+            "p50_ms": round(summary["p50"] * 1000, 2), "p99_ms": round(summary["p99"] * 1000, 2),
+            "max_ms": round(summary["max"] * 1000, 2),
             "client_cpu_s": round(after[0] - before[0], 2), "server_cpu_s": round(after[1] - before[1], 2),
             "redis_cpu_s": round(after[2] - before[2], 2)}
 
@@ -85,7 +89,7 @@ def main(argv=None):
         cluster = RedisCluster()
         node_pids = [node.pid for node in cluster.nodes]
         buses = [("redis", {"CHATTLE_REDIS_URL": single.url}, [single.pid]),
-                 ("cluster", {"CHATTLE_REDIS_CLUSTER": cluster.seed}, node_pids),
+                 ("cluster-wait-0", {"CHATTLE_REDIS_CLUSTER": cluster.seed, "CHATTLE_REDIS_WAIT": "0"}, node_pids),
                  ("cluster-wait-%d" % args.wait_ms,
                   {"CHATTLE_REDIS_CLUSTER": cluster.seed, "CHATTLE_REDIS_WAIT": str(args.wait_ms)}, node_pids)]
         for round_number in range(args.rounds):

@@ -345,7 +345,8 @@ def shard_lines(summary, run):
     if cluster.get("shards") and post:
         wait = (run.get("cluster") or {}).get("redis_wait_ms")
         rows.append(("post latency", "p50 %s ms, p99 %s ms over %d posts (Locust), --redis-wait %s"
-                     % (post["median_ms"], post["p99_ms"], post["requests"], wait or 0), ""))
+                     % (post["median_ms"], post["p99_ms"], post["requests"],
+                        "the server's default" if wait is None else wait), ""))
     failed = cluster.get("failover")
     if failed:
         rows.append(("failover", "killed %s (pid %s, master of %s), %s promoted %s%s" % (

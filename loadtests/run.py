@@ -71,8 +71,9 @@ def parse_args(argv=None):
                         help="the server's bus on a Redis Cluster: `local` starts 3 masters and 3 replicas for the "
                              "run (stopped at its end), or host:port[,...] of a running one; the report gives each "
                              "shard's share (docs/cluster.md)")
-    parser.add_argument("--redis-wait", type=int, default=0,
-                        help="with --redis-cluster: the server's --redis-wait (ms a post waits for a replica)")
+    parser.add_argument("--redis-wait", type=int, default=None,
+                        help="with --redis-cluster: the server's --redis-wait (ms a post waits for a replica); "
+                             "default: the server's own (1000)")
     parser.add_argument("--chaos", choices=("",) + CHAOS_KINDS, default="",
                         help="failover (with --redis-cluster local): during the bursts the master of the busiest "
                              "room is killed; every accepted post is judged lost, signalled or delivered")
@@ -212,9 +213,9 @@ def cluster_problems(args):
                         "(REDIS_CLUSTER=local), a cluster this run starts" % args.chaos)
     if args.chaos and args.shape != "bursts":
         problems.append("--chaos %s strikes during the bursts stage: it needs --shape bursts" % args.chaos)
-    if args.redis_wait and not args.redis_cluster:
+    if args.redis_wait is not None and not args.redis_cluster:
         problems.append("--redis-wait (REDIS_WAIT=) is a setting of the cluster bus: give --redis-cluster too")
-    if args.redis_wait < 0:
+    if args.redis_wait is not None and args.redis_wait < 0:
         problems.append("--redis-wait must be 0 or more milliseconds")
     if not args.redis_cluster:
         return problems
@@ -549,7 +550,9 @@ def main(argv=None):
             if args.redis_cluster:
                 from loadtests.cluster_load import ClusterForLoad
                 cluster = ClusterForLoad(args.redis_cluster, os.path.join(report_dir, "redis-cluster"))
-                server_env = {"CHATTLE_REDIS_CLUSTER": cluster.addresses, "CHATTLE_REDIS_WAIT": str(args.redis_wait)}
+                server_env = {"CHATTLE_REDIS_CLUSTER": cluster.addresses}
+                if args.redis_wait is not None:  # else the server's default
+                    server_env["CHATTLE_REDIS_WAIT"] = str(args.redis_wait)
                 print("load: redis cluster %s%s" % (cluster.addresses, " (pids %s)" % ", ".join(
                     str(pid) for pid in cluster.pids().values()) if cluster.local else ""))
             elif args.workers > 1:
@@ -634,7 +637,8 @@ def main(argv=None):
                 "host": args.host or None, "servers": urls, "remote_workers": args.remote_workers,
                 "server": ("%s, redis-cluster bus%s" % ("gunicorn x%d" % args.workers if args.workers > 1
                                                          else "python chattle.py",
-                                                         ", --redis-wait %d" % args.redis_wait if args.redis_wait
+                                                         ", --redis-wait %d" % args.redis_wait
+                                                         if args.redis_wait is not None
                                                          else "") if args.redis_cluster else
                            "gunicorn x%d, redis bus" % args.workers if args.workers > 1
                            else "python chattle.py, memory bus") if not args.host

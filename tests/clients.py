@@ -407,3 +407,31 @@ def effective_config(env=None):
         if equals:
             config[name.strip()] = value.strip()
     return config
+
+
+def connections_to_each_worker(port, pids, within=GENEROUS):
+    """{pid: a keep-alive HttpConnection to that worker} for every pid of `pids`: fresh
+    connections until the kernel has handed one to each (a connection stays on its worker)."""
+    wanted = set(pids)
+    found = {}
+    deadline = time.monotonic() + within
+    try:
+        while set(found) != wanted:
+            if time.monotonic() > deadline:
+                raise AssertionError("no connection reached workers %s within %g s"
+                                     % (sorted(wanted - set(found)), within))
+            connection = HttpConnection(port)
+            _status, _headers, body = connection.request("GET", "/stats")
+            if body["pid"] in wanted and body["pid"] not in found:
+                found[body["pid"]] = connection
+            else:
+                connection.close()
+    except BaseException:
+        close_all(found)
+        raise
+    return found
+
+
+def close_all(connections):
+    for connection in connections.values():
+        connection.close()

@@ -201,6 +201,8 @@ def documented_default(text):
 
 
 def same_default(shown, actual):
+    if actual is None:  # the flag passes nothing unless given: the table shows "(none)"
+        return shown == ""
     if isinstance(actual, (int, float)) and not isinstance(actual, bool):
         try:
             return float(shown) == float(actual)

@@ -147,7 +147,9 @@ def test_a_stop_that_reaches_a_booting_worker_ends_it_once_booted(start_chattle,
     config = tmp_path / "paused.conf.py"
     config.write_text(PAUSED_BOOT_CONFIG.format(config=os.path.join(ROOT, "gunicorn.conf.py"),
                                                 before=held.startswith("before"), pauses=str(tmp_path)))
-    server = start_chattle(workers=1, gunicorn=True, extra_args=("--config", str(config)))
+    # a second worker on the memory bus, which SIGTTIN is otherwise refused: the test is of its boot
+    server = start_chattle(workers=1, gunicorn=True, extra_args=("--config", str(config)),
+                           env={"CHATTLE_SPLIT_HISTORY": "1"})
     [booted] = server.worker_pids()
     (tmp_path / "pause").touch()
     try:

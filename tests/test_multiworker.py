@@ -81,7 +81,8 @@ def test_shared_bus_delivers_every_id_once_in_order_to_every_listener(start_chat
 
 
 def test_memory_bus_under_many_workers_diverges(start_chattle):
-    server = start_chattle(workers=WORKERS, env={"CHATTLE_HISTORY": str(MESSAGES + 100)})
+    # gunicorn.conf.py refuses this without CHATTLE_SPLIT_HISTORY=1 (tests/test_boot.py)
+    server = start_chattle(workers=WORKERS, env={"CHATTLE_HISTORY": str(MESSAGES + 100), "CHATTLE_SPLIT_HISTORY": "1"})
     listeners, messages = min(LISTENERS, 100), min(MESSAGES, 100)
     poster, followers = run_room(server, "split", listeners, messages, catch_up=3.0)
     summary, spread = describe(poster, followers)

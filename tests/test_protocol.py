@@ -128,9 +128,10 @@ def test_health_shape(wsgi):
 
 
 def test_health_degraded_is_503(wsgi, monkeypatch):
-    monkeypatch.setattr(chattle.get_bus(), "healthy", lambda: False)
+    monkeypatch.setattr(chattle.get_bus(), "health", lambda: (False, "Redis does not answer"))
     answer = wsgi("GET", "/health")
     assert answer.status == 503 and answer.json["status"] == "degraded"
+    assert answer.json["reason"] == "Redis does not answer" and answer.json["time"] is None
 
 
 def test_stats_shape(wsgi):
