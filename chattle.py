@@ -97,6 +97,9 @@ SETTINGS = [
      "bytes of encoded poll answers a worker keeps over all its rooms"),
     ("room_ttl", "CHATTLE_ROOM_TTL", int, 7 * 24 * 3600,
      "seconds the shared bus keeps a room nobody posts to (every post starts it again)"),
+    ("max_polls_per_address", "CHATTLE_MAX_POLLS_PER_ADDRESS", int, 1024 * 1024,
+     "polls a worker holds at once for one client address (REMOTE_ADDR: behind a proxy, the "
+     "proxy's); more: 429. The default is above any worker's open-file limit"),
 ] + chattle_http.LIMIT_SETTINGS
 
 
@@ -108,7 +111,8 @@ class Settings:
             raise SystemExit("chattle: --history must be at least 1")
         if not 0 <= self.poll_timeout <= MAX_POLL_TIMEOUT:
             raise SystemExit("chattle: --poll-timeout must be between 0 and %g seconds" % MAX_POLL_TIMEOUT)
-        for name in ("max_retained_bytes", "room_cache_bytes", "answer_cache_bytes", "room_ttl"):
+        for name in ("max_retained_bytes", "room_cache_bytes", "answer_cache_bytes", "room_ttl",
+                     "max_polls_per_address"):
             if getattr(self, name) < 1:
                 raise SystemExit("chattle: --%s must be at least 1" % name.replace("_", "-"))
         if self.redis and self.redis_cluster:
@@ -205,6 +209,10 @@ class Wakeup:
             event.set()
 
 
+# What Room.wait_for_news returns when the client of the poll left while it was held.
+CLIENT_LEFT = object()
+
+
 class Room:
     """One room's retained messages, and the two verbs: add a message, wait for one.
 
@@ -265,10 +273,15 @@ class Room:
         self.registry.count_retained(self, change)
 
     # -- verb 2 ---------------------------------------------------------------
-    def wait_for_news(self, since, timeout, epoch=None):
+    def holds(self, since, timeout, epoch=None):
+        """Whether wait_for_news(since, timeout, epoch) would hold the poll, asked just before it."""
+        return self.last_id == since and timeout > 0 and not self.stale(epoch)
+
+    def wait_for_news(self, since, timeout, epoch=None, peer=None):
         """Hold the calling greenlet until a message after `since` exists, the history
         starts again, or timeout. True when it was held: its answer is then one a fan-out
-        shares."""
+        shares. CLIENT_LEFT when the client of `peer`, the poll's connection, closed or
+        reset it meanwhile."""
         if self.last_id != since or timeout <= 0 or self.stale(epoch):
             return False  # news already, or a cursor from the future or another history: "reset" answers at once
         deadline = time.monotonic() + timeout
@@ -277,6 +290,7 @@ class Room:
         self.waiting += 1
         resume = getcurrent().switch
         restarts = self.restarts
+        watcher = None if peer is None else chattle_http.watch_peer(peer, resume)
         try:
             while self.last_id <= since and self.restarts == restarts and not registry.closing:
                 if time.monotonic() >= deadline:
@@ -294,7 +308,14 @@ class Room:
                     raise
                 if woken_by is not event:
                     event.unlink(resume)
+                    # Woken by the socket's watcher (STIRRED), the one other waker: the
+                    # client left, or sent bytes early (held on). Not told apart by the
+                    # value, so that no wake-up leaves a stirred watcher to fire again.
+                    if watcher is not None and chattle_http.peer_gone(peer, watcher):
+                        return CLIENT_LEFT
         finally:
+            if watcher is not None:
+                watcher.stop()
             registry.waiters -= 1
             self.waiting -= 1
         return True
@@ -384,7 +405,7 @@ class Rooms:
     the shared bus the room is loaded again from Redis, where ids go on."""
 
     def __init__(self, history, max_retained_bytes=None, room_cache_bytes=1024 * 1024,
-                 answer_cache_bytes=64 * 1024 * 1024):
+                 answer_cache_bytes=64 * 1024 * 1024, max_polls_per_address=None):
         self.history = history
         self.by_name = OrderedDict()
         self.waiters = 0      # polls held right now
@@ -397,11 +418,13 @@ class Rooms:
         self.cached_bytes = 0
         self.caching = OrderedDict()  # rooms with cached answers, least recently cached first
         self.on_forget = None  # called with a room's name when it is forgotten (the bus's copy)
+        self.max_polls_per_address = max_polls_per_address  # None: no bound
+        self.polls_by_address = {}  # client address -> polls held for it now; none at 0
 
     @classmethod
     def from_settings(cls, settings):
         return cls(settings.history, settings.max_retained_bytes, settings.room_cache_bytes,
-                   settings.answer_cache_bytes)
+                   settings.answer_cache_bytes, settings.max_polls_per_address)
 
     def get(self, name):
         room = self.by_name.get(name)
@@ -422,6 +445,22 @@ class Rooms:
 
     def retained(self):
         return sum(len(room.messages) for room in self.by_name.values())
+
+    # -- held polls per client address --------------------------------------------
+    def hold_poll(self, address):
+        """Count one more poll held for `address`; False, counting nothing, at the bound.
+        Only addresses with a poll held have an entry, so the table is never larger than
+        the polls held."""
+        held = self.polls_by_address.get(address, 0)
+        if self.max_polls_per_address is not None and held >= self.max_polls_per_address:
+            return False
+        self.polls_by_address[address] = held + 1
+        return True
+
+    def end_poll(self, address):
+        held = self.polls_by_address.pop(address) - 1
+        if held:
+            self.polls_by_address[address] = held
 
     # -- the retained history's bound -----------------------------------------------
     def count_retained(self, room, change):
@@ -2105,14 +2144,36 @@ def poll_messages(room="lobby"):
         raise json_error(503, "the shared bus is unreachable (%s); retry later" % exc, **{"Retry-After": "1"})
     finally:
         bus_calls -= 1
-    sends_json = request.environ.get(chattle_http.SENDS_JSON)
+    environ = request.environ
+    sends_json = environ.get(chattle_http.SENDS_JSON)
+    # Both outlive forget_request: the connection holds the same objects.
+    address = environ.get("REMOTE_ADDR")
+    peer = environ.get(chattle_http.PEER) or environ.get("gunicorn.socket")
+    held = since is not None and chat.holds(since, timeout, epoch)
+    if held and not chat.registry.hold_poll(address):
+        raise json_error(429, "too many polls held for the client address %s: at most %d "
+                         "(--max-polls-per-address, CHATTLE_MAX_POLLS_PER_ADDRESS); poll again once one ends"
+                         % (address, chat.registry.max_polls_per_address),
+                         **{"Retry-After": "1", "Connection": "close"})
     if sends_json == chattle_http.FORGET and since is not None:
         forget_request()
     if epoch is None:
         # A client that names no history is taken to be in the one it arrived in: a poll
         # held across a start of the history is still told "reset".
         epoch = chat.epoch
-    shared = since is not None and chat.wait_for_news(since, timeout, epoch)
+    try:
+        shared = since is not None and chat.wait_for_news(since, timeout, epoch, peer)
+    finally:
+        if held:
+            chat.registry.end_poll(address)
+    if shared is CLIENT_LEFT:
+        if sends_json:  # chattle_http's handler closes the connection unanswered
+            if rooms.release(chat):
+                bus.forget(room)
+            raise chattle_http.PeerGone
+        # Another server (gunicorn's own worker): answered as at a timeout, and the
+        # server finds the connection gone as it writes.
+        shared = False
     body = chat.answer(since, limit, shared, epoch)
     if rooms.release(chat):
         bus.forget(room)

@@ -187,6 +187,67 @@ ok_json_heads = OkJsonHeads()
 
 
 ###############################################################################
+# Held polls: a client that leaves ends its poll
+###############################################################################
+
+# In every environ this layer builds: the connection's reader (RequestReader), whose
+# socket a held poll watches for its client's close (watch_peer). Read before the
+# environ is emptied (FORGET).
+PEER = "chattle.peer"
+
+# What watch_peer's watcher switches a held poll with: the watcher calls its callback
+# with no arguments, so the switch returns the empty tuple, where the Events a poll parks
+# on wake it with themselves. No argument tuple is kept per held poll.
+STIRRED = ()
+
+
+class PeerGone(BaseException):
+    """Raised by the application when the client of a held poll closed or reset its
+    connection: the handler closes it without an answer (logged as 499, as nginx does).
+    A BaseException, as SendJson, so that Bottle lets it through."""
+
+
+def watch_peer(peer, resume):
+    """Have `resume()` called when the client's side of the connection stirs: it closes,
+    resets, or sends bytes. `peer`: the connection's RequestReader, or (under another
+    server) its gevent socket. The socket's own read watcher does it: nothing reads the
+    socket while its poll is held, so watching costs no object per poll. The watcher, to
+    stop when the poll ends; None when there is no gevent socket or it is being read."""
+    sock = peer.sock if isinstance(peer, RequestReader) else peer
+    watcher = getattr(sock, "_read_event", None)
+    if watcher is None or watcher.callback is not None:
+        return None
+    watcher.start(resume)
+    return watcher
+
+
+def peer_gone(peer, watcher):
+    """After `watcher` (of watch_peer) stirred: True when the client closed (FIN) or reset
+    the connection. Bytes it sent instead (its next request, pipelined) are read into the
+    connection's reader, up to READ_BUFFER_BYTES, for the handler to read once the poll is
+    answered, and the poll is held on, still watched. Beyond that (or with no reader) they
+    stay in the kernel and the watcher is stopped, since it would fire for as long as they
+    are there: the client's close is then noticed only when the poll ends."""
+    reader = peer if isinstance(peer, RequestReader) else None
+    raw = (peer.sock if reader is not None else peer)._sock
+    try:
+        room = READ_BUFFER_BYTES - len(reader.pending) if reader is not None else 0
+        if room > 0:
+            data = raw.recv(room)
+            if data:
+                reader.pending += data
+                return False
+        elif raw.recv(1, socket.MSG_PEEK):
+            watcher.stop()
+            return False
+    except BlockingIOError:
+        return False  # stirred and settled: nothing to read after all
+    except OSError:
+        return True  # reset
+    return True  # the end of the stream: the client closed, or shut down its sending side
+
+
+###############################################################################
 # Deadlines: one timer per tick of due times, shared by every connection due in it
 ###############################################################################
 
@@ -592,6 +653,7 @@ def handler_class(limits, base=None, access_log=False):
             environ = self.server.get_environ()
             logged = self.wants_access_log()
             environ[SENDS_JSON] = KEEP if logged else FORGET
+            environ[PEER] = self.rfile
             for name, value in head.fields:
                 if "_" in name:
                     continue
@@ -681,7 +743,8 @@ def handler_class(limits, base=None, access_log=False):
             to find, so that read is skipped; on a keep-alive connection the rest of the
             body must arrive within the head deadline, as the next head would.
 
-            An application that raises SendJson is answered here, without pywsgi.
+            An application that raises SendJson is answered here, without pywsgi; one that
+            raises PeerGone (its client left while its poll was held) is not answered.
 
             pywsgi's run_application is inlined (the result's close() and all), not called:
             every Python frame on a held poll's stack is one more frame object that greenlet
@@ -697,6 +760,11 @@ def handler_class(limits, base=None, access_log=False):
                         close()
             except SendJson as answer:
                 self.send_json(answer.body, answer.close)
+            except PeerGone:
+                self.close_connection = True
+                self.code, self._orig_status = 499, "499 Client Closed Request"
+                self.status = self._orig_status.encode("ascii")
+                self.response_headers = []
             finally:
                 body = self.wsgi_input
                 if body is not None:

@@ -331,7 +331,7 @@ def test_bottles_thread_locals_would_break_the_held_poll_bound(app_state, monkey
 
 
 def test_a_timer_per_held_poll_would_break_the_held_poll_bound(app_state, monkeypatch):
-    def wait_with_own_timeout(room, since, timeout, epoch=None):
+    def wait_with_own_timeout(room, since, timeout, epoch=None, peer=None):
         event = room._wakeup.event_until(time.monotonic() + 3600)
         chattle.rooms.waiters += 1
         try:
