@@ -100,6 +100,15 @@ SETTINGS = [
     ("max_polls_per_address", "CHATTLE_MAX_POLLS_PER_ADDRESS", int, 1024 * 1024,
      "polls a worker holds at once for one client address (REMOTE_ADDR: behind a proxy, the "
      "proxy's); more: 429. The default is above any worker's open-file limit"),
+    ("max_answer_bytes", "CHATTLE_MAX_ANSWER_BYTES", int, 256 * 1024,
+     "bytes of messages one poll answer carries (always at least one message): a poll past it "
+     "gets fewer than its 'limit', and the rest on its next poll"),
+    ("max_rooms", "CHATTLE_MAX_ROOMS", int, 100000,
+     "rooms a worker holds; beyond, the least recently active idle rooms are forgotten, and a new "
+     "room is refused (503) only while every room is in use"),
+    ("max_bus_rooms", "CHATTLE_MAX_BUS_ROOMS", int, 1000000,
+     "rooms the shared Redis holds (each posted to within --room-ttl); a post that would make one "
+     "more is refused (503); on a Redis Cluster the bound is per slot, this over 16384"),
 ] + chattle_http.LIMIT_SETTINGS
 
 
@@ -112,7 +121,7 @@ class Settings:
         if not 0 <= self.poll_timeout <= MAX_POLL_TIMEOUT:
             raise SystemExit("chattle: --poll-timeout must be between 0 and %g seconds" % MAX_POLL_TIMEOUT)
         for name in ("max_retained_bytes", "room_cache_bytes", "answer_cache_bytes", "room_ttl",
-                     "max_polls_per_address"):
+                     "max_polls_per_address", "max_answer_bytes", "max_rooms", "max_bus_rooms"):
             if getattr(self, name) < 1:
                 raise SystemExit("chattle: --%s must be at least 1" % name.replace("_", "-"))
         if self.redis and self.redis_cluster:
@@ -384,6 +393,8 @@ class Room:
             start = since + 1 + missed - first_id  # index of the first message to send
             chosen = [messages[i] for i in range(start, min(start + limit, len(messages)))]
             cursor = chosen[-1][0] if chosen else since
+        if len(chosen) > 1 and self.registry.max_answer_bytes is not None:
+            chosen, cursor = self._within_budget(chosen, cursor, newest=since is None or reset)
         parts = [b'{"room":', self._name_json, b',"messages":[',
                  b",".join(fragment for _id, fragment in chosen),
                  b'],"cursor":%d,"missed":%d,"epoch":' % (cursor, missed),
@@ -392,6 +403,27 @@ class Room:
             parts.append(b',"reset":true')
         parts.append(b"}")
         return b"".join(parts)
+
+    def _within_budget(self, chosen, cursor, newest):
+        """The messages of `chosen` an answer carries within the worker's byte budget (at
+        least one, so every client progresses), and its cursor. Catching up, the oldest go
+        first and the cursor is the last sent: the next poll asks for the rest. Asked for
+        the newest, the newest go and the cursor stays: the older ones are not news.
+        Unbounded, one answer reached 1000 messages of 8 KB, 8 MB encoded again per request
+        and held whole by each client that did not read it."""
+        budget = self.registry.max_answer_bytes
+        if sum(len(fragment) + 1 for _id, fragment in chosen) <= budget:
+            return chosen, cursor
+        taken = 0
+        for _id, fragment in reversed(chosen) if newest else chosen:
+            budget -= len(fragment) + 1  # and its comma
+            if budget < 0:
+                break
+            taken += 1
+        taken = max(1, taken)
+        if newest:
+            return chosen[-taken:], cursor
+        return chosen[:taken], chosen[taken - 1][0]
 
 
 class Rooms:
@@ -405,8 +437,12 @@ class Rooms:
     the shared bus the room is loaded again from Redis, where ids go on."""
 
     def __init__(self, history, max_retained_bytes=None, room_cache_bytes=1024 * 1024,
-                 answer_cache_bytes=64 * 1024 * 1024, max_polls_per_address=None):
+                 answer_cache_bytes=64 * 1024 * 1024, max_polls_per_address=None, max_answer_bytes=None,
+                 max_rooms=None):
         self.history = history
+        self.max_answer_bytes = max_answer_bytes
+        self.max_rooms = max_rooms
+        self.full_until = 0.0  # while every room was in use at the bound, new ones are refused
         self.by_name = OrderedDict()
         self.waiters = 0      # polls held right now
         self.encodes = 0      # poll answers encoded (a fan-out on one cursor costs one)
@@ -424,12 +460,16 @@ class Rooms:
     @classmethod
     def from_settings(cls, settings):
         return cls(settings.history, settings.max_retained_bytes, settings.room_cache_bytes,
-                   settings.answer_cache_bytes, settings.max_polls_per_address)
+                   settings.answer_cache_bytes, settings.max_polls_per_address, settings.max_answer_bytes,
+                   settings.max_rooms)
 
     def get(self, name):
         room = self.by_name.get(name)
         if room is None:
+            if self.max_rooms is not None and len(self.by_name) >= self.max_rooms:
+                self._shed_rooms()
             room = self.by_name[name] = Room(name, self.history, self)
+            self.count_retained(room, self.room_cost(name))
         else:
             self.by_name.move_to_end(name)
         return room
@@ -441,6 +481,7 @@ class Rooms:
             return False
         self.drop_answers(room)
         del self.by_name[room.name]
+        self.retained_bytes -= self.room_cost(room.name)
         return True
 
     def retained(self):
@@ -483,13 +524,49 @@ class Rooms:
                 return
             if room is growing or room.waiting or not (room.messages or room.last_id):
                 continue
-            room.drop_messages()
-            del self.by_name[room.name]
-            if self.on_forget is not None:
-                self.on_forget(room.name)
+            self._drop_room(room)
         for room in list(self.by_name.values()) + [growing]:
             while self.retained_bytes > target and len(room.messages) > (room is growing):
                 room.drop_oldest()
+
+    def _drop_room(self, room):
+        room.drop_messages()
+        del self.by_name[room.name]
+        self.retained_bytes -= self.room_cost(room.name)
+        if self.on_forget is not None:
+            self.on_forget(room.name)
+
+    # -- the rooms' bound ---------------------------------------------------------------
+    # What a room costs beyond its messages: the Room, its deque, Wakeup and dicts, its slot
+    # in by_name, and its name twice (the str, and its JSON encoding): 1,170 bytes plus
+    # twice the name's length, as tracemalloc counts 1,000 rooms of one message each made
+    # through Rooms.get, less their messages' own cost (tests/test_bounds.py measures it
+    # again). Counted in retained_bytes, so the worker's bound is in real bytes.
+    ROOM_OVERHEAD = 1170
+
+    @classmethod
+    def room_cost(cls, name):
+        return cls.ROOM_OVERHEAD + 2 * len(name)
+
+    FULL_BACKOFF = 1.0  # seconds new rooms are refused once no room could be forgotten
+
+    def _shed_rooms(self):
+        """Room for one more under max_rooms: forget the least recently active rooms that
+        are idle (nobody waits on them; not a new empty one, which may be loading), down to
+        SHED_TO of the bound, so a scan is rare. With none idle, refuse: RoomsFull. A scan
+        that found none is not made again for FULL_BACKOFF, so refused requests stay cheap."""
+        if time.monotonic() < self.full_until:
+            raise RoomsFull(self.max_rooms)
+        target = int(self.max_rooms * self.SHED_TO)
+        for room in list(self.by_name.values()):
+            if len(self.by_name) <= target:
+                break
+            if room.waiting or not (room.messages or room.last_id):
+                continue
+            self._drop_room(room)
+        if len(self.by_name) >= self.max_rooms:
+            self.full_until = time.monotonic() + self.FULL_BACKOFF
+            raise RoomsFull(self.max_rooms)
 
     # -- the answer cache's bounds ----------------------------------------------------
     def keep_answer(self, room, key, body):
@@ -562,6 +639,17 @@ def new_epoch():
     characters, so every answer of a room has one length). A room forgotten here and
     posted to again, or a server started again, begins a history of a new epoch."""
     return "%013x%04x%03x" % (time.time_ns() // 1000, os.getpid() & 0xFFFF, next(_epochs_made) & 0xFFF)
+
+
+class RoomsFull(Exception):
+    """No room can be made: the bound is reached and every room is in use."""
+
+    RETRY_AFTER = 1
+
+    def __init__(self, bound, where="this worker", retry_after=RETRY_AFTER):
+        super().__init__("%s holds its maximum of %d rooms, all in use; nothing was written, "
+                         "retry later or use a room that exists" % (where, bound))
+        self.retry_after = retry_after
 
 
 class MemoryBus:
@@ -2142,6 +2230,8 @@ def poll_messages(room="lobby"):
         chat = get_bus().room(room, since, epoch)
     except BusUnavailable as exc:
         raise json_error(503, "the shared bus is unreachable (%s); retry later" % exc, **{"Retry-After": "1"})
+    except RoomsFull as exc:
+        raise json_error(503, str(exc), **{"Retry-After": "%d" % exc.retry_after})
     finally:
         bus_calls -= 1
     environ = request.environ
@@ -2216,6 +2306,9 @@ def post_message(room="lobby"):
             error = "the shared bus is unreachable (%s); nothing was written, retry later" % exc
         raise HTTPResponse(encode({"error": error, "outcome": "unknown" if exc.maybe_written else "not written"}),
                            503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
+    except RoomsFull as exc:
+        raise HTTPResponse(encode({"error": str(exc), "outcome": "not written"}), 503,
+                           {"Content-Type": JSON_TYPE, "Retry-After": "%d" % exc.retry_after})
     finally:
         bus_calls -= 1
     return json_answer(encode({"room": room, "id": message["id"], "ts": message["ts"], "epoch": message["epoch"]}),
@@ -2266,6 +2359,10 @@ def stats():
         "bus_reader": get_bus().reader_state(),
         # read together, so that descriptors beyond the open connections is exact
         "connections": chattle_http.open_connections(),
+        # answers held for clients still taking them (bounded: max_unsent_bytes), and the
+        # connections dropped to keep them so
+        "unsent_bytes": chattle_http.unsent_bytes(),
+        "unsent_dropped": chattle_http.unsent_dropped(),
         "descriptors": descriptors_open(),
         "protocol": PROTOCOL_VERSION,
     }))

@@ -11,6 +11,8 @@ do, and what it costs:
   `max_line_bytes`; otherwise 414 as JSON.
 - Before a request starts, it may sit idle for `keepalive_timeout`.
 - An answer the client does not take within `send_timeout` drops the connection.
+- The answers a worker holds for clients still taking them are bounded: past
+  `max_unsent_bytes`, the connections that have held theirs longest are dropped.
 - A held poll has none of these deadlines: it lasts its own timeout, and costs them nothing.
 - A head that frames its body ambiguously (a Transfer-Encoding other than exactly
   `chunked`, both Transfer-Encoding and Content-Length, conflicting Content-Lengths) is
@@ -52,6 +54,9 @@ LIMIT_SETTINGS = [
     ("max_headers", "CHATTLE_MAX_HEADERS", int, 100, "request headers (more: 431)"),
     ("max_line_bytes", "CHATTLE_MAX_LINE_BYTES", int, 8 * 1024,
      "bytes of the request line, without its line break (more: 414), as nginx by default"),
+    ("max_unsent_bytes", "CHATTLE_MAX_UNSENT_BYTES", int, 64 * 1024 * 1024,
+     "bytes of answers a worker holds for clients still taking them; beyond, the connections "
+     "that have held theirs longest are dropped"),
 ]
 
 
@@ -264,13 +269,17 @@ class Deadlines:
     RequestReader.expire): the greenlet blocked on it wakes to an error or end of stream
     and ends as if the client had gone."""
 
-    __slots__ = ("limits", "by_tick")
+    __slots__ = ("limits", "by_tick", "holding", "held", "unsent_bytes")
 
     TICK = 0.25  # seconds: a deadline is enforced at most this late
 
     def __init__(self, limits):
         self.limits = limits
         self.by_tick = {}  # tick number -> (set of RequestReader, its timer)
+        # The answers connections hold while their clients take them, bounded in bytes.
+        self.holding = {}  # RequestReader -> id of the answer it holds, longest held first
+        self.held = {}     # id of an answer -> [its bytes, connections holding it]
+        self.unsent_bytes = 0  # bytes of the answers held, each counted once however many hold it
 
     def watch(self, reader):
         """Enforce `reader.until` (monotonic) from now on."""
@@ -308,6 +317,47 @@ class Deadlines:
 
     def watched(self):
         return sum(len(readers) for readers, _timer in self.by_tick.values())
+
+    def hold(self, reader, answer):
+        """`reader` holds `answer` (bytes) until its client has taken it. Counted whole (what
+        is still to send keeps all of it alive), and once however many connections share it
+        (a fan-out's answer). Past max_unsent_bytes, the connections that have held theirs
+        longest are dropped until the new answer fits; one bigger than the bound alone is
+        dropped itself. A slow reader's client polls again from the same cursor."""
+        global _unsent_bytes, _unsent_dropped
+        key = id(answer)  # the connection references the answer while it is counted: ids are unique
+        entry = self.held.get(key)
+        if entry is None:
+            size, bound = len(answer), self.limits.max_unsent_bytes
+            if size > bound:
+                _unsent_dropped += 1
+                reader.expire()
+                return
+            for other in list(self.holding):
+                if self.unsent_bytes + size <= bound:
+                    break
+                _unsent_dropped += 1
+                self.release(other)
+                other.expire()
+            entry = self.held[key] = [size, 0]
+            self.unsent_bytes += size
+            _unsent_bytes += size
+        entry[1] += 1
+        self.holding[reader] = key
+
+    def release(self, reader):
+        global _unsent_bytes
+        key = self.holding.pop(reader, None)
+        if key is None:
+            return
+        entry = self.held[key]
+        entry[1] -= 1
+        if not entry[1]:
+            del self.held[key]
+            # A dropped connection's greenlet lets go of it on its next turn: counted free now,
+            # so that one new answer does not drop more connections than it needs.
+            self.unsent_bytes -= entry[0]
+            _unsent_bytes -= entry[0]
 
 
 ###############################################################################
@@ -433,26 +483,37 @@ class RequestReader:
         data, self.pending = self.pending[:size], self.pending[size:]
         return data
 
-    def send(self, data):
-        """Send all of `data`; what the send buffer does not take at once must be taken by
-        the client within the send deadline."""
+    def send(self, data, body=b""):
+        """Send all of `data`, then `body`, in one call (a head and the body it frames are not
+        joined: that copied each answer once per connection, and the copy was held as long as
+        its client took to read it); what the send buffer does not take at once must be taken
+        by the client within the send deadline."""
         try:
-            sent = self.sock._sock.send(data)
+            sent = self.sock._sock.sendmsg((data, body)) if body else self.sock._sock.send(data)
         except BlockingIOError:
             sent = 0
-        if sent < len(data):
-            self._send_rest(memoryview(data)[sent:])
+        if sent < len(data) + len(body):
+            self._send_rest(data, body, sent)
 
-    def _send_rest(self, rest):
+    def _send_rest(self, data, body, sent):
+        answer = body or data  # the head of a body is one of ok_json_heads', shared and small
         if self.deadlines is not None:
             self.until = time.monotonic() + self.deadlines.limits.send_timeout
             self.sending = True
             self.deadlines.watch(self)
+            self.deadlines.hold(self, answer)
         try:
-            self.sock.sendall(rest)  # once the deadline shuts the socket down: EPIPE
+            # once the deadline, or the bound on held answers, shuts the socket down: EPIPE
+            if sent < len(data):
+                self.sock.sendall(memoryview(data)[sent:])
+                sent = len(data)
+            if body:
+                self.sock.sendall(memoryview(body)[sent - len(data):])
         finally:
             if self.tick:
                 self.deadlines.unwatch(self)
+            if self.deadlines is not None:
+                self.deadlines.release(self)
             self.sending, self.until = False, None
 
     def expect_request(self, previous_answer):
@@ -789,7 +850,7 @@ def handler_class(limits, base=None, access_log=False):
             self.headers_sent = True
             if self.wants_access_log():
                 self.response_headers = [(b"Content-Type", JSON_TYPE)]
-            self._sendall(head if self.command == "HEAD" else head + body)
+            self._sendall(head, b"" if self.command == "HEAD" else body)
 
         def _send_error_response_if_possible(self, error_code):
             # pywsgi's canned 400 (a broken chunked body) and 500 are plain text
@@ -827,15 +888,15 @@ def handler_class(limits, base=None, access_log=False):
                     parts.append(data)
             self._sendall(b"".join(parts))
 
-        def _sendall(self, data):
+        def _sendall(self, data, body=b""):
             try:
-                self.rfile.send(data)  # an answer fits the send buffer: one call
+                self.rfile.send(data, body)  # an answer fits the send buffer: one call
             except OSError as exc:
                 self.status = "socket error: %s" % exc
                 if self.code > 0:
                     self.code = -self.code
                 raise
-            self.response_length += len(data)
+            self.response_length += len(data) + len(body)
 
     return ChattleHandler
 
@@ -873,11 +934,23 @@ class ConnectionPool(pool.Pool):
 
 
 _open_connections = 0  # accepted and not yet done with, over every server of this process
+_unsent_bytes = 0      # of the answers held for clients still taking them, over every server
+_unsent_dropped = 0    # connections dropped to keep a server's within its max_unsent_bytes
 
 
 def open_connections():
     """Connections accepted and not yet closed: each is one greenlet and one descriptor."""
     return _open_connections
+
+
+def unsent_bytes():
+    """Bytes of the answers this process holds for clients still taking them (each server
+    bounds its own by max_unsent_bytes)."""
+    return _unsent_bytes
+
+
+def unsent_dropped():
+    return _unsent_dropped
 
 
 def server_class(limits, base=None, access_log=False):
