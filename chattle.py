@@ -556,7 +556,8 @@ class Rooms:
         SHED_TO of the bound, so a scan is rare. With none idle, refuse: RoomsFull. A scan
         that found none is not made again for FULL_BACKOFF, so refused requests stay cheap."""
         if time.monotonic() < self.full_until:
-            raise RoomsFull(self.max_rooms)
+            raise RoomsFull("this worker holds its maximum of %d rooms, and polls wait on every one: "
+                            "retry later, or use a room that exists" % self.max_rooms)
         target = int(self.max_rooms * self.SHED_TO)
         for room in list(self.by_name.values()):
             if len(self.by_name) <= target:
@@ -566,7 +567,8 @@ class Rooms:
             self._drop_room(room)
         if len(self.by_name) >= self.max_rooms:
             self.full_until = time.monotonic() + self.FULL_BACKOFF
-            raise RoomsFull(self.max_rooms)
+            raise RoomsFull("this worker holds its maximum of %d rooms, and polls wait on every one: "
+                            "retry later, or use a room that exists" % self.max_rooms)
 
     # -- the answer cache's bounds ----------------------------------------------------
     def keep_answer(self, room, key, body):
@@ -642,13 +644,11 @@ def new_epoch():
 
 
 class RoomsFull(Exception):
-    """No room can be made: the bound is reached and every room is in use."""
+    """A new room refused: the bound on rooms is reached and none can be forgotten. Answered
+    503 with Retry-After, as the protocol answers a post that was not accepted."""
 
-    RETRY_AFTER = 1
-
-    def __init__(self, bound, where="this worker", retry_after=RETRY_AFTER):
-        super().__init__("%s holds its maximum of %d rooms, all in use; nothing was written, "
-                         "retry later or use a room that exists" % (where, bound))
+    def __init__(self, message, retry_after=1):
+        super().__init__(message + "; nothing was written")
         self.retry_after = retry_after
 
 
@@ -734,6 +734,25 @@ if id == 1 or not epoch then
 end
 """
 
+# The rooms' bound in Redis, the first block of each bus's post script, before anything is
+# written. A sorted set holds every room by the second of its last post; a room not in it
+# (nor with a last id of its own: a room from before the set) is a new one, refused when
+# the set, trimmed first of the rooms whose keys have expired, is at the bound. Refused, the
+# script answers {-1, seconds until the least recently posted room expires}. A post to a
+# room in the set costs three commands more (TIME, ZSCORE, ZADD); a new room, three more.
+ROOMS_BOUND_SCRIPT = """
+local rooms_now = tonumber(redis.call('TIME')[1])
+if not redis.call('ZSCORE', %(rooms)s, ARGV[1]) and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREMRANGEBYSCORE', %(rooms)s, '-inf', '(' .. (rooms_now - tonumber(%(ttl)s)))
+  if redis.call('ZCARD', %(rooms)s) >= tonumber(%(bound)s) then
+    local oldest = redis.call('ZRANGE', %(rooms)s, 0, 0, 'WITHSCORES')
+    return {-1, tonumber(oldest[2] or rooms_now) + tonumber(%(ttl)s) - rooms_now + 1}
+  end
+end
+redis.call('ZADD', %(rooms)s, rooms_now, ARGV[1])
+-- end of the rooms' bound
+"""
+
 
 class RedisBus:
     """Many workers and hosts, one history: Redis Streams hold every room's messages.
@@ -754,6 +773,7 @@ class RedisBus:
 
     name = "redis"
     POSTS = "chattle:posts"
+    ROOMS = "chattle:rooms"     # every room Redis holds, by its last post's time (ROOMS_BOUND_SCRIPT)
     POSTS_RETAINED = 10000      # the reader only needs recent entries; a longer outage resyncs rooms
     READ_BLOCK_MS = 5000
     READ_BATCH = 500
@@ -773,21 +793,24 @@ class RedisBus:
     POOL_SIZE = 64              # posts and loads share it; a full pool waits, then answers 503
     SOCKET_TIMEOUT = 2.0
 
-    # KEYS: the room's last id, the room's stream, the global stream, the room's epoch; a post
-    # with an Idempotency-Key also its key (IDEMPOTENCY_KEY), and its window in seconds as ARGV[7].
-    # ARGV: room, from, content, room stream length, global stream length, the room's TTL.
+    # KEYS: the room's last id, the room's stream, the global stream, the room's epoch, the
+    # rooms' set (ROOMS); a post with an Idempotency-Key also its key (IDEMPOTENCY_KEY), and
+    # its window in seconds as ARGV[8].
+    # ARGV: room, from, content, room stream length, global stream length, the room's TTL,
+    # the most rooms Redis holds.
     # The room's keys expire together when nobody posts to it for the TTL (every post
     # starts it again): its life ends, and its ids start again from 1 in the next one.
     # A key already there is the same post sent again: answered with what the first was
     # given (and 'replayed'), and not posted; else it is kept, "<id> <ts> <epoch>", for the window.
     PUBLISH_SCRIPT = """
-if KEYS[5] then
-  local posted = redis.call('GET', KEYS[5])
+if KEYS[6] then
+  local posted = redis.call('GET', KEYS[6])
   if posted then
     local id, ts, epoch = string.match(posted, '^(%d+) (%S+) (%S+)$')
     return {tonumber(id), ts, epoch, 'replayed'}
   end
 end
+""" + ROOMS_BOUND_SCRIPT % {"rooms": "KEYS[5]", "ttl": "ARGV[6]", "bound": "ARGV[7]"} + """
 local id = redis.call('INCR', KEYS[1])
 local now = redis.call('TIME')
 local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
@@ -798,14 +821,14 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[1], 'i', id,
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('EXPIRE', KEYS[4], ARGV[6])
-if KEYS[5] then
-  redis.call('SET', KEYS[5], id .. ' ' .. ts .. ' ' .. epoch, 'EX', ARGV[7])
+if KEYS[6] then
+  redis.call('SET', KEYS[6], id .. ' ' .. ts .. ' ' .. epoch, 'EX', ARGV[8])
 end
 return {id, ts, epoch}
 """
     IDEMPOTENCY_KEY = "chattle:room:%s:idem:%s"  # room, Idempotency-Key
 
-    def __init__(self, rooms, url, history, room_ttl=7 * 24 * 3600, idempotency_seconds=300):
+    def __init__(self, rooms, url, history, room_ttl=7 * 24 * 3600, idempotency_seconds=300, max_rooms=1000000):
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -815,6 +838,7 @@ return {id, ts, epoch}
         self.history = history
         self.room_ttl = room_ttl
         self.idempotency_seconds = idempotency_seconds
+        self.max_rooms = max_rooms
         rooms.on_forget = self.forget  # a room the worker forgot is loaded again from Redis
         # No retries: a post whose reply was lost must not be written twice.
         no_retry = Retry(NoBackoff(), 0)
@@ -863,8 +887,8 @@ return {id, ts, epoch}
     # -- posts ---------------------------------------------------------------------
     def publish(self, room_name, sender, content, idempotency_key=None):
         last_key, stream_key = self.room_keys(room_name)
-        keys = [last_key, stream_key, self.POSTS, self.epoch_key(room_name)]
-        args = [room_name, sender, content, self.history, self.POSTS_RETAINED, self.room_ttl]
+        keys = [last_key, stream_key, self.POSTS, self.epoch_key(room_name), self.ROOMS]
+        args = [room_name, sender, content, self.history, self.POSTS_RETAINED, self.room_ttl, self.max_rooms]
         if idempotency_key is not None:
             keys.append(self.IDEMPOTENCY_KEY % (room_name, idempotency_key))
             args.append(self.idempotency_seconds)
@@ -872,6 +896,10 @@ return {id, ts, epoch}
             reply = self.publish_script(keys=keys, args=args)
         except self.redis.RedisError as exc:
             raise BusUnavailable(type(exc).__name__, maybe_written=not never_sent(self.redis, exc))
+        if reply[0] == -1:
+            raise RoomsFull("the shared bus holds its maximum of %d rooms, each posted to within %d s: "
+                            "post to a room that exists, or to a new one once the least recently "
+                            "posted expires (Retry-After)" % (self.max_rooms, self.room_ttl), retry_after=reply[1])
         message_id, ts, epoch = reply[0], reply[1], reply[2]
         if reply[-1] == "replayed":  # posted by its first sending: the reader delivers it as it was
             return {"id": int(message_id), "ts": float(ts), "epoch": epoch, "replayed": True}
@@ -2011,7 +2039,8 @@ def make_bus(settings, rooms):
         return RedisClusterBus(rooms, settings.redis_cluster, settings.history, settings.room_ttl,
                                settings.redis_wait, settings.idempotency_seconds)
     if settings.redis:
-        return RedisBus(rooms, settings.redis, settings.history, settings.room_ttl, settings.idempotency_seconds)
+        return RedisBus(rooms, settings.redis, settings.history, settings.room_ttl, settings.idempotency_seconds,
+                        settings.max_bus_rooms)
     return MemoryBus(rooms, settings.idempotency_seconds, settings.idempotency_keys)
 
 
