@@ -1352,24 +1352,27 @@ class RedisClusterBus(RedisBus):
     REDIRECTS = 5               # MOVED or ASK: a post looks again this often at most
     POOL_SIZE = 256             # connections per node: a full pool answers 503
 
-    # KEYS: the room's last id, its stream, its epoch; a post with an Idempotency-Key also its
-    # key (IDEMPOTENCY_KEY, in the room's slot), and its window in seconds as ARGV[8].
+    # KEYS: the room's last id, its stream, its epoch, its slot's rooms (rooms_key); a post
+    # with an Idempotency-Key also its key (IDEMPOTENCY_KEY, in the room's slot), and its
+    # window in seconds as ARGV[9].
     # ARGV: room, from, content, room stream length,
     # the room's TTL, '1' to publish the post here ('0': the caller publishes it once a
-    # replica confirmed it), the room's channel. The channel, in the room's slot by its hash
+    # replica confirmed it), the room's channel, the most rooms the slot holds. The channel,
+    # in the room's slot by its hash
     # tag, is not passed as a key: a slot being migrated answers TRYAGAIN to a script naming
     # a key it does not hold. The id goes out as a string: cjson writes 14 digits only.
     # A post sent again is answered as RedisBus's is; it writes its key once more (the same
     # value and expiry): WAIT confirms what its own connection wrote, and so the first post.
     PUBLISH_SCRIPT = """
-if KEYS[4] then
-  local posted = redis.call('GET', KEYS[4])
+if KEYS[5] then
+  local posted = redis.call('GET', KEYS[5])
   if posted then
-    redis.call('SET', KEYS[4], posted, 'KEEPTTL')
+    redis.call('SET', KEYS[5], posted, 'KEEPTTL')
     local id, ts, epoch = string.match(posted, '^(%d+) (%S+) (%S+)$')
     return {tonumber(id), ts, epoch, 'replayed'}
   end
 end
+""" + ROOMS_BOUND_SCRIPT % {"rooms": "KEYS[4]", "ttl": "ARGV[5]", "bound": "ARGV[8]"} + """
 local id = redis.call('INCR', KEYS[1])
 local now = redis.call('TIME')
 local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
@@ -1382,8 +1385,8 @@ if ARGV[6] == '1' then
   redis.call('SPUBLISH', ARGV[7], cjson.encode({r=ARGV[1], i=string.format('%d', id), f=ARGV[2], c=ARGV[3], t=ts,
                                                 e=epoch}))
 end
-if KEYS[4] then
-  redis.call('SET', KEYS[4], id .. ' ' .. ts .. ' ' .. epoch, 'EX', ARGV[8])
+if KEYS[5] then
+  redis.call('SET', KEYS[5], id .. ' ' .. ts .. ' ' .. epoch, 'EX', ARGV[9])
 end
 return {id, ts, epoch}
 """
@@ -1393,7 +1396,10 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
         redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
 """
 
-    def __init__(self, rooms, addresses, history, room_ttl=7 * 24 * 3600, wait_ms=0, idempotency_seconds=300):
+    SLOTS = 16384
+
+    def __init__(self, rooms, addresses, history, room_ttl=7 * 24 * 3600, wait_ms=0, idempotency_seconds=300,
+                 max_rooms=1000000):
         import hashlib
 
         import redis
@@ -1408,6 +1414,9 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
         self.wait_ms = wait_ms
         self.idempotency_seconds = idempotency_seconds
         self.read_replicas = wait_ms > 0
+        # One script reads the keys of one slot only: the bound is kept per slot, a share of it each.
+        self.max_rooms = max_rooms
+        self.rooms_per_slot = -(-max_rooms // self.SLOTS)
         rooms.on_forget = self.forget
         # No retries: a post whose reply was lost must not be written twice (MOVED and ASK
         # are still followed: a redirected command was not run).
@@ -1503,6 +1512,27 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
     def epoch_key(room_name):
         return "chattle:{%s}:epoch" % room_name
 
+    _slot_tags = None  # slot -> a hash tag in it, made once per process
+
+    @classmethod
+    def rooms_key(cls, room_name):
+        """The set of the rooms of the room's slot (ROOMS_BOUND_SCRIPT): in that slot, so the
+        room's post script may use it, and moved with the slot when it moves."""
+        from binascii import crc_hqx  # Redis Cluster's key hash (CRC16/XMODEM)
+
+        if cls._slot_tags is None:
+            tags, number = [None] * cls.SLOTS, 0
+            missing = cls.SLOTS
+            while missing:  # about 170,000 hashes, once
+                tag = b"%x" % number
+                slot = crc_hqx(tag, 0) % cls.SLOTS
+                if tags[slot] is None:
+                    tags[slot] = tag.decode()
+                    missing -= 1
+                number += 1
+            cls._slot_tags = tags
+        return "chattle:rooms:{%s}" % cls._slot_tags[crc_hqx(room_name.encode(), 0) % cls.SLOTS]
+
     # -- the topology ----------------------------------------------------------------------
     def _masters(self):
         """{master's name: (master, the node its rooms are read from)} as the client's slot
@@ -1585,8 +1615,8 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
     def publish(self, room_name, sender, content, idempotency_key=None):
         last_key, stream_key = self.room_keys(room_name)
         channel = self.CHANNEL % room_name
-        keys = [last_key, stream_key, self.epoch_key(room_name)]
-        args = [room_name, sender, content, self.history, self.room_ttl, "1", channel]
+        keys = [last_key, stream_key, self.epoch_key(room_name), self.rooms_key(room_name)]
+        args = [room_name, sender, content, self.history, self.room_ttl, "1", channel, self.rooms_per_slot]
         if idempotency_key is not None:
             keys.append(self.IDEMPOTENCY_KEY % (room_name, idempotency_key))
             args.append(self.idempotency_seconds)
@@ -1628,6 +1658,11 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
                 continue
             if isinstance(posted, Exception):
                 raise BusUnavailable(type(posted).__name__)
+            if posted[0] == -1:
+                raise RoomsFull("the room's slot of the shared bus holds its maximum of %d rooms, each posted "
+                                "to within %d s: post to a room that exists, or to a new one once the least "
+                                "recently posted there expires (Retry-After)" % (self.rooms_per_slot, self.room_ttl),
+                                retry_after=posted[1])
             if wait_ms and not (isinstance(replies[1], int) and replies[1] >= 1):
                 raise BusUnavailable("no replica confirmed the post within %d ms" % wait_ms, maybe_written=True)
             break
@@ -2037,7 +2072,7 @@ class ShardReader:
 def make_bus(settings, rooms):
     if settings.redis_cluster:
         return RedisClusterBus(rooms, settings.redis_cluster, settings.history, settings.room_ttl,
-                               settings.redis_wait, settings.idempotency_seconds)
+                               settings.redis_wait, settings.idempotency_seconds, settings.max_bus_rooms)
     if settings.redis:
         return RedisBus(rooms, settings.redis, settings.history, settings.room_ttl, settings.idempotency_seconds,
                         settings.max_bus_rooms)

@@ -659,3 +659,25 @@ def test_a_room_whose_slot_moves_goes_on_with_dense_ids(cluster, buses):
     wait_until(lambda: room.last_id == len(acknowledged), 20.0, "every post, on the new master too")
     got = [(m["id"], m["content"]) for m in chattle.json.loads(room.answer(0, 1000))["messages"]]
     assert got == sorted(acknowledged.items())
+
+
+def test_a_slot_holds_at_most_its_share_of_max_bus_rooms(cluster):
+    """A script reads one slot's keys only, so on a cluster the bound on rooms is kept per slot:
+    3 rooms is 1 a slot. A second room in a slot is refused, and nothing of it written; a room
+    of another slot, and the first room again, are not."""
+    from redis.crc import key_slot
+
+    bus = chattle.RedisClusterBus(chattle.Rooms(10), cluster.seed, 10, max_rooms=3)
+    try:
+        first = "bound-first"
+        names = ["bound-%d" % number for number in range(1000000)]
+        second = next(name for name in names if key_slot(name.encode()) == key_slot(first.encode()))
+        other = next(name for name in names if key_slot(name.encode()) != key_slot(first.encode()))
+        assert bus.publish(first, "ann", "hello")["id"] == 1
+        with pytest.raises(chattle.RoomsFull, match="maximum of 1 rooms"):
+            bus.publish(second, "ann", "hello")
+        assert bus.cluster.exists(bus.room_keys(second)[0]) == 0
+        assert bus.publish(other, "ann", "hello")["id"] == 1
+        assert bus.publish(first, "ann", "again")["id"] == 2
+    finally:
+        bus.close()
