@@ -555,20 +555,19 @@ class Rooms:
         are idle (nobody waits on them; not a new empty one, which may be loading), down to
         SHED_TO of the bound, so a scan is rare. With none idle, refuse: RoomsFull. A scan
         that found none is not made again for FULL_BACKOFF, so refused requests stay cheap."""
-        if time.monotonic() < self.full_until:
-            raise RoomsFull("this worker holds its maximum of %d rooms, and polls wait on every one: "
-                            "retry later, or use a room that exists" % self.max_rooms)
-        target = int(self.max_rooms * self.SHED_TO)
-        for room in list(self.by_name.values()):
-            if len(self.by_name) <= target:
-                break
-            if room.waiting or not (room.messages or room.last_id):
-                continue
-            self._drop_room(room)
-        if len(self.by_name) >= self.max_rooms:
+        if time.monotonic() >= self.full_until:
+            target = int(self.max_rooms * self.SHED_TO)
+            for room in list(self.by_name.values()):
+                if len(self.by_name) <= target:
+                    break
+                if room.waiting or not (room.messages or room.last_id):
+                    continue
+                self._drop_room(room)
+            if len(self.by_name) < self.max_rooms:
+                return
             self.full_until = time.monotonic() + self.FULL_BACKOFF
-            raise RoomsFull("this worker holds its maximum of %d rooms, and polls wait on every one: "
-                            "retry later, or use a room that exists" % self.max_rooms)
+        raise RoomsFull("this worker holds its maximum of %d rooms, and polls wait on every one: "
+                        "retry later, or use a room that exists" % self.max_rooms)
 
     # -- the answer cache's bounds ----------------------------------------------------
     def keep_answer(self, room, key, body):
