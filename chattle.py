@@ -25,6 +25,7 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+from binascii import crc_hqx  # noqa: E402  (Redis Cluster's key hash, CRC16/XMODEM)
 from collections import OrderedDict, deque  # noqa: E402
 
 import gevent  # noqa: E402
@@ -1416,6 +1417,7 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
         # One script reads the keys of one slot only: the bound is kept per slot, a share of it each.
         self.max_rooms = max_rooms
         self.rooms_per_slot = -(-max_rooms // self.SLOTS)
+        self.slot_tags()
         rooms.on_forget = self.forget
         # No retries: a post whose reply was lost must not be written twice (MOVED and ASK
         # are still followed: a redirected command was not run).
@@ -1517,12 +1519,14 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
     def rooms_key(cls, room_name):
         """The set of the rooms of the room's slot (ROOMS_BOUND_SCRIPT): in that slot, so the
         room's post script may use it, and moved with the slot when it moves."""
-        from binascii import crc_hqx  # Redis Cluster's key hash (CRC16/XMODEM)
+        return "chattle:rooms:{%s}" % cls.slot_tags()[crc_hqx(room_name.encode(), 0) % cls.SLOTS]
 
+    @classmethod
+    def slot_tags(cls):
         if cls._slot_tags is None:
             tags, number = [None] * cls.SLOTS, 0
             missing = cls.SLOTS
-            while missing:  # about 170,000 hashes, once
+            while missing:  # about 170,000 hashes (0.2 s), once, when the bus is made
                 tag = b"%x" % number
                 slot = crc_hqx(tag, 0) % cls.SLOTS
                 if tags[slot] is None:
@@ -1530,7 +1534,7 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
                     missing -= 1
                 number += 1
             cls._slot_tags = tags
-        return "chattle:rooms:{%s}" % cls._slot_tags[crc_hqx(room_name.encode(), 0) % cls.SLOTS]
+        return cls._slot_tags
 
     # -- the topology ----------------------------------------------------------------------
     def _masters(self):
