@@ -11,6 +11,7 @@ import socket
 import tracemalloc
 
 import gevent
+import pytest
 
 import chattle
 import chattle_http
@@ -55,14 +56,16 @@ def test_an_answer_always_carries_one_message(start_chattle):
 
 # -- the answers held for clients that do not read them ---------------------------------------
 
-def test_held_answers_stay_within_max_unsent_bytes_the_longest_held_dropped(start_chattle):
+@pytest.mark.parametrize("kind", ["python", "gunicorn"])
+def test_held_answers_stay_within_max_unsent_bytes_the_longest_held_dropped(start_chattle, kind):
     """Six clients with tiny receive windows ask for distinct 8 MB answers (more than the
     kernel's buffers take on loopback, about 3 MB) and read nothing: the worker holds two
     (16 MB against a bound of 20 MB), dropping the connection that held its answer longest
     for each new one. The two held are then read whole, and nothing is held any more."""
     room, messages, limit = "big", 1000, 990
-    server = start_chattle(env={"CHATTLE_HISTORY": str(messages), "CHATTLE_MAX_ANSWER_BYTES": str(16 << 20),
-                                "CHATTLE_MAX_UNSENT_BYTES": str(20 << 20), "CHATTLE_SEND_TIMEOUT": "60"})
+    server = start_chattle(gunicorn=kind == "gunicorn", env={
+        "CHATTLE_HISTORY": str(messages), "CHATTLE_MAX_ANSWER_BYTES": str(16 << 20),
+        "CHATTLE_MAX_UNSENT_BYTES": str(20 << 20), "CHATTLE_SEND_TIMEOUT": "60"})
     fill_room(server.port, room, messages, WIDE)
     sizes = []  # of the answer to each cursor below (the ts differ in length)
     reader = Raw(server.port)

@@ -122,7 +122,8 @@ def test_a_key_holds_across_two_servers_on_one_redis(redis_server, start_chattle
     data = redis.Redis.from_url(redis_server.url, decode_responses=True)
     assert post_to(first, "shared", "unkeyed")[0] == 201
     assert sorted(data.keys("chattle:*")) == ["chattle:posts", "chattle:room:shared:epoch", "chattle:room:shared:last",
-                                              "chattle:room:shared:stream", "chattle:rooms"]  # no key: nothing more kept
+                                              "chattle:room:shared:stream",
+                                              "chattle:rooms"]  # no key: nothing more kept
     status, accepted, _ = post_to(first, "shared", "keyed", key="abc{1}:*")
     assert status == 201 and accepted["id"] == 2
     assert post_to(second, "shared", "keyed", key="abc{1}:*")[:2] == (201, accepted)
