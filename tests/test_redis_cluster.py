@@ -138,9 +138,9 @@ def test_a_message_that_never_came_is_fetched_when_the_next_one_leaves_a_gap(bus
     last_key, stream_key = poster.room_keys("gap")
     # the post script with its publishing left out: written, never published (as a post
     # with --redis-wait that no replica confirmed)
-    poster.cluster.eval(poster.PUBLISH_SCRIPT, 3, last_key, stream_key, poster.epoch_key("gap"), "gap", "ann",
-                        "never published",
-                        poster.history, poster.room_ttl, "0", poster.CHANNEL % "gap")
+    poster.cluster.eval(poster.PUBLISH_SCRIPT, 4, last_key, stream_key, poster.epoch_key("gap"),
+                        poster.rooms_key("gap"), "gap", "ann", "never published",
+                        poster.history, poster.room_ttl, "0", poster.CHANNEL % "gap", poster.rooms_per_slot)
     assert poster.publish("gap", "ann", "published")["id"] == 2
     wait_until(lambda: room.last_id == 2, 10.0, "the room fetched up to the post after the gap")
     got = [m["content"] for m in chattle.json.loads(room.answer(0, 10))["messages"]]
@@ -242,9 +242,10 @@ def test_a_post_no_replica_confirmed_is_announced_when_its_retry_is(buses):
     poster, worker = buses(wait_ms=5000), buses(wait_ms=5000)
     room = worker.room("idem-waited", 0)
     last_key, stream_key = poster.room_keys("idem-waited")
-    poster.cluster.eval(poster.PUBLISH_SCRIPT, 4, last_key, stream_key, poster.epoch_key("idem-waited"),
-                        "chattle:{idem-waited}:idem:w", "idem-waited", "ann", "first sending", poster.history,
-                        poster.room_ttl, "0", poster.CHANNEL % "idem-waited", 60)
+    poster.cluster.eval(poster.PUBLISH_SCRIPT, 5, last_key, stream_key, poster.epoch_key("idem-waited"),
+                        poster.rooms_key("idem-waited"), "chattle:{idem-waited}:idem:w", "idem-waited", "ann",
+                        "first sending", poster.history, poster.room_ttl, "0", poster.CHANNEL % "idem-waited",
+                        poster.rooms_per_slot, 60)
     assert poster.publish("idem-waited", "ann", "sent again", "w")["id"] == 1
     wait_until(lambda: room.last_id == 1, 10.0, "the post, announced once a replica confirmed it")
     assert [m["content"] for m in chattle.json.loads(room.answer(0, 10))["messages"]] == ["first sending"]
