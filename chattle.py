@@ -2308,6 +2308,8 @@ def poll_messages(room="lobby"):
     peer = environ.get(chattle_http.PEER) or environ.get("gunicorn.socket")
     held = since is not None and chat.holds(since, timeout, epoch)
     if held and not chat.registry.hold_poll(address):
+        if chat.registry.release(chat):  # a room only this refused poll named would stay for good
+            bus.forget(room)
         raise json_error(429, "too many polls held for the client address %s: at most %d "
                          "(--max-polls-per-address, CHATTLE_MAX_POLLS_PER_ADDRESS); poll again once one ends"
                          % (address, chat.registry.max_polls_per_address),

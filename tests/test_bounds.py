@@ -192,6 +192,22 @@ def test_a_new_room_is_refused_503_only_while_every_room_is_in_use(start_chattle
     assert b"Traceback" not in log
 
 
+def test_a_poll_refused_429_leaves_no_room_behind(start_chattle):
+    """A room only a refused poll named is nobody's: kept, it could never be forgotten (it
+    has no message), and would take a place under --max-rooms for good."""
+    server = start_chattle(env={"CHATTLE_MAX_POLLS_PER_ADDRESS": "1"})
+    held = Raw(server.port)
+    try:
+        held.sock.sendall(request("GET", "/rooms/held/msgs?since=0&timeout=60"))
+        wait_until(lambda: stats(server)["waiters"] == 1, 30, "one poll held")
+        for number in range(5):
+            status, _body = get_json(server.url + "/rooms/made-up%d/msgs?since=0&timeout=60" % number)
+            assert status == 429
+        assert stats(server)["rooms"] == 1
+    finally:
+        held.close()
+
+
 # -- the rooms of a Redis -------------------------------------------------------------------------
 
 def test_redis_holds_at_most_max_bus_rooms_until_the_least_recent_expires(start_chattle, redis_server):
