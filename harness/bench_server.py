@@ -55,8 +55,8 @@ class ExtraWorkPerAnswer:
         answer = self.answer = room_class.answer
         squares = self.squares
 
-        def answer_with_extra_work(room, since, limit, shared=False):
-            body = answer(room, since, limit, shared)
+        def answer_with_extra_work(room, since, limit, shared=False, epoch=None):
+            body = answer(room, since, limit, shared, epoch)
             sum(i * i for i in range(squares))
             return body
 
