@@ -195,7 +195,7 @@ def listener_figures(tally, cursors):
     """Completeness of every listener that listened to the end; those that gave up apart."""
     entries = tally.ledgers() if tally is not None else []
     last_posted = {}
-    for room, message_id, _ts in (tally.posts if tally is not None else []):
+    for room, message_id, _ts, *_epoch in (tally.posts if tally is not None else []):
         last_posted[room] = max(last_posted.get(room, 0), message_id)
     final_ids = dict(last_posted, **cursors)  # the server's word wins; posts are the fallback
     listened = [(entry, ledger) for entry, ledger in entries if not entry["gave_up"] and ledger is not None]
@@ -516,7 +516,7 @@ def draw_charts(report_dir, summary, tally, samples):
     _shade_stages(axis, stages)
     end = stages[-1]["end"] if stages else 1
     bins = np.arange(0, int(end) + 2)
-    posts_t = np.array([ts for _room, _id, ts in (tally.posts if tally else [])]) - origin
+    posts_t = np.array([post[2] for post in (tally.posts if tally else [])]) - origin
     axis.bar(second_t - 0.5, [pair[0].count for _second, pair in seconds], width=1.0, align="edge",
              color="#9bb8e8", label="deliveries/s (held polls' messages, by arrival)")
     axis.set_ylabel("deliveries per second")
