@@ -254,6 +254,7 @@ class Listener(User):
         self.receipts = options.receipts
         self.segments = []          # with --receipts: each stay in one history (instruments/judging.py)
         self.vanished = False       # CHAOS=vanished-clients: this one reset its connection and left
+        self.gave_up_at = None      # when it stopped listening before the run stopped it
         self.broken = gevent.event.Event()
         self.broken_reason = None
         TALLY.listener_started()
@@ -376,6 +377,7 @@ class Listener(User):
         self.trouble_since = self.trouble_since or now
         if now - self.trouble_since >= self.environment.parsed_options.lost_contact_seconds:
             self.gave_up = "lost contact: %s" % trouble
+            self.gave_up_at = now
             return
         gevent.sleep(self.retry * random.uniform(0.5, 1.0))
         self.retry = min(RETRY_SECONDS[1], self.retry * 2)
@@ -415,6 +417,7 @@ class Listener(User):
         held.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.vanished = True
         self.gave_up = "vanished (chaos)"
+        self.gave_up_at = time.time()
         held_polls(self.environment).release(held)
         self._broke("vanished")
         return True
@@ -459,7 +462,8 @@ class Listener(User):
         TALLY.listener_ended({"listener": self.name, "room": self.room,
                               "ledger": self.ledger.to_dict() if self.ledger else None, "polls": self.polls,
                               "caught_up": caught_up, "listened_until": listened_until, "gave_up": self.gave_up,
-                              "signals": self.signals, "epoch": self.epoch, "stopped_at": stopped_at,
+                              "signals": self.signals, "epoch": self.epoch,
+                              "stopped_at": self.gave_up_at or stopped_at,
                               "segments": self.segments if self.receipts else None, "vanished": self.vanished})
         if TALLY.live_listeners == 0:
             gevent.spawn(report_now, self.environment)
