@@ -37,6 +37,7 @@ EVICT_ROOMS = 40           # ... and rooms flooded to push the load's rooms out
 EVICT_POSTS = 5            # ... posts of EVICT_CONTENT characters to each
 EVICT_CONTENT = 1800
 ROOM_TTL = 3               # room-expire: the server's CHATTLE_ROOM_TTL (seconds)
+WORKER_BACK_WHILE_DOWN = 5.0  # worker-kill-redis-down: seconds Redis stays down at most for the new worker
 TRIM_WAIT = 2.0            # reader-trimmed: seconds of posts while one worker is stopped, before the trim
 CHAOS_DEFAULTS = {"users": 2000, "duration": 60.0, "poll_timeout": 5.0, "rooms": 4, "lost_contact_seconds": 60.0}
 
@@ -128,7 +129,8 @@ class WorkerKillRedisDown(Fault):
             pid = ctx.server.worker_pids()[0]
             record.update(killed_pid=pid)
             os.kill(pid, signal.SIGKILL)
-            ctx.wait_for_workers(record, gone=pid)
+            # the master forks another at once; whether it boots without Redis is the server's
+            ctx.wait_for_workers(record, gone=pid, timeout=WORKER_BACK_WHILE_DOWN)
         ctx.restart_redis(signal.SIGTERM, appendonly=True, record=record, while_down=kill_one)
 
 
@@ -195,7 +197,13 @@ class VanishedClients(Fault):
             "/stats waiters must drop by as many within %g s, and the rest lose nothing" % VANISH_RELEASE_BOUND)
 
     def inject(self, ctx, record):
-        before = ctx.waiters()
+        before = None
+        for _ in range(10):    # every worker's count, or the target is off
+            before = ctx.waiters(since=0)
+            if before is not None:
+                break
+        if before is None:
+            raise RuntimeError("/stats did not reach every worker")
         record["waiters_before"] = before
         pids = ctx.load_worker_pids()
         record["load_processes"] = len(pids)
@@ -345,13 +353,13 @@ class FaultContext:
         finally:
             client.close()
 
-    def wait_for_workers(self, record, gone):
+    def wait_for_workers(self, record, gone, timeout=30.0):
         """Until gunicorn has as many workers as it started with again, `gone` not among them (bounded)."""
         def back():
             pids = self.server.worker_pids()
             return len(pids) >= self.server.workers and gone not in pids
         try:
-            wait_until(back, 30, "gunicorn's workers back")
+            wait_until(back, timeout, "gunicorn's workers back")
             record["workers_back_at"] = time.time()
         except RuntimeError as exc:
             record["workers_back_at"] = None

@@ -602,7 +602,7 @@ def held_polls(environment):
                                     functools.partial(log_untimed, environment.stats, "GET", name),
                                     ANSWERS.run_of if fast else None, record_runs if fast else None,
                                     functools.partial(driver_died, environment)))
-        TALLY.held_path = "compiled" if HELD_POLLS[0].compiled else "python"
+        TALLY.held_path = "compiled" if HELD_POLLS[0].compiled else "receipts" if options.receipts else "python"
     return HELD_POLLS[0]
 
 
