@@ -583,6 +583,11 @@ def run_matrix(names, argv, report_root, new_report_dir):
     print("load: CHAOS matrix of %d faults, report in %s" % (len(names), report_dir), flush=True)
     base = strip_chaos(argv)
     rows, started = [], time.time()
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt   # SIGTERM takes Ctrl-C's way: the running fault's run ends cleanly
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     interrupted = False
     for name in names:
         fault = FAULTS[name]
@@ -591,14 +596,17 @@ def run_matrix(names, argv, report_root, new_report_dir):
             run_argv += ["--redis-cluster", "local"]
         print("load: CHAOS=%s: %s" % (name, " ".join(run_argv[1:])), flush=True)
         began = time.time()
-        child = subprocess.Popen(run_argv, cwd=ROOT)
+        # its own session: a Ctrl-C reaches this process only, which passes it on once
+        child = subprocess.Popen(run_argv, cwd=ROOT, start_new_session=True)
         try:
             code = child.wait()
         except KeyboardInterrupt:
             interrupted = True
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)   # once is enough: now wait for its clean-up
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             child.send_signal(signal.SIGINT)   # it stops what it started and writes its report
             try:
-                code = child.wait(120)
+                code = child.wait(180)
             except subprocess.TimeoutExpired:
                 child.kill()
                 code = child.wait()

@@ -239,3 +239,17 @@ def test_chaos_runs_are_short_by_default_and_plain_runs_keep_theirs():
     chaos, plain = run.parse_args(["--chaos", "worker-kill"]), run.parse_args([])
     assert (chaos.users, chaos.duration, chaos.poll_timeout) == (2000, 60.0, 5.0)
     assert (plain.users, plain.duration, plain.poll_timeout) == (10000, 150.0, 20.0)
+
+
+def test_the_matrix_refuses_at_once_what_cannot_run_and_starts_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    done = subprocess.run([sys.executable, "-m", "loadtests.run", "--chaos", "all", "--workers", "1",
+                           "--report-root", str(tmp_path / "reports")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "redis-restart needs WORKERS=2" in done.stderr and "worker-kill needs WORKERS=2" in done.stderr
+    assert "vanished-clients" not in done.stderr     # it runs on python chattle.py
+    assert not (tmp_path / "reports").exists()
