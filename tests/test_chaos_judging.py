@@ -253,3 +253,33 @@ def test_the_matrix_refuses_at_once_what_cannot_run_and_starts_nothing(tmp_path)
     assert "redis-restart needs WORKERS=2" in done.stderr and "worker-kill needs WORKERS=2" in done.stderr
     assert "vanished-clients" not in done.stderr     # it runs on python chattle.py
     assert not (tmp_path / "reports").exists()
+
+
+# -- the listener's side: the history's token ---------------------------------------------------------
+
+def test_a_listener_sends_the_epoch_once_an_answer_named_one_and_none_before():
+    """The held poll's request is request_head + cursor + request_tail, read at each send:
+    once the first answer (or a reset) names the history, every next poll carries it."""
+    import socket
+    import types
+
+    from loadtests.locustfile import Listener, ParsedAnswers
+    from loadtests.longpoll import HeldPoll
+
+    ours, theirs = socket.socketpair()
+    try:
+        held = HeldPoll(ours, b"GET /rooms/r/msgs?since=", b"&timeout=5 HTTP/1.1\r\nHost: h\r\n\r\n",
+                        None, None)
+        listener = types.SimpleNamespace(epoch=None, poll_timeout=5.0, held=held,
+                                         client=types.SimpleNamespace(host_header="h"))
+        listener._after_cursor = lambda: Listener._after_cursor(listener)
+        assert listener._after_cursor() == "&timeout=5"
+        Listener._took_epoch(listener, ParsedAnswers().epoch(b'{"messages": [], "cursor": 3}'))
+        assert held.send(3) and theirs.recv(4096) == b"GET /rooms/r/msgs?since=3&timeout=5 HTTP/1.1\r\nHost: h\r\n\r\n"
+        Listener._took_epoch(listener, ParsedAnswers().epoch(b'{"messages": [], "cursor": 0, "reset": true, '
+                                                             b'"epoch": "a/b 1"}'))
+        assert held.send(0)
+        assert theirs.recv(4096) == b"GET /rooms/r/msgs?since=0&epoch=a%2Fb%201&timeout=5 HTTP/1.1\r\nHost: h\r\n\r\n"
+    finally:
+        ours.close()
+        theirs.close()
