@@ -87,6 +87,7 @@ class RedisPause(Fault):
         pause = client_timeout(ctx.poll_timeout) + 2.0
         record.update(paused_pid=ctx.redis.pid, pause_s=pause)
         ctx.redis.signal(signal.SIGSTOP)
+        record["struck_at"] = time.time()
         try:
             ctx.halt.wait(pause)
         finally:
@@ -105,6 +106,7 @@ class WorkerKill(Fault):
         pid = ctx.server.worker_pids()[0]
         record.update(killed_pid=pid)
         os.kill(pid, signal.SIGKILL)
+        record["struck_at"] = time.time()
         ctx.wait_for_workers(record, gone=pid)
 
 
@@ -117,6 +119,7 @@ class WorkerRecycle(Fault):
         pid = ctx.server.worker_pids()[0]
         record.update(terminated_pid=pid)
         os.kill(pid, signal.SIGTERM)
+        record["struck_at"] = time.time()
         ctx.wait_for_workers(record, gone=pid)
 
 
@@ -161,6 +164,7 @@ class RoomExpire(Fault):
             "hold polls on them (the probe is quiet for the TTL and a second, then posts)" % ROOM_TTL)
 
     def inject(self, ctx, record):
+        record["struck_at"] = time.time() + ROOM_TTL    # the probe's room expires then, unless a burst came
         ctx.halt.wait(ROOM_TTL + 1.0)
 
 
@@ -173,6 +177,7 @@ class ReaderTrimmed(Fault):
         pid = ctx.server.worker_pids()[0]
         record.update(stopped_pid=pid)
         os.kill(pid, signal.SIGSTOP)
+        record["struck_at"] = time.time()
         try:
             ctx.halt.wait(TRIM_WAIT)
             record["trimmed"] = ctx.redis_command("XTRIM", "chattle:posts", "MAXLEN", "0")
@@ -209,6 +214,7 @@ class VanishedClients(Fault):
         record["load_processes"] = len(pids)
         for pid in pids:
             os.kill(pid, signal.SIGUSR2)
+        record["struck_at"] = time.time()
         vanished_file = os.path.join(ctx.raw_dir, "vanished")
 
         def lines():
@@ -339,7 +345,7 @@ class FaultContext:
         old.signal(stop_signal)
         old.popen.wait(30)
         old.stop()  # reaped: closes its log
-        record["redis_down_at"] = time.time()
+        record["redis_down_at"] = record["struck_at"] = time.time()
         if while_down is not None:
             while_down()
         self.redis = RedisServer(workdir=old.workdir, port=old.port, appendonly=appendonly, own_session=True)
@@ -479,7 +485,10 @@ def chaos_row(fault_name, record, tally, extra_posts=(), extra_refusals=()):
     refused = sum(1 for _when, _room, status, unknown in refusals if status is not None and not unknown)
     unknown = sum(1 for _when, _room, status, unknown in refusals if unknown)
     no_answer = sum(1 for _when, _room, status, _unknown in refusals if status is None)
-    served = first_served(posts, listeners, injected) if injected is not None else None
+    # the first post the listeners got after the fault took hold (a post accepted in the
+    # moment a fault takes to act is not service restored), timed from the injection
+    struck = record.get("struck_at") or injected
+    served = first_served(posts, listeners, struck) if injected is not None else None
     without = None if served is None or injected is None else max(0.0, served - injected)
     done = record.get("harness_done_at") or injected
     restored = served is not None and done is not None and served <= done + RESTORE_BOUND

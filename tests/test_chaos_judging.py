@@ -196,6 +196,13 @@ def test_a_row_passes_when_all_was_delivered_and_service_came_back():
     assert row["passed"] and row["lost_silently"] == 0 and row["time_without_service_s"] == pytest.approx(0.5)
 
 
+def test_a_post_accepted_before_the_fault_took_hold_is_not_service_restored():
+    accepted = posts("load-0", 1, 10, 100.0)
+    row = chaos_row("redis-restart-aof", {"injected_at": 103.9, "struck_at": 104.5, "harness_done_at": 105.0},
+                    tally_of([listener("load-0", segment(0, 99.0, receipts=got(accepted)))], accepted))
+    assert row["time_without_service_s"] == pytest.approx(105.0 - 103.9)   # not post 5's 0.1 s
+
+
 def test_a_row_fails_when_service_never_came_back():
     accepted = posts("load-0", 1, 10, 100.0)
     row = chaos_row("redis-pause", {"injected_at": 104.5, "harness_done_at": 105.0},
