@@ -202,11 +202,9 @@ class VanishedClients(Fault):
             "/stats waiters must drop by as many within %g s, and the rest lose nothing" % VANISH_RELEASE_BOUND)
 
     def inject(self, ctx, record):
-        before = None
-        for _ in range(10):    # every worker's count, or the target is off
-            before = ctx.waiters(since=0)
-            if before is not None:
-                break
+        # Held polls dip for a moment in every fan-out (answered, not yet polled again): the
+        # highest of a few readings is the count held, before and after.
+        before = ctx.settled_waiters()
         if before is None:
             raise RuntimeError("/stats did not reach every worker")
         record["waiters_before"] = before
@@ -231,7 +229,7 @@ class VanishedClients(Fault):
         released_at, seen = None, None
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline and not ctx.halt.is_set():
-            seen = ctx.waiters(since=vanished_at)
+            seen = ctx.settled_waiters(readings=3)
             # a small allowance: listeners between an answer and their next poll
             if seen is not None and seen <= target + max(2, 0.02 * before):
                 released_at = time.time()
@@ -389,6 +387,18 @@ class FaultContext:
         if since is not None and len(seen) < len(self.server.worker_pids()):
             return None
         return sum(seen.values())
+
+    def settled_waiters(self, readings=5, gap=0.05):
+        """The highest of `readings` waiters() sums `gap` apart that reached every worker (None: none did)."""
+        seen = []
+        for _ in range(readings * 3):
+            value = self.waiters(since=0)
+            if value is not None:
+                seen.append(value)
+                if len(seen) == readings:
+                    break
+            time.sleep(gap)
+        return max(seen) if seen else None
 
     def load_worker_pids(self):
         import psutil
