@@ -254,7 +254,7 @@ def failover_service(probe_posts, load_posts, load_errors, rooms, killed_at):
     `rooms`, from the probe's posts and the load's own: its accepted posts (ts) and its
     refused ones (poster errors naming the room), from the kill on."""
     events = [(when, status == 201) for when, status, _id, _ts in probe_posts]
-    events += [(ts, True) for room, _id, ts in load_posts if room in rooms]
+    events += [(ts, True) for room, _id, ts, *_epoch in load_posts if room in rooms]
     events += [(when, False) for when, who, what in load_errors
                if who == "poster" and any(("post to %s " % room) in what for room in rooms)]
     return failover.without_service([(when, served) for when, served in events if when >= killed_at])
@@ -269,7 +269,7 @@ def cluster_summary(cluster, tally, final_ids, histories):
     """{"shards": [...], "failover": {...} or None} of a run on a cluster: `cluster` is what
     run.py's cluster_figures wrote, `tally` the run's RunTally, `histories` {room: {id: ts}}."""
     entries = tally.ledgers() if tally is not None else []
-    posts = [tuple(post) for post in (tally.posts if tally is not None else [])]
+    posts = [tuple(post[:3]) for post in (tally.posts if tally is not None else [])]
     failed = cluster.get("failover")
     probe_accepted = [(failed["room"], message_id, ts) for _when, status, message_id, ts in
                       (failed or {}).get("probe_posts", []) if status == 201]

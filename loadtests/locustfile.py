@@ -19,7 +19,9 @@ import os
 import random
 import signal
 import socket
+import struct
 import time
+import urllib.parse
 
 import gevent
 import gevent.event
@@ -64,6 +66,8 @@ def remember_start(environment, **_kwargs):
     if isinstance(environment.runner, WorkerRunner):
         collect_garbage_seldom()
         measure_clocks(environment.parsed_options)
+        if environment.parsed_options.receipts:
+            gevent.signal_handler(signal.SIGUSR2, functools.partial(vanish_some, environment))
 
 
 def servers_of(options):
@@ -114,6 +118,9 @@ def add_options(parser):
                             "at each, ending at the first step that breaks --slo-ms or loses a delivery")
     group.add_argument("--step", type=int, default=2000, help="listeners added per step (--shape steps)")
     group.add_argument("--slo-ms", type=float, default=500, help="p99 wake-up objective of a step (--shape steps)")
+    group.add_argument("--receipts", action="store_true",
+                       help="every listener keeps each message it got (id, ts) per history it was in, for "
+                            "make load CHAOS= (instruments/judging.py); the held polls take the Python path")
     group.add_argument("--servers", default="",
                        help="comma-separated server URLs sharing one bus: listeners spread evenly over them, "
                             "posts take turns (default: --host)")
@@ -243,9 +250,15 @@ class Listener(User):
         self.retry = RETRY_SECONDS[0]
         self.held = None
         self.signals = []
+        self.epoch = None           # the room's history the server named (None: it names none)
+        self.receipts = options.receipts
+        self.segments = []          # with --receipts: each stay in one history (instruments/judging.py)
+        self.vanished = False       # CHAOS=vanished-clients: this one reset its connection and left
+        self.gave_up_at = None      # when it stopped listening before the run stopped it
         self.broken = gevent.event.Event()
         self.broken_reason = None
         TALLY.listener_started()
+        LIVE_LISTENERS.add(self)
 
     @property
     def cursor(self):
@@ -258,7 +271,7 @@ class Listener(User):
             self.broken.clear()
             try:
                 self.held = held_polls(self.environment).hold(
-                    self.client, "/rooms/%s/msgs?since=" % self.room, self.cursor, "&timeout=%g" % self.poll_timeout,
+                    self.client, "/rooms/%s/msgs?since=" % self.room, self.cursor, self._after_cursor(),
                     self._answered, self._broke, "/rooms/%s/msgs" % self.room, "poll (first, no since)",
                     self.ledger, (self.clock_offset, self.clock_bound))
             except OSError as exc:
@@ -267,8 +280,30 @@ class Listener(User):
             self.broken.wait()
             self.polls += self.held.fast_answers
             self.held = None
+            if self.vanished:
+                break
             self._trouble(self.broken_reason)
         gevent.sleep(3600)  # gave up: stay counted as a user, do nothing, until the run stops it
+
+    def _after_cursor(self):
+        """What follows the cursor in a poll: the history's token once the server named one."""
+        epoch = "&epoch=%s" % urllib.parse.quote(self.epoch, safe="") if self.epoch is not None else ""
+        return "%s&timeout=%g" % (epoch, self.poll_timeout)
+
+    def _took_epoch(self, epoch):
+        """An answer named the room's history: send it with every poll from now on (the
+        compiled path reads request_tail per send, so the held poll changes at once)."""
+        if epoch is None or epoch == self.epoch:
+            return
+        self.epoch = epoch
+        if self.held is not None:
+            self.held.request_tail = ("%s HTTP/1.1\r\nHost: %s\r\n\r\n" % (
+                self._after_cursor(), self.client.host_header)).encode("latin-1")
+
+    def _segment(self, start, epoch):
+        if self.receipts:
+            self.segments.append({"epoch": epoch, "start": start, "from": time.time(), "until": None,
+                                  "got": [], "missed": []})
 
     def _answered(self, reply):
         """HeldPolls calls this with each answer; the next poll's cursor, or None to stop.
@@ -286,6 +321,9 @@ class Listener(User):
             self.ledger = ledger
             if self.held is not None:
                 self.held.ledger = ledger   # from now on the compiled path may move it on
+            epoch = ANSWERS.epoch(reply.body)
+            self._segment(ledger.start, epoch)
+            self._took_epoch(epoch)
             self._in_contact()
             return ledger.next_expected - 1
         # once per answer, 10 000 times per post: kept flat
@@ -302,14 +340,27 @@ class Listener(User):
         if reset:
             # The room's history is not what this listener saw (a failover lost its newest
             # posts): it starts over from the server's cursor, as a client drops its view.
-            ledger.rebase(json.loads(reply.body)["cursor"])
+            self._reset_to(reply.body)
             return ledger.next_expected - 1
         arrived_at, read_at, stamped = reply.arrived_at, reply.read_at, reply.stamped
         offset, bound = self.clock_offset, self.clock_bound
+        got = self.segments[-1]["got"] if self.segments else None
         for message_id, ts in messages:
             ledger.record(message_id)
             TALLY.delivery(arrived_at, read_at, ts, stamped, offset, bound)
+            if got is not None:
+                got.append([message_id, ts])
         return ledger.next_expected - 1
+
+    def _reset_to(self, body):
+        """A `reset` answer: the ledger starts over from its cursor, in the history it names."""
+        cursor = json.loads(body)["cursor"]
+        if self.segments:
+            self.segments[-1]["until"] = time.time()
+        self.ledger.rebase(cursor)
+        epoch = ANSWERS.epoch(body)
+        self._segment(cursor, epoch)
+        self._took_epoch(epoch)
 
     def _in_contact(self):
         self.trouble_since, self.retry = None, RETRY_SECONDS[0]
@@ -326,6 +377,7 @@ class Listener(User):
         self.trouble_since = self.trouble_since or now
         if now - self.trouble_since >= self.environment.parsed_options.lost_contact_seconds:
             self.gave_up = "lost contact: %s" % trouble
+            self.gave_up_at = now
             return
         gevent.sleep(self.retry * random.uniform(0.5, 1.0))
         self.retry = min(RETRY_SECONDS[1], self.retry * 2)
@@ -338,38 +390,61 @@ class Listener(User):
         if reset or missed:
             self._note_missed(missed, reset)
         if reset:
-            self.ledger.rebase(json.loads(reply.body)["cursor"])
+            self._reset_to(reply.body)
             return 0
-        for message_id, _ts in messages:
+        got = self.segments[-1]["got"] if self.segments else None
+        for message_id, ts in messages:
             self.ledger.record(message_id)
+            if got is not None:
+                got.append([message_id, ts])
         return len(messages)
 
     def _note_missed(self, missed, reset):
+        if missed and self.segments:
+            self.segments[-1]["missed"].append([time.time(), self.cursor, missed])
         if len(self.signals) < SIGNALS_KEPT:
             self.signals.append(time.time())  # when it was told: posts accepted before are not silent losses
         if reset:
             TALLY.error("listener", "the server answered reset: it lost the room's history")
         self.ledger.missed_reported += missed
 
+    def vanish(self):
+        """CHAOS=vanished-clients: reset the held poll's connection without a FIN (SO_LINGER
+        0: the close sends RST) and leave for good, as a client whose host vanished."""
+        held = self.held
+        if held is None or self.gave_up is not None:
+            return False
+        held.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.vanished = True
+        self.gave_up = "vanished (chaos)"
+        self.gave_up_at = time.time()
+        held_polls(self.environment).release(held)
+        self._broke("vanished")
+        return True
+
     def on_stop(self):
         """Stop listening, then settle the account: the room's last id right after this
         listener stopped is where its duty ends (`listened_until`); messages up to it still
         on their way are fetched (timeout=0) and count as delivered, without a wake-up
         latency, since nobody was waiting for them any more."""
+        LIVE_LISTENERS.discard(self)
         if self.held is not None:
             self.polls += self.held.fast_answers
             held_polls(self.environment).release(self.held)
         self.client.close()
-        caught_up, listened_until = 0, None
+        caught_up, listened_until, stopped_at = 0, None, time.time()
         if self.ledger is not None and self.gave_up is None:
             try:
+                stopped_at = time.time()
                 listened_until = ROOM_ENDS.last_id(self.host, self.room)
                 catch_up = LongPollClient(self.host, None, timeout=CLIENT_TIMEOUT_MARGIN)
                 try:
                     for _ in range(CATCH_UP_POLLS):
                         if self.ledger.next_expected > listened_until:
                             break
-                        path = "/rooms/%s/msgs?since=%d&timeout=0&limit=1000" % (self.room, self.cursor)
+                        path = "/rooms/%s/msgs?since=%d%s&timeout=0&limit=1000" % (
+                            self.room, self.cursor, "&epoch=%s" % urllib.parse.quote(self.epoch, safe="")
+                            if self.epoch is not None else "")
                         reply = catch_up.get(path, name="poll (catch-up)")
                         if reply.status != 200:
                             raise OSError("answered %d" % reply.status)
@@ -387,7 +462,9 @@ class Listener(User):
         TALLY.listener_ended({"listener": self.name, "room": self.room,
                               "ledger": self.ledger.to_dict() if self.ledger else None, "polls": self.polls,
                               "caught_up": caught_up, "listened_until": listened_until, "gave_up": self.gave_up,
-                              "signals": self.signals})
+                              "signals": self.signals, "epoch": self.epoch,
+                              "stopped_at": self.gave_up_at or stopped_at,
+                              "segments": self.segments if self.receipts else None, "vanished": self.vanished})
         if TALLY.live_listeners == 0:
             gevent.spawn(report_now, self.environment)
 
@@ -415,6 +492,15 @@ class ParsedAnswers:
                     self._parsed.clear()
                 self._parsed[body] = parsed
         return parsed
+
+    def epoch(self, body):
+        """The history token of an answer (None: the server names none). Rare: first
+        answers, resets and posts."""
+        try:
+            epoch = json.loads(body).get("epoch")
+        except (ValueError, AttributeError):
+            return None
+        return str(epoch) if epoch is not None else None
 
     def run_of(self, body):
         """(first id, last id) when the body holds a run of consecutive ids and says nothing
@@ -478,6 +564,22 @@ class RoomEnds:
 
 ROOM_ENDS = RoomEnds()
 HELD_POLLS = []
+LIVE_LISTENERS = set()
+VANISH_EVERY = 5             # CHAOS=vanished-clients: one listener in this many vanishes
+
+
+def vanish_some(environment):
+    """SIGUSR2 (CHAOS=vanished-clients, sent by the orchestrator): one listener in
+    VANISH_EVERY resets its connection and leaves; how many, and when, goes to
+    <raw-dir>/vanished (a line per load process) for the orchestrator's check of /stats."""
+    def vanish():
+        listeners = sorted(LIVE_LISTENERS, key=lambda listener: listener.number)
+        count = sum(1 for listener in listeners[::VANISH_EVERY] if listener.vanish())
+        raw_dir = environment.parsed_options.raw_dir
+        if raw_dir:
+            with open(os.path.join(raw_dir, "vanished"), "a") as out:
+                out.write("%d %d %.6f\n" % (os.getpid(), count, time.time()))
+    gevent.spawn(vanish)
 
 
 def driver_died(environment, reason):
@@ -494,10 +596,13 @@ def held_polls(environment):
     if not HELD_POLLS:
         options = environment.parsed_options
         name = "poll (held)"
+        # --receipts: every answer through the Python path, which keeps each message's ts
+        fast = not options.receipts
         HELD_POLLS.append(HeldPolls(environment.events.request, client_timeout(options.poll_timeout), name,
                                     functools.partial(log_untimed, environment.stats, "GET", name),
-                                    ANSWERS.run_of, record_runs, functools.partial(driver_died, environment)))
-        TALLY.held_path = "compiled" if HELD_POLLS[0].compiled else "python"
+                                    ANSWERS.run_of if fast else None, record_runs if fast else None,
+                                    functools.partial(driver_died, environment)))
+        TALLY.held_path = "compiled" if HELD_POLLS[0].compiled else "receipts" if options.receipts else "python"
     return HELD_POLLS[0]
 
 
@@ -506,13 +611,18 @@ def refused_post(room, reply):
     503 of unknown outcome (the post may have been written, and its listeners given it) is
     told apart from a refusal; both name the room, as the failover's time without service counts them."""
     what = "post to %s answered %d" % (room, reply.status)
-    if reply.status == 503:
-        try:
-            if json.loads(reply.body).get("outcome") == "unknown":
-                what += ", outcome unknown"
-        except (ValueError, AttributeError):
-            pass
-    return what
+    return what + ", outcome unknown" if outcome_unknown(reply.status, reply.body) else what
+
+
+def outcome_unknown(status, body):
+    """A 503 whose body says {"outcome": "unknown"}: the server cannot tell whether the post
+    was written (counted apart from refusals)."""
+    if status != 503:
+        return False
+    try:
+        return json.loads(body).get("outcome") == "unknown"
+    except (ValueError, AttributeError):
+        return False
 
 
 class Poster(User):
@@ -552,12 +662,14 @@ class Poster(User):
                 reply = next(self.turns).post("/rooms/%s/msgs" % room, payload.encode(), name="post")
             except (OSError, FramingError) as exc:
                 TALLY.error("poster", "post to %s : %s" % (room, exc or type(exc).__name__))
+                TALLY.refused(room, None, False)
                 continue
             if reply.status != 201:
                 TALLY.error("poster", refused_post(room, reply))
+                TALLY.refused(room, reply.status, outcome_unknown(reply.status, reply.body))
                 continue
             accepted = json.loads(reply.body)
-            TALLY.post(room, accepted["id"], accepted["ts"])
+            TALLY.post(room, accepted["id"], accepted["ts"], accepted.get("epoch"))
         # Exponential gaps: bursts from several posters overlap sometimes, as in a real chat.
         gevent.sleep(self.gaps.expovariate(1.0 / self.options.burst_gap))
 

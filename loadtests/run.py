@@ -20,7 +20,8 @@ from harness.processes import LOOPBACK, ROOT, ChattleServer, Process, RedisServe
 from harness.system_packages import missing, missing_line
 from instruments.measures import process_cpu_seconds
 from instruments.page import REPORTS_ROOT, new_report_dir
-from loadtests.cluster_load import CHAOS_KINDS, LOCAL
+from loadtests.cluster_load import LOCAL
+from loadtests.faults import ALL, CHAOS_DEFAULTS, FAULTS, fault_problem, parse_chaos
 from loadtests.scenario import (
     LOCUST_CONF,
     SETTLE_SECONDS,
@@ -42,12 +43,15 @@ def parse_args(argv=None):
     conf = conf_defaults()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--users", type=int, default=int(conf["listeners"]),
-                        help="listeners holding a long-poll at the target (posters come on top)")
-    parser.add_argument("--duration", type=float, default=float(conf["run-seconds"]),
-                        help="seconds of the whole stage table: ramp, hold, bursts, drain, ramp-down")
-    parser.add_argument("--rooms", type=int, default=int(conf["rooms"]),
-                        help="1 = one big room (maximum fan-out); more = listeners spread over small rooms")
+    parser.add_argument("--users", type=int, default=None,
+                        help="listeners holding a long-poll at the target (posters come on top); default %s, "
+                             "%d with --chaos" % (conf["listeners"], CHAOS_DEFAULTS["users"]))
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds of the whole stage table: ramp, hold, bursts, drain, ramp-down; default %s, "
+                             "%g with --chaos (each fault's run)" % (conf["run-seconds"], CHAOS_DEFAULTS["duration"]))
+    parser.add_argument("--rooms", type=int, default=None,
+                        help="1 = one big room (maximum fan-out); more = listeners spread over small rooms; "
+                             "default %s, %d with --chaos" % (conf["rooms"], CHAOS_DEFAULTS["rooms"]))
     parser.add_argument("--posters", type=int, default=int(conf["posters"]), help="users posting in bursts")
     parser.add_argument("--burst-size", type=int, default=int(conf["burst-size"]),
                         help="messages per burst, sent back to back")
@@ -56,15 +60,18 @@ def parse_args(argv=None):
     parser.add_argument("--schedule-seed", type=int, default=int(conf["schedule-seed"]),
                         help="seeds the posters' quiet gaps: the same seed makes the same schedule, so two runs "
                              "compare; 0 draws a new one each run")
-    parser.add_argument("--poll-timeout", type=float, default=float(conf["poll-timeout"]),
-                        help="seconds each poll asks the server to hold it")
+    parser.add_argument("--poll-timeout", type=float, default=None,
+                        help="seconds each poll asks the server to hold it; default %s, %g with --chaos"
+                             % (conf["poll-timeout"], CHAOS_DEFAULTS["poll_timeout"]))
     parser.add_argument("--spawn-rate", type=float, default=float(conf["spawn-rate"]),
                         help="users started per second during the ramp")
     parser.add_argument("--stop-rate", type=float, default=float(conf["stop-rate"]),
                         help="listeners stopped per second at ramp-down (each catches up on what is on its way)")
-    parser.add_argument("--lost-contact-seconds", type=float, default=float(conf["lost-contact-seconds"]),
+    parser.add_argument("--lost-contact-seconds", type=float, default=None,
                         help="a listener failing this long without one good answer gives up and is counted "
-                             "as lost contact, apart from messages lost by the server")
+                             "as lost contact, apart from messages lost by the server; default %s, %g with "
+                             "--chaos (listeners ride out a fault)" % (conf["lost-contact-seconds"],
+                                                                       CHAOS_DEFAULTS["lost_contact_seconds"]))
     parser.add_argument("--workers", type=int, default=1,
                         help="server workers; more than 1 runs gunicorn on the shared Redis bus")
     parser.add_argument("--redis-cluster", default="",
@@ -74,9 +81,10 @@ def parse_args(argv=None):
     parser.add_argument("--redis-wait", type=int, default=None,
                         help="with --redis-cluster: the server's --redis-wait (ms a post waits for a replica); "
                              "default: the server's own (1000)")
-    parser.add_argument("--chaos", choices=("",) + CHAOS_KINDS, default="",
-                        help="failover (with --redis-cluster local): during the bursts the master of the busiest "
-                             "room is killed; every accepted post is judged lost, signalled or delivered")
+    parser.add_argument("--chaos", default="",
+                        help="a fault injected during the bursts, every accepted post judged lost silently, "
+                             "signalled or delivered (docs/faults.md): one of %s; several separated by commas, "
+                             "or all, run the matrix (each fault its own run, one table)" % ", ".join(ALL))
     parser.add_argument("--client-processes", type=int, default=0,
                         help="Locust worker processes beside the master (0: as few as the open-file limit "
                              "allows). One holds 10000 listeners at "
@@ -107,7 +115,14 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="with --base: runs of each side (see --base --help)")
     parser.add_argument("--server-root", default=ROOT, help="the checkout whose chattle.py serves")
     parser.add_argument("--server-python", default=sys.executable, help="the interpreter the server runs on")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    chaos = bool(args.chaos)
+    for name, key, kind in (("users", "listeners", int), ("duration", "run-seconds", float),
+                            ("rooms", "rooms", int), ("poll_timeout", "poll-timeout", float),
+                            ("lost_contact_seconds", "lost-contact-seconds", float)):
+        if getattr(args, name) is None:
+            setattr(args, name, CHAOS_DEFAULTS[name] if chaos else kind(conf[key]))
+    return args
 
 
 # -- preflight ------------------------------------------------------------------------------------
@@ -208,9 +223,18 @@ def preflight(args):
 def cluster_problems(args):
     """Why --redis-cluster, --redis-wait and --chaos cannot run as given; [] when they can."""
     problems = []
-    if args.chaos and args.redis_cluster != LOCAL:
+    try:
+        faults = parse_chaos(args.chaos)
+    except ValueError as exc:
+        problems.append("--chaos: %s" % exc)
+        faults = []
+    if len(faults) == 1 and FAULTS[faults[0]].needs == "cluster" and args.redis_cluster != LOCAL:
         problems.append("--chaos %s kills a master of the cluster by its pid: it needs --redis-cluster local "
                         "(REDIS_CLUSTER=local), a cluster this run starts" % args.chaos)
+    elif len(faults) == 1:
+        problem = fault_problem(FAULTS[faults[0]], args)
+        if problem:
+            problems.append("--chaos " + problem)
     if args.chaos and args.shape != "bursts":
         problems.append("--chaos %s strikes during the bursts stage: it needs --shape bursts" % args.chaos)
     if args.redis_wait is not None and not args.redis_cluster:
@@ -490,7 +514,7 @@ def locust_argv(args, urls, report_dir, raw_dir):
             "--burst-size", str(args.burst_size), "--burst-gap", str(args.burst_gap), "--raw-dir", raw_dir,
             "--schedule-seed", str(args.schedule_seed),
             "--shape", args.shape, "--step", str(args.step), "--slo-ms", str(args.slo_ms),
-            "--lost-contact-seconds", str(args.lost_contact_seconds),
+            "--lost-contact-seconds", str(args.lost_contact_seconds), *(["--receipts"] if args.chaos else []),
             "--csv", os.path.join(report_dir, "locust"), "--html", os.path.join(report_dir, "locust.html")]
 
 
@@ -519,6 +543,13 @@ def main(argv=None):
         from loadtests import compare  # its own flags (--allow-dirty, --head-env) too
         return compare.main(argv)
     args = parse_args(argv)
+    try:
+        faults = parse_chaos(args.chaos)
+    except ValueError:
+        faults = []   # preflight says why
+    if len(faults) > 1:
+        return chaos_matrix(args, argv, faults)
+    fault = FAULTS[faults[0]] if faults else None
     stages, problems, notes = preflight(args)
     if problems:
         print("load: preflight refused the run:", file=sys.stderr)
@@ -533,7 +564,7 @@ def main(argv=None):
     for note in notes:
         print("load: preflight ok: " + note)
 
-    redis = server = locust = sampler = cluster = chaos = None
+    redis = server = locust = sampler = cluster = chaos = chaos_context = None
     cluster_info, histories = None, {}
     interrupted = False
     started_at = time.time()
@@ -556,9 +587,11 @@ def main(argv=None):
                 print("load: redis cluster %s%s" % (cluster.addresses, " (pids %s)" % ", ".join(
                     str(pid) for pid in cluster.pids().values()) if cluster.local else ""))
             elif args.workers > 1:
-                redis = RedisServer(own_session=True)
+                redis = RedisServer(own_session=True, appendonly=fault.redis_appendonly if fault else True)
                 redis_url = redis.url
                 print("load: redis-server pid %d on %s" % (redis.pid, redis_url))
+            if fault is not None:
+                server_env.update(fault.server_env)
             server = ChattleServer(workers=args.workers, redis_url=redis_url, env=server_env, own_session=True,
                                    log_path=os.path.join(report_dir, "server.log"), root=args.server_root,
                                    python=args.server_python)
@@ -583,9 +616,16 @@ def main(argv=None):
                          log_path=os.path.join(report_dir, "locust.log"))
         locust_started = time.time()
         sampler.locust_pid = locust.pid
-        if args.chaos:
+        if fault is not None and fault.needs == "cluster":
             from loadtests.cluster_load import FailoverChaos
             chaos = FailoverChaos(cluster, urls[0], room_name(0), stages, lambda: shape_started(raw_dir))
+            chaos.start()
+        elif fault is not None:
+            from loadtests.faults import ChaosThread, FaultContext
+            chaos_context = FaultContext(redis, server, urls[0], raw_dir, [room_name(index) for index in
+                                                                           range(args.rooms)],
+                                         args.poll_timeout, locust.pid)
+            chaos = ChaosThread(fault, chaos_context, stages, lambda: shape_started(raw_dir))
             chaos.start()
         watch_locust(locust, sampler, stages, args, raw_dir)
     except KeyboardInterrupt:
@@ -618,6 +658,8 @@ def main(argv=None):
                 cluster_info, histories = cluster_figures(cluster, args, urls, cursors, chaos)
             except Exception as exc:  # noqa: BLE001  (the report says it, the cluster is still stopped)
                 run_error = run_error or "the cluster's figures: %s" % exc
+        if chaos_context is not None:
+            redis = chaos_context.redis   # a restarted one is the one to stop
         for started, grace in ((server, 10), (redis, 10)):
             if started is not None:
                 stop_quietly(started, grace)
@@ -643,7 +685,8 @@ def main(argv=None):
                            "gunicorn x%d, redis bus" % args.workers if args.workers > 1
                            else "python chattle.py, memory bus") if not args.host
                 else "external %s" % args.host,
-                "cluster": cluster_info, "chaos": args.chaos or None,
+                "cluster": cluster_info, "chaos": fault.name if fault else None,
+                "chaos_record": chaos_record(chaos, fault),
                 "started": started_at, "locust_started": locust_started, "shape_started": shape_started(raw_dir),
                 "stages": stages,
                 "preflight": notes, "run_error": run_error, "interrupted": interrupted,
@@ -668,6 +711,42 @@ def main(argv=None):
     if interrupted:
         return 130
     return 0 if summary["passed"] else 1
+
+
+def chaos_record(chaos, fault):
+    """What the fault's thread recorded (loadtests/faults.py), for the report's row."""
+    if chaos is None or fault is None:
+        return None
+    if fault.needs == "cluster":
+        record = dict(chaos.record, fault=fault.name, what=fault.what, error=chaos.error,
+                      injected_at=chaos.record.get("killed_at"), harness_done_at=chaos.record.get("promoted_at"))
+        posts = [[chaos.room, message_id, ts, None] for _when, status, message_id, ts in chaos.probe_posts
+                 if status == 201]
+        refusals = [[when, chaos.room, status, False] for when, status, _id, _ts in chaos.probe_posts
+                    if status != 201]
+        return dict(record, probe_posts_accepted=posts, probe_refusals=refusals)
+    return dict(chaos.record, error=chaos.error, probe_posts_accepted=chaos.probe_posts,
+                probe_refusals=chaos.probe_refusals)
+
+
+def chaos_matrix(args, argv, faults):
+    """CHAOS=all or several faults: refuse at once what cannot run, else each fault its own run."""
+    from instruments.page import new_report_dir
+    problems = []
+    for name in faults:
+        fault = FAULTS[name]
+        problem = fault_problem(fault, argparse.Namespace(**dict(
+            vars(args), redis_cluster=LOCAL if fault.needs == "cluster" else "")))
+        if problem:
+            problems.append(problem)
+    if problems:
+        print("load: preflight refused the CHAOS matrix:", file=sys.stderr)
+        for problem in problems:
+            print("  - " + problem, file=sys.stderr)
+        return 2
+    os.makedirs(args.report_root, exist_ok=True)
+    from loadtests.faults import run_matrix
+    return run_matrix(faults, argv, args.report_root, new_report_dir)
 
 
 def cluster_figures(cluster, args, urls, cursors, chaos):

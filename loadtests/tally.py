@@ -43,6 +43,7 @@ class WorkerTally:
         self.seconds = {}
         self.ended = []
         self.posts = []
+        self.refusals = []
         self.errors = []
         self.error_count = 0
 
@@ -103,8 +104,13 @@ class WorkerTally:
         self.listeners_ended += 1
         self.ended.append(summary)
 
-    def post(self, room, message_id, ts):
-        self.posts.append([room, message_id, ts])
+    def post(self, room, message_id, ts, epoch=None):
+        """An accepted post: [room, id, ts, epoch] (epoch None when the server names no history)."""
+        self.posts.append([room, message_id, ts, epoch])
+
+    def refused(self, room, status, outcome_unknown):
+        """A post not accepted: [when, room, status (None: no answer), outcome unknown]."""
+        self.refusals.append([time.time(), room, status, outcome_unknown])
 
     def error(self, who, what):
         self.error_count += 1
@@ -131,7 +137,8 @@ class WorkerTally:
             "fatal": self.fatal,
             "seconds": [[second, self.seconds[second][0].to_dict(), self.seconds[second][1].to_dict()]
                         for second in done],
-            "ended": self.ended, "posts": self.posts, "errors": self.errors, "error_count": self.error_count,
+            "ended": self.ended, "posts": self.posts, "refusals": self.refusals, "errors": self.errors,
+            "error_count": self.error_count,
         }
         kept = {second: self.seconds[second] for second in self.seconds if second not in set(done)}
         self._reset()
@@ -150,6 +157,7 @@ class RunTally:
         self.seconds = {}
         self.listeners = []
         self.posts = []
+        self.refusals = []
         self.errors = []
         self.error_count = 0
         self.workers = {}
@@ -191,6 +199,7 @@ class RunTally:
         for summary in report["ended"]:
             self.listeners.append(dict(summary, worker=worker_id))
         self.posts.extend(report["posts"])
+        self.refusals.extend(report.get("refusals", ()))
         room = ERRORS_KEPT * max(1, len(self.workers)) - len(self.errors)
         self.errors.extend(report["errors"][:max(0, room)])
         self.error_count += report["error_count"]
@@ -223,7 +232,7 @@ class RunTally:
                                                   "p99": own.percentile(0.99)}
         return {"seconds": [[second, pair[0].to_dict(), pair[1].to_dict()]
                             for second, pair in sorted(self.seconds.items())],
-                "listeners": self.listeners, "posts": self.posts, "errors": self.errors,
+                "listeners": self.listeners, "posts": self.posts, "refusals": self.refusals, "errors": self.errors,
                 "error_count": self.error_count, "workers": self.workers,
                 "master": self.master, "version_problem": self.version_problem, "fatal": self.fatal,
                 "shape_started": self.shape_started}
@@ -237,6 +246,7 @@ class RunTally:
             tally.latency.add(latency)
             tally.lag.add(lag)
         tally.listeners, tally.posts = data["listeners"], data["posts"]
+        tally.refusals = data.get("refusals", [])
         tally.errors, tally.error_count, tally.workers = data["errors"], data["error_count"], data["workers"]
         tally.master = data.get("master")
         tally.version_problem = data.get("version_problem")

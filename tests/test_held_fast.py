@@ -121,9 +121,19 @@ class _Listener:
         self.retry = 0.5
         self.clock_offset = self.clock_bound = 0.0
         self.failures = []
+        self.epoch, self.receipts, self.segments, self.poll_timeout = None, False, [], 1.0
 
     def on_answer(self, reply):
         return self.methods._answered(self, reply)
+
+    def _segment(self, start, epoch):
+        self.methods._segment(self, start, epoch)
+
+    def _took_epoch(self, epoch):
+        self.methods._took_epoch(self, epoch)
+
+    def _reset_to(self, body):
+        self.methods._reset_to(self, body)
 
     def _in_contact(self):
         self.methods._in_contact(self)

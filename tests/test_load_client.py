@@ -159,7 +159,7 @@ def test_worker_reports_add_up_to_the_run_exactly_once():
     assert run.drained() and run.workers["w1"]["final"]
     assert run.latency.count == run.lag.count == 101
     assert sum(pair[0].count for pair in run.seconds.values()) == 101  # every second shipped once
-    assert run.posts == [["load-0", 1, now - 2]] and len(run.listeners) == 1
+    assert run.posts == [["load-0", 1, now - 2, None]] and len(run.listeners) == 1
     assert run.lag.percentile(0.5) == pytest.approx(0.0002, rel=2e-3)
     assert run.latency.summary()["p50"] == pytest.approx(0.015, rel=5e-3)
     again = RunTally.from_dict(json.loads(json.dumps(run.to_dict())))
