@@ -447,6 +447,7 @@ class Rooms:
         self.by_name = OrderedDict()
         self.waiters = 0      # polls held right now
         self.encodes = 0      # poll answers encoded (a fan-out on one cursor costs one)
+        self.forgotten = 0    # rooms with a history forgotten at a bound (retained bytes, max_rooms)
         self.closing = False  # set on shutdown: held polls answer at once
         self.max_retained_bytes = max_retained_bytes
         self.retained_bytes = 0
@@ -531,6 +532,7 @@ class Rooms:
                 room.drop_oldest()
 
     def _drop_room(self, room):
+        self.forgotten += 1
         room.drop_messages()
         del self.by_name[room.name]
         self.retained_bytes -= self.room_cost(room.name)
@@ -2420,6 +2422,7 @@ def stats():
         "messages": rooms.retained(),
         "rss_bytes": rss_bytes(),
         "encodes": rooms.encodes,
+        "rooms_forgotten": rooms.forgotten,
         "retained_bytes": rooms.retained_bytes,
         "answer_cache_bytes": rooms.cached_bytes,
         # what the bus's readers were given: every post of the cluster, or only the held rooms'

@@ -153,7 +153,7 @@ class RoomEvict(Fault):
             status, _body = ctx.post("evict-%d" % (number % EVICT_ROOMS), "x" * EVICT_CONTENT, "chaos-flood")
             accepted += status == 201
             refused += status != 201
-        record.update(flood_accepted=accepted, flood_refused=refused)
+        record.update(flood_accepted=accepted, flood_refused=refused, rooms_forgotten=ctx.rooms_forgotten())
 
 
 class RoomExpire(Fault):
@@ -388,6 +388,19 @@ class FaultContext:
             return None
         return sum(seen.values())
 
+    def rooms_forgotten(self):
+        """Rooms the workers forgot at their bounds (/stats rooms_forgotten), summed over
+        the workers /stats reached; None when none did."""
+        seen = {}
+        for _ in range(4 * max(1, self.server.workers if self.server.gunicorn else 1)):
+            try:
+                status, body = get_json(self.url + "/stats", timeout=2)
+            except OSError:
+                continue
+            if status == 200 and isinstance(body, dict):
+                seen[body["pid"]] = body.get("rooms_forgotten", 0)
+        return sum(seen.values()) if seen else None
+
     def settled_waiters(self, readings=5, gap=0.05):
         """The highest of `readings` waiters() sums `gap` apart that reached every worker (None: none did)."""
         seen = []
@@ -520,6 +533,9 @@ def chaos_row(fault_name, record, tally, extra_posts=(), extra_refusals=()):
         if after is None or after > VANISH_RELEASE_BOUND:
             reasons.append("/stats waiters did not drop by the %s vanished within %g s (%s)" % (
                 record.get("vanished"), VANISH_RELEASE_BOUND, "never" if after is None else "%.2f s" % after))
+    if fault_name == "room-evict" and injected is not None and not record.get("rooms_forgotten"):
+        reasons.append("the byte bound forgot no room (/stats rooms_forgotten %s): the fault did not happen"
+                       % record.get("rooms_forgotten"))
     if fault_name == "slow-readers" and injected is not None and record.get("rss_growth") is not None \
             and record["rss_growth"] > SLOW_READER_RSS_BOUND:
         reasons.append("server RSS grew %.1f MiB under slow readers (bound %d MiB)" % (

@@ -211,6 +211,14 @@ def test_a_row_fails_when_service_never_came_back():
     assert not row["passed"] and row["time_without_service_s"] is None and "not restored" in row["verdict"]
 
 
+def test_room_evict_fails_a_row_when_no_room_was_forgotten():
+    accepted = posts("load-0", 1, 3, 100.0)
+    tally = tally_of([listener("load-0", segment(0, 99.0, receipts=got(accepted)))], accepted)
+    idle = chaos_row("room-evict", {"injected_at": 100.5, "harness_done_at": 101.0, "rooms_forgotten": 0}, tally)
+    evicted = chaos_row("room-evict", {"injected_at": 100.5, "harness_done_at": 101.0, "rooms_forgotten": 12}, tally)
+    assert not idle["passed"] and "forgot no room" in idle["verdict"] and evicted["passed"]
+
+
 def test_vanished_clients_fail_a_row_when_the_server_keeps_their_polls():
     accepted = posts("load-0", 1, 3, 100.0)
     tally = tally_of([listener("load-0", segment(0, 99.0, receipts=got(accepted)))], accepted)
