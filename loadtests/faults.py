@@ -36,6 +36,7 @@ EVICT_BYTES = 200_000      # room-evict: the server's CHATTLE_MAX_RETAINED_BYTES
 EVICT_ROOMS = 40           # ... and rooms flooded to push the load's rooms out
 EVICT_POSTS = 5            # ... posts of EVICT_CONTENT characters to each
 EVICT_CONTENT = 1800
+EVICT_POLLS = 4            # ... and polls of each flooded room, so every worker loads it
 ROOM_TTL = 3               # room-expire: the server's CHATTLE_ROOM_TTL (seconds)
 WORKER_BACK_WHILE_DOWN = 5.0  # worker-kill-redis-down: seconds Redis stays down at most for the new worker
 TRIM_WAIT = 2.0            # reader-trimmed: seconds of posts while one worker is stopped, before the trim
@@ -142,7 +143,7 @@ class RoomEvict(Fault):
     needs = "any"
     server_env = {"CHATTLE_MAX_RETAINED_BYTES": str(EVICT_BYTES)}
     what = ("the server runs with CHATTLE_MAX_RETAINED_BYTES=%d; %d other rooms are flooded (%d posts of %d "
-            "characters each) so the byte bound evicts rooms" % (EVICT_BYTES, EVICT_ROOMS, EVICT_POSTS,
+            "characters each, then polled) so the byte bound evicts rooms" % (EVICT_BYTES, EVICT_ROOMS, EVICT_POSTS,
                                                                 EVICT_CONTENT))
 
     def inject(self, ctx, record):
@@ -153,6 +154,13 @@ class RoomEvict(Fault):
             status, _body = ctx.post("evict-%d" % (number % EVICT_ROOMS), "x" * EVICT_CONTENT, "chaos-flood")
             accepted += status == 201
             refused += status != 201
+        # On the shared bus a worker holds a copy only of the rooms polled there: poll each
+        # flooded room on fresh connections (which reach every worker in turn), so the copies
+        # outgrow the bound.
+        for number in range(EVICT_ROOMS * EVICT_POLLS):
+            if ctx.halt.is_set():
+                break
+            get_json("%s/rooms/evict-%d/msgs?since=0&timeout=0" % (ctx.url, number % EVICT_ROOMS), timeout=5)
         record.update(flood_accepted=accepted, flood_refused=refused, rooms_forgotten=ctx.rooms_forgotten())
 
 
