@@ -40,7 +40,7 @@ from bench.sweep import measure_point, median_point, start_server
 from harness.processes import RedisServer
 from harness.system_packages import require_or_exit
 from instruments import history
-from instruments.measures import CLIENT_LAG_SHARE, client_bound, cpu_per_delivery
+from instruments.measures import CLIENT_LAG_SHARE, client_bound, cpu_per_delivery, machine_busy_seconds, own_cpu_seconds
 from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
 GROWTH = 1.5        # the geometric step until a probe fails
@@ -330,20 +330,6 @@ class RunVerdict(dict):
 
     def __bool__(self):
         return bool(self.get("passed"))
-
-
-def machine_busy_seconds():
-    """CPU seconds every core of this machine has been busy so far (/proc/stat)."""
-    with open("/proc/stat") as stat:
-        fields = [int(value) for value in stat.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds():
-    """CPU seconds of this process and of every descendant it has waited for (the servers and
-    client processes of finished runs, gunicorn's workers through gunicorn)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
 
 
 def make_probe(server, slo, redis_url, log_dir, repeats=REPEATS, needed=NEEDED, say=print, per_process=None):

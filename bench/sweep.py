@@ -36,7 +36,7 @@ from bench.rig import Rig
 from chattle_limits import raise_descriptor_limit
 from harness.processes import ChattleServer, PeerServer, RedisServer
 from harness.system_packages import require_or_exit
-from instruments.measures import summed_rss, time_per_waiter
+from instruments.measures import machine_busy_seconds, own_cpu_seconds, summed_rss, time_per_waiter
 from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
 DESCRIPTOR_MARGIN = 200  # listener, logs, redis and the worker's pipes
@@ -358,7 +358,6 @@ def measure_buses(buses, counts, repeats, log_dir):
     """Every bus at every count, in alternation (each count, each repeat, each bus), so that a
     drift of the shared machine falls on all of them alike; the median repeat of each. Each
     run also records the cores the rest of the machine kept busy meanwhile."""
-    from bench.capacity import machine_busy_seconds, own_cpu_seconds  # bench.capacity imports this module
     runs = {}
     for count in counts:
         for repeat in range(repeats):

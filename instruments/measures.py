@@ -340,6 +340,20 @@ def process_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds():
+    """CPU seconds every core of this machine has been busy so far (/proc/stat)."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds():
+    """CPU seconds of this process and of every descendant it has waited for (the servers and
+    client processes of finished runs, gunicorn's workers through gunicorn)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def redis_cpu_seconds(info_cpu):
     """User + system CPU seconds a redis-server has used so far, from its `INFO cpu` (a dict):
     the same figure as process_cpu_seconds (the whole process, every thread; forked children

@@ -225,10 +225,10 @@ def dirty_files():
     return [line[3:] for line in run.stdout.splitlines() if line.strip()]
 
 
-def base_protocol_problem(root, python, log_path):
-    """Start the base's chattle.py once and ask it /health and a poll as the protocol says:
-    a base that does not speak it cannot be compared. None when it does."""
-    from loadtests.run import protocol_problem
+def base_protocol_problem(root, python, log_path, protocol_problem):
+    """Start the base's chattle.py once and ask it /health and a poll as the protocol says
+    (`protocol_problem`, a run's own check): a base that does not speak it cannot be
+    compared. None when it does."""
     script = os.path.join(root, "chattle.py")
     if not os.path.exists(script):
         return "the base has no chattle.py"
@@ -552,11 +552,11 @@ def parse_args(argv):
     return parser.parse_known_args(argv)
 
 
-def main(argv=None):
-    """`python -m loadtests.run --base REV [--rounds N] [make load's own flags]`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, load_argv = parse_args(argv)
-    from loadtests import run
+def main(argv, run):
+    """`python -m loadtests.run --base REV [--rounds N] [make load's own flags]`. `run` is
+    loadtests/run.py, which hands itself over: it imports this module, so this one cannot
+    import it (its flags and preflight judge each round's run here)."""
+    args, load_argv = parse_args(list(argv))
     load_args = run.parse_args(load_argv)
     previous = signal.signal(signal.SIGTERM, _end_on_sigterm)
     scratch = tempfile.mkdtemp(prefix="chattle-compare-")
@@ -617,7 +617,8 @@ def _compare(args, load_argv, load_args, scratch, run):
     head_state = history.git_state()  # what the history line names, whatever happens meanwhile
     try:
         checkout.check_out()
-        problem = base_protocol_problem(checkout.root, checkout.python, os.path.join(scratch, "base-protocol.log"))
+        problem = base_protocol_problem(checkout.root, checkout.python, os.path.join(scratch, "base-protocol.log"),
+                                        run.protocol_problem)
         if problem:
             print("compare: could not compare: base %s (%s) does not serve the Chattle protocol: %s"
                   % (args.base, checkout.commit[:12], problem), file=sys.stderr)
@@ -681,7 +682,3 @@ def record_history(result, settings, bench_env, base_commit, report_dir, report_
                    extra={"compare": {"base_commit": base_commit, "verdict": result["word"],
                                       "rounds": len(result["delivery"])},
                           "passed": result["code"] != CANNOT_COMPARE}, state=head_state)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

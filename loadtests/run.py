@@ -541,7 +541,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if any(arg == "--base" or arg.startswith("--base=") for arg in argv):
         from loadtests import compare  # its own flags (--allow-dirty, --head-env) too
-        return compare.main(argv)
+        return compare.main(argv, sys.modules[__name__])
     args = parse_args(argv)
     try:
         faults = parse_chaos(args.chaos)

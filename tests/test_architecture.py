@@ -103,6 +103,48 @@ def test_each_harness_folder_imports_only_the_layers_beneath_it():
     assert not wrong, "\n".join(wrong)
 
 
+def module_imports():
+    """{module: the harness modules it imports} over the harness folders, by dotted name."""
+    modules = {}
+    for folder in LAYERS:
+        for path in python_files(folder):
+            name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+            modules[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
+    graph = {}
+    for name, path in modules.items():
+        with open(path, encoding="utf-8") as source:
+            tree = ast.parse(source.read(), path)
+        named = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                named |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                named |= {node.module} | {"%s.%s" % (node.module, alias.name) for alias in node.names}
+        graph[name] = sorted(named & set(modules) - {name})
+    return graph
+
+
+def test_no_module_imports_itself_back_through_others():
+    """A circle of imports hides which module is beneath which: what both need belongs in a
+    module beneath them."""
+    graph = module_imports()
+    circles = []
+    for start in sorted(graph):
+        path, seen = [start], set()
+
+        def walk(module):
+            for imported_module in graph[module]:
+                if imported_module == start:
+                    circles.append(" -> ".join(path + [start]))
+                elif imported_module not in seen and imported_module > start:
+                    seen.add(imported_module)
+                    path.append(imported_module)
+                    walk(imported_module)
+                    path.pop()
+        walk(start)
+    assert not circles, "circles of imports:\n" + "\n".join(circles)
+
+
 def test_the_import_reader_sees_imports_inside_functions(tmp_path):
     module = tmp_path / "sample.py"
     module.write_text("import os\n\ndef later():\n    from bench.rig import Rig\n    __import__('loadtests')\n")
