@@ -124,24 +124,24 @@ def module_imports():
     return graph
 
 
+def circles_through(start, graph, path, seen):
+    """Every circle of imports from `start` back to it through modules named after it (each
+    circle is found once, from its first module)."""
+    found = []
+    for module in graph[path[-1]]:
+        if module == start:
+            found.append(" -> ".join(path + [start]))
+        elif module not in seen and module > start:
+            seen.add(module)
+            found += circles_through(start, graph, path + [module], seen)
+    return found
+
+
 def test_no_module_imports_itself_back_through_others():
     """A circle of imports hides which module is beneath which: what both need belongs in a
     module beneath them."""
     graph = module_imports()
-    circles = []
-    for start in sorted(graph):
-        path, seen = [start], set()
-
-        def walk(module):
-            for imported_module in graph[module]:
-                if imported_module == start:
-                    circles.append(" -> ".join(path + [start]))
-                elif imported_module not in seen and imported_module > start:
-                    seen.add(imported_module)
-                    path.append(imported_module)
-                    walk(imported_module)
-                    path.pop()
-        walk(start)
+    circles = [circle for start in sorted(graph) for circle in circles_through(start, graph, [start], set())]
     assert not circles, "circles of imports:\n" + "\n".join(circles)
 
 
