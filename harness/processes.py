@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 
 from harness import system_packages
+from instruments.provenance import bench_environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = "127.0.0.1"
@@ -176,7 +177,7 @@ class ChattleServer(Process):
         self.gunicorn = workers > 1 if gunicorn is None else gunicorn
         # A deliberate fault asked for (CHATTLE_BENCH_*): chattle through the harness's
         # wrapper, which installs it; the product itself carries none.
-        self.faulted = any(name.startswith("CHATTLE_BENCH_") and value for name, value in full_env.items())
+        self.faulted = any(bench_environment(full_env).values())
         if self.faulted:  # the wrapper runs from the harness's directory: it wraps `root`'s chattle
             full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, full_env.get("PYTHONPATH")]))
         if self.gunicorn:

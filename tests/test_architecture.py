@@ -15,6 +15,8 @@ on what happens to be imported at run time.
 import ast
 import os
 
+from instruments.provenance import BENCH_PREFIX
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRODUCT_FILES = ["chattle.py", "chattle_http.py", "chattle_limits.py", "gunicorn.conf.py"]
 PRODUCT = {"chattle", "chattle_http", "chattle_limits"}
@@ -25,7 +27,7 @@ LAYERS = {
     "loadtests": PRODUCT | {"instruments", "harness"},
 }
 # Variables that switch on a benchmark's behaviour belong to the harness that wraps the app.
-HARNESS_VARIABLE_PREFIX = "CHATTLE_BENCH_"
+HARNESS_VARIABLE_PREFIX = BENCH_PREFIX
 
 
 def harness_names():

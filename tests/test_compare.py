@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from instruments.provenance import without_bench_environment
 from loadtests import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,7 +193,7 @@ def test_synthetic_fifteen_percent_slowdown_is_caught_on_cpu():
 # -- bad input, for real ------------------------------------------------------------------------------
 
 def run_load(*args, cwd=ROOT, timeout=300):
-    env = {name: value for name, value in os.environ.items() if not name.startswith("CHATTLE_BENCH_")}
+    env = without_bench_environment()
     env.pop("PYTEST_ADDOPTS", None)
     return subprocess.run([sys.executable, "-m", "loadtests.run", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
