@@ -370,8 +370,8 @@ class FaultContext:
             record["note"] = str(exc).splitlines()[0]
 
     def post(self, room, content, sender):
-        from loadtests.cluster_load import post_json
-        return post_json("%s/rooms/%s/msgs" % (self.url, room), {"from": sender, "content": content})
+        from loadtests.cluster_load import probe_post
+        return probe_post(self.url, room, content, sender)
 
     def waiters(self, since=None):
         """Polls held now, summed over the workers /stats reached (each probe reaches one
@@ -453,13 +453,12 @@ class ChaosThread(threading.Thread):
             self._probe_done.set()
 
     def _probe(self):
-        from loadtests.cluster_load import post_json
+        from loadtests.cluster_load import probe_post
         number = 0
         room = self.ctx.rooms[0]
         while not self._probe_done.is_set():
             number += 1
-            status, body = post_json("%s/rooms/%s/msgs" % (self.ctx.url, room),
-                                     {"from": "chaos-probe", "content": "probe %d" % number})
+            status, body = probe_post(self.ctx.url, room, "probe %d" % number)
             if status == 201 and isinstance(body, dict):
                 self.probe_posts.append([room, body["id"], body["ts"], body.get("epoch")])
             else:

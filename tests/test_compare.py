@@ -245,7 +245,7 @@ def test_heads_servers_run_from_a_copy_of_this_tree_beside_the_base(dirty_tree, 
     # A server's memory depends on the length of its directory's path, so head runs from a
     # copy at <scratch>/head as the base from <scratch>/base: with its uncommitted changes
     # and untracked files, without what git ignores.
-    from harness.checkout import copy_of_this_tree
+    from harness.sides import copy_of_this_tree
     os.makedirs(os.path.join(dirty_tree, "__pycache__"))
     with open(os.path.join(dirty_tree, "__pycache__", "ignored.pyc"), "w") as ignored:
         ignored.write("ignored")
