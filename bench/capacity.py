@@ -30,14 +30,13 @@ import argparse
 import math
 import os
 import re
-import signal
 import statistics
 import sys
 import time
 
 from bench.rig import PER_PROCESS, Rig, raise_open_file_limit
 from bench.sweep import measure_point, median_point, start_server
-from harness.processes import RedisServer
+from harness.processes import CleanUp, RedisServer
 from harness.system_packages import require_or_exit
 from instruments import history
 from instruments.measures import CLIENT_LAG_SHARE, client_bound, cpu_per_delivery, machine_busy_seconds, own_cpu_seconds
@@ -520,12 +519,12 @@ def verdict(results, slo, contended_note):
     return text + ". " + contended_note
 
 
-def stop_on_sigterm(_signum, _frame):
-    raise KeyboardInterrupt  # the clean-up path of Ctrl-C: every server and client stopped by pid
-
-
 def main(argv=None):
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    with CleanUp.armed():  # a SIGTERM takes Ctrl-C's way: every server and client stopped by pid
+        return search_capacity(argv)
+
+
+def search_capacity(argv):
     parser = argparse.ArgumentParser(description="Capacity search: the largest held-poll count each server wakes "
                                                  "within the p99 objective, with delivery verified")
     parser.add_argument("--workers", default="1,2,4", help="Chattle worker counts (default %(default)s)")

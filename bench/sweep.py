@@ -26,7 +26,6 @@ time per waiter against each.
 import argparse
 import csv
 import os
-import signal
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ import time
 from bench import buses as bus_module
 from bench.rig import Rig
 from chattle_limits import raise_descriptor_limit
-from harness.processes import ChattleServer, PeerServer, RedisServer
+from harness.processes import ChattleServer, CleanUp, PeerServer, RedisServer
 from harness.system_packages import require_or_exit
 from instruments.measures import machine_busy_seconds, own_cpu_seconds, summed_rss, time_per_waiter
 from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
@@ -374,9 +373,12 @@ def measure_buses(buses, counts, repeats, log_dir):
 
 
 def main(argv=None):
+    with CleanUp.armed():  # a SIGTERM takes Ctrl-C's way: the servers, Redis and cluster nodes started are stopped
+        return sweep(argv)
+
+
+def sweep(argv):
     args = parse_args(argv)
-    # A SIGTERM unwinds as an error does: the servers, Redis and cluster nodes started are stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     counts = [int(c) for c in args.counts.split(",")]
     workers_list = [int(w) for w in args.workers.split(",")]
 

@@ -126,8 +126,8 @@ class CleanUp:
         cls.hurry = True
 
     @classmethod
-    def end(cls):
-        """The next signal interrupts again. SIGINT too: Python leaves it ignored when it
+    def arm(cls):
+        """The next signal interrupts. SIGINT too: Python leaves it ignored when it
         starts ignored (a script's background job), and a SIGINT sent on purpose must still
         end the command through its clean-up."""
         signal.signal(signal.SIGTERM, cls.interrupt)
@@ -140,7 +140,7 @@ class CleanUp:
         that calls a command's main keeps its own)."""
         previous = [(signum, signal.getsignal(signum)) for signum in (signal.SIGTERM, signal.SIGINT)]
         cls.hurry = False
-        cls.end()
+        cls.arm()
         try:
             yield cls
         finally:

@@ -20,7 +20,7 @@ import time
 import urllib.parse
 
 from chattle_limits import client_timeout
-from harness.processes import ROOT, RedisServer, get_json, wait_until
+from harness.processes import ROOT, CleanUp, RedisServer, get_json, wait_until
 from instruments.judging import first_served, judge_run
 
 INJECT_INTO_BURSTS = 0.25  # the fault strikes this far into the bursts stage (a fraction of it)
@@ -618,10 +618,7 @@ def run_matrix(names, argv, report_root, new_report_dir):
     base = strip_chaos(argv)
     rows, started = [], time.time()
 
-    def interrupt(_signum, _frame):
-        raise KeyboardInterrupt   # SIGTERM takes Ctrl-C's way: the running fault's run ends cleanly
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
+    CleanUp.arm()  # a SIGTERM takes Ctrl-C's way: the running fault's run ends cleanly, once
     interrupted = False
     for name in names:
         fault = FAULTS[name]
@@ -636,8 +633,6 @@ def run_matrix(names, argv, report_root, new_report_dir):
             code = child.wait()
         except KeyboardInterrupt:
             interrupted = True
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)   # once is enough: now wait for its clean-up
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
             child.send_signal(signal.SIGINT)   # it stops what it started and writes its report
             try:
                 code = child.wait(180)
