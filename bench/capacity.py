@@ -39,7 +39,14 @@ from bench.sweep import measure_point, median_point, start_server
 from harness.processes import CleanUp, RedisServer
 from harness.system_packages import require_or_exit
 from instruments import history
-from instruments.measures import CLIENT_LAG_SHARE, client_bound, cpu_per_delivery, machine_busy_seconds, own_cpu_seconds
+from instruments.measures import (
+    CLIENT_LAG_SHARE,
+    client_bound,
+    cpu_per_delivery,
+    machine_busy_seconds,
+    ms,
+    own_cpu_seconds,
+)
 from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
 GROWTH = 1.5        # the geometric step until a probe fails
@@ -637,9 +644,6 @@ def write_report(report_dir, results, args, slo, info, notes, elapsed):
             "other_work_cores_median": busy,
             "preflight": notes, "verdict": text, "servers": results}
     write_json(os.path.join(report_dir, "results.json"), data)
-
-    def ms(value):
-        return "-" if value is None else "%.0f" % (value * 1000)
     rows = [("verdict", text, "")]
     for entry in results:
         search, figures = entry["search"], entry["at_capacity"] or {}
@@ -654,7 +658,8 @@ def write_report(report_dir, results, args, slo, info, notes, elapsed):
             rows.append(("%s: at capacity" % entry["label"],
                          "p50 %s ms, p99 %s ms, last delivery %s ms, %s B per held poll (server RSS), "
                          "server CPU %.2f s per fan-out (%.1f us per delivery), client CPU %.2f s (%.1f us)"
-                         % (ms(figures["p50_s"]), ms(figures["p99_s"]), ms(figures["last_delivery_s"]),
+                         % (ms(figures["p50_s"], "%.0f"), ms(figures["p99_s"], "%.0f"),
+                            ms(figures["last_delivery_s"], "%.0f"),
                             "%.0f" % figures["bytes_per_poll_median"] if figures.get("bytes_per_poll_median")
                             else "-", figures["server_cpu_s"] or 0, figures["server_us_per_delivery"] or 0,
                             figures["client_cpu_s"] or 0, figures["client_us_per_delivery"] or 0), ""))

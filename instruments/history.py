@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 
+from instruments.measures import ms
 from instruments.page import REPORTS_ROOT, machine_description, write_html
 from instruments.provenance import bench_environment, git
 
@@ -138,9 +139,6 @@ def load_figures(summary):
     """The headline figures of one load report's summary (None where it has none)."""
     latency, memory, delivery = summary.get("wakeup_latency_s") or {}, summary.get("memory") or {}, \
         summary.get("delivery") or {}
-
-    def ms(value):
-        return None if value is None else value * 1000
     return {"server_us_per_delivery": (summary.get("cpu") or {}).get("server_us_per_delivery"),
             "wakeup_p50_ms": ms(latency.get("p50")), "wakeup_p99_ms": ms(latency.get("p99")),
             "kib_per_held_poll": None if memory.get("bytes_per_held_poll") is None

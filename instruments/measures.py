@@ -24,6 +24,14 @@ def wakeup_latency(arrived_at, message_ts):
     return arrived_at - message_ts
 
 
+def ms(seconds, pattern=None):
+    """`seconds` in milliseconds, None for None; with `pattern` ("%.1f"), as that text, "-"
+    for None. Every latency is kept in seconds and shown in milliseconds."""
+    if seconds is None:
+        return None if pattern is None else "-"
+    return seconds * 1000 if pattern is None else pattern % (seconds * 1000)
+
+
 def client_lag(read_at, arrived_at):
     """Seconds an answer sat in the client host's socket buffer before the client read
     it: the load generator's own queueing, reported apart from the server's latency."""

@@ -41,7 +41,7 @@ from harness.sides import (
     scratch_directory,
 )
 from instruments import history
-from instruments.measures import LatencyHistogram, percentile, ratio_interval
+from instruments.measures import LatencyHistogram, ms, percentile, ratio_interval
 from instruments.page import REPORTS_ROOT, machine_line, new_report_dir, write_html, write_json
 from instruments.provenance import GitFailed, git, without_bench_environment
 
@@ -69,9 +69,8 @@ class Figure:
         self.resolution = resolution
 
 
-def _ms(summary, key):
-    value = (summary.get("wakeup_latency_s") or {}).get(key)
-    return None if value is None else value * 1000
+def _wakeup_ms(summary, key):
+    return ms((summary.get("wakeup_latency_s") or {}).get(key))
 
 
 def _kib_per_poll(summary):
@@ -101,8 +100,8 @@ def _memory_resolution(summary):
 FIGURES = (
     Figure("server_us_per_delivery", "server CPU per delivery", "us", 5.0,
            lambda summary: (summary.get("cpu") or {}).get("server_us_per_delivery"), _cpu_resolution),
-    Figure("wakeup_p50_ms", "wake-up latency p50", "ms", 10.0, lambda summary: _ms(summary, "p50")),
-    Figure("wakeup_p99_ms", "wake-up latency p99", "ms", 10.0, lambda summary: _ms(summary, "p99")),
+    Figure("wakeup_p50_ms", "wake-up latency p50", "ms", 10.0, lambda summary: _wakeup_ms(summary, "p50")),
+    Figure("wakeup_p99_ms", "wake-up latency p99", "ms", 10.0, lambda summary: _wakeup_ms(summary, "p99")),
     Figure("kib_per_held_poll", "memory per held poll", "KiB", 5.0, _kib_per_poll, _memory_resolution),
 )
 WRONG_KINDS = ("lost", "duplicated", "out_of_order")
