@@ -15,10 +15,10 @@ class GitFailed(RuntimeError):
     """git could not answer; the message is its own."""
 
 
-def git(*args, cwd=ROOT, check=True, timeout=120):
+def git(*args, cwd=ROOT, check=True, timeout=120, env=None):
     """git's output, stripped. When git fails: GitFailed, or None with check=False."""
     try:
-        run = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        run = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     except (OSError, subprocess.SubprocessError) as exc:
         if check:
             raise GitFailed("git %s: %s" % (" ".join(args), exc))

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from instruments.provenance import without_bench_environment
+from instruments.provenance import git, without_bench_environment
 from loadtests import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,11 +197,6 @@ def run_load(*args, cwd=ROOT, timeout=300):
     env.pop("PYTEST_ADDOPTS", None)
     return subprocess.run([sys.executable, "-m", "loadtests.run", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def git(*args, env=None):
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
-                          env=env).stdout.strip()
 
 
 @pytest.fixture
