@@ -16,10 +16,12 @@ Each figure is reported as head / base, the geometric mean of the pairs' ratios,
 95 % bootstrap confidence interval. The gate fails when head is slower with the
 interval's lower bound above +5 %: slower beyond doubt, not just in one noisy pair.
 
-The base runs on the same virtualenv when its server dependencies (pyproject.toml's
-[project] dependencies) equal this tree's, else on a virtualenv made for it in the
-temporary directory. The worktree and everything else temporary is removed at the end,
-also on failure or Ctrl-C.
+The sides are harness/sides.py's, as `make load BASE=` has them: the base runs on the same
+virtualenv when its server dependencies (pyproject.toml's [project] dependencies) equal
+this tree's, else on a virtualenv made for it in the temporary directory; CHATTLE_BENCH_*
+variables of the environment and --head-env reach head's servers only; one hash seed for
+all. The worktree and everything else temporary is removed at the end, also on failure,
+Ctrl-C or SIGTERM.
 
     python -m bench.regress --base HEAD~1
     python -m bench.regress --base origin/main --pairs 9 --rig-polls 5000
@@ -28,20 +30,24 @@ also on failure or Ctrl-C.
 import argparse
 import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import time
 
 from bench.rig import Rig, answer_polls, hold_polls
-from harness.checkout import BaseCheckout, Unmeasured
 from harness.processes import ROOT, ChattleServer
+from harness.sides import (
+    BaseCheckout,
+    Unmeasured,
+    assignments,
+    base_and_head,
+    in_turn,
+    parse_head_env,
+    scratch_directory,
+)
 from instruments.measures import percentile, ratio_interval
 
 PASSED, SLOWER, UNMEASURED = 0, 1, 2
 GATE_PERCENT = 5.0
-HASH_SEED = "0"
 
 # (key, label) in the order the table lists them; every one is gated
 FIGURES = (
@@ -52,17 +58,10 @@ FIGURES = (
 
 # -- one pair: a server of each side, fan-outs alternating between them ---------------------
 
-class Side:
-    def __init__(self, name, root, python, env):
-        self.name, self.root, self.python, self.env = name, root, python, env
-
-    def start(self, log_dir, pair):
-        # The side's chattle, whatever the virtualenv installed; and one hash seed for every
-        # server: str hashes decide the layout of every dict, and a server's speed moved by
-        # up to a tenth from one start to the next with random seeds.
-        env = dict(self.env, PYTHONPATH=self.root, PYTHONHASHSEED=HASH_SEED)
-        return ChattleServer(root=self.root, python=self.python, env=env,
-                             log_path=os.path.join(log_dir, "%s-%d.log" % (self.name, pair)))
+def start(side, log_dir, pair):
+    """A server of `side` (harness/sides.py), its chattle whatever the virtualenv installed."""
+    return ChattleServer(root=side.root, python=side.python, environ=side.env, env={"PYTHONPATH": side.root},
+                         log_path=os.path.join(log_dir, "%s-%d.log" % (side.name, pair)))
 
 
 def socket_fan_out(server, polls):
@@ -84,18 +83,18 @@ def measure_pair(sides, args, log_dir, pair):
     """Start one server of each side; run each fan-out on both, alternating which goes
     first, so that the two runs of a round are a second apart whatever the machine does
     meanwhile. {figure key: {"base": [per round], "head": [per round]}}."""
-    order = sides if pair % 2 == 0 else sides[::-1]
+    order = in_turn(sides, pair)
     servers = {}
     try:
         for side in order:
-            servers[side.name] = side.start(log_dir, pair)
+            servers[side.name] = start(side, log_dir, pair)
         for side in order:  # one unmeasured fan-out each, to warm the server up
             socket_fan_out(servers[side.name], args.socket_polls)
         rounds = {key: {"base": [], "head": []} for key, _label in FIGURES}
         for key, measure, polls, count in (("socket_us", socket_fan_out, args.socket_polls, args.socket_rounds),
                                            ("rig_us", rig_fan_out, args.rig_polls, args.rig_rounds)):
             for round_number in range(count):
-                for side in (order if round_number % 2 == 0 else order[::-1]):
+                for side in in_turn(order, round_number):
                     rounds[key][side.name].append(measure(servers[side.name], polls))
         return rounds
     finally:
@@ -138,20 +137,6 @@ def verdict(pairs, gate):
     return PASSED
 
 
-def parse_env(pairs):
-    env = {}
-    for item in pairs:
-        name, equals, value = item.partition("=")
-        if not equals or not name:
-            raise argparse.ArgumentTypeError("--head-env wants NAME=VALUE, not %r" % item)
-        env[name] = value
-    return env
-
-
-def end_on_sigterm(_signum, _frame):
-    raise SystemExit(128 + signal.SIGTERM)  # unwinds through the finally that removes the worktree
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Time a base revision and this tree side by side",
                                      epilog="exit status: 0 passed, 1 head slower beyond the gate, "
@@ -167,46 +152,51 @@ def main(argv=None):
     parser.add_argument("--gate", type=float, default=GATE_PERCENT,
                         help="fail when head/base's lower bound is above +this %% (default %(default)s)")
     parser.add_argument("--head-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="set this for head's servers only (how the tests slow head down)")
+                        help="set this for head's servers only, as CHATTLE_BENCH_* of the environment are "
+                             "(how the tests slow head down)")
     parser.add_argument("--json", metavar="FILE", help="also write every run's figures here")
     args = parser.parse_args(argv)
     if args.pairs < 2:
         parser.error("--pairs must be at least 2 for an interval")
-    head_env = parse_env(args.head_env)
+    try:
+        head_env = parse_head_env(args.head_env)
+    except ValueError as exc:
+        parser.error(str(exc))
 
-    previous = signal.signal(signal.SIGTERM, end_on_sigterm)
-    scratch = tempfile.mkdtemp(prefix="chattle-ab-")
-    checkout = None
     started = time.monotonic()
     try:
-        checkout = BaseCheckout(args.base, scratch)
-        checkout.check_out()
-        print("ab: base %s (%s) in %s, on %s; head is this tree, %s" % (
-            args.base, checkout.commit[:12], checkout.root, checkout.venv_note, ROOT), flush=True)
-        if head_env:
-            print("ab: head's servers get %s" % " ".join("%s=%s" % item for item in sorted(head_env.items())))
-        sides = (Side("base", checkout.root, checkout.python, {}), Side("head", ROOT, sys.executable, head_env))
-        pairs = []
-        for pair in range(args.pairs):
-            pairs.append(measure_pair(sides, args, scratch, pair))
-            print("ab: pair %d/%d: head/base socket %+.1f%%, rig %+.1f%%" % (
-                pair + 1, args.pairs, (pair_ratio(pairs[-1]["socket_us"]) - 1) * 100,
-                (pair_ratio(pairs[-1]["rig_us"]) - 1) * 100), flush=True)
-        code = verdict(pairs, args.gate)
-        if args.json:
-            with open(args.json, "w") as out:
-                json.dump({"pairs": pairs, "base_commit": checkout.commit, "head_env": head_env, "verdict": code},
-                          out, indent=1)
-        print("ab: %d pairs in %.0f s" % (args.pairs, time.monotonic() - started))
-        return code
+        with scratch_directory("chattle-ab-") as scratch, BaseCheckout(args.base, scratch) as checkout:
+            return run_pairs(args, checkout, head_env, scratch, started)
     except (Unmeasured, RuntimeError) as exc:
         print("ab: could not measure: %s" % exc)
         return UNMEASURED
-    finally:
-        if checkout is not None:
-            checkout.remove()
-        shutil.rmtree(scratch, ignore_errors=True)
-        signal.signal(signal.SIGTERM, previous)
+    except KeyboardInterrupt:
+        print("ab: interrupted; the base's worktree is removed")
+        return 130
+
+
+def run_pairs(args, checkout, head_env, scratch, started):
+    """Measure the pairs and print the verdict; its exit status."""
+    checkout.check_out()
+    print("ab: base %s (%s) in %s, on %s; head is this tree, %s" % (
+        args.base, checkout.commit[:12], checkout.root, checkout.venv_note, ROOT), flush=True)
+    sides = base_and_head(checkout, ROOT, head_env)
+    bench_env = sides[1].bench_env
+    if bench_env:
+        print("ab: head's servers get %s" % assignments(bench_env))
+    pairs = []
+    for pair in range(args.pairs):
+        pairs.append(measure_pair(sides, args, scratch, pair))
+        print("ab: pair %d/%d: head/base socket %+.1f%%, rig %+.1f%%" % (
+            pair + 1, args.pairs, (pair_ratio(pairs[-1]["socket_us"]) - 1) * 100,
+            (pair_ratio(pairs[-1]["rig_us"]) - 1) * 100), flush=True)
+    code = verdict(pairs, args.gate)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"pairs": pairs, "base_commit": checkout.commit, "head_env": bench_env, "verdict": code},
+                      out, indent=1)
+    print("ab: %d pairs in %.0f s" % (args.pairs, time.monotonic() - started))
+    return code
 
 
 if __name__ == "__main__":

@@ -30,17 +30,23 @@ import argparse
 import math
 import os
 import re
-import signal
 import statistics
 import sys
 import time
 
 from bench.rig import PER_PROCESS, Rig, raise_open_file_limit
 from bench.sweep import measure_point, median_point, start_server
-from harness.processes import RedisServer
+from harness.processes import CleanUp, RedisServer
 from harness.system_packages import require_or_exit
 from instruments import history
-from instruments.measures import CLIENT_LAG_SHARE, client_bound, cpu_per_delivery
+from instruments.measures import (
+    CLIENT_LAG_SHARE,
+    client_bound,
+    cpu_per_delivery,
+    machine_busy_seconds,
+    ms,
+    own_cpu_seconds,
+)
 from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
 GROWTH = 1.5        # the geometric step until a probe fails
@@ -332,20 +338,6 @@ class RunVerdict(dict):
         return bool(self.get("passed"))
 
 
-def machine_busy_seconds():
-    """CPU seconds every core of this machine has been busy so far (/proc/stat)."""
-    with open("/proc/stat") as stat:
-        fields = [int(value) for value in stat.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds():
-    """CPU seconds of this process and of every descendant it has waited for (the servers and
-    client processes of finished runs, gunicorn's workers through gunicorn)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
 def make_probe(server, slo, redis_url, log_dir, repeats=REPEATS, needed=NEEDED, say=print, per_process=None):
     """probe(N) for `search`: up to `repeats` runs at N, each on a fresh server; `per_process`:
     the polls one server process may hold under its descriptor limit."""
@@ -534,12 +526,12 @@ def verdict(results, slo, contended_note):
     return text + ". " + contended_note
 
 
-def stop_on_sigterm(_signum, _frame):
-    raise KeyboardInterrupt  # the clean-up path of Ctrl-C: every server and client stopped by pid
-
-
 def main(argv=None):
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    with CleanUp.armed():  # a SIGTERM takes Ctrl-C's way: every server and client stopped by pid
+        return search_capacity(argv)
+
+
+def search_capacity(argv):
     parser = argparse.ArgumentParser(description="Capacity search: the largest held-poll count each server wakes "
                                                  "within the p99 objective, with delivery verified")
     parser.add_argument("--workers", default="1,2,4", help="Chattle worker counts (default %(default)s)")
@@ -652,9 +644,6 @@ def write_report(report_dir, results, args, slo, info, notes, elapsed):
             "other_work_cores_median": busy,
             "preflight": notes, "verdict": text, "servers": results}
     write_json(os.path.join(report_dir, "results.json"), data)
-
-    def ms(value):
-        return "-" if value is None else "%.0f" % (value * 1000)
     rows = [("verdict", text, "")]
     for entry in results:
         search, figures = entry["search"], entry["at_capacity"] or {}
@@ -669,7 +658,8 @@ def write_report(report_dir, results, args, slo, info, notes, elapsed):
             rows.append(("%s: at capacity" % entry["label"],
                          "p50 %s ms, p99 %s ms, last delivery %s ms, %s B per held poll (server RSS), "
                          "server CPU %.2f s per fan-out (%.1f us per delivery), client CPU %.2f s (%.1f us)"
-                         % (ms(figures["p50_s"]), ms(figures["p99_s"]), ms(figures["last_delivery_s"]),
+                         % (ms(figures["p50_s"], "%.0f"), ms(figures["p99_s"], "%.0f"),
+                            ms(figures["last_delivery_s"], "%.0f"),
                             "%.0f" % figures["bytes_per_poll_median"] if figures.get("bytes_per_poll_median")
                             else "-", figures["server_cpu_s"] or 0, figures["server_us_per_delivery"] or 0,
                             figures["client_cpu_s"] or 0, figures["client_us_per_delivery"] or 0), ""))

@@ -39,6 +39,7 @@ from importlib import metadata
 
 from bench.callgrind_workload import PHASE_MARKER
 from instruments.history import cpu_model
+from instruments.provenance import bench_environment, git
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = os.path.join(ROOT, "bench", "baselines", "callgrind.json")
@@ -85,16 +86,9 @@ def recorded_with():
         "valgrind": subprocess.run([valgrind, "--version"], capture_output=True, text=True).stdout.strip()
         if valgrind else None,
         "cpu": cpu_model(),
-        "commit": git_output("rev-parse", "HEAD"),
-        "tree_changed": bool(git_output("status", "--porcelain", "--untracked-files=no")),
+        "commit": git("rev-parse", "HEAD", check=False),
+        "tree_changed": bool(git("status", "--porcelain", "--untracked-files=no", check=False)),
     }
-
-
-def git_output(*args):
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -109,7 +103,7 @@ def workload_environment():
     hashes decide dict and set layouts, and so how many probes a lookup costs), one
     locale, and no PYTHON* or other variables, but for the CHATTLE_BENCH_* knobs."""
     env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": HASH_SEED}
-    env.update((name, value) for name, value in os.environ.items() if name.startswith("CHATTLE_BENCH_"))
+    env.update(bench_environment())
     return env
 
 
@@ -284,10 +278,10 @@ def compare(path, report_json=None, keep=None):
               "for these versions with `make regress-accept` and commit it." % NOT_COMPARABLE)
         return NOT_COMPARABLE
     sizes = baseline["sizes"]
-    tweaks = sorted(name for name in os.environ if name.startswith("CHATTLE_BENCH_"))
+    tweaks = bench_environment()
     if tweaks:
         print("regress: note: %s set: the measured process does what it asks"
-              % ", ".join("%s=%s" % (name, os.environ[name]) for name in tweaks))
+              % ", ".join("%s=%s" % item for item in tweaks.items()))
     print("regress: counting instructions under callgrind (fan-outs %s, posts %s; about 30 s)"
           % (" and ".join(map(str, sizes["fan_outs"])), " and ".join(map(str, sizes["posts"]))), flush=True)
     now = measure(sizes["fan_outs"], sizes["posts"], keep)

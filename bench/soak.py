@@ -37,6 +37,7 @@ import time
 
 from harness.processes import ROOT, ChattleServer, RedisServer, get_json
 from instruments import page
+from instruments.provenance import bench_environment
 
 SAMPLE_EVERY = 10.0
 QUICK_DURATION = 300.0
@@ -416,7 +417,7 @@ def wait_for_counts(sampler, cold, wait):
 
 
 def fault_note():
-    return ", ".join("%s=%s" % (k, v) for k, v in sorted(os.environ.items()) if k.startswith("CHATTLE_BENCH_") and v)
+    return ", ".join("%s=%s" % item for item in bench_environment().items() if item[1])
 
 
 def brief(row):

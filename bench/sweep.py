@@ -26,7 +26,6 @@ time per waiter against each.
 import argparse
 import csv
 import os
-import signal
 import statistics
 import sys
 import time
@@ -34,9 +33,9 @@ import time
 from bench import buses as bus_module
 from bench.rig import Rig
 from chattle_limits import raise_descriptor_limit
-from harness.processes import ChattleServer, PeerServer, RedisServer
+from harness.processes import ChattleServer, CleanUp, PeerServer, RedisServer
 from harness.system_packages import require_or_exit
-from instruments.measures import summed_rss, time_per_waiter
+from instruments.measures import machine_busy_seconds, ms, own_cpu_seconds, summed_rss, time_per_waiter
 from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
 
 DESCRIPTOR_MARGIN = 200  # listener, logs, redis and the worker's pipes
@@ -276,18 +275,20 @@ CSV_FIELDS = ["workers", "bus", "requested", "parked", "held_confirmed", "delive
 def csv_row(point):
     lat = point["latency"]
 
-    def ms(value):
-        return None if value is None else round(value * 1000, 3)
+    def rounded(value, digits):
+        return None if value is None else round(value, digits)
 
     def us(value):
-        return None if value is None else round(value * 1e6, 2)
+        return rounded(None if value is None else value * 1e6, 2)
     return {"workers": point["workers"], "bus": point.get("bus"), "requested": point["requested"],
             "parked": point["parked"],
             "held_confirmed": point["held_confirmed"], "delivered": point["delivered"],
-            "p50_ms": ms(lat["p50"]), "p95_ms": ms(lat["p95"]), "p99_ms": ms(lat["p99"]), "max_ms": ms(lat["max"]),
-            "last_delivery_ms": ms(point["last_delivery_s"]), "bytes_per_poll": point.get("bytes_per_poll_median"),
+            "p50_ms": rounded(ms(lat["p50"]), 3), "p95_ms": rounded(ms(lat["p95"]), 3),
+            "p99_ms": rounded(ms(lat["p99"]), 3), "max_ms": rounded(ms(lat["max"]), 3),
+            "last_delivery_ms": rounded(ms(point["last_delivery_s"]), 3),
+            "bytes_per_poll": point.get("bytes_per_poll_median"),
             "server_cpu_s": point["server_cpu_s"], "client_cpu_s": point["client_cpu_s"],
-            "redis_cpu_s": point.get("redis_cpu_s"), "client_lag_p99_ms": ms(point["client_lag"]["p99"]),
+            "redis_cpu_s": point.get("redis_cpu_s"), "client_lag_p99_ms": rounded(ms(point["client_lag"]["p99"]), 3),
             "client_bound": point["client_bound"], "repeats": point.get("repeats"),
             "us_per_waiter": us(time_per_waiter(point["last_delivery_s"], point["delivered"]))}
 
@@ -358,7 +359,6 @@ def measure_buses(buses, counts, repeats, log_dir):
     """Every bus at every count, in alternation (each count, each repeat, each bus), so that a
     drift of the shared machine falls on all of them alike; the median repeat of each. Each
     run also records the cores the rest of the machine kept busy meanwhile."""
-    from bench.capacity import machine_busy_seconds, own_cpu_seconds  # bench.capacity imports this module
     runs = {}
     for count in counts:
         for repeat in range(repeats):
@@ -375,9 +375,12 @@ def measure_buses(buses, counts, repeats, log_dir):
 
 
 def main(argv=None):
+    with CleanUp.armed():  # a SIGTERM takes Ctrl-C's way: the servers, Redis and cluster nodes started are stopped
+        return sweep(argv)
+
+
+def sweep(argv):
     args = parse_args(argv)
-    # A SIGTERM unwinds as an error does: the servers, Redis and cluster nodes started are stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     counts = [int(c) for c in args.counts.split(",")]
     workers_list = [int(w) for w in args.workers.split(",")]
 

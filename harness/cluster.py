@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from harness.processes import ROOT, Process, free_port, get_json, wait_until
+from harness.processes import ROOT, CleanUp, Process, free_port, get_json, wait_until
 from instruments.page import REPORTS_ROOT
 
 SERVER_PORT = 8080
@@ -205,10 +205,6 @@ def run_cluster(users, duration, report_root, work_dir, processes_per_host=1, bu
         topology.close()
 
 
-def stop_on_sigterm(_signum, _frame):
-    raise KeyboardInterrupt  # the same tear-down path as Ctrl-C
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=2000, help="listeners, spread over hosts A and B")
@@ -221,8 +217,8 @@ def main(argv=None):
         print("cluster-demo: %s" % problem, file=sys.stderr)
         return 2
     work_dir = os.path.join(args.report_root, "cluster-%d" % os.getpid())
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    code, report_dir = run_cluster(args.users, args.duration, args.report_root, work_dir, args.processes)
+    with CleanUp.armed():  # a SIGTERM takes Ctrl-C's way: the namespaces are torn down
+        code, report_dir = run_cluster(args.users, args.duration, args.report_root, work_dir, args.processes)
     with open(os.path.join(work_dir, "master.log")) as log:
         print(log.read())
     if report_dir:

@@ -6,6 +6,7 @@ Every process is started here, remembered by its pid and ended by that pid only.
 """
 
 import compileall
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import urllib.error
 import urllib.request
 
 from harness import system_packages
+from instruments.provenance import bench_environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = "127.0.0.1"
@@ -33,9 +35,20 @@ def free_port(host=LOOPBACK):
 
 
 def get_json(url, timeout=5.0):
-    """(status, decoded body) of a GET; errors answered by the server are returned, not raised."""
+    """(status, decoded body) of a GET; errors answered by the server are returned, not raised
+    (a body that is not JSON as its bytes); no answer at all raises OSError."""
+    return _exchange(url, timeout)
+
+
+def post_json(url, payload, timeout=5.0):
+    """(status, decoded body) of a POST of `payload` as JSON, answered as get_json's."""
+    return _exchange(urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                            headers={"Content-Type": "application/json"}), timeout)
+
+
+def _exchange(request, timeout):
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
             return answer.status, json.loads(answer.read() or b"null")
     except urllib.error.HTTPError as error:
         body = error.read()
@@ -43,16 +56,6 @@ def get_json(url, timeout=5.0):
             return error.code, json.loads(body or b"null")
         except ValueError:
             return error.code, body
-
-
-def post_json(url, payload, timeout=5.0):
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
 
 
 class Process:
@@ -97,6 +100,52 @@ class Process:
             return ""
         with open(self.log_path, "rb") as log:
             return b"\n".join(log.read().splitlines()[-lines:]).decode("utf-8", "replace")
+
+
+class CleanUp:
+    """The first SIGTERM or Ctrl-C raises KeyboardInterrupt, so that a command ends through
+    the clean-up Ctrl-C takes (every process it started stopped by pid, every temporary
+    tree removed); a later one only hurries it (`hurry`: no more waiting for what may be
+    cut short), never cuts it short."""
+
+    hurry = False
+
+    @classmethod
+    def interrupt(cls, _signum, _frame):
+        cls.begin()
+        raise KeyboardInterrupt
+
+    @classmethod
+    def begin(cls):
+        """The clean-up has begun: from now on a signal only hurries it."""
+        signal.signal(signal.SIGTERM, cls.hurry_up)
+        signal.signal(signal.SIGINT, cls.hurry_up)
+
+    @classmethod
+    def hurry_up(cls, _signum, _frame):
+        cls.hurry = True
+
+    @classmethod
+    def arm(cls):
+        """The next signal interrupts. SIGINT too: Python leaves it ignored when it
+        starts ignored (a script's background job), and a SIGINT sent on purpose must still
+        end the command through its clean-up."""
+        signal.signal(signal.SIGTERM, cls.interrupt)
+        signal.signal(signal.SIGINT, cls.interrupt)
+
+    @classmethod
+    @contextlib.contextmanager
+    def armed(cls):
+        """CleanUp's rule inside; the handlers from before are back on the way out (a test
+        that calls a command's main keeps its own)."""
+        previous = [(signum, signal.getsignal(signum)) for signum in (signal.SIGTERM, signal.SIGINT)]
+        cls.hurry = False
+        cls.arm()
+        try:
+            yield cls
+        finally:
+            for signum, handler in previous:
+                signal.signal(signum, handler)
 
 
 def wait_until(check, timeout, what, process=None, interval=0.05):
@@ -162,13 +211,14 @@ class ChattleServer(Process):
     """Chattle under `python chattle.py` (one process) or gunicorn with N gevent workers."""
 
     def __init__(self, port=None, workers=1, redis_url=None, env=None, log_path=None, gunicorn=None,
-                 python=sys.executable, extra_args=(), own_session=False, root=ROOT, bind=LOOPBACK):
+                 python=sys.executable, extra_args=(), own_session=False, root=ROOT, bind=LOOPBACK, environ=None):
         """`root`: the checkout whose chattle.py runs (`make regress BASE=` runs another revision's);
-        `bind`: the address it listens on (loopback unless other hosts must reach it)."""
+        `bind`: the address it listens on (loopback unless other hosts must reach it); `environ`:
+        the environment `env` adds to (os.environ)."""
         self.port = port or free_port(bind)
         self.url = "http://%s:%d" % (bind, self.port)
         self.workers = workers
-        full_env = dict(os.environ)
+        full_env = dict(os.environ if environ is None else environ)
         full_env.update(env or {})
         full_env["PYTHONUNBUFFERED"] = "1"
         if redis_url:
@@ -176,7 +226,7 @@ class ChattleServer(Process):
         self.gunicorn = workers > 1 if gunicorn is None else gunicorn
         # A deliberate fault asked for (CHATTLE_BENCH_*): chattle through the harness's
         # wrapper, which installs it; the product itself carries none.
-        self.faulted = any(name.startswith("CHATTLE_BENCH_") and value for name, value in full_env.items())
+        self.faulted = any(bench_environment(full_env).values())
         if self.faulted:  # the wrapper runs from the harness's directory: it wraps `root`'s chattle
             full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, full_env.get("PYTHONPATH")]))
         if self.gunicorn:

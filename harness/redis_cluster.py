@@ -10,7 +10,6 @@ ready when every node's `cluster info` says `cluster_state:ok`.
 import argparse
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import tempfile
 import time
 
 from harness import system_packages
-from harness.processes import LOOPBACK, Process, free_port, wait_until
+from harness.processes import LOOPBACK, CleanUp, Process, free_port, wait_until
 
 
 def command(port, *words, timeout=2.0):
@@ -202,19 +201,18 @@ def main(argv=None):
     parser.add_argument("--masters", type=int, default=3, help="masters (default %(default)s)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas per master (default %(default)s)")
     args = parser.parse_args(argv)
-    cluster = RedisCluster(args.masters, args.replicas)
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    print("redis-cluster: %d nodes ok, data in %s" % (len(cluster.nodes), cluster.workdir))
-    print("redis-cluster: make run WORKERS=2 REDIS_CLUSTER=%s   (Ctrl-C stops the cluster)" % cluster.seed)
-    sys.stdout.flush()
-    try:
-        while not stopping and all(node.alive() for node in cluster.nodes):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        cluster.stop()
+    with CleanUp.armed():  # a SIGTERM takes Ctrl-C's way: the nodes are stopped
+        cluster = RedisCluster(args.masters, args.replicas)
+        print("redis-cluster: %d nodes ok, data in %s" % (len(cluster.nodes), cluster.workdir))
+        print("redis-cluster: make run WORKERS=2 REDIS_CLUSTER=%s   (Ctrl-C stops the cluster)" % cluster.seed)
+        sys.stdout.flush()
+        try:
+            while all(node.alive() for node in cluster.nodes):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            cluster.stop()
     return 0
 
 

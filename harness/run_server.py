@@ -7,11 +7,10 @@ given, so the multi-worker setup is one command.
 
 import argparse
 import os
-import signal
 import sys
 import time
 
-from harness.processes import ChattleServer, RedisServer
+from harness.processes import ChattleServer, CleanUp, RedisServer
 from harness.system_packages import require_or_exit
 
 
@@ -29,8 +28,14 @@ def main(argv=None):
                         help="host:port[,host:port] of a Redis Cluster to share the history through instead "
                              "(`make redis-cluster` starts a local one)")
     args = parser.parse_args(argv)
-    # Until wait_for_the_end takes SIGTERM over, it unwinds whatever was started so far.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    with CleanUp.armed():  # a SIGTERM takes Ctrl-C's way: whatever was started so far is stopped
+        try:
+            return serve(args)
+        except KeyboardInterrupt:
+            return 130
+
+
+def serve(args):
     if args.redis_cluster:
         return serve_on_cluster(args)
 
@@ -67,13 +72,11 @@ def serve_on_cluster(args):
 
 
 def wait_for_the_end(server):
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     died = False
     try:
-        while not stopping and server.alive():
+        while server.alive():
             time.sleep(0.5)
-        died = not stopping
+        died = True
     except KeyboardInterrupt:
         pass
     finally:

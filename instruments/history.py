@@ -23,10 +23,11 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 
+from instruments.measures import ms
 from instruments.page import REPORTS_ROOT, machine_description, write_html
+from instruments.provenance import bench_environment, git
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HISTORY_NAME = "history.jsonl"
@@ -48,17 +49,11 @@ def history_path(report_root=REPORTS_ROOT):
 def git_state(root=ROOT):
     """{commit, dirty, commit_time, subject}: dirty when tracked files differ from the commit
     (untracked files, reports among them, do not count). Nones outside a git checkout."""
-    def git(*args):
-        run = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=60)
-        return run.stdout.strip() if run.returncode == 0 else None
-    try:
-        commit = git("rev-parse", "HEAD")
-        if commit is None:
-            return {"commit": None, "dirty": None, "commit_time": None, "subject": None}
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        shown = (git("show", "-s", "--format=%ct %s", commit) or "0 ").split(" ", 1)
-    except (OSError, subprocess.SubprocessError):
+    commit = git("rev-parse", "HEAD", cwd=root, check=False)
+    if commit is None:
         return {"commit": None, "dirty": None, "commit_time": None, "subject": None}
+    dirty = git("status", "--porcelain", "--untracked-files=no", cwd=root, check=False)
+    shown = (git("show", "-s", "--format=%ct %s", commit, cwd=root, check=False) or "0 ").split(" ", 1)
     return {"commit": commit, "dirty": bool(dirty), "commit_time": int(shown[0]), "subject": shown[1][:100]}
 
 
@@ -95,12 +90,6 @@ def machine_fingerprint():
 
 def digest(value):
     return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def bench_environment(environ=None):
-    """CHATTLE_BENCH_* variables: they change what the server does, so they are settings."""
-    environ = os.environ if environ is None else environ
-    return {name: value for name, value in sorted(environ.items()) if name.startswith("CHATTLE_BENCH_")}
 
 
 def append(kind, settings, figures, report_dir=None, path=None, root=ROOT, extra=None, state=None):
@@ -150,9 +139,6 @@ def load_figures(summary):
     """The headline figures of one load report's summary (None where it has none)."""
     latency, memory, delivery = summary.get("wakeup_latency_s") or {}, summary.get("memory") or {}, \
         summary.get("delivery") or {}
-
-    def ms(value):
-        return None if value is None else value * 1000
     return {"server_us_per_delivery": (summary.get("cpu") or {}).get("server_us_per_delivery"),
             "wakeup_p50_ms": ms(latency.get("p50")), "wakeup_p99_ms": ms(latency.get("p99")),
             "kib_per_held_poll": None if memory.get("bytes_per_held_poll") is None

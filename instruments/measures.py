@@ -24,6 +24,14 @@ def wakeup_latency(arrived_at, message_ts):
     return arrived_at - message_ts
 
 
+def ms(seconds, pattern=None):
+    """`seconds` in milliseconds, None for None; with `pattern` ("%.1f"), as that text, "-"
+    for None. Every latency is kept in seconds and shown in milliseconds."""
+    if seconds is None:
+        return None if pattern is None else "-"
+    return seconds * 1000 if pattern is None else pattern % (seconds * 1000)
+
+
 def client_lag(read_at, arrived_at):
     """Seconds an answer sat in the client host's socket buffer before the client read
     it: the load generator's own queueing, reported apart from the server's latency."""
@@ -338,6 +346,20 @@ def process_cpu_seconds(pid):
     with open("/proc/%d/stat" % pid) as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds():
+    """CPU seconds every core of this machine has been busy so far (/proc/stat)."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds():
+    """CPU seconds of this process and of every descendant it has waited for (the servers and
+    client processes of finished runs, gunicorn's workers through gunicorn)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def redis_cpu_seconds(info_cpu):

@@ -6,14 +6,11 @@ The cluster is asked through its own commands (harness/failover.py), never throu
 server: the product's internals may change, its wire contract and /stats do not.
 """
 
-import json
 import threading
 import time
-import urllib.error
-import urllib.request
 
 from harness import failover
-from harness.processes import get_json
+from harness.processes import get_json, post_json
 
 LOCAL = "local"
 CHAOS_KINDS = ("failover",)
@@ -87,15 +84,11 @@ class ClusterForLoad:
 
 # -- the failover during the bursts ---------------------------------------------------------------
 
-def post_json(url, payload, timeout=5.0):
-    """(status, body) of one POST; (None, reason) when no answer came."""
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "Connection": "close"})
+def probe_post(url, room, content, sender="chaos-probe"):
+    """(status, body) of one post of a fault's probe; (None, why) when no answer came: a
+    probe counts those, it does not stop at one."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
+        return post_json("%s/rooms/%s/msgs" % (url, room), {"from": sender, "content": content})
     except (OSError, ValueError) as exc:
         return None, str(exc)
 
@@ -123,8 +116,7 @@ class FailoverChaos(threading.Thread):
         number = 0
         while not until.is_set() and not self.halt.is_set():
             number += 1
-            status, body = post_json("%s/rooms/%s/msgs" % (self.url, self.room),
-                                     {"from": "chaos-probe", "content": "probe %d" % number})
+            status, body = probe_post(self.url, self.room, "probe %d" % number)
             accepted = status == 201 and isinstance(body, dict)
             self.probe_posts.append([time.time(), status, body["id"] if accepted else None,
                                      body["ts"] if accepted else None])

@@ -1,14 +1,14 @@
 """`make load BASE=<rev>`: the same seeded load against a base revision and this tree,
 round by round, and a verdict: worse, unchanged or better, beyond the measured noise.
 
-The base is checked out into a temporary git worktree (removed at the end, also on
-failure or Ctrl-C). Base and head ("this tree") are run in turns, ROUNDS of each, the
-order alternating from round to round (A B, B A, A B, ...), every run a complete `make
-load` on a freshly started server: the base's server code from its worktree, head's from
-a copy of this tree beside it (the same path length: a server's memory depends on it),
-and this tree's load client and seeded schedule for both (the same listeners, rooms and
-bursts). CHATTLE_BENCH_* variables of the environment (and --head-env) reach
-head's servers only.
+The base is checked out into a temporary git worktree (harness/sides.py, as `make
+regress BASE=` does; removed at the end, also on failure, Ctrl-C or SIGTERM). Base and
+head ("this tree") are run in turns, ROUNDS of each, the order alternating from round to
+round (A B, B A, A B, ...), every run a complete `make load` on a freshly started server:
+the base's server code from its worktree, head's from a copy of this tree beside it (the
+same path length: a server's memory depends on it), and this tree's load client and
+seeded schedule for both (the same listeners, rooms and bursts). CHATTLE_BENCH_*
+variables of the environment (and --head-env) reach head's servers only.
 
 Per figure (server CPU per delivery, wake-up p50 and p99, memory per held poll) each
 round gives a ratio head / base; their geometric mean and a seeded bootstrap interval,
@@ -26,22 +26,27 @@ Exit status: 0 unchanged or better, 1 worse, 2 could not compare (the reason is 
 import argparse
 import math
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
-from harness.checkout import BaseCheckout, Unmeasured, copy_of_this_tree
 from harness.processes import LOOPBACK, ROOT, Process, free_port, wait_until
+from harness.sides import (
+    BaseCheckout,
+    Unmeasured,
+    assignments,
+    base_and_head,
+    copy_of_this_tree,
+    in_turn,
+    parse_head_env,
+    scratch_directory,
+)
 from instruments import history
-from instruments.measures import LatencyHistogram, percentile, ratio_interval
+from instruments.measures import LatencyHistogram, ms, percentile, ratio_interval
 from instruments.page import REPORTS_ROOT, machine_line, new_report_dir, write_html, write_json
+from instruments.provenance import GitFailed, git, without_bench_environment
 
 WORSE_OR_NOT = {0: "UNCHANGED", 1: "WORSE", 2: "COULD NOT COMPARE"}
 UNCHANGED, WORSE, CANNOT_COMPARE = 0, 1, 2
-HASH_SEED = "0"           # one str-hash layout for every process of both sides (see bench/ab.py)
 BOOTSTRAP_SEED = 13       # the same rounds always give the same interval, so the same verdict
 CONFIDENCE = 0.95
 ROUND_MARGIN_SECONDS = 240  # a round may take its stage table plus this (start, settle, report)
@@ -64,9 +69,8 @@ class Figure:
         self.resolution = resolution
 
 
-def _ms(summary, key):
-    value = (summary.get("wakeup_latency_s") or {}).get(key)
-    return None if value is None else value * 1000
+def _wakeup_ms(summary, key):
+    return ms((summary.get("wakeup_latency_s") or {}).get(key))
 
 
 def _kib_per_poll(summary):
@@ -96,8 +100,8 @@ def _memory_resolution(summary):
 FIGURES = (
     Figure("server_us_per_delivery", "server CPU per delivery", "us", 5.0,
            lambda summary: (summary.get("cpu") or {}).get("server_us_per_delivery"), _cpu_resolution),
-    Figure("wakeup_p50_ms", "wake-up latency p50", "ms", 10.0, lambda summary: _ms(summary, "p50")),
-    Figure("wakeup_p99_ms", "wake-up latency p99", "ms", 10.0, lambda summary: _ms(summary, "p99")),
+    Figure("wakeup_p50_ms", "wake-up latency p50", "ms", 10.0, lambda summary: _wakeup_ms(summary, "p50")),
+    Figure("wakeup_p99_ms", "wake-up latency p99", "ms", 10.0, lambda summary: _wakeup_ms(summary, "p99")),
     Figure("kib_per_held_poll", "memory per held poll", "KiB", 5.0, _kib_per_poll, _memory_resolution),
 )
 WRONG_KINDS = ("lost", "duplicated", "out_of_order")
@@ -211,31 +215,27 @@ def judge(rounds, figures=FIGURES, seed=BOOTSTRAP_SEED):
 
 # -- the base ---------------------------------------------------------------------------------------
 
-def git_output(*args):
-    run = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    return run.returncode, run.stdout.strip() + run.stderr.strip()
-
-
 def dirty_files():
     """Tracked files that differ from HEAD: head would not be the commit the report names."""
-    run = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
-    if run.returncode != 0:
-        raise Unmeasured("this tree is not a git checkout (git status: %s)" % run.stderr.strip())
-    return [line[3:] for line in run.stdout.splitlines() if line.strip()]
+    try:
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except GitFailed as exc:
+        raise Unmeasured("this tree is not a git checkout (%s)" % exc)
+    # "XY name": the first line's leading blank went with the stripping
+    return [line.split(None, 1)[1] for line in status.splitlines() if line.strip()]
 
 
-def base_protocol_problem(root, python, log_path):
-    """Start the base's chattle.py once and ask it /health and a poll as the protocol says:
-    a base that does not speak it cannot be compared. None when it does."""
-    from loadtests.run import protocol_problem
+def base_protocol_problem(root, python, log_path, protocol_problem):
+    """Start the base's chattle.py once and ask it /health and a poll as the protocol says
+    (`protocol_problem`, a run's own check): a base that does not speak it cannot be
+    compared. None when it does."""
     script = os.path.join(root, "chattle.py")
     if not os.path.exists(script):
         return "the base has no chattle.py"
     port = free_port()
     url = "http://%s:%d" % (LOOPBACK, port)
     server = Process([python, script, "--host", LOOPBACK, "--port", str(port)], cwd=root,
-                     env=dict(without_bench_env(os.environ), PYTHONUNBUFFERED="1"), log_path=log_path)
+                     env=dict(without_bench_environment(), PYTHONUNBUFFERED="1"), log_path=log_path)
     try:
         def listening():
             import socket
@@ -249,29 +249,18 @@ def base_protocol_problem(root, python, log_path):
         server.stop(grace=10)
 
 
-def without_bench_env(environ):
-    return {name: value for name, value in environ.items() if not name.startswith("CHATTLE_BENCH_")}
-
-
 # -- the rounds ------------------------------------------------------------------------------------
 
-class Side:
-    """One side of the comparison: whose server code runs, on which interpreter, with what env."""
-
-    def __init__(self, name, root, python, env):
-        self.name, self.root, self.python, self.env = name, root, python, env
-
-
 def run_round(side, number, load_argv, rounds_dir, timeout):
-    """One complete `make load` of this tree's client against `side`'s server code, as a child
-    process of its own (stopped by pid if we are stopped); its summary.json, or None."""
+    """One complete `make load` of this tree's client against `side`'s server code (a Side of
+    harness/sides.py), as a child process of its own (stopped by pid if we are stopped); its
+    summary.json, or None."""
     root = os.path.join(rounds_dir, "%s-%s" % (number, side.name))
     os.makedirs(root)
     argv = [sys.executable, "-m", "loadtests.run", *load_argv, "--report-root", root,
             "--server-root", side.root, "--server-python", side.python]
-    env = dict(side.env, PYTHONHASHSEED=HASH_SEED)
     log = os.path.join(rounds_dir, "%s-%s.log" % (number, side.name))
-    child = Process(argv, env=env, cwd=ROOT, log_path=log, own_session=True)
+    child = Process(argv, env=side.env, cwd=ROOT, log_path=log, own_session=True)
     try:
         deadline = time.monotonic() + timeout
         while child.alive() and time.monotonic() < deadline:
@@ -297,7 +286,7 @@ def run_pair(sides, label, load_argv, rounds_dir, timeout, number=1):
     """Both sides once; odd rounds base first, even rounds head first (A B B A ...), so that
     whatever favours the first or the second run of a pair falls on both sides alike."""
     pair = {}
-    for side in (sides if number % 2 else sides[::-1]):
+    for side in in_turn(sides, number - 1):
         started = time.monotonic()
         pair[side.name], _root = run_round(side, label, load_argv, rounds_dir, timeout)
         print(round_line(label, side.name, pair[side.name]) + " (%.0f s)" % (time.monotonic() - started), flush=True)
@@ -552,30 +541,21 @@ def parse_args(argv):
     return parser.parse_known_args(argv)
 
 
-def main(argv=None):
-    """`python -m loadtests.run --base REV [--rounds N] [make load's own flags]`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, load_argv = parse_args(argv)
-    from loadtests import run
+def main(argv, run):
+    """`python -m loadtests.run --base REV [--rounds N] [make load's own flags]`. `run` is
+    loadtests/run.py, which hands itself over: it imports this module, so this one cannot
+    import it (its flags and preflight judge each round's run here)."""
+    args, load_argv = parse_args(list(argv))
     load_args = run.parse_args(load_argv)
-    previous = signal.signal(signal.SIGTERM, _end_on_sigterm)
-    scratch = tempfile.mkdtemp(prefix="chattle-compare-")
     try:
-        return _compare(args, load_argv, load_args, scratch, run)
+        with scratch_directory("chattle-compare-") as scratch:
+            return _compare(args, load_argv, load_args, scratch, run)
     except (Unmeasured, RuntimeError, ValueError) as exc:
         print("compare: could not compare: %s" % exc, file=sys.stderr)
         return CANNOT_COMPARE
     except KeyboardInterrupt:
         print("compare: interrupted; the base's worktree is removed", file=sys.stderr)
         return 130
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True, timeout=120)
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _end_on_sigterm(_signum, _frame):
-    raise KeyboardInterrupt  # the same clean-up as Ctrl-C
 
 
 def refusals(args, load_args):
@@ -592,12 +572,7 @@ def refusals(args, load_args):
 
 
 def _compare(args, load_argv, load_args, scratch, run):
-    head_env = {}
-    for item in args.head_env:
-        name, equals, value = item.partition("=")
-        if not equals or not name:
-            raise ValueError("--head-env wants NAME=VALUE, not %r" % item)
-        head_env[name] = value
+    head_env = parse_head_env(args.head_env)
     problems = refusals(args, load_args)
     _stages, preflight_problems, _notes = run.preflight(load_args)
     problems += preflight_problems
@@ -613,19 +588,19 @@ def _compare(args, load_argv, load_args, scratch, run):
         return CANNOT_COMPARE
 
     checkout = BaseCheckout(args.base, scratch)  # a revision that does not exist stops here
-    _code, head_commit = git_output("rev-parse", "HEAD")
+    head_commit = git("rev-parse", "HEAD")
     head_state = history.git_state()  # what the history line names, whatever happens meanwhile
-    try:
+    with checkout:
         checkout.check_out()
-        problem = base_protocol_problem(checkout.root, checkout.python, os.path.join(scratch, "base-protocol.log"))
+        problem = base_protocol_problem(checkout.root, checkout.python, os.path.join(scratch, "base-protocol.log"),
+                                        run.protocol_problem)
         if problem:
             print("compare: could not compare: base %s (%s) does not serve the Chattle protocol: %s"
                   % (args.base, checkout.commit[:12], problem), file=sys.stderr)
             return CANNOT_COMPARE
-        bench_env = dict(history.bench_environment(), **head_env)
         head_root = copy_of_this_tree(os.path.join(scratch, "head"))  # beside the base's: the same path length
-        sides = (Side("base", checkout.root, checkout.python, without_bench_env(os.environ)),
-                 Side("head", head_root, sys.executable, dict(without_bench_env(os.environ), **bench_env)))
+        sides = base_and_head(checkout, head_root, head_env)
+        bench_env = sides[1].bench_env
         os.makedirs(args.report_root, exist_ok=True)
         report_dir = new_report_dir("compare", root=args.report_root)
         rounds_dir = os.path.join(report_dir, "rounds")
@@ -638,7 +613,7 @@ def _compare(args, load_argv, load_args, scratch, run):
                   args.base, checkout.commit[:12], checkout.root, checkout.venv_note, head_commit[:12],
                   " (uncommitted changes)" if dirty else "", head_root, args.rounds, report_dir), flush=True)
         if bench_env:
-            print("compare: head's servers get %s" % " ".join("%s=%s" % item for item in sorted(bench_env.items())))
+            print("compare: head's servers get %s" % assignments(bench_env))
         timeout = load_args.duration + ROUND_MARGIN_SECONDS
         rounds, discarded, retries = [], [], args.retries
         for number in range(1, args.rounds + 1):
@@ -668,8 +643,6 @@ def _compare(args, load_argv, load_args, scratch, run):
         print_verdict(result, context, rounds, report_dir)
         record_history(result, settings, bench_env, checkout.commit, report_dir, args.report_root, head_state)
         return result["code"]
-    finally:
-        checkout.remove()
 
 
 def record_history(result, settings, bench_env, base_commit, report_dir, report_root, head_state=None):
@@ -681,7 +654,3 @@ def record_history(result, settings, bench_env, base_commit, report_dir, report_
                    extra={"compare": {"base_commit": base_commit, "verdict": result["word"],
                                       "rounds": len(result["delivery"])},
                           "passed": result["code"] != CANNOT_COMPARE}, state=head_state)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

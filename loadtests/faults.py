@@ -20,7 +20,7 @@ import time
 import urllib.parse
 
 from chattle_limits import client_timeout
-from harness.processes import ROOT, RedisServer, get_json, wait_until
+from harness.processes import ROOT, CleanUp, RedisServer, get_json, wait_until
 from instruments.judging import first_served, judge_run
 
 INJECT_INTO_BURSTS = 0.25  # the fault strikes this far into the bursts stage (a fraction of it)
@@ -378,8 +378,8 @@ class FaultContext:
             record["note"] = str(exc).splitlines()[0]
 
     def post(self, room, content, sender):
-        from loadtests.cluster_load import post_json
-        return post_json("%s/rooms/%s/msgs" % (self.url, room), {"from": sender, "content": content})
+        from loadtests.cluster_load import probe_post
+        return probe_post(self.url, room, content, sender)
 
     def waiters(self, since=None):
         """Polls held now, summed over the workers /stats reached (each probe reaches one
@@ -461,13 +461,12 @@ class ChaosThread(threading.Thread):
             self._probe_done.set()
 
     def _probe(self):
-        from loadtests.cluster_load import post_json
+        from loadtests.cluster_load import probe_post
         number = 0
         room = self.ctx.rooms[0]
         while not self._probe_done.is_set():
             number += 1
-            status, body = post_json("%s/rooms/%s/msgs" % (self.ctx.url, room),
-                                     {"from": "chaos-probe", "content": "probe %d" % number})
+            status, body = probe_post(self.ctx.url, room, "probe %d" % number)
             if status == 201 and isinstance(body, dict):
                 self.probe_posts.append([room, body["id"], body["ts"], body.get("epoch")])
             else:
@@ -627,10 +626,7 @@ def run_matrix(names, argv, report_root, new_report_dir):
     base = strip_chaos(argv)
     rows, started = [], time.time()
 
-    def interrupt(_signum, _frame):
-        raise KeyboardInterrupt   # SIGTERM takes Ctrl-C's way: the running fault's run ends cleanly
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
+    CleanUp.arm()  # a SIGTERM takes Ctrl-C's way: the running fault's run ends cleanly, once
     interrupted = False
     for name in names:
         fault = FAULTS[name]
@@ -645,8 +641,6 @@ def run_matrix(names, argv, report_root, new_report_dir):
             code = child.wait()
         except KeyboardInterrupt:
             interrupted = True
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)   # once is enough: now wait for its clean-up
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
             child.send_signal(signal.SIGINT)   # it stops what it started and writes its report
             try:
                 code = child.wait(180)

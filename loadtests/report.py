@@ -18,6 +18,7 @@ from instruments.measures import (
     cpu_per_delivery,
     delivery_summary,
     memory_per_connection,
+    ms,
 )
 from instruments.page import machine_description, machine_line, write_html, write_json
 from loadtests.tally import RunTally
@@ -303,7 +304,7 @@ def build_summary(report_dir, run_info, samples, cursors):
               ", ".join("%s: %s" % (url, entry["held_polls_peak"]) for url, entry in servers.items()))
     check("latency is the server's, not the client's", client_bound is None,
           client_bound or ("client lag p99 %s within %.0f%% of the server's p99 or %.0f ms" %
-                           (_ms(lag.get("p99")), CLIENT_LAG_SHARE * 100, CLIENT_LAG_FLOOR * 1000)))
+                           (ms(lag.get("p99"), "%.1f ms"), CLIENT_LAG_SHARE * 100, CLIENT_LAG_FLOOR * 1000)))
 
     if judged_by_row and run_info["chaos"] == "cluster-failover":
         judged_by_row.append("no request failed outside the failover")
@@ -380,10 +381,6 @@ def failover_checks(check, failover, delivery):
           and delivery["listeners"] > 0,
           "%(lost)d lost, %(signalled)d signalled (reset or missed), %(duplicated)d duplicated, %(out_of_order)d out "
           "of order, %(delivered)d delivered of %(judged)d owed" % failover)
-
-
-def _ms(value):
-    return "-" if value is None else "%.1f ms" % (value * 1000)
 
 
 # -- charts -------------------------------------------------------------------------------------------
@@ -620,9 +617,9 @@ def build_report(report_dir, run_info, samples, cursors):
              ("posts / deliveries", "%d / %d (%d of them fetched by the catch-up at ramp-down)"
               % (summary["posts"], summary["deliveries"], summary["delivery"]["caught_up_at_stop"]), ""),
              ("server wake-up latency p50 / p95 / p99 / max",
-              " / ".join(_ms(lat.get(k)) for k in ("p50", "p95", "p99", "max")), ""),
-             ("client lag p50 / p95 / p99 / max", " / ".join(_ms(lag.get(k)) for k in ("p50", "p95", "p99", "max")),
-              ""),
+              " / ".join(ms(lat.get(k), "%.1f ms") for k in ("p50", "p95", "p99", "max")), ""),
+             ("client lag p50 / p95 / p99 / max",
+              " / ".join(ms(lag.get(k), "%.1f ms") for k in ("p50", "p95", "p99", "max")), ""),
              ("latency figures are", summary["latency_figures_are"], ""),
              ("CPU: load generator / server", _cpu_line(cpu), ""),
              ("server RSS idle / holding", "-" if not mem["rss_idle"] else "%.1f / %.1f MiB"
@@ -673,7 +670,8 @@ def summary_lines(summary):
                      "%.1f s CPU, wake-up p50 %s%s%s" % (share["pid"], share["host"], share["listeners"],
                                        100 * share["listener_share"], share["deliveries"],
                                        100 * share["delivery_share"], share["cpu_seconds"] or 0,
-                                       _ms(share["latency"].get("p50")), HELD_PATHS.get(share.get("held_path"), ""),
+                                       ms(share["latency"].get("p50"), "%.1f ms"),
+                                       HELD_PATHS.get(share.get("held_path"), ""),
                                        ", LOST: %d listeners lost contact" % share["lost_contact"]
                                        if share["lost"] else ""), ""))
     return rows
@@ -701,9 +699,6 @@ def _whole(value):
 def print_summary(summary, report_dir):
     lat, lag, mem, delivery = (summary["wakeup_latency_s"], summary["client_lag_s"], summary["memory"],
                                summary["delivery"])
-
-    def ms(value):
-        return "-" if value is None else "%.1f" % (value * 1000)
     machine = summary["machine_check"]
     print("=" * 78)
     print("Chattle load run: %s" % ("PASSED" if summary["passed"] else "FAILED"))
@@ -712,9 +707,9 @@ def print_summary(summary, report_dir):
     print("  held polls peak      %s of %d listeners" % (summary["held_polls_peak"], summary["run"]["users"]))
     print("  posts / deliveries   %d / %d" % (summary["posts"], summary["deliveries"]))
     print("  server wake-up ms    p50 %s  p95 %s  p99 %s  max %s  (kernel arrival - ts)"
-          % (ms(lat.get("p50")), ms(lat.get("p95")), ms(lat.get("p99")), ms(lat.get("max"))))
+          % tuple(ms(lat.get(key), "%.1f") for key in ("p50", "p95", "p99", "max")))
     print("  client lag ms        p50 %s  p95 %s  p99 %s  max %s  (read - kernel arrival)%s"
-          % (ms(lag.get("p50")), ms(lag.get("p95")), ms(lag.get("p99")), ms(lag.get("max")),
+          % (*(ms(lag.get(key), "%.1f") for key in ("p50", "p95", "p99", "max")),
              "  CLIENT-BOUND" if summary["client_bound"] else ""))
     print("  CPU                  %s" % _cpu_line(summary["cpu"]))
     print("  machine              every core busy in %d of %d burst seconds%s"

@@ -16,7 +16,7 @@ import threading
 import time
 
 from chattle_limits import POLL_TIMEOUT_MAX, client_timeout, connections_per_worker, raise_descriptor_limit
-from harness.processes import LOOPBACK, ROOT, ChattleServer, Process, RedisServer, free_port, get_json
+from harness.processes import LOOPBACK, ROOT, ChattleServer, CleanUp, Process, RedisServer, free_port, get_json
 from harness.system_packages import missing, missing_line
 from instruments.measures import process_cpu_seconds
 from instruments.page import REPORTS_ROOT, new_report_dir
@@ -458,33 +458,6 @@ def final_cursors(url, rooms):
 
 # -- the run ----------------------------------------------------------------------------------------
 
-class CleanUp:
-    """The first SIGTERM or Ctrl-C ends the run through its clean-up; a later one only
-    hurries it (no more waiting for the listeners to catch up), never cuts it short: every
-    process the run started is still stopped."""
-
-    hurry = False
-
-    @classmethod
-    def interrupt(cls, _signum, _frame):
-        cls.begin()
-        raise KeyboardInterrupt  # Ctrl-C and SIGTERM take the same clean-up path
-
-    @classmethod
-    def begin(cls):
-        signal.signal(signal.SIGTERM, cls.hurry_up)
-        signal.signal(signal.SIGINT, cls.hurry_up)
-
-    @classmethod
-    def hurry_up(cls, _signum, _frame):
-        cls.hurry = True
-
-    @classmethod
-    def end(cls):
-        signal.signal(signal.SIGTERM, cls.interrupt)
-        signal.signal(signal.SIGINT, cls.interrupt)
-
-
 def children_cpu_seconds():
     """CPU seconds of every child this process has reaped (and the children they reaped)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -541,7 +514,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if any(arg == "--base" or arg.startswith("--base=") for arg in argv):
         from loadtests import compare  # its own flags (--allow-dirty, --head-env) too
-        return compare.main(argv)
+        return compare.main(argv, sys.modules[__name__])
     args = parse_args(argv)
     try:
         faults = parse_chaos(args.chaos)
@@ -572,7 +545,7 @@ def main(argv=None):
     urls, cursors, run_error = [], {}, None
     # Python leaves SIGINT ignored when it starts ignored (a script's background job):
     # Ctrl-C, or a SIGINT sent on purpose, must still end the run through its clean-up.
-    CleanUp.end()
+    CleanUp.arm()
     try:
         if args.host:
             urls = list(server_urls(args.host))
@@ -668,7 +641,7 @@ def main(argv=None):
                 cluster.stop()
             except Exception as exc:  # noqa: BLE001
                 print("load: could not stop the redis cluster: %s" % exc, file=sys.stderr)
-        CleanUp.end()
+        CleanUp.arm()
 
     from loadtests.report import build_report, print_summary
     run_info = {"users": args.users, "posters": args.posters, "rooms": args.rooms, "duration": args.duration,

@@ -9,14 +9,13 @@ a worker retrying forever. Then it runs until the master ends the run.
 
 import argparse
 import os
-import signal
 import socket
 import sys
 import threading
 import time
 
 from chattle_limits import raise_descriptor_limit
-from harness.processes import ROOT, Process
+from harness.processes import ROOT, CleanUp, Process
 from loadtests.run import DEFAULT_MASTER_PORT, HERE, LOCUST_CONF, stop_quietly
 
 MASTER_WAIT_SECONDS = 60
@@ -62,14 +61,14 @@ def main(argv=None):
             "--processes", str(processes)]
     print("load-worker: %d Locust worker process(es) for the master on %s:%d" % (processes, args.master,
                                                                               args.master_port), flush=True)
-    worker = Process(argv, env=env, log_path="-", own_session=True)
-    signal.signal(signal.SIGTERM, lambda *_: worker.signal(signal.SIGTERM))
-    try:
-        worker.popen.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_quietly(worker, 10)
+    with CleanUp.armed():  # a SIGTERM takes Ctrl-C's way: the workers are stopped
+        worker = Process(argv, env=env, log_path="-", own_session=True)
+        try:
+            worker.popen.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop_quietly(worker, 10)
     return worker.popen.returncode or 0
 
 

@@ -15,6 +15,8 @@ on what happens to be imported at run time.
 import ast
 import os
 
+from instruments.provenance import BENCH_PREFIX
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRODUCT_FILES = ["chattle.py", "chattle_http.py", "chattle_limits.py", "gunicorn.conf.py"]
 PRODUCT = {"chattle", "chattle_http", "chattle_limits"}
@@ -25,7 +27,7 @@ LAYERS = {
     "loadtests": PRODUCT | {"instruments", "harness"},
 }
 # Variables that switch on a benchmark's behaviour belong to the harness that wraps the app.
-HARNESS_VARIABLE_PREFIX = "CHATTLE_BENCH_"
+HARNESS_VARIABLE_PREFIX = BENCH_PREFIX
 
 
 def harness_names():
@@ -101,6 +103,48 @@ def test_each_harness_folder_imports_only_the_layers_beneath_it():
                 if module in harness and module != folder and module not in allowed:
                     wrong.append("%s:%d imports %s" % (os.path.relpath(path, ROOT), line, module))
     assert not wrong, "\n".join(wrong)
+
+
+def module_imports():
+    """{module: the harness modules it imports} over the harness folders, by dotted name."""
+    modules = {}
+    for folder in LAYERS:
+        for path in python_files(folder):
+            name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+            modules[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
+    graph = {}
+    for name, path in modules.items():
+        with open(path, encoding="utf-8") as source:
+            tree = ast.parse(source.read(), path)
+        named = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                named |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                named |= {node.module} | {"%s.%s" % (node.module, alias.name) for alias in node.names}
+        graph[name] = sorted(named & set(modules) - {name})
+    return graph
+
+
+def circles_through(start, graph, path, seen):
+    """Every circle of imports from `start` back to it through modules named after it (each
+    circle is found once, from its first module)."""
+    found = []
+    for module in graph[path[-1]]:
+        if module == start:
+            found.append(" -> ".join(path + [start]))
+        elif module not in seen and module > start:
+            seen.add(module)
+            found += circles_through(start, graph, path + [module], seen)
+    return found
+
+
+def test_no_module_imports_itself_back_through_others():
+    """A circle of imports hides which module is beneath which: what both need belongs in a
+    module beneath them."""
+    graph = module_imports()
+    circles = [circle for start in sorted(graph) for circle in circles_through(start, graph, [start], set())]
+    assert not circles, "circles of imports:\n" + "\n".join(circles)
 
 
 def test_the_import_reader_sees_imports_inside_functions(tmp_path):

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from instruments.provenance import git, without_bench_environment
 from loadtests import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,15 +193,10 @@ def test_synthetic_fifteen_percent_slowdown_is_caught_on_cpu():
 # -- bad input, for real ------------------------------------------------------------------------------
 
 def run_load(*args, cwd=ROOT, timeout=300):
-    env = {name: value for name, value in os.environ.items() if not name.startswith("CHATTLE_BENCH_")}
+    env = without_bench_environment()
     env.pop("PYTEST_ADDOPTS", None)
     return subprocess.run([sys.executable, "-m", "loadtests.run", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def git(*args, env=None):
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
-                          env=env).stdout.strip()
 
 
 @pytest.fixture
@@ -244,7 +240,7 @@ def test_heads_servers_run_from_a_copy_of_this_tree_beside_the_base(dirty_tree, 
     # A server's memory depends on the length of its directory's path, so head runs from a
     # copy at <scratch>/head as the base from <scratch>/base: with its uncommitted changes
     # and untracked files, without what git ignores.
-    from harness.checkout import copy_of_this_tree
+    from harness.sides import copy_of_this_tree
     os.makedirs(os.path.join(dirty_tree, "__pycache__"))
     with open(os.path.join(dirty_tree, "__pycache__", "ignored.pyc"), "w") as ignored:
         ignored.write("ignored")

@@ -20,13 +20,14 @@ import pytest
 import chattle
 from bench import ab, regress
 from harness import bench_server
+from instruments.provenance import without_bench_environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRA_WORK = 80
 
 
 def run_regress(*args, extra_work=None, timeout=600):
-    env = {name: value for name, value in os.environ.items() if not name.startswith("CHATTLE_BENCH_")}
+    env = without_bench_environment()
     env.pop("PYTEST_ADDOPTS", None)
     if extra_work:
         env[bench_server.EXTRA_WORK_VARIABLE] = str(extra_work)

@@ -15,6 +15,7 @@ import pytest
 import chattle
 from bench import soak
 from harness import bench_server
+from instruments.provenance import bench_environment, without_bench_environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +92,7 @@ LEAK = {"CHATTLE_BENCH_LEAK": "requests,sockets"}
 
 
 def start_soak(out, extra_env, extra_args=()):
-    env = {name: value for name, value in os.environ.items() if not name.startswith("CHATTLE_BENCH_")}
+    env = without_bench_environment()
     env.update(extra_env)
     with open(out / "output.txt", "w") as output:
         return subprocess.Popen([sys.executable, "-m", "bench.soak", *SHORT, *extra_args, "--out", str(out)], cwd=ROOT,
@@ -161,7 +162,7 @@ def test_a_leak_asked_for_reaches_the_server_and_grows_by_one_descriptor_per_req
 
 def test_a_clean_server_is_chattle_itself(tmp_path):
     from harness.processes import ChattleServer
-    env = {name: "" for name in os.environ if name.startswith("CHATTLE_BENCH_")}
+    env = dict.fromkeys(bench_environment(), "")
     server = ChattleServer(env=env, log_path=str(tmp_path / "server.log"))
     try:
         assert not server.faulted and server.argv[1].endswith("chattle.py")

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from instruments.provenance import without_bench_environment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXTRA_WORK_VARIABLE = "CHATTLE_BENCH_EXTRA_WORK"
 EXTRA_WORK = 80  # squares summed per answer: about 10 % of a fan-out's time per waiter here
@@ -22,7 +24,7 @@ PASSED, SLOWER = 0, 1  # bench.ab's exit codes
 def test_more_work_per_answer_fails_the_ab_gate():
     if shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")):
         pytest.skip("the A/B gate needs a git checkout")
-    env = {name: value for name, value in os.environ.items() if not name.startswith("CHATTLE_BENCH_")}
+    env = without_bench_environment()
     env.pop("PYTEST_ADDOPTS", None)
     run = subprocess.run([sys.executable, "-m", "bench.regress", "--base", "HEAD",
                           "--head-env", "%s=%d" % (EXTRA_WORK_VARIABLE, EXTRA_WORK)],
