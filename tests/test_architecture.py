@@ -38,7 +38,8 @@ def harness_names():
             continue
         if any(name.endswith(".py") for name in os.listdir(path)):
             names.add(entry)
-    names |= {name[:-3] for name in os.listdir(os.path.join(ROOT, "tests")) if name.endswith(".py")}
+    for _directory, _dirs, files in os.walk(os.path.join(ROOT, "tests")):
+        names |= {name[:-3] for name in files if name.endswith(".py")}
     return names
 
 

@@ -7,7 +7,7 @@ import random
 
 from instruments import history
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def series(count=20, step_at=None, factor=1.15, noise=0.03, seed=1):

@@ -21,7 +21,7 @@ import chattle
 from bench import ab, regress
 from harness import bench_server
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXTRA_WORK = 80
 
 

@@ -16,7 +16,7 @@ import chattle
 from bench import soak
 from harness import bench_server
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # -- the judgement ----------------------------------------------------------------------------
