@@ -116,7 +116,7 @@ load: system-packages $(STAMP)
 
 # Trend charts of reports/history.jsonl (every make load appends a line), steps marked.
 history: $(STAMP)
-	$(PY) -m instruments.history
+	$(PY) -m loadtests.history
 
 # On each load host: Locust workers (one per core, or PROCESSES=n) for the master on MASTER.
 load-worker: $(STAMP)
