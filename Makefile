@@ -126,7 +126,7 @@ load-worker: $(STAMP)
 # Three hosts made of network namespaces on this machine (root: ip and faketime), a run
 # across them, its report in reports/: see docs/deploy.md, "Several hosts".
 cluster-demo: system-packages $(STAMP)
-	$(PY) -m harness.cluster $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION))
+	$(PY) -m loadtests.cluster_demo $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION))
 
 # REDIS_CLUSTER=local (a cluster started for the run) or host:port[,...]: the buses side by side
 # at 5k and 10k polls, 2 workers (docs/cluster.md)

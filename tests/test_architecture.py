@@ -3,7 +3,7 @@ harness folder imports only from the layers beneath it.
 
     product        chattle.py, chattle_http.py, chattle_limits.py, gunicorn.conf.py
     instruments/   the definitions every measurement shares        (imports: product)
-    harness/       starting servers, packages, the cluster demo   (imports: product, instruments)
+    harness/       starting servers, packages                     (imports: product, instruments)
     bench/, loadtests/  the commands                               (imports: the three above)
     tests/         anything
 
