@@ -40,7 +40,7 @@ PROCESSES ?=
 CHAOS   ?=
 REDIS_WAIT ?=
 
-.PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-worker history cluster-demo bench capacity regress regress-accept soak clean
+.PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-worker history cluster-demo bench capacity regress regress-accept benchmarks soak clean
 
 all: test
 
@@ -162,6 +162,13 @@ regress: $(STAMP)
 # Rewrites bench/baselines/callgrind.json from this tree, on purpose: commit it with the change.
 regress-accept: $(STAMP)
 	$(PY) -m bench.regress --accept
+
+# pytest-benchmark's tables of the broadcast path (bench/benchmarks/: a fan-out in process
+# and over sockets, about 10 s) and the A/B gate run for real on this tree against itself
+# with more work per answer (minutes). They time on the wall clock, so they are not in
+# make test: run them on a quiet machine.
+benchmarks: $(STAMP)
+	$(PY) -m pytest bench/benchmarks
 
 # Hours of steady load with churn, every process's memory, descriptors, greenlets and rooms
 # judged by their slope (docs/soak.md): DURATION= (default 2h), QUICK=1 (about 7 minutes),
