@@ -40,7 +40,7 @@ PROCESSES ?=
 CHAOS   ?=
 REDIS_WAIT ?=
 
-.PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-worker history cluster-demo bench capacity regress regress-accept soak clean
+.PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-worker history cluster-demo bench capacity regress regress-accept benchmarks soak clean
 
 all: test
 
@@ -116,7 +116,7 @@ load: system-packages $(STAMP)
 
 # Trend charts of reports/history.jsonl (every make load appends a line), steps marked.
 history: $(STAMP)
-	$(PY) -m instruments.history
+	$(PY) -m loadtests.history
 
 # On each load host: Locust workers (one per core, or PROCESSES=n) for the master on MASTER.
 load-worker: $(STAMP)
@@ -126,7 +126,7 @@ load-worker: $(STAMP)
 # Three hosts made of network namespaces on this machine (root: ip and faketime), a run
 # across them, its report in reports/: see docs/deploy.md, "Several hosts".
 cluster-demo: system-packages $(STAMP)
-	$(PY) -m harness.cluster $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION))
+	$(PY) -m loadtests.cluster_demo $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION))
 
 # REDIS_CLUSTER=local (a cluster started for the run) or host:port[,...]: the buses side by side
 # at 5k and 10k polls, 2 workers (docs/cluster.md)
@@ -162,6 +162,13 @@ regress: $(STAMP)
 # Rewrites bench/baselines/callgrind.json from this tree, on purpose: commit it with the change.
 regress-accept: $(STAMP)
 	$(PY) -m bench.regress --accept
+
+# pytest-benchmark's tables of the broadcast path (bench/benchmarks/: a fan-out in process
+# and over sockets, about 10 s) and the A/B gate run for real on this tree against itself
+# with more work per answer (minutes). They time on the wall clock, so they are not in
+# make test: run them on a quiet machine.
+benchmarks: $(STAMP)
+	$(PY) -m pytest bench/benchmarks
 
 # Hours of steady load with churn, every process's memory, descriptors, greenlets and rooms
 # judged by their slope (docs/soak.md): DURATION= (default 2h), QUICK=1 (about 7 minutes),

@@ -152,7 +152,7 @@ class SendJson(BaseException):
     and pywsgi, each of them walked Bottle's response object, its header list, pywsgi's
     start_response with its checks and its header assembly, to make the same head N
     times. A BaseException, so that Bottle, which turns every Exception its route raises
-    into a 500, lets it through (tests/test_internals.py pins that). Only raised where
+    into a 500, lets it through (tests/server/test_internals.py pins that). Only raised where
     environ[SENDS_JSON] says this layer is there to catch it."""
 
     def __init__(self, body, close=False):

@@ -50,7 +50,7 @@ backlog = 4096
 
 # A stopping worker waits longer than any client waits for a poll, which is longer than
 # any poll is held: the nesting is stated in chattle_limits.py and tested against what
-# gunicorn really runs with (tests/test_gunicorn.py).
+# gunicorn really runs with (tests/server/test_gunicorn.py).
 graceful_timeout = GRACEFUL_TIMEOUT
 timeout = 30     # heartbeat: a gevent worker that cannot notify the arbiter for 30 s is stuck
 
@@ -84,7 +84,7 @@ control_socket_disable = True
 # replaced a worker) was lost, and the master waited out the whole graceful timeout
 # for a worker that was never told to stop. Both gunicorn internals this reads (the
 # arbiter's SIG_QUEUE, and `alive` ending Worker.run) are checked by
-# tests/test_gunicorn.py against the pinned version.
+# tests/server/test_gunicorn.py against the pinned version.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 

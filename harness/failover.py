@@ -1,5 +1,5 @@
 """A master of a Redis Cluster killed on purpose, and every loss counted: what the failover
-tests (tests/test_redis_cluster.py) and `make load CHAOS=failover` (loadtests/run.py)
+tests (tests/server/test_redis_cluster.py) and `make load CHAOS=failover` (loadtests/run.py)
 share.
 
 Which master serves a room is asked of the cluster itself (CLUSTER KEYSLOT of the room's

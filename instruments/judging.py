@@ -9,7 +9,7 @@ otherwise found from the posts themselves (in order of their `ts`, a post whose 
 current history already holds begins a new one). What a listener received is matched to
 the posts by (id, ts): a message with a reused id is never taken for the old one.
 
-Plain data in, plain data out; tests/test_chaos_judging.py holds it to made-up ledgers.
+Plain data in, plain data out; tests/harness/test_chaos_judging.py holds it to made-up ledgers.
 
 A listener's record (what loadtests/locustfile.py ships with --receipts):
   {"room", "segments": [{"epoch", "start", "from", "until", "got": [[id, ts]...],

@@ -80,7 +80,7 @@ class LatencyHistogram:
     own record_value costs about 1.2 us in Python. So values are first counted in a dict
     by the very bucket HdrHistogram would put them in (the top 11 significant bits: 2048
     sub-buckets, its 3-digit resolution), and moved into the HdrHistogram in one go when
-    a figure is read or the histogram travels. tests/test_load_client.py checks that the
+    a figure is read or the histogram travels. tests/harness/test_load_client.py checks that the
     two agree bucket for bucket.
 
     A value below 1 us (a clock step, or two clocks that disagree) is counted in
@@ -111,7 +111,7 @@ class LatencyHistogram:
     def record_many(self, seconds):
         """`record` for each value of a numpy array, in a few array operations: the load
         generator's compiled held-poll path (loadtests/_heldfast.c) hands its answers over
-        a batch at a time. tests/test_load_client.py checks it against `record`."""
+        a batch at a time. tests/harness/test_load_client.py checks it against `record`."""
         import numpy
         microseconds = (seconds * 1e6 + 0.5).astype(numpy.int64)  # truncates, as int() does
         below = microseconds < 1
@@ -185,7 +185,7 @@ def _record_counted(histogram, counted):
     """HdrHistogram's record_value(value, count) for each item of `counted`, its index
     arithmetic inlined: three method calls and a bin() per value made this a tenth of a
     load worker's CPU in the bursts (each report moves thousands of buckets). Reads the
-    attributes of hdrhistogram 0.10.8 (pinned); tests/test_load_client.py holds it to
+    attributes of hdrhistogram 0.10.8 (pinned); tests/harness/test_load_client.py holds it to
     record_value bucket for bucket, min, max and total."""
     counts = histogram.counts
     mask, unit = histogram.sub_bucket_mask, histogram.unit_magnitude
@@ -248,7 +248,7 @@ class DeliveryLedger:
         """`record` of each id from first_id to last_id: a held poll's usual answer, one
         message or a burst's run of them, right after the last one received (none when
         last_id < first_id). The load client's compiled path (loadtests/_heldfast.c) does
-        the first case itself; tests/test_held_fast.py holds it to the same ledgers."""
+        the first case itself; tests/harness/test_held_fast.py holds it to the same ledgers."""
         if first_id != self.next_expected:
             for message_id in range(first_id, last_id + 1):
                 self.record(message_id)

@@ -4,7 +4,7 @@ A held poll's answers come by the thousand in a fan-out, and Locust's way in, fi
 `events.request` once per answer, cost about 4 us each here (the event hook, the stats
 handler, two StatsEntry.log calls), more than a tenth of the load generator's whole
 cost per delivery. `log_untimed` leaves Locust's statistics exactly as `count` such
-fires with no response time would (tests/test_locust_internals.py compares the two
+fires with no response time would (tests/harness/test_locust_internals.py compares the two
 field by field, so a Locust upgrade that changes StatsEntry fails there, loudly).
 """
 

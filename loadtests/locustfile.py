@@ -139,7 +139,7 @@ def cache_default_args():
     """Locust 2.47's worker rebuilds its whole argument parser (default_args_dict) once
     per option of every spawn message, in a dict comprehension: 7 % of a worker's CPU in
     a 10,000-listener ramp. The defaults never change in a process, so compute them once.
-    tests/test_locust_internals.py fails if Locust stops calling it that way."""
+    tests/harness/test_locust_internals.py fails if Locust stops calling it that way."""
     from locust import argument_parser
     if not hasattr(argument_parser.default_args_dict, "cache_info"):
         argument_parser.default_args_dict = functools.lru_cache(maxsize=1)(argument_parser.default_args_dict)
@@ -173,7 +173,7 @@ def add_tally(client_id, data, **_kwargs):
 def report_now(environment):
     """A report at once, not at the next tick: the master ends the run only once every
     worker is drained. Locust's WorkerRunner sends its reports with `_send_stats`;
-    tests/test_locust_internals.py holds it to that."""
+    tests/harness/test_locust_internals.py holds it to that."""
     runner = environment.runner
     if isinstance(runner, WorkerRunner):
         runner._send_stats()

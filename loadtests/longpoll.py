@@ -262,7 +262,7 @@ class HeldPolls:
     next poll asks since its last id; its arrival, read time and clock go to
     `on_runs(body, arrived, read, stamped, clock_offset, clock_bound)` (numpy arrays) a
     batch at a time, and `fast_answers` counts it on the held poll. Everything else takes the Python path, the
-    reference: tests/test_load_client.py holds the two to the same figures.
+    reference: tests/harness/test_load_client.py holds the two to the same figures.
     """
 
     def __init__(self, request_event=None, answer_deadline=30.0, name="poll (held)", log_answers=None,
@@ -401,7 +401,7 @@ class HeldPolls:
         """The good answers of one batch, to Locust in one call. Fired one by one, the
         request event cost 4 us of the load generator's ~35 us per delivery at 10,000
         listeners (py-spy, docs/design.md "The load client"); the counts Locust keeps are
-        the same either way (tests/test_locust_internals.py)."""
+        the same either way (tests/harness/test_locust_internals.py)."""
         count, self._batch_answers = self._batch_answers, 0
         if count:
             length, self._batch_bytes = self._batch_bytes, 0

@@ -73,7 +73,7 @@ class WorkerTally:
     def delivery_batch(self, arrived_at, read_at, message_ts, stamped, offset, bound):
         """`delivery` for each answer of a batch that brought the message stamped
         `message_ts`: numpy arrays of one value per answer (stamped: booleans), from the
-        compiled held-poll path. tests/test_load_client.py holds the two to the same figures."""
+        compiled held-poll path. tests/harness/test_load_client.py holds the two to the same figures."""
         import numpy
         count = len(arrived_at)
         self.unstamped += count - int(stamped.sum())

@@ -1,5 +1,5 @@
 """Benchmarks of the broadcast path, for people reading pytest-benchmark's tables
-(`python -m pytest bench/benchmarks`); never collected by `make test`. The gates of
+(`make benchmarks`); never collected by `make test`. The gates of
 `make regress` are bench/regress.py and bench/ab.py.
 
 CHATTLE_BENCH_EXTRA_WORK=<squares> makes every poll answer of the route do that much

@@ -3,7 +3,7 @@ about 10 % more work per poll answer in head must come out SLOWER.
 
 It times both sides on the wall clock, so it belongs with the benchmarks, run on a quiet
 machine (`python -m pytest bench/benchmarks/test_ab_gate.py`), not in `make test`; the
-verdict's arithmetic is tested there (tests/test_regress.py).
+verdict's arithmetic is tested there (tests/harness/test_regress.py).
 """
 
 import os

@@ -18,7 +18,7 @@ import pytest
 
 from harness.processes import LOOPBACK
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GARBAGE = b"<html>not a poll's answer</html>"
 HELD_POLL = re.compile(rb"^GET /rooms/[^/]+/msgs\?since=\d+&timeout=[1-9]")
 

@@ -9,7 +9,7 @@ import pytest
 
 from harness.processes import ChattleServer, Process
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_a_server_interrupted_while_it_starts_is_stopped(monkeypatch):

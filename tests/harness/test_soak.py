@@ -17,7 +17,7 @@ from bench import soak
 from harness import bench_server
 from instruments.provenance import bench_environment, without_bench_environment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # -- the judgement ----------------------------------------------------------------------------

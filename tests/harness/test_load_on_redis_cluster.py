@@ -128,7 +128,7 @@ def test_a_cluster_run_that_cannot_run_is_refused_with_the_reason(argv, said):
 def test_make_load_on_a_local_cluster_with_a_failover_counts_every_loss(tmp_path, cannot_run):
     """200 listeners over 12 rooms on gunicorn x2 and a local cluster, --redis-wait 1000: the
     busiest room's master is killed during the bursts, its replica promoted, and no accepted
-    post is lost or duplicated (the guarantee of --redis-wait, tests/test_redis_cluster.py)."""
+    post is lost or duplicated (the guarantee of --redis-wait, tests/server/test_redis_cluster.py)."""
     from harness import system_packages
     if not system_packages.find("redis-server"):
         cannot_run(system_packages.missing_line(["redis-server"]))

@@ -10,7 +10,7 @@ Full size (1000 listeners x 2000 messages), by hand; every post wakes every list
 a small machine the run is CPU bound for minutes:
     CHATTLE_TEST_LISTENERS=1000 CHATTLE_TEST_MESSAGES=2000 CHATTLE_TEST_DEADLINE=1500 \
         .venv/bin/python -m pytest \
-        tests/test_multiworker.py -q -s
+        tests/server/test_multiworker.py -q -s
 """
 
 import os
@@ -81,7 +81,7 @@ def test_shared_bus_delivers_every_id_once_in_order_to_every_listener(start_chat
 
 
 def test_memory_bus_under_many_workers_diverges(start_chattle):
-    # gunicorn.conf.py refuses this without CHATTLE_SPLIT_HISTORY=1 (tests/test_boot.py)
+    # gunicorn.conf.py refuses this without CHATTLE_SPLIT_HISTORY=1 (tests/server/test_boot.py)
     server = start_chattle(workers=WORKERS, env={"CHATTLE_HISTORY": str(MESSAGES + 100), "CHATTLE_SPLIT_HISTORY": "1"})
     listeners, messages = min(LISTENERS, 100), min(MESSAGES, 100)
     poster, followers = run_room(server, "split", listeners, messages, catch_up=3.0)

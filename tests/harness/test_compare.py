@@ -14,7 +14,7 @@ import pytest
 from instruments.provenance import git, without_bench_environment
 from loadtests import compare
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # -- synthetic rounds -----------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def commit_without_health(tmp_path):
     blob = git("hash-object", "-w", str(path))
     git("update-index", "--cacheinfo", "100644,%s,chattle.py" % blob, env=index)
     tree = git("write-tree", env=index)
-    return git("commit-tree", tree, "-p", "HEAD", "-m", "a base without /health (tests/test_compare.py)")
+    return git("commit-tree", tree, "-p", "HEAD", "-m", "a base without /health (tests/harness/test_compare.py)")
 
 
 def test_a_base_without_health_is_refused(needs_git, tmp_path):

@@ -22,7 +22,7 @@ from bench import ab, regress
 from harness import bench_server
 from instruments.provenance import without_bench_environment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXTRA_WORK = 80
 
 

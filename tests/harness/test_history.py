@@ -1,4 +1,4 @@
-"""instruments/history.py: the line each run appends, and `make history`'s steps and charts,
+"""instruments/history.py: the line each run appends; loadtests/history.py: `make history`'s steps and charts,
 on synthetic data (deterministic, fast)."""
 
 import json
@@ -6,8 +6,9 @@ import os
 import random
 
 from instruments import history
+from loadtests import history as charts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def series(count=20, step_at=None, factor=1.15, noise=0.03, seed=1):
@@ -19,44 +20,44 @@ def series(count=20, step_at=None, factor=1.15, noise=0.03, seed=1):
 # -- steps ------------------------------------------------------------------------------------------
 
 def test_a_level_that_changes_and_stays_is_a_step():
-    [(index, before, after)] = history.steps(series(step_at=10))
+    [(index, before, after)] = charts.steps(series(step_at=10))
     assert index == 10
     assert 1.10 < after / before < 1.20
 
 
 def test_a_step_down_is_found_too():
-    [(index, before, after)] = history.steps(series(step_at=6, factor=0.8, seed=2))
+    [(index, before, after)] = charts.steps(series(step_at=6, factor=0.8, seed=2))
     assert index == 6 and after < before
 
 
 def test_noise_alone_has_no_step():
     for seed in range(20):
-        assert history.steps(series(seed=seed)) == [], seed
+        assert charts.steps(series(seed=seed)) == [], seed
 
 
 def test_a_one_commit_blip_is_not_a_step():
     values = series(seed=3)
     values[7] *= 1.4
-    assert history.steps(values) == []
+    assert charts.steps(values) == []
 
 
 def test_a_change_must_persist_over_the_following_runs():
     values = series(seed=4)
     values[-1] *= 1.3
-    assert history.steps(values) == []          # seen at the last commit only: not yet a step
+    assert charts.steps(values) == []          # seen at the last commit only: not yet a step
     values[-2] *= 1.3
-    assert [index for index, _b, _a in history.steps(values)] == [len(values) - 2]
+    assert [index for index, _b, _a in charts.steps(values)] == [len(values) - 2]
 
 
 def test_steps_smaller_than_the_minimum_are_not_marked():
-    assert history.steps(series(step_at=10, factor=1.03, noise=0.002)) == []
-    assert history.steps([0, 1, 2, 3, 4]) == [] and history.steps([1.0, 2.0]) == []
+    assert charts.steps(series(step_at=10, factor=1.03, noise=0.002)) == []
+    assert charts.steps([0, 1, 2, 3, 4]) == [] and charts.steps([1.0, 2.0]) == []
 
 
 def test_two_steps():
     values = series(count=30, noise=0.01, seed=5)
     values = [value * (1.2 if 10 <= index < 20 else 1) for index, value in enumerate(values)]
-    assert [index for index, _b, _a in history.steps(values)] == [10, 20]
+    assert [index for index, _b, _a in charts.steps(values)] == [10, 20]
 
 
 # -- the line ------------------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def test_a_load_run_appends_one_line_with_commit_machine_settings_and_figures(tm
                                 "kib_per_held_poll": 7.0, "messages_wrong": 3, "held_polls_peak": 100,
                                 "deliveries": 5000}
     history.record_load(load_summary(), str(tmp_path))
-    entries, bad = history.read(str(tmp_path / "history.jsonl"))
+    entries, bad = charts.read(str(tmp_path / "history.jsonl"))
     assert len(entries) == 2 and bad == 0
     assert entries[0]["settings_id"] == entries[1]["settings_id"]
 
@@ -92,7 +93,7 @@ def test_a_load_run_appends_one_line_with_commit_machine_settings_and_figures(tm
 def test_other_tools_append_through_the_same_function(tmp_path):
     path = str(tmp_path / "history.jsonl")
     history.append("capacity", {"workers": 1, "p99_target_ms": 200}, {"capacity_polls": 15000}, path=path)
-    [entry], _bad = history.read(path)
+    [entry], _bad = charts.read(path)
     assert entry["kind"] == "capacity" and entry["figures"] == {"capacity_polls": 15000}
 
 
@@ -104,7 +105,7 @@ def test_the_bench_environment_is_part_of_the_settings():
 def test_lines_that_are_not_records_are_counted_and_skipped(tmp_path):
     path = tmp_path / "history.jsonl"
     path.write_text('{"figures": {"a": 1}}\nnot json\n[1, 2]\n\n')
-    entries, bad = history.read(str(path))
+    entries, bad = charts.read(str(path))
     assert len(entries) == 1 and bad == 2
 
 
@@ -133,7 +134,7 @@ def test_make_history_draws_a_chart_per_figure_with_the_step(tmp_path):
                               "machine": {}, "settings": settings, "settings_id": "s1",
                               "figures": {"server_us_per_delivery": 1.0}}) + "\n")
     out_dir = str(tmp_path / "charts")
-    assert history.main(["--history", path, "--out", out_dir]) == 0
+    assert charts.main(["--history", path, "--out", out_dir]) == 0
     assert sorted(os.listdir(os.path.join(out_dir, "group-1"))) == ["server_us_per_delivery.png",
                                                                     "wakeup_p99_ms.png"]
     page = open(os.path.join(out_dir, "index.html")).read()
@@ -143,13 +144,13 @@ def test_make_history_draws_a_chart_per_figure_with_the_step(tmp_path):
 
 
 def test_make_history_without_runs_says_how_to_make_some(tmp_path, capsys):
-    assert history.main(["--history", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
+    assert charts.main(["--history", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
     assert "make load" in capsys.readouterr().err
 
 
 def test_runs_that_were_not_valid_are_kept_apart_in_the_series():
     def entry(commit, value, **more):
         return dict({"commit": commit, "time": "t", "commit_time": 1, "figures": {"f": value}}, **more)
-    series = history.by_commit([entry("a", 1.0), entry("a", 2.0, passed=False), entry("a", 3.0, machine_bound=True),
+    series = charts.by_commit([entry("a", 1.0), entry("a", 2.0, passed=False), entry("a", 3.0, machine_bound=True),
                                 entry("a", 4.0, dirty=True, passed=False)], "f")
     assert series == [("a", [1.0, 2.0, 3.0], [4.0], [2.0, 3.0])]

@@ -104,13 +104,13 @@ CLUSTER_SECONDS = 150   # deadline of the whole topology run (it takes about 60 
 
 @pytest.mark.slow
 def test_a_run_across_namespace_hosts_corrects_a_clock_two_seconds_ahead(tmp_path):
-    from harness.cluster import namespaces_unavailable
+    from loadtests.cluster_demo import namespaces_unavailable
     problem = namespaces_unavailable()
     if problem:
         if IN_CI:
             pytest.fail("CI=true and " + problem, pytrace=False)
         pytest.skip(problem)
-    cluster = subprocess.Popen([sys.executable, "-m", "harness.cluster", "--users", "300", "--duration", "30",
+    cluster = subprocess.Popen([sys.executable, "-m", "loadtests.cluster_demo", "--users", "300", "--duration", "30",
                                 "--report-root", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -5,7 +5,7 @@ Run as a plain Python process (no gevent): Playwright keeps its own event loop a
 threads, and a subprocess gives the test a hard bound on time. The test makes the
 assertions; this script only acts and records.
 
-    python tests/page_driver.py --url http://127.0.0.1:8080 --chromium /usr/bin/chromium --room e2e \
+    python tests/server/page_driver.py --url http://127.0.0.1:8080 --chromium /usr/bin/chromium --room e2e \
         --screenshot /tmp/chattle-page.png
 
 With --handshake-dir the script stops after the conversation, writes `ready` there and

@@ -154,7 +154,7 @@ def test_service_is_back_at_the_first_post_after_the_fault_that_someone_received
 # -- a ledger recorded from a real run ------------------------------------------------------------
 
 def test_a_recorded_redis_restart_tells_the_silent_loss_from_the_signalled_one():
-    """tests/data/redis_restart_ledgers.json: two listeners and every accepted post of a real
+    """tests/harness/data/redis_restart_ledgers.json: two listeners and every accepted post of a real
     `--chaos redis-restart` run on the server as it was (no epoch). In load-0 the held poll
     was given the new history's ids past its cursor as news: the posts of the new history up
     to its old cursor were lost silently. In load-1 the listener was told reset: signalled."""

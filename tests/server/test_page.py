@@ -1,6 +1,6 @@
 """The chat page: its template and assets in process, then two people chatting in real headless Chromium.
 
-The browser runs in tests/page_driver.py, a plain Python subprocess: this process is
+The browser runs in tests/server/page_driver.py, a plain Python subprocess: this process is
 gevent-patched, and a subprocess also gives every browser step a hard time bound.
 Set CHATTLE_SCREENSHOT=/tmp/chattle-page.png to keep a picture of the page (and a dark one).
 """
