@@ -10,35 +10,22 @@ PORT    ?= 8080
 WORKERS ?= 1
 REDIS   ?=
 REDIS_CLUSTER ?=
-USERS   ?=
-DURATION ?=
-ROOMS   ?=
-HOST    ?=
 QUICK   ?=
 TRACE   ?=
-# make load's scenario knobs (defaults in loadtests/locust.conf)
-POSTERS ?=
-BURST_SIZE ?=
-BURST_GAP ?=
-POLL_TIMEOUT ?=
-SPAWN_RATE ?=
-CLIENT_PROCESSES ?=
-# SHAPE=steps: listeners in steps of STEP up to USERS, one burst each, ending at the first
-# step whose p99 breaks SLO ms (default 500) or whose delivery is incomplete
-SHAPE   ?=
-STEP    ?=
-# Beyond one machine: the master waits for REMOTE_WORKERS workers started elsewhere with
-# `make load-worker MASTER=<this host> [PROCESSES=n]`, listening on MASTER_BIND.
-REMOTE_WORKERS ?=
-MASTER_BIND ?=
-MASTER ?=
+# make load's options, each a variable named after its flag (USERS= is --users): declared,
+# with LOAD_ARGS, in loadtests/options.mk, which loadtests/options.py writes from its table
+# (python -m loadtests.run --help lists them with their defaults). Among them: SHAPE=steps,
+# listeners in steps of STEP up to USERS, one burst each, ending at the first step whose p99
+# breaks SLO ms or whose delivery is incomplete; REMOTE_WORKERS, Locust workers started
+# elsewhere with `make load-worker MASTER=<this host> [PROCESSES=n]`, the master listening
+# on MASTER_BIND; REDIS_CLUSTER=local, a Redis Cluster started for the run, REDIS_WAIT=ms the
+# server's --redis-wait (docs/cluster.md); CHAOS=<fault>[,<fault>...], a fault injected
+# mid-burst, CHAOS=all the matrix, each fault its own run, one table: `make load CHAOS=all
+# USERS=2000 WORKERS=2` took 14 min 17 s on 2 cores (docs/faults.md); BASE=<git rev>, that
+# revision's server against this tree's, ROUNDS runs each (loadtests/compare.py).
+include loadtests/options.mk
+MASTER  ?=
 PROCESSES ?=
-# make load on a Redis Cluster (REDIS_CLUSTER=local starts one for the run), REDIS_WAIT=ms the
-# server's --redis-wait (docs/cluster.md). CHAOS=<fault>[,<fault>...] a fault injected mid-burst,
-# CHAOS=all the matrix, each fault its own run, one table: `make load CHAOS=all USERS=2000 WORKERS=2`
-# took 14 min 17 s on 2 cores (docs/faults.md)
-CHAOS   ?=
-REDIS_WAIT ?=
 
 .PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-worker history cluster-demo bench capacity regress regress-accept soak clean
 
@@ -95,24 +82,8 @@ test-long: system-packages $(STAMP)
 test-fast: system-packages $(STAMP)
 	$(PY) -m pytest -m "not slow" tests
 
-LOAD_ARGS = $(strip $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION)) \
-  $(if $(ROOMS),--rooms $(ROOMS)) $(if $(filter-out 1,$(WORKERS)),--workers $(WORKERS)) \
-  $(if $(HOST),--host $(HOST)) $(if $(POSTERS),--posters $(POSTERS)) \
-  $(if $(BURST_SIZE),--burst-size $(BURST_SIZE)) $(if $(BURST_GAP),--burst-gap $(BURST_GAP)) \
-  $(if $(SEED),--schedule-seed $(SEED)) \
-  $(if $(POLL_TIMEOUT),--poll-timeout $(POLL_TIMEOUT)) $(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) \
-  $(if $(CLIENT_PROCESSES),--client-processes $(CLIENT_PROCESSES)) \
-  $(if $(SHAPE),--shape $(SHAPE)) $(if $(STEP),--step $(STEP)) $(if $(and $(SHAPE),$(SLO)),--slo-ms $(SLO)) \
-  $(if $(REMOTE_WORKERS),--remote-workers $(REMOTE_WORKERS)) $(if $(MASTER_BIND),--master-bind $(MASTER_BIND)) \
-  $(if $(REDIS_CLUSTER),--redis-cluster $(REDIS_CLUSTER)) $(if $(CHAOS),--chaos $(CHAOS)) \
-  $(if $(REDIS_WAIT),--redis-wait $(REDIS_WAIT)))
-
-# BASE=<git rev>: that revision's server against this tree's, ROUNDS runs each (loadtests/compare.py)
-COMPARE_ARGS = $(strip $(if $(BASE),--base $(BASE)) $(if $(ROUNDS),--rounds $(ROUNDS)) \
-  $(if $(RETRIES),--retries $(RETRIES)) $(if $(ALLOW_DIRTY),--allow-dirty))
-
 load: system-packages $(STAMP)
-	$(PY) -m loadtests.run $(LOAD_ARGS) $(COMPARE_ARGS)
+	$(PY) -m loadtests.run $(LOAD_ARGS)
 
 # Trend charts of reports/history.jsonl (every make load appends a line), steps marked.
 history: $(STAMP)
