@@ -31,22 +31,14 @@ PROCESSES ?=
 
 all: test
 
-# The Debian packages the goals given need: redis-server for the tests, the sweep and
-# more than one worker; chromium for the page's test. harness/system_packages.py
-# installs the missing ones (apt-get as root, else `sudo -n apt-get`, never a prompt)
-# or stops at once with one line naming the command to run. It runs before the venv.
-GOALS   := $(or $(MAKECMDGOALS),all)
-SYSTEM_PROGRAMS := $(sort \
-  $(if $(filter all test test-long,$(GOALS)),redis-server chromium valgrind $(if $(filter 0,$(shell id -u)),faketime)) \
-  $(if $(filter test-fast bench capacity,$(GOALS)),redis-server) \
-  $(if $(filter cluster-demo,$(GOALS)),redis-server faketime) \
-  $(if $(filter run,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(REDIS)$(REDIS_CLUSTER),,redis-server))) \
-  $(if $(filter redis-cluster,$(GOALS)),redis-server) \
-  $(if $(filter load,$(GOALS)),$(if $(filter-out 1,$(WORKERS))$(filter local,$(REDIS_CLUSTER)),$(if $(HOST),,redis-server))) \
-  $(if $(filter soak,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),redis-server)))
-
+# The Debian packages the goals given need (redis-server for the tests, the sweep and more
+# than one worker; chromium for the page's test), decided by harness/system_packages.py's
+# GOALS from the goals and the variables given. It installs the missing ones (apt-get as
+# root, else `sudo -n apt-get`, never a prompt) or stops at once with one line naming the
+# command to run. It runs before the venv, on the system's python3.
 system-packages:
-	@$(PYTHON3) -m harness.system_packages $(SYSTEM_PROGRAMS)
+	@$(PYTHON3) -m harness.system_packages --for-goals "$(or $(MAKECMDGOALS),all)" --workers "$(WORKERS)" \
+	  --redis "$(REDIS)" --redis-cluster "$(REDIS_CLUSTER)" --host "$(HOST)"
 
 # setup.py builds loadtests/_heldfast.c in place (the load worker's compiled path)
 $(STAMP): pyproject.toml setup.py loadtests/_heldfast.c

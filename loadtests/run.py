@@ -17,7 +17,7 @@ import time
 
 from chattle_limits import POLL_TIMEOUT_MAX, client_timeout, connections_per_worker, raise_descriptor_limit
 from harness.processes import LOOPBACK, ROOT, ChattleServer, Process, RedisServer, free_port, get_json
-from harness.system_packages import missing, missing_line
+from harness.system_packages import missing, missing_line, needed
 from instruments.measures import process_cpu_seconds
 from instruments.page import new_report_dir
 from loadtests.cluster_load import LOCAL
@@ -106,10 +106,11 @@ def preflight(args):
                      "(give --master-bind / MASTER_BIND an address they can reach)")
 
     problems += cluster_problems(args)
+    absent = missing(needed(["load"], workers=args.workers, redis_cluster=args.redis_cluster, host=args.host))
+    if absent:
+        problems.append(missing_line(absent))
     if not args.host:
         if args.workers > 1 and not args.redis_cluster:
-            if missing(["redis-server"]):
-                problems.append(missing_line(["redis-server"]))
             per_worker = connections_per_worker(soft)  # as gunicorn.conf.py sets it, under the same limit
             capacity = per_worker * args.workers
             if capacity < users:
@@ -170,8 +171,6 @@ def cluster_problems(args):
         problems.append("--host runs no server here: start those servers on the cluster yourself "
                         "(--redis-cluster goes with a server this run starts)")
     if args.redis_cluster == LOCAL:
-        if missing(["redis-server"]):
-            problems.append(missing_line(["redis-server"]))
         return problems
     from harness import failover
     try:
