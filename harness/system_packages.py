@@ -5,13 +5,14 @@
 
 Which programs each make goal needs is decided here, once (GOALS): the Makefile's
 system-packages target, which the goals that need programs depend on, calls this with
-its goals and the make variables that matter, and the commands ask the same table
-before they start anything. .ci/run names its programs. It needs only the standard
-library, so it runs before the virtualenv exists. A program that is present costs nothing. A missing one is installed
-with `apt-get` when running as root, or with `sudo -n apt-get` when sudo works without
-a password; sudo is never asked for one. Otherwise it stops at once with one line that
-names the exact command to run. The harness's own code finds its programs here too, so
-a path is written down once.
+its goals and the make variables that matter; `make run` and `make load` ask the same
+table again before they start anything (bench.sweep and bench.capacity check for
+redis-server by the servers they will start). .ci/run names its programs. It needs only
+the standard library, so it runs before the virtualenv exists. A program that is present
+costs nothing. A missing one is installed with `apt-get` when running as root, or with
+`sudo -n apt-get` when sudo works without a password; sudo is never asked for one.
+Otherwise it stops at once with one line that names the exact command to run. The
+harness's own code finds its programs here too, so a path is written down once.
 """
 
 import argparse
