@@ -10,56 +10,35 @@ PORT    ?= 8080
 WORKERS ?= 1
 REDIS   ?=
 REDIS_CLUSTER ?=
-USERS   ?=
-DURATION ?=
-ROOMS   ?=
-HOST    ?=
 QUICK   ?=
 TRACE   ?=
-# make load's scenario knobs (defaults in loadtests/locust.conf)
-POSTERS ?=
-BURST_SIZE ?=
-BURST_GAP ?=
-POLL_TIMEOUT ?=
-SPAWN_RATE ?=
-CLIENT_PROCESSES ?=
-# SHAPE=steps: listeners in steps of STEP up to USERS, one burst each, ending at the first
-# step whose p99 breaks SLO ms (default 500) or whose delivery is incomplete
-SHAPE   ?=
-STEP    ?=
-# Beyond one machine: the master waits for REMOTE_WORKERS workers started elsewhere with
-# `make load-worker MASTER=<this host> [PROCESSES=n]`, listening on MASTER_BIND.
-REMOTE_WORKERS ?=
-MASTER_BIND ?=
-MASTER ?=
+# make load's options, each a variable named after its flag (USERS= is --users): declared,
+# with LOAD_ARGS, in loadtests/options.mk, which loadtests/options.py writes from its table
+# (python -m loadtests.run --help lists them with their defaults). Among them: SHAPE=steps,
+# listeners in steps of STEP up to USERS, one burst each, ending at the first step whose p99
+# breaks SLO ms or whose delivery is incomplete; REMOTE_WORKERS, Locust workers started
+# elsewhere with `make load-worker MASTER=<this host> [PROCESSES=n]`, the master listening
+# on MASTER_BIND; REDIS_CLUSTER=local, a Redis Cluster started for the run, REDIS_WAIT=ms the
+# server's --redis-wait (docs/cluster.md); CHAOS=<fault>[,<fault>...], a fault injected
+# mid-burst, CHAOS=all the matrix, each fault its own run, one table: `make load CHAOS=all
+# USERS=2000 WORKERS=2` took 14 min 17 s on 2 cores (docs/faults.md); BASE=<git rev>, that
+# revision's server against this tree's, ROUNDS runs each (loadtests/compare.py).
+include loadtests/options.mk
+MASTER  ?=
 PROCESSES ?=
-# make load on a Redis Cluster (REDIS_CLUSTER=local starts one for the run), REDIS_WAIT=ms the
-# server's --redis-wait (docs/cluster.md). CHAOS=<fault>[,<fault>...] a fault injected mid-burst,
-# CHAOS=all the matrix, each fault its own run, one table: `make load CHAOS=all USERS=2000 WORKERS=2`
-# took 14 min 17 s on 2 cores (docs/faults.md)
-CHAOS   ?=
-REDIS_WAIT ?=
 
 .PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-worker history cluster-demo bench capacity regress regress-accept benchmarks soak clean
 
 all: test
 
-# The Debian packages the goals given need: redis-server for the tests, the sweep and
-# more than one worker; chromium for the page's test. harness/system_packages.py
-# installs the missing ones (apt-get as root, else `sudo -n apt-get`, never a prompt)
-# or stops at once with one line naming the command to run. It runs before the venv.
-GOALS   := $(or $(MAKECMDGOALS),all)
-SYSTEM_PROGRAMS := $(sort \
-  $(if $(filter all test test-long,$(GOALS)),redis-server chromium valgrind $(if $(filter 0,$(shell id -u)),faketime)) \
-  $(if $(filter test-fast bench capacity,$(GOALS)),redis-server) \
-  $(if $(filter cluster-demo,$(GOALS)),redis-server faketime) \
-  $(if $(filter run,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),$(if $(REDIS)$(REDIS_CLUSTER),,redis-server))) \
-  $(if $(filter redis-cluster,$(GOALS)),redis-server) \
-  $(if $(filter load,$(GOALS)),$(if $(filter-out 1,$(WORKERS))$(filter local,$(REDIS_CLUSTER)),$(if $(HOST),,redis-server))) \
-  $(if $(filter soak,$(GOALS)),$(if $(filter-out 1,$(WORKERS)),redis-server)))
-
+# The Debian packages the goals given need (redis-server for the tests, the sweep and more
+# than one worker; chromium for the page's test), decided by harness/system_packages.py's
+# GOALS from the goals and the variables given. It installs the missing ones (apt-get as
+# root, else `sudo -n apt-get`, never a prompt) or stops at once with one line naming the
+# command to run. It runs before the venv, on the system's python3.
 system-packages:
-	@$(PYTHON3) -m harness.system_packages $(SYSTEM_PROGRAMS)
+	@$(PYTHON3) -m harness.system_packages --for-goals "$(or $(MAKECMDGOALS),all)" --workers "$(WORKERS)" \
+	  --redis "$(REDIS)" --redis-cluster "$(REDIS_CLUSTER)" --host "$(HOST)"
 
 # setup.py builds loadtests/_heldfast.c in place (the load worker's compiled path)
 $(STAMP): pyproject.toml setup.py loadtests/_heldfast.c
@@ -95,24 +74,8 @@ test-long: system-packages $(STAMP)
 test-fast: system-packages $(STAMP)
 	$(PY) -m pytest -m "not slow" tests
 
-LOAD_ARGS = $(strip $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION)) \
-  $(if $(ROOMS),--rooms $(ROOMS)) $(if $(filter-out 1,$(WORKERS)),--workers $(WORKERS)) \
-  $(if $(HOST),--host $(HOST)) $(if $(POSTERS),--posters $(POSTERS)) \
-  $(if $(BURST_SIZE),--burst-size $(BURST_SIZE)) $(if $(BURST_GAP),--burst-gap $(BURST_GAP)) \
-  $(if $(SEED),--schedule-seed $(SEED)) \
-  $(if $(POLL_TIMEOUT),--poll-timeout $(POLL_TIMEOUT)) $(if $(SPAWN_RATE),--spawn-rate $(SPAWN_RATE)) \
-  $(if $(CLIENT_PROCESSES),--client-processes $(CLIENT_PROCESSES)) \
-  $(if $(SHAPE),--shape $(SHAPE)) $(if $(STEP),--step $(STEP)) $(if $(and $(SHAPE),$(SLO)),--slo-ms $(SLO)) \
-  $(if $(REMOTE_WORKERS),--remote-workers $(REMOTE_WORKERS)) $(if $(MASTER_BIND),--master-bind $(MASTER_BIND)) \
-  $(if $(REDIS_CLUSTER),--redis-cluster $(REDIS_CLUSTER)) $(if $(CHAOS),--chaos $(CHAOS)) \
-  $(if $(REDIS_WAIT),--redis-wait $(REDIS_WAIT)))
-
-# BASE=<git rev>: that revision's server against this tree's, ROUNDS runs each (loadtests/compare.py)
-COMPARE_ARGS = $(strip $(if $(BASE),--base $(BASE)) $(if $(ROUNDS),--rounds $(ROUNDS)) \
-  $(if $(RETRIES),--retries $(RETRIES)) $(if $(ALLOW_DIRTY),--allow-dirty))
-
 load: system-packages $(STAMP)
-	$(PY) -m loadtests.run $(LOAD_ARGS) $(COMPARE_ARGS)
+	$(PY) -m loadtests.run $(LOAD_ARGS)
 
 # Trend charts of reports/history.jsonl (every make load appends a line), steps marked.
 history: $(STAMP)

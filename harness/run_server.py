@@ -11,7 +11,7 @@ import sys
 import time
 
 from harness.processes import ChattleServer, CleanUp, RedisServer
-from harness.system_packages import require_or_exit
+from harness.system_packages import needed, require_or_exit
 
 
 def main(argv=None):
@@ -36,13 +36,13 @@ def main(argv=None):
 
 
 def serve(args):
+    require_or_exit(needed(["run"], workers=args.workers, redis=args.redis, redis_cluster=args.redis_cluster), "run")
     if args.redis_cluster:
         return serve_on_cluster(args)
 
     redis = None
     redis_url = args.redis
     if args.workers > 1 and not redis_url:
-        require_or_exit(["redis-server"], "run")
         redis = RedisServer()
         redis_url = redis.url
         print("run: started redis-server (pid %d) on %s, data in %s" % (redis.pid, redis_url, redis.workdir))

@@ -1,14 +1,18 @@
 """The Debian packages a make target needs: install the missing ones, or say in one line how.
 
-    python3 -m harness.system_packages redis-server chromium
+    python3 -m harness.system_packages --for-goals "load" --workers 2   # what make load WORKERS=2 needs
+    python3 -m harness.system_packages redis-server chromium            # these programs
 
-`make test`, `make bench`, `make run WORKERS>1`, `make load WORKERS>1` and .ci/run call
-this before anything else (it needs only the standard library, so it runs before the
-virtualenv exists). A program that is present costs nothing. A missing one is installed
-with `apt-get` when running as root, or with `sudo -n apt-get` when sudo works without
-a password; sudo is never asked for one. Otherwise it stops at once with one line that
-names the exact command to run. The harness's own code finds its programs here too, so
-a path is written down once.
+Which programs each make goal needs is decided here, once (GOALS): the Makefile's
+system-packages target, which the goals that need programs depend on, calls this with
+its goals and the make variables that matter; `make run` and `make load` ask the same
+table again before they start anything (bench.sweep and bench.capacity check for
+redis-server by the servers they will start). .ci/run names its programs. It needs only
+the standard library, so it runs before the virtualenv exists. A program that is present
+costs nothing. A missing one is installed with `apt-get` when running as root, or with
+`sudo -n apt-get` when sudo works without a password; sudo is never asked for one.
+Otherwise it stops at once with one line that names the exact command to run. The
+harness's own code finds its programs here too, so a path is written down once.
 """
 
 import argparse
@@ -33,6 +37,52 @@ PROGRAMS = {
     # the cluster test and make cluster-demo: a load host whose wall clock is 2 s ahead
     "faketime": ("faketime", "faketime"),
 }
+
+
+def several(workers):
+    """WORKERS as make passes it ("2", "1,2,4", "" or an int): more than one worker somewhere."""
+    return any(int(count) > 1 for count in str(workers).split(",") if count.strip().isdigit())
+
+
+def _needs_redis_for_load(given):
+    """make load: a redis-server for gunicorn's bus or a local cluster, none for a server elsewhere."""
+    if given["host"]:
+        return []
+    if given["redis_cluster"]:
+        return ["redis-server"] if given["redis_cluster"] == "local" else []
+    return ["redis-server"] if several(given["workers"]) else []
+
+
+def _test_programs(given):
+    # faketime only as root: the cluster test it serves makes network namespaces
+    return ["redis-server", "chromium", "valgrind"] + (["faketime"] if given["root"] else [])
+
+
+GOALS = {
+    # make goal: the programs it needs, given the make variables (WORKERS, REDIS, REDIS_CLUSTER,
+    # HOST) and whether it runs as root; a goal not listed needs none
+    "all": _test_programs,
+    "test": _test_programs,
+    "test-long": _test_programs,
+    "test-fast": lambda given: ["redis-server"],
+    "bench": lambda given: ["redis-server"],
+    "capacity": lambda given: ["redis-server"],
+    "cluster-demo": lambda given: ["redis-server", "faketime"],
+    "redis-cluster": lambda given: ["redis-server"],
+    # one worker serves from memory; more share a bus: REDIS=, REDIS_CLUSTER=, else a local redis-server
+    "run": lambda given: ["redis-server"] if several(given["workers"]) and not (
+        given["redis"] or given["redis_cluster"]) else [],
+    "load": _needs_redis_for_load,
+    "soak": lambda given: ["redis-server"] if several(given["workers"]) else [],
+}
+
+
+def needed(goals, workers=1, redis="", redis_cluster="", host="", root=None):
+    """The programs `goals` need, sorted, once each."""
+    given = {"workers": workers, "redis": redis or "", "redis_cluster": redis_cluster or "", "host": host or "",
+             "root": os.geteuid() == 0 if root is None else root}
+    return sorted({program for goal in goals if goal in GOALS for program in GOALS[goal](given)})
+
 
 APT_DEADLINE = 1200  # seconds for `apt-get install`: chromium is a large download
 SUDO_PROBE_DEADLINE = 10
@@ -146,6 +196,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("programs", nargs="*", metavar="PROGRAM",
                         help="programs needed, of: %s" % ", ".join(sorted(PROGRAMS)))
+    parser.add_argument("--for-goals", default="", metavar="GOALS",
+                        help="and those these make goals need (space-separated: make's MAKECMDGOALS), of: %s"
+                             % ", ".join(sorted(GOALS)))
+    parser.add_argument("--workers", default="1", help="make's WORKERS")
+    parser.add_argument("--redis", default="", help="make's REDIS")
+    parser.add_argument("--redis-cluster", default="", help="make's REDIS_CLUSTER")
+    parser.add_argument("--host", default="", help="make's HOST")
+    parser.add_argument("--list", action="store_true", help="print the programs needed, one line, and install nothing")
     parser.add_argument("--look-for", action="append", default=[], metavar="PROGRAM=PATH",
                         help="look for PROGRAM at PATH instead (tests use it)")
     parser.add_argument("--dry-run", action="store_true", help="print the install commands instead of running them")
@@ -153,8 +211,13 @@ def main(argv=None):
     unknown = sorted(set(args.programs) - set(PROGRAMS))
     if unknown:
         parser.error("no such program: %s (known: %s)" % (", ".join(unknown), ", ".join(sorted(PROGRAMS))))
+    programs = list(dict.fromkeys(args.programs + needed(args.for_goals.split(), args.workers, args.redis,
+                                                         args.redis_cluster, args.host)))
+    if args.list:
+        print(" ".join(programs))
+        return 0
     look_for = dict(item.split("=", 1) for item in args.look_for)
-    problem = ensure(args.programs, look_for, dry_run=args.dry_run)
+    problem = ensure(programs, look_for, dry_run=args.dry_run)
     if problem:
         print("chattle: " + problem, file=sys.stderr)
         return 1

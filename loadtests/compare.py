@@ -44,6 +44,7 @@ from instruments import history
 from instruments.measures import LatencyHistogram, ms, percentile, ratio_interval
 from instruments.page import REPORTS_ROOT, machine_line, new_report_dir, write_html, write_json
 from instruments.provenance import GitFailed, git, without_bench_environment
+from loadtests.options import COMPARE, add_to_parser
 
 WORSE_OR_NOT = {0: "UNCHANGED", 1: "WORSE", 2: "COULD NOT COMPARE"}
 UNCHANGED, WORSE, CANNOT_COMPARE = 0, 1, 2
@@ -528,17 +529,12 @@ def print_verdict(result, context, rounds, report_dir):
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="make load BASE=<rev>", description=__doc__.splitlines()[0],
                                      allow_abbrev=False)
-    parser.add_argument("--base", required=True, help="git revision to compare with (branch, tag, commit, HEAD~1)")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each side (at least 2)")
+    add_to_parser(parser, COMPARE)
     parser.add_argument("--report-root", default=REPORTS_ROOT, help="directory that receives <timestamp>-compare/")
-    parser.add_argument("--retries", type=int, default=1,
-                        help="times an invalid round (machine-bound, say) is run again, both sides; once one "
-                             "is still invalid after them, the other rounds run once each")
-    parser.add_argument("--allow-dirty", action="store_true",
-                        help="compare a tree with uncommitted changes as head (the report says so)")
-    parser.add_argument("--head-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="set this for head's servers only (CHATTLE_BENCH_* of the environment are too)")
-    return parser.parse_known_args(argv)
+    args, load_argv = parser.parse_known_args(argv)
+    if args.base is None:
+        parser.error("the following arguments are required: --base")
+    return args, load_argv
 
 
 def main(argv, run):
@@ -566,7 +562,7 @@ def refusals(args, load_args):
         problems.append("HOST=%s: a comparison starts the servers of both sides itself; drop HOST" % load_args.host)
     if load_args.remote_workers:
         problems.append("REMOTE_WORKERS: a comparison runs its load here")
-    if not load_args.schedule_seed:
+    if not load_args.seed:
         problems.append("SEED=0 draws a new schedule each run: base and head need the same one (any other seed)")
     return problems
 

@@ -40,7 +40,6 @@ EVICT_POLLS = 4            # ... and polls of each flooded room, so every worker
 ROOM_TTL = 3               # room-expire: the server's CHATTLE_ROOM_TTL (seconds)
 WORKER_BACK_WHILE_DOWN = 5.0  # worker-kill-redis-down: seconds Redis stays down at most for the new worker
 TRIM_WAIT = 2.0            # reader-trimmed: seconds of posts while one worker is stopped, before the trim
-CHAOS_DEFAULTS = {"users": 2000, "duration": 60.0, "poll_timeout": 5.0, "rooms": 4, "lost_contact_seconds": 60.0}
 
 
 class Fault:

@@ -36,7 +36,8 @@ from instruments.measures import DeliveryLedger, process_cpu_seconds
 from loadtests import longpoll
 from loadtests.locust_stats import log_untimed
 from loadtests.longpoll import BadAnswer, HeldPolls, LongPollClient
-from loadtests.scenario import build_stages, conf_defaults, room_name, server_urls, stage_at
+from loadtests.options import LOCUST, add_to_parser
+from loadtests.scenario import room_name, server_urls, stage_at
 from loadtests.shapes import StagedShape, SteppedShape  # Locust finds StagedShape here; --shape steps swaps
 from loadtests.tally import LOCUST_VERSION, RunTally, WorkerTally
 
@@ -87,50 +88,16 @@ def measure_clocks(options):
     TALLY.clocks = CLOCKS.to_dict()
 
 
-DEFAULTS = conf_defaults()  # loadtests/locust.conf: one set of defaults for every entry point
-
-
 @events.init_command_line_parser.add_listener
 def add_options(parser):
-    group = parser.add_argument_group("chattle")
-    group.add_argument("--listeners", type=int, default=int(DEFAULTS["listeners"]), help="listeners held at the target")
-    group.add_argument("--posters", type=int, default=int(DEFAULTS["posters"]),
-                       help="posters (fixed count, spawned first)")
-    group.add_argument("--rooms", type=int, default=int(DEFAULTS["rooms"]),
-                       help="rooms; listeners are spread evenly over them")
-    group.add_argument("--run-seconds", type=float, default=float(DEFAULTS["run-seconds"]),
-                       help="length of the whole stage table")
-    group.add_argument("--poll-timeout", type=float, default=float(DEFAULTS["poll-timeout"]),
-                       help="the 'timeout' each poll asks the server for")
-    group.add_argument("--burst-size", type=int, default=int(DEFAULTS["burst-size"]),
-                       help="messages a poster sends back to back")
-    group.add_argument("--burst-gap", type=float, default=float(DEFAULTS["burst-gap"]),
-                       help="mean seconds of quiet between a poster's bursts")
-    group.add_argument("--schedule-seed", type=int, default=int(DEFAULTS["schedule-seed"]),
-                       help="seeds the posters' quiet gaps (same seed, same schedule); 0: a new one each run")
-    group.add_argument("--stop-rate", type=float, default=float(DEFAULTS["stop-rate"]),
-                       help="listeners stopped per second at ramp-down")
-    group.add_argument("--lost-contact-seconds", type=float, default=float(DEFAULTS["lost-contact-seconds"]),
-                       help="a listener failing this long without one good answer gives up (lost contact)")
-    group.add_argument("--raw-dir", default="", help="where the master writes run.json")
-    group.add_argument("--shape", choices=("bursts", "steps"), default="bursts",
-                       help="bursts: ramp, hold, bursts, drain; steps: listeners in steps of --step, one burst "
-                            "at each, ending at the first step that breaks --slo-ms or loses a delivery")
-    group.add_argument("--step", type=int, default=2000, help="listeners added per step (--shape steps)")
-    group.add_argument("--slo-ms", type=float, default=500, help="p99 wake-up objective of a step (--shape steps)")
-    group.add_argument("--receipts", action="store_true",
-                       help="every listener keeps each message it got (id, ts) per history it was in, for "
-                            "make load CHAOS= (instruments/judging.py); the held polls take the Python path")
-    group.add_argument("--servers", default="",
-                       help="comma-separated server URLs sharing one bus: listeners spread evenly over them, "
-                            "posts take turns (default: --host)")
+    """Every option of loadtests/options.py the locustfile takes, as Locust names it."""
+    add_to_parser(parser.add_argument_group("chattle"), LOCUST, locust=True)
 
 
 def stages_of(options):
     if options.shape == "steps":
         return SteppedShape.table(options)
-    return build_stages(options.listeners, options.posters, options.run_seconds, options.spawn_rate,
-                        options.stop_rate)
+    return StagedShape.table(options)
 
 
 # -- Locust, made cheaper where it measurably costs ----------------------------------------------
@@ -644,7 +611,7 @@ class Poster(User):
         self.turns = itertools.cycle(self.clients)
         # Seeded, the gaps (and so the number of posts a run makes) are the same run after
         # run: unseeded, a default run made 30 to 75 posts, and its ratios did not compare.
-        seed = options.schedule_seed
+        seed = options.seed
         self.gaps = random.Random(seed * 1000 + self.number) if seed else random.Random()
 
     @task

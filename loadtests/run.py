@@ -17,18 +17,18 @@ import time
 
 from chattle_limits import POLL_TIMEOUT_MAX, client_timeout, connections_per_worker, raise_descriptor_limit
 from harness.processes import LOOPBACK, ROOT, ChattleServer, CleanUp, Process, RedisServer, free_port, get_json
-from harness.system_packages import missing, missing_line
+from harness.system_packages import missing, missing_line, needed
 from instruments.measures import process_cpu_seconds
-from instruments.page import REPORTS_ROOT, new_report_dir
+from instruments.page import new_report_dir
 from loadtests.cluster_load import LOCAL
-from loadtests.faults import ALL, CHAOS_DEFAULTS, FAULTS, fault_problem, parse_chaos
+from loadtests.faults import ALL, FAULTS, fault_problem, parse_chaos
+from loadtests.options import COMPARE, RUN, add_to_parser, resolve_chaos_defaults, scenario_argv
 from loadtests.scenario import (
     LOCUST_CONF,
     SETTLE_SECONDS,
     SHAPE_STARTED_FILE,
     build_stages,
     build_step_stages,
-    conf_defaults,
     room_name,
     server_urls,
     stage_at,
@@ -40,89 +40,12 @@ DEFAULT_MASTER_PORT = 5557    # Locust's own default: the port to open to the lo
 
 
 def parse_args(argv=None):
-    conf = conf_defaults()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--users", type=int, default=None,
-                        help="listeners holding a long-poll at the target (posters come on top); default %s, "
-                             "%d with --chaos" % (conf["listeners"], CHAOS_DEFAULTS["users"]))
-    parser.add_argument("--duration", type=float, default=None,
-                        help="seconds of the whole stage table: ramp, hold, bursts, drain, ramp-down; default %s, "
-                             "%g with --chaos (each fault's run)" % (conf["run-seconds"], CHAOS_DEFAULTS["duration"]))
-    parser.add_argument("--rooms", type=int, default=None,
-                        help="1 = one big room (maximum fan-out); more = listeners spread over small rooms; "
-                             "default %s, %d with --chaos" % (conf["rooms"], CHAOS_DEFAULTS["rooms"]))
-    parser.add_argument("--posters", type=int, default=int(conf["posters"]), help="users posting in bursts")
-    parser.add_argument("--burst-size", type=int, default=int(conf["burst-size"]),
-                        help="messages per burst, sent back to back")
-    parser.add_argument("--burst-gap", type=float, default=float(conf["burst-gap"]),
-                        help="mean seconds of quiet after each burst, per poster")
-    parser.add_argument("--schedule-seed", type=int, default=int(conf["schedule-seed"]),
-                        help="seeds the posters' quiet gaps: the same seed makes the same schedule, so two runs "
-                             "compare; 0 draws a new one each run")
-    parser.add_argument("--poll-timeout", type=float, default=None,
-                        help="seconds each poll asks the server to hold it; default %s, %g with --chaos"
-                             % (conf["poll-timeout"], CHAOS_DEFAULTS["poll_timeout"]))
-    parser.add_argument("--spawn-rate", type=float, default=float(conf["spawn-rate"]),
-                        help="users started per second during the ramp")
-    parser.add_argument("--stop-rate", type=float, default=float(conf["stop-rate"]),
-                        help="listeners stopped per second at ramp-down (each catches up on what is on its way)")
-    parser.add_argument("--lost-contact-seconds", type=float, default=None,
-                        help="a listener failing this long without one good answer gives up and is counted "
-                             "as lost contact, apart from messages lost by the server; default %s, %g with "
-                             "--chaos (listeners ride out a fault)" % (conf["lost-contact-seconds"],
-                                                                       CHAOS_DEFAULTS["lost_contact_seconds"]))
-    parser.add_argument("--workers", type=int, default=1,
-                        help="server workers; more than 1 runs gunicorn on the shared Redis bus")
-    parser.add_argument("--redis-cluster", default="",
-                        help="the server's bus on a Redis Cluster: `local` starts 3 masters and 3 replicas for the "
-                             "run (stopped at its end), or host:port[,...] of a running one; the report gives each "
-                             "shard's share (docs/cluster.md)")
-    parser.add_argument("--redis-wait", type=int, default=None,
-                        help="with --redis-cluster: the server's --redis-wait (ms a post waits for a replica); "
-                             "default: the server's own (1000)")
-    parser.add_argument("--chaos", default="",
-                        help="a fault injected during the bursts, every accepted post judged lost silently, "
-                             "signalled or delivered (docs/faults.md): one of %s; several separated by commas, "
-                             "or all, run the matrix (each fault its own run, one table)" % ", ".join(ALL))
-    parser.add_argument("--client-processes", type=int, default=0,
-                        help="Locust worker processes beside the master (0: as few as the open-file limit "
-                             "allows). One holds 10000 listeners at "
-                             "about half the server's CPU per delivery; more only help when the "
-                             "client lag says one is not keeping up and there are cores to spare")
-    parser.add_argument("--host", default="",
-                        help="URL of a Chattle already running elsewhere, or several separated by commas "
-                             "(hosts sharing one Redis): then no server is started, listeners spread evenly "
-                             "over them, posts take turns, and each one's /stats is sampled")
-    parser.add_argument("--remote-workers", type=int, default=0,
-                        help="Locust workers on other hosts (`make load-worker MASTER=...`) to wait for; "
-                             "more than 0 starts none here")
-    parser.add_argument("--master-bind", default=LOOPBACK,
-                        help="address the Locust master listens on; remote workers need one they can reach")
-    parser.add_argument("--master-port", type=int, default=0,
-                        help="port of the Locust master (0: 5557 with remote workers, else a free one)")
-    parser.add_argument("--worker-wait", type=float, default=120,
-                        help="seconds the master waits for its remote workers before it gives up")
-    parser.add_argument("--shape", choices=("bursts", "steps"), default="bursts",
-                        help="steps: listeners held in steps of --step up to --users, one burst at each; the run "
-                             "ends at the first step whose p99 breaks --slo-ms or whose delivery is incomplete")
-    parser.add_argument("--step", type=int, default=2000, help="listeners added per step (--shape steps)")
-    parser.add_argument("--slo-ms", type=float, default=500, help="p99 wake-up objective of a step (--shape steps)")
-    parser.add_argument("--report-root", default=REPORTS_ROOT,
-                        help="directory that receives <timestamp>-load/ (tests point it at a temp dir)")
-    # Base against head (loadtests/compare.py): it runs this script once per round.
-    parser.add_argument("--base", help="compare with this git revision, round by round (loadtests/compare.py)")
-    parser.add_argument("--rounds", type=int, default=3, help="with --base: runs of each side (see --base --help)")
-    parser.add_argument("--server-root", default=ROOT, help="the checkout whose chattle.py serves")
-    parser.add_argument("--server-python", default=sys.executable, help="the interpreter the server runs on")
-    args = parser.parse_args(argv)
-    chaos = bool(args.chaos)
-    for name, key, kind in (("users", "listeners", int), ("duration", "run-seconds", float),
-                            ("rooms", "rooms", int), ("poll_timeout", "poll-timeout", float),
-                            ("lost_contact_seconds", "lost-contact-seconds", float)):
-        if getattr(args, name) is None:
-            setattr(args, name, CHAOS_DEFAULTS[name] if chaos else kind(conf[key]))
-    return args
+    """The flags of loadtests/options.py's table, the comparison's among them (for --help:
+    main() hands an argv with --base to loadtests/compare.py)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_to_parser(parser, RUN, faults=", ".join(ALL))
+    add_to_parser(parser.add_argument_group("make load BASE=<rev> (loadtests/compare.py)"), COMPARE)
+    return resolve_chaos_defaults(parser.parse_args(argv))
 
 
 # -- preflight ------------------------------------------------------------------------------------
@@ -183,10 +106,11 @@ def preflight(args):
                      "(give --master-bind / MASTER_BIND an address they can reach)")
 
     problems += cluster_problems(args)
+    absent = missing(needed(["load"], workers=args.workers, redis_cluster=args.redis_cluster, host=args.host))
+    if absent:
+        problems.append(missing_line(absent))
     if not args.host:
         if args.workers > 1 and not args.redis_cluster:
-            if missing(["redis-server"]):
-                problems.append(missing_line(["redis-server"]))
             per_worker = connections_per_worker(soft)  # as gunicorn.conf.py sets it, under the same limit
             capacity = per_worker * args.workers
             if capacity < users:
@@ -247,8 +171,6 @@ def cluster_problems(args):
         problems.append("--host runs no server here: start those servers on the cluster yourself "
                         "(--redis-cluster goes with a server this run starts)")
     if args.redis_cluster == LOCAL:
-        if missing(["redis-server"]):
-            problems.append(missing_line(["redis-server"]))
         return problems
     from harness import failover
     try:
@@ -481,13 +403,7 @@ def locust_argv(args, urls, report_dir, raw_dir):
     return [sys.executable, "-m", "locust", "--config", LOCUST_CONF, "-f", os.path.join(HERE, "locustfile.py"),
             "--headless", "--host", urls[0], "--servers", ",".join(urls), *workers,
             "--master-bind-host", args.master_bind, "--master-bind-port", str(master_port),
-            "--listeners", str(args.users), "--posters", str(args.posters), "--rooms", str(args.rooms),
-            "--run-seconds", str(args.duration), "--spawn-rate", str(args.spawn_rate),
-            "--stop-rate", str(args.stop_rate), "--poll-timeout", str(args.poll_timeout),
-            "--burst-size", str(args.burst_size), "--burst-gap", str(args.burst_gap), "--raw-dir", raw_dir,
-            "--schedule-seed", str(args.schedule_seed),
-            "--shape", args.shape, "--step", str(args.step), "--slo-ms", str(args.slo_ms),
-            "--lost-contact-seconds", str(args.lost_contact_seconds), *(["--receipts"] if args.chaos else []),
+            *scenario_argv(args), "--raw-dir", raw_dir, *(["--receipts"] if args.chaos else []),
             "--csv", os.path.join(report_dir, "locust"), "--html", os.path.join(report_dir, "locust.html")]
 
 
@@ -645,7 +561,7 @@ def main(argv=None):
 
     from loadtests.report import build_report, print_summary
     run_info = {"users": args.users, "posters": args.posters, "rooms": args.rooms, "duration": args.duration,
-                "burst_size": args.burst_size, "burst_gap": args.burst_gap, "schedule_seed": args.schedule_seed,
+                "burst_size": args.burst_size, "burst_gap": args.burst_gap, "schedule_seed": args.seed,
                 "poll_timeout": args.poll_timeout,
                 "client_timeout": client_timeout(args.poll_timeout), "spawn_rate": args.spawn_rate,
                 "stop_rate": args.stop_rate, "workers": args.workers, "client_processes": args.client_processes,

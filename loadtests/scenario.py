@@ -97,17 +97,3 @@ def server_urls(urls):
 
 
 LOCUST_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locust.conf")
-
-
-@functools.lru_cache(maxsize=1)
-def conf_defaults(path=LOCUST_CONF):
-    """key = value lines of locust.conf: the scenario's one set of defaults, read by the
-    orchestrator's flags and by the locustfile's options alike."""
-    values = {}
-    with open(path) as conf:
-        for line in conf:
-            line = line.split("#", 1)[0].strip()
-            if "=" in line:
-                key, value = (part.strip() for part in line.split("=", 1))
-                values[key] = value
-    return values

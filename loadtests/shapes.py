@@ -8,6 +8,7 @@ from locust import LoadTestShape
 from locust.runners import STATE_MISSING
 
 from instruments.measures import LatencyHistogram
+from loadtests.options import from_locust
 from loadtests.scenario import SETTLE_SECONDS, SHAPE_STARTED_FILE, build_stages, build_step_stages, stage_at
 
 
@@ -32,8 +33,9 @@ class StagedShape(LoadTestShape):
 
     @staticmethod
     def table(options):
-        return build_stages(options.listeners, options.posters, options.run_seconds, options.spawn_rate,
-                            options.stop_rate)
+        scenario = from_locust(options)
+        return build_stages(scenario.users, scenario.posters, scenario.duration, scenario.spawn_rate,
+                            scenario.stop_rate)
 
     def connected_workers(self):
         """Ids of the workers the master still hears (Locust marks one missing after
@@ -75,7 +77,7 @@ class StagedShape(LoadTestShape):
 
 class SteppedShape(StagedShape):
     """SHAPE=steps: listeners held in steps of --step, one burst at each; the run ends, as a
-    run ends, after the first step whose p99 wake-up breaks --slo-ms or whose delivery is
+    run ends, after the first step whose p99 wake-up breaks --slo or whose delivery is
     incomplete. Each step is judged from the master's tally once its settling wait is over:
     the wake-ups that arrived from its burst to then, against the posts of its burst times
     the listeners it held. The verdicts go to raw/steps.json for the summary."""
@@ -86,8 +88,9 @@ class SteppedShape(StagedShape):
 
     @staticmethod
     def table(options):
-        return build_step_stages(options.step, options.listeners, options.posters, options.spawn_rate,
-                                 options.stop_rate)
+        scenario = from_locust(options)
+        return build_step_stages(scenario.step, scenario.users, scenario.posters, scenario.spawn_rate,
+                                 scenario.stop_rate)
 
     def tick(self):
         if self.wall_started is None:
@@ -105,12 +108,12 @@ class SteppedShape(StagedShape):
             burst = next(s for s in self.stages if s["name"] == "bursts" and s["step"] == settle["step"])
             verdict = judge_step(self.run_tally, settle["step"], settle["listeners"], options.rooms,
                                  self.wall_started + burst["start"], self.wall_started + burst["end"],
-                                 self.wall_started + settle["end"], options.slo_ms / 1000.0)
+                                 self.wall_started + settle["end"], options.slo / 1000.0)
             self.steps.append(verdict)
             if options.raw_dir:
                 os.makedirs(options.raw_dir, exist_ok=True)
                 with open(os.path.join(options.raw_dir, "steps.json"), "w") as out:
-                    json.dump({"slo_s": options.slo_ms / 1000.0, "step": options.step, "steps": self.steps}, out)
+                    json.dump({"slo_s": options.slo / 1000.0, "step": options.step, "steps": self.steps}, out)
             print("chattle: step %d, %d listeners: %s" % (verdict["step"], verdict["listeners"], step_line(verdict)),
                   flush=True)
             if not verdict["held"]:

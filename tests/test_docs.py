@@ -69,9 +69,15 @@ def make_targets():
     return targets
 
 
+def makefile_text():
+    """The Makefile and the files it includes (loadtests/options.mk: make load's variables)."""
+    text = read("Makefile")
+    return text + "".join(read(path) for path in re.findall(r"^include +(\S+)$", text, re.M))
+
+
 def test_every_make_command_shown_is_a_target_with_its_variables():
     targets = make_targets()
-    makefile = read("Makefile")
+    makefile = makefile_text()
     commands = shown(MAKE_COMMAND)
     assert commands, "no `make <target>` found in the docs: is the pattern wrong?"
     wrong = []
@@ -211,32 +217,35 @@ def same_default(shown, actual):
     return shown == actual or (shown.endswith("/") and os.path.basename(str(actual)) == shown.strip("/"))
 
 
-def test_the_make_load_knobs_table_is_what_make_load_does():
-    """docs/measuring.md's knobs: each make variable passes its flag (Makefile), and each
-    default is the one `python -m loadtests.run` takes (from loadtests/locust.conf)."""
-    from loadtests import run
+def test_the_make_load_knobs_table_is_the_options_table():
+    """docs/measuring.md's knobs are loadtests/options.py's: each row's variable is its flag's
+    (the Makefile passes it through loadtests/options.mk), each default the table's, and
+    every option make passes has its row."""
+    from loadtests import options
 
-    defaults = vars(run.parse_args([]))
-    makefile = read("Makefile")
     rows = table_rows(read("docs/measuring.md"), "variable")
     assert len(rows) > 10, rows
-    wrong = []
+    wrong, seen = [], set()
     for variables, flags, shown_defaults, _meaning in rows:
         variables = [name.strip("`=") for name in variables.split(", ") if name]
         flags = [name.strip("`") for name in flags.split(", ")]
         shown = [documented_default(value) for value in shown_defaults.split(", ")]
-        if len(shown) != len(flags):
-            wrong.append("%s: %d defaults for %d flags" % (flags, len(shown), len(flags)))
+        if not len(shown) == len(flags) == len(variables):
+            wrong.append("%s: %d variables and %d defaults for %d flags" % (flags, len(variables), len(shown),
+                                                                            len(flags)))
             continue
-        for variable, flag in zip(variables, flags):
-            if "%s $(%s)" % (flag, variable) not in makefile:
-                wrong.append("%s= does not pass %s in the Makefile" % (variable, flag))
-        for flag, value in zip(flags, shown):
-            name = flag.lstrip("-").replace("-", "_")
-            if name not in defaults:
-                wrong.append("%s is not a flag of python -m loadtests.run" % flag)
-            elif not same_default(value, defaults[name]):
-                wrong.append("%s: the table's default is %r, make load's %r" % (flag, value, defaults[name]))
+        for variable, flag, value in zip(variables, flags, shown):
+            option = options.BY_NAME.get(flag[2:])
+            if option is None or option.flag != flag:
+                wrong.append("%s is not an option of loadtests/options.py" % flag)
+                continue
+            seen.add(option.name)
+            if variable != option.variable:
+                wrong.append("%s: the table says %s=, make passes it as %s=" % (flag, variable, option.variable))
+            if not same_default(value, option.default if option.kind != options.SWITCH else None):
+                wrong.append("%s: the table's default is %r, the option's %r" % (flag, value, option.default))
+    wrong += ["%s= (%s) has no row in docs/measuring.md's knobs" % (option.variable, option.flag)
+              for option in options.OPTIONS if option.variable and option.name not in seen]
     assert not wrong, "\n".join(wrong)
 
 

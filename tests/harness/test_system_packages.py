@@ -6,6 +6,7 @@ The real remove-and-reinstall is the fresh-machine check of the README.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -148,3 +149,50 @@ def test_run_without_redis_server_is_one_line(tmp_path):
     assert done.returncode == 1
     assert done.stderr == ("run: redis-server is not installed; install it with: "
                            "sudo apt-get install -y redis-server\n")
+
+
+# -- which programs a make goal needs: GOALS, decided once ------------------------------------
+
+def test_each_goal_needs_what_it_runs():
+    needed = system_packages.needed
+    assert needed(["test"], root=False) == ["chromium", "redis-server", "valgrind"]
+    assert needed(["all"], root=True) == ["chromium", "faketime", "redis-server", "valgrind"]
+    assert needed(["lint", "history", "load-worker", "regress"]) == []
+    assert needed(["bench"]) == needed(["capacity"]) == needed(["test-fast"]) == ["redis-server"]
+    assert needed(["cluster-demo"]) == ["faketime", "redis-server"]
+    assert needed(["run"]) == [] and needed(["run"], workers="2") == ["redis-server"]
+    assert needed(["run"], workers="2", redis="redis://h:6379/0") == []
+    assert needed(["run"], workers=2, redis_cluster="h:1") == []
+    assert needed(["load"]) == [] and needed(["load"], workers="2") == ["redis-server"]
+    assert needed(["load"], redis_cluster="local") == ["redis-server"]
+    assert needed(["load"], workers="2", redis_cluster="h:7000") == []
+    assert needed(["load"], workers="2", host="http://h:8080") == []
+    assert needed(["soak"], workers="1") == [] and needed(["soak"], workers="2") == ["redis-server"]
+
+
+def makefile_goals_needing_programs():
+    with open(os.path.join(ROOT, "Makefile")) as makefile:
+        text = makefile.read()
+    return {target for target, prerequisites in re.findall(r"^([a-z][\w-]*):(?!=)(.*)$", text, re.M)
+            if "system-packages" in prerequisites.split()}
+
+
+def test_the_goals_that_install_programs_are_the_tables():
+    assert makefile_goals_needing_programs() == set(system_packages.GOALS) - {"all"}
+
+
+@pytest.mark.parametrize("variables,programs", [
+    (["WORKERS=2"], "redis-server"), (["WORKERS=2", "HOST=http://h:1"], ""), ([], ""),
+    (["REDIS_CLUSTER=local"], "redis-server")])
+def test_make_hands_the_goals_and_variables_to_the_table(variables, programs):
+    """`make -n load ...` prints the system-packages recipe; run with --list, it names what
+    make load with those variables needs."""
+    done = subprocess.run(["make", "-n", "--no-print-directory", "-C", ROOT, "load", *variables],
+                          capture_output=True, text=True, timeout=DEADLINE, env=dict(os.environ, MAKEFLAGS=""))
+    assert done.returncode == 0, done.stderr
+    recipe = done.stdout.replace("\\\n", " ").splitlines()
+    command = next(line for line in recipe if "-m harness.system_packages" in line)
+    assert '--for-goals "load"' in command
+    listed = subprocess.run(command + " --list", shell=True, cwd=ROOT, capture_output=True, text=True,
+                            timeout=DEADLINE)
+    assert (listed.returncode, listed.stdout.strip()) == (0, programs), listed.stderr
