@@ -1,9 +1,14 @@
-"""bus"""
+"""The bus: how a post reaches every worker's rooms. `Bus` names everything the app and
+the rooms ask of one; `MemoryBus` is the bus of one process. The shared buses, on Redis
+(chattle_redis.py) and on a Redis Cluster (chattle_cluster.py), keep one history for
+every worker and host.
+"""
 
 import itertools
 import os
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 
 from chattle_rooms import encode
@@ -49,11 +54,59 @@ def new_epoch():
     return "%013x%04x%03x" % (time.time_ns() // 1000, os.getpid() & 0xFFFF, next(_epochs_made) & 0xFFF)
 
 
-class MemoryBus:
+class Bus(ABC):
+    """What the app (chattle.py) and the rooms ask of a bus. A bus is made once per serving
+    process, on first use (after gunicorn forks), and is given that process's Rooms: it adds
+    every post to the room it names there, which wakes the polls held on it.
+
+    Its calls may raise BusUnavailable (answered 503: the shared bus cannot be reached) and
+    RoomsFull (503: no room can be made now)."""
+
+    name = None  # what /health and /stats call it: "memory", "redis", "redis-cluster"
+    # Posts the bus's readers were given, and of those the ones for a room this worker does
+    # not hold (/stats): a reader's cost. Always 0 where the post is the wake-up.
+    posts_received = posts_received_for_rooms_not_held = 0
+
+    @abstractmethod
+    def publish(self, room_name, sender, content, idempotency_key=None):
+        """Post a message: the dict the protocol answers (id, ts, epoch; "replayed": True
+        when a post under the same Idempotency-Key was accepted before, whose values these are)."""
+
+    @abstractmethod
+    def room(self, room_name, since=None, epoch=None):
+        """The Room a poll after `since` of history `epoch` is answered from (a shared bus may
+        load it first, or catch it up)."""
+
+    @abstractmethod
+    def forget(self, room_name):
+        """The worker let the room go (Rooms.on_forget, or a poll on a room nobody uses): stop
+        keeping its copy current."""
+
+    @abstractmethod
+    def health(self):
+        """(ok, why not): what /health answers."""
+
+    def healthy(self):
+        return self.health()[0]
+
+    @abstractmethod
+    def reader_state(self):
+        """What /health and /stats say of the reader that brings other workers' posts (a
+        dict), or None for a bus with none."""
+
+    @abstractmethod
+    def clock(self):
+        """The clock every `ts` of this bus is read from (seconds since the epoch)."""
+
+    @abstractmethod
+    def close(self):
+        """Let go of connections and greenlets; the bus is not used after."""
+
+
+class MemoryBus(Bus):
     """One process, no setup: the post is the wake-up."""
 
     name = "memory"
-    posts_received = posts_received_for_rooms_not_held = 0  # no reader: the post is the wake-up
 
     def __init__(self, rooms, idempotency_seconds=300, idempotency_keys=10000):
         self.rooms = rooms
@@ -90,25 +143,18 @@ class MemoryBus:
         return {"id": posted[0], "ts": posted[1], "epoch": posted[2], "replayed": True}
 
     def room(self, room_name, since=None, epoch=None):
-        """The room a poll after `since` of history `epoch` is answered from (the shared bus
-        may load it first)."""
         return self.rooms.get(room_name)
 
     def forget(self, room_name):
         pass
 
     def health(self):
-        """(ok, why not): what /health answers."""
         return True, None
-
-    def healthy(self):
-        return self.health()[0]
 
     def reader_state(self):
         return None  # no reader
 
     def clock(self):
-        """The clock every `ts` of this bus is read from."""
         return time.time()
 
     def close(self):

@@ -1,4 +1,6 @@
-"""cluster"""
+"""The shared bus on a Redis Cluster (RedisClusterBus): each room on one master, and each
+worker subscribed only to the rooms it holds, one connection per master (ShardReader).
+"""
 
 import json
 import traceback

@@ -1,4 +1,7 @@
-"""redis"""
+"""The shared bus on one Redis: every room's history in a Redis Stream, and one reader per
+worker following every post (RedisBus). The Lua both shared buses' post scripts are built
+from is here too.
+"""
 
 import re
 import time
@@ -7,7 +10,7 @@ import traceback
 import gevent
 from gevent.event import AsyncResult, Event
 
-from chattle_bus import BusUnavailable, bus_log, never_sent
+from chattle_bus import Bus, BusUnavailable, bus_log, never_sent
 from chattle_rooms import RoomsFull, encode
 
 # The part of both buses' post scripts that names the room's history (its epoch). A history
@@ -46,7 +49,7 @@ redis.call('ZADD', %(rooms)s, rooms_now, ARGV[1])
 """
 
 
-class RedisBus:
+class RedisBus(Bus):
     """Many workers and hosts, one history: Redis Streams hold every room's messages.
 
     A post runs one Lua script that takes the room's next id (INCR) and appends the
@@ -582,9 +585,6 @@ return {id, ts, epoch}
         except self.redis.RedisError as exc:
             return False, "Redis does not answer (%s: %s)" % (type(exc).__name__, exc)
         return True, None
-
-    def healthy(self):
-        return self.health()[0]
 
     def clock(self):
         """Redis' TIME, which stamps every `ts` (None while Redis is unreachable)."""

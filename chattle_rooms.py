@@ -1,4 +1,7 @@
-"""rooms"""
+"""The rooms of one worker: each room's bounded history and the Events its held polls
+wait on (Room, Wakeup), and every room the worker knows with the worker's bounds on them
+(Rooms). The bus adds posts here; the app answers polls from here.
+"""
 
 import json
 import math
