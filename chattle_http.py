@@ -246,10 +246,10 @@ def peer_gone(peer, watcher):
 # The handler: pywsgi's WSGIHandler, lean per answer and strict per head
 ###############################################################################
 
-def handler_class(limits, base=None, access_log=False):
-    """gevent.pywsgi's handler (or `base`, a subclass of it such as gunicorn's), under
-    `limits` (an HttpLimits), with what a held poll keeps and what a fan-out pays per
-    woken poll taken out.
+class ChattleHandling:
+    """gevent.pywsgi's handler as chattle has it, mixed into it (or into a subclass of it,
+    such as gunicorn's) by handler_class, under the class's `limits` (an HttpLimits):
+    with what a held poll keeps and what a fan-out pays per woken poll taken out.
 
     A woken poll is answered and its connection closed inside the fan-out, so every
     step here is paid once per waiter: one send for the head and body together
@@ -258,263 +258,271 @@ def handler_class(limits, base=None, access_log=False):
     formatted without a log. The head is read, checked and turned into the environ by
     this class's own code (pywsgi's read_requestline, read_request, get_environ and
     their header object are not used)."""
+
+    limits = None       # an HttpLimits: set on each class handler_class makes
+    access_log = False  # whether requests are logged (gunicorn's access log, or --access-log)
+    deadlines = None    # the Deadlines of the connections of every handler of the class
+    MessageClass = RequestHeaders
+
+    def __init__(self, sock, address, server, rfile=None):
+        super().__init__(sock, address, server, rfile or RequestReader(sock, self.deadlines))
+
+    def handle(self):
+        # pywsgi's own loop, but for the yield before a keep-alive connection's next
+        # request, the deadline it has meanwhile and the closing at the end.
+        try:
+            while self.socket is not None:
+                self.time_start = time.time()
+                self.time_finish = 0
+                result = self.handle_one_request()
+                if result is None:
+                    break
+                if result is True:
+                    self.rfile.expect_request(time.monotonic())
+                    # Answer first, read on after: see close_socket. A long-poll
+                    # client asks again at once, so by then its request is often
+                    # in already, and nothing parks on the socket to wait for it.
+                    gevent.sleep(0)
+                    continue
+                self.status, answer = result  # a refusal: sent, logged, then the connection closes
+                self.rfile.send(answer)
+                self.time_finish = time.time()
+                break
+        except OSError:
+            pass  # the client went away, or its deadline passed: nothing to tell it
+        finally:
+            self.close_socket()
+
+    def handle_one_request(self):
+        """Read, check and answer one request: True to read on, None to close, or
+        (status, answer bytes) for a refusal the loop sends before it closes."""
+        rfile, limits = self.rfile, self.limits
+        if rfile.closed:
+            return None
+        try:
+            head = rfile.read_head(limits.max_head_bytes, limits.max_line_bytes)
+            if not head:
+                return None
+            self.response_length = 0
+            self.environ = self.get_environ(RequestHeaders(head, limits.max_headers))
+        except Refused as refused:
+            return self.refuse(refused)
+        self.application = self.server.application
+        self.handle_one_response()
+        if self.close_connection or rfile.closed:
+            return None
+        return True
+
+    def refuse(self, refused):
+        self.close_connection = True
+        self.log_error("(from %s) %d %s", self.client_address, refused.status, refused.message)
+        return str(refused.status), refusal(refused.status, refused.message, http_date.now())
+
+    def get_environ(self, head):
+        """The WSGI environ of a checked head, as pywsgi's get_environ builds it (headers
+        as HTTP_*; a name with '_' dropped, as pywsgi does, so that it cannot pose as
+        another; repeated ones joined), with its body framing checked first.
+
+        A held poll keeps its environ, and nothing else of its head: the method and
+        protocol words are shared by every request, and the parsed head is kept only
+        for an access log."""
+        environ = self.server.get_environ()
+        logged = self.wants_access_log()
+        environ[SENDS_JSON] = KEEP if logged else FORGET
+        environ[PEER] = self.rfile
+        for name, value in head.fields:
+            if "_" in name:
+                continue
+            key = name.upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+            if key in environ:
+                environ[key] += ("; " if key == "HTTP_COOKIE" else ",") + value
+            else:
+                environ[key] = value
+        content_length, chunked = body_length(environ.get("CONTENT_LENGTH"),
+                                              environ.get("HTTP_TRANSFER_ENCODING"))
+        version = sys.intern(head.version)
+        connection = environ.get("HTTP_CONNECTION", "").lower()
+        self.close_connection = connection == "close" if version == "HTTP/1.1" else connection != "keep-alive"
+        path, _question, query = head.target.partition("?")
+        if "%" in path:
+            raw_path = unquote_to_bytes(path)
+            path = raw_path.decode("latin-1")
+        else:
+            raw_path = path.encode("latin-1")
+        try:
+            raw_path.decode("utf-8")
+        except UnicodeDecodeError:
+            # Bottle would drop the bytes that are not UTF-8 and serve what is left:
+            # /rooms/lob%FFby/msgs would be room "lobby". No route has such a path.
+            raise Refused(404, "no such route: the path is not valid UTF-8 once percent-decoded")
+        environ["REQUEST_METHOD"] = self.command = sys.intern(head.command)
+        environ["SERVER_PROTOCOL"] = self.request_version = version
+        environ["SCRIPT_NAME"] = ""
+        environ["PATH_INFO"] = path
+        environ["QUERY_STRING"] = query
+        if isinstance(self.client_address, tuple):
+            environ["REMOTE_ADDR"] = str(self.client_address[0])
+            environ["REMOTE_PORT"] = str(self.client_address[1])
+        if logged:
+            self.headers = head
+            self.requestline = "%s %s %s" % (head.command, head.target, head.version)
+            environ["RAW_URI"] = head.target  # gunicorn's access log reads it
+        self.content_length = content_length
+        continue_socket = self.socket if environ.get("HTTP_EXPECT", "").lower() == "100-continue" else None
+        self.wsgi_input = environ["wsgi.input"] = pywsgi.Input(
+            self.rfile, content_length, socket=continue_socket, chunked_input=chunked)
+        environ["wsgi.input_terminated"] = True
+        return environ
+
+    def close_socket(self):
+        sock = self.__dict__.pop("socket", None)
+        rfile = self.__dict__.pop("rfile", None)
+        self.__dict__.pop("wsgi_input", None)
+        if rfile is not None:
+            rfile.close()
+        if sock is None or sock.closed:
+            return
+        raw = sock._sock
+        # Nothing waits on this socket (this greenlet is its only user), so gevent's
+        # close path, which cancels waiters and defers the close past them, has
+        # nothing to do: close the descriptor and mark the wrapper closed.
+        sock._closed = True
+        try:
+            # Answer first, tidy up after. In a fan-out this greenlet runs inside the
+            # hub's loop over every woken waiter; closing the descriptor and ending
+            # the greenlet (which unmaps its frame stack) here would hold up every
+            # waiter still to be answered, so yield until that loop is through.
+            gevent.sleep(0)
+            # Unread bytes at close make the kernel send a reset, which can destroy
+            # the answer before the client reads it: take them first (never blocks).
+            raw.recv(16384)
+        except OSError:
+            pass
+        finally:
+            raw.close()
+
+    def wants_access_log(self):
+        return self.access_log
+
+    def log_request(self):
+        # pywsgi formats the access-log line (dates, strings) even when it has no log.
+        if self.wants_access_log():
+            super().log_request()
+
+    def run_application(self):
+        """pywsgi reads and discards whatever body the application left unread, even
+        when the answer closes the connection: a refused 10 MB upload (413) would
+        still be read in full, and a client that never sends it would hold its
+        greenlet for good. An answer that closes the connection has no next request
+        to find, so that read is skipped; on a keep-alive connection the rest of the
+        body must arrive within the head deadline, as the next head would.
+
+        An application that raises SendJson is answered here, without pywsgi; one that
+        raises PeerGone (its client left while its poll was held) is not answered.
+
+        pywsgi's run_application is inlined (the result's close() and all), not called:
+        every Python frame on a held poll's stack is one more frame object that greenlet
+        makes for it on Python 3.12 and later."""
+        try:
+            try:
+                self.result = self.application(self.environ, self.start_response)
+                self.process_result()
+            finally:
+                close = getattr(self.result, "close", None)
+                self.result = None
+                if close is not None:
+                    close()
+        except SendJson as answer:
+            self.send_json(answer.body, answer.close)
+        except PeerGone:
+            self.close_connection = True
+            self.code, self._orig_status = 499, "499 Client Closed Request"
+            self.status = self._orig_status.encode("ascii")
+            self.response_headers = []
+        finally:
+            body = self.wsgi_input
+            if body is not None:
+                if self.close_connection:
+                    body.content_length = body.position
+                    body.chunked_input = False
+                elif body.chunked_input or body.position < (body.content_length or 0):
+                    self.rfile.until = time.monotonic() + self.limits.head_timeout
+
+    def send_json(self, body, close):
+        """Answer 200 with the JSON `body`: the bytes pywsgi would send for it, as one
+        send, and the state its log_request and the handler's loop read afterwards."""
+        if close:
+            self.close_connection = True
+            connection = b"close"
+        elif self.request_version == "HTTP/1.0":  # as pywsgi's start_response
+            connection = b"close" if self.close_connection else b"keep-alive"
+        else:
+            connection = None
+        head = ok_json_heads.head(len(body), connection)
+        self.code, self.status, self._orig_status = 200, b"200 OK", "200 OK"
+        self.headers_sent = True
+        if self.wants_access_log():
+            self.response_headers = [(b"Content-Type", JSON_TYPE)]
+        self._sendall(head, b"" if self.command == "HEAD" else body)
+
+    def _send_error_response_if_possible(self, error_code):
+        # pywsgi's canned 400 (a broken chunked body) and 500 are plain text
+        if self.response_length:
+            self.close_connection = True
+            return
+        message = ("the request body is malformed" if error_code == 400 else
+                   "the server failed on this request; it was not applied, please retry")
+        body = json.dumps({"error": message}).encode()
+        try:
+            self.start_response("%d %s" % (error_code, HTTPStatus(error_code).phrase),
+                                [("Content-Type", JSON_TYPE.decode()), ("Connection", "close"),
+                                 ("Content-Length", str(len(body)))])
+            self.write(body)
+        except OSError:
+            self.close_connection = True
+
+    def finalize_headers(self):
+        if self.provided_date is None:
+            self.provided_date = date = http_date.now()
+            self.response_headers.append((b"Date", date))
+        super().finalize_headers()
+
+    def _write_with_headers(self, data):
+        self.headers_sent = True
+        self.finalize_headers()
+        parts = [b"HTTP/1.1 ", self.status, b"\r\n"]
+        for name, value in self.response_headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        if data:
+            if self.response_use_chunked:
+                parts += (b"%x\r\n" % len(data), data, b"\r\n")
+            else:
+                parts.append(data)
+        self._sendall(b"".join(parts))
+
+    def _sendall(self, data, body=b""):
+        try:
+            self.rfile.send(data, body)  # an answer fits the send buffer: one call
+        except OSError as exc:
+            self.status = "socket error: %s" % exc
+            if self.code > 0:
+                self.code = -self.code
+            raise
+        self.response_length += len(data) + len(body)
+
+
+def handler_class(limits, base=None, access_log=False):
+    """A handler class: ChattleHandling over gevent.pywsgi's handler or `base` (a subclass
+    of it such as gunicorn's, known only at run time: hence a class made per call), under
+    `limits` (an HttpLimits), logging requests when `access_log`. Each class has its own
+    Deadlines for its connections."""
     if base is None:
         base = pywsgi.WSGIHandler
-
-    class ChattleHandler(base):
-        deadlines = Deadlines(limits)
-        MessageClass = RequestHeaders
-
-        def __init__(self, sock, address, server, rfile=None):
-            super().__init__(sock, address, server, rfile or RequestReader(sock, self.deadlines))
-
-        def handle(self):
-            # pywsgi's own loop, but for the yield before a keep-alive connection's next
-            # request, the deadline it has meanwhile and the closing at the end.
-            try:
-                while self.socket is not None:
-                    self.time_start = time.time()
-                    self.time_finish = 0
-                    result = self.handle_one_request()
-                    if result is None:
-                        break
-                    if result is True:
-                        self.rfile.expect_request(time.monotonic())
-                        # Answer first, read on after: see close_socket. A long-poll
-                        # client asks again at once, so by then its request is often
-                        # in already, and nothing parks on the socket to wait for it.
-                        gevent.sleep(0)
-                        continue
-                    self.status, answer = result  # a refusal: sent, logged, then the connection closes
-                    self.rfile.send(answer)
-                    self.time_finish = time.time()
-                    break
-            except OSError:
-                pass  # the client went away, or its deadline passed: nothing to tell it
-            finally:
-                self.close_socket()
-
-        def handle_one_request(self):
-            """Read, check and answer one request: True to read on, None to close, or
-            (status, answer bytes) for a refusal the loop sends before it closes."""
-            rfile = self.rfile
-            if rfile.closed:
-                return None
-            try:
-                head = rfile.read_head(limits.max_head_bytes, limits.max_line_bytes)
-                if not head:
-                    return None
-                self.response_length = 0
-                self.environ = self.get_environ(RequestHeaders(head, limits.max_headers))
-            except Refused as refused:
-                return self.refuse(refused)
-            self.application = self.server.application
-            self.handle_one_response()
-            if self.close_connection or rfile.closed:
-                return None
-            return True
-
-        def refuse(self, refused):
-            self.close_connection = True
-            self.log_error("(from %s) %d %s", self.client_address, refused.status, refused.message)
-            return str(refused.status), refusal(refused.status, refused.message, http_date.now())
-
-        def get_environ(self, head):
-            """The WSGI environ of a checked head, as pywsgi's get_environ builds it (headers
-            as HTTP_*; a name with '_' dropped, as pywsgi does, so that it cannot pose as
-            another; repeated ones joined), with its body framing checked first.
-
-            A held poll keeps its environ, and nothing else of its head: the method and
-            protocol words are shared by every request, and the parsed head is kept only
-            for an access log."""
-            environ = self.server.get_environ()
-            logged = self.wants_access_log()
-            environ[SENDS_JSON] = KEEP if logged else FORGET
-            environ[PEER] = self.rfile
-            for name, value in head.fields:
-                if "_" in name:
-                    continue
-                key = name.upper().replace("-", "_")
-                if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-                    key = "HTTP_" + key
-                if key in environ:
-                    environ[key] += ("; " if key == "HTTP_COOKIE" else ",") + value
-                else:
-                    environ[key] = value
-            content_length, chunked = body_length(environ.get("CONTENT_LENGTH"),
-                                                  environ.get("HTTP_TRANSFER_ENCODING"))
-            version = sys.intern(head.version)
-            connection = environ.get("HTTP_CONNECTION", "").lower()
-            self.close_connection = connection == "close" if version == "HTTP/1.1" else connection != "keep-alive"
-            path, _question, query = head.target.partition("?")
-            if "%" in path:
-                raw_path = unquote_to_bytes(path)
-                path = raw_path.decode("latin-1")
-            else:
-                raw_path = path.encode("latin-1")
-            try:
-                raw_path.decode("utf-8")
-            except UnicodeDecodeError:
-                # Bottle would drop the bytes that are not UTF-8 and serve what is left:
-                # /rooms/lob%FFby/msgs would be room "lobby". No route has such a path.
-                raise Refused(404, "no such route: the path is not valid UTF-8 once percent-decoded")
-            environ["REQUEST_METHOD"] = self.command = sys.intern(head.command)
-            environ["SERVER_PROTOCOL"] = self.request_version = version
-            environ["SCRIPT_NAME"] = ""
-            environ["PATH_INFO"] = path
-            environ["QUERY_STRING"] = query
-            if isinstance(self.client_address, tuple):
-                environ["REMOTE_ADDR"] = str(self.client_address[0])
-                environ["REMOTE_PORT"] = str(self.client_address[1])
-            if logged:
-                self.headers = head
-                self.requestline = "%s %s %s" % (head.command, head.target, head.version)
-                environ["RAW_URI"] = head.target  # gunicorn's access log reads it
-            self.content_length = content_length
-            continue_socket = self.socket if environ.get("HTTP_EXPECT", "").lower() == "100-continue" else None
-            self.wsgi_input = environ["wsgi.input"] = pywsgi.Input(
-                self.rfile, content_length, socket=continue_socket, chunked_input=chunked)
-            environ["wsgi.input_terminated"] = True
-            return environ
-
-        def close_socket(self):
-            sock = self.__dict__.pop("socket", None)
-            rfile = self.__dict__.pop("rfile", None)
-            self.__dict__.pop("wsgi_input", None)
-            if rfile is not None:
-                rfile.close()
-            if sock is None or sock.closed:
-                return
-            raw = sock._sock
-            # Nothing waits on this socket (this greenlet is its only user), so gevent's
-            # close path, which cancels waiters and defers the close past them, has
-            # nothing to do: close the descriptor and mark the wrapper closed.
-            sock._closed = True
-            try:
-                # Answer first, tidy up after. In a fan-out this greenlet runs inside the
-                # hub's loop over every woken waiter; closing the descriptor and ending
-                # the greenlet (which unmaps its frame stack) here would hold up every
-                # waiter still to be answered, so yield until that loop is through.
-                gevent.sleep(0)
-                # Unread bytes at close make the kernel send a reset, which can destroy
-                # the answer before the client reads it: take them first (never blocks).
-                raw.recv(16384)
-            except OSError:
-                pass
-            finally:
-                raw.close()
-
-        def wants_access_log(self):
-            return access_log
-
-        def log_request(self):
-            # pywsgi formats the access-log line (dates, strings) even when it has no log.
-            if self.wants_access_log():
-                super().log_request()
-
-        def run_application(self):
-            """pywsgi reads and discards whatever body the application left unread, even
-            when the answer closes the connection: a refused 10 MB upload (413) would
-            still be read in full, and a client that never sends it would hold its
-            greenlet for good. An answer that closes the connection has no next request
-            to find, so that read is skipped; on a keep-alive connection the rest of the
-            body must arrive within the head deadline, as the next head would.
-
-            An application that raises SendJson is answered here, without pywsgi; one that
-            raises PeerGone (its client left while its poll was held) is not answered.
-
-            pywsgi's run_application is inlined (the result's close() and all), not called:
-            every Python frame on a held poll's stack is one more frame object that greenlet
-            makes for it on Python 3.12 and later."""
-            try:
-                try:
-                    self.result = self.application(self.environ, self.start_response)
-                    self.process_result()
-                finally:
-                    close = getattr(self.result, "close", None)
-                    self.result = None
-                    if close is not None:
-                        close()
-            except SendJson as answer:
-                self.send_json(answer.body, answer.close)
-            except PeerGone:
-                self.close_connection = True
-                self.code, self._orig_status = 499, "499 Client Closed Request"
-                self.status = self._orig_status.encode("ascii")
-                self.response_headers = []
-            finally:
-                body = self.wsgi_input
-                if body is not None:
-                    if self.close_connection:
-                        body.content_length = body.position
-                        body.chunked_input = False
-                    elif body.chunked_input or body.position < (body.content_length or 0):
-                        self.rfile.until = time.monotonic() + limits.head_timeout
-
-        def send_json(self, body, close):
-            """Answer 200 with the JSON `body`: the bytes pywsgi would send for it, as one
-            send, and the state its log_request and the handler's loop read afterwards."""
-            if close:
-                self.close_connection = True
-                connection = b"close"
-            elif self.request_version == "HTTP/1.0":  # as pywsgi's start_response
-                connection = b"close" if self.close_connection else b"keep-alive"
-            else:
-                connection = None
-            head = ok_json_heads.head(len(body), connection)
-            self.code, self.status, self._orig_status = 200, b"200 OK", "200 OK"
-            self.headers_sent = True
-            if self.wants_access_log():
-                self.response_headers = [(b"Content-Type", JSON_TYPE)]
-            self._sendall(head, b"" if self.command == "HEAD" else body)
-
-        def _send_error_response_if_possible(self, error_code):
-            # pywsgi's canned 400 (a broken chunked body) and 500 are plain text
-            if self.response_length:
-                self.close_connection = True
-                return
-            message = ("the request body is malformed" if error_code == 400 else
-                       "the server failed on this request; it was not applied, please retry")
-            body = json.dumps({"error": message}).encode()
-            try:
-                self.start_response("%d %s" % (error_code, HTTPStatus(error_code).phrase),
-                                    [("Content-Type", JSON_TYPE.decode()), ("Connection", "close"),
-                                     ("Content-Length", str(len(body)))])
-                self.write(body)
-            except OSError:
-                self.close_connection = True
-
-        def finalize_headers(self):
-            if self.provided_date is None:
-                self.provided_date = date = http_date.now()
-                self.response_headers.append((b"Date", date))
-            super().finalize_headers()
-
-        def _write_with_headers(self, data):
-            self.headers_sent = True
-            self.finalize_headers()
-            parts = [b"HTTP/1.1 ", self.status, b"\r\n"]
-            for name, value in self.response_headers:
-                parts += (name, b": ", value, b"\r\n")
-            parts.append(b"\r\n")
-            if data:
-                if self.response_use_chunked:
-                    parts += (b"%x\r\n" % len(data), data, b"\r\n")
-                else:
-                    parts.append(data)
-            self._sendall(b"".join(parts))
-
-        def _sendall(self, data, body=b""):
-            try:
-                self.rfile.send(data, body)  # an answer fits the send buffer: one call
-            except OSError as exc:
-                self.status = "socket error: %s" % exc
-                if self.code > 0:
-                    self.code = -self.code
-                raise
-            self.response_length += len(data) + len(body)
-
-    return ChattleHandler
+    return type("ChattleHandler", (ChattleHandling, base),
+                {"limits": limits, "access_log": access_log, "deadlines": Deadlines(limits)})
 
 
 ###############################################################################
@@ -569,55 +577,56 @@ def unsent_dropped():
     return _unsent_dropped
 
 
+class ChattleServing:
+    """What chattle makes of gevent.pywsgi's server, mixed into it (or into a subclass of
+    it, such as gunicorn's) by server_class: one plain greenlet per connection, counted,
+    each served by the class's `handler_class`."""
+
+    def __init__(self, *args, spawn="default", **kwargs):
+        if type(spawn) is pool.Pool:  # gunicorn's worker_connections
+            spawn = ConnectionPool(spawn.size)
+        super().__init__(*args, spawn=spawn, **kwargs)
+
+    def do_handle(self, sock, address):
+        # Without a pool (python chattle.py) a connection gets a plain greenlet.
+        # gevent's Greenlet (links, result and exception slots, a compiled run()
+        # between the greenlet and the handler) and its spawn function, which
+        # unpacks (handle, close, args) with a *-call, cost every held poll memory
+        # and C stack. A pool (gunicorn's worker_connections, and its graceful
+        # stop, which waits for the pool to drain) is a ConnectionPool: plain
+        # greenlets too.
+        global _open_connections
+        _open_connections += 1
+        try:
+            if self.pool is None:
+                gevent.spawn_raw(self.serve_connection, sock, address)
+            else:
+                self.pool.spawn(self.serve_connection, sock, address)
+        except BaseException:
+            _open_connections -= 1
+            self.do_close(sock)
+            raise
+
+    def serve_connection(self, sock, address):
+        global _open_connections
+        try:
+            self.handler_class(sock, address, self).handle()
+        except Exception:
+            # A plain greenlet has nobody to report to: report as gevent would.
+            self.loop.handle_error(self, *sys.exc_info())
+        finally:
+            self.do_close(sock)
+            _open_connections -= 1
+
+    def do_close(self, sock, *_address):
+        if not sock.closed:  # the handler closes its socket itself
+            sock.close()
+
+
 def server_class(limits, base=None, access_log=False):
     """gevent.pywsgi's server (or `base`, a subclass of it such as gunicorn's) running
     a handler_class(limits), one greenlet per connection."""
     if base is None:
         base = pywsgi.WSGIServer
-
-    chattle_handler = handler_class(limits, access_log=access_log)
-
-    class ChattleServer(base):
-        handler_class = chattle_handler
-
-        def __init__(self, *args, spawn="default", **kwargs):
-            if type(spawn) is pool.Pool:  # gunicorn's worker_connections
-                spawn = ConnectionPool(spawn.size)
-            super().__init__(*args, spawn=spawn, **kwargs)
-
-        def do_handle(self, sock, address):
-            # Without a pool (python chattle.py) a connection gets a plain greenlet.
-            # gevent's Greenlet (links, result and exception slots, a compiled run()
-            # between the greenlet and the handler) and its spawn function, which
-            # unpacks (handle, close, args) with a *-call, cost every held poll memory
-            # and C stack. A pool (gunicorn's worker_connections, and its graceful
-            # stop, which waits for the pool to drain) is a ConnectionPool: plain
-            # greenlets too.
-            global _open_connections
-            _open_connections += 1
-            try:
-                if self.pool is None:
-                    gevent.spawn_raw(self.serve_connection, sock, address)
-                else:
-                    self.pool.spawn(self.serve_connection, sock, address)
-            except BaseException:
-                _open_connections -= 1
-                self.do_close(sock)
-                raise
-
-        def serve_connection(self, sock, address):
-            global _open_connections
-            try:
-                self.handler_class(sock, address, self).handle()
-            except Exception:
-                # A plain greenlet has nobody to report to: report as gevent would.
-                self.loop.handle_error(self, *sys.exc_info())
-            finally:
-                self.do_close(sock)
-                _open_connections -= 1
-
-        def do_close(self, sock, *_address):
-            if not sock.closed:  # the handler closes its socket itself
-                sock.close()
-
-    return ChattleServer
+    return type("ChattleServer", (ChattleServing, base),
+                {"handler_class": handler_class(limits, access_log=access_log)})
