@@ -33,7 +33,16 @@ import gevent
 from gevent import pool, pywsgi
 from greenlet import getcurrent, greenlet
 
-from chattle_request import READ_BUFFER_BYTES, Deadlines, Refused, RequestHeaders, RequestReader, body_length
+from chattle_request import (  # noqa: F401  (unsent_bytes, unsent_dropped: what /stats reads of this layer)
+    READ_BUFFER_BYTES,
+    Deadlines,
+    Refused,
+    RequestHeaders,
+    RequestReader,
+    body_length,
+    unsent_bytes,
+    unsent_dropped,
+)
 
 ###############################################################################
 # Settings: the limits, each with a flag and a CHATTLE_* variable
@@ -558,23 +567,11 @@ class ConnectionPool(pool.Pool):
 
 
 _open_connections = 0  # accepted and not yet done with, over every server of this process
-_unsent_bytes = 0      # of the answers held for clients still taking them, over every server
-_unsent_dropped = 0    # connections dropped to keep a server's within its max_unsent_bytes
 
 
 def open_connections():
     """Connections accepted and not yet closed: each is one greenlet and one descriptor."""
     return _open_connections
-
-
-def unsent_bytes():
-    """Bytes of the answers this process holds for clients still taking them (each server
-    bounds its own by max_unsent_bytes)."""
-    return _unsent_bytes
-
-
-def unsent_dropped():
-    return _unsent_dropped
 
 
 class ChattleServing:

@@ -29,6 +29,20 @@ class Refused(Exception):
 # Deadlines: one timer per tick of due times, shared by every connection due in it
 ###############################################################################
 
+_unsent_bytes = 0      # of the answers held for clients still taking them, over every server
+_unsent_dropped = 0    # connections dropped to keep a server's within its max_unsent_bytes
+
+
+def unsent_bytes():
+    """Bytes of the answers this process holds for clients still taking them (each server
+    bounds its own by max_unsent_bytes)."""
+    return _unsent_bytes
+
+
+def unsent_dropped():
+    return _unsent_dropped
+
+
 class Deadlines:
     """The connections of a server that are waiting on their client with a deadline: for
     a request head, between keep-alive requests, or for an answer to be taken.
