@@ -8,7 +8,6 @@ import itertools
 import os
 import sys
 import time
-from abc import ABC, abstractmethod
 from collections import OrderedDict
 
 from chattle_rooms import encode
@@ -54,8 +53,9 @@ def new_epoch():
     return "%013x%04x%03x" % (time.time_ns() // 1000, os.getpid() & 0xFFFF, next(_epochs_made) & 0xFFF)
 
 
-class Bus(ABC):
-    """What the app (chattle.py) and the rooms ask of a bus. A bus is made once per serving
+class Bus:
+    """What the app (chattle.py) and the rooms ask of a bus: every bus subclasses it and
+    defines each method that raises NotImplementedError here. A bus is made once per serving
     process, on first use (after gunicorn forks), and is given that process's Rooms: it adds
     every post to the room it names there, which wakes the polls held on it.
 
@@ -67,40 +67,40 @@ class Bus(ABC):
     # not hold (/stats): a reader's cost. Always 0 where the post is the wake-up.
     posts_received = posts_received_for_rooms_not_held = 0
 
-    @abstractmethod
     def publish(self, room_name, sender, content, idempotency_key=None):
         """Post a message: the dict the protocol answers (id, ts, epoch; "replayed": True
         when a post under the same Idempotency-Key was accepted before, whose values these are)."""
+        raise NotImplementedError
 
-    @abstractmethod
     def room(self, room_name, since=None, epoch=None):
         """The Room a poll after `since` of history `epoch` is answered from (a shared bus may
         load it first, or catch it up)."""
+        raise NotImplementedError
 
-    @abstractmethod
     def forget(self, room_name):
         """The worker let the room go (Rooms.on_forget, or a poll on a room nobody uses): stop
         keeping its copy current."""
+        raise NotImplementedError
 
-    @abstractmethod
     def health(self):
         """(ok, why not): what /health answers."""
+        raise NotImplementedError
 
     def healthy(self):
         return self.health()[0]
 
-    @abstractmethod
     def reader_state(self):
         """What /health and /stats say of the reader that brings other workers' posts (a
         dict), or None for a bus with none."""
+        raise NotImplementedError
 
-    @abstractmethod
     def clock(self):
         """The clock every `ts` of this bus is read from (seconds since the epoch)."""
+        raise NotImplementedError
 
-    @abstractmethod
     def close(self):
         """Let go of connections and greenlets; the bus is not used after."""
+        raise NotImplementedError
 
 
 class MemoryBus(Bus):

@@ -268,6 +268,7 @@ class ChattleHandling:
     this class's own code (pywsgi's read_requestline, read_request, get_environ and
     their header object are not used)."""
 
+    __slots__ = ()  # a mixin: instances are laid out by the base handler
     limits = None       # an HttpLimits: set on each class handler_class makes
     access_log = False  # whether requests are logged (gunicorn's access log, or --access-log)
     deadlines = None    # the Deadlines of the connections of every handler of the class
@@ -578,6 +579,8 @@ class ChattleServing:
     """What chattle makes of gevent.pywsgi's server, mixed into it (or into a subclass of
     it, such as gunicorn's) by server_class: one plain greenlet per connection, counted,
     each served by the class's `handler_class`."""
+
+    __slots__ = ()
 
     def __init__(self, *args, spawn="default", **kwargs):
         if type(spawn) is pool.Pool:  # gunicorn's worker_connections
