@@ -6,6 +6,11 @@ them, waking every held poll at once (the "Event-based broadcast path"), and lat
 park on fresh ones. The contract with every client is the wire protocol described in
 docs/protocol.md (version 1).
 
+This module is the app: its settings, its routes and their input checks, and serving. The
+rooms are in chattle_rooms.py, the buses in chattle_bus.py (the interface, the in-memory
+bus), chattle_redis.py and chattle_cluster.py, the HTTP layer in chattle_http.py and
+chattle_request.py (docs/design.md maps them).
+
     python chattle.py [--port 8080]                                  # one process
     gunicorn chattle                        # gunicorn.conf.py: chattle's gevent worker
     gunicorn --bind 0.0.0.0:8080 --worker-class gevent --workers 1 chattle   # also works

@@ -1,9 +1,9 @@
 """Chattle's HTTP layer: gevent.pywsgi's server and handler, made cheap per held poll and
 safe against hostile clients.
 
-Everything here changes when gevent (or gunicorn's gevent worker) changes; the chat lives
-in chattle.py, which hands this module its settings as arguments. What a connection may
-do, and what it costs:
+Everything here (and in chattle_request.py, which reads a connection's input) changes when
+gevent (or gunicorn's gevent worker) changes; the chat lives in chattle.py, which hands
+this module its settings as arguments. What a connection may do, and what it costs:
 
 - Its request head (request line and headers) arrives within `head_timeout` of its first
   byte (of the previous answer, on a keep-alive connection), fits in `max_head_bytes` and
