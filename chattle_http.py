@@ -1,9 +1,9 @@
 """Chattle's HTTP layer: gevent.pywsgi's server and handler, made cheap per held poll and
 safe against hostile clients.
 
-Everything here changes when gevent (or gunicorn's gevent worker) changes; the chat lives
-in chattle.py, which hands this module its settings as arguments. What a connection may
-do, and what it costs:
+Everything here (and in chattle_request.py, which reads a connection's input) changes when
+gevent (or gunicorn's gevent worker) changes; the chat lives in chattle.py, which hands
+this module its settings as arguments. What a connection may do, and what it costs:
 
 - Its request head (request line and headers) arrives within `head_timeout` of its first
   byte (of the previous answer, on a keep-alive connection), fits in `max_head_bytes` and
@@ -22,11 +22,8 @@ Every refusal is a JSON answer, `{"error": ...}`, with `Connection: close`.
 """
 
 import json
-import math
 import os
-import re
 import socket
-import struct
 import sys
 import time
 from http import HTTPStatus
@@ -35,6 +32,17 @@ from urllib.parse import unquote_to_bytes
 import gevent
 from gevent import pool, pywsgi
 from greenlet import getcurrent, greenlet
+
+from chattle_request import (  # noqa: F401  (unsent_bytes, unsent_dropped: what /stats reads of this layer)
+    READ_BUFFER_BYTES,
+    Deadlines,
+    Refused,
+    RequestHeaders,
+    RequestReader,
+    body_length,
+    unsent_bytes,
+    unsent_dropped,
+)
 
 ###############################################################################
 # Settings: the limits, each with a flag and a CHATTLE_* variable
@@ -94,15 +102,6 @@ class HttpLimits:
 ###############################################################################
 
 JSON_TYPE = b"application/json; charset=utf-8"
-
-
-class Refused(Exception):
-    """A request this layer answers itself, with `status` and a JSON error, then closes."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def refusal(status, message, date):
@@ -253,387 +252,13 @@ def peer_gone(peer, watcher):
 
 
 ###############################################################################
-# Deadlines: one timer per tick of due times, shared by every connection due in it
-###############################################################################
-
-class Deadlines:
-    """The connections of a server that are waiting on their client with a deadline: for
-    a request head, between keep-alive requests, or for an answer to be taken.
-
-    As chattle's Wakeup does for held polls, connections due in the same TICK share one
-    bucket and one event-loop timer; nothing runs for them until it fires. A connection
-    is only put in a bucket when it is about to block: a head already received, or an
-    answer that fits the send buffer (nearly every one), costs no bucket and no timer;
-    and a held poll, which waits on its room and not on its client, has no deadline.
-    When a bucket's timer fires, each connection still in it is shut down (see
-    RequestReader.expire): the greenlet blocked on it wakes to an error or end of stream
-    and ends as if the client had gone."""
-
-    __slots__ = ("limits", "by_tick", "holding", "held", "unsent_bytes")
-
-    TICK = 0.25  # seconds: a deadline is enforced at most this late
-
-    def __init__(self, limits):
-        self.limits = limits
-        self.by_tick = {}  # tick number -> (set of RequestReader, its timer)
-        # The answers connections hold while their clients take them, bounded in bytes.
-        self.holding = {}  # RequestReader -> id of the answer it holds, longest held first
-        self.held = {}     # id of an answer -> [its bytes, connections holding it]
-        self.unsent_bytes = 0  # bytes of the answers held, each counted once however many hold it
-
-    def watch(self, reader):
-        """Enforce `reader.until` (monotonic) from now on."""
-        tick = math.ceil(reader.until / self.TICK)
-        if tick == reader.tick:
-            return
-        if reader.tick:
-            self.unwatch(reader)
-        entry = self.by_tick.get(tick)
-        if entry is None:
-            timer = gevent.get_hub().loop.timer(max(0.0, tick * self.TICK - time.monotonic()))
-            entry = self.by_tick[tick] = (set(), timer)
-            timer.start(self._expire, tick)
-        entry[0].add(reader)
-        reader.tick = tick
-
-    def unwatch(self, reader):
-        entry = self.by_tick.get(reader.tick)
-        if entry is not None:
-            readers, timer = entry
-            readers.discard(reader)
-            if not readers:
-                # a burst of connections grew this set; nothing should keep it until its tick
-                del self.by_tick[reader.tick]
-                timer.close()
-        reader.tick = 0
-
-    def _expire(self, tick):
-        readers, timer = self.by_tick.pop(tick, ((), None))
-        if timer is not None:
-            timer.close()
-        for reader in readers:
-            reader.tick = 0
-            reader.expire()
-
-    def watched(self):
-        return sum(len(readers) for readers, _timer in self.by_tick.values())
-
-    def hold(self, reader, answer):
-        """`reader` holds `answer` (bytes) until its client has taken it. Counted whole (what
-        is still to send keeps all of it alive), and once however many connections share it
-        (a fan-out's answer). Past max_unsent_bytes, the connections that have held theirs
-        longest are dropped until the new answer fits; one bigger than the bound alone is
-        dropped itself. A slow reader's client polls again from the same cursor."""
-        global _unsent_bytes, _unsent_dropped
-        key = id(answer)  # the connection references the answer while it is counted: ids are unique
-        entry = self.held.get(key)
-        if entry is None:
-            size, bound = len(answer), self.limits.max_unsent_bytes
-            if size > bound:
-                _unsent_dropped += 1
-                reader.expire()
-                return
-            for other in list(self.holding):
-                if self.unsent_bytes + size <= bound:
-                    break
-                _unsent_dropped += 1
-                self.release(other)
-                other.expire()
-            entry = self.held[key] = [size, 0]
-            self.unsent_bytes += size
-            _unsent_bytes += size
-        entry[1] += 1
-        self.holding[reader] = key
-
-    def release(self, reader):
-        global _unsent_bytes
-        key = self.holding.pop(reader, None)
-        if key is None:
-            return
-        entry = self.held[key]
-        entry[1] -= 1
-        if not entry[1]:
-            del self.held[key]
-            # A dropped connection's greenlet lets go of it on its next turn: counted free now,
-            # so that one new answer does not drop more connections than it needs.
-            self.unsent_bytes -= entry[0]
-            _unsent_bytes -= entry[0]
-
-
-###############################################################################
-# RequestReader: a connection's input, and its deadlines
-###############################################################################
-
-READ_BUFFER_BYTES = 1024
-# Shuts a connection down at once, discarding what the kernel still holds for it.
-_LINGER_NONE = struct.pack("ii", 1, 0)
-
-
-class RequestReader:
-    """A connection's request reader that keeps no buffer while nothing is pending, and
-    enforces the connection's deadlines while it waits on its client.
-
-    pywsgi reads requests through a buffered file over the socket; its buffer (and a
-    SocketIO that counts itself as a reference to the socket, so that closing it ran
-    gevent's socket close path a second time) lived as long as the connection, through
-    the whole held poll. Here the bytes received and not yet consumed are all it holds:
-    once a request is read, nothing. `read_head` reads a whole request head under its
-    limits; `readline` and `read` offer what pywsgi's body reader (Input) asks of its
-    rfile. Reads and writes go to the socket's own non-blocking descriptor first, and
-    only a read or write that would block is given to gevent, with its deadline.
-
-    `until` is the deadline of what the connection waits for now (None: none, as while
-    the application holds a poll or reads a body under its own timeout)."""
-
-    __slots__ = ("sock", "pending", "closed", "deadlines", "until", "head_from", "tick", "sending", "expired")
-
-    def __init__(self, sock, deadlines=None):
-        self.sock = sock
-        self.pending = b""
-        self.closed = False
-        self.deadlines = deadlines
-        self.tick = 0           # the deadline bucket it is in; 0: none
-        self.sending = self.expired = False
-        self.head_from = None   # when the head clock started: the first byte, or the previous answer
-        self.until = None if deadlines is None else time.monotonic() + deadlines.limits.keepalive_timeout
-
-    def _more(self):
-        try:
-            data = self.sock._sock.recv(READ_BUFFER_BYTES)
-        except BlockingIOError:
-            if self.until is not None:
-                self.deadlines.watch(self)
-            data = self.sock.recv(READ_BUFFER_BYTES)
-        self.pending += data
-        return data
-
-    def read_head(self, max_bytes, max_line_bytes=None):
-        """The request line and headers, without the line break and blank line that end them;
-        b"" when the connection ends (or idles out) before a request starts. Raises
-        Refused when the head is over `max_bytes` or its request line over `max_line_bytes`,
-        or when it ends or times out half-way."""
-        try:
-            searched = 0
-            while True:
-                pending = self.pending.lstrip(b"\r\n")  # blank lines between requests are allowed
-                if self.head_from is None and pending and self.deadlines is not None:
-                    # the first byte of the connection starts the head clock
-                    self.head_from = time.monotonic()
-                    self.until = self.head_from + self.deadlines.limits.head_timeout
-                    if self.tick:
-                        self.deadlines.watch(self)
-                crlf, lf = pending.find(b"\n\r\n", searched), pending.find(b"\n\n", searched)
-                if crlf >= 0 or lf >= 0:
-                    end, skip = (lf, 2) if crlf < 0 or 0 <= lf < crlf else (crlf, 3)
-                    if end + 1 > max_bytes:
-                        raise self._too_large(pending, max_bytes)
-                    if max_line_bytes is not None and self._line_too_long(pending, max_line_bytes):
-                        raise Refused(414, "the request line is over the %d byte limit" % max_line_bytes)
-                    self.pending = pending[end + skip:]
-                    return pending[:end]
-                if len(pending) > max_bytes:
-                    raise self._too_large(pending, max_bytes)
-                if max_line_bytes is not None and self._line_too_long(pending, max_line_bytes):
-                    raise Refused(414, "the request line is over the %d byte limit" % max_line_bytes)
-                self.pending = pending
-                searched = max(0, len(pending) - 2)
-                if not self._more():
-                    if not self.pending.strip(b"\r\n"):
-                        return b""
-                    if self.expired:
-                        raise Refused(408, "the request head did not arrive in time; send it within %g seconds"
-                                      % self.deadlines.limits.head_timeout)
-                    raise Refused(400, "the connection ended inside the request head")
-        finally:
-            if self.tick:
-                self.deadlines.unwatch(self)
-            self.until = self.head_from = None  # a held poll keeps neither
-
-    @staticmethod
-    def _line_too_long(pending, max_line_bytes):
-        # searches no further than the limit: a long line costs no more than a short one
-        end = pending.find(b"\n", 0, max_line_bytes + 2)
-        if end < 0:
-            return len(pending) > max_line_bytes + 1
-        return end - (pending[end - 1:end] == b"\r") > max_line_bytes
-
-    @staticmethod
-    def _too_large(pending, max_bytes):
-        if pending.find(b"\n", 0, max_bytes) < 0:
-            return Refused(414, "the request line is over the %d byte limit" % max_bytes)
-        return Refused(431, "the request head is over the %d byte limit" % max_bytes)
-
-    def readline(self, limit=-1):
-        while True:
-            pending = self.pending
-            end = pending.find(b"\n") + 1
-            if 0 < limit < (end or len(pending) + 1):
-                end = limit  # the caller's cap falls before the newline (or what there is)
-            if end or not self._more():
-                end = end or len(self.pending)
-                line, self.pending = self.pending[:end], self.pending[end:]
-                return line
-
-    def read(self, size=-1):
-        while size < 0 or len(self.pending) < size:
-            if not self._more():
-                break
-        if size < 0:
-            size = len(self.pending)
-        data, self.pending = self.pending[:size], self.pending[size:]
-        return data
-
-    def send(self, data, body=b""):
-        """Send all of `data`, then `body`, in one call (a head and the body it frames are not
-        joined: that copied each answer once per connection, and the copy was held as long as
-        its client took to read it); what the send buffer does not take at once must be taken
-        by the client within the send deadline."""
-        try:
-            sent = self.sock._sock.sendmsg((data, body)) if body else self.sock._sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        if sent < len(data) + len(body):
-            self._send_rest(data, body, sent)
-
-    def _send_rest(self, data, body, sent):
-        answer = body or data  # the head of a body is one of ok_json_heads', shared and small
-        if self.deadlines is not None:
-            self.until = time.monotonic() + self.deadlines.limits.send_timeout
-            self.sending = True
-            self.deadlines.watch(self)
-            self.deadlines.hold(self, answer)
-        try:
-            # once the deadline, or the bound on held answers, shuts the socket down: EPIPE
-            if sent < len(data):
-                self.sock.sendall(memoryview(data)[sent:])
-                sent = len(data)
-            if body:
-                self.sock.sendall(memoryview(body)[sent - len(data):])
-        finally:
-            if self.tick:
-                self.deadlines.unwatch(self)
-            if self.deadlines is not None:
-                self.deadlines.release(self)
-            self.sending, self.until = False, None
-
-    def expect_request(self, previous_answer):
-        """Between keep-alive requests: the next head must be complete within the head
-        deadline of the previous answer, and cannot be if it has not begun by the
-        keep-alive deadline; so the shorter of the two, from the previous answer."""
-        self.head_from = previous_answer
-        self.until = previous_answer + min(self.deadlines.limits.keepalive_timeout,
-                                           self.deadlines.limits.head_timeout)
-
-    def expire(self):
-        """The deadline passed: wake the greenlet blocked on this connection. A reader
-        sees the end of the stream (and can still answer 408); a writer gets EPIPE, and
-        what the kernel holds for the client is discarded with the connection."""
-        self.expired = True
-        raw = getattr(self.sock, "_sock", None)
-        try:
-            if self.sending:
-                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NONE)
-                raw.shutdown(socket.SHUT_RDWR)
-            else:
-                raw.shutdown(socket.SHUT_RD)
-        except (OSError, AttributeError):
-            pass  # already closed
-
-    def close(self):
-        self.closed = True
-        self.pending = b""
-        if self.tick:
-            self.deadlines.unwatch(self)
-
-
-###############################################################################
-# RequestHeaders: the head, parsed strictly
-###############################################################################
-
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HTTP_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
-_DIGITS = re.compile(r"[0-9]{1,18}")
-
-
-class RequestHeaders:
-    """A request head parsed strictly: the request line's three words, and the header
-    fields in arrival order. Anything a lenient parser would guess at (a line that is not
-    `Name: value`, a folded line, a control character in a value) is refused with 400,
-    since two parsers that guess differently (a proxy's and this one) can be made to see
-    two different requests. Offers what pywsgi's and gunicorn's access logs ask of it."""
-
-    __slots__ = ("command", "target", "version", "fields")
-
-    def __init__(self, head, max_headers):
-        lines = head.decode("latin-1").split("\n")
-        if len(lines) - 1 > max_headers:
-            raise Refused(431, "%d request headers are over the limit of %d" % (len(lines) - 1, max_headers))
-        words = lines[0].rstrip("\r").split(" ")
-        if len(words) != 3 or not _TOKEN.fullmatch(words[0]) or not words[1]:
-            raise Refused(400, "the request line %r is not 'METHOD /path HTTP/1.1'" % lines[0][:100])
-        self.command, self.target, self.version = words
-        if self.version not in ("HTTP/1.1", "HTTP/1.0"):
-            if _HTTP_VERSION.fullmatch(self.version):
-                raise Refused(505, "HTTP version %s is not supported; use HTTP/1.1" % self.version)
-            raise Refused(400, "the request line ends in %r, not an HTTP version" % self.version[:20])
-        if self.target[0] != "/":
-            raise Refused(400, "the request target must be a path starting with '/'")
-        fields = self.fields = []
-        for line in lines[1:]:
-            line = line[:-1] if line[-1:] == "\r" else line
-            name, colon, value = line.partition(":")
-            if not colon or not _TOKEN.fullmatch(name):
-                raise Refused(400, "the header line %r is not 'Name: value'" % line[:100])
-            value = value.strip(" \t")
-            if "\r" in value or "\x00" in value:
-                raise Refused(400, "the header %s holds a control character" % name[:100])
-            fields.append((name, value))
-
-    def items(self):
-        return list(self.fields)
-
-    def get(self, name, default=None):
-        name = name.lower()
-        for field_name, value in self.fields:
-            if field_name.lower() == name:
-                return value
-        return default
-
-    getheader = get
-
-    @property
-    def headers(self):
-        return ["%s: %s\r\n" % field for field in self.fields]
-
-
-def body_length(content_length, transfer_encoding):
-    """The body's framing from its (comma-joined) headers: (length or None, chunked)."""
-    if transfer_encoding is not None:
-        if transfer_encoding.lower() != "chunked":
-            raise Refused(400, "Transfer-Encoding %r is not supported; send 'chunked' or a Content-Length"
-                          % transfer_encoding[:100])
-        if content_length is not None:
-            raise Refused(400, "a request may not carry both Transfer-Encoding and Content-Length")
-        return None, True
-    if content_length is None:
-        return None, False
-    lengths = {part.strip(" \t") for part in content_length.split(",")}
-    if len(lengths) != 1:
-        raise Refused(400, "conflicting Content-Length values %r" % content_length[:100])
-    length = lengths.pop()
-    if not _DIGITS.fullmatch(length):
-        raise Refused(400, "Content-Length %r is not a byte count" % length[:40])
-    return int(length), False
-
-
-###############################################################################
 # The handler: pywsgi's WSGIHandler, lean per answer and strict per head
 ###############################################################################
 
-def handler_class(limits, base=None, access_log=False):
-    """gevent.pywsgi's handler (or `base`, a subclass of it such as gunicorn's), under
-    `limits` (an HttpLimits), with what a held poll keeps and what a fan-out pays per
-    woken poll taken out.
+class ChattleHandling:
+    """gevent.pywsgi's handler as chattle has it, mixed into it (or into a subclass of it,
+    such as gunicorn's) by handler_class, under the class's `limits` (an HttpLimits):
+    with what a held poll keeps and what a fan-out pays per woken poll taken out.
 
     A woken poll is answered and its connection closed inside the fan-out, so every
     step here is paid once per waiter: one send for the head and body together
@@ -642,263 +267,272 @@ def handler_class(limits, base=None, access_log=False):
     formatted without a log. The head is read, checked and turned into the environ by
     this class's own code (pywsgi's read_requestline, read_request, get_environ and
     their header object are not used)."""
+
+    __slots__ = ()  # a mixin: instances are laid out by the base handler
+    limits = None       # an HttpLimits: set on each class handler_class makes
+    access_log = False  # whether requests are logged (gunicorn's access log, or --access-log)
+    deadlines = None    # the Deadlines of the connections of every handler of the class
+    MessageClass = RequestHeaders
+
+    def __init__(self, sock, address, server, rfile=None):
+        super().__init__(sock, address, server, rfile or RequestReader(sock, self.deadlines))
+
+    def handle(self):
+        # pywsgi's own loop, but for the yield before a keep-alive connection's next
+        # request, the deadline it has meanwhile and the closing at the end.
+        try:
+            while self.socket is not None:
+                self.time_start = time.time()
+                self.time_finish = 0
+                result = self.handle_one_request()
+                if result is None:
+                    break
+                if result is True:
+                    self.rfile.expect_request(time.monotonic())
+                    # Answer first, read on after: see close_socket. A long-poll
+                    # client asks again at once, so by then its request is often
+                    # in already, and nothing parks on the socket to wait for it.
+                    gevent.sleep(0)
+                    continue
+                self.status, answer = result  # a refusal: sent, logged, then the connection closes
+                self.rfile.send(answer)
+                self.time_finish = time.time()
+                break
+        except OSError:
+            pass  # the client went away, or its deadline passed: nothing to tell it
+        finally:
+            self.close_socket()
+
+    def handle_one_request(self):
+        """Read, check and answer one request: True to read on, None to close, or
+        (status, answer bytes) for a refusal the loop sends before it closes."""
+        rfile, limits = self.rfile, self.limits
+        if rfile.closed:
+            return None
+        try:
+            head = rfile.read_head(limits.max_head_bytes, limits.max_line_bytes)
+            if not head:
+                return None
+            self.response_length = 0
+            self.environ = self.get_environ(RequestHeaders(head, limits.max_headers))
+        except Refused as refused:
+            return self.refuse(refused)
+        self.application = self.server.application
+        self.handle_one_response()
+        if self.close_connection or rfile.closed:
+            return None
+        return True
+
+    def refuse(self, refused):
+        self.close_connection = True
+        self.log_error("(from %s) %d %s", self.client_address, refused.status, refused.message)
+        return str(refused.status), refusal(refused.status, refused.message, http_date.now())
+
+    def get_environ(self, head):
+        """The WSGI environ of a checked head, as pywsgi's get_environ builds it (headers
+        as HTTP_*; a name with '_' dropped, as pywsgi does, so that it cannot pose as
+        another; repeated ones joined), with its body framing checked first.
+
+        A held poll keeps its environ, and nothing else of its head: the method and
+        protocol words are shared by every request, and the parsed head is kept only
+        for an access log."""
+        environ = self.server.get_environ()
+        logged = self.wants_access_log()
+        environ[SENDS_JSON] = KEEP if logged else FORGET
+        environ[PEER] = self.rfile
+        for name, value in head.fields:
+            if "_" in name:
+                continue
+            key = name.upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+            if key in environ:
+                environ[key] += ("; " if key == "HTTP_COOKIE" else ",") + value
+            else:
+                environ[key] = value
+        content_length, chunked = body_length(environ.get("CONTENT_LENGTH"),
+                                              environ.get("HTTP_TRANSFER_ENCODING"))
+        version = sys.intern(head.version)
+        connection = environ.get("HTTP_CONNECTION", "").lower()
+        self.close_connection = connection == "close" if version == "HTTP/1.1" else connection != "keep-alive"
+        path, _question, query = head.target.partition("?")
+        if "%" in path:
+            raw_path = unquote_to_bytes(path)
+            path = raw_path.decode("latin-1")
+        else:
+            raw_path = path.encode("latin-1")
+        try:
+            raw_path.decode("utf-8")
+        except UnicodeDecodeError:
+            # Bottle would drop the bytes that are not UTF-8 and serve what is left:
+            # /rooms/lob%FFby/msgs would be room "lobby". No route has such a path.
+            raise Refused(404, "no such route: the path is not valid UTF-8 once percent-decoded")
+        environ["REQUEST_METHOD"] = self.command = sys.intern(head.command)
+        environ["SERVER_PROTOCOL"] = self.request_version = version
+        environ["SCRIPT_NAME"] = ""
+        environ["PATH_INFO"] = path
+        environ["QUERY_STRING"] = query
+        if isinstance(self.client_address, tuple):
+            environ["REMOTE_ADDR"] = str(self.client_address[0])
+            environ["REMOTE_PORT"] = str(self.client_address[1])
+        if logged:
+            self.headers = head
+            self.requestline = "%s %s %s" % (head.command, head.target, head.version)
+            environ["RAW_URI"] = head.target  # gunicorn's access log reads it
+        self.content_length = content_length
+        continue_socket = self.socket if environ.get("HTTP_EXPECT", "").lower() == "100-continue" else None
+        self.wsgi_input = environ["wsgi.input"] = pywsgi.Input(
+            self.rfile, content_length, socket=continue_socket, chunked_input=chunked)
+        environ["wsgi.input_terminated"] = True
+        return environ
+
+    def close_socket(self):
+        sock = self.__dict__.pop("socket", None)
+        rfile = self.__dict__.pop("rfile", None)
+        self.__dict__.pop("wsgi_input", None)
+        if rfile is not None:
+            rfile.close()
+        if sock is None or sock.closed:
+            return
+        raw = sock._sock
+        # Nothing waits on this socket (this greenlet is its only user), so gevent's
+        # close path, which cancels waiters and defers the close past them, has
+        # nothing to do: close the descriptor and mark the wrapper closed.
+        sock._closed = True
+        try:
+            # Answer first, tidy up after. In a fan-out this greenlet runs inside the
+            # hub's loop over every woken waiter; closing the descriptor and ending
+            # the greenlet (which unmaps its frame stack) here would hold up every
+            # waiter still to be answered, so yield until that loop is through.
+            gevent.sleep(0)
+            # Unread bytes at close make the kernel send a reset, which can destroy
+            # the answer before the client reads it: take them first (never blocks).
+            raw.recv(16384)
+        except OSError:
+            pass
+        finally:
+            raw.close()
+
+    def wants_access_log(self):
+        return self.access_log
+
+    def log_request(self):
+        # pywsgi formats the access-log line (dates, strings) even when it has no log.
+        if self.wants_access_log():
+            super().log_request()
+
+    def run_application(self):
+        """pywsgi reads and discards whatever body the application left unread, even
+        when the answer closes the connection: a refused 10 MB upload (413) would
+        still be read in full, and a client that never sends it would hold its
+        greenlet for good. An answer that closes the connection has no next request
+        to find, so that read is skipped; on a keep-alive connection the rest of the
+        body must arrive within the head deadline, as the next head would.
+
+        An application that raises SendJson is answered here, without pywsgi; one that
+        raises PeerGone (its client left while its poll was held) is not answered.
+
+        pywsgi's run_application is inlined (the result's close() and all), not called:
+        every Python frame on a held poll's stack is one more frame object that greenlet
+        makes for it on Python 3.12 and later."""
+        try:
+            try:
+                self.result = self.application(self.environ, self.start_response)
+                self.process_result()
+            finally:
+                close = getattr(self.result, "close", None)
+                self.result = None
+                if close is not None:
+                    close()
+        except SendJson as answer:
+            self.send_json(answer.body, answer.close)
+        except PeerGone:
+            self.close_connection = True
+            self.code, self._orig_status = 499, "499 Client Closed Request"
+            self.status = self._orig_status.encode("ascii")
+            self.response_headers = []
+        finally:
+            body = self.wsgi_input
+            if body is not None:
+                if self.close_connection:
+                    body.content_length = body.position
+                    body.chunked_input = False
+                elif body.chunked_input or body.position < (body.content_length or 0):
+                    self.rfile.until = time.monotonic() + self.limits.head_timeout
+
+    def send_json(self, body, close):
+        """Answer 200 with the JSON `body`: the bytes pywsgi would send for it, as one
+        send, and the state its log_request and the handler's loop read afterwards."""
+        if close:
+            self.close_connection = True
+            connection = b"close"
+        elif self.request_version == "HTTP/1.0":  # as pywsgi's start_response
+            connection = b"close" if self.close_connection else b"keep-alive"
+        else:
+            connection = None
+        head = ok_json_heads.head(len(body), connection)
+        self.code, self.status, self._orig_status = 200, b"200 OK", "200 OK"
+        self.headers_sent = True
+        if self.wants_access_log():
+            self.response_headers = [(b"Content-Type", JSON_TYPE)]
+        self._sendall(head, b"" if self.command == "HEAD" else body)
+
+    def _send_error_response_if_possible(self, error_code):
+        # pywsgi's canned 400 (a broken chunked body) and 500 are plain text
+        if self.response_length:
+            self.close_connection = True
+            return
+        message = ("the request body is malformed" if error_code == 400 else
+                   "the server failed on this request; it was not applied, please retry")
+        body = json.dumps({"error": message}).encode()
+        try:
+            self.start_response("%d %s" % (error_code, HTTPStatus(error_code).phrase),
+                                [("Content-Type", JSON_TYPE.decode()), ("Connection", "close"),
+                                 ("Content-Length", str(len(body)))])
+            self.write(body)
+        except OSError:
+            self.close_connection = True
+
+    def finalize_headers(self):
+        if self.provided_date is None:
+            self.provided_date = date = http_date.now()
+            self.response_headers.append((b"Date", date))
+        super().finalize_headers()
+
+    def _write_with_headers(self, data):
+        self.headers_sent = True
+        self.finalize_headers()
+        parts = [b"HTTP/1.1 ", self.status, b"\r\n"]
+        for name, value in self.response_headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        if data:
+            if self.response_use_chunked:
+                parts += (b"%x\r\n" % len(data), data, b"\r\n")
+            else:
+                parts.append(data)
+        self._sendall(b"".join(parts))
+
+    def _sendall(self, data, body=b""):
+        try:
+            self.rfile.send(data, body)  # an answer fits the send buffer: one call
+        except OSError as exc:
+            self.status = "socket error: %s" % exc
+            if self.code > 0:
+                self.code = -self.code
+            raise
+        self.response_length += len(data) + len(body)
+
+
+def handler_class(limits, base=None, access_log=False):
+    """A handler class: ChattleHandling over gevent.pywsgi's handler or `base` (a subclass
+    of it such as gunicorn's, known only at run time: hence a class made per call), under
+    `limits` (an HttpLimits), logging requests when `access_log`. Each class has its own
+    Deadlines for its connections."""
     if base is None:
         base = pywsgi.WSGIHandler
-
-    class ChattleHandler(base):
-        deadlines = Deadlines(limits)
-        MessageClass = RequestHeaders
-
-        def __init__(self, sock, address, server, rfile=None):
-            super().__init__(sock, address, server, rfile or RequestReader(sock, self.deadlines))
-
-        def handle(self):
-            # pywsgi's own loop, but for the yield before a keep-alive connection's next
-            # request, the deadline it has meanwhile and the closing at the end.
-            try:
-                while self.socket is not None:
-                    self.time_start = time.time()
-                    self.time_finish = 0
-                    result = self.handle_one_request()
-                    if result is None:
-                        break
-                    if result is True:
-                        self.rfile.expect_request(time.monotonic())
-                        # Answer first, read on after: see close_socket. A long-poll
-                        # client asks again at once, so by then its request is often
-                        # in already, and nothing parks on the socket to wait for it.
-                        gevent.sleep(0)
-                        continue
-                    self.status, answer = result  # a refusal: sent, logged, then the connection closes
-                    self.rfile.send(answer)
-                    self.time_finish = time.time()
-                    break
-            except OSError:
-                pass  # the client went away, or its deadline passed: nothing to tell it
-            finally:
-                self.close_socket()
-
-        def handle_one_request(self):
-            """Read, check and answer one request: True to read on, None to close, or
-            (status, answer bytes) for a refusal the loop sends before it closes."""
-            rfile = self.rfile
-            if rfile.closed:
-                return None
-            try:
-                head = rfile.read_head(limits.max_head_bytes, limits.max_line_bytes)
-                if not head:
-                    return None
-                self.response_length = 0
-                self.environ = self.get_environ(RequestHeaders(head, limits.max_headers))
-            except Refused as refused:
-                return self.refuse(refused)
-            self.application = self.server.application
-            self.handle_one_response()
-            if self.close_connection or rfile.closed:
-                return None
-            return True
-
-        def refuse(self, refused):
-            self.close_connection = True
-            self.log_error("(from %s) %d %s", self.client_address, refused.status, refused.message)
-            return str(refused.status), refusal(refused.status, refused.message, http_date.now())
-
-        def get_environ(self, head):
-            """The WSGI environ of a checked head, as pywsgi's get_environ builds it (headers
-            as HTTP_*; a name with '_' dropped, as pywsgi does, so that it cannot pose as
-            another; repeated ones joined), with its body framing checked first.
-
-            A held poll keeps its environ, and nothing else of its head: the method and
-            protocol words are shared by every request, and the parsed head is kept only
-            for an access log."""
-            environ = self.server.get_environ()
-            logged = self.wants_access_log()
-            environ[SENDS_JSON] = KEEP if logged else FORGET
-            environ[PEER] = self.rfile
-            for name, value in head.fields:
-                if "_" in name:
-                    continue
-                key = name.upper().replace("-", "_")
-                if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-                    key = "HTTP_" + key
-                if key in environ:
-                    environ[key] += ("; " if key == "HTTP_COOKIE" else ",") + value
-                else:
-                    environ[key] = value
-            content_length, chunked = body_length(environ.get("CONTENT_LENGTH"),
-                                                  environ.get("HTTP_TRANSFER_ENCODING"))
-            version = sys.intern(head.version)
-            connection = environ.get("HTTP_CONNECTION", "").lower()
-            self.close_connection = connection == "close" if version == "HTTP/1.1" else connection != "keep-alive"
-            path, _question, query = head.target.partition("?")
-            if "%" in path:
-                raw_path = unquote_to_bytes(path)
-                path = raw_path.decode("latin-1")
-            else:
-                raw_path = path.encode("latin-1")
-            try:
-                raw_path.decode("utf-8")
-            except UnicodeDecodeError:
-                # Bottle would drop the bytes that are not UTF-8 and serve what is left:
-                # /rooms/lob%FFby/msgs would be room "lobby". No route has such a path.
-                raise Refused(404, "no such route: the path is not valid UTF-8 once percent-decoded")
-            environ["REQUEST_METHOD"] = self.command = sys.intern(head.command)
-            environ["SERVER_PROTOCOL"] = self.request_version = version
-            environ["SCRIPT_NAME"] = ""
-            environ["PATH_INFO"] = path
-            environ["QUERY_STRING"] = query
-            if isinstance(self.client_address, tuple):
-                environ["REMOTE_ADDR"] = str(self.client_address[0])
-                environ["REMOTE_PORT"] = str(self.client_address[1])
-            if logged:
-                self.headers = head
-                self.requestline = "%s %s %s" % (head.command, head.target, head.version)
-                environ["RAW_URI"] = head.target  # gunicorn's access log reads it
-            self.content_length = content_length
-            continue_socket = self.socket if environ.get("HTTP_EXPECT", "").lower() == "100-continue" else None
-            self.wsgi_input = environ["wsgi.input"] = pywsgi.Input(
-                self.rfile, content_length, socket=continue_socket, chunked_input=chunked)
-            environ["wsgi.input_terminated"] = True
-            return environ
-
-        def close_socket(self):
-            sock = self.__dict__.pop("socket", None)
-            rfile = self.__dict__.pop("rfile", None)
-            self.__dict__.pop("wsgi_input", None)
-            if rfile is not None:
-                rfile.close()
-            if sock is None or sock.closed:
-                return
-            raw = sock._sock
-            # Nothing waits on this socket (this greenlet is its only user), so gevent's
-            # close path, which cancels waiters and defers the close past them, has
-            # nothing to do: close the descriptor and mark the wrapper closed.
-            sock._closed = True
-            try:
-                # Answer first, tidy up after. In a fan-out this greenlet runs inside the
-                # hub's loop over every woken waiter; closing the descriptor and ending
-                # the greenlet (which unmaps its frame stack) here would hold up every
-                # waiter still to be answered, so yield until that loop is through.
-                gevent.sleep(0)
-                # Unread bytes at close make the kernel send a reset, which can destroy
-                # the answer before the client reads it: take them first (never blocks).
-                raw.recv(16384)
-            except OSError:
-                pass
-            finally:
-                raw.close()
-
-        def wants_access_log(self):
-            return access_log
-
-        def log_request(self):
-            # pywsgi formats the access-log line (dates, strings) even when it has no log.
-            if self.wants_access_log():
-                super().log_request()
-
-        def run_application(self):
-            """pywsgi reads and discards whatever body the application left unread, even
-            when the answer closes the connection: a refused 10 MB upload (413) would
-            still be read in full, and a client that never sends it would hold its
-            greenlet for good. An answer that closes the connection has no next request
-            to find, so that read is skipped; on a keep-alive connection the rest of the
-            body must arrive within the head deadline, as the next head would.
-
-            An application that raises SendJson is answered here, without pywsgi; one that
-            raises PeerGone (its client left while its poll was held) is not answered.
-
-            pywsgi's run_application is inlined (the result's close() and all), not called:
-            every Python frame on a held poll's stack is one more frame object that greenlet
-            makes for it on Python 3.12 and later."""
-            try:
-                try:
-                    self.result = self.application(self.environ, self.start_response)
-                    self.process_result()
-                finally:
-                    close = getattr(self.result, "close", None)
-                    self.result = None
-                    if close is not None:
-                        close()
-            except SendJson as answer:
-                self.send_json(answer.body, answer.close)
-            except PeerGone:
-                self.close_connection = True
-                self.code, self._orig_status = 499, "499 Client Closed Request"
-                self.status = self._orig_status.encode("ascii")
-                self.response_headers = []
-            finally:
-                body = self.wsgi_input
-                if body is not None:
-                    if self.close_connection:
-                        body.content_length = body.position
-                        body.chunked_input = False
-                    elif body.chunked_input or body.position < (body.content_length or 0):
-                        self.rfile.until = time.monotonic() + limits.head_timeout
-
-        def send_json(self, body, close):
-            """Answer 200 with the JSON `body`: the bytes pywsgi would send for it, as one
-            send, and the state its log_request and the handler's loop read afterwards."""
-            if close:
-                self.close_connection = True
-                connection = b"close"
-            elif self.request_version == "HTTP/1.0":  # as pywsgi's start_response
-                connection = b"close" if self.close_connection else b"keep-alive"
-            else:
-                connection = None
-            head = ok_json_heads.head(len(body), connection)
-            self.code, self.status, self._orig_status = 200, b"200 OK", "200 OK"
-            self.headers_sent = True
-            if self.wants_access_log():
-                self.response_headers = [(b"Content-Type", JSON_TYPE)]
-            self._sendall(head, b"" if self.command == "HEAD" else body)
-
-        def _send_error_response_if_possible(self, error_code):
-            # pywsgi's canned 400 (a broken chunked body) and 500 are plain text
-            if self.response_length:
-                self.close_connection = True
-                return
-            message = ("the request body is malformed" if error_code == 400 else
-                       "the server failed on this request; it was not applied, please retry")
-            body = json.dumps({"error": message}).encode()
-            try:
-                self.start_response("%d %s" % (error_code, HTTPStatus(error_code).phrase),
-                                    [("Content-Type", JSON_TYPE.decode()), ("Connection", "close"),
-                                     ("Content-Length", str(len(body)))])
-                self.write(body)
-            except OSError:
-                self.close_connection = True
-
-        def finalize_headers(self):
-            if self.provided_date is None:
-                self.provided_date = date = http_date.now()
-                self.response_headers.append((b"Date", date))
-            super().finalize_headers()
-
-        def _write_with_headers(self, data):
-            self.headers_sent = True
-            self.finalize_headers()
-            parts = [b"HTTP/1.1 ", self.status, b"\r\n"]
-            for name, value in self.response_headers:
-                parts += (name, b": ", value, b"\r\n")
-            parts.append(b"\r\n")
-            if data:
-                if self.response_use_chunked:
-                    parts += (b"%x\r\n" % len(data), data, b"\r\n")
-                else:
-                    parts.append(data)
-            self._sendall(b"".join(parts))
-
-        def _sendall(self, data, body=b""):
-            try:
-                self.rfile.send(data, body)  # an answer fits the send buffer: one call
-            except OSError as exc:
-                self.status = "socket error: %s" % exc
-                if self.code > 0:
-                    self.code = -self.code
-                raise
-            self.response_length += len(data) + len(body)
-
-    return ChattleHandler
+    return type("ChattleHandler", (ChattleHandling, base),
+                {"limits": limits, "access_log": access_log, "deadlines": Deadlines(limits)})
 
 
 ###############################################################################
@@ -934,8 +568,6 @@ class ConnectionPool(pool.Pool):
 
 
 _open_connections = 0  # accepted and not yet done with, over every server of this process
-_unsent_bytes = 0      # of the answers held for clients still taking them, over every server
-_unsent_dropped = 0    # connections dropped to keep a server's within its max_unsent_bytes
 
 
 def open_connections():
@@ -943,14 +575,52 @@ def open_connections():
     return _open_connections
 
 
-def unsent_bytes():
-    """Bytes of the answers this process holds for clients still taking them (each server
-    bounds its own by max_unsent_bytes)."""
-    return _unsent_bytes
+class ChattleServing:
+    """What chattle makes of gevent.pywsgi's server, mixed into it (or into a subclass of
+    it, such as gunicorn's) by server_class: one plain greenlet per connection, counted,
+    each served by the class's `handler_class`."""
 
+    __slots__ = ()
 
-def unsent_dropped():
-    return _unsent_dropped
+    def __init__(self, *args, spawn="default", **kwargs):
+        if type(spawn) is pool.Pool:  # gunicorn's worker_connections
+            spawn = ConnectionPool(spawn.size)
+        super().__init__(*args, spawn=spawn, **kwargs)
+
+    def do_handle(self, sock, address):
+        # Without a pool (python chattle.py) a connection gets a plain greenlet.
+        # gevent's Greenlet (links, result and exception slots, a compiled run()
+        # between the greenlet and the handler) and its spawn function, which
+        # unpacks (handle, close, args) with a *-call, cost every held poll memory
+        # and C stack. A pool (gunicorn's worker_connections, and its graceful
+        # stop, which waits for the pool to drain) is a ConnectionPool: plain
+        # greenlets too.
+        global _open_connections
+        _open_connections += 1
+        try:
+            if self.pool is None:
+                gevent.spawn_raw(self.serve_connection, sock, address)
+            else:
+                self.pool.spawn(self.serve_connection, sock, address)
+        except BaseException:
+            _open_connections -= 1
+            self.do_close(sock)
+            raise
+
+    def serve_connection(self, sock, address):
+        global _open_connections
+        try:
+            self.handler_class(sock, address, self).handle()
+        except Exception:
+            # A plain greenlet has nobody to report to: report as gevent would.
+            self.loop.handle_error(self, *sys.exc_info())
+        finally:
+            self.do_close(sock)
+            _open_connections -= 1
+
+    def do_close(self, sock, *_address):
+        if not sock.closed:  # the handler closes its socket itself
+            sock.close()
 
 
 def server_class(limits, base=None, access_log=False):
@@ -958,50 +628,5 @@ def server_class(limits, base=None, access_log=False):
     a handler_class(limits), one greenlet per connection."""
     if base is None:
         base = pywsgi.WSGIServer
-
-    chattle_handler = handler_class(limits, access_log=access_log)
-
-    class ChattleServer(base):
-        handler_class = chattle_handler
-
-        def __init__(self, *args, spawn="default", **kwargs):
-            if type(spawn) is pool.Pool:  # gunicorn's worker_connections
-                spawn = ConnectionPool(spawn.size)
-            super().__init__(*args, spawn=spawn, **kwargs)
-
-        def do_handle(self, sock, address):
-            # Without a pool (python chattle.py) a connection gets a plain greenlet.
-            # gevent's Greenlet (links, result and exception slots, a compiled run()
-            # between the greenlet and the handler) and its spawn function, which
-            # unpacks (handle, close, args) with a *-call, cost every held poll memory
-            # and C stack. A pool (gunicorn's worker_connections, and its graceful
-            # stop, which waits for the pool to drain) is a ConnectionPool: plain
-            # greenlets too.
-            global _open_connections
-            _open_connections += 1
-            try:
-                if self.pool is None:
-                    gevent.spawn_raw(self.serve_connection, sock, address)
-                else:
-                    self.pool.spawn(self.serve_connection, sock, address)
-            except BaseException:
-                _open_connections -= 1
-                self.do_close(sock)
-                raise
-
-        def serve_connection(self, sock, address):
-            global _open_connections
-            try:
-                self.handler_class(sock, address, self).handle()
-            except Exception:
-                # A plain greenlet has nobody to report to: report as gevent would.
-                self.loop.handle_error(self, *sys.exc_info())
-            finally:
-                self.do_close(sock)
-                _open_connections -= 1
-
-        def do_close(self, sock, *_address):
-            if not sock.closed:  # the handler closes its socket itself
-                sock.close()
-
-    return ChattleServer
+    return type("ChattleServer", (ChattleServing, base),
+                {"handler_class": handler_class(limits, access_log=access_log)})

@@ -186,8 +186,8 @@ def one_deadline_tick():
                     and isinstance(vars(value).get("TICK"), float)):
                 value.TICK = 1e9  # seconds: every due time of a run falls in tick 1
                 ticked.append("%s.%s" % (name, value.__qualname__))
-    if "chattle.Wakeup" not in ticked:
-        raise SystemExit("bench.callgrind_workload: chattle.Wakeup.TICK is gone; the instruction counts "
+    if "chattle_rooms.Wakeup" not in ticked:
+        raise SystemExit("bench.callgrind_workload: chattle_rooms.Wakeup.TICK is gone; the instruction counts "
                          "would depend on the machine's speed. Update one_deadline_tick().")
     return ticked
 

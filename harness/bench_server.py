@@ -24,6 +24,7 @@ import socket
 import sys
 
 import chattle  # patches the standard library with gevent first
+import chattle_rooms
 
 EXTRA_WORK_VARIABLE = "CHATTLE_BENCH_EXTRA_WORK"
 LEAK_VARIABLE = "CHATTLE_BENCH_LEAK"
@@ -40,7 +41,7 @@ class ExtraWorkPerAnswer:
     benchmark's in-process app). Work, not a time: under callgrind a timed spin would run
     fifty times fewer instructions.
 
-    It wraps chattle's Room.answer, which a poll calls once it is woken (or at once when
+    It wraps chattle_rooms.Room.answer, which a poll calls once it is woken (or at once when
     it need not wait), and not the poll route: a wrapper around the route stays on every
     parked poll's stack, and made memory per held poll 5-6 % larger as well, so a
     deliberate CPU slowdown also looked like a memory regression."""
@@ -78,7 +79,7 @@ def install_extra_work(environ=os.environ, room_class=None):
     if squares <= 0:
         return None
     extra_work = ExtraWorkPerAnswer(squares)
-    extra_work.install(room_class or chattle.Room)
+    extra_work.install(room_class or chattle_rooms.Room)
     return extra_work
 
 

@@ -196,7 +196,7 @@ class RedisServer(Process):
 
 
 def compile_server_modules(root):
-    """Byte-compile the modules a server imports from `root` (chattle_http, chattle_limits;
+    """Byte-compile the modules a server imports from `root` (every chattle_*.py;
     chattle itself under gunicorn) and the fault wrapper, before it starts. A server that
     compiled them from source at start-up (a fresh worktree, or PYTHONDONTWRITEBYTECODE
     set) grew less while holding polls, the compiler's freed memory being reused, it

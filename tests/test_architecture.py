@@ -1,7 +1,7 @@
 """The tree shows the architecture: the product imports nothing from the harness, and each
 harness folder imports only from the layers beneath it.
 
-    product        chattle.py, chattle_http.py, chattle_limits.py, gunicorn.conf.py
+    product        chattle*.py, gunicorn.conf.py
     instruments/   the definitions every measurement shares        (imports: product)
     harness/       starting servers, packages                     (imports: product, instruments)
     bench/, loadtests/  the commands                               (imports: the three above)
@@ -24,8 +24,10 @@ import re
 from instruments.provenance import BENCH_PREFIX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRODUCT_FILES = ["chattle.py", "chattle_http.py", "chattle_limits.py", "gunicorn.conf.py"]
-PRODUCT = {"chattle", "chattle_http", "chattle_limits"}
+PRODUCT_FILES = ["chattle.py", "chattle_rooms.py", "chattle_bus.py", "chattle_redis.py", "chattle_cluster.py",
+                 "chattle_http.py", "chattle_request.py", "chattle_limits.py", "gunicorn.conf.py"]
+PRODUCT = {"chattle", "chattle_rooms", "chattle_bus", "chattle_redis", "chattle_cluster", "chattle_http",
+           "chattle_request", "chattle_limits"}
 LAYERS = {
     "instruments": PRODUCT,
     "harness": PRODUCT | {"instruments"},

@@ -46,7 +46,8 @@ def test_a_server_starts_from_bytecode_even_where_none_is_written(tmp_path, cann
         server = ChattleServer(root=str(tree), env={"PYTHONDONTWRITEBYTECODE": "1"})
         server.stop()
         tag = sys.implementation.cache_tag
-        for module in ("chattle_http", "chattle_limits"):
+        for module in ("chattle_rooms", "chattle_bus", "chattle_redis", "chattle_cluster", "chattle_http",
+                       "chattle_request", "chattle_limits"):
             assert (tree / "__pycache__" / ("%s.%s.pyc" % (module, tag))).exists(), module
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True, timeout=60)

@@ -1,4 +1,4 @@
-"""chattle_http.RequestReader: pywsgi's rfile, read straight off the socket with nothing kept
+"""chattle_request.RequestReader: pywsgi's rfile, read straight off the socket with nothing kept
 between requests. Fed through a real socket pair, in pieces smaller and larger than
 one recv, as a slow client or a pipelining one sends them."""
 
@@ -6,13 +6,13 @@ import gevent
 import pytest
 from gevent import socket
 
-import chattle_http
+import chattle_request
 
 
 @pytest.fixture
 def reader_and_peer():
     ours, theirs = socket.socketpair()
-    yield chattle_http.RequestReader(ours), theirs
+    yield chattle_request.RequestReader(ours), theirs
     ours.close()
     theirs.close()
 
@@ -39,7 +39,7 @@ def test_lines_that_arrive_in_pieces_come_out_whole(reader_and_peer):
 
 def test_a_line_longer_than_one_recv_and_the_callers_cap(reader_and_peer):
     reader, peer = reader_and_peer
-    long_line = b"X-Long: " + b"a" * (3 * chattle_http.READ_BUFFER_BYTES) + b"\r\n"
+    long_line = b"X-Long: " + b"a" * (3 * chattle_request.READ_BUFFER_BYTES) + b"\r\n"
     sender = send_in_pieces(peer, long_line + b"next\r\n", 1000)
     assert reader.readline(65537) == long_line
     assert reader.readline(3) == b"nex"  # capped before the newline, the rest stays
