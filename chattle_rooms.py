@@ -400,7 +400,7 @@ class Rooms:
     # What a room costs beyond its messages: the Room, its deque, Wakeup and dicts, its epoch,
     # its slot in by_name, and its name twice (the str, and its JSON encoding): 1,255 bytes
     # plus twice the name's length, as tracemalloc counts 1,000 rooms of one message each
-    # made by MemoryBus.publish, less their messages' own cost (tests/test_bounds.py measures
+    # made by MemoryBus.publish, less their messages' own cost (tests/server/test_bounds.py measures
     # it again). Counted in retained_bytes, so the worker's bound is in real bytes.
     ROOM_OVERHEAD = 1255
 

@@ -179,7 +179,7 @@ def room_history(url, room, last):
     return held
 
 
-# -- the figures (plain data in, plain data out: tests/test_load_cluster_shares.py) -------------------
+# -- the figures (plain data in, plain data out: tests/harness/test_load_on_redis_cluster.py) -------------------
 
 def shard_shares(table, room_slots, posts_by_room, deliveries_by_room, node_cpu):
     """Per shard of `table` (failover.slot_table at the start): its rooms, their posts and

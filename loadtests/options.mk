@@ -1,5 +1,5 @@
 # Written by `python -m loadtests.options --makefile > loadtests/options.mk` from the table in
-# loadtests/options.py: edit that, not this (tests/test_load_options.py checks it).
+# loadtests/options.py: edit that, not this (tests/harness/test_load_options.py checks it).
 # make load NAME=value passes --name value; empty: the option's default
 # (python -m loadtests.run --help). A variable the Makefile declares with a value
 # before including this file (WORKERS) keeps it.

@@ -9,7 +9,7 @@ reads them from loadtests/options.mk, which this module writes:
 
     python -m loadtests.options --makefile > loadtests/options.mk
 
-(tests/test_load_options.py fails when the file is not what this table makes). An option
+(tests/harness/test_load_options.py fails when the file is not what this table makes). An option
 whose name Locust already uses for one of its own (`--users`, `--spawn-rate`) keeps the
 name everywhere but on Locust's command line, where it is `--chattle-<name>`.
 """
@@ -23,7 +23,7 @@ from instruments.page import REPORTS_ROOT
 # Where an option is declared: RUN, python -m loadtests.run; LOCUST, the locustfile (run.py
 # passes it on); COMPARE, loadtests/compare.py (make load BASE=; run.py lists it in --help).
 RUN, LOCUST, COMPARE = "run", "locust", "compare"
-# Locust's own options that a name here would clash with (tests/test_load_options.py checks
+# Locust's own options that a name here would clash with (tests/harness/test_load_options.py checks
 # the list against Locust's parser): on Locust's command line these are --chattle-<name>.
 LOCUST_OWNS = frozenset({"users", "spawn-rate"})
 SWITCH = "switch"     # a flag without a value (store_true); its variable: any non-empty value
@@ -195,7 +195,7 @@ def from_locust(parsed):
 def makefile():
     """loadtests/options.mk: a variable per option, and LOAD_ARGS passing each one given."""
     lines = ["# Written by `python -m loadtests.options --makefile > loadtests/options.mk` from the table in",
-             "# loadtests/options.py: edit that, not this (tests/test_load_options.py checks it).",
+             "# loadtests/options.py: edit that, not this (tests/harness/test_load_options.py checks it).",
              "# make load NAME=value passes --name value; empty: the option's default",
              "# (python -m loadtests.run --help). A variable the Makefile declares with a value",
              "# before including this file (WORKERS) keeps it.", ""]
