@@ -279,17 +279,20 @@ def test_a_made_up_commit_is_found_and_json_values_are_not_commits():
 # - a figure named as a setting's value: right after a setting in code ("`--x` (256 KiB)"),
 #   or followed by one or by "by default" ("1 KiB (`READ_BUFFER_BYTES`)", "1000 ms by
 #   default"), and the confidence level of an interval ("a 95 % interval");
-# - the rows of the tables of settings, limits and injected faults, whose values are
-#   settings (SETTINGS_TABLES, by the header of their first column).
+# - the rows of the tables of settings, limits, thresholds and injected faults, whose
+#   values are settings (SETTINGS_TABLES, by the header of their first column, and tables
+#   with a column headed as in SETTINGS_COLUMNS).
 UNIT = r"(?:ms|us|µs|min|minutes?|KiB|MiB|GiB|KB|MB|GB|%|(?:polls?|posts?|messages?|requests?|deliveries)?/s)"
 FIGURE = re.compile(r"(?<![\w.#/-])(\d[\d,.]*(?: \d{3})*)(?: ?)(" + UNIT + r")(?![\w/])")
 NOT_A_MEASUREMENT = re.compile(
     r"(?:\bdefaults?(?: is| of| to)?|\bat most|\bat least|\babove|\bover|\bunder|\bbelow|\bwithin|\bup to|"
     r"\bmore than|\bless than|\blimit(?:ed)?(?: of| to)?|\bobjective(?: of)?|\bgated?(?: at| of)?|"
-    r"\bthreshold(?: of)?|\bfloor(?: of)?|\btimeout(?: of)?|\bevery|\bper|\bpast|\breach(?:es|ed)?|"
-    r"\bbudget(?: of)?|\bcap(?:ped)?(?: at| of)?|[<>≤≥=]|\bto|\bfrom|-|`code` \()\s*(?:about\s+)?[*+~]*$", re.I)
-A_SETTING_AFTER = re.compile(r"^\s*(?:\(`|by default|(?:confidence |bootstrap )?interval)")
+    r"\bgate is|\bmargin(?: of)?|\bthreshold(?: of)?|\bfloor(?: of)?|\btimeout(?: of)?|\bevery|\bper|\bpast|\breach(?:es|ed)?|"
+    r"\bexceeds?|\bbudget(?: of)?|\bcap(?:ped)?(?: at| of)?|[<>≤≥=]|\bto|\bfrom|-|`code` \()\s*(?:about\s+|the\s+)?[*+~(]*$",
+    re.I)
+A_SETTING_AFTER = re.compile(r"^\s*(?:\(`|by default|(?:confidence\s+|bootstrap\s+)?interval)")
 SETTINGS_TABLES = ("flag", "variable", "setting", "limit", "knob", "fault")
+SETTINGS_COLUMNS = {"default", "threshold", "gate"}  # or a table with such a column
 RESULTS_LINK = re.compile(r"\]\((?:\.\./)?(?:docs/)?results\.md(?:#[^)]*)?\)")
 
 
@@ -305,7 +308,7 @@ def prose_paragraphs(text):
                 current = []
             cells = [cell.strip().lower() for cell in line.strip().strip("|").split("|")]
             if table_header is None:
-                table_header = cells[0]
+                table_header = cells[0] if not SETTINGS_COLUMNS & set(cells) else SETTINGS_TABLES[0]
             elif not set(cells[0]) <= set("-: ") and table_header not in SETTINGS_TABLES:
                 paragraphs.append((number, line))
             continue
@@ -355,3 +358,4 @@ def test_what_counts_as_a_measured_figure():
     assert measured_figures("Run `make load` for `8 KiB`:\n\n    took 12 ms\n") == []
     assert measured_figures("| flag | default |\n| --- | --- |\n| `--x` | 64 KiB |\n") == []
     assert measured_figures("| run | p99 |\n| --- | --- |\n| one | 12 ms |\n") == [(3, "12 ms")]
+    assert measured_figures("| figure | threshold |\n| --- | --- |\n| p99 | 10 % |\n") == []
