@@ -36,7 +36,7 @@ PROCESSES ?=
 # make load on a Redis Cluster (REDIS_CLUSTER=local starts one for the run), REDIS_WAIT=ms the
 # server's --redis-wait (docs/cluster.md). CHAOS=<fault>[,<fault>...] a fault injected mid-burst,
 # CHAOS=all the matrix, each fault its own run, one table: `make load CHAOS=all USERS=2000 WORKERS=2`
-# took 14 min 17 s on 2 cores (docs/faults.md)
+# took 14 min 17 s on 2 cores (docs/results.md)
 CHAOS   ?=
 REDIS_WAIT ?=
 

@@ -287,9 +287,9 @@ FIGURE = re.compile(r"(?<![\w.#/-])(\d[\d,.]*(?: \d{3})*)(?: ?)(" + UNIT + r")(?
 NOT_A_MEASUREMENT = re.compile(
     r"(?:\bdefaults?(?: is| of| to)?|\bat most|\bat least|\babove|\bover|\bunder|\bbelow|\bwithin|\bup to|"
     r"\bmore than|\bless than|\blimit(?:ed)?(?: of| to)?|\bobjective(?: of)?|\bgated?(?: at| of)?|"
-    r"\bgate is|\bmargin(?: of)?|\bthreshold(?: of)?|\bfloor(?: of)?|\btimeout(?: of)?|\bevery|\bper|\bpast|\breach(?:es|ed)?|"
-    r"\bexceeds?|\bbudget(?: of)?|\bcap(?:ped)?(?: at| of)?|[<>≤≥=]|\bto|\bfrom|-|`code` \()\s*(?:about\s+|the\s+)?[*+~(]*$",
-    re.I)
+    r"\bgate is|\bmargin(?: of)?|\bthreshold(?: of)?|\bfloor(?: of)?|\btimeout(?: of)?|\bevery|\bper|"
+    r"\bpast|\breach(?:es|ed)?|\bexceeds?|\bbudget(?: of)?|\bcap(?:ped)?(?: at| of)?|[<>≤≥=]|\bto|\bfrom|-|"
+    r"`code` \()\s*(?:about\s+|the\s+)?[*+~(]*$", re.I)
 A_SETTING_AFTER = re.compile(r"^\s*(?:\(`|by default|(?:confidence\s+|bootstrap\s+)?interval)")
 SETTINGS_TABLES = ("flag", "variable", "setting", "limit", "knob", "fault")
 SETTINGS_COLUMNS = {"default", "threshold", "gate"}  # or a table with such a column
