@@ -4,15 +4,18 @@ harness relies on how Locust behaves between a master and its workers, a real ma
 worker in this process, on loopback, show it."""
 
 import contextlib
-import inspect
+import logging
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import gevent
 import locust
 import locust.main
 import locust.runners
-from locust import User, constant, task
+from locust import LoadTestShape, User, constant, task
 from locust.env import Environment
 from locust.event import Events
 
@@ -100,16 +103,74 @@ def test_a_worker_s_report_at_test_stop_reaches_the_master_before_it_says_it_sto
     assert seen == [True], seen
 
 
-def test_a_headless_shape_run_handles_no_sigterm_so_the_orchestrator_asks_with_sigusr1():
+_SHAPE_LOCUSTFILE = """
+from locust import LoadTestShape, User, constant, task
+
+
+class Idle(User):
+    wait_time = constant(1)
+
+    @task
+    def idle(self):
+        pass
+
+
+class Forever(LoadTestShape):
+    def tick(self):
+        return (0, 1)
+"""
+
+
+def _locust(tmp_path, *args, locustfile=_SHAPE_LOCUSTFILE):
+    path = tmp_path / "locustfile.py"
+    path.write_text(locustfile)
+    return subprocess.Popen([sys.executable, "-m", "locust", "-f", str(path), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+
+
+def test_a_headless_shape_run_handles_no_sigterm_so_the_orchestrator_asks_with_sigusr1(tmp_path):
     """loadtests.run stops a run early with SIGUSR1 (the shape then ends it as a run ends)
-    because Locust's main() waits on the shape before it installs its SIGTERM handler."""
-    source = inspect.getsource(locust.main.main)
-    assert source.index("shape_greenlet.join()") < source.index("gevent.signal_handler(signal.SIGTERM")
+    because a headless Locust running a shape has no SIGTERM handler yet: SIGTERM ends
+    the process at once, with no report written."""
+    process = _locust(tmp_path, "--headless", "--loglevel", "INFO")
+    lines = []
+
+    def read_until_the_shape_runs():
+        for line in process.stdout:
+            lines.append(line)
+            if "Shape worker starting" in line:
+                return
+
+    try:
+        gevent.with_timeout(30, read_until_the_shape_runs, timeout_value=None)
+        assert any("Shape worker starting" in line for line in lines), "".join(lines)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == -signal.SIGTERM, "".join(lines) + process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
-def test_the_shape_ends_a_headless_run_with_quit():
-    source = inspect.getsource(locust.runners.Runner.shape_worker)
-    assert "self.quit()" in source
+def test_the_shape_ends_a_headless_run_by_quitting_the_runner():
+    """A shape whose tick returns None ends a headless run with quit (the runner's
+    greenlets end, so main() goes on to write the run), not stop (which waits for more)."""
+    class TwoTicks(LoadTestShape):
+        ticks = 0
+
+        def tick(self):
+            self.ticks += 1
+            return (0, 1) if self.ticks == 1 else None
+
+    from locust.argument_parser import parse_options
+    environment = Environment(user_classes=[_Idle], events=Events(), shape_class=TwoTicks(),
+                              parsed_options=parse_options(["--headless"]))
+    runner = environment.create_local_runner()
+    assert len(runner.greenlet) > 0  # its own greenlets (the CPU monitor): stop leaves them, quit kills them
+    runner.start_shape()
+    assert _waited_for(lambda: len(runner.greenlet) == 0), (runner.state, list(runner.greenlet))
+    assert runner.state == locust.runners.STATE_STOPPED
 
 
 def test_the_report_events_the_locustfile_listens_to_exist():
@@ -126,29 +187,57 @@ def test_gevent_keeps_the_original_epoll_for_the_held_poll_driver():
     epoll.close()
 
 
-def test_the_master_knows_which_workers_it_still_hears():
+def test_the_master_marks_a_worker_it_no_longer_hears_missing():
     """StagedShape.connected_workers reads runner.clients.all and each WorkerNode's state:
-    Locust marks a worker STATE_MISSING after HEARTBEAT_LIVENESS silent heartbeats."""
-    assert hasattr(locust.runners.WorkerNodes, "all") and locust.runners.STATE_MISSING == "missing"
-    node = locust.runners.WorkerNode("w1")
-    assert node.id == "w1" and node.state != locust.runners.STATE_MISSING
-    source = inspect.getsource(locust.runners.MasterRunner.heartbeat_worker)
-    assert "client.state = STATE_MISSING" in source
+    a worker that falls silent (its greenlets gone, no quit sent) is marked STATE_MISSING
+    after HEARTBEAT_LIVENESS heartbeats."""
+    from loadtests.shapes import StagedShape
+
+    with _master_and_worker() as (master, worker):
+        shape = StagedShape()
+        shape.runner = master
+        assert shape.connected_workers() == {worker.client_id}
+        worker.greenlet.kill(block=True)
+        wait = (locust.runners.HEARTBEAT_LIVENESS + 3) * locust.runners.HEARTBEAT_INTERVAL
+        assert _waited_for(lambda: shape.connected_workers() == set(), seconds=wait), [
+            (node.id, node.state) for node in master.clients.all]
+        assert master.clients[worker.client_id].state == locust.runners.STATE_MISSING
 
 
-def test_a_master_waits_for_remote_workers_with_expect_workers_and_a_bounded_wait():
-    """loadtests.run --remote-workers passes --expect-workers and --expect-workers-max-wait (an int)."""
-    source = inspect.getsource(locust.main.main)
-    assert "options.expect_workers_max_wait" in source and "runner.clients.ready" in source
-    options = locust.argument_parser.parse_options(["--master", "--expect-workers", "2",
-                                                    "--expect-workers-max-wait", "60"])
-    assert options.expect_workers == 2 and options.expect_workers_max_wait == 60
+def test_a_master_waits_for_remote_workers_with_expect_workers_and_a_bounded_wait(tmp_path):
+    """loadtests.run --remote-workers passes --expect-workers and --expect-workers-max-wait
+    (an int): a master whose workers never come gives up after that wait, and fails."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    process = _locust(tmp_path, "--master", "--headless", "--master-bind-host", "127.0.0.1",
+                      "--master-bind-port", str(port), "--expect-workers", "2", "--expect-workers-max-wait", "2",
+                      "-u", "1", "-r", "1")
+    try:
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    took = time.monotonic() - started
+    assert process.returncode != 0 and "waiting for workers" in output.lower(), output
+    assert took >= 2, took
 
 
-def test_locust_itself_only_warns_about_a_worker_of_another_version():
-    """Hence RunTally(locust_version) turns a mismatch into an error that stops the run."""
-    source = inspect.getsource(locust.runners.MasterRunner.handle_message)
-    assert "running a different version" in source and "logger.warning" in source
+def test_locust_itself_only_warns_about_a_worker_of_another_version(caplog):
+    """Hence RunTally(locust_version) turns a mismatch into an error that stops the run:
+    Locust's master takes a worker of another version in, with a warning."""
+    from locust.rpc import Message
+
+    def warned():
+        return any("different version" in record.getMessage() for record in caplog.records)
+
+    with _master_and_worker() as (master, worker):
+        with caplog.at_level(logging.WARNING, logger="locust.runners"):
+            worker.client.send(Message("client_ready", "2.31.0", worker.client_id))  # as an older worker says it
+            assert _waited_for(warned), caplog.text
+        assert worker.client_id in master.clients and len(master.clients.ready) == 1
 
 
 def _stats_fields(entry):
