@@ -137,8 +137,10 @@ def stages_of(options):
 
 def cache_default_args():
     """Locust 2.47's worker rebuilds its whole argument parser (default_args_dict) once
-    per option of every spawn message, in a dict comprehension: 7 % of a worker's CPU in
-    a 10,000-listener ramp. The defaults never change in a process, so compute them once.
+    per option of every spawn message, in a dict comprehension, about 3 ms a build: a
+    master and a worker in one process spawning 300 users at 10/s built it 1,681 times
+    for 7.0 s of CPU, 0.13 s with the cache (2026-12-08, the 2-core development machine).
+    The defaults never change in a process, so compute them once.
     Locust has no setting for it; tests/test_locust_internals.py counts the parser builds
     of a real worker spawning users, and fails when the cache no longer holds them to one."""
     from locust import argument_parser
