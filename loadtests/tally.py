@@ -2,9 +2,9 @@
 
 Each Locust worker keeps a `WorkerTally`: latency and client-lag histograms per second
 of arrival (3 significant digits; the run's are their sum), every ended listener's
-delivery ledger, every accepted post, the errors. Every Locust report (`events.report_to_master`, each 3 s,
-and once more when its last listener has ended) carries what is new since the last
-one; the master adds the reports up in a `RunTally` (`events.worker_report`) and writes
+delivery ledger, every accepted post, the errors. Every Locust report (`events.report_to_master`, each 3 s)
+and the custom message a worker sends at once when its last listener has ended carry
+what is new since the last one; the master adds the reports up in a `RunTally` (`events.worker_report`) and writes
 it to `raw/run.json` for the report. Nothing goes through a shared disk, so the workers
 may run on other hosts.
 

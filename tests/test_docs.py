@@ -275,3 +275,96 @@ def test_every_commit_a_page_names_is_in_the_history():
 def test_a_made_up_commit_is_found_and_json_values_are_not_commits():
     assert named_commits("measured at commit 7a91a01 (and 0123abc), 2026-12-07") == ["0123abc", "7a91a01"]
     assert named_commits('{"epoch": "6621361f3c9a2"}, reports/20261204-170128-load, #a1b2c3d4') == []
+
+
+# A measured figure: a number with a unit of measurement (time in ms, us or µs, minutes;
+# memory in KiB, MiB, GiB, KB, MB, GB; a percentage; a rate per second) in a page's prose,
+# outside code. Figures are measurements and live in docs/results.md, with their command,
+# date, commit and machine; any other page states one only in a paragraph (or table row)
+# that links to results.md. Not measurements, and so not checked:
+# - a figure right after a word that makes it a setting, a limit or a threshold
+#   ("default 25 s", "at most 25 %", "over 0.50", "up to about 8 KB", "gated at +3 %",
+#   "reached 95 %", "per 50 ms tick"): NOT_A_MEASUREMENT;
+# - a figure named as a setting's value: right after a setting in code ("`--x` (256 KiB)"),
+#   or followed by one or by "by default" ("1 KiB (`READ_BUFFER_BYTES`)", "1000 ms by
+#   default"), and the confidence level of an interval ("a 95 % interval");
+# - the rows of the tables of settings, limits, thresholds and injected faults, whose
+#   values are settings (SETTINGS_TABLES, by the header of their first column, and tables
+#   with a column headed as in SETTINGS_COLUMNS).
+UNIT = r"(?:ms|us|µs|min|minutes?|KiB|MiB|GiB|KB|MB|GB|%|(?:polls?|posts?|messages?|requests?|deliveries)?/s)"
+FIGURE = re.compile(r"(?<![\w.#/-])(\d[\d,.]*(?: \d{3})*)(?: ?)(" + UNIT + r")(?![\w/])")
+NOT_A_MEASUREMENT = re.compile(
+    r"(?:\bdefaults?(?: is| of| to)?|\bat most|\bat least|\babove|\bover|\bunder|\bbelow|\bwithin|\bup to|"
+    r"\bmore than|\bless than|\blimit(?:ed)?(?: of| to)?|\bobjective(?: of)?|\bgated?(?: at| of)?|"
+    r"\bgate is|\bmargin(?: of)?|\bthreshold(?: of)?|\bfloor(?: of)?|\btimeout(?: of)?|\bevery|\bper|"
+    r"\bpast|\breach(?:es|ed)?|\bexceeds?|\bbudget(?: of)?|\bcap(?:ped)?(?: at| of)?|[<>≤≥=]|\bto|\bfrom|-|"
+    r"`code` \()\s*(?:about\s+|the\s+)?[*+~(]*$", re.I)
+A_SETTING_AFTER = re.compile(r"^\s*(?:\(`|by default|(?:confidence\s+|bootstrap\s+)?interval)")
+SETTINGS_TABLES = ("flag", "variable", "setting", "limit", "knob", "fault")
+SETTINGS_COLUMNS = {"default", "threshold", "gate"}  # or a table with such a column
+RESULTS_LINK = re.compile(r"\]\((?:\.\./)?(?:docs/)?results\.md(?:#[^)]*)?\)")
+
+
+def prose_paragraphs(text):
+    """A page's paragraphs (table rows each on their own), code taken out: (first line number, text)."""
+    text = FENCED.sub(lambda match: "\n" * match.group(0).count("\n"), text)
+    text = INDENTED.sub(lambda match: "\n" * match.group(0).count("\n"), text)
+    paragraphs, current, start, table_header = [], [], 0, None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith("|"):
+            if current:
+                paragraphs.append((start, "\n".join(current)))
+                current = []
+            cells = [cell.strip().lower() for cell in line.strip().strip("|").split("|")]
+            if table_header is None:
+                table_header = cells[0] if not SETTINGS_COLUMNS & set(cells) else SETTINGS_TABLES[0]
+            elif not set(cells[0]) <= set("-: ") and table_header not in SETTINGS_TABLES:
+                paragraphs.append((number, line))
+            continue
+        table_header = None
+        if not line.strip() or line.startswith("#"):
+            if current:
+                paragraphs.append((start, "\n".join(current)))
+            current = []
+            continue
+        if not current:
+            start = number
+        current.append(line)
+    if current:
+        paragraphs.append((start, "\n".join(current)))
+    return paragraphs
+
+
+def measured_figures(text):
+    """(line, figure) for every measured figure in prose not linked to results.md."""
+    found = []
+    for start, paragraph in prose_paragraphs(text):
+        if RESULTS_LINK.search(paragraph):
+            continue
+        prose = INLINE.sub("`code`", paragraph)
+        for match in FIGURE.finditer(prose):
+            if (NOT_A_MEASUREMENT.search(prose[max(0, match.start() - 40):match.start()])
+                    or A_SETTING_AFTER.match(prose[match.end():match.end() + 40])):
+                continue
+            found.append((start + prose.count("\n", 0, match.start()), match.group(0)))
+    return found
+
+
+def test_a_measured_figure_outside_results_md_links_to_it():
+    wrong = ["%s:%d: %s" % (page, line, figure) for page in DOCS if page != "docs/results.md"
+             for line, figure in measured_figures(read(page))]
+    assert not wrong, ("measured figures that do not link to docs/results.md (move the figure there, "
+                       "with its command, date, commit and machine, and link to it):\n" + "\n".join(wrong))
+
+
+def test_what_counts_as_a_measured_figure():
+    assert measured_figures("Memory per held poll is 9.0 KiB, wake-up p99 660 ms.\n") == [(1, "9.0 KiB"), (1, "660 ms")]
+    assert measured_figures("It took 10 min 13 s and used 43 % of a core.\n") == [(1, "10 min"), (1, "43 %")]
+    assert measured_figures("p99 660 ms ([results](results.md#a-default-make-load)).\n") == []
+    assert measured_figures("The poll is held (default 25 s), at most 500 ms, over 10 %.\n") == []
+    assert measured_figures("`--max-answer-bytes` (256 KiB); past 1 KiB (`READ_BUFFER_BYTES`); 1000 ms by default; "
+                            "a 95 % interval; gated at **+3 %**; up to about 8 KB.\n") == []
+    assert measured_figures("Run `make load` for `8 KiB`:\n\n    took 12 ms\n") == []
+    assert measured_figures("| flag | default |\n| --- | --- |\n| `--x` | 64 KiB |\n") == []
+    assert measured_figures("| run | p99 |\n| --- | --- |\n| one | 12 ms |\n") == [(3, "12 ms")]
+    assert measured_figures("| figure | threshold |\n| --- | --- |\n| p99 | 10 % |\n") == []
