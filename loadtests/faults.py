@@ -652,8 +652,11 @@ def run_matrix(names, argv, report_root, new_report_dir):
         print("load: CHAOS=%s: %s" % (name, row["verdict"]), flush=True)
         if interrupted:
             break
+    from instruments.history import cpu_model, git_state
+    from instruments.page import machine_line
     matrix = {"faults": names, "rows": rows, "started": started, "seconds": time.time() - started,
-              "argv": base, "passed": all(row["passed"] for row in rows) and len(rows) == len(names)}
+              "argv": base, "passed": all(row["passed"] for row in rows) and len(rows) == len(names),
+              "git": git_state(), "machine": "%s, %s" % (cpu_model(), machine_line())}
     with open(os.path.join(report_dir, "chaos.json"), "w") as out:
         json.dump(matrix, out, indent=1)
     lines = table_lines(rows) + ["", "%d faults in %.0f s: %s" % (len(rows), matrix["seconds"],

@@ -8,6 +8,7 @@ system-packages check and no venv build), not from `make -n <target>`, which sti
 expands and runs what a target's prerequisites need.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -368,3 +369,15 @@ def test_what_counts_as_a_measured_figure():
     assert measured_figures("| flag | default |\n| --- | --- |\n| `--x` | 64 KiB |\n") == []
     assert measured_figures("| run | p99 |\n| --- | --- |\n| one | 12 ms |\n") == [(3, "12 ms")]
     assert measured_figures("| figure | threshold |\n| --- | --- |\n| p99 | 10 % |\n") == []
+
+
+def test_the_faults_entry_is_what_its_run_json_makes():
+    """docs/results.md's Faults entry is made from the matrix's own JSON: a figure edited by
+    hand, or a new run whose JSON was not kept, parts them."""
+    from loadtests.faults_results import section
+
+    with open(os.path.join(ROOT, "docs", "runs", "faults-matrix.json")) as kept:
+        made = "\n".join(section(json.load(kept)))
+    assert made in read("docs/results.md"), (
+        "docs/results.md's Faults entry is not what `python -m loadtests.faults_results "
+        "docs/runs/faults-matrix.json` prints: paste its output there")
