@@ -11,7 +11,7 @@ import gevent
 from gevent.event import Event
 
 from chattle_bus import BusUnavailable, bus_log, never_sent
-from chattle_redis import EPOCH_LUA, ROOMS_BOUND_SCRIPT, RedisBus
+from chattle_redis import EPOCH_LUA, ID_AND_TS_LUA, ROOMS_BOUND_SCRIPT, RedisBus
 from chattle_rooms import RoomsFull, encode
 
 
@@ -72,11 +72,8 @@ if KEYS[5] then
     return {tonumber(id), ts, epoch, 'replayed'}
   end
 end
-""" + ROOMS_BOUND_SCRIPT % {"rooms": "KEYS[4]", "ttl": "ARGV[5]", "bound": "ARGV[8]"} + """
-local id = redis.call('INCR', KEYS[1])
-local now = redis.call('TIME')
-local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
-""" + EPOCH_LUA.replace("EPOCH_KEY", "KEYS[3]").replace("STREAM_KEY", "KEYS[2]") + """
+""" + ROOMS_BOUND_SCRIPT % {"rooms": "KEYS[4]", "ttl": "ARGV[5]", "bound": "ARGV[8]"} + ID_AND_TS_LUA \
+        + EPOCH_LUA.replace("EPOCH_KEY", "KEYS[3]").replace("STREAM_KEY", "KEYS[2]") + """
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id .. '-0', 'f', ARGV[2], 'c', ARGV[3], 't', ts)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])

@@ -13,6 +13,14 @@ from gevent.event import AsyncResult, Event
 from chattle_bus import Bus, BusUnavailable, bus_log, never_sent
 from chattle_rooms import RoomsFull, encode
 
+# The start of both buses' post scripts: the room's next id (KEYS[1] is its last id) and the
+# post's `ts` from Redis' own clock, so every worker stamps with the same one.
+ID_AND_TS_LUA = """
+local id = redis.call('INCR', KEYS[1])
+local now = redis.call('TIME')
+local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+"""
+
 # The part of both buses' post scripts that names the room's history (its epoch). A history
 # starts at id 1: a Redis that lost the room (a restart without persistence, an eviction,
 # the room's TTL) starts it again there, and a new epoch says so to every worker and client.
@@ -105,11 +113,8 @@ if KEYS[6] then
     return {tonumber(id), ts, epoch, 'replayed'}
   end
 end
-""" + ROOMS_BOUND_SCRIPT % {"rooms": "KEYS[5]", "ttl": "ARGV[6]", "bound": "ARGV[7]"} + """
-local id = redis.call('INCR', KEYS[1])
-local now = redis.call('TIME')
-local ts = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
-""" + EPOCH_LUA.replace("EPOCH_KEY", "KEYS[4]").replace("STREAM_KEY", "KEYS[2]") + """
+""" + ROOMS_BOUND_SCRIPT % {"rooms": "KEYS[5]", "ttl": "ARGV[6]", "bound": "ARGV[7]"} + ID_AND_TS_LUA \
+        + EPOCH_LUA.replace("EPOCH_KEY", "KEYS[4]").replace("STREAM_KEY", "KEYS[2]") + """
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id .. '-0', 'f', ARGV[2], 'c', ARGV[3], 't', ts)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'r', ARGV[1], 'i', id,
            'f', ARGV[2], 'c', ARGV[3], 't', ts, 'e', epoch)

@@ -98,29 +98,30 @@ class RedisPause(Fault):
             ctx.redis.signal(signal.SIGCONT)
 
 
-class WorkerKill(Fault):
-    name = "worker-kill"
-    what = "one gunicorn worker SIGKILLed (its master forks another)"
+class WorkerSignalled(Fault):
+    """One gunicorn worker sent `stop_signal`; the fault lasts until the master has forked
+    its replacement."""
+    stop_signal, recorded_as = None, None
 
     def inject(self, ctx, record):
         pid = ctx.server.worker_pids()[0]
-        record.update(killed_pid=pid)
-        os.kill(pid, signal.SIGKILL)
+        record[self.recorded_as] = pid
+        os.kill(pid, self.stop_signal)
         record["struck_at"] = time.time()
         ctx.wait_for_workers(record, gone=pid)
 
 
-class WorkerRecycle(Fault):
+class WorkerKill(WorkerSignalled):
+    name = "worker-kill"
+    what = "one gunicorn worker SIGKILLed (its master forks another)"
+    stop_signal, recorded_as = signal.SIGKILL, "killed_pid"
+
+
+class WorkerRecycle(WorkerSignalled):
     name = "worker-recycle"
     what = ("one gunicorn worker sent SIGTERM: it stops accepting, ends its requests within gunicorn's "
             "graceful timeout and exits; the master forks another (what max_requests does, at a chosen moment)")
-
-    def inject(self, ctx, record):
-        pid = ctx.server.worker_pids()[0]
-        record.update(terminated_pid=pid)
-        os.kill(pid, signal.SIGTERM)
-        record["struck_at"] = time.time()
-        ctx.wait_for_workers(record, gone=pid)
+    stop_signal, recorded_as = signal.SIGTERM, "terminated_pid"
 
 
 class WorkerKillRedisDown(Fault):
