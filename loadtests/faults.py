@@ -381,9 +381,9 @@ class FaultContext:
         from loadtests.cluster_load import probe_post
         return probe_post(self.url, room, content, sender)
 
-    def waiters(self, since=None):
-        """Polls held now, summed over the workers /stats reached (each probe reaches one
-        worker: a few per worker); with `since`, None until every worker answered after it."""
+    def stats_by_worker(self):
+        """{pid: /stats body} of the workers a few /stats requests reached (each request
+        reaches one worker: a few per worker)."""
         seen = {}
         for _ in range(4 * max(1, self.server.workers if self.server.gunicorn else 1)):
             try:
@@ -391,23 +391,22 @@ class FaultContext:
             except OSError:
                 continue
             if status == 200 and isinstance(body, dict):
-                seen[body["pid"]] = body["waiters"]
+                seen[body["pid"]] = body
+        return seen
+
+    def waiters(self, since=None):
+        """Polls held now, summed over the workers /stats reached; with `since`, None until
+        every worker answered after it."""
+        seen = self.stats_by_worker()
         if since is not None and len(seen) < len(self.server.worker_pids()):
             return None
-        return sum(seen.values())
+        return sum(body["waiters"] for body in seen.values())
 
     def rooms_forgotten(self):
         """Rooms the workers forgot at their bounds (/stats rooms_forgotten), summed over
         the workers /stats reached; None when none did."""
-        seen = {}
-        for _ in range(4 * max(1, self.server.workers if self.server.gunicorn else 1)):
-            try:
-                status, body = get_json(self.url + "/stats", timeout=2)
-            except OSError:
-                continue
-            if status == 200 and isinstance(body, dict):
-                seen[body["pid"]] = body.get("rooms_forgotten", 0)
-        return sum(seen.values()) if seen else None
+        seen = self.stats_by_worker()
+        return sum(body.get("rooms_forgotten", 0) for body in seen.values()) if seen else None
 
     def settled_waiters(self, readings=5, gap=0.05):
         """The highest of `readings` waiters() sums `gap` apart that reached every worker (None: none did)."""
