@@ -227,21 +227,26 @@ def test_a_room_forgotten_while_it_is_fetched_leaves_the_retained_bytes_exact(wo
         writer.publish("old", "ann", "m%d" % number)
     old = worker.room("old", 0)
     worker.reader.kill()  # the fetch below, not the reader, brings the room's next posts
+    # a fetch the reader started (its start, a trim check) ends first: only ours is held
+    wait_until(lambda: not worker.held_back, GENEROUS, "no fetch of the reader's under way")
     for number in range(3, 5):
         writer.publish("old", "ann", "m%d" % number)
     fetched, release = Event(), Event()
     real_fetch = worker._fetch
+    ours = []
 
     def held_fetch(room_name):
         answer = real_fetch(room_name)
-        fetched.set()
-        release.wait()
+        if gevent.getcurrent() in ours:
+            fetched.set()
+            release.wait()
         return answer
 
     worker._fetch = held_fetch
     worker.held_back["old"] = []
     settling = gevent.spawn(worker._settle, "old", True)  # as a resume does
-    fetched.wait(GENEROUS)
+    ours.append(settling)
+    assert fetched.wait(GENEROUS), "the settle never fetched the room"
     worker._fetch = real_fetch
     worker.room("big", 0)
     for _ in range(100):  # a few posts are enough to outgrow the bound
