@@ -41,7 +41,7 @@ import chattle_http  # noqa: E402
 from chattle_bus import BusUnavailable, MemoryBus  # noqa: E402
 from chattle_cluster import RedisClusterBus  # noqa: E402
 from chattle_limits import POLL_TIMEOUT_MAX, collect_garbage_seldom, raise_descriptor_limit  # noqa: E402
-from chattle_redis import RedisBus  # noqa: E402
+from chattle_redis import RedisBus, redis_url_problem  # noqa: E402
 from chattle_rooms import CLIENT_LEFT, Room, Rooms, RoomsFull, Wakeup, encode  # noqa: E402,F401  (Room, Wakeup: for tests and tools)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -130,6 +130,9 @@ class Settings:
                 raise SystemExit("chattle: --%s must be at least 1" % name.replace("_", "-"))
         if self.redis and self.redis_cluster:
             raise SystemExit("chattle: give either --redis or --redis-cluster, not both")
+        if self.redis and redis_url_problem(self.redis):
+            raise SystemExit("chattle: --redis %r is not a Redis URL (%s); for example redis://127.0.0.1:6379/0"
+                             % (self.redis, redis_url_problem(self.redis)))
         if self.redis_wait < 0:
             raise SystemExit("chattle: --redis-wait must be 0 (answer at once) or more milliseconds")
         if self.idempotency_seconds < 1 or self.idempotency_keys < 1:

@@ -122,7 +122,7 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
         startup = []
         for address in addresses.split(","):
             host, _colon, port = address.strip().rpartition(":")
-            if not host or not port.isdigit():
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise SystemExit("chattle: --redis-cluster takes host:port[,host:port...], not %r" % addresses)
             startup.append(ClusterNode(host, int(port)))
         self.addresses, self.startup = addresses, startup

@@ -57,6 +57,18 @@ redis.call('ZADD', %(rooms)s, rooms_now, ARGV[1])
 """
 
 
+def redis_url_problem(url):
+    """Why redis-py cannot use `url`, in its own words, or None: asked at start, so that a
+    mistyped --redis stops the server with one line instead of a traceback at the first post."""
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 class RedisBus(Bus):
     """Many workers and hosts, one history: Redis Streams hold every room's messages.
 

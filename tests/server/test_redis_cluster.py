@@ -76,6 +76,15 @@ def test_the_settings_refuse_both_buses_and_a_negative_wait():
         chattle.Settings(redis_cluster="127.0.0.1:7000", redis_wait=-1)
     with pytest.raises(SystemExit, match="host:port"):
         chattle.RedisClusterBus(chattle.Rooms(10), "no-port-here", 10)
+    with pytest.raises(SystemExit, match="host:port"):
+        chattle.RedisClusterBus(chattle.Rooms(10), "127.0.0.1:70000", 10)
+
+
+def test_a_malformed_redis_url_stops_the_start_with_one_line_not_a_traceback():
+    for url, reason in (("redis://:x", "Port could not be cast"), ("http://127.0.0.1:6379", "schemes")):
+        with pytest.raises(SystemExit, match="is not a Redis URL .*%s.*for example redis://" % reason):
+            chattle.Settings(redis=url)
+    assert chattle.Settings(redis="redis://127.0.0.1:6379/0").redis
 
 
 def test_every_master_holds_rooms_and_ids_stay_dense_across_workers(buses):
