@@ -119,11 +119,11 @@ capacity: system-packages $(STAMP)
 
 # Instruction counts under callgrind against the committed bench/baselines/callgrind.json;
 # BASE=<git rev>: that revision and this tree timed side by side instead.
-regress: $(STAMP)
+regress: system-packages $(STAMP)
 	$(PY) -m bench.regress $(if $(BASE),--base $(BASE))
 
 # Rewrites bench/baselines/callgrind.json from this tree, on purpose: commit it with the change.
-regress-accept: $(STAMP)
+regress-accept: system-packages $(STAMP)
 	$(PY) -m bench.regress --accept
 
 # pytest-benchmark's tables of the broadcast path (bench/benchmarks/: a fan-out in process

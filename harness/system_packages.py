@@ -74,6 +74,8 @@ GOALS = {
         given["redis"] or given["redis_cluster"]) else [],
     "load": _needs_redis_for_load,
     "soak": lambda given: ["redis-server"] if several(given["workers"]) else [],
+    "regress": lambda given: ["valgrind"],
+    "regress-accept": lambda given: ["valgrind"],
 }
 
 

@@ -157,7 +157,8 @@ def test_each_goal_needs_what_it_runs():
     needed = system_packages.needed
     assert needed(["test"], root=False) == ["chromium", "redis-server", "valgrind"]
     assert needed(["all"], root=True) == ["chromium", "faketime", "redis-server", "valgrind"]
-    assert needed(["lint", "history", "load-worker", "regress"]) == []
+    assert needed(["lint", "history", "load-worker"]) == []
+    assert needed(["regress"]) == needed(["regress-accept"]) == ["valgrind"]
     assert needed(["bench"]) == needed(["capacity"]) == needed(["test-fast"]) == ["redis-server"]
     assert needed(["cluster-demo"]) == ["faketime", "redis-server"]
     assert needed(["run"]) == [] and needed(["run"], workers="2") == ["redis-server"]
