@@ -125,7 +125,8 @@ def measure(fan_outs=FAN_OUTS, posts=POSTS, keep=None):
     """Run the workload under callgrind once; {"phases": [...], "figures": {...}}."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
-        raise Unmeasured("valgrind is not installed: `make regress` installs it, or run python3 -m harness.system_packages valgrind")
+        raise Unmeasured("valgrind is not installed: `make regress` installs it, "
+                         "or run python3 -m harness.system_packages valgrind")
     with open(sys.executable, "rb") as interpreter:
         if interpreter.read(2) == b"#!":
             raise Unmeasured("%s is a script, not the interpreter; callgrind would count the script's "
