@@ -184,7 +184,7 @@ def draw(entries, out_dir, title_note=""):
         axis.set_xticklabels([commit[:7] for commit, _cl, _d, _o in series], rotation=45, ha="right", fontsize=7)
         axis.set_ylabel("%s, %s" % (label, unit) if unit else label)
         axis.set_xlabel("commit (in commit order)")
-        axis.set_ylim(bottom=0)
+        axis.set_ylim(0, axis.get_ylim()[1] * 1.12)   # room above for the change points' labels
         axis.legend(fontsize=8)
         fig.tight_layout()
         name = "%s.png" % figure
