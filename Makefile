@@ -60,8 +60,12 @@ run: system-packages $(STAMP)
 redis-cluster: system-packages $(STAMP)
 	$(PY) -m harness.redis_cluster
 
+# ruff, and actionlint on the CI workflows (.github/actionlint.yaml names the self-hosted
+# runners' labels); shellcheck and pyflakes inside actionlint are off so that every machine
+# gives the same answer whether or not they are installed
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(VENV)/bin/actionlint -config-file=.github/actionlint.yaml -shellcheck= -pyflakes= .github/workflows/*.yml
 
 test: system-packages lint
 	$(PY) -m pytest -m "not long" tests
