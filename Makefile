@@ -81,7 +81,8 @@ test-fast: system-packages $(STAMP)
 load: system-packages $(STAMP)
 	$(PY) -m loadtests.run $(LOAD_ARGS)
 
-# Trend charts of reports/history.jsonl (every make load appends a line), steps marked.
+# Trend charts of reports/history.jsonl (every make load appends a line), the commits where a figure
+# shifted marked (change points by Apache Otava; docs/compare.md, "History").
 history: $(STAMP)
 	$(PY) -m loadtests.history
 
