@@ -4,6 +4,7 @@ on synthetic data (deterministic, fast)."""
 import json
 import os
 import random
+import re
 
 from instruments import history
 from loadtests import history as charts
@@ -18,6 +19,22 @@ def series(count=20, step_at=None, factor=1.15, noise=0.03, seed=1):
 
 
 # -- change points ----------------------------------------------------------------------------------
+
+def test_otavas_function_is_the_pinned_one_and_returns_what_history_reads():
+    # Otava documents its command line, not compute_change_points: an upgrade that changes its
+    # arguments or what it returns fails here, by name, before any chart is drawn wrong.
+    from importlib.metadata import version
+
+    from otava.analysis import compute_change_points
+
+    pinned = re.search(r'"apache-otava==([^"]+)"', open(os.path.join(ROOT, "pyproject.toml")).read()).group(1)
+    assert version("apache-otava") == pinned
+    found, weak = compute_change_points([1.0] * 6 + [2.0] * 6, window_len=charts.WINDOW, max_pvalue=charts.MAX_PVALUE,
+                                        min_magnitude=charts.MIN_CHANGE)
+    [point] = found
+    assert (point.index, point.stats.mean_1, point.stats.mean_2) == (6, 1.0, 2.0) and point.stats.pvalue < 1e-9
+    assert weak
+
 
 def test_a_step_injected_at_a_known_commit_is_marked_at_that_commit():
     [shift] = charts.shifts(series(step_at=10))
