@@ -603,6 +603,23 @@ return {id, ts, epoch}
             return False, "Redis does not answer (%s: %s)" % (type(exc).__name__, exc)
         return True, None
 
+    def reader_lag(self):
+        """Redis's clock less the time in the id (Redis's milliseconds) of the first entry of
+        the global stream after the one the reader applied last: one round trip to Redis."""
+        seen = self.seen
+        if not self.reader_ok or seen is None:
+            return None
+        try:
+            ask = self.client.pipeline(transaction=False)
+            ask.time()
+            ask.xrange(self.POSTS, "(" + seen, "+", count=1)
+            (seconds, microseconds), pending = ask.execute()
+        except self.redis.RedisError:
+            return None
+        if not pending:
+            return 0.0
+        return max(0.0, seconds + microseconds / 1e6 - int(pending[0][0].split("-")[0]) / 1000.0)
+
     def clock(self):
         """Redis' TIME, which stamps every `ts` (None while Redis is unreachable)."""
         try:

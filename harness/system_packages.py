@@ -36,6 +36,8 @@ PROGRAMS = {
     "valgrind": ("valgrind", "valgrind"),
     # the cluster test and make cluster-demo: a load host whose wall clock is 2 s ahead
     "faketime": ("faketime", "faketime"),
+    # make run MONITOR=1 and the /metrics test: a real Prometheus scraping the server
+    "prometheus": ("/usr/bin/prometheus", "prometheus"),
 }
 
 
