@@ -28,10 +28,10 @@ import os
 import time
 
 import gevent
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes, and every Prometheus reads
 DIRECTORY_VARIABLE = "CHATTLE_METRICS_DIR"
 SNAPSHOT_EVERY = 1.0    # seconds between a worker's writes of its figures
 RENDER_EVERY = 0.25     # seconds a rendered page answers every scrape

@@ -255,11 +255,11 @@ return {id, ts, epoch}
             # Another poll is loading it. Counted as waiting meanwhile, so that poll, finding
             # the room empty, does not drop it (Rooms.release) under this one; and looking
             # again afterwards, since its load may have failed.
-            room.waiting += 1
+            room.pin(1)
             try:
                 state.wait()
             finally:
-                room.waiting -= 1
+                room.pin(-1)
         else:
             self.rooms.release(room)
             raise BusUnavailable("the room could not be loaded")
@@ -305,11 +305,11 @@ return {id, ts, epoch}
                 if not pending.ready():  # this poll was ended meanwhile: those sharing it ask again
                     pending.set_exception(BusUnavailable("the catch-up was interrupted"))
         else:
-            room.waiting += 1  # as for a load: not let go under the polls waiting for it
+            room.pin(1)  # as for a load: not let go under the polls waiting for it
             try:
                 pending.wait()
             finally:
-                room.waiting -= 1
+                room.pin(-1)
         try:
             pending.get(block=False)
         except BusUnavailable:

@@ -76,7 +76,7 @@ class Room:
     """
 
     __slots__ = ("name", "messages", "last_id", "epoch", "restarts", "waiting", "_wakeup", "_answers",
-                 "_name_json", "registry", "retained_bytes", "cached_bytes")
+                 "_name_json", "registry", "retained_bytes", "cached_bytes", "pinned")
 
     ANSWER_CACHE_SIZE = 64
     # A message's cost beyond its encoding: its (id, fragment) tuple, the id, the bytes
@@ -96,7 +96,8 @@ class Room:
         # reused id as news. None until the first post of a history names it.
         self.epoch = None
         self.restarts = 0  # times the history started again here: what a held poll watches
-        self.waiting = 0  # polls held on this room now
+        self.waiting = 0  # polls held on this room now, and the requests pinning it (pin)
+        self.pinned = 0   # of those, requests waiting for the bus to load the room, not held polls
         self._wakeup = Wakeup()
         self._answers = {}
         self._name_json = encode(name)
@@ -121,8 +122,8 @@ class Room:
         self.registry.drop_answers(self)
         self._count_retained(len(fragment) + self.MESSAGE_OVERHEAD)
         self._wakeup.set()
-        if self.waiting:
-            self.registry.fan_out_started(self.waiting)
+        if self.waiting != self.pinned:
+            self.registry.fan_out_started(self.waiting - self.pinned)
 
     def _count_retained(self, change):
         self.retained_bytes += change
@@ -175,6 +176,12 @@ class Room:
             registry.waiters -= 1
             self.waiting -= 1
         return True
+
+    def pin(self, change):
+        """A request waits (change 1), or no longer (-1), for the bus to load or catch up this
+        room: counted as waiting, so that the room is not let go under it (Rooms.release)."""
+        self.waiting += change
+        self.pinned += change
 
     def wake_all(self):
         self._wakeup.set()
