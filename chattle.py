@@ -576,7 +576,8 @@ def metrics():
         raise json_error(400, "/metrics takes no query parameters; got %r"
                          % request.environ["QUERY_STRING"][:40])
     response.content_type = chattle_metrics.CONTENT_TYPE
-    return chattle_metrics.exposition(worker_figures)
+    # a stopping worker closes the scraper's keep-alive connection, or its graceful stop waits for it
+    return json_answer(chattle_metrics.exposition(worker_figures))
 
 
 def descriptors_open():
