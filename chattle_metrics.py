@@ -28,10 +28,10 @@ import os
 import time
 
 import gevent
-from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes, and every Prometheus reads
+# prometheus_client is imported at the first scrape, not with the server: a server nobody
+# scrapes keeps its heap as it was, and so what its garbage collector walks.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes (a test checks it)
 DIRECTORY_VARIABLE = "CHATTLE_METRICS_DIR"
 SNAPSHOT_EVERY = 1.0    # seconds between a worker's writes of its figures
 RENDER_EVERY = 0.25     # seconds a rendered page answers every scrape
@@ -113,6 +113,7 @@ def add_counters(total, more):
 def families(live, retired):
     """The metric families of the live workers' figures (a list of /stats dicts) and the
     counters of the workers gone (`retired`, as counters_of gives)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     counted = retired
     for figures in live:
         counted = add_counters(counted, counters_of(figures))
@@ -328,6 +329,7 @@ def exposition(figures):
             return [own], counters_of({})
         return gather(directory, own)
 
+    from prometheus_client import CollectorRegistry, generate_latest
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Figures(read))
     _rendered["at"], _rendered["body"] = now, generate_latest(registry)

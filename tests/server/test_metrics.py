@@ -73,6 +73,11 @@ def test_metrics_counts_refusals_by_reason(wsgi):
     assert after.get("unsupported_media_type", 0) - before.get("unsupported_media_type", 0) == 1
 
 
+def test_metrics_names_the_format_prometheus_client_writes():
+    import prometheus_client
+    assert chattle_metrics.CONTENT_TYPE == prometheus_client.CONTENT_TYPE_PLAIN_0_0_4
+
+
 def test_docs_list_every_metric_the_code_gives():
     with open(os.path.join(ROOT, "docs", "deploy.md")) as page:
         section = page.read().split("## Metrics", 1)[1].split("\n## ", 1)[0]
