@@ -15,7 +15,8 @@ import pytest
 
 from conftest import require_program
 
-pytestmark = pytest.mark.slow
+# A whole watched run with its report takes about 25 s here: past what make test has room for.
+pytestmark = pytest.mark.long
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "live_page_driver.py")
