@@ -55,10 +55,14 @@ class Prometheus(Process):
             return answer.status == 200
 
     def query(self, expression):
-        """The value of an instant query with one series (a float), or None while it has none."""
-        url = self.url + "/api/v1/query?" + urllib.parse.urlencode({"query": expression})
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            body = json.loads(answer.read())
-        if body.get("status") != "success" or not body["data"]["result"]:
-            return None
-        return float(body["data"]["result"][0]["value"][1])
+        return query(self.url, expression)
+
+
+def query(prometheus_url, expression):
+    """The value of an instant query with one series (a float), or None while it has none."""
+    url = prometheus_url + "/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        body = json.loads(answer.read())
+    if body.get("status") != "success" or not body["data"]["result"]:
+        return None
+    return float(body["data"]["result"][0]["value"][1])

@@ -134,3 +134,39 @@ def test_held_polls_of_two_workers_through_prometheus(redis_server, start_chattl
         if watcher is not None:
             watcher.stop()
 
+
+
+@pytest.mark.slow
+def test_make_run_monitor_starts_a_prometheus_that_scrapes_it_and_stops_with_it(tmp_path):
+    """harness.run_server --monitor, as `make run MONITOR=1` runs it."""
+    import subprocess
+    import sys
+
+    from conftest import require_program
+    from harness.monitor import query
+    from harness.processes import free_port
+    require_program("prometheus")
+    run = subprocess.Popen([sys.executable, "-m", "harness.run_server", "--port", str(free_port()), "--monitor",
+                            "--report-root", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        found = None
+        while found is None and len(lines) < 50:
+            line = run.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            found = re.search(r"prometheus on (http://127\.0\.0\.1:(\d+))/ .*\(pid (\d+); config (\S+)\)", line)
+        assert found, "".join(lines)
+        assert found.group(4).startswith(str(tmp_path))
+        wait_until(lambda: query(found.group(1), 'chattle_workers{bus="memory"}') == 1, 30,
+                   "a scrape of the run's server, asked of its Prometheus")
+        prometheus_pid = int(found.group(3))
+        run.send_signal(signal.SIGTERM)
+        run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.communicate(timeout=10)
+    assert not os.path.exists("/proc/%d" % prometheus_pid), "Prometheus outlived the run"
