@@ -267,7 +267,8 @@ def gather(directory, own_figures):
             figures = read_json(os.path.join(directory, name))
             if figures is None:
                 continue
-            if process_start(pid) is None or process_start(pid) != figures.get("started"):
+            started = process_start(pid)
+            if started is None or started != figures.get("started"):  # gone, or its pid given again
                 fold(directory, pid)
                 continue
             figures.update(proc_figures(pid))

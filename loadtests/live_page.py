@@ -43,6 +43,7 @@ class LiveFigures:
         self.run, self.servers, self.clock = run, servers, clock
         self.held, self.held_at = None, None
         self.rate_from = None  # (when, deliveries) the rate is taken from
+        self.rate = None
 
     def server_held_polls(self):
         now = self.clock()
@@ -60,13 +61,10 @@ class LiveFigures:
             self.rate_from = (now, deliveries)
             return None
         since, before = self.rate_from
-        if now - since < 1.0:
-            return self._rate
-        self._rate = (deliveries - before) / (now - since)
-        self.rate_from = (now, deliveries)
-        return self._rate
-
-    _rate = None
+        if now - since >= 1.0:  # over a second at least: the workers report every few
+            self.rate = (deliveries - before) / (now - since)
+            self.rate_from = (now, deliveries)
+        return self.rate
 
     def rows(self):
         workers = self.run.workers.values()
