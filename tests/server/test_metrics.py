@@ -118,6 +118,15 @@ def test_held_polls_of_two_workers_through_prometheus(redis_server, start_chattl
         post(server, ROOM, "wakes them all")
         until_scraped(server, {"chattle_held_polls": 0, "chattle_deliveries_total": HELD, "chattle_posts_total": 4,
                                "chattle_fan_out_seconds_count": len(holding)}, "after the fan-out")
+        # every counter is what /stats says, summed over the workers
+        newest = {}
+        wait_until(lambda: newest.update([(body["pid"], body) for body in [stats(server)]]) or len(newest) == 2, 30,
+                   "both workers' /stats")
+        until_scraped(server, {"chattle_%s_total" % name: sum(body[figure] for body in newest.values())
+                               for name, figure in (("posts", "posts"), ("deliveries", "deliveries"),
+                                                    ("answers_encoded", "encodes"),
+                                                    ("bus_posts_received", "bus_posts_received"))},
+                      "/metrics against /stats summed")
         # the worker that woke the most polls restarted: its counters stay in the sums, its gauges go with it
         for connection in held:  # answered: closed, so that the worker's graceful stop waits for none
             connection.close()
