@@ -55,12 +55,13 @@ class Wakeup:
         event.set()
 
     def set(self):
-        """Wake every poll parked now. Polls that park after this get fresh Events, so a
-        woken poll never finds a set Event to spin on."""
+        """Wake every poll parked now; whether any was. Polls that park after this get fresh
+        Events, so a woken poll never finds a set Event to spin on."""
         by_tick, self.by_tick = self.by_tick, {}
         for event, timer in by_tick.values():
             timer.close()
             event.set()
+        return bool(by_tick)
 
 
 # What Room.wait_for_news returns when the client of the poll left while it was held.
@@ -121,8 +122,9 @@ class Room:
         self.last_id = message_id
         self.registry.drop_answers(self)
         self._count_retained(len(fragment) + self.MESSAGE_OVERHEAD)
-        self._wakeup.set()
-        if self.waiting != self.pinned:
+        # Polls a post before this one woke, and that have not run since (the bus's reader
+        # adds a batch without yielding), are still counted in `waiting`, but parked on no Event.
+        if self._wakeup.set() and self.waiting != self.pinned:
             self.registry.fan_out_started(self.waiting - self.pinned)
 
     def _count_retained(self, change):

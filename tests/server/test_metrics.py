@@ -182,3 +182,21 @@ def test_make_run_monitor_starts_a_prometheus_that_scrapes_it_and_stops_with_it(
     if outlived:
         os.kill(prometheus_pid, signal.SIGKILL)  # started by this test, through the run
     assert not outlived, "Prometheus outlived the run"
+
+
+def test_posts_added_back_to_back_count_each_woken_poll_once():
+    """The shared bus's reader adds a batch of posts without yielding: the polls the first
+    woke are still counted as waiting when the second arrives, and must not count again."""
+    import gevent
+
+    from chattle_rooms import Rooms
+    from clients import settle
+    rooms = Rooms(history=10)
+    room = rooms.get("batch")
+    polls = [gevent.spawn(room.wait_for_news, 0, 30) for _ in range(25)]
+    settle(lambda: room.waiting == 25, "25 parked polls")
+    room.add(1, b'{"id":1}')
+    room.add(2, b'{"id":2}')
+    gevent.joinall(polls, timeout=10)
+    settle(lambda: rooms.fan_out_times.figures()["count"] >= 1, "the fan-out timed")
+    assert (rooms.deliveries, rooms.fan_out_times.figures()["count"]) == (25, 1)
