@@ -11,6 +11,7 @@ WORKERS ?= 1
 REDIS   ?=
 REDIS_CLUSTER ?=
 QUICK   ?=
+MONITOR ?=
 TRACE   ?=
 # make load's options, each a variable named after its flag (USERS= is --users): declared,
 # with LOAD_ARGS, in loadtests/options.mk, which loadtests/options.py writes from its table
@@ -38,7 +39,7 @@ all: test
 # command to run. It runs before the venv, on the system's python3.
 system-packages:
 	@$(PYTHON3) -m harness.system_packages --for-goals "$(or $(MAKECMDGOALS),all)" --workers "$(WORKERS)" \
-	  --redis "$(REDIS)" --redis-cluster "$(REDIS_CLUSTER)" --host "$(HOST)"
+	  --redis "$(REDIS)" --redis-cluster "$(REDIS_CLUSTER)" --host "$(HOST)" --monitor "$(MONITOR)"
 
 # setup.py builds loadtests/_heldfast.c in place (the load worker's compiled path)
 $(STAMP): pyproject.toml setup.py loadtests/_heldfast.c
@@ -51,9 +52,10 @@ venv: $(STAMP)
 
 # One worker: python chattle.py, in-memory bus.  WORKERS=N: gunicorn with N gevent
 # workers on the shared Redis bus (REDIS=url, or a local redis-server started for it).
+# MONITOR=1: a Prometheus scraping its /metrics every second too (docs/deploy.md, "Metrics").
 run: system-packages $(STAMP)
 	$(PY) -m harness.run_server --bind $(BIND) --port $(PORT) --workers $(WORKERS) $(if $(REDIS),--redis $(REDIS)) \
-	  $(if $(REDIS_CLUSTER),--redis-cluster $(REDIS_CLUSTER))
+	  $(if $(REDIS_CLUSTER),--redis-cluster $(REDIS_CLUSTER)) $(if $(filter-out 0,$(MONITOR)),--monitor)
 
 # A local Redis Cluster (3 masters, 3 replicas, loopback ports) until Ctrl-C; it prints the
 # `make run ... REDIS_CLUSTER=` that uses it (docs/cluster.md).

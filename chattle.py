@@ -38,6 +38,7 @@ from bottle import Bottle, HTTPResponse, request, response, static_file, templat
 from greenlet import getcurrent  # noqa: E402
 
 import chattle_http  # noqa: E402
+import chattle_metrics  # noqa: E402
 from chattle_bus import BusUnavailable, MemoryBus  # noqa: E402
 from chattle_cluster import RedisClusterBus  # noqa: E402
 from chattle_limits import POLL_TIMEOUT_MAX, collect_garbage_seldom, raise_descriptor_limit  # noqa: E402
@@ -168,8 +169,14 @@ JSON_TYPE = "application/json; charset=utf-8"
 HTML_TYPE = "text/html; charset=utf-8"
 
 
-def json_error(status, message, **headers):
+# What /stats and /metrics call an application's refusal, by its status, unless the raiser names it.
+REFUSAL_REASONS = {400: "bad_request", 413: "body_too_large", 415: "unsupported_media_type",
+                   429: "too_many_polls_per_address", 503: "bus_unavailable"}
+
+
+def json_error(status, message, reason=None, **headers):
     """An HTTPResponse to raise: every error the protocol names is a JSON object."""
+    chattle_http.count_refusal(reason or REFUSAL_REASONS[status])
     headers["Content-Type"] = JSON_TYPE
     return HTTPResponse(encode({"error": message}), status, headers)
 
@@ -342,6 +349,7 @@ settings = Settings.from_environ()
 rooms = Rooms.from_settings(settings)
 bus = None  # made on first use, in the process that serves (after gunicorn forks)
 bus_calls = 0  # requests inside the bus now: a stopping `python chattle.py` waits for them (serve)
+posts_accepted = 0  # posts this process wrote (not those an Idempotency-Key answered again)
 
 
 def configure(new_settings):
@@ -404,7 +412,7 @@ def poll_messages(room="lobby"):
     except BusUnavailable as exc:
         raise json_error(503, "the shared bus is unreachable (%s); retry later" % exc, **{"Retry-After": "1"})
     except RoomsFull as exc:
-        raise json_error(503, str(exc), **{"Retry-After": "%d" % exc.retry_after})
+        raise json_error(503, str(exc), "rooms_full", **{"Retry-After": "%d" % exc.retry_after})
     finally:
         bus_calls -= 1
     environ = request.environ
@@ -474,6 +482,7 @@ def post_message(room="lobby"):
     try:
         message = get_bus().publish(room, sender, content, key)
     except BusUnavailable as exc:
+        chattle_http.count_refusal("bus_unavailable")
         if exc.maybe_written:
             error = ("the shared bus did not confirm the post (%s): its outcome is unknown, it may have been "
                      "posted; retry with the same Idempotency-Key, which posts it at most once" % exc)
@@ -482,10 +491,14 @@ def post_message(room="lobby"):
         raise HTTPResponse(encode({"error": error, "outcome": "unknown" if exc.maybe_written else "not written"}),
                            503, {"Content-Type": JSON_TYPE, "Retry-After": "1"})
     except RoomsFull as exc:
+        chattle_http.count_refusal("rooms_full")
         raise HTTPResponse(encode({"error": str(exc), "outcome": "not written"}), 503,
                            {"Content-Type": JSON_TYPE, "Retry-After": "%d" % exc.retry_after})
     finally:
         bus_calls -= 1
+    if "replayed" not in message:
+        global posts_accepted
+        posts_accepted += 1
     return json_answer(encode({"room": room, "id": message["id"], "ts": message["ts"], "epoch": message["epoch"]}),
                        201)
 
@@ -518,7 +531,12 @@ def health():
 
 @app.get("/stats")
 def stats():
-    return json_answer(encode({
+    return json_answer(encode(worker_figures()))
+
+
+def worker_figures():
+    """What /stats answers and /metrics reads of this worker (chattle_metrics.py), taken now."""
+    return {
         "pid": os.getpid(),
         "bus": get_bus().name,
         "waiters": rooms.waiters,
@@ -541,7 +559,25 @@ def stats():
         "unsent_dropped": chattle_http.unsent_dropped(),
         "descriptors": descriptors_open(),
         "protocol": PROTOCOL_VERSION,
-    }))
+        # polls a post woke (the polls held on its room), posts written here, and refusals by reason
+        "deliveries": rooms.deliveries,
+        "posts": posts_accepted,
+        "refusals": chattle_http.refusals(),
+        # seconds from a post reaching a room with held polls until every one was answered
+        "fan_out_seconds": rooms.fan_out_times.figures(),
+        "bus_reader_lag_seconds": get_bus().reader_lag(),
+    }
+
+
+@app.get("/metrics")
+def metrics():
+    """/stats in the Prometheus text format, summed over every worker of a gunicorn master."""
+    if request.environ.get("QUERY_STRING"):
+        raise json_error(400, "/metrics takes no query parameters; got %r"
+                         % request.environ["QUERY_STRING"][:40])
+    response.content_type = chattle_metrics.CONTENT_TYPE
+    # a stopping worker closes the scraper's keep-alive connection, or its graceful stop waits for it
+    return json_answer(chattle_metrics.exposition(worker_figures))
 
 
 def descriptors_open():
@@ -563,6 +599,8 @@ def rss_bytes():
 def error_page(error):
     """Every error Bottle raises itself (404, 405, a crash) answers as JSON too."""
     response.content_type = JSON_TYPE
+    chattle_http.count_refusal({404: "no_such_route", 405: "method_not_allowed"}.get(
+        error.status_code, "server_error" if error.status_code >= 500 else "http_%d" % error.status_code))
     if error.status_code == 404:
         message = ("no such route: %s %s; rooms are named by %s"
                    % (request.method, request.path[:200], ROOM_PATTERN))

@@ -98,6 +98,11 @@ class Bus:
         """The clock every `ts` of this bus is read from (seconds since the epoch)."""
         raise NotImplementedError
 
+    def reader_lag(self):
+        """Seconds the oldest post the reader has not applied yet has waited for it (0 when it
+        is through), or None: no reader, or none that can tell now."""
+        return None
+
     def close(self):
         """Let go of connections and greenlets; the bus is not used after."""
         raise NotImplementedError

@@ -104,6 +104,25 @@ class HttpLimits:
 JSON_TYPE = b"application/json; charset=utf-8"
 
 
+# Why a request was refused, counted per process for /stats and /metrics. The reasons are
+# a fixed set (REFUSAL_REASONS), so the table never grows past it.
+REFUSAL_REASONS = {
+    # by the HTTP layer, from the status it answers
+    400: "malformed_request", 404: "path_not_utf8", 408: "head_timeout", 414: "request_line_too_long",
+    431: "head_too_large", 505: "http_version",
+}
+_refusals = {}
+
+
+def count_refusal(reason):
+    _refusals[reason] = _refusals.get(reason, 0) + 1
+
+
+def refusals():
+    """{reason: requests refused for it} since this process started."""
+    return dict(_refusals)
+
+
 def refusal(status, message, date):
     """The complete bytes of a JSON error answer that closes the connection."""
     body = json.dumps({"error": message}).encode("ascii")
@@ -325,6 +344,7 @@ class ChattleHandling:
 
     def refuse(self, refused):
         self.close_connection = True
+        count_refusal(REFUSAL_REASONS.get(refused.status, "http_%d" % refused.status))
         self.log_error("(from %s) %d %s", self.client_address, refused.status, refused.message)
         return str(refused.status), refusal(refused.status, refused.message, http_date.now())
 

@@ -255,11 +255,11 @@ return {id, ts, epoch}
             # Another poll is loading it. Counted as waiting meanwhile, so that poll, finding
             # the room empty, does not drop it (Rooms.release) under this one; and looking
             # again afterwards, since its load may have failed.
-            room.waiting += 1
+            room.pin(1)
             try:
                 state.wait()
             finally:
-                room.waiting -= 1
+                room.pin(-1)
         else:
             self.rooms.release(room)
             raise BusUnavailable("the room could not be loaded")
@@ -305,11 +305,11 @@ return {id, ts, epoch}
                 if not pending.ready():  # this poll was ended meanwhile: those sharing it ask again
                     pending.set_exception(BusUnavailable("the catch-up was interrupted"))
         else:
-            room.waiting += 1  # as for a load: not let go under the polls waiting for it
+            room.pin(1)  # as for a load: not let go under the polls waiting for it
             try:
                 pending.wait()
             finally:
-                room.waiting -= 1
+                room.pin(-1)
         try:
             pending.get(block=False)
         except BusUnavailable:
@@ -602,6 +602,23 @@ return {id, ts, epoch}
         except self.redis.RedisError as exc:
             return False, "Redis does not answer (%s: %s)" % (type(exc).__name__, exc)
         return True, None
+
+    def reader_lag(self):
+        """Redis's clock less the time in the id (Redis's milliseconds) of the first entry of
+        the global stream after the one the reader applied last: one round trip to Redis."""
+        seen = self.seen
+        if not self.reader_ok or seen is None:
+            return None
+        try:
+            ask = self.client.pipeline(transaction=False)
+            ask.time()
+            ask.xrange(self.POSTS, "(" + seen, "+", count=1)
+            (seconds, microseconds), pending = ask.execute()
+        except self.redis.RedisError:
+            return None
+        if not pending:
+            return 0.0
+        return max(0.0, seconds + microseconds / 1e6 - int(pending[0][0].split("-")[0]) / 1000.0)
 
     def clock(self):
         """Redis' TIME, which stamps every `ts` (None while Redis is unreachable)."""

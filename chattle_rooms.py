@@ -6,6 +6,7 @@ wait on (Room, Wakeup), and every room the worker knows with the worker's bounds
 import json
 import math
 import time
+from bisect import bisect_left
 from collections import OrderedDict, deque
 
 import gevent
@@ -54,12 +55,13 @@ class Wakeup:
         event.set()
 
     def set(self):
-        """Wake every poll parked now. Polls that park after this get fresh Events, so a
-        woken poll never finds a set Event to spin on."""
+        """Wake every poll parked now; whether any was. Polls that park after this get fresh
+        Events, so a woken poll never finds a set Event to spin on."""
         by_tick, self.by_tick = self.by_tick, {}
         for event, timer in by_tick.values():
             timer.close()
             event.set()
+        return bool(by_tick)
 
 
 # What Room.wait_for_news returns when the client of the poll left while it was held.
@@ -75,7 +77,7 @@ class Room:
     """
 
     __slots__ = ("name", "messages", "last_id", "epoch", "restarts", "waiting", "_wakeup", "_answers",
-                 "_name_json", "registry", "retained_bytes", "cached_bytes")
+                 "_name_json", "registry", "retained_bytes", "cached_bytes", "pinned")
 
     ANSWER_CACHE_SIZE = 64
     # A message's cost beyond its encoding: its (id, fragment) tuple, the id, the bytes
@@ -95,7 +97,8 @@ class Room:
         # reused id as news. None until the first post of a history names it.
         self.epoch = None
         self.restarts = 0  # times the history started again here: what a held poll watches
-        self.waiting = 0  # polls held on this room now
+        self.waiting = 0  # polls held on this room now, and the requests pinning it (pin)
+        self.pinned = 0   # of those, requests waiting for the bus to load the room, not held polls
         self._wakeup = Wakeup()
         self._answers = {}
         self._name_json = encode(name)
@@ -119,7 +122,10 @@ class Room:
         self.last_id = message_id
         self.registry.drop_answers(self)
         self._count_retained(len(fragment) + self.MESSAGE_OVERHEAD)
-        self._wakeup.set()
+        # Polls a post before this one woke, and that have not run since (the bus's reader
+        # adds a batch without yielding), are still counted in `waiting`, but parked on no Event.
+        if self._wakeup.set() and self.waiting != self.pinned:
+            self.registry.fan_out_started(self.waiting - self.pinned)
 
     def _count_retained(self, change):
         self.retained_bytes += change
@@ -172,6 +178,12 @@ class Room:
             registry.waiters -= 1
             self.waiting -= 1
         return True
+
+    def pin(self, change):
+        """A request waits (change 1), or no longer (-1), for the bus to load or catch up this
+        room: counted as waiting, so that the room is not let go under it (Rooms.release)."""
+        self.waiting += change
+        self.pinned += change
 
     def wake_all(self):
         self._wakeup.set()
@@ -284,6 +296,31 @@ class Room:
         return chosen[:taken], chosen[taken - 1][0]
 
 
+class FanOutTimes:
+    """How long fan-outs took, in fixed buckets (seconds, Prometheus's `le`: at most): a
+    histogram of constant size, read by /stats and /metrics."""
+
+    __slots__ = ("counts", "total_seconds")
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self):
+        self.counts = [0] * (len(self.BUCKETS) + 1)  # the last: above every bucket
+        self.total_seconds = 0.0
+
+    def record(self, seconds):
+        self.counts[bisect_left(self.BUCKETS, seconds)] += 1
+        self.total_seconds += seconds
+
+    def figures(self):
+        """{"buckets": [[upper bound, fan-outs within it, cumulative], ...], "count", "sum"}."""
+        buckets, within = [], 0
+        for bound, count in zip(self.BUCKETS, self.counts):
+            within += count
+            buckets.append([bound, within])
+        return {"buckets": buckets, "count": within + self.counts[-1], "sum": self.total_seconds}
+
+
 class Rooms:
     """Every room this worker knows, created on first use, and the worker's counters and
     bounds: the bytes of messages it retains, and of answers it caches.
@@ -305,6 +342,8 @@ class Rooms:
         self.waiters = 0      # polls held right now
         self.encodes = 0      # poll answers encoded (a fan-out on one cursor costs one)
         self.forgotten = 0    # rooms with a history forgotten at a bound (retained bytes, max_rooms)
+        self.deliveries = 0   # polls a post woke: those held on its room when it arrived
+        self.fan_out_times = FanOutTimes()
         self.closing = False  # set on shutdown: held polls answer at once
         self.max_retained_bytes = max_retained_bytes
         self.retained_bytes = 0
@@ -332,6 +371,18 @@ class Rooms:
         else:
             self.by_name.move_to_end(name)
         return room
+
+    # -- fan-outs -------------------------------------------------------------------
+    def fan_out_started(self, woken):
+        """A post woke `woken` held polls: count them, and time the fan-out, once for all of
+        them. The Events the post set queued their notifiers on the event loop's callbacks,
+        each of which runs its woken polls until they have sent their answers; a callback
+        queued after them runs once every one has. Nothing is added per woken poll."""
+        self.deliveries += woken
+        gevent.get_hub().loop.run_callback(self._fan_out_ended, time.perf_counter())
+
+    def _fan_out_ended(self, started):
+        self.fan_out_times.record(time.perf_counter() - started)
 
     def release(self, room):
         """Forget a room nobody posted to and nobody waits on: polling made-up room

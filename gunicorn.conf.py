@@ -9,13 +9,16 @@ Flags given on the command line override what is set here.
 import math
 import os
 import queue
+import shutil
 import signal
 import sys
+import tempfile
 
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chattle_http  # noqa: E402  (patches nothing: safe in the master, unlike chattle)
+import chattle_metrics  # noqa: E402  (nor does this)
 from chattle_limits import GRACEFUL_TIMEOUT, connections_per_worker, raise_descriptor_limit  # noqa: E402
 
 
@@ -113,6 +116,33 @@ def on_starting(server):
     refused = split_history(server.cfg.workers)
     if refused:
         raise SystemExit(refused)
+    share_metrics()
+
+
+# The folder this master's workers write their figures to, for /metrics to sum them
+# (chattle_metrics.py): CHATTLE_METRICS_DIR, or one made for this master and removed with it.
+_metrics_folder_made = []
+
+
+def share_metrics():
+    directory = os.environ.get(chattle_metrics.DIRECTORY_VARIABLE, "").strip()
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="chattle-metrics-")
+        _metrics_folder_made.append(directory)
+        os.environ[chattle_metrics.DIRECTORY_VARIABLE] = directory  # the workers inherit it
+    chattle_metrics.prepare(directory)
+
+
+def child_exit(server, worker):
+    """In the master, as a worker has exited: its counters stay in /metrics' sums, its gauges go."""
+    directory = os.environ.get(chattle_metrics.DIRECTORY_VARIABLE)
+    if directory:
+        chattle_metrics.retire(directory, worker.pid)
+
+
+def on_exit(server):
+    for directory in _metrics_folder_made:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def nworkers_changed(server, new_value, old_value):
@@ -177,6 +207,9 @@ def post_worker_init(worker):
         sys.stderr.write("%s\n" % refused)
         sys.exit(3)
     chattle.tune_garbage_collector()
+    directory = os.environ.get(chattle_metrics.DIRECTORY_VARIABLE)
+    if directory:
+        chattle_metrics.share_through(directory, chattle.worker_figures)
 
 
 def pre_request(worker, req):
@@ -195,5 +228,6 @@ def pre_request(worker, req):
 
 def worker_exit(server, worker):
     import chattle
+    chattle_metrics.final_snapshot(chattle.worker_figures)
     if chattle.bus is not None:
         chattle.bus.close()

@@ -10,8 +10,10 @@ import os
 import sys
 import time
 
+from harness.monitor import Prometheus
 from harness.processes import ChattleServer, CleanUp, RedisServer
 from harness.system_packages import needed, require_or_exit
+from instruments.page import REPORTS_ROOT, new_report_dir
 
 
 def main(argv=None):
@@ -27,6 +29,10 @@ def main(argv=None):
     parser.add_argument("--redis-cluster", default=os.environ.get("CHATTLE_REDIS_CLUSTER", ""),
                         help="host:port[,host:port] of a Redis Cluster to share the history through instead "
                              "(`make redis-cluster` starts a local one)")
+    parser.add_argument("--monitor", action="store_true",
+                        help="also start a Prometheus scraping the server's /metrics every second, on a loopback "
+                             "port, its configuration and data in reports/<timestamp>-run/")
+    parser.add_argument("--report-root", default=REPORTS_ROOT, help="where --monitor's <timestamp>-run/ goes")
     args = parser.parse_args(argv)
     with CleanUp.armed():  # a SIGTERM takes Ctrl-C's way: whatever was started so far is stopped
         try:
@@ -36,7 +42,8 @@ def main(argv=None):
 
 
 def serve(args):
-    require_or_exit(needed(["run"], workers=args.workers, redis=args.redis, redis_cluster=args.redis_cluster), "run")
+    require_or_exit(needed(["run"], workers=args.workers, redis=args.redis, redis_cluster=args.redis_cluster,
+                           monitor=args.monitor), "run")
     if args.redis_cluster:
         return serve_on_cluster(args)
 
@@ -56,7 +63,7 @@ def serve(args):
     print("run: chattle on %s/ (%s, pid %d); open it in two browser windows. Ctrl-C stops."
           % (server.url, "gunicorn x%d" % args.workers if server.gunicorn else "python chattle.py", server.pid))
     try:
-        return wait_for_the_end(server)
+        return wait_for_the_end(server, args.monitor and args.report_root)
     finally:
         if redis is not None:
             redis.stop()
@@ -68,18 +75,34 @@ def serve_on_cluster(args):
     print("run: chattle on %s/ (%s on the Redis Cluster at %s, pid %d). Ctrl-C stops."
           % (server.url, "gunicorn x%d" % args.workers if server.gunicorn else "python chattle.py",
              args.redis_cluster, server.pid))
-    return wait_for_the_end(server)
+    return wait_for_the_end(server, args.monitor and args.report_root)
 
 
-def wait_for_the_end(server):
+def start_prometheus(server, report_root):
+    host, port = server.url.split("//", 1)[1].rsplit(":", 1)
+    target = "%s:%s" % ("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
+    folder = new_report_dir("run", root=report_root)
+    watcher = Prometheus(target, os.path.join(folder, "prometheus"))
+    print("run: prometheus on %s/ scraping %s/metrics every second (pid %d; config %s); try chattle_held_polls"
+          % (watcher.url, server.url, watcher.pid, watcher.config_path))
+    return watcher
+
+
+def wait_for_the_end(server, monitor=None):
+    """Until the server ends or Ctrl-C; `monitor`: the report root of a Prometheus watching it meanwhile."""
     died = False
+    watcher = None
     try:
+        if monitor:
+            watcher = start_prometheus(server, monitor)
         while server.alive():
             time.sleep(0.5)
         died = True
     except KeyboardInterrupt:
         pass
     finally:
+        if watcher is not None:
+            watcher.stop()
         code = server.stop()
     if died:
         print("run: the server exited by itself (code %s); its output is above" % code, file=sys.stderr)

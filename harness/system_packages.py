@@ -36,6 +36,8 @@ PROGRAMS = {
     "valgrind": ("valgrind", "valgrind"),
     # the cluster test and make cluster-demo: a load host whose wall clock is 2 s ahead
     "faketime": ("faketime", "faketime"),
+    # make run MONITOR=1 and the /metrics test: a real Prometheus scraping the server
+    "prometheus": ("/usr/bin/prometheus", "prometheus"),
 }
 
 
@@ -55,7 +57,7 @@ def _needs_redis_for_load(given):
 
 def _test_programs(given):
     # faketime only as root: the cluster test it serves makes network namespaces
-    return ["redis-server", "chromium", "valgrind"] + (["faketime"] if given["root"] else [])
+    return ["redis-server", "chromium", "valgrind", "prometheus"] + (["faketime"] if given["root"] else [])
 
 
 GOALS = {
@@ -69,9 +71,10 @@ GOALS = {
     "capacity": lambda given: ["redis-server"],
     "cluster-demo": lambda given: ["redis-server", "faketime"],
     "redis-cluster": lambda given: ["redis-server"],
-    # one worker serves from memory; more share a bus: REDIS=, REDIS_CLUSTER=, else a local redis-server
-    "run": lambda given: ["redis-server"] if several(given["workers"]) and not (
-        given["redis"] or given["redis_cluster"]) else [],
+    # one worker serves from memory; more share a bus: REDIS=, REDIS_CLUSTER=, else a local redis-server;
+    # MONITOR=1: a Prometheus scraping it
+    "run": lambda given: (["redis-server"] if several(given["workers"]) and not (
+        given["redis"] or given["redis_cluster"]) else []) + (["prometheus"] if given["monitor"] else []),
     "load": _needs_redis_for_load,
     "soak": lambda given: ["redis-server"] if several(given["workers"]) else [],
     "regress": lambda given: ["valgrind"],
@@ -79,10 +82,10 @@ GOALS = {
 }
 
 
-def needed(goals, workers=1, redis="", redis_cluster="", host="", root=None):
+def needed(goals, workers=1, redis="", redis_cluster="", host="", root=None, monitor=""):
     """The programs `goals` need, sorted, once each."""
     given = {"workers": workers, "redis": redis or "", "redis_cluster": redis_cluster or "", "host": host or "",
-             "root": os.geteuid() == 0 if root is None else root}
+             "root": os.geteuid() == 0 if root is None else root, "monitor": str(monitor or "") not in ("", "0")}
     return sorted({program for goal in goals if goal in GOALS for program in GOALS[goal](given)})
 
 
@@ -205,6 +208,7 @@ def main(argv=None):
     parser.add_argument("--redis", default="", help="make's REDIS")
     parser.add_argument("--redis-cluster", default="", help="make's REDIS_CLUSTER")
     parser.add_argument("--host", default="", help="make's HOST")
+    parser.add_argument("--monitor", default="", help="make's MONITOR")
     parser.add_argument("--list", action="store_true", help="print the programs needed, one line, and install nothing")
     parser.add_argument("--look-for", action="append", default=[], metavar="PROGRAM=PATH",
                         help="look for PROGRAM at PATH instead (tests use it)")
@@ -214,7 +218,7 @@ def main(argv=None):
     if unknown:
         parser.error("no such program: %s (known: %s)" % (", ".join(unknown), ", ".join(sorted(PROGRAMS))))
     programs = list(dict.fromkeys(args.programs + needed(args.for_goals.split(), args.workers, args.redis,
-                                                         args.redis_cluster, args.host)))
+                                                         args.redis_cluster, args.host, monitor=args.monitor)))
     if args.list:
         print(" ".join(programs))
         return 0

@@ -199,6 +199,9 @@ def remember_environment(environment, **_kwargs):
     if isinstance(environment.runner, MasterRunner):
         listen_for_tallies(environment.runner)
         gevent.signal_handler(signal.SIGUSR1, StagedShape.request_stop)
+        if environment.web_ui is not None:  # make load UI=1
+            from loadtests.live_page import extend
+            extend(environment, RUN, servers_of(options), StagedShape.request_stop)
 
 
 write_run.environment = None

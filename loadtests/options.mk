@@ -28,6 +28,7 @@ REMOTE_WORKERS ?=
 MASTER_BIND ?=
 MASTER_PORT ?=
 WORKER_WAIT ?=
+UI ?=
 REPORT_ROOT ?=
 BASE ?=
 ROUNDS ?=
@@ -60,6 +61,7 @@ LOAD_ARGS = $(strip \
   $(if $(MASTER_BIND),--master-bind $(MASTER_BIND)) \
   $(if $(MASTER_PORT),--master-port $(MASTER_PORT)) \
   $(if $(WORKER_WAIT),--worker-wait $(WORKER_WAIT)) \
+  $(if $(UI),--ui) \
   $(if $(REPORT_ROOT),--report-root $(REPORT_ROOT)) \
   $(if $(BASE),--base $(BASE)) \
   $(if $(ROUNDS),--rounds $(ROUNDS)) \

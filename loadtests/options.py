@@ -136,6 +136,10 @@ OPTIONS = [
            where=(RUN,)),
     Option("worker-wait", float, 120.0, "seconds the master waits for its remote workers before it gives up",
            where=(RUN,)),
+    Option("ui", SWITCH, False, "Locust's web page instead of a headless run, on 127.0.0.1 (its address is printed): "
+           "the run starts at once, its tab 'Chattle live' shows held polls, deliveries per second and wake-up "
+           "percentiles; Stop on the page ends the run as Ctrl-C does, with the same checks and report",
+           where=(RUN,)),
     Option("report-root", str, REPORTS_ROOT, "directory that receives <timestamp>-load/ (tests point it at a temp "
            "dir)", where=(RUN,)),
     # -- base against head (loadtests/compare.py runs run.py once per round)

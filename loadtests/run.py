@@ -386,7 +386,7 @@ def children_cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
-def locust_argv(args, urls, report_dir, raw_dir):
+def locust_argv(args, urls, report_dir, raw_dir, ui_port=None):
     if args.remote_workers:
         # Only the master here; it waits for the remote workers (bounded), then plays the table.
         master_port = args.master_port or DEFAULT_MASTER_PORT
@@ -401,10 +401,18 @@ def locust_argv(args, urls, report_dir, raw_dir):
                    "--master-host", LOOPBACK if args.master_bind in ("0.0.0.0", "::") else args.master_bind,
                    "--master-port", str(master_port)]
     return [sys.executable, "-m", "locust", "--config", LOCUST_CONF, "-f", os.path.join(HERE, "locustfile.py"),
-            "--headless", "--host", urls[0], "--servers", ",".join(urls), *workers,
+            *page_or_headless(ui_port), "--host", urls[0], "--servers", ",".join(urls), *workers,
             "--master-bind-host", args.master_bind, "--master-bind-port", str(master_port),
             *scenario_argv(args), "--raw-dir", raw_dir, *(["--receipts"] if args.chaos else []),
             "--csv", os.path.join(report_dir, "locust"), "--html", os.path.join(report_dir, "locust.html")]
+
+
+def page_or_headless(ui_port):
+    """Locust's flags for a run watched on its web page on `ui_port` (bound to loopback, started at
+    once), or, without one, run headless."""
+    if ui_port is None:
+        return ["--headless"]
+    return ["--autostart", "--web-host", LOOPBACK, "--web-port", str(ui_port)]
 
 
 def watch_locust(locust, sampler, stages, args, raw_dir):
@@ -501,10 +509,14 @@ def main(argv=None):
         # the CPU of them all, start-up included, reaches RUSAGE_CHILDREN, as an outside
         # observer (`time make load`) would count it.
         children_cpu_before = children_cpu_seconds()
-        locust = Process(locust_argv(args, urls, report_dir, raw_dir), env=env, own_session=True,
+        ui_port = free_port() if args.ui else None
+        locust = Process(locust_argv(args, urls, report_dir, raw_dir, ui_port), env=env, own_session=True,
                          log_path=os.path.join(report_dir, "locust.log"))
         locust_started = time.time()
         sampler.locust_pid = locust.pid
+        if args.ui:
+            print("load: Locust's page on http://%s:%d/ (tab 'Chattle live'); its Stop ends the run as Ctrl-C does"
+                  % (LOOPBACK, ui_port), flush=True)
         if fault is not None and fault.needs == "cluster":
             from loadtests.cluster_load import FailoverChaos
             chaos = FailoverChaos(cluster, urls[0], room_name(0), stages, lambda: shape_started(raw_dir))

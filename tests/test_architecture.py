@@ -25,9 +25,9 @@ from instruments.provenance import BENCH_PREFIX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRODUCT_FILES = ["chattle.py", "chattle_rooms.py", "chattle_bus.py", "chattle_redis.py", "chattle_cluster.py",
-                 "chattle_http.py", "chattle_request.py", "chattle_limits.py", "gunicorn.conf.py"]
+                 "chattle_http.py", "chattle_request.py", "chattle_limits.py", "chattle_metrics.py", "gunicorn.conf.py"]
 PRODUCT = {"chattle", "chattle_rooms", "chattle_bus", "chattle_redis", "chattle_cluster", "chattle_http",
-           "chattle_request", "chattle_limits"}
+           "chattle_request", "chattle_limits", "chattle_metrics"}
 LAYERS = {
     "instruments": PRODUCT,
     "harness": PRODUCT | {"instruments"},

@@ -155,8 +155,8 @@ def test_run_without_redis_server_is_one_line(tmp_path):
 
 def test_each_goal_needs_what_it_runs():
     needed = system_packages.needed
-    assert needed(["test"], root=False) == ["chromium", "redis-server", "valgrind"]
-    assert needed(["all"], root=True) == ["chromium", "faketime", "redis-server", "valgrind"]
+    assert needed(["test"], root=False) == ["chromium", "prometheus", "redis-server", "valgrind"]
+    assert needed(["all"], root=True) == ["chromium", "faketime", "prometheus", "redis-server", "valgrind"]
     assert needed(["lint", "history", "load-worker"]) == []
     assert needed(["regress"]) == needed(["regress-accept"]) == ["valgrind"]
     assert needed(["bench"]) == needed(["capacity"]) == needed(["test-fast"]) == ["redis-server"]
@@ -164,6 +164,7 @@ def test_each_goal_needs_what_it_runs():
     assert needed(["run"]) == [] and needed(["run"], workers="2") == ["redis-server"]
     assert needed(["run"], workers="2", redis="redis://h:6379/0") == []
     assert needed(["run"], workers=2, redis_cluster="h:1") == []
+    assert needed(["run"], monitor="1") == ["prometheus"] and needed(["run"], monitor="0") == []
     assert needed(["load"]) == [] and needed(["load"], workers="2") == ["redis-server"]
     assert needed(["load"], redis_cluster="local") == ["redis-server"]
     assert needed(["load"], workers="2", redis_cluster="h:7000") == []
