@@ -35,7 +35,7 @@ import sys
 import time
 
 from bench.rig import PER_PROCESS, Rig, raise_open_file_limit
-from bench.sweep import measure_point, median_point, start_server
+from bench.sweep import NCHAN_PEER, measure_point, median_point, peer_labels, start_server, wire_of
 from harness.processes import CleanUp, RedisServer
 from harness.system_packages import require_or_exit
 from instruments import history
@@ -294,14 +294,14 @@ def preflight(max_polls):
 # -- the servers and their probes ---------------------------------------------------------------------
 
 def server_list(workers, peers, slowed):
-    """[{"label", "workers" (an int, or a PEERS label), "env"}] in the order searched: one
-    worker and the uvloop peer first, so a run cut short still compares them."""
+    """[{"label", "workers" (an int, or a peer's label), "env"}] in the order searched: one
+    worker and the first peer (uvloop's, when searched) first, so a run cut short still
+    compares them. `peers`: their labels (bench.sweep.peer_labels)."""
     servers = []
     chattle = [{"label": "Chattle, %d worker%s" % (w, "" if w == 1 else "s"), "workers": w, "env": None}
                for w in workers]
     servers += chattle[:1]
-    by_name = {"uvloop": "aiohttp on uvloop", "asyncio": "aiohttp reference"}
-    chosen_peers = [by_name[p] for p in ("uvloop", "asyncio") if p in peers]
+    chosen_peers = list(peers)
     servers += [{"label": p, "workers": p, "env": None} for p in chosen_peers[:1]]
     if slowed and 1 in workers:
         servers.append({"label": "Chattle, 1 worker, slowed (+%d squares per answer)" % slowed, "workers": 1,
@@ -434,7 +434,8 @@ def check_hold(server, ceiling, redis_url, log_dir, per_process, say=print):
             checks.append({"requested": count, "held": None, "error": str(error).splitlines()[0][:200]})
             continue
         try:
-            point = Rig(instance.url, spread_sources=True).hold(count, instance.worker_pids())
+            point = Rig(instance.url, spread_sources=True, wire=wire_of(server["workers"])).hold(
+                count, instance.worker_pids())
         except (RuntimeError, OSError) as error:
             point = None
             checks.append({"requested": count, "held": None, "error": str(error).splitlines()[0][:200]})
@@ -536,7 +537,8 @@ def search_capacity(argv):
                                                  "within the p99 objective, with delivery verified")
     parser.add_argument("--workers", default="1,2,4", help="Chattle worker counts (default %(default)s)")
     parser.add_argument("--peers", default="uvloop,asyncio",
-                        help="aiohttp references to search: uvloop, asyncio, both or none (default %(default)s)")
+                        help="reference servers to search: uvloop, asyncio (the aiohttp ones), nchan (nginx with "
+                             "Nchan), a list of them, 1 (all) or none (default %(default)s)")
     parser.add_argument("--slowed", type=int, default=SLOWED_SQUARES,
                         help="also search one worker doing this many extra squares per answer "
                              "(%s; 0 skips it; default %%(default)s, about 30 %% more work)" % EXTRA_WORK_VARIABLE)
@@ -556,12 +558,17 @@ def search_capacity(argv):
     args = parser.parse_args(argv)
     slo = args.slo_ms / 1000.0
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
-    peers = [] if args.peers in ("", "none", "0") else [p.strip() for p in args.peers.split(",")]
+    try:
+        peers = peer_labels(args.peers)
+    except ValueError as error:
+        parser.error(str(error))
     servers = server_list(workers, peers, args.slowed)
     if not servers:
         parser.error("nothing to search: give --workers or --peers")
     if any(isinstance(s["workers"], int) and s["workers"] > 1 for s in servers):
         require_or_exit(["redis-server"], "capacity")
+    if NCHAN_PEER in peers:
+        require_or_exit(["nginx", "nchan"], "capacity")
 
     notes, per_server_process = preflight(args.max_polls)
     for note in notes:

@@ -36,6 +36,9 @@ PROGRAMS = {
     "valgrind": ("valgrind", "valgrind"),
     # the cluster test and make cluster-demo: a load host whose wall clock is 2 s ahead
     "faketime": ("faketime", "faketime"),
+    # the C peer of make bench and make capacity (PEERS=nchan): nginx and Debian's Nchan module
+    "nginx": ("/usr/sbin/nginx", "nginx"),
+    "nchan": ("/usr/lib/nginx/modules/ngx_nchan_module.so", "libnginx-mod-nchan"),
 }
 
 
@@ -53,6 +56,12 @@ def _needs_redis_for_load(given):
     return ["redis-server"] if several(given["workers"]) else []
 
 
+def _peer_programs(given):
+    """make bench and make capacity: nginx with Nchan when PEERS names it (or is 1: every peer)."""
+    peers = [peer.strip() for peer in given["peers"].split(",")]
+    return ["nginx", "nchan"] if "nchan" in peers or "1" in peers else []
+
+
 def _test_programs(given):
     # faketime only as root: the cluster test it serves makes network namespaces
     return ["redis-server", "chromium", "valgrind"] + (["faketime"] if given["root"] else [])
@@ -60,13 +69,13 @@ def _test_programs(given):
 
 GOALS = {
     # make goal: the programs it needs, given the make variables (WORKERS, REDIS, REDIS_CLUSTER,
-    # HOST) and whether it runs as root; a goal not listed needs none
+    # HOST, PEERS) and whether it runs as root; a goal not listed needs none
     "all": _test_programs,
     "test": _test_programs,
     "test-long": _test_programs,
     "test-fast": lambda given: ["redis-server"],
-    "bench": lambda given: ["redis-server"],
-    "capacity": lambda given: ["redis-server"],
+    "bench": lambda given: ["redis-server"] + _peer_programs(given),
+    "capacity": lambda given: ["redis-server"] + _peer_programs(given),
     "cluster-demo": lambda given: ["redis-server", "faketime"],
     "redis-cluster": lambda given: ["redis-server"],
     # one worker serves from memory; more share a bus: REDIS=, REDIS_CLUSTER=, else a local redis-server
@@ -79,10 +88,10 @@ GOALS = {
 }
 
 
-def needed(goals, workers=1, redis="", redis_cluster="", host="", root=None):
+def needed(goals, workers=1, redis="", redis_cluster="", host="", root=None, peers=""):
     """The programs `goals` need, sorted, once each."""
     given = {"workers": workers, "redis": redis or "", "redis_cluster": redis_cluster or "", "host": host or "",
-             "root": os.geteuid() == 0 if root is None else root}
+             "root": os.geteuid() == 0 if root is None else root, "peers": peers or ""}
     return sorted({program for goal in goals if goal in GOALS for program in GOALS[goal](given)})
 
 
@@ -94,7 +103,9 @@ def find(program, look_for=None):
     """Where `program` is, or None. `look_for` overrides where it is looked for."""
     where = (look_for or {}).get(program) or PROGRAMS[program][0]
     if os.path.isabs(where):
-        return where if os.path.isfile(where) and os.access(where, os.X_OK) else None
+        # a module nginx loads is read, not run
+        usable = os.access(where, os.R_OK if where.endswith(".so") else os.X_OK)
+        return where if os.path.isfile(where) and usable else None
     return shutil.which(where)
 
 
@@ -205,6 +216,7 @@ def main(argv=None):
     parser.add_argument("--redis", default="", help="make's REDIS")
     parser.add_argument("--redis-cluster", default="", help="make's REDIS_CLUSTER")
     parser.add_argument("--host", default="", help="make's HOST")
+    parser.add_argument("--peers", default="", help="make's PEERS")
     parser.add_argument("--list", action="store_true", help="print the programs needed, one line, and install nothing")
     parser.add_argument("--look-for", action="append", default=[], metavar="PROGRAM=PATH",
                         help="look for PROGRAM at PATH instead (tests use it)")
@@ -214,7 +226,7 @@ def main(argv=None):
     if unknown:
         parser.error("no such program: %s (known: %s)" % (", ".join(unknown), ", ".join(sorted(PROGRAMS))))
     programs = list(dict.fromkeys(args.programs + needed(args.for_goals.split(), args.workers, args.redis,
-                                                         args.redis_cluster, args.host)))
+                                                         args.redis_cluster, args.host, peers=args.peers)))
     if args.list:
         print(" ".join(programs))
         return 0

@@ -243,7 +243,7 @@ def test_preflight_names_a_limit_it_cannot_raise_and_the_command():
 
 
 def test_the_servers_are_searched_one_worker_and_the_uvloop_peer_first():
-    servers = capacity.server_list([1, 2, 4], ["uvloop", "asyncio"], slowed=240)
+    servers = capacity.server_list([1, 2, 4], ["aiohttp on uvloop", "aiohttp reference"], slowed=240)
     assert [s["label"] for s in servers][:3] == ["Chattle, 1 worker", "aiohttp on uvloop",
                                                  "Chattle, 1 worker, slowed (+240 squares per answer)"]
     assert servers[2]["env"] == {capacity.EXTRA_WORK_VARIABLE: "240"}
