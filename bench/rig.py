@@ -46,6 +46,7 @@ from instruments.measures import (
     kernel_memory,
     kernel_memory_per_connection,
     latency_summary,
+    machine_busy_seconds,
     memory_per_connection,
     process_cpu_seconds,
     summed_rss,
@@ -446,10 +447,13 @@ class Rig:
         cpu_before = cpu_seconds_of(server_pids) if server_pids else None
         backend_before = backend_cpu() if backend_cpu else None
         posted_at = time.time()
+        busy_before, wall_before = machine_busy_seconds(), time.monotonic()
         answers = {room: self.wire.post(self.url, room, cursors[room]) for room in cursors}
         results = [self.read_line(c, "results", POLL_TIMEOUT + 30) for c in clients]
         for client in clients:
             client.wait(10)
+        # how many of the machine's cores were busy through the fan-out, whoever kept them busy
+        busy_cores = (machine_busy_seconds() - busy_before) / max(1e-6, time.monotonic() - wall_before)
         cpu_server = cpu_seconds_of(server_pids) - cpu_before if server_pids else None
         cpu_backend = backend_cpu() - backend_before if backend_cpu else None
         received = [t for r in results for t in r["received_at"]]
@@ -477,6 +481,7 @@ class Rig:
             "latency_from_send": latency_summary(from_send),
             "last_delivery_s": (max(received) - posted_at) if received else None,
             "client_cpu_s": cpu_client,
+            "machine_busy_cores": busy_cores,
             "server_cpu_s": cpu_server,
             "redis_cpu_s": cpu_backend,
             # the shared rule (the load test's, make capacity's): the client's own lag, not its CPU

@@ -63,8 +63,10 @@ def _peer_programs(given):
 
 
 def _test_programs(given):
-    # faketime only as root: the cluster test it serves makes network namespaces
-    return ["redis-server", "chromium", "valgrind"] + (["faketime"] if given["root"] else [])
+    # faketime only as root: the cluster test it serves makes network namespaces; nginx and Nchan
+    # for the C peer's test (a small run through the real nginx)
+    return (["redis-server", "chromium", "valgrind", "nginx", "nchan"]
+            + (["faketime"] if given["root"] else []))
 
 
 GOALS = {
