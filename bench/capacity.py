@@ -566,7 +566,8 @@ def verdict(results, slo, contended_note):
         search = entry["search"]
         bound, failed = search.get("limited_by") or "", search["bracket"][1]
         if search.get("rig_limit"):
-            return "the %s was the limit here: %s" % (search["rig_limit"]["limit"], rig_limit_detail(search["rig_limit"]))
+            limit = search["rig_limit"]
+            return "the %s was the limit here: %s" % (limit["limit"], rig_limit_detail(limit))
         if failed and bound == "hold (descriptors)":
             return "at %d it reaches the descriptor ceiling: %s" % (
                 failed, entry["hold_ceiling"]["ceilings"]["descriptors"]["figure"])

@@ -81,7 +81,8 @@ def bench_section(data):
             number(from_send.get("p50"), "%.0f", 1e3), number(from_send.get("p99"), "%.0f", 1e3),
             number(time_per_waiter(point["last_delivery_s"], point["delivered"]), "%.1f", 1e6),
             number(cpu_per_delivery(point["server_cpu_s"], point["delivered"]), "%.1f"),
-            number(point["bytes_per_poll_median"], "%.1f", 1 / 1024), number(kernel.get("slab_bytes"), "%.1f", 1 / 1024),
+            number(point["bytes_per_poll_median"], "%.1f", 1 / 1024),
+            number(kernel.get("slab_bytes"), "%.1f", 1 / 1024),
             thousands(point["delivered"]), thousands(point["requested"]), thousands(point["complete_listeners"])))
     lines.append("")
     for ratio in data["peer_ratios"]:
@@ -113,7 +114,8 @@ def capacity_section(data):
             (search.get("limited_by") or "nothing failed").replace("objective: ", "")
             + ("; the %s was the limit here" % limit["limit"] if limit else ""),
             number(at.get("p50_s"), "%.0f", 1e3), number(at.get("p99_s"), "%.0f", 1e3),
-            number(at.get("bytes_per_poll_median"), "%.1f", 1 / 1024), number(at.get("server_us_per_delivery"), "%.1f")))
+            number(at.get("bytes_per_poll_median"), "%.1f", 1 / 1024),
+            number(at.get("server_us_per_delivery"), "%.1f")))
     lines += ["", "Verdict: " + data["verdict"].strip()]
     return lines
 

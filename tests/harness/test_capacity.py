@@ -373,8 +373,8 @@ def bracket_ending_on(failing_runs, capacity_at=4374, failed_at=4583):
     return result
 
 
-PASSING = {"passed": True, "failures": [], "p50_s": 0.1, "p99_s": 0.3, "last_delivery_s": 0.4, "client_lag_p99_s": 0.001,
-           "other_work_cores": 0.1, "machine_busy_cores": 1.2}
+PASSING = {"passed": True, "failures": [], "p50_s": 0.1, "p99_s": 0.3, "last_delivery_s": 0.4,
+           "client_lag_p99_s": 0.001, "other_work_cores": 0.1, "machine_busy_cores": 1.2}
 LAGGING = dict(PASSING, passed=False, failures=["client lag p99 60.0 ms over 10 % of p99"], client_lag_p99_s=0.06,
                machine_busy_cores=1.5)
 SLOW = dict(PASSING, passed=False, failures=["p99 610 ms over 500 ms"], p99_s=0.61, machine_busy_cores=1.4)

@@ -8,8 +8,8 @@ TCP: inuse {inuse} orphan 1 tw 30 alloc {inuse} mem {pages}
 UDP: inuse 0 mem 0
 """
 SLABINFO = """slabinfo - version: 2.1
-# name            <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab> : tunables <limit> <batchcount> <sharedfactor> : slabdata <active_slabs> <num_slabs> <sharedavail>
-TCP                 {tcp}   {tcp}   2368   13    8 : tunables    0    0    0 : slabdata    {tcp_slabs}    {tcp_slabs}      0
+# name <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab> : tunables ... : slabdata <active_slabs> ...
+TCP                 {tcp}   {tcp}   2368   13    8 : tunables    0    0    0 : slabdata  {tcp_slabs}  {tcp_slabs}    0
 sock_inode_cache    19     19    832   19    4 : tunables    0    0    0 : slabdata      1      1      0
 kmalloc-64         640    640     64   64    1 : tunables    0    0    0 : slabdata     10     10      0
 """
