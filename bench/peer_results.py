@@ -70,12 +70,13 @@ def bench_section(data):
                                 number((load.get("end") or [None])[0], "%.1f"), data["repeats"])),
              "",
              "| server | held polls | p50 / p99 | p50 / p99 from the rig's send | time per waiter | server CPU per "
-             "delivery | RSS per held poll | kernel per held poll (slab, both ends) | delivered, verified |",
+             "delivery | RSS per held poll | kernel per held poll (slab, both ends) | answered of held, complete in the "
+             "ledger |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for point in data["points"]:
         latency, from_send = point["latency"], point.get("latency_from_send") or {}
         kernel = point.get("kernel_per_poll") or {}
-        lines.append("| %s | %s | %s / %s ms | %s / %s ms | %s µs | %s µs | %s KiB | %s KiB | %s of %s, %s |" % (
+        lines.append("| %s | %s | %s / %s ms | %s / %s ms | %s µs | %s µs | %s KiB | %s KiB | %s of %s; %s |" % (
             label(point["workers"]), thousands(point["requested"]),
             number(latency["p50"], "%.0f", 1e3), number(latency["p99"], "%.0f", 1e3),
             number(from_send.get("p50"), "%.0f", 1e3), number(from_send.get("p99"), "%.0f", 1e3),
@@ -99,8 +100,8 @@ def bench_section(data):
 
 def capacity_section(data):
     others = data.get("other_work_cores_median")
-    lines = [provenance_line(data, "shared machine (other work took a median %s cores during the runs); the search "
-                                   "took %s s." % (number(others, "%.1f"), number(data["elapsed_s"]))),
+    lines = [provenance_line(data, "shared machine (other work took a median %s of the cores during the runs)."
+                             % number(others, "%.1f")),
              "",
              "| server | capacity | bracket | the first failing count missed on | p50 / p99 at capacity | RSS per "
              "held poll | server CPU per delivery |",
