@@ -60,6 +60,7 @@ CLIENT_DESCRIPTOR_MARGIN = 64  # a client process's own pipes, epoll and interpr
 IP_BIND_ADDRESS_NO_PORT = 24   # linux/in.h: pick the source port at connect, per destination
 NR_OPEN = "/proc/sys/fs/nr_open"
 HOLD_STALL_SECONDS = 10.0  # held polls not rising for this long: the server holds no more
+BUSY_WINDOW_MIN = 0.1     # seconds: the shortest fan-out whose busy cores /proc/stat's ticks can tell
 
 
 def raise_open_file_limit(wanted=None):
@@ -452,8 +453,10 @@ class Rig:
         results = [self.read_line(c, "results", POLL_TIMEOUT + 30) for c in clients]
         for client in clients:
             client.wait(10)
-        # how many of the machine's cores were busy through the fan-out, whoever kept them busy
-        busy_cores = (machine_busy_seconds() - busy_before) / max(1e-6, time.monotonic() - wall_before)
+        # how many of the machine's cores were busy through the fan-out, whoever kept them busy; /proc/stat
+        # counts in ticks of 10 ms, so a shorter fan-out gets no figure rather than a wrong one
+        window = time.monotonic() - wall_before
+        busy_cores = (machine_busy_seconds() - busy_before) / window if window >= BUSY_WINDOW_MIN else None
         cpu_server = cpu_seconds_of(server_pids) - cpu_before if server_pids else None
         cpu_backend = backend_cpu() - backend_before if backend_cpu else None
         received = [t for r in results for t in r["received_at"]]
