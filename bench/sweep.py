@@ -268,8 +268,9 @@ def write_charts(report_dir, points, slo, caption_tail):
     plt.close(fig)
     charts.append(("memory.png", BUS_CAPTIONS["memory.png"] + " " + caption_tail if compared else
                    "Memory per held poll: the rise in summed RSS of all worker processes "
-                   "over their idle RSS, divided by the polls held (median of repeats). Kernel socket "
-                   "buffers are not in RSS; see the anatomy. " + caption_tail))
+                   "over their idle RSS, divided by the polls held (median of repeats). The kernel's part "
+                   "(slab and socket buffers, both ends) is not in RSS: the table has it beside each point. "
+                   + caption_tail))
 
     best = capacity([p for p in points if not is_peer(p["workers"])], slo)
     if compared:
