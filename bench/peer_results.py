@@ -70,8 +70,8 @@ def bench_section(data):
                                 number((load.get("end") or [None])[0], "%.1f"), data["repeats"])),
              "",
              "| server | held polls | p50 / p99 | p50 / p99 from the rig's send | time per waiter | server CPU per "
-             "delivery | RSS per held poll | kernel per held poll (slab, both ends) | answered of held, complete in the "
-             "ledger |",
+             "delivery | RSS per held poll | kernel per held poll (slab, both ends) | answered of held, complete "
+             "in the ledger |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for point in data["points"]:
         latency, from_send = point["latency"], point.get("latency_from_send") or {}
