@@ -20,7 +20,7 @@ import shutil
 
 from chattle_limits import POLL_TIMEOUT_MAX
 from harness import system_packages
-from harness.processes import LOOPBACK, Process, free_port, wait_until
+from harness.processes import LOOPBACK, Process, free_port, get_json, wait_until
 
 HISTORY = 500           # Chattle's --history default: messages kept per room
 ROOM_PATTERN = "[A-Za-z0-9_-]{1,64}"  # Chattle's room names
@@ -117,9 +117,8 @@ class NchanServer(Process):
             raise
 
     def healthy(self):
-        import urllib.request
-        with urllib.request.urlopen(self.url + "/health", timeout=1) as answer:
-            return answer.status == 200
+        status, _body = get_json(self.url + "/health", timeout=1)
+        return status == 200
 
     def worker_pids(self):
         """The worker's pid: what holds the polls; the master is not counted."""
