@@ -61,8 +61,12 @@ run: system-packages $(STAMP)
 redis-cluster: system-packages $(STAMP)
 	$(PY) -m harness.redis_cluster
 
+# ruff, and actionlint on the CI workflows (.github/actionlint.yaml names the self-hosted
+# runners' labels); shellcheck and pyflakes inside actionlint are off so that every machine
+# gives the same answer whether or not they are installed
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(VENV)/bin/actionlint -config-file=.github/actionlint.yaml -shellcheck= -pyflakes= .github/workflows/*.yml
 
 test: system-packages lint
 	$(PY) -m pytest -m "not long" tests
@@ -78,7 +82,8 @@ test-fast: system-packages $(STAMP)
 load: system-packages $(STAMP)
 	$(PY) -m loadtests.run $(LOAD_ARGS)
 
-# Trend charts of reports/history.jsonl (every make load appends a line), steps marked.
+# Trend charts of reports/history.jsonl (every make load appends a line), the commits where a figure
+# shifted marked (change points by Apache Otava; docs/compare.md, "History").
 history: $(STAMP)
 	$(PY) -m loadtests.history
 

@@ -44,6 +44,7 @@ from instruments import history
 from instruments.measures import LatencyHistogram, ms, percentile, ratio_interval
 from instruments.page import REPORTS_ROOT, machine_line, new_report_dir, write_html, write_json
 from instruments.provenance import GitFailed, git, without_bench_environment
+from loadtests import compare_summary
 from loadtests.options import COMPARE, add_to_parser
 
 WORSE_OR_NOT = {0: "UNCHANGED", 1: "WORSE", 2: "COULD NOT COMPARE"}
@@ -543,15 +544,19 @@ def main(argv, run):
     import it (its flags and preflight judge each round's run here)."""
     args, load_argv = parse_args(list(argv))
     load_args = run.parse_args(load_argv)
+    started, problem = time.time(), None
     try:
         with scratch_directory("chattle-compare-") as scratch:
-            return _compare(args, load_argv, load_args, scratch, run)
+            code = _compare(args, load_argv, load_args, scratch, run)
     except (Unmeasured, RuntimeError, ValueError) as exc:
         print("compare: could not compare: %s" % exc, file=sys.stderr)
-        return CANNOT_COMPARE
+        code, problem = CANNOT_COMPARE, str(exc)
     except KeyboardInterrupt:
         print("compare: interrupted; the base's worktree is removed", file=sys.stderr)
-        return 130
+        code, problem = 130, "interrupted"
+    if args.summary:
+        compare_summary.append(args.summary, compare_summary.report_since(args.report_root, started), code, problem)
+    return code
 
 
 def refusals(args, load_args):

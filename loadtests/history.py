@@ -1,22 +1,24 @@
 """`make history` (python -m loadtests.history): reads reports/history.jsonl, the line
 instruments/history.py appends for every `make load` and `make capacity` run, and, for
 this machine, draws one chart per figure and per group of identical settings, commit by
-commit (in commit order), and marks its steps as asv does: a level that changed and
-stayed changed over the following commits, found by a penalised piecewise-constant fit.
+commit (in commit order), and marks the commits where a figure's level shifted (change
+points, found by Apache Otava), on the charts and in a table.
 """
 
 import argparse
 import json
 import math
 import os
+import statistics
 import sys
+from dataclasses import dataclass
+
+from otava.analysis import compute_change_points
 
 from instruments.history import LOAD_FIGURES, history_path, machine_fingerprint
 from instruments.page import REPORTS_ROOT, write_html
 
 CHARTS_DIR = "history"
-STEP_MIN_RUN = 2          # commits a new level must hold for to count as a step
-STEP_MIN_CHANGE = 0.05    # a step smaller than this relative change is not marked
 
 
 # -- reading it back --------------------------------------------------------------------------------
@@ -42,72 +44,40 @@ def read(path):
     return entries, bad
 
 
-# -- steps ------------------------------------------------------------------------------------------
+# -- change points ---------------------------------------------------------------------------------
 
-def _median(values):
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
-def noise_scale(logs):
-    """Robust noise of a series (in log units) from its successive differences: a step
-    moves one difference, noise moves them all."""
-    diffs = [abs(b - a) for a, b in zip(logs, logs[1:])]
-    return 1.4826 * _median(diffs) / math.sqrt(2) if diffs else 0.0
+MIN_COMMITS = 4         # fewer commits than this: no change point is looked for, and the table says so
+MAX_PVALUE = 0.001      # a change point's two sides differ at this significance (Student's t, two-sided)
+MIN_CHANGE = 0.05       # and by at least this relative change of their means
+WINDOW = 30             # commits per window of Otava's split step
 
 
-def steps(values, min_run=STEP_MIN_RUN, min_change=STEP_MIN_CHANGE, penalty=None):
-    """[(index, level before, level after)]: where a new level begins in `values` (positive
-    figures in commit order) and holds for at least `min_run` values.
+@dataclass(frozen=True)
+class Shift:
+    """Where a figure's level changed: `index` is the first commit at the new level."""
+    index: int
+    before: float
+    after: float
+    pvalue: float
 
-    A piecewise-constant fit of log(values), each segment at its median, minimising the
-    sum of absolute deviations plus `penalty` per segment (asv's approach: L1, so a stray
-    value moves no level), with every segment at least `min_run` long: a change seen only
-    at the last commit, or a one-commit blip, is not a step. Adjacent levels closer than
-    `min_change`, or than twice the series' noise, are merged. Deterministic: no randomness, exact dynamic programme."""
-    if any(value is None or value <= 0 for value in values):
-        return []
-    logs = [math.log(value) for value in values]
-    count = len(logs)
-    if count < 2 * min_run:
-        return []
-    noise = noise_scale(logs)
-    if penalty is None:
-        # A split must pay for itself beyond noise and beyond the smallest step marked.
-        penalty = max(8 * noise, 2 * math.log1p(min_change))
-    smallest = max(math.log1p(min_change), 2 * noise)  # a step stands out of the noise
+    @property
+    def change(self):
+        return self.after / self.before - 1 if self.before else math.inf
 
-    def cost(start, end):
-        level = _median(logs[start:end])
-        return sum(abs(value - level) for value in logs[start:end])
 
-    best = [math.inf] * (count + 1)
-    previous = [0] * (count + 1)
-    best[0] = 0.0
-    for end in range(min_run, count + 1):
-        for start in range(0, end - min_run + 1):
-            if best[start] == math.inf or (start and start < min_run):
-                continue
-            total = best[start] + cost(start, end) + penalty
-            if total < best[end]:
-                best[end], previous[end] = total, start
-    bounds, end = [], count
-    while end > 0:
-        bounds.append(previous[end])
-        end = previous[end]
-    starts = sorted(bounds)
-    segments = [(start, end) for start, end in zip(starts, starts[1:] + [count])]
-    merged = [segments[0]]
-    for start, end in segments[1:]:
-        last = merged[-1]
-        before, after = _median(logs[last[0]:last[1]]), _median(logs[start:end])
-        if abs(after - before) < smallest:
-            merged[-1] = (last[0], end)
-        else:
-            merged.append((start, end))
-    return [(start, math.exp(_median(logs[before_start:before_end])), math.exp(_median(logs[start:end])))
-            for (before_start, before_end), (start, end) in zip(merged, merged[1:])]
+def shifts(values, max_pvalue=MAX_PVALUE, min_change=MIN_CHANGE):
+    """[Shift] in `values` (one figure per commit, in commit order), or None when there are
+    fewer than MIN_COMMITS values to judge.
+
+    Apache Otava's change-point detection (Hunter: E-divisive split over sliding windows,
+    then a merge that keeps only points whose two sides differ by Student's t at `max_pvalue`
+    and by `min_change`). No randomness: the same values always give the same points."""
+    if len(values) < MIN_COMMITS:
+        return None
+    found, _weak = compute_change_points([float(value) for value in values], window_len=WINDOW,
+                                         max_pvalue=max_pvalue, min_magnitude=min_change)
+    return [Shift(int(point.index), float(point.stats.mean_1), float(point.stats.mean_2), float(point.stats.pvalue))
+            for point in found]
 
 
 # -- make history --------------------------------------------------------------------------------------
@@ -143,14 +113,43 @@ def figure_labels(entries):
     return labels
 
 
+def figure_shifts(series):
+    """(per-commit medians [(commit position, median)], [Shift] or None when too short) of one
+    figure's series from by_commit: runs with uncommitted changes stay out."""
+    medians = [(index, statistics.median(clean)) for index, (_c, clean, _d, _o) in enumerate(series) if clean]
+    return medians, shifts([value for _index, value in medians])
+
+
+def shift_rows(label, unit, series, medians, found):
+    """The table's rows for one figure: one per change point, or one saying why there is none."""
+    if found is None:
+        return [(label, "too short: %d commit(s) with committed runs, change points need %d or more"
+                 % (len(medians), MIN_COMMITS), "", "", "", "")]
+    if not found:
+        return [(label, "no change point over %d commit(s)" % len(medians), "", "", "", "")]
+    return [(label, series[medians[shift.index][0]][0][:10], "%.4g %s" % (shift.before, unit),
+             "%.4g %s" % (shift.after, unit), "%+.1f%%" % (shift.change * 100), "%.2g" % shift.pvalue)
+            for shift in found]
+
+
+SHIFT_HEADER = ("figure", "commit (first at the new level)", "before (mean)", "after (mean)", "change", "p")
+
+
+def text_table(header, rows):
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in [header] + list(rows))
+
+
 def draw(entries, out_dir, title_note=""):
-    """One chart per figure of `entries` (one machine, one settings group); [(png, caption)]."""
+    """One chart per figure of `entries` (one machine, one settings group), each change point a
+    dashed line at its commit: ([(png, caption)], table rows)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
-    charts = []
+    charts, rows = [], []
     labels = figure_labels(entries)
     for figure, (label, unit) in labels.items():
         series = by_commit(entries, figure)
@@ -167,37 +166,40 @@ def draw(entries, out_dir, title_note=""):
         xs_invalid = [(index, value) for index, (_c, _cl, _d, invalid) in enumerate(series) for value in invalid]
         if xs_invalid:
             axis.plot(*zip(*xs_invalid), "x", color="#b3261e", label="run not valid (machine-bound, failed check)")
-        medians = [(index, _median(clean)) for index, (_c, clean, _d, _o) in enumerate(series) if clean]
+        medians, found = figure_shifts(series)
         if medians:
             axis.plot(*zip(*medians), "-", color="#1f5fbf", linewidth=1, label="median per commit")
-        found = steps([value for _index, value in medians]) if len(medians) >= 2 * STEP_MIN_RUN else []
         notes = []
-        for position, before, after in found:
-            x = medians[position][0] - 0.5
+        for shift in found or []:
+            position = medians[shift.index][0]
+            commit = series[position][0]
+            x = position - 0.5
             axis.axvline(x, color="#b3261e", linestyle="--")
-            change = after / before - 1
-            axis.annotate("%+.0f%%" % (change * 100), (x, after), color="#b3261e", fontsize=9,
-                          xytext=(4, 4), textcoords="offset points")
-            notes.append("%s: %+.1f%% (%.3g to %.3g %s)" % (series[medians[position][0]][0][:10], change * 100,
-                                                             before, after, unit))
+            axis.annotate("%s %+.0f%%" % (commit[:7], shift.change * 100), (x, shift.after), color="#b3261e",
+                          fontsize=9, xytext=(4, 4), textcoords="offset points")
+            notes.append("%s: %+.1f%% (%.3g to %.3g %s, p=%.2g)" % (commit[:10], shift.change * 100, shift.before,
+                                                                   shift.after, unit, shift.pvalue))
+        rows += shift_rows(label, unit, series, medians, found)
         axis.set_xticks(range(len(series)))
         axis.set_xticklabels([commit[:7] for commit, _cl, _d, _o in series], rotation=45, ha="right", fontsize=7)
         axis.set_ylabel("%s, %s" % (label, unit) if unit else label)
         axis.set_xlabel("commit (in commit order)")
-        axis.set_ylim(bottom=0)
+        axis.set_ylim(0, axis.get_ylim()[1] * 1.12)   # room above for the change points' labels
         axis.legend(fontsize=8)
         fig.tight_layout()
         name = "%s.png" % figure
         fig.savefig(os.path.join(out_dir, name), dpi=100)
         plt.close(fig)
         runs = len(xs_clean) + len(xs_dirty)
+        marked = ("too short to look for change points (fewer than %d commits)" % MIN_COMMITS if found is None
+                  else "; ".join(notes) or "none")
         charts.append((name, "%s by commit: %d run(s) over %d commit(s); hollow points had uncommitted changes and "
-                             "stay out of the median and the steps; red crosses mark runs that were not valid "
-                             "(machine-bound, or a failed check), kept in the median. Steps (red, dashed) are "
-                             "levels that changed by at least %.0f%% and held for %d or more commits: %s. %s"
-                       % (label, runs, len(series), STEP_MIN_CHANGE * 100, STEP_MIN_RUN,
-                          "; ".join(notes) or "none", title_note)))
-    return charts
+                             "stay out of the median and the change points; red crosses mark runs that were not "
+                             "valid (machine-bound, or a failed check), kept in the median. Change points (red, "
+                             "dashed, at the first commit of the new level; Apache Otava, p < %g and at least "
+                             "%.0f%%): %s. %s"
+                       % (label, runs, len(series), MAX_PVALUE, MIN_CHANGE * 100, marked, title_note)))
+    return charts, rows
 
 
 def settings_line(entry):
@@ -208,7 +210,7 @@ def settings_line(entry):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Draw the history of make load / make capacity: a trend chart per "
-                                                 "headline figure, commit by commit, steps marked")
+                                                 "headline figure, commit by commit, the shifts marked at their commit")
     parser.add_argument("--history", default=history_path(), help="the history file (default %(default)s)")
     parser.add_argument("--out", default=os.path.join(REPORTS_ROOT, CHARTS_DIR),
                         help="where the charts and index.html go (default %(default)s)")
@@ -228,19 +230,21 @@ def main(argv=None):
     for entry in entries:
         groups.setdefault((entry.get("machine_id"), entry.get("settings_id")), []).append(entry)
     ordered = sorted(groups.values(), key=lambda group: max(entry["time"] for entry in group), reverse=True)
-    charts = []
+    charts, tables = [], []
     for number, group in enumerate(ordered, 1):
         sub = "group-%d" % number
         note = "Settings: %s. Machine %s (%s, %s cores, kernel %s)." % (
             settings_line(group[-1]), group[-1].get("machine_id"), group[-1]["machine"].get("cpu_model"),
             group[-1]["machine"].get("cores"), group[-1]["machine"].get("kernel"))
-        drawn = draw(group, os.path.join(args.out, sub), note)
+        drawn, rows = draw(group, os.path.join(args.out, sub), note)
         charts += [(os.path.join(sub, name), caption) for name, caption in drawn]
+        tables.append(("change points, %s: %s" % (sub, settings_line(group[-1])), SHIFT_HEADER, rows))
         print("history: %d run(s), %s -> %s/" % (len(group), settings_line(group[-1])[:110], os.path.join(args.out,
                                                                                                          sub)))
+        print(text_table(SHIFT_HEADER, rows))
     write_html(os.path.join(args.out, "index.html"), "Chattle history",
                "%d run(s) from %s, newest settings first" % (len(entries), args.history),
-               [("settings groups", len(ordered), ""), ("this machine", here, "")], charts)
+               [("settings groups", len(ordered), ""), ("this machine", here, "")], charts, tables=tables)
     print("history: %s" % os.path.join(args.out, "index.html"))
     return 0
 

@@ -33,6 +33,7 @@ BASE ?=
 ROUNDS ?=
 RETRIES ?=
 ALLOW_DIRTY ?=
+SUMMARY ?=
 
 LOAD_ARGS = $(strip \
   $(if $(USERS),--users $(USERS)) \
@@ -63,4 +64,5 @@ LOAD_ARGS = $(strip \
   $(if $(BASE),--base $(BASE)) \
   $(if $(ROUNDS),--rounds $(ROUNDS)) \
   $(if $(RETRIES),--retries $(RETRIES)) \
-  $(if $(ALLOW_DIRTY),--allow-dirty))
+  $(if $(ALLOW_DIRTY),--allow-dirty) \
+  $(if $(SUMMARY),--summary $(SUMMARY)))

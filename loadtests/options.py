@@ -148,6 +148,8 @@ OPTIONS = [
            "says so)", where=(COMPARE,)),
     Option("head-env", APPEND, None, "with --base: set this for head's servers only (CHATTLE_BENCH_* of the "
            "environment are too)", where=(COMPARE,), make=False, metavar="NAME=VALUE"),
+    Option("summary", str, None, "with --base: also append the verdict as Markdown to this file (a CI job's "
+           "summary, $GITHUB_STEP_SUMMARY; loadtests/compare_summary.py)", where=(COMPARE,), metavar="FILE"),
     # -- what compare.py sets for each side's run; no make variable
     Option("server-root", str, ROOT, "the checkout whose chattle.py serves", where=(RUN,), make=False),
     Option("server-python", str, sys.executable, "the interpreter the server runs on", where=(RUN,), make=False),

@@ -4,6 +4,7 @@ on synthetic data (deterministic, fast)."""
 import json
 import os
 import random
+import re
 
 from instruments import history
 from loadtests import history as charts
@@ -17,47 +18,63 @@ def series(count=20, step_at=None, factor=1.15, noise=0.03, seed=1):
             for index in range(count)]
 
 
-# -- steps ------------------------------------------------------------------------------------------
+# -- change points ----------------------------------------------------------------------------------
 
-def test_a_level_that_changes_and_stays_is_a_step():
-    [(index, before, after)] = charts.steps(series(step_at=10))
-    assert index == 10
-    assert 1.10 < after / before < 1.20
+def test_otavas_function_is_the_pinned_one_and_returns_what_history_reads():
+    # Otava documents its command line, not compute_change_points: an upgrade that changes its
+    # arguments or what it returns fails here, by name, before any chart is drawn wrong.
+    from importlib.metadata import version
+
+    from otava.analysis import compute_change_points
+
+    pinned = re.search(r'"apache-otava==([^"]+)"', open(os.path.join(ROOT, "pyproject.toml")).read()).group(1)
+    assert version("apache-otava") == pinned
+    found, weak = compute_change_points([1.0] * 6 + [2.0] * 6, window_len=charts.WINDOW, max_pvalue=charts.MAX_PVALUE,
+                                        min_magnitude=charts.MIN_CHANGE)
+    [point] = found
+    assert (point.index, point.stats.mean_1, point.stats.mean_2) == (6, 1.0, 2.0) and point.stats.pvalue < 1e-9
+    assert weak
+
+
+def test_a_step_injected_at_a_known_commit_is_marked_at_that_commit():
+    [shift] = charts.shifts(series(step_at=10))
+    assert shift.index == 10
+    assert 0.10 < shift.change < 0.20 and shift.pvalue < charts.MAX_PVALUE
 
 
 def test_a_step_down_is_found_too():
-    [(index, before, after)] = charts.steps(series(step_at=6, factor=0.8, seed=2))
-    assert index == 6 and after < before
+    [shift] = charts.shifts(series(step_at=6, factor=0.8, seed=2))
+    assert shift.index == 6 and shift.after < shift.before
 
 
-def test_noise_alone_has_no_step():
+def test_flat_noise_marks_nothing():
     for seed in range(20):
-        assert charts.steps(series(seed=seed)) == [], seed
+        assert charts.shifts(series(seed=seed)) == [], seed
 
 
-def test_a_one_commit_blip_is_not_a_step():
+def test_a_one_commit_blip_is_not_a_change_point():
     values = series(seed=3)
     values[7] *= 1.4
-    assert charts.steps(values) == []
+    assert charts.shifts(values) == []
 
 
-def test_a_change_must_persist_over_the_following_runs():
-    values = series(seed=4)
-    values[-1] *= 1.3
-    assert charts.steps(values) == []          # seen at the last commit only: not yet a step
-    values[-2] *= 1.3
-    assert [index for index, _b, _a in charts.steps(values)] == [len(values) - 2]
-
-
-def test_steps_smaller_than_the_minimum_are_not_marked():
-    assert charts.steps(series(step_at=10, factor=1.03, noise=0.002)) == []
-    assert charts.steps([0, 1, 2, 3, 4]) == [] and charts.steps([1.0, 2.0]) == []
+def test_a_significant_step_smaller_than_the_minimum_is_not_marked():
+    values = series(step_at=10, factor=1.03, noise=0.002)
+    assert charts.shifts(values, min_change=0.0)[0].index == 10       # significant, and smaller than 5 %
+    assert charts.shifts(values) == []
 
 
 def test_two_steps():
     values = series(count=30, noise=0.01, seed=5)
     values = [value * (1.2 if 10 <= index < 20 else 1) for index, value in enumerate(values)]
-    assert [index for index, _b, _a in charts.steps(values)] == [10, 20]
+    assert [shift.index for shift in charts.shifts(values)] == [10, 20]
+
+
+def test_a_series_too_short_says_so():
+    assert charts.shifts(series(count=charts.MIN_COMMITS - 1, step_at=1)) is None
+    assert charts.shifts(series(count=charts.MIN_COMMITS)) == []
+    rows = charts.shift_rows("p99", "ms", [("a" * 40, [1.0], [], [])] * 3, [(0, 1.0), (1, 1.0), (2, 1.0)], None)
+    assert rows[0][1].startswith("too short: 3 commit(s)")
 
 
 # -- the line ------------------------------------------------------------------------------------------
@@ -117,30 +134,58 @@ def test_an_unwritable_history_does_not_fail_the_run(tmp_path, capsys):
 
 # -- make history ------------------------------------------------------------------------------------
 
-def test_make_history_draws_a_chart_per_figure_with_the_step(tmp_path):
-    path = str(tmp_path / "history.jsonl")
+def commit_of(index):
+    return ("%02x" % (index + 1)) * 20
+
+
+def write_history(path, values):
+    """Two runs per commit of `values` (server CPU per delivery; p99 flat), and one run of another machine."""
     machine = history.machine_fingerprint()
-    settings = {"users": 5000}
-    values = series(count=8, step_at=4, noise=0.01)
     with open(path, "w") as out:
         for index, value in enumerate(values):
             for repeat in range(2):
                 out.write(json.dumps({"kind": "load", "time": "2026-01-01T00:%02d:%02d" % (index, repeat),
-                                      "commit": "%040x" % (index + 1), "commit_time": 1000 + index,
+                                      "commit": commit_of(index), "commit_time": 1000 + index,
                                       "dirty": False, "machine": machine, "machine_id": machine["id"],
-                                      "settings": settings, "settings_id": "s1",
+                                      "settings": {"users": 5000}, "settings_id": "s1",
                                       "figures": {"server_us_per_delivery": value, "wakeup_p99_ms": 100.0}}) + "\n")
         out.write(json.dumps({"kind": "load", "time": "2026-01-02", "commit": "f" * 40, "machine_id": "elsewhere",
-                              "machine": {}, "settings": settings, "settings_id": "s1",
+                              "machine": {}, "settings": {"users": 5000}, "settings_id": "s1",
                               "figures": {"server_us_per_delivery": 1.0}}) + "\n")
+
+
+def test_make_history_marks_a_step_injected_at_a_commit_on_the_chart_and_in_the_table(tmp_path, capsys):
+    path = str(tmp_path / "history.jsonl")
+    write_history(path, series(count=8, step_at=4, noise=0.01))
     out_dir = str(tmp_path / "charts")
     assert charts.main(["--history", path, "--out", out_dir]) == 0
     assert sorted(os.listdir(os.path.join(out_dir, "group-1"))) == ["server_us_per_delivery.png",
                                                                     "wakeup_p99_ms.png"]
     page = open(os.path.join(out_dir, "index.html")).read()
     assert "8 run(s) over" not in page and "16 run(s) over 8 commit(s)" in page
-    assert "%s: +" % ("%040x" % 5)[:10] in page       # the step at the fifth commit, named in the caption
-    assert "wake-up latency p99 by commit" in page and "none" in page
+    assert "%s: +" % commit_of(4)[:10] in page          # the chart's caption names the fifth commit
+    assert "wake-up latency p99 by commit" in page
+    [cpu_row] = [line.split() for line in capsys.readouterr().out.splitlines() if "CPU" in line and "%" in line]
+    commit, change = cpu_row[4], float(cpu_row[9].rstrip("%"))
+    assert commit == commit_of(4)[:10] and 10 < change < 20
+    assert page.count("<td>%s</td>" % commit_of(4)[:10]) == 1     # the table's one change point
+    assert "no change point over 8 commit(s)" in page              # p99 is flat
+
+
+def test_make_history_marks_nothing_on_flat_noise(tmp_path, capsys):
+    path = str(tmp_path / "history.jsonl")
+    write_history(path, series(count=12, noise=0.03, seed=7))
+    assert charts.main(["--history", path, "--out", str(tmp_path / "charts")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("no change point over 12 commit(s)") == 2            # both figures, and no row with a change
+    assert not [line for line in out.splitlines() if line.rstrip().endswith(tuple("0123456789"))]
+
+
+def test_make_history_says_when_a_history_is_too_short(tmp_path, capsys):
+    path = str(tmp_path / "history.jsonl")
+    write_history(path, [100.0, 130.0, 131.0])
+    assert charts.main(["--history", path, "--out", str(tmp_path / "charts")]) == 0
+    assert capsys.readouterr().out.count("too short: 3 commit(s)") == 2
 
 
 def test_make_history_without_runs_says_how_to_make_some(tmp_path, capsys):
