@@ -20,7 +20,7 @@ import shutil
 
 from chattle_limits import POLL_TIMEOUT_MAX
 from harness import system_packages
-from harness.processes import LOOPBACK, Process, free_port, get_json, wait_until
+from harness.processes import LOOPBACK, Process, answers_health, child_pids, free_port, wait_until
 
 HISTORY = 500           # Chattle's --history default: messages kept per room
 ROOM_PATTERN = "[A-Za-z0-9_-]{1,64}"  # Chattle's room names
@@ -117,16 +117,11 @@ class NchanServer(Process):
             raise
 
     def healthy(self):
-        status, _body = get_json(self.url + "/health", timeout=1)
-        return status == 200
+        return answers_health(self.url)
 
     def worker_pids(self):
         """The worker's pid: what holds the polls; the master is not counted."""
-        import psutil
-        try:
-            return [child.pid for child in psutil.Process(self.pid).children()]
-        except psutil.NoSuchProcess:
-            return []
+        return child_pids(self.pid)
 
     def stop(self, grace=10.0):
         # SIGTERM is nginx's fast shutdown: the master ends its worker and exits, as any server's stop
