@@ -39,7 +39,8 @@ all: test
 # command to run. It runs before the venv, on the system's python3.
 system-packages:
 	@$(PYTHON3) -m harness.system_packages --for-goals "$(or $(MAKECMDGOALS),all)" --workers "$(WORKERS)" \
-	  --redis "$(REDIS)" --redis-cluster "$(REDIS_CLUSTER)" --host "$(HOST)" --monitor "$(MONITOR)"
+	  --redis "$(REDIS)" --redis-cluster "$(REDIS_CLUSTER)" --host "$(HOST)" --monitor "$(MONITOR)" \
+	  --peers "$(PEERS)"
 
 # setup.py builds loadtests/_heldfast.c in place (the load worker's compiled path)
 $(STAMP): pyproject.toml setup.py loadtests/_heldfast.c
@@ -99,13 +100,15 @@ cluster-demo: system-packages $(STAMP)
 	$(PY) -m loadtests.cluster_demo $(if $(USERS),--users $(USERS)) $(if $(DURATION),--duration $(DURATION))
 
 # REDIS_CLUSTER=local (a cluster started for the run) or host:port[,...]: the buses side by side
-# at 5k and 10k polls, 2 workers (docs/cluster.md)
+# at 5k and 10k polls, 2 workers (docs/cluster.md); PEERS= the reference servers beside Chattle,
+# as make capacity takes it (default uvloop,asyncio; nchan: nginx with Nchan; 1: all; 0: none)
 bench: system-packages $(STAMP)
-	$(PY) -m bench.sweep $(if $(QUICK),--quick) $(if $(REDIS_CLUSTER),--redis-cluster $(REDIS_CLUSTER))
+	$(PY) -m bench.sweep $(if $(QUICK),--quick) $(if $(REDIS_CLUSTER),--redis-cluster $(REDIS_CLUSTER)) \
+	  $(if $(PEERS),--peers $(PEERS))
 
 # The largest held-poll count each server wakes within SLO ms at p99, every message delivered:
-# WORKERS=1,2,4 (given on the command line; else all three), PEERS=1 both aiohttp references
-# (0: none, or uvloop / asyncio), SLOWED=<squares> one worker slowed (0: not), START, MAX_POLLS,
+# WORKERS=1,2,4 (given on the command line; else all three), PEERS=1 every peer: both aiohttp
+# references and nginx with Nchan (0: none, or a list of uvloop, asyncio, nchan), SLOWED=<squares> one worker slowed (0: not), START, MAX_POLLS,
 # MAX_PROBES (per server), TIME_LIMIT (seconds, the whole run). Report in reports/<ts>-capacity/.
 SLO     ?=
 PEERS   ?=
@@ -115,11 +118,10 @@ MAX_POLLS ?=
 MAX_PROBES ?=
 TIME_LIMIT ?=
 CAPACITY_ARGS = $(strip $(if $(filter command line environment,$(origin WORKERS)),--workers $(WORKERS)) \
-  $(if $(PEERS),--peers $(if $(filter 1,$(PEERS)),uvloop$(,)asyncio,$(if $(filter 0,$(PEERS)),none,$(PEERS)))) \
+  $(if $(PEERS),--peers $(PEERS)) \
   $(if $(SLOWED),--slowed $(SLOWED)) $(if $(SLO),--slo-ms $(SLO)) $(if $(START),--start $(START)) \
   $(if $(MAX_POLLS),--max-polls $(MAX_POLLS)) $(if $(MAX_PROBES),--max-probes $(MAX_PROBES)) \
   $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)))
-, := ,
 
 capacity: system-packages $(STAMP)
 	$(PY) -m bench.capacity $(CAPACITY_ARGS)

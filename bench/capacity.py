@@ -35,7 +35,7 @@ import sys
 import time
 
 from bench.rig import PER_PROCESS, Rig, raise_open_file_limit
-from bench.sweep import measure_point, median_point, start_server
+from bench.sweep import NCHAN_PEER, command_line, measure_point, median_point, peer_labels, start_server, wire_of
 from harness.processes import CleanUp, RedisServer
 from harness.system_packages import require_or_exit
 from instruments import history
@@ -48,6 +48,7 @@ from instruments.measures import (
     own_cpu_seconds,
 )
 from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
+from instruments.provenance import run_provenance
 
 GROWTH = 1.5        # the geometric step until a probe fails
 PRECISION = 0.05    # bisect until (first fail - last pass) <= 5 % of the last pass
@@ -294,14 +295,14 @@ def preflight(max_polls):
 # -- the servers and their probes ---------------------------------------------------------------------
 
 def server_list(workers, peers, slowed):
-    """[{"label", "workers" (an int, or a PEERS label), "env"}] in the order searched: one
-    worker and the uvloop peer first, so a run cut short still compares them."""
+    """[{"label", "workers" (an int, or a peer's label), "env"}] in the order searched: one
+    worker and the first peer (uvloop's, when searched) first, so a run cut short still
+    compares them. `peers`: their labels (bench.sweep.peer_labels)."""
     servers = []
     chattle = [{"label": "Chattle, %d worker%s" % (w, "" if w == 1 else "s"), "workers": w, "env": None}
                for w in workers]
     servers += chattle[:1]
-    by_name = {"uvloop": "aiohttp on uvloop", "asyncio": "aiohttp reference"}
-    chosen_peers = [by_name[p] for p in ("uvloop", "asyncio") if p in peers]
+    chosen_peers = list(peers)
     servers += [{"label": p, "workers": p, "env": None} for p in chosen_peers[:1]]
     if slowed and 1 in workers:
         servers.append({"label": "Chattle, 1 worker, slowed (+%d squares per answer)" % slowed, "workers": 1,
@@ -322,6 +323,7 @@ def compact(point, failures, per_process=None, processes=1):
             "client_cpu_s": point["client_cpu_s"], "bytes_per_poll": point["bytes_per_poll"],
             "machine_bytes_per_poll": point["machine_bytes_per_poll"], "connect_errors": point["connect_errors"],
             "client_processes": point["client_processes"], "held_per_pid": point.get("held_per_pid"),
+            "machine_busy_cores": point.get("machine_busy_cores"),
             "hold_resource": hold_resource(point, per_process, processes),
             "failures": failures, "passed": not failures}
 
@@ -417,6 +419,55 @@ def limited_by(result):
     return "objective: " + ", ".join(ranked) if ranked else "objective"
 
 
+# -- a capacity the rig could not measure ----------------------------------------------------------
+
+SATURATED_SHARE = 0.95  # a fan-out with the machine's cores this busy (anyone's work): the machine was the limit
+MEASURE_FURTHER = ("to measure further, run the load from another host (make load-worker) or give the server "
+                   "fewer workers per core")
+
+
+def rig_limit(result, cores=None):
+    """Whether the bracket ended on the measuring rather than on the server: None, or {"limit": "load
+    generator" (at least half the failing runs at the first failing count failed on the rig's own lag)
+    or "machine" (at least half ran their fan-out with SATURATED_SHARE of the cores busy), "at": that
+    count, "cores"}. A hold that ran out is the server's own limit, never the rig's."""
+    failed = result["bracket"][1]
+    if failed is None or (result.get("limited_by") or "").startswith("hold"):
+        return None
+    cores = cores or os.cpu_count()
+    runs = [run for probe in result["probes"] if probe["count"] == failed for run in probe["runs"]
+            if not run["passed"]]
+    if not runs:
+        return None
+    lagging = [run for run in runs if any(f.startswith("client lag") for f in run.get("failures") or ())]
+    saturated = [run for run in runs if (run.get("machine_busy_cores") or 0) >= SATURATED_SHARE * cores]
+    for limit, which in (("load generator", lagging), ("machine", saturated)):
+        if len(which) * 2 >= len(runs):
+            return {"limit": limit, "at": failed, "cores": cores}
+    return None
+
+
+def capacity_text(result, limit=None):
+    """A capacity as the verdict, the table and the chart say it: "at least 4,374; the load
+    generator was the limit here" where the rig could not measure further (rig_limit)."""
+    capacity = result["capacity"]
+    if capacity is None:
+        return None
+    if limit is None:
+        return "{:,}".format(capacity)
+    return "at least {:,}; the {} was the limit here".format(capacity, limit["limit"])
+
+
+def rig_limit_detail(limit):
+    """Why the rig was the limit, and what would measure further."""
+    if limit["limit"] == "load generator":
+        cause = "at {:,} the rig fell behind the answers (its client lag failed the runs)".format(limit["at"])
+    else:
+        cause = "at {:,} the machine's {} cores were busy through the fan-outs that failed".format(
+            limit["at"], limit["cores"])
+    return "%s, not the server; %s" % (cause, MEASURE_FURTHER)
+
+
 HOLD_OVER = 1.05  # the hold check: this much short of where the limits say the hold runs out, and past it
 
 
@@ -434,7 +485,8 @@ def check_hold(server, ceiling, redis_url, log_dir, per_process, say=print):
             checks.append({"requested": count, "held": None, "error": str(error).splitlines()[0][:200]})
             continue
         try:
-            point = Rig(instance.url, spread_sources=True).hold(count, instance.worker_pids())
+            point = Rig(instance.url, spread_sources=True, wire=wire_of(server["workers"])).hold(
+                count, instance.worker_pids())
         except (RuntimeError, OSError) as error:
             point = None
             checks.append({"requested": count, "held": None, "error": str(error).splitlines()[0][:200]})
@@ -484,14 +536,16 @@ def write_chart(report_dir, results, slo):
                    color=line.get_color())
         capacity = entry["search"]["capacity"]
         if capacity:
-            ax.axvline(capacity, color=line.get_color(), linestyle="--", linewidth=1)
-            ax.annotate("%d" % capacity, (capacity, slo * 1000), textcoords="offset points", xytext=(3, 6),
-                        color=line.get_color(), fontsize=8, rotation=90)
+            # a lower bound (the rig was the limit) is dotted and marked "at least"
+            lower = bool(entry["search"].get("rig_limit"))
+            ax.axvline(capacity, color=line.get_color(), linestyle=":" if lower else "--", linewidth=1)
+            ax.annotate(("at least %d (rig-limited)" if lower else "%d") % capacity, (capacity, slo * 1000),
+                        textcoords="offset points", xytext=(3, 6), color=line.get_color(), fontsize=8, rotation=90)
     ax.axhline(slo * 1000, color="#b3261e", linewidth=1.2, linestyle=":", label="objective %g ms" % (slo * 1000))
     ax.set_xlabel("held polls (N)")
     ax.set_ylabel("p99 wake-up latency (ms)")
     ax.set_yscale("log")
-    ax.set_title("p99 wake-up against held polls; dashed: each server's capacity")
+    ax.set_title("p99 wake-up against held polls; dashed: each server's capacity, dotted: a lower bound")
     ax.grid(alpha=.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -506,11 +560,17 @@ def verdict(results, slo, contended_note):
         if search["capacity"] is None:
             return "none of the counts tried (%d and fewer)" % min(p["count"] for p in search["probes"]) \
                 if search["probes"] else "nothing: no probe ran"
-        return "%d" % search["capacity"]
+        return ("at least {:,}" if search.get("rig_limit") else "{:,}").format(search["capacity"])
 
     def why(entry):
         search = entry["search"]
         bound, failed = search.get("limited_by") or "", search["bracket"][1]
+        if search.get("rig_limit"):
+            limit = search["rig_limit"]
+            return "the %s was the limit here: %s" % (limit["limit"], rig_limit_detail(limit))
+        if failed and bound == "hold (descriptors)":
+            return "at %d it reaches the descriptor ceiling: %s" % (
+                failed, entry["hold_ceiling"]["ceilings"]["descriptors"]["figure"])
         if failed and bound.startswith("hold"):
             return "at %d its %s runs out" % (failed, bound)
         if failed:
@@ -536,10 +596,11 @@ def search_capacity(argv):
                                                  "within the p99 objective, with delivery verified")
     parser.add_argument("--workers", default="1,2,4", help="Chattle worker counts (default %(default)s)")
     parser.add_argument("--peers", default="uvloop,asyncio",
-                        help="aiohttp references to search: uvloop, asyncio, both or none (default %(default)s)")
+                        help="reference servers to search: uvloop, asyncio (the aiohttp ones), nchan (nginx with "
+                             "Nchan), a list of them, 1 (all) or none (default %(default)s)")
     parser.add_argument("--slowed", type=int, default=SLOWED_SQUARES,
                         help="also search one worker doing this many extra squares per answer "
-                             "(%s; 0 skips it; default %%(default)s, about 30 %% more work)" % EXTRA_WORK_VARIABLE)
+                             "(%s; 0 skips it; default %%(default)s, about 30 %%%% more work)" % EXTRA_WORK_VARIABLE)
     parser.add_argument("--slo-ms", type=float, default=500, help="p99 wake-up objective (default %(default)s ms)")
     parser.add_argument("--start", type=int, default=5000, help="first N probed (default %(default)s)")
     parser.add_argument("--max-polls", type=int, default=200000,
@@ -556,12 +617,17 @@ def search_capacity(argv):
     args = parser.parse_args(argv)
     slo = args.slo_ms / 1000.0
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
-    peers = [] if args.peers in ("", "none", "0") else [p.strip() for p in args.peers.split(",")]
+    try:
+        peers = peer_labels(args.peers)
+    except ValueError as error:
+        parser.error(str(error))
     servers = server_list(workers, peers, args.slowed)
     if not servers:
         parser.error("nothing to search: give --workers or --peers")
     if any(isinstance(s["workers"], int) and s["workers"] > 1 for s in servers):
         require_or_exit(["redis-server"], "capacity")
+    if NCHAN_PEER in peers:
+        require_or_exit(["nginx", "nchan"], "capacity")
 
     notes, per_server_process = preflight(args.max_polls)
     for note in notes:
@@ -592,6 +658,7 @@ def search_capacity(argv):
         for index, server in enumerate(servers):
             result = found[index]
             result["limited_by"] = limited_by(result)
+            result["rig_limit"] = rig_limit(result)
             processes = server["workers"] if isinstance(server["workers"], int) else 1
             figures = at_capacity(result)
             hold = hold_ceilings(processes, figures and figures.get("machine_bytes_per_poll_median"))
@@ -607,6 +674,7 @@ def search_capacity(argv):
     finally:
         if redis is not None:
             redis.stop()
+    args.provenance = run_provenance(command_line("bench.capacity", argv))
     code = write_report(report_dir, results, args, slo, info, notes, time.monotonic() - started)
     append_to_history(results, args, report_dir, commit_at_start)
     return code
@@ -619,6 +687,7 @@ def append_to_history(results, args, report_dir, state):
         at = entry["at_capacity"] or {}
         key = re.sub(r"[^a-z0-9]+", "_", entry["label"].lower()).strip("_")
         figures[key + "_capacity"] = entry["search"]["capacity"]
+        figures[key + "_capacity_is_lower_bound"] = bool(entry["search"].get("rig_limit"))
         figures[key + "_p99_s"] = at.get("p99_s")
         figures[key + "_bytes_per_poll"] = at.get("bytes_per_poll")
     settings = {"workers": args.workers, "peers": args.peers, "slowed": args.slowed, "slo_ms": args.slo_ms,
@@ -642,18 +711,20 @@ def write_report(report_dir, results, args, slo, info, notes, elapsed):
             "start": args.start, "max_polls": args.max_polls, "max_probes": args.max_probes,
             "time_limit_s": args.time_limit, "elapsed_s": elapsed, "machine": info, "load_average": load,
             "other_work_cores_median": busy,
-            "preflight": notes, "verdict": text, "servers": results}
+            "preflight": notes, "verdict": text, "servers": results, "provenance": getattr(args, "provenance", None)}
     write_json(os.path.join(report_dir, "results.json"), data)
     rows = [("verdict", text, "")]
     for entry in results:
         search, figures = entry["search"], entry["at_capacity"] or {}
         bracket = "[%s, %s)" % tuple("-" if b is None else b for b in search["bracket"])
+        limit = search.get("rig_limit")
         rows.append(("%s: capacity" % entry["label"],
-                     "%s, bracket %s%s, limited by: %s, stopped: %s, %d probes"
-                     % (search["capacity"] if search["capacity"] is not None else "none", bracket,
+                     "%s, bracket %s%s, limited by: %s, stopped: %s, %d probes%s"
+                     % (capacity_text(search, limit) or "none", bracket,
                         " (%.1f %%)" % (search["bracket_share"] * 100) if search["bracket_share"] else "",
-                        search.get("limited_by") or "-", search["stopped"], len(search["probes"])),
-                     "pass" if search["converged"] else "fail"))
+                        search.get("limited_by") or "-", search["stopped"], len(search["probes"]),
+                        " (a lower bound: %s)" % rig_limit_detail(limit) if limit else ""),
+                     "lower bound" if limit else "pass" if search["converged"] else "fail"))
         if figures:
             rows.append(("%s: at capacity" % entry["label"],
                          "p50 %s ms, p99 %s ms, last delivery %s ms, %s B per held poll (server RSS), "
@@ -686,12 +757,18 @@ def write_report(report_dir, results, args, slo, info, notes, elapsed):
                % (machine_line(info), PER_PROCESS, args.repeats, args.needed, contended))
     write_html(os.path.join(report_dir, "report.html"), "Chattle capacity search", caption, rows,
                [("capacity.png", "p99 wake-up latency of every run (dots) and the median per probe (line) "
-                 "against held polls, per server; the dotted line is the %g ms objective, the dashed lines each "
-                 "server's capacity. %s" % (slo * 1000, caption))],
+                 "against held polls, per server; the red dotted line is the %g ms objective, the dashed lines each "
+                 "server's capacity, a dotted one marked \"at least\" a capacity the rig could not measure past (a "
+                 "lower bound: the load generator or the machine was the limit). %s" % (slo * 1000, caption))],
                notes=list(notes) + [
                    "A run fails on a poll not held or unanswered, an answer without the message, the rig's "
                    "client lag p99 over %d %% of the p99 it measured (and over %g %% of the objective), or p99 "
                    "over the objective." % (CLIENT_LAG_SHARE * 100, LAG_FLOOR_SHARE * 100),
+                   "A capacity is a lower bound (\"at least N\") where the bracket ended on the rig rather "
+                   "than the server: at least half the failing runs at its first failing count failed on the "
+                   "rig's client lag (the load generator was the limit), or ran their fan-out with %d %% or "
+                   "more of the machine's cores busy (the machine was the limit). %s."
+                   % (SATURATED_SHARE * 100, MEASURE_FURTHER[0].upper() + MEASURE_FURTHER[1:]),
                    "Where the hold runs out is computed from the machine's limits and the memory the holding "
                    "run used (whole machine, both ends, blurred by other work), apart from where the fan-out "
                    "misses the objective."],

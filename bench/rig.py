@@ -35,14 +35,18 @@ import sys
 import time
 import urllib.parse
 
-from chattle_limits import POLL_TIMEOUT_MAX, client_timeout, raise_descriptor_limit
-from harness.processes import ROOT, get_json, post_json
+from bench.wires import CHATTLE, POLL_TIMEOUT, WIRES
+from chattle_limits import client_timeout, raise_descriptor_limit
+from harness.processes import ROOT
 from instruments.httpframe import FramingError, ResponseParser
 from instruments.measures import (
     DeliveryLedger,
     client_bound,
     client_lag,
+    kernel_memory,
+    kernel_memory_per_connection,
     latency_summary,
+    machine_busy_seconds,
     memory_per_connection,
     process_cpu_seconds,
     summed_rss,
@@ -50,13 +54,13 @@ from instruments.measures import (
 )
 from instruments.stamps import ANCILLARY_SPACE, SO_TIMESTAMPNS, arrival
 
-POLL_TIMEOUT = POLL_TIMEOUT_MAX  # the protocol's longest hold: nothing times out while we measure
 COALESCE_SECONDS = 0.001  # a fan-out on and nothing to read: sleep, as the load test's driver does
 PER_PROCESS = 8000         # sockets per client process, well under the 20000 descriptor limit
 CLIENT_DESCRIPTOR_MARGIN = 64  # a client process's own pipes, epoll and interpreter files
 IP_BIND_ADDRESS_NO_PORT = 24   # linux/in.h: pick the source port at connect, per destination
 NR_OPEN = "/proc/sys/fs/nr_open"
 HOLD_STALL_SECONDS = 10.0  # held polls not rising for this long: the server holds no more
+BUSY_WINDOW_MIN = 0.1     # seconds: the shortest fan-out whose busy cores /proc/stat's ticks can tell
 
 
 def raise_open_file_limit(wanted=None):
@@ -135,12 +139,11 @@ class Poll:
 
 
 def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold_only=False,
-                     out=sys.stdout, stdin=sys.stdin, source=None):
-    """Open `count` polls on `since=cursor` (from address `source` when given), report
-    "parked" with the connect errors by name, then time their answers."""
+                     out=sys.stdout, stdin=sys.stdin, source=None, wire=CHATTLE):
+    """Open `count` polls from `cursor` (the wire's encode_cursor; from address `source` when
+    given), report "parked" with the connect errors by name, then time their answers."""
     raise_descriptor_limit()
-    request = ("GET /rooms/%s/msgs?since=%d&timeout=%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n"
-               % (room, cursor, POLL_TIMEOUT, host, port)).encode()
+    request = wire.poll_request(host, port, room, cursor)
     # select.epoll itself, not selectors: its per-event bookkeeping would double the
     # client's CPU per answer and push the rig towards being the bottleneck.
     epoll = select.epoll()
@@ -227,7 +230,7 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
         "received_at": [poll.received_at for poll in answered],
         "client_lag": [client_lag(poll.read_at, poll.received_at) for poll in answered],
         "bodies_ok": sum(1 for poll in answered if poll.body is not None),
-        "first_ids": [first_message_id(poll.body) for poll in answered],
+        "first_ids": [wire.first_id(poll.body) for poll in answered],
         "unanswered": len(polls) - len(answered),
         "cpu_seconds": cpu_collect,
     }) + "\n")
@@ -250,38 +253,33 @@ def connect(host, port, source, timeout):
     return sock
 
 
-def first_message_id(body):
-    try:
-        messages = json.loads(body)["messages"]
-        return messages[0]["id"] if messages else None
-    except (TypeError, ValueError, KeyError, IndexError):
-        return None
-
-
 # -- the parent: spreads the polls, confirms they are held, posts, gathers ----------------
 
-def held_waiters(url, expected_pids=None, probes=40, per_pid=None):
+def held_waiters(url, expected_pids=None, probes=40, per_pid=None, wire=CHATTLE):
     """Polls held right now, summed over the workers that answer /stats.
 
     /stats answers for whichever worker accepts the connection, so with several workers
     one probe sees one worker: probe many times on fresh connections and keep the
     newest figure of each pid. While polls are being parked the figure only rises, so
-    the newest is also the largest seen.
+    the newest is also the largest seen. A server that counts for all its workers at once
+    (Nchan) answers with no pid: one probe is its figure.
     """
     per_pid = {} if per_pid is None else per_pid
     for _ in range(probes):
         try:
-            status, body = get_json(url + "/stats", timeout=5)
+            answer = wire.held(url)
         except OSError:
             break  # a server that stopped accepting: its figure stays where it was
-        if status == 200 and isinstance(body, dict):
-            per_pid[body["pid"]] = body["waiters"]
+        if answer is not None:
+            per_pid[answer[0]] = answer[1]
+            if answer[0] is None:
+                break
         if expected_pids and set(expected_pids) <= set(per_pid):
             break
     return sum(per_pid.values()), per_pid
 
 
-def wait_until_held(url, count, expected_pids=None, timeout=60.0, stall=None):
+def wait_until_held(url, count, expected_pids=None, timeout=60.0, stall=None, wire=CHATTLE):
     """Probe /stats until the summed waiters reach `count` (or the deadline passes, or,
     given `stall`, the figure has not risen for that many seconds: a full server)."""
     deadline = time.monotonic() + timeout
@@ -290,7 +288,7 @@ def wait_until_held(url, count, expected_pids=None, timeout=60.0, stall=None):
     rose_at, highest = time.monotonic(), -1
     while time.monotonic() < deadline:
         held, per_pid = held_waiters(url, expected_pids, probes=max(4, 4 * len(expected_pids or [1])),
-                                     per_pid=per_pid)
+                                     per_pid=per_pid, wire=wire)
         if held >= count:
             break
         if held > highest:
@@ -320,11 +318,13 @@ def cpu_seconds_of(pids):
 
 
 class Rig:
-    def __init__(self, url, room="bench", per_process=None, spread_sources=False, rooms=None):
+    def __init__(self, url, room="bench", per_process=None, spread_sources=False, rooms=None, wire=CHATTLE):
         """`spread_sources`: client process i connects from 127.0.0.(1+i), so the polls are
         not bounded by one source address's ephemeral ports (needs a loopback server).
         `rooms`: spread the polls evenly over these rooms instead of one (a client process
-        per room at least), and post once to each, one post right after the other."""
+        per room at least), and post once to each, one post right after the other. `wire`: the
+        protocol the server speaks (bench.wires: Chattle's, or Nchan's)."""
+        self.wire = wire
         self.url = url.rstrip("/")
         parsed = urllib.parse.urlsplit(self.url)
         self.host, self.port = parsed.hostname, parsed.port or 80
@@ -334,18 +334,11 @@ class Rig:
         self.spread_sources = spread_sources
 
     def cursor(self, room=None):
-        """The room's last id (posting one message first, so the room exists)."""
-        room = room or self.room
-        status, body = get_json("%s/rooms/%s/msgs?limit=1" % (self.url, room))
-        if status == 200 and body["cursor"] > 0:
-            return body["cursor"]
-        status, body = post_json("%s/rooms/%s/msgs" % (self.url, room), {"from": "rig", "content": "warm-up"})
-        if status != 201:
-            raise RuntimeError("warm-up post answered %s: %s" % (status, body))
-        return body["id"]
+        """The room's position (Chattle's: its last id), posting one message first if it has none."""
+        return self.wire.cursor(self.url, room or self.room)
 
     def cursors(self):
-        """{room: its last id} of every room the rig polls."""
+        """{room: its position} of every room the rig polls."""
         return {room: self.cursor(room) for room in self.rooms}
 
     def start_clients(self, count, cursors, hold_only=False):
@@ -357,7 +350,7 @@ class Rig:
             while remaining > 0:
                 share = min(self.per_process, remaining)
                 argv = [sys.executable, "-m", "bench.rig", "--park", str(share), "--url", self.url,
-                        "--room", room, "--cursor", str(cursors[room])]
+                        "--room", room, "--cursor", self.wire.encode_cursor(cursors[room]), "--wire", self.wire.name]
                 if hold_only:
                     argv.append("--hold-only")
                 if self.spread_sources:
@@ -389,9 +382,11 @@ class Rig:
         if server_pids and rss_idle is None:
             rss_idle = summed_rss(server_pids)
         machine_idle = machine_memory_in_use()
+        kernel_idle = kernel_memory()
         clients = self.start_clients(count, cursors)
         try:
-            return self.park_post_collect(clients, count, cursors, server_pids, rss_idle, machine_idle, backend_cpu)
+            return self.park_post_collect(clients, count, cursors, server_pids, rss_idle, machine_idle, backend_cpu,
+                                          kernel_idle)
         finally:
             for client in clients:
                 if client.poll() is None:
@@ -408,7 +403,7 @@ class Rig:
             for name, times in line.get("errors", {}).items():
                 connect_errors[name] = connect_errors.get(name, 0) + times
         held, per_pid = wait_until_held(self.url, parked, server_pids, timeout=30 + count / 500.0,
-                                        stall=HOLD_STALL_SECONDS)
+                                        stall=HOLD_STALL_SECONDS, wire=self.wire)
         return {"requested": count, "parked": parked, "connect_errors": connect_errors,
                 "client_processes": len(clients), "held_confirmed": held,
                 "held_per_pid": {str(k): v for k, v in per_pid.items()}}
@@ -434,7 +429,8 @@ class Rig:
                     client.kill()
                     client.wait(10)
 
-    def park_post_collect(self, clients, count, cursors, server_pids, rss_idle, machine_idle, backend_cpu=None):
+    def park_post_collect(self, clients, count, cursors, server_pids, rss_idle, machine_idle, backend_cpu=None,
+                          kernel_idle=None):
         hold = self.park(clients, count, server_pids)
         parked, held = hold["parked"], hold["held_confirmed"]
         if held < parked:
@@ -443,32 +439,36 @@ class Rig:
             return dict(hold, delivered=0, unanswered=parked, complete_listeners=0,
                         latency=latency_summary([]), client_lag=latency_summary([]), last_delivery_s=None,
                         client_cpu_s=0.0, server_cpu_s=None, redis_cpu_s=None, client_bound=False,
-                        rss_idle=rss_idle,
+                        rss_idle=rss_idle, latency_from_send=latency_summary([]), kernel_per_poll=None,
                         rss_holding=None, bytes_per_poll=None, machine_bytes_per_poll=None)
         time.sleep(0.3)  # let the last accepted sockets settle before reading memory
         rss_holding = summed_rss(server_pids) if server_pids else None
         machine_holding = machine_memory_in_use()
+        kernel_holding = kernel_memory()
         cpu_before = cpu_seconds_of(server_pids) if server_pids else None
         backend_before = backend_cpu() if backend_cpu else None
         posted_at = time.time()
-        answers = {}
-        for room in cursors:
-            status, answer = post_json("%s/rooms/%s/msgs" % (self.url, room), {"from": "rig", "content": "wake"})
-            if status != 201:
-                raise RuntimeError("the post answered %s: %s" % (status, answer))
-            answers[room] = answer
+        busy_before, wall_before = machine_busy_seconds(), time.monotonic()
+        answers = {room: self.wire.post(self.url, room, cursors[room]) for room in cursors}
         results = [self.read_line(c, "results", POLL_TIMEOUT + 30) for c in clients]
         for client in clients:
             client.wait(10)
+        # how many of the machine's cores were busy through the fan-out, whoever kept them busy; /proc/stat
+        # counts in ticks of 10 ms, so a shorter fan-out gets no figure rather than a wrong one
+        window = time.monotonic() - wall_before
+        busy_cores = (machine_busy_seconds() - busy_before) / window if window >= BUSY_WINDOW_MIN else None
         cpu_server = cpu_seconds_of(server_pids) - cpu_before if server_pids else None
         cpu_backend = backend_cpu() - backend_before if backend_cpu else None
         received = [t for r in results for t in r["received_at"]]
         latencies = [wakeup_latency(t, answers[client.room]["ts"])
                      for client, result in zip(clients, results) for t in result["received_at"]]
+        # the same answers from the rig's send of the post: Nchan's origin, beside Chattle's ts
+        from_send = [wakeup_latency(t, answers[client.room]["sent"])
+                     for client, result in zip(clients, results) for t in result["received_at"]]
         ledgers = 0
         for client, result in zip(clients, results):
             for first_id in result["first_ids"]:
-                ledger = DeliveryLedger(cursors[client.room])
+                ledger = DeliveryLedger(self.wire.sequence(cursors[client.room]))
                 if first_id is not None:
                     ledger.record(first_id)
                 ledgers += ledger.complete(answers[client.room]["id"])
@@ -481,8 +481,10 @@ class Rig:
             "delivered": len(received),
             "complete_listeners": ledgers,
             "latency": latency,
+            "latency_from_send": latency_summary(from_send),
             "last_delivery_s": (max(received) - posted_at) if received else None,
             "client_cpu_s": cpu_client,
+            "machine_busy_cores": busy_cores,
             "server_cpu_s": cpu_server,
             "redis_cpu_s": cpu_backend,
             # the shared rule (the load test's, make capacity's): the client's own lag, not its CPU
@@ -493,6 +495,8 @@ class Rig:
             # the whole machine's rise: both ends' sockets and the client processes too
             # (blurred by anything else running), what bounds the hold on one host
             "machine_bytes_per_poll": memory_per_connection(machine_idle, machine_holding, parked),
+            # the kernel's part, both ends of every held connection (instruments.measures.kernel_memory)
+            "kernel_per_poll": kernel_memory_per_connection(kernel_idle, kernel_holding, parked),
         })
         return point
 
@@ -552,14 +556,17 @@ def main(argv=None):
     parser.add_argument("--park", type=int, required=True, help="how many polls this process holds")
     parser.add_argument("--url", required=True, help="server, e.g. http://127.0.0.1:8080")
     parser.add_argument("--room", default="bench", help="room to poll (default %(default)s)")
-    parser.add_argument("--cursor", type=int, required=True, help="the since= every poll sends")
+    parser.add_argument("--cursor", required=True,
+                        help="where every poll starts: Chattle's since=, or Nchan's position as JSON")
+    parser.add_argument("--wire", choices=sorted(WIRES), default=CHATTLE.name,
+                        help="the protocol the server speaks (default %(default)s)")
     parser.add_argument("--hold-only", action="store_true",
                         help="park, report, then hold until stdin gets a line (no timing)")
     parser.add_argument("--source", help="loopback address to connect from (default: the kernel's choice)")
     args = parser.parse_args(argv)
     parsed = urllib.parse.urlsplit(args.url)
     park_and_collect(parsed.hostname, parsed.port or 80, args.room, args.cursor, args.park,
-                     hold_only=args.hold_only, source=args.source)
+                     hold_only=args.hold_only, source=args.source, wire=WIRES[args.wire])
 
 
 if __name__ == "__main__":

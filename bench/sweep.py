@@ -8,7 +8,7 @@ point is reported, with charts, results.json and results.csv under reports/<ts>-
     python -m bench.sweep                       # default sweep (a few minutes)
     python -m bench.sweep --quick               # about a minute
     python -m bench.sweep --target http://host:port [--target-pid PID]
-    python -m bench.sweep --no-peers            # skip the aiohttp reference servers
+    python -m bench.sweep --peers nchan         # beside nginx with Nchan only (none: no peer; 1: all)
     python -m bench.sweep --redis-cluster local # the buses side by side (bench/buses.py)
 
 With --redis-cluster (`local`, or host:port[,...] of a running cluster), the same workers
@@ -18,9 +18,10 @@ count (default 5 000 and 10 000, 2 workers), with the CPU of the Redis nodes bes
 client's and the server's.
 
 Beside Chattle's one-worker points, the reference servers of bench/peers/ (aiohttp on
-asyncio's loop, and the same app on uvloop) are measured by the same rig at the same
-counts, and the report states the ratios Chattle / peer of memory per held poll and of
-time per waiter against each.
+asyncio's loop, and the same app on uvloop) and, asked for, nginx with Nchan (harness/nchan.py,
+the C peer: one worker, speaking Nchan's long-poll through bench.wires) are measured by the
+same rig at the same counts, and the report states the ratios Chattle / peer of memory per
+held poll and of time per waiter against each.
 """
 
 import argparse
@@ -32,15 +33,56 @@ import time
 
 from bench import buses as bus_module
 from bench.rig import Rig
+from bench.wires import CHATTLE, NCHAN
 from chattle_limits import raise_descriptor_limit
+from harness.nchan import NchanServer
 from harness.processes import ChattleServer, CleanUp, PeerServer, RedisServer
 from harness.system_packages import require_or_exit
-from instruments.measures import machine_busy_seconds, ms, own_cpu_seconds, summed_rss, time_per_waiter
+from instruments.measures import (
+    cpu_per_delivery,
+    machine_busy_seconds,
+    ms,
+    own_cpu_seconds,
+    summed_rss,
+    time_per_waiter,
+)
 from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
+from instruments.provenance import run_provenance
 
 DESCRIPTOR_MARGIN = 200  # listener, logs, redis and the worker's pipes
 # Each reference server: its label in reports, and its flags to bench.peers.aiohttp_chat.
 PEERS = {"aiohttp reference": (), "aiohttp on uvloop": ("--uvloop",)}
+NCHAN_PEER = "nginx with Nchan"  # the C peer (harness/nchan.py): one nginx worker
+NCHAN_WORKLOAD = ("; nginx with Nchan = nginx and Debian's libnginx-mod-nchan, one worker process (its RSS and "
+                  "CPU are the figures; the master, which only starts and stops it, is not counted), a channel per "
+                  "room keeping 500 messages, Nchan's long-poll (If-Modified-Since / If-None-Match), its latency "
+                  "from the rig's send of the post")
+# The peers by the names PEERS= and --peers take; 1 (or all) names every one, 0 (or none) none.
+PEER_NAMES = {"uvloop": "aiohttp on uvloop", "asyncio": "aiohttp reference", "nchan": NCHAN_PEER}
+DEFAULT_PEERS = "uvloop,asyncio"
+
+
+def peer_labels(names):
+    """The peers' labels from PEERS='s text, in PEER_NAMES' order; ValueError names an unknown one."""
+    given = [name.strip() for name in str(names).split(",") if name.strip()]
+    if given in (["1"], ["all"]):
+        return list(PEER_NAMES.values())
+    if given in ([], ["0"], ["none"]):
+        return []
+    unknown = sorted(set(given) - set(PEER_NAMES))
+    if unknown:
+        raise ValueError("no such peer %s; choose from %s (1: all, 0: none)"
+                         % (", ".join(unknown), ", ".join(PEER_NAMES)))
+    return [label for name, label in PEER_NAMES.items() if name in given]
+
+
+def is_peer(workers):
+    return workers in PEERS or workers == NCHAN_PEER
+
+
+def wire_of(workers):
+    """The protocol the server of a point speaks (bench.wires)."""
+    return NCHAN if workers == NCHAN_PEER else CHATTLE
 
 
 def median_point(repeats):
@@ -57,7 +99,11 @@ def median_point(repeats):
 def start_server(workers, count, redis_url, log_dir, env=None, name=""):
     """A fresh server for one run: a peer of PEERS by its label, or Chattle with `workers`
     workers (more than one on the shared redis at `redis_url`); `env` adds to its environment;
-    `name` tells its log apart from another bus's at the same point."""
+    `name` tells its log apart from another bus's at the same point. Nchan writes its config,
+    logs and pid into a folder of its own per run."""
+    if workers == NCHAN_PEER:
+        run_dir = os.path.join(log_dir, "nchan-n%d-%d" % (count, time.monotonic_ns()))
+        return NchanServer(run_dir)
     if workers in PEERS:
         return PeerServer(log_path=os.path.join(log_dir, "peer-%s-n%d.log" % (workers.replace(" ", "-"), count)),
                           args=PEERS[workers])
@@ -74,7 +120,8 @@ def measure_point(workers, count, redis_url, log_dir, env=None, spread_sources=F
                           name="-" + bus.name.replace(" ", "-").lower() if bus else "")
     try:
         pids = server.worker_pids()
-        rig = Rig(server.url, spread_sources=spread_sources, rooms=bus.rooms if bus is not None else None)
+        rig = Rig(server.url, spread_sources=spread_sources, rooms=bus.rooms if bus is not None else None,
+                  wire=wire_of(workers))
         rig.cursors()  # the rooms exist and their code paths are warm before the idle reading
         time.sleep(0.2)
         point = rig.run(count, server_pids=pids, rss_idle=summed_rss(pids),
@@ -92,7 +139,7 @@ def peer_ratios(points):
     held poll and time per waiter (instruments.measures.time_per_waiter). Above 1: Chattle costs more."""
     chattle = {p["requested"]: p for p in points if p["workers"] == 1}
     ratios = []
-    for peer in (p for p in points if p["workers"] in PEERS):
+    for peer in (p for p in points if is_peer(p["workers"])):
         ours = chattle.get(peer["requested"])
         if ours is None:
             continue
@@ -105,8 +152,15 @@ def peer_ratios(points):
             "memory_ratio": mem_ours / mem_peer if mem_ours and mem_peer and mem_peer > 0 else None,
             "chattle_s_per_waiter": tpw_ours, "peer_s_per_waiter": tpw_peer,
             "time_per_waiter_ratio": tpw_ours / tpw_peer if tpw_ours and tpw_peer else None,
+            "chattle_us_cpu_per_delivery": cpu_per_delivery(ours["server_cpu_s"], ours["delivered"]),
+            "peer_us_cpu_per_delivery": cpu_per_delivery(peer["server_cpu_s"], peer["delivered"]),
         })
     return ratios
+
+
+def command_line(module, argv):
+    """The command a run's provenance names: this module with the arguments it was given."""
+    return " ".join(["python -m " + module] + list(sys.argv[1:] if argv is None else argv))
 
 
 def series_of(point):
@@ -214,10 +268,11 @@ def write_charts(report_dir, points, slo, caption_tail):
     plt.close(fig)
     charts.append(("memory.png", BUS_CAPTIONS["memory.png"] + " " + caption_tail if compared else
                    "Memory per held poll: the rise in summed RSS of all worker processes "
-                   "over their idle RSS, divided by the polls held (median of repeats). Kernel socket "
-                   "buffers are not in RSS; see the anatomy. " + caption_tail))
+                   "over their idle RSS, divided by the polls held (median of repeats). The kernel's part "
+                   "(slab and socket buffers, both ends) is not in RSS: the table has it beside each point. "
+                   + caption_tail))
 
-    best = capacity([p for p in points if p["workers"] not in PEERS], slo)
+    best = capacity([p for p in points if not is_peer(p["workers"])], slo)
     if compared:
         charts.append(cpu_chart(plt, report_dir, by_workers, caption_tail))
         return charts, best
@@ -269,11 +324,15 @@ def cpu_chart(plt, report_dir, by_series, caption_tail):
 
 CSV_FIELDS = ["workers", "bus", "requested", "parked", "held_confirmed", "delivered", "p50_ms", "p95_ms", "p99_ms",
               "max_ms", "last_delivery_ms", "bytes_per_poll", "server_cpu_s", "client_cpu_s", "redis_cpu_s",
-              "client_lag_p99_ms", "client_bound", "repeats", "us_per_waiter"]
+              "client_lag_p99_ms", "client_bound", "repeats", "us_per_waiter", "server_us_per_delivery",
+              "from_send_p50_ms", "from_send_p99_ms", "kernel_bytes_per_poll", "kernel_tcp_mem_bytes_per_poll",
+              "kernel_tcp_inuse_per_poll", "kernel_slab_source"]
 
 
 def csv_row(point):
     lat = point["latency"]
+    from_send = point.get("latency_from_send") or {"p50": None, "p99": None}
+    kernel = point.get("kernel_per_poll") or {}
 
     def rounded(value, digits):
         return None if value is None else round(value, digits)
@@ -290,12 +349,19 @@ def csv_row(point):
             "server_cpu_s": point["server_cpu_s"], "client_cpu_s": point["client_cpu_s"],
             "redis_cpu_s": point.get("redis_cpu_s"), "client_lag_p99_ms": rounded(ms(point["client_lag"]["p99"]), 3),
             "client_bound": point["client_bound"], "repeats": point.get("repeats"),
-            "us_per_waiter": us(time_per_waiter(point["last_delivery_s"], point["delivered"]))}
+            "us_per_waiter": us(time_per_waiter(point["last_delivery_s"], point["delivered"])),
+            "server_us_per_delivery": rounded(cpu_per_delivery(point["server_cpu_s"], point["delivered"]), 2),
+            "from_send_p50_ms": rounded(ms(from_send["p50"]), 3), "from_send_p99_ms": rounded(ms(from_send["p99"]), 3),
+            "kernel_bytes_per_poll": rounded(kernel.get("slab_bytes"), 0),
+            "kernel_tcp_mem_bytes_per_poll": rounded(kernel.get("tcp_mem_bytes"), 0),
+            "kernel_tcp_inuse_per_poll": rounded(kernel.get("tcp_inuse"), 3),
+            "kernel_slab_source": kernel.get("slab_source")}
 
 
 # Defaults of the plain sweep, and of the comparison of buses (--redis-cluster): a flag given wins.
-SWEEP_DEFAULTS = {"counts": "1000,2000,5000,10000,15000", "workers": "1,2,4", "peers": True, "anatomy": 2000}
-BUS_DEFAULTS = {"counts": "5000,10000", "workers": "2", "peers": False, "anatomy": 0}
+SWEEP_DEFAULTS = {"counts": "1000,2000,5000,10000,15000", "workers": "1,2,4", "peers": DEFAULT_PEERS,
+                  "anatomy": 2000}
+BUS_DEFAULTS = {"counts": "5000,10000", "workers": "2", "peers": "none", "anatomy": 0}
 
 
 def parse_args(argv=None):
@@ -310,10 +376,12 @@ def parse_args(argv=None):
     parser.add_argument("--target", help="measure this running server instead of starting one (URL)")
     parser.add_argument("--target-pid", type=int, action="append", default=[],
                         help="pid(s) serving --target, for RSS and CPU figures (repeatable)")
-    parser.add_argument("--peers", action=argparse.BooleanOptionalAction,
-                        help="also measure the reference servers (aiohttp, aiohttp on uvloop) at the same "
-                             "counts and report the ratios Chattle / each (default on, off with --redis-cluster; "
-                             "--no-peers skips them)")
+    parser.add_argument("--peers", metavar="uvloop,asyncio,nchan|1|0",
+                        help="also measure these reference servers (aiohttp on uvloop, aiohttp on asyncio, nginx "
+                             "with Nchan; 1: all, 0 or none: no peer) at the same counts and report the ratios "
+                             "Chattle / each (default %s; none with --redis-cluster)" % DEFAULT_PEERS)
+    parser.add_argument("--no-peers", dest="peers", action="store_const", const="none",
+                        help="measure no reference server (--peers none)")
     parser.add_argument("--anatomy", type=int,
                         help="held polls for the per-poll memory anatomy (0 skips it; default %d, with "
                              "--redis-cluster 0)" % SWEEP_DEFAULTS["anatomy"])
@@ -334,6 +402,10 @@ def parse_args(argv=None):
     for name, value in (BUS_DEFAULTS if args.redis_cluster is not None else SWEEP_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    try:
+        args.peer_labels = [] if args.target else peer_labels(args.peers)
+    except ValueError as error:
+        parser.error(str(error))
     if args.quick:
         args.counts, args.repeats = "1000,2000", 1
         if args.redis_cluster is None:
@@ -391,6 +463,8 @@ def sweep(argv):
     counts = [c for c in counts if c <= limit]
     if not args.target and (any(w > 1 for w in workers_list) or args.redis_cluster is not None):
         require_or_exit(["redis-server"], "bench")  # before the report directory: none is left empty
+    if NCHAN_PEER in args.peer_labels:
+        require_or_exit(["nginx", "nchan"], "bench")
     report_dir = new_report_dir("bench")
     info = machine_description()
     started = time.monotonic()
@@ -411,7 +485,7 @@ def sweep(argv):
         elif any(w > 1 for w in workers_list):
             redis = RedisServer(appendonly=False)
         # The peer is one process on an in-memory store: it pairs with the one-worker points.
-        measured = ([] if buses else workers_list) + (list(PEERS) if args.peers and not args.target else [])
+        measured = ([] if buses else workers_list) + args.peer_labels
         for workers in measured:
             for count in counts:
                 repeats = []
@@ -440,10 +514,12 @@ def sweep(argv):
     workload = ("Workload: N polls on one room, since=cursor, timeout=60 s, one post wakes all; "
                 "raw HTTP/1.1 on 127.0.0.1, client in %s process(es) of at most 8000 sockets; "
                 "median of %d repeat(s); 1 worker = python chattle.py (memory bus), more = gunicorn gevent "
-                "workers on a shared redis-server%s." % ("separate", args.repeats,
-                                                          "; aiohttp reference = python -m bench.peers.aiohttp_chat, "
-                                                          "one process, in memory; aiohttp on uvloop = the same "
-                                                          "with --uvloop" if args.peers else ""))
+                "workers on a shared redis-server%s%s." % ("separate", args.repeats,
+                                                            "; aiohttp reference = python -m bench.peers.aiohttp_chat, "
+                                                            "one process, in memory; aiohttp on uvloop = the same "
+                                                            "with --uvloop" if set(args.peer_labels) & set(PEERS)
+                                                            else "", NCHAN_WORKLOAD if NCHAN_PEER in args.peer_labels
+                                                            else ""))
     if args.target:
         workload = "Target %s (not started by the sweep). " % args.target + workload
     if buses:
@@ -462,7 +538,8 @@ def sweep(argv):
     caption_tail = "Machine: %s. %s" % (machine_line(info), workload)
     charts, best = write_charts(report_dir, points, args.slo, caption_tail)
     ratios = peer_ratios(points)
-    results = {"peers": list(PEERS) if args.peers and not args.target else [], "peer_ratios": ratios,
+    results = {"provenance": run_provenance(command_line("bench.sweep", argv)), "peers": args.peer_labels,
+               "peer_ratios": ratios,
                "machine": info, "slo_s": args.slo, "counts": counts, "skipped_counts": skipped,
                "workers": workers_list, "repeats": args.repeats, "capacity": {str(k): v for k, v in best.items()},
                "points": points, "anatomy": anatomy, "elapsed_s": time.monotonic() - started,
@@ -484,15 +561,22 @@ def sweep(argv):
                      "%s (%s / %s us)" % (fmt(ratio["time_per_waiter_ratio"], "%.2f"),
                                           fmt(ratio["chattle_s_per_waiter"], "%.1f", 1e6),
                                           fmt(ratio["peer_s_per_waiter"], "%.1f", 1e6)), ""))
+        rows.append(("Chattle / %s, %d polls: server CPU per delivery" % (ratio["peer"], ratio["requested"]),
+                     "%s / %s us" % (fmt(ratio["chattle_us_cpu_per_delivery"], "%.1f"),
+                                     fmt(ratio["peer_us_cpu_per_delivery"], "%.1f")), ""))
     for point in points:
         row = csv_row(point)
         rows.append(("%s, %d polls" % (series_label(point), point["requested"]),
-                     "p50 %s ms, p99 %s ms, max %s ms, last %s ms, %s us/waiter, %s B/poll, server CPU %s s, "
-                     "client CPU %.2f s%s%s%s"
-                     % (row["p50_ms"], row["p99_ms"], row["max_ms"], row["last_delivery_ms"], row["us_per_waiter"],
+                     "p50 %s ms, p99 %s ms (from the rig's send: %s / %s ms), max %s ms, last %s ms, %s us/waiter, "
+                     "%s B/poll user space + %s B/poll kernel (slab, %s; TCP buffers %s B), server CPU %s s "
+                     "(%s us/delivery), client CPU %.2f s%s%s%s"
+                     % (row["p50_ms"], row["p99_ms"], row["from_send_p50_ms"], row["from_send_p99_ms"], row["max_ms"],
+                        row["last_delivery_ms"], row["us_per_waiter"],
                         "%.0f" % row["bytes_per_poll"] if row["bytes_per_poll"] else "-",
+                        fmt(row["kernel_bytes_per_poll"]), row["kernel_slab_source"] or "-",
+                        fmt(row["kernel_tcp_mem_bytes_per_poll"]),
                         "%.2f" % row["server_cpu_s"] if row["server_cpu_s"] is not None else "-",
-                        row["client_cpu_s"],
+                        fmt(row["server_us_per_delivery"], "%.1f"), row["client_cpu_s"],
                         ", Redis CPU %.3f s" % row["redis_cpu_s"] if row["redis_cpu_s"] is not None else "",
                         ", other work %.1f cores" % point["other_work_cores"] if "other_work_cores" in point else "",
                         " (client-bound)" if row["client_bound"] else ""),
@@ -506,6 +590,15 @@ def sweep(argv):
         notes.append("Other work: the cores the rest of the machine kept busy during a run (/proc/stat less this "
                      "sweep, its servers, clients and Redis nodes); above a few tenths of the %d cores the "
                      "latencies include waiting for a core." % os.cpu_count())
+    notes.append("Kernel memory per held poll (instruments.measures.kernel_memory): the rise of the machine's slab "
+                 "caches (/proc/slabinfo, or /proc/meminfo's Slab where it cannot be read: the row names which) and "
+                 "of /proc/net/sockstat's TCP buffer pages from before the polls were parked to while they are held, "
+                 "over the polls held. It counts both ends of each loopback connection (the client's socket and the "
+                 "server's), and anything else the machine did meanwhile; user-space RSS beside it is the server's "
+                 "alone.")
+    notes.append("p50/p99 from the rig's send: the same answers timed from just before the rig sent the post "
+                 "(Nchan's latency origin: it stamps no message), beside the server's own `ts` (Chattle's and the "
+                 "aiohttp peers' origin, when the server accepted the post); for Nchan both are the send time.")
     notes.append("A point is marked client-bound when the rig's own lag (an answer's kernel arrival to its read) "
                  "at p99 exceeds a tenth of the wake-up p99 and 10 ms (instruments.measures.client_bound, the "
                  "load test's rule): the rig then fell behind the server it measures.")

@@ -58,6 +58,21 @@ def _exchange(request, timeout):
             return error.code, body
 
 
+def answers_health(url):
+    """Whether the server at `url` answers GET /health with 200."""
+    status, _body = get_json(url + "/health", timeout=1)
+    return status == 200
+
+
+def child_pids(pid):
+    """The pids of a process's children (a master's workers); none once it is gone."""
+    import psutil
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
+
+
 class Process:
     """A child process we started; stop() ends it (and only it) by pid."""
 
@@ -249,18 +264,11 @@ class ChattleServer(Process):
             raise
 
     def healthy(self):
-        status, _body = get_json(self.url + "/health", timeout=1)
-        return status == 200
+        return answers_health(self.url)
 
     def worker_pids(self):
         """The pids that serve requests: gunicorn's workers, or the single process."""
-        if not self.gunicorn:
-            return [self.pid]
-        import psutil
-        try:
-            return [child.pid for child in psutil.Process(self.pid).children()]
-        except psutil.NoSuchProcess:
-            return []
+        return child_pids(self.pid) if self.gunicorn else [self.pid]
 
 
 class SeedGunicorn(Process):
@@ -279,8 +287,7 @@ class SeedGunicorn(Process):
         wait_until(self.healthy, 30, "the seed's gunicorn on %s" % self.url, self)
 
     def healthy(self):
-        status, _body = get_json(self.url + "/health", timeout=1)
-        return status == 200
+        return answers_health(self.url)
 
 
 class PeerServer(Process):
@@ -298,8 +305,7 @@ class PeerServer(Process):
         wait_until(self.healthy, 30, "%s on %s" % (module, self.url), self)
 
     def healthy(self):
-        status, _body = get_json(self.url + "/health", timeout=1)
-        return status == 200
+        return answers_health(self.url)
 
     def worker_pids(self):
         return [self.pid]

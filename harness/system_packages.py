@@ -38,6 +38,9 @@ PROGRAMS = {
     "faketime": ("faketime", "faketime"),
     # make run MONITOR=1 and the /metrics test: a real Prometheus scraping the server
     "prometheus": ("/usr/bin/prometheus", "prometheus"),
+    # the C peer of make bench and make capacity (PEERS=nchan): nginx and Debian's Nchan module
+    "nginx": ("/usr/sbin/nginx", "nginx"),
+    "nchan": ("/usr/lib/nginx/modules/ngx_nchan_module.so", "libnginx-mod-nchan"),
 }
 
 
@@ -55,20 +58,28 @@ def _needs_redis_for_load(given):
     return ["redis-server"] if several(given["workers"]) else []
 
 
+def _peer_programs(given):
+    """make bench and make capacity: nginx with Nchan when PEERS names it (or is 1: every peer)."""
+    peers = [peer.strip() for peer in given["peers"].split(",")]
+    return ["nginx", "nchan"] if "nchan" in peers or "1" in peers else []
+
+
 def _test_programs(given):
-    # faketime only as root: the cluster test it serves makes network namespaces
-    return ["redis-server", "chromium", "valgrind", "prometheus"] + (["faketime"] if given["root"] else [])
+    # faketime only as root: the cluster test it serves makes network namespaces; nginx and Nchan
+    # for the C peer's test (a small run through the real nginx); prometheus for the /metrics test
+    return (["redis-server", "chromium", "valgrind", "prometheus", "nginx", "nchan"]
+            + (["faketime"] if given["root"] else []))
 
 
 GOALS = {
     # make goal: the programs it needs, given the make variables (WORKERS, REDIS, REDIS_CLUSTER,
-    # HOST) and whether it runs as root; a goal not listed needs none
+    # HOST, PEERS) and whether it runs as root; a goal not listed needs none
     "all": _test_programs,
     "test": _test_programs,
     "test-long": _test_programs,
     "test-fast": lambda given: ["redis-server"],
-    "bench": lambda given: ["redis-server"],
-    "capacity": lambda given: ["redis-server"],
+    "bench": lambda given: ["redis-server"] + _peer_programs(given),
+    "capacity": lambda given: ["redis-server"] + _peer_programs(given),
     "cluster-demo": lambda given: ["redis-server", "faketime"],
     "redis-cluster": lambda given: ["redis-server"],
     # one worker serves from memory; more share a bus: REDIS=, REDIS_CLUSTER=, else a local redis-server;
@@ -82,10 +93,11 @@ GOALS = {
 }
 
 
-def needed(goals, workers=1, redis="", redis_cluster="", host="", root=None, monitor=""):
+def needed(goals, workers=1, redis="", redis_cluster="", host="", root=None, monitor="", peers=""):
     """The programs `goals` need, sorted, once each."""
     given = {"workers": workers, "redis": redis or "", "redis_cluster": redis_cluster or "", "host": host or "",
-             "root": os.geteuid() == 0 if root is None else root, "monitor": str(monitor or "") not in ("", "0")}
+             "root": os.geteuid() == 0 if root is None else root, "monitor": str(monitor or "") not in ("", "0"),
+             "peers": peers or ""}
     return sorted({program for goal in goals if goal in GOALS for program in GOALS[goal](given)})
 
 
@@ -97,7 +109,9 @@ def find(program, look_for=None):
     """Where `program` is, or None. `look_for` overrides where it is looked for."""
     where = (look_for or {}).get(program) or PROGRAMS[program][0]
     if os.path.isabs(where):
-        return where if os.path.isfile(where) and os.access(where, os.X_OK) else None
+        # a module nginx loads is read, not run
+        usable = os.access(where, os.R_OK if where.endswith(".so") else os.X_OK)
+        return where if os.path.isfile(where) and usable else None
     return shutil.which(where)
 
 
@@ -209,6 +223,7 @@ def main(argv=None):
     parser.add_argument("--redis-cluster", default="", help="make's REDIS_CLUSTER")
     parser.add_argument("--host", default="", help="make's HOST")
     parser.add_argument("--monitor", default="", help="make's MONITOR")
+    parser.add_argument("--peers", default="", help="make's PEERS")
     parser.add_argument("--list", action="store_true", help="print the programs needed, one line, and install nothing")
     parser.add_argument("--look-for", action="append", default=[], metavar="PROGRAM=PATH",
                         help="look for PROGRAM at PATH instead (tests use it)")
@@ -218,7 +233,8 @@ def main(argv=None):
     if unknown:
         parser.error("no such program: %s (known: %s)" % (", ".join(unknown), ", ".join(sorted(PROGRAMS))))
     programs = list(dict.fromkeys(args.programs + needed(args.for_goals.split(), args.workers, args.redis,
-                                                         args.redis_cluster, args.host, monitor=args.monitor)))
+                                                         args.redis_cluster, args.host, monitor=args.monitor,
+                                                         peers=args.peers)))
     if args.list:
         print(" ".join(programs))
         return 0

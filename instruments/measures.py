@@ -330,6 +330,64 @@ def memory_per_connection(rss_idle, rss_holding, held):
     return (rss_holding - rss_idle) / held
 
 
+# -- kernel memory per held connection ----------------------------------------------------
+
+SOCKSTAT, SLABINFO, MEMINFO = "/proc/net/sockstat", "/proc/slabinfo", "/proc/meminfo"
+# The slab caches a held TCP connection's kernel side lives in: the socket, its inode and
+# file, its dentry, the epoll item watching it, a buffer head for queued data.
+SOCKET_CACHES = ("TCP", "sock_inode_cache", "filp", "dentry", "eventpoll_epi", "eventpoll_pwq",
+                 "tcp_bind_bucket", "request_sock_TCP", "skbuff_head_cache")
+KERNEL_BYTES = ("tcp_mem_bytes", "slab_bytes", "socket_slab_bytes")
+KERNEL_COUNTS = ("tcp_inuse", "tcp_orphan", "tcp_tw")
+
+
+def kernel_memory(sockstat=SOCKSTAT, slabinfo=SLABINFO, meminfo=MEMINFO, page_size=None):
+    """The kernel's memory for connections right now, machine-wide (both ends of a loopback
+    connection are on this machine): {"tcp_mem_bytes": sockstat's TCP `mem` pages in bytes
+    (the socket buffers holding data), "tcp_inuse", "tcp_orphan", "tcp_tw": its counts,
+    "slab_bytes": every slab cache's pages, "socket_slab_bytes": those of SOCKET_CACHES,
+    "slab_source": "slabinfo"}; where /proc/slabinfo cannot be read (it is root's), "slab_bytes"
+    is /proc/meminfo's Slab, "socket_slab_bytes" None and "slab_source" "meminfo"."""
+    page_size = page_size or os.sysconf("SC_PAGE_SIZE")
+    figures = {}
+    with open(sockstat) as source:
+        for line in source:
+            if line.startswith("TCP:"):
+                fields = line.split()[1:]
+                values = dict(zip(fields[::2], (int(v) for v in fields[1::2])))
+                figures.update(tcp_mem_bytes=values["mem"] * page_size, tcp_inuse=values["inuse"],
+                               tcp_orphan=values["orphan"], tcp_tw=values["tw"])
+    try:
+        with open(slabinfo) as source:
+            lines = source.read().splitlines()[2:]
+    except OSError:
+        with open(meminfo) as source:
+            slab = next(int(line.split()[1]) * 1024 for line in source if line.startswith("Slab:"))
+        return dict(figures, slab_bytes=slab, socket_slab_bytes=None, slab_source="meminfo")
+    total = sockets = 0
+    for line in lines:
+        fields = line.split()
+        # name active num objsize perslab pagesperslab : tunables ... : slabdata active_slabs num_slabs shared
+        cache_bytes = int(fields[-2]) * int(fields[5]) * page_size
+        total += cache_bytes
+        sockets += cache_bytes if fields[0] in SOCKET_CACHES else 0
+    return dict(figures, slab_bytes=total, socket_slab_bytes=sockets, slab_source="slabinfo")
+
+
+def kernel_memory_per_connection(idle, holding, held):
+    """Each held connection's share of the rise of kernel_memory() from `idle` to `holding`:
+    bytes per connection, and the TCP counts' rise per connection (about 2 in use: both ends).
+    Machine-wide figures, so other work on the machine blurs them."""
+    if idle is None or holding is None or held <= 0:
+        return None
+    per = {}
+    for name in KERNEL_BYTES + KERNEL_COUNTS:
+        before, after = idle.get(name), holding.get(name)
+        per[name] = None if before is None or after is None else (after - before) / held
+    per["slab_source"] = holding.get("slab_source")
+    return per
+
+
 # -- CPU per delivery ----------------------------------------------------------------------
 
 def cpu_per_delivery(cpu_seconds, deliveries):

@@ -42,3 +42,26 @@ def without_bench_environment(environ=None):
     runs as the product does."""
     environ = os.environ if environ is None else environ
     return {name: value for name, value in environ.items() if not name.startswith(BENCH_PREFIX)}
+
+
+def run_provenance(command, root=ROOT):
+    """What a published figure names: the command that measured it, when (UTC), on which commit
+    (and whether tracked files differed from it), and on what machine (cores, memory, CPU model,
+    system). Kept in the run's own JSON, from which docs/results.md's entry is made."""
+    import datetime
+    import platform
+
+    commit = git("rev-parse", "HEAD", cwd=root, check=False)
+    dirty = git("status", "--porcelain", "--untracked-files=no", cwd=root, check=False)
+    model = platform.machine()
+    memory = None
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+        with open("/proc/meminfo") as info:
+            memory = round(int(info.readline().split()[1]) / 2 ** 20, 1)
+    except OSError:
+        pass
+    machine = "%d cores (%s), %s GiB, %s" % (os.cpu_count(), model, memory, platform.platform(terse=True))
+    return {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": commit, "dirty": bool(dirty) if commit else None, "machine": machine}

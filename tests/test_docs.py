@@ -381,3 +381,22 @@ def test_the_faults_entry_is_what_its_run_json_makes():
     assert made in read("docs/results.md"), (
         "docs/results.md's Faults entry is not what `python -m loadtests.faults_results "
         "docs/runs/faults-matrix.json` prints: paste its output there")
+
+
+PEER_ENTRY = re.compile(r"<!-- made by: python -m bench\.peer_results (docs/runs/[\w.-]+\.json) -->\n"
+                        r"(.*?)\n<!-- end -->", re.S)
+
+
+def test_the_peer_entries_are_what_their_run_json_makes():
+    """docs/results.md's entries of Chattle beside its peers are made from the runs' own JSON
+    (bench.peer_results): a figure edited by hand, or a run whose JSON was not kept, parts them."""
+    from bench.peer_results import section
+
+    entries = PEER_ENTRY.findall(read("docs/results.md"))
+    assert entries, "docs/results.md has no entry made by bench.peer_results"
+    for path, block in entries:
+        with open(os.path.join(ROOT, path)) as kept:
+            made = "\n".join(section(json.load(kept)))
+        assert block.strip() == made.strip(), (
+            "docs/results.md's entry from %s is not what `python -m bench.peer_results %s` prints: paste its "
+            "output there" % (path, path))

@@ -28,13 +28,16 @@ e7d1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
 
 def test_the_comparison_has_its_own_defaults_and_flags_given_win():
     compared = sweep.parse_args(["--redis-cluster", "local"])
-    assert (compared.counts, compared.workers, compared.peers, compared.anatomy) == ("5000,10000", "2", False, 0)
+    assert (compared.counts, compared.workers, compared.peer_labels, compared.anatomy) == ("5000,10000", "2", [], 0)
     given = sweep.parse_args(["--redis-cluster", "127.0.0.1:7000,127.0.0.1:7001", "--counts", "200",
-                              "--workers", "1,2", "--peers"])
-    assert (given.counts, given.workers, given.peers) == ("200", "1,2", True)
+                              "--workers", "1,2", "--peers", "1"])
+    assert (given.counts, given.workers, given.peer_labels) == (
+        "200", "1,2", ["aiohttp on uvloop", "aiohttp reference", "nginx with Nchan"])
     plain = sweep.parse_args([])
-    assert (plain.counts, plain.workers, plain.peers, plain.anatomy) == (
-        "1000,2000,5000,10000,15000", "1,2,4", True, 2000)
+    assert (plain.counts, plain.workers, plain.peer_labels, plain.anatomy) == (
+        "1000,2000,5000,10000,15000", "1,2,4", ["aiohttp on uvloop", "aiohttp reference"], 2000)
+    assert sweep.parse_args(["--peers", "nchan"]).peer_labels == ["nginx with Nchan"]
+    assert sweep.parse_args(["--no-peers"]).peer_labels == []
 
 
 @pytest.mark.parametrize("argv,said", [

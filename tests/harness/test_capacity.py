@@ -243,7 +243,7 @@ def test_preflight_names_a_limit_it_cannot_raise_and_the_command():
 
 
 def test_the_servers_are_searched_one_worker_and_the_uvloop_peer_first():
-    servers = capacity.server_list([1, 2, 4], ["uvloop", "asyncio"], slowed=240)
+    servers = capacity.server_list([1, 2, 4], ["aiohttp on uvloop", "aiohttp reference"], slowed=240)
     assert [s["label"] for s in servers][:3] == ["Chattle, 1 worker", "aiohttp on uvloop",
                                                  "Chattle, 1 worker, slowed (+240 squares per answer)"]
     assert servers[2]["env"] == {capacity.EXTRA_WORK_VARIABLE: "240"}
@@ -358,3 +358,80 @@ def test_the_stepped_summary_names_the_last_step_that_held_beside_the_one_that_b
     assert last.startswith("the last step that held: step 1, 2000 listeners")
     assert breaking.startswith("the step that broke: step 2, 4000 listeners")
     assert "19990 of 20000 deliveries" in breaking and "p99 610 ms" in breaking
+
+
+# -- a capacity the rig could not measure ---------------------------------------------------------
+
+def bracket_ending_on(failing_runs, capacity_at=4374, failed_at=4583):
+    """A search result whose bracket is [capacity_at, failed_at), the runs at failed_at as given."""
+    result = {"capacity": capacity_at, "bracket": [capacity_at, failed_at], "converged": True, "stopped": "converged",
+              "bracket_share": (failed_at - capacity_at) / capacity_at,
+              "probes": [{"count": capacity_at, "passed": True, "runs": [dict(PASSING, requested=capacity_at)] * 2},
+                         {"count": failed_at, "passed": False,
+                          "runs": [dict(run, requested=failed_at) for run in failing_runs]}]}
+    result["limited_by"] = capacity.limited_by(result)
+    return result
+
+
+PASSING = {"passed": True, "failures": [], "p50_s": 0.1, "p99_s": 0.3, "last_delivery_s": 0.4,
+           "client_lag_p99_s": 0.001, "other_work_cores": 0.1, "machine_busy_cores": 1.2}
+LAGGING = dict(PASSING, passed=False, failures=["client lag p99 60.0 ms over 10 % of p99"], client_lag_p99_s=0.06,
+               machine_busy_cores=1.5)
+SLOW = dict(PASSING, passed=False, failures=["p99 610 ms over 500 ms"], p99_s=0.61, machine_busy_cores=1.4)
+SATURATED = dict(SLOW, machine_busy_cores=1.97)
+
+
+@pytest.mark.parametrize("runs, limit", [
+    ([LAGGING, LAGGING], "load generator"), ([LAGGING, SLOW], "load generator"),
+    ([SATURATED, SATURATED, SLOW], "machine"), ([SLOW, SLOW], None), ([SATURATED, SLOW, SLOW], None),
+])
+def test_a_bracket_ending_on_the_rig_or_a_busy_machine_is_a_lower_bound(runs, limit):
+    found = capacity.rig_limit(bracket_ending_on(runs), cores=2)
+    assert (found and found["limit"]) == limit
+    if limit:
+        assert found == {"limit": limit, "at": 4583, "cores": 2}
+
+
+def test_a_hold_that_runs_out_is_the_servers_own_limit_not_the_rigs():
+    full = bracket_ending_on([{"passed": False, "failures": ["hold: 19800 of 21000 polls connected"],
+                               "hold_resource": "descriptors", "machine_busy_cores": 2.0}] * 2)
+    assert full["limited_by"] == "hold (descriptors)" and capacity.rig_limit(full, cores=2) is None
+
+
+def test_a_lower_bound_is_worded_as_one_in_the_verdict_and_the_table(tmp_path):
+    lagging = bracket_ending_on([LAGGING, LAGGING])
+    lagging["rig_limit"] = capacity.rig_limit(lagging, cores=2)
+    assert capacity.capacity_text(lagging, lagging["rig_limit"]) == (
+        "at least 4,374; the load generator was the limit here")
+    slow = bracket_ending_on([SLOW, SLOW])
+    assert capacity.capacity_text(slow, capacity.rig_limit(slow, cores=2)) == "4,374"
+    ceiling = {"first": "descriptors", "polls": 19800,
+               "ceilings": {"descriptors": {"polls": 19800, "figure": "open-file limit 20000 per server process x 1"}}}
+    entries = [{"label": "Chattle, 4 workers", "workers": 4, "env": None, "search": lagging, "hold_ceiling": ceiling}]
+    text = capacity.verdict(entries, 0.5, "")
+    assert "holds at least 4,374 long-polls" in text and "the load generator was the limit here" in text
+    assert "another host" in text and "fewer workers per core" in text
+    assert "4583" not in text and "at 4,583 the rig fell behind" in text
+    rows = capacity_rows(tmp_path, entries)
+    capacity_row = next(row for row in rows if row[0] == "Chattle, 4 workers: capacity")
+    assert capacity_row[1].startswith("at least 4,374; the load generator was the limit here")
+    assert capacity_row[2] == "lower bound"
+
+
+def capacity_rows(tmp_path, entries):
+    """The table write_report makes of `entries` (and its chart, drawn for real)."""
+    import argparse
+    rows = []
+    for entry in entries:
+        entry.setdefault("at_capacity", None)
+        entry.setdefault("hold_checks", [])
+        entry.setdefault("hold_observed", None)
+    args = argparse.Namespace(repeats=3, needed=2, start=5000, max_polls=200000, max_probes=14, time_limit=60)
+    original = capacity.write_html
+    capacity.write_html = lambda _path, _title, _caption, table, *_a, **_k: rows.extend(table)
+    try:
+        capacity.write_report(str(tmp_path), entries, args, 0.5, {"cpu": "test"}, [], 1.0)
+    finally:
+        capacity.write_html = original
+    assert (tmp_path / "capacity.png").exists()
+    return rows

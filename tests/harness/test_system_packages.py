@@ -155,11 +155,16 @@ def test_run_without_redis_server_is_one_line(tmp_path):
 
 def test_each_goal_needs_what_it_runs():
     needed = system_packages.needed
-    assert needed(["test"], root=False) == ["chromium", "prometheus", "redis-server", "valgrind"]
-    assert needed(["all"], root=True) == ["chromium", "faketime", "prometheus", "redis-server", "valgrind"]
+    assert needed(["test"], root=False) == ["chromium", "nchan", "nginx", "prometheus", "redis-server", "valgrind"]
+    assert needed(["all"], root=True) == ["chromium", "faketime", "nchan", "nginx", "prometheus", "redis-server",
+                                          "valgrind"]
     assert needed(["lint", "history", "load-worker"]) == []
     assert needed(["regress"]) == needed(["regress-accept"]) == ["valgrind"]
     assert needed(["bench"]) == needed(["capacity"]) == needed(["test-fast"]) == ["redis-server"]
+    for peers in ("nchan", "uvloop,nchan", "1"):
+        assert needed(["bench"], peers=peers) == needed(["capacity"], peers=peers) == [
+            "nchan", "nginx", "redis-server"]
+    assert needed(["capacity"], peers="uvloop,asyncio") == needed(["bench"], peers="0") == ["redis-server"]
     assert needed(["cluster-demo"]) == ["faketime", "redis-server"]
     assert needed(["run"]) == [] and needed(["run"], workers="2") == ["redis-server"]
     assert needed(["run"], workers="2", redis="redis://h:6379/0") == []
@@ -198,3 +203,17 @@ def test_make_hands_the_goals_and_variables_to_the_table(variables, programs):
     listed = subprocess.run(command + " --list", shell=True, cwd=ROOT, capture_output=True, text=True,
                             timeout=DEADLINE)
     assert (listed.returncode, listed.stdout.strip()) == (0, programs), listed.stderr
+
+
+@pytest.mark.parametrize("goal", ["bench", "capacity"])
+def test_make_hands_peers_to_the_table(goal):
+    """PEERS=nchan: make bench and make capacity install nginx and its Nchan module."""
+    done = subprocess.run(["make", "-n", "--no-print-directory", "-C", ROOT, goal, "PEERS=uvloop,nchan"],
+                          capture_output=True, text=True, timeout=DEADLINE, env=dict(os.environ, MAKEFLAGS=""))
+    assert done.returncode == 0, done.stderr
+    recipe = done.stdout.replace("\\\n", " ").splitlines()
+    command = next(line for line in recipe if "-m harness.system_packages" in line)
+    listed = subprocess.run(command + " --list", shell=True, cwd=ROOT, capture_output=True, text=True,
+                            timeout=DEADLINE)
+    assert sorted(listed.stdout.split()) == ["nchan", "nginx", "redis-server"], listed.stderr
+    assert any("--peers uvloop,nchan" in line for line in recipe)
