@@ -26,8 +26,10 @@ TRACE   ?=
 include loadtests/options.mk
 MASTER  ?=
 PROCESSES ?=
+CALIBRATION_ROUNDS ?=
+LOCK    ?=
 
-.PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-worker history cluster-demo bench capacity regress regress-accept benchmarks soak clean
+.PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-calibrate load-worker history cluster-demo bench capacity regress regress-accept benchmarks soak clean
 
 all: test
 
@@ -76,6 +78,14 @@ test-fast: system-packages $(STAMP)
 
 load: system-packages $(STAMP)
 	$(PY) -m loadtests.run $(LOAD_ARGS)
+
+# How often make load BASE= is wrong on this machine: this tree against itself and against
+# itself slowed by 5, 10 and 20 % CPU and in latency alone, CALIBRATION_ROUNDS rounds (or
+# TIME_LIMIT seconds), into reports/calibration.json, which every later verdict here quotes;
+# LOCK=<file> is taken per round (loadtests/calibrate.py; docs/compare.md).
+load-calibrate: system-packages $(STAMP)
+	$(PY) -m loadtests.calibrate $(LOAD_ARGS) $(if $(CALIBRATION_ROUNDS),--calibration-rounds $(CALIBRATION_ROUNDS)) \
+		$(if $(LOCK),--lock $(LOCK))
 
 # Trend charts of reports/history.jsonl (every make load appends a line), steps marked.
 history: $(STAMP)

@@ -5,6 +5,8 @@ serving, so the path measured is chattle's with only the fault added.
 
     CHATTLE_BENCH_EXTRA_WORK=<squares>   every poll answer sums that many squares once made
                                          (how `make regress` shows its gates can fail)
+    CHATTLE_BENCH_WAKE_DELAY_MS=<ms>     every post wakes the room's held polls that much
+                                         later (latency moves, CPU per delivery does not)
     CHATTLE_BENCH_LEAK=requests,sockets  every chat request is kept in a list / every
                                          20th opens a socket never closed (how `make soak`
                                          shows its gates can fail)
@@ -25,9 +27,11 @@ import sys
 
 import chattle  # patches the standard library with gevent first
 import chattle_rooms
+import gevent
 
 EXTRA_WORK_VARIABLE = "CHATTLE_BENCH_EXTRA_WORK"
 LEAK_VARIABLE = "CHATTLE_BENCH_LEAK"
+WAKE_DELAY_VARIABLE = "CHATTLE_BENCH_WAKE_DELAY_MS"
 LEAKS = ("requests", "sockets")
 
 
@@ -81,6 +85,51 @@ def install_extra_work(environ=os.environ, room_class=None):
     extra_work = ExtraWorkPerAnswer(squares)
     extra_work.install(room_class or chattle_rooms.Room)
     return extra_work
+
+
+###############################################################################
+# A wake-up delay: a slowdown in latency alone (make load-calibrate's)
+###############################################################################
+
+class WakeDelay:
+    """Wakes a room's held polls `seconds` after each post instead of at once: every
+    delivery's latency grows by that much, at the cost of one timer per post (not per
+    poll, nor per answer), so CPU per delivery and memory per held poll stay as they were.
+    It wraps chattle_rooms.Wakeup.set, which a post calls once the message is kept."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.set = None
+
+    def install(self, wakeup_class):
+        if self.set is not None:
+            return
+        set_now = self.set = wakeup_class.set
+        seconds = self.seconds
+
+        def set_later(wakeup):
+            gevent.spawn_later(seconds, set_now, wakeup)
+
+        wakeup_class.set = set_later
+
+    def remove(self, wakeup_class):
+        if self.set is not None:
+            wakeup_class.set, self.set = self.set, None
+
+
+def install_wake_delay(environ=os.environ, wakeup_class=None):
+    value = environ.get(WAKE_DELAY_VARIABLE, "")
+    if not value:
+        return None
+    try:
+        milliseconds = float(value)
+    except ValueError:
+        raise SystemExit("chattle: %s=%r is not a number of milliseconds" % (WAKE_DELAY_VARIABLE, value))
+    if milliseconds <= 0:
+        return None
+    delay = WakeDelay(milliseconds / 1000.0)
+    delay.install(wakeup_class or chattle_rooms.Wakeup)
+    return delay
 
 
 ###############################################################################
@@ -167,6 +216,7 @@ def install(environ=os.environ, app=None):
     """Every fault the environment asks for: the extra work on chattle's Room, the leaks on its
     application (or `app`), the tracing on the process."""
     install_extra_work(environ)
+    install_wake_delay(environ)
     install_leaks(environ, app)
     install_trace(environ)
 

@@ -1,0 +1,95 @@
+"""When a comparison has run enough rounds (`make load BASE=`): the stopping rule, pure.
+
+ROUNDS rounds are run first; then the figures are judged after every round (a "look")
+until a figure's interval lies wholly above its threshold (worse), or every figure's lies
+wholly on one side of it (the others below: not worse), or MAX_ROUNDS rounds have run, or
+the next round would pass TIME_LIMIT.
+
+Looking after every round and stopping at the first interval past the threshold would
+raise the false-alarm rate: each look is one more chance for noise to cross it (at 4
+looks of 95 % intervals, about 6 % of figures sitting exactly at their threshold were
+called worse instead of 2.5 %). So the looks are fixed in number before the first round,
+K = MAX_ROUNDS - ROUNDS + 1, and every look's interval is a 1 - 0.05 / K one (Bonferroni):
+the chance that any look calls a figure worse that is not past its threshold is at most
+K times 0.025 / K = 2.5 %, however the looks correlate, and fewer looks (TIME_LIMIT or
+an early stop) only lower it. tests/harness/test_stopping.py measures it by simulation.
+"""
+
+import math
+import random
+
+from instruments.measures import ratio_interval
+
+ALPHA = 0.05   # two-sided, per figure: a 95 % interval when there is a single look
+
+
+def looks(min_rounds, max_rounds):
+    """How many times the figures are judged: after every round from the minimum on."""
+    return max(1, max_rounds - min_rounds + 1)
+
+
+def look_confidence(min_rounds, max_rounds, alpha=ALPHA):
+    """The confidence of every look's interval: 1 - alpha / looks (Bonferroni)."""
+    return 1 - alpha / looks(min_rounds, max_rounds)
+
+
+def resolved(entry):
+    """Whether a judged figure's interval lies wholly on one side of its threshold: above
+    it (worse), or below it (not worse: more rounds would not make it worse)."""
+    if "low" not in entry:
+        return True   # not compared: more rounds do not help either
+    limit = 1 + entry["threshold_percent"] / 100.0
+    return entry["low"] > limit or entry["high"] < limit
+
+
+def why_stop(result, rounds_run, min_rounds, max_rounds, elapsed_s, round_s, time_limit_s):
+    """None to run another round, else why the comparison stops here. `result`: compare.judge's
+    of the rounds so far; `round_s`: the seconds a round has taken (the longest so far)."""
+    if rounds_run < min_rounds:
+        return None
+    if result.get("invalid_rounds"):
+        return "a round is not valid"
+    if result.get("wrong_in_head") and any(result["wrong_in_head"].values()):
+        return "head got messages wrong"
+    worse = [entry["label"] for entry in result["figures"].values() if entry.get("verdict") == "worse"]
+    if worse:
+        # the sequential test's decision: a look's interval past the threshold rejects
+        return "worse after %d rounds: %s" % (rounds_run, ", ".join(worse))
+    open_figures = [entry["label"] for entry in result["figures"].values() if not resolved(entry)]
+    if not open_figures:
+        return "every figure resolved its threshold after %d rounds" % rounds_run
+    if rounds_run >= max_rounds:
+        return "MAX_ROUNDS=%d reached; not resolved: %s" % (max_rounds, ", ".join(open_figures))
+    if time_limit_s and elapsed_s + round_s > time_limit_s:
+        return "another round would pass TIME_LIMIT=%gs; not resolved: %s" % (time_limit_s, ", ".join(open_figures))
+    return None
+
+
+def sequential_verdict(ratios, threshold_percent, min_rounds, max_rounds, confidence, resamples=0):
+    """The stopping rule on one figure's stream of per-round ratios: ("worse" | "not worse" |
+    "open", rounds used). resamples=0 takes Student's t interval alone, which is never
+    wider than the comparison's (the bootstrap's widened to it): a false-alarm rate
+    measured with it bounds the comparison's from above."""
+    limit = 1 + threshold_percent / 100.0
+    for count in range(min_rounds, min(max_rounds, len(ratios)) + 1):
+        _ratio, low, high = ratio_interval(ratios[:count], confidence=confidence, resamples=resamples)
+        if low > limit:
+            return "worse", count
+        if high < limit:
+            return "not worse", count
+    return "open", min(max_rounds, len(ratios))
+
+
+def simulated_false_alarms(trials, min_rounds, max_rounds, noise, seed, confidence=None, shift_percent=None,
+                           threshold_percent=5.0):
+    """Of `trials` simulated comparisons of one figure whose true change sits exactly at its
+    threshold (the worst case for a false alarm: any "worse" is wrong), how many the stopping
+    rule called worse. Per-round log ratios are normal with sd `noise`; seeded."""
+    draw = random.Random(seed)
+    confidence = look_confidence(min_rounds, max_rounds) if confidence is None else confidence
+    shift = math.log(1 + (threshold_percent if shift_percent is None else shift_percent) / 100.0)
+    alarms = 0
+    for _ in range(trials):
+        ratios = [math.exp(draw.gauss(shift, noise)) for _ in range(max_rounds)]
+        alarms += sequential_verdict(ratios, threshold_percent, min_rounds, max_rounds, confidence)[0] == "worse"
+    return alarms

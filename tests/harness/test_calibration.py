@@ -1,0 +1,139 @@
+"""make load-calibrate's operating characteristic: kept per machine fingerprint, quoted by
+every verdict on that machine, and made from calibration rounds by the verdict's own judge
+and stopping rule (loadtests/calibration.py, loadtests/calibrate.py). No load runs: the
+rounds are made up, seeded."""
+
+import json
+import random
+
+import pytest
+
+from harness import bench_server
+from loadtests import calibrate, calibration
+from tests.harness.test_compare import summary
+
+THIS = {"id": "aaaa11112222", "cpu_model": "test cpu", "cores": 2}
+OTHER = {"id": "bbbb33334444", "cpu_model": "another cpu", "cores": 64}
+
+
+def entry(machine=THIS, false_alarms=1, comparisons=20):
+    return {"machine": machine, "machine_id": machine["id"], "date": "2026-12-08T02:00:00+00:00",
+            "commit": "0123456789abcdef", "settings": {"users": 1000, "duration": 25.0}, "min_rounds": 3,
+            "max_rounds": 6, "arms": {
+                "aa": {"label": "A/A", "real": {"called_worse": 0, "comparisons": 3},
+                       "pooled": {"called_worse": false_alarms, "comparisons": comparisons}},
+                "cpu10": {"label": "+10 % CPU", "real": {"called_worse": 2, "comparisons": 3},
+                          "pooled": {"called_worse": 9, "comparisons": 10}}}}
+
+
+def test_without_a_calibration_the_verdict_says_so(tmp_path):
+    quote = calibration.quote_for(THIS, path=str(tmp_path / "calibration.json"))
+    assert quote.startswith("no calibration for this machine (aaaa11112222)")
+
+
+def test_a_verdict_quotes_its_own_machines_calibration(tmp_path):
+    path = str(tmp_path / "calibration.json")
+    calibration.save(entry(), path)
+    quote = calibration.quote_for(THIS, path=path)
+    assert "false alarms: 0 of 3 [0-56%] real, 1 of 20 [1-24%] pooled" in quote
+    assert "+10 % CPU caught: 2 of 3 real, 9 of 10 pooled" in quote
+    assert "calibrated 2026-12-08 at 0123456789ab, DURATION=25.0 USERS=1000, rounds 3 to 6" in quote
+
+
+def test_another_machines_calibration_is_not_quoted(tmp_path):
+    path = str(tmp_path / "calibration.json")
+    calibration.save(entry(machine=OTHER), path)
+    assert calibration.quote_for(THIS, path=path).startswith("no calibration for this machine")
+    calibration.save(entry(machine=THIS, false_alarms=2), path)
+    with open(path) as data:
+        kept = json.load(data)["machines"]
+    assert set(kept) == {THIS["id"], OTHER["id"]}   # one machine's calibration leaves the other's
+    assert "2 of 20" in calibration.quote_for(THIS, path=path)
+    assert "1 of 20" in calibration.quote_for(OTHER, path=path)
+
+
+def test_an_unreadable_calibration_is_none(tmp_path):
+    path = tmp_path / "calibration.json"
+    path.write_text("{not json")
+    assert calibration.quote_for(THIS, path=str(path)).startswith("no calibration")
+
+
+def test_the_false_alarm_interval_is_wilsons():
+    low, high = calibration.wilson(1, 20)
+    assert low == pytest.approx(0.0089, abs=0.0005) and high == pytest.approx(0.2361, abs=0.0005)
+    assert calibration.wilson(0, 0) == (0.0, 1.0)
+
+
+def made_up_rounds(count, seed=1, noise=0.01):
+    """Calibration rounds: a plain run and one per arm, each arm's figures its slowdown off
+    the plain run's, with a drift shared by the round and each run's own noise."""
+    draw = random.Random(seed)
+    factors = {"aa": (1.0, 1.0), "cpu20": (1.25, 1.0), "latency": (1.0, 1.4)}
+    rounds = []
+    for _ in range(count):
+        drift = 1 + draw.gauss(0, 0.05)
+
+        def run(cpu, latency):
+            return summary(cpu_us=60 * drift * cpu * (1 + draw.gauss(0, noise)),
+                           p50_ms=20 * drift * latency * (1 + draw.gauss(0, noise)),
+                           p99_ms=40 * drift * latency * (1 + draw.gauss(0, noise)),
+                           kib=7 * (1 + draw.gauss(0, noise / 4)), server_cpu_s=30.0)
+        runs = {"base": run(1.0, 1.0)}
+        runs.update({key: run(*factor) for key, factor in factors.items()})
+        rounds.append({"runs": runs})
+    return rounds
+
+
+ARMS = (("aa", "A/A", {}, None), ("cpu20", "+20 % CPU", {}, "cpu"), ("latency", "latency", {}, "latency"))
+
+
+def test_the_characteristic_counts_false_alarms_and_catches_as_the_verdict_judges():
+    arms = calibrate.characteristic(made_up_rounds(9), 3, 6, pooled=30, arms=ARMS, resamples=200)
+    assert arms["aa"]["real"]["called_worse"] == 0 and arms["aa"]["pooled"]["called_worse"] == 0
+    assert arms["cpu20"]["real"]["called_worse"] == arms["cpu20"]["real"]["comparisons"] == 3
+    assert arms["cpu20"]["pooled"] == {"called_worse": 30, "comparisons": 30, "could_not_compare": 0,
+                                       "rounds_used": 3.0}
+    assert arms["latency"]["pooled"]["called_worse"] == 30
+    assert arms["cpu20"]["effect"]["server_us_per_delivery"] == pytest.approx(1.25, abs=0.02)
+    assert arms["latency"]["effect"]["server_us_per_delivery"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_real_comparisons_never_share_a_round_and_pooled_ones_are_seeded():
+    pairs = calibrate.pairs_of(made_up_rounds(8, noise=0.06), "aa")
+    words, used = calibrate.real_comparisons(pairs, 3, 6, resamples=200)
+    assert sum(used) <= 8 and all(3 <= count <= 6 for count in used)
+    first = calibrate.pooled_comparisons(pairs, 3, 6, 10, seed=4, resamples=200)
+    assert first == calibrate.pooled_comparisons(pairs, 3, 6, 10, seed=4, resamples=200)
+    assert len(first[0]) == 10
+
+
+def test_too_few_rounds_make_no_comparison():
+    pairs = calibrate.pairs_of(made_up_rounds(2), "aa")
+    assert calibrate.real_comparisons(pairs, 3, 6, resamples=200) == ([], [])
+    assert calibrate.tally([], [])["comparisons"] == 0
+
+
+def test_no_wake_delay_unless_asked_and_a_bad_one_stops_the_server():
+    assert bench_server.install_wake_delay({}) is None
+    with pytest.raises(SystemExit, match=bench_server.WAKE_DELAY_VARIABLE):
+        bench_server.install_wake_delay({bench_server.WAKE_DELAY_VARIABLE: "soon"})
+
+
+def test_the_wake_delay_wakes_held_polls_later_and_only_later():
+    import gevent
+    from chattle_rooms import Wakeup
+
+    delay = bench_server.install_wake_delay({bench_server.WAKE_DELAY_VARIABLE: "30"}, wakeup_class=Wakeup)
+    try:
+        wakeup = Wakeup()
+        event = wakeup.event_until(10 ** 9)
+        wakeup.set()
+        assert not event.is_set()        # not at once
+        assert event.wait(timeout=5)      # but soon after
+    finally:
+        delay.remove(Wakeup)
+    wakeup = Wakeup()
+    event = wakeup.event_until(10 ** 9)
+    wakeup.set()
+    assert event.is_set()                 # removed: at once again
+    gevent.sleep(0)
