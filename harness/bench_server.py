@@ -5,8 +5,8 @@ serving, so the path measured is chattle's with only the fault added.
 
     CHATTLE_BENCH_EXTRA_WORK=<squares>   every poll answer sums that many squares once made
                                          (how `make regress` shows its gates can fail)
-    CHATTLE_BENCH_WAKE_DELAY_MS=<ms>     every post wakes the room's held polls that much
-                                         later (latency moves, CPU per delivery does not)
+    CHATTLE_BENCH_STAMP_EARLY_MS=<ms>    the in-memory bus stamps every message that much
+                                         early: measured latency moves, nothing else
     CHATTLE_BENCH_LEAK=requests,sockets  every chat request is kept in a list / every
                                          20th opens a socket never closed (how `make soak`
                                          shows its gates can fail)
@@ -24,14 +24,15 @@ of the harness: the chattle it wraps is whichever one the interpreter finds (PYT
 import os
 import socket
 import sys
+import time
 
 import chattle  # patches the standard library with gevent first
+import chattle_bus
 import chattle_rooms
-import gevent
 
 EXTRA_WORK_VARIABLE = "CHATTLE_BENCH_EXTRA_WORK"
 LEAK_VARIABLE = "CHATTLE_BENCH_LEAK"
-WAKE_DELAY_VARIABLE = "CHATTLE_BENCH_WAKE_DELAY_MS"
+STAMP_EARLY_VARIABLE = "CHATTLE_BENCH_STAMP_EARLY_MS"
 LEAKS = ("requests", "sockets")
 
 
@@ -88,48 +89,61 @@ def install_extra_work(environ=os.environ, room_class=None):
 
 
 ###############################################################################
-# A wake-up delay: a slowdown in latency alone (make load-calibrate's)
+# Messages stamped early: a change of measured latency alone (make load-calibrate's)
 ###############################################################################
 
-class WakeDelay:
-    """Wakes a room's held polls `seconds` after each post instead of at once: every
-    delivery's latency grows by that much, at the cost of one timer per post (not per
-    poll, nor per answer), so CPU per delivery and memory per held poll stay as they were.
-    It wraps chattle_rooms.Wakeup.set, which a post calls once the message is kept."""
+class _EarlyClock:
+    """The time module as chattle_bus sees it, but time() `seconds` early."""
 
     def __init__(self, seconds):
         self.seconds = seconds
-        self.set = None
 
-    def install(self, wakeup_class):
-        if self.set is not None:
+    def time(self):
+        return time.time() - self.seconds
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+class StampEarly:
+    """Stamps every message the in-memory bus accepts `seconds` before it was accepted:
+    the wake-up latency a client measures (its arrival less the message's "ts") grows by
+    exactly that, and nothing the server does changes (its CPU, its memory, how a burst's
+    messages share an answer). A real delay does not do that here: a wake-up held back a
+    few ms let a whole burst's posts into one answer, which cut CPU per delivery by half
+    and the p50 with it. The bus's clock (/health's "time", which a client may use to
+    measure the offset between the clocks) stays true."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.clock = None
+
+    def install(self, bus_module):
+        if self.clock is not None:
             return
-        set_now = self.set = wakeup_class.set
-        seconds = self.seconds
+        self.clock = bus_module.MemoryBus.clock
+        bus_module.time = _EarlyClock(self.seconds)
+        bus_module.MemoryBus.clock = lambda bus: time.time()
 
-        def set_later(wakeup):
-            gevent.spawn_later(seconds, set_now, wakeup)
-
-        wakeup_class.set = set_later
-
-    def remove(self, wakeup_class):
-        if self.set is not None:
-            wakeup_class.set, self.set = self.set, None
+    def remove(self, bus_module):
+        if self.clock is not None:
+            bus_module.time = time
+            bus_module.MemoryBus.clock, self.clock = self.clock, None
 
 
-def install_wake_delay(environ=os.environ, wakeup_class=None):
-    value = environ.get(WAKE_DELAY_VARIABLE, "")
+def install_stamp_early(environ=os.environ, bus_module=None):
+    value = environ.get(STAMP_EARLY_VARIABLE, "")
     if not value:
         return None
     try:
         milliseconds = float(value)
     except ValueError:
-        raise SystemExit("chattle: %s=%r is not a number of milliseconds" % (WAKE_DELAY_VARIABLE, value))
+        raise SystemExit("chattle: %s=%r is not a number of milliseconds" % (STAMP_EARLY_VARIABLE, value))
     if milliseconds <= 0:
         return None
-    delay = WakeDelay(milliseconds / 1000.0)
-    delay.install(wakeup_class or chattle_rooms.Wakeup)
-    return delay
+    early = StampEarly(milliseconds / 1000.0)
+    early.install(bus_module or chattle_bus)
+    return early
 
 
 ###############################################################################
@@ -216,7 +230,7 @@ def install(environ=os.environ, app=None):
     """Every fault the environment asks for: the extra work on chattle's Room, the leaks on its
     application (or `app`), the tracing on the process."""
     install_extra_work(environ)
-    install_wake_delay(environ)
+    install_stamp_early(environ)
     install_leaks(environ, app)
     install_trace(environ)
 

@@ -3,8 +3,8 @@
 This tree is run against itself (A/A: every verdict other than unchanged is a false
 alarm) and against itself slowed on purpose: CHATTLE_BENCH_EXTRA_WORK squares per poll
 answer for about 5, 10 and 20 % more server CPU per delivery, and
-CHATTLE_BENCH_WAKE_DELAY_MS for a slowdown of wake-up latency alone
-(harness/bench_server.py). A calibration round runs the plain tree once and every arm
+CHATTLE_BENCH_STAMP_EARLY_MS for a change of wake-up latency alone (every message stamped
+4 ms early; harness/bench_server.py). A calibration round runs the plain tree once and every arm
 once, in an order drawn at random per round, each run a complete `make load` on a fresh
 server, with the canary read before and after each run (a round that is not valid or
 whose canary moved is run again once); every arm's run is paired with the round's plain
@@ -40,12 +40,12 @@ from instruments.canary import canary_line, canary_moved, read_canary
 from instruments.page import REPORTS_ROOT, new_report_dir, write_json
 from instruments.provenance import git
 from loadtests import calibration
-from loadtests.options import BY_NAME
 from loadtests.compare import FIGURES, ROUND_MARGIN_SECONDS, judge, round_line, round_problems, run_round
+from loadtests.options import BY_NAME
 from loadtests.stopping import look_confidence, why_stop
 
 EXTRA_WORK = "CHATTLE_BENCH_EXTRA_WORK"
-WAKE_DELAY = "CHATTLE_BENCH_WAKE_DELAY_MS"
+STAMP_EARLY = "CHATTLE_BENCH_STAMP_EARLY_MS"
 # The arms: (key, label, environment of its server, the slowdown it aims at). 190 squares
 # made about 15 % more server CPU per delivery at 1000 listeners (docs/results.md).
 ARMS = (
@@ -53,7 +53,7 @@ ARMS = (
     ("cpu5", "+5 % CPU", {EXTRA_WORK: "63"}, "server CPU per delivery +5 %"),
     ("cpu10", "+10 % CPU", {EXTRA_WORK: "127"}, "server CPU per delivery +10 %"),
     ("cpu20", "+20 % CPU", {EXTRA_WORK: "253"}, "server CPU per delivery +20 %"),
-    ("latency", "+4 ms wake-up", {WAKE_DELAY: "4"}, "wake-up latency +4 ms (about +25 % p50), CPU as it was"),
+    ("latency", "+4 ms latency", {STAMP_EARLY: "4"}, "wake-up latency +4 ms (about +20 % p50), nothing else"),
 )
 POOLED_SEED = 29
 POOLED_RESAMPLES = 1000   # the bootstrap's, per interval: thousands of comparisons are judged
@@ -248,28 +248,50 @@ def main(argv=None):
                 discarded += 1
             entry["runs"] = {name: slim(summary) for name, summary in entry["runs"].items()}
             rounds.append(entry)
-        arms = characteristic(rounds, args.rounds, args.max_rounds, args.pooled)
-    per_run = sum(run_seconds) / len(run_seconds) if run_seconds else None
-    used = arms[calibration.A_A]["pooled"]["rounds_used"] or args.rounds
     settings = history.load_settings(vars(load_args), environ={})
-    entry = {"machine": fingerprint, "machine_id": fingerprint["id"], "date": started_at.isoformat(timespec="seconds"),
-             "commit": commit, "command": "make load-calibrate " + " ".join(sys.argv[1:] if argv is None else argv),
-             "settings": {name: settings[name] for name in ("users", "duration", "burst_gap") if name in settings},
-             "all_settings": settings, "min_rounds": args.rounds, "max_rounds": args.max_rounds,
-             "pooled_per_arm": args.pooled, "pooled_seed": POOLED_SEED, "order_seed": order_seed,
-             "calibration_rounds": len(rounds), "discarded_rounds": discarded, "seconds_per_run": per_run,
-             "seconds_per_comparison": per_run * 2 * used if per_run else None, "arms": arms,
-             "shared": True, "elapsed_s": time.monotonic() - began,
-             "canary": [round_entry["canary"] for round_entry in rounds],
-             "rounds": [{"order": round_entry["order"], "figures": {
-                 name: {figure.key: figure.read(summary) if summary else None for figure in FIGURES}
-                 for name, summary in round_entry["runs"].items()}} for round_entry in rounds]}
-    calibration.save(entry, args.output)
+    entry = record(rounds, args, settings, {"machine": fingerprint, "date": started_at.isoformat(timespec="seconds"),
+                                            "commit": commit, "order_seed": order_seed, "discarded_rounds": discarded,
+                                            "elapsed_s": time.monotonic() - began,
+                                            "command": as_make_command(sys.argv[1:] if argv is None else argv)},
+                   run_seconds)
     write_json(os.path.join(report_dir, "calibration.json"), entry)
-    draw_characteristic(entry, os.path.join(os.path.dirname(os.path.abspath(args.output)), "calibration.png"))
     print("calibrate: %s" % calibration.quote(entry))
     print("calibrate: written to %s (and calibration.png beside it)" % args.output)
     return 0
+
+
+def as_make_command(argv):
+    """`make load-calibrate NAME=value ...` of this process's flags (--users 1000: USERS=1000)."""
+    words, index = ["make", "load-calibrate"], 0
+    while index < len(argv):
+        name = argv[index].lstrip("-").replace("-", "_").upper()
+        if index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+            words.append("%s=%s" % (name, argv[index + 1]))
+            index += 2
+        else:
+            words.append("%s=1" % name)
+            index += 1
+    return " ".join(words)
+
+
+def record(rounds, args, settings, provenance, run_seconds):
+    """The machine's entry made from its calibration rounds, kept in args.output (beside it
+    its chart, calibration.png); the entry."""
+    arms = characteristic(rounds, args.rounds, args.max_rounds, args.pooled)
+    per_run = sum(run_seconds) / len(run_seconds) if run_seconds else None
+    used = arms[calibration.A_A]["pooled"]["rounds_used"] or args.rounds
+    entry = dict(provenance, machine_id=provenance["machine"]["id"],
+                 settings={name: settings[name] for name in ("users", "duration", "burst_gap") if name in settings},
+                 all_settings=settings, min_rounds=args.rounds, max_rounds=args.max_rounds,
+                 pooled_per_arm=args.pooled, pooled_seed=POOLED_SEED, calibration_rounds=len(rounds),
+                 seconds_per_run=per_run, seconds_per_comparison=per_run * 2 * used if per_run else None, arms=arms,
+                 shared=True, canary=[round_entry["canary"] for round_entry in rounds],
+                 rounds=[{"order": round_entry["order"], "figures": {
+                     name: {figure.key: figure.read(summary) if summary else None for figure in FIGURES}
+                     for name, summary in round_entry["runs"].items()}} for round_entry in rounds])
+    calibration.save(entry, args.output)
+    draw_characteristic(entry, os.path.join(os.path.dirname(os.path.abspath(args.output)), "calibration.png"))
+    return entry
 
 
 def draw_characteristic(entry, path):

@@ -4,7 +4,8 @@ round by round, and a verdict: worse, unchanged or better, beyond the measured n
 The base is checked out into a temporary git worktree (harness/sides.py, as `make
 regress BASE=` does; removed at the end, also on failure, Ctrl-C or SIGTERM). Base and
 head ("this tree") are run in rounds, each round's order drawn at random (seeded, printed),
-at least ROUNDS and more until the stopping rule says enough (loadtests/stopping.py), every run a complete `make load` on a freshly started server:
+at least ROUNDS and more until the stopping rule says enough (loadtests/stopping.py),
+every run a complete `make load` on a freshly started server:
 the base's server code from its worktree, head's from a copy of this tree beside it (the
 same path length: a server's memory depends on it), and this tree's load client and
 seeded schedule for both (the same listeners, rooms and bursts). CHATTLE_BENCH_*
@@ -686,8 +687,8 @@ def run_rounds(args, sides, load_argv, rounds_dir, timeout):
             if not problems or attempt == retries:
                 break
             # A busy spell of the machine is not the code's doing: the pair, both sides, again.
-            print("compare: round %d is not valid or was disturbed (%s); running its pair again" % (number, problems[0]),
-                  flush=True)
+            print("compare: round %d is not valid or was disturbed (%s); running its pair again"
+                  % (number, problems[0]), flush=True)
             discarded.append(pair)
         rounds.append(pair)
         rounds.stopped_because = why_stop(judge(rounds, confidence=confidence), len(rounds), args.rounds,

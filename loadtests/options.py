@@ -150,7 +150,7 @@ OPTIONS = [
            where=(COMPARE,)),
     Option("order-seed", int, 0, "with --base: seeds the random order of the sides in every round (0: drawn, "
            "and printed so that it can be given again)", where=(COMPARE,)),
-    Option("canary-threshold", float, 25.0, "with --base: a round whose canary (a fixed CPU loop timed before and "
+    Option("canary-threshold", float, 50.0, "with --base: a round whose canary (a fixed CPU loop timed before and "
            "after each run, instruments/canary.py) moved by more than this many percent is run again once",
            where=(COMPARE,)),
     Option("retries", int, 1, "with --base: times an invalid round (machine-bound, say) is run again, both sides; "

@@ -73,7 +73,7 @@ def made_up_rounds(count, seed=1, noise=0.01):
     for _ in range(count):
         drift = 1 + draw.gauss(0, 0.05)
 
-        def run(cpu, latency):
+        def run(cpu, latency, drift=drift):
             return summary(cpu_us=60 * drift * cpu * (1 + draw.gauss(0, noise)),
                            p50_ms=20 * drift * latency * (1 + draw.gauss(0, noise)),
                            p99_ms=40 * drift * latency * (1 + draw.gauss(0, noise)),
@@ -113,27 +113,50 @@ def test_too_few_rounds_make_no_comparison():
     assert calibrate.tally([], [])["comparisons"] == 0
 
 
-def test_no_wake_delay_unless_asked_and_a_bad_one_stops_the_server():
-    assert bench_server.install_wake_delay({}) is None
-    with pytest.raises(SystemExit, match=bench_server.WAKE_DELAY_VARIABLE):
-        bench_server.install_wake_delay({bench_server.WAKE_DELAY_VARIABLE: "soon"})
+def test_no_early_stamp_unless_asked_and_a_bad_one_stops_the_server():
+    assert bench_server.install_stamp_early({}) is None
+    with pytest.raises(SystemExit, match=bench_server.STAMP_EARLY_VARIABLE):
+        bench_server.install_stamp_early({bench_server.STAMP_EARLY_VARIABLE: "soon"})
 
 
-def test_the_wake_delay_wakes_held_polls_later_and_only_later():
-    import gevent
-    from chattle_rooms import Wakeup
+def test_an_early_stamp_moves_the_messages_ts_and_not_the_bus_clock():
+    import time
 
-    delay = bench_server.install_wake_delay({bench_server.WAKE_DELAY_VARIABLE: "30"}, wakeup_class=Wakeup)
+    import chattle_bus
+    from chattle_rooms import Rooms
+
+    bus = chattle_bus.MemoryBus(Rooms(history=100))
+    early = bench_server.install_stamp_early({bench_server.STAMP_EARLY_VARIABLE: "4000"}, bus_module=chattle_bus)
     try:
-        wakeup = Wakeup()
-        event = wakeup.event_until(10 ** 9)
-        wakeup.set()
-        assert not event.is_set()        # not at once
-        assert event.wait(timeout=5)      # but soon after
+        before = time.time()
+        message = bus.publish("calibration-room", "tester", "hello")
+        assert before - 4.5 < message["ts"] < time.time() - 3.5   # 4 s early
+        assert abs(bus.clock() - time.time()) < 1.0               # the clock stays true
     finally:
-        delay.remove(Wakeup)
-    wakeup = Wakeup()
-    event = wakeup.event_until(10 ** 9)
-    wakeup.set()
-    assert event.is_set()                 # removed: at once again
-    gevent.sleep(0)
+        early.remove(chattle_bus)
+    assert abs(bus.publish("calibration-room", "tester", "again")["ts"] - time.time()) < 1.0
+    assert bus.clock is not None and chattle_bus.time is time
+
+
+def test_a_calibration_is_recorded_under_its_machine_drawn_and_rendered_for_the_docs(tmp_path):
+    import argparse
+
+    from loadtests.calibration_results import section
+
+    args = argparse.Namespace(rounds=3, max_rounds=6, pooled=20, output=str(tmp_path / "calibration.json"))
+    rounds = made_up_rounds(6)
+    for entry in rounds:
+        entry.update(order=list(entry["runs"]), canary=[{"loop_s": 0.02, "others_percent": 0, "steal_percent": 0}])
+        for key in ("cpu5", "cpu10"):
+            entry["runs"][key] = entry["runs"]["cpu20"]
+    made = calibrate.record(rounds, args, {"users": 1000, "duration": 25.0, "burst_gap": 1.0},
+                            {"machine": THIS, "date": "2026-12-08T02:30:00+00:00", "commit": "0123456789abcdef",
+                             "order_seed": 5, "discarded_rounds": 0, "elapsed_s": 1234.0,
+                             "command": calibrate.as_make_command(["--users", "1000", "--lock", "/x"])}, [34.0] * 36)
+    assert made["command"] == "make load-calibrate USERS=1000 LOCK=/x"
+    assert made["seconds_per_comparison"] == pytest.approx(34.0 * 2 * made["arms"]["aa"]["pooled"]["rounds_used"])
+    assert (tmp_path / "calibration.png").stat().st_size > 1000
+    assert "false alarms: 0 of 1 [0-79%] real, 0 of 20 [0-16%] pooled" in calibration.quote_for(THIS, path=args.output)
+    lines = "\n".join(section(made))
+    assert "| A/A (false alarms) | CPU " in lines and "| 0 of 20 (0-16 %) |" in lines
+    assert "commit 0123456, test cpu (2 cores), machine fingerprint aaaa11112222; 6 rounds" in lines
