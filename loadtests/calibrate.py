@@ -72,6 +72,9 @@ def parse_args(argv):
     parser.add_argument("--lock", default="", help="a file whose lock each round takes (flock)")
     parser.add_argument("--output", default=calibration.CALIBRATION_PATH)
     parser.add_argument("--report-root", default=REPORTS_ROOT)
+    parser.add_argument("--rejudge", metavar="DIR", default="",
+                        help="run nothing: make the comparisons again from the runs of the calibration in DIR "
+                             "(reports/<timestamp>-calibrate), as this tree judges them, and keep the result")
     return parser.parse_known_args(argv)
 
 
@@ -104,14 +107,13 @@ def pairs_of(rounds, arm):
 def sequential(pairs, min_rounds, max_rounds, resamples):
     """The verdict word of a comparison that takes `pairs` one at a time, as make load BASE=
     would, and the rounds it used."""
-    confidence = look_confidence(min_rounds, max_rounds)
     taken = []
     result = None
     for pair in pairs[:max_rounds]:
         taken.append(pair)
         if len(taken) < min_rounds:
             continue
-        result = judge(taken, confidence=confidence, resamples=resamples)
+        result = judge(taken, confidence=look_confidence(min_rounds, max_rounds, len(taken)), resamples=resamples)
         if why_stop(result, len(taken), min_rounds, max_rounds, 0.0, 0.0, 0.0):
             break
     return (result["word"] if result else "TOO FEW ROUNDS"), len(taken)
@@ -166,6 +168,8 @@ def characteristic(rounds, min_rounds, max_rounds, pooled, seed=POOLED_SEED, res
     [{"runs": {"base": summary, <arm key>: summary, ...}}]."""
     result = {}
     for key, label, env, slowdown in arms:
+        if any(key not in entry["runs"] for entry in rounds):
+            continue   # an arm this calibration did not run
         pairs = pairs_of(rounds, key)
         real = real_comparisons(pairs, min_rounds, max_rounds, resamples)
         pool = pooled_comparisons(pairs, min_rounds, max_rounds, pooled, seed, resamples)
@@ -199,8 +203,48 @@ def slim(summary):
     return {key: summary.get(key) for key in keep}
 
 
+def rounds_of_report(report_dir, kept):
+    """The calibration rounds of a finished calibration's report (`kept`: its calibration.json),
+    each the last attempt of its number (a round run again is labelled 1b)."""
+    import json
+    rounds = []
+    for number, kept_round in enumerate(kept["rounds"], 1):
+        again = os.path.isdir(os.path.join(report_dir, "rounds", "%db-base" % number))
+        label = "%db" % number if again else str(number)
+        runs = {}
+        for name in kept_round["order"]:
+            path = os.path.join(report_dir, "rounds", "%s-%s" % (label, name), "latest", "summary.json")
+            try:
+                with open(path) as data:
+                    runs[name] = slim(json.load(data))
+            except (OSError, ValueError):
+                runs[name] = None
+        rounds.append({"order": kept_round["order"], "canary": kept["canary"][number - 1], "runs": runs})
+    return rounds
+
+
+def rejudge(args):
+    import json
+    try:
+        with open(os.path.join(args.rejudge, "calibration.json")) as data:
+            kept = json.load(data)
+    except OSError:   # kept only in the machines' file (a calibration that stopped while drawing)
+        kept = calibration.for_machine(history.machine_fingerprint(), args.output, None)
+    rounds = rounds_of_report(args.rejudge, kept)
+    provenance = {name: kept[name] for name in ("machine", "date", "commit", "order_seed", "discarded_rounds",
+                                                "elapsed_s", "command")}
+    provenance["judged_at"] = git("rev-parse", "HEAD")
+    run_seconds = [kept["seconds_per_run"]] if kept.get("seconds_per_run") else []
+    entry = record(rounds, args, kept["all_settings"], provenance, run_seconds)
+    write_json(os.path.join(args.rejudge, "calibration.json"), entry)
+    print("calibrate: %s" % calibration.quote(entry))
+    return 0
+
+
 def main(argv=None):
     args, load_argv = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.rejudge:
+        return rejudge(args)
     from loadtests import run
     load_args = run.parse_args(load_argv)
     _stages, problems, _notes = run.preflight(load_args)
@@ -309,8 +353,8 @@ def draw_characteristic(entry, path):
             share = result["called_worse"] / result["comparisons"] if result["comparisons"] else 0.0
             low, high = calibration.wilson(result["called_worse"], result["comparisons"])
             shares.append(share * 100)
-            lows.append((share - low) * 100)
-            highs.append((high - share) * 100)
+            lows.append(max(0.0, share - low) * 100)     # rounding can put share a hair outside
+            highs.append(max(0.0, high - share) * 100)
         axis.bar([index + offset for index in range(len(keys))], shares, width=0.3, color=colour,
                  yerr=[lows, highs], capsize=3, label="%s comparisons" % kind)
     axis.set_xticks(range(len(keys)))

@@ -18,8 +18,12 @@ import math
 import os
 
 from instruments.page import REPORTS_ROOT
+from instruments.provenance import ROOT
 
 CALIBRATION_PATH = os.path.join(REPORTS_ROOT, "calibration.json")
+# A calibration kept with the docs (one machine's entry, as docs/results.md shows it): a
+# fresh clone on that machine quotes it until a calibration of its own is made.
+KEPT_PATH = os.path.join(ROOT, "docs", "runs", "calibration.json")
 A_A = "aa"
 Z95 = 1.959964
 
@@ -41,6 +45,8 @@ def load(path=CALIBRATION_PATH):
             calibration = json.load(data)
     except (OSError, ValueError):
         return {"machines": {}}
+    if isinstance(calibration, dict) and calibration.get("machine_id"):
+        return {"machines": {calibration["machine_id"]: calibration}}   # one machine's entry, as kept
     if not isinstance(calibration, dict) or not isinstance(calibration.get("machines"), dict):
         return {"machines": {}}
     return calibration
@@ -57,9 +63,14 @@ def save(entry, path=CALIBRATION_PATH):
     return calibration
 
 
-def for_machine(fingerprint, path=CALIBRATION_PATH):
-    """This machine's entry, or None: a calibration of another machine says nothing of this one."""
-    return load(path)["machines"].get(fingerprint["id"])
+def for_machine(fingerprint, path=CALIBRATION_PATH, kept_path=KEPT_PATH):
+    """This machine's entry (its own calibration's, else the one kept with the docs), or None:
+    a calibration of another machine says nothing of this one."""
+    for source in (path, kept_path):
+        entry = load(source)["machines"].get(fingerprint["id"]) if source else None
+        if entry is not None:
+            return entry
+    return None
 
 
 def counted(result, word):
@@ -88,9 +99,9 @@ def quote(entry):
         entry.get("min_rounds"), entry.get("max_rounds"), "; ".join(parts))
 
 
-def quote_for(fingerprint, settings=None, path=CALIBRATION_PATH):
+def quote_for(fingerprint, settings=None, path=CALIBRATION_PATH, kept_path=KEPT_PATH):
     """What a verdict says of its error rates on this machine."""
-    entry = for_machine(fingerprint, path)
+    entry = for_machine(fingerprint, path, kept_path)
     if entry is None:
         return ("no calibration for this machine (%s): how often this verdict is wrong here is not known; "
                 "`make load-calibrate` measures it" % fingerprint["id"])

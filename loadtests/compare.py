@@ -632,7 +632,7 @@ def _compare(args, load_argv, load_args, scratch, run):
             print("compare: head's servers get %s" % assignments(bench_env))
         timeout = load_args.duration + ROUND_MARGIN_SECONDS
         rounds, discarded = run_rounds(args, sides, load_argv, rounds_dir, timeout)
-        result = judge(rounds, confidence=look_confidence(args.rounds, max_rounds(args)))
+        result = judge(rounds, confidence=look_confidence(args.rounds, max_rounds(args), len(rounds)))
         result["discarded_pairs"] = len(discarded)
         result["stopped_because"] = rounds.stopped_because
         result["calibration"] = calibration.quote_for(history.machine_fingerprint(), settings)
@@ -640,7 +640,7 @@ def _compare(args, load_argv, load_args, scratch, run):
                    "head_dirty": bool(dirty), "head_env": bench_env, "settings": settings,
                    "settings_line": settings_line, "load_argv": load_argv, "machine": history.machine_fingerprint(),
                    "order_seed": rounds.order_seed, "looks": looks(args.rounds, max_rounds(args)),
-                   "look_confidence": look_confidence(args.rounds, max_rounds(args))}
+                   "look_confidence": look_confidence(args.rounds, max_rounds(args), len(rounds))}
         write_report(report_dir, result, rounds, context)
         print_verdict(result, context, rounds, report_dir)
         record_history(result, settings, bench_env, checkout.commit, report_dir, args.report_root, head_state)
@@ -665,11 +665,12 @@ def run_rounds(args, sides, load_argv, rounds_dir, timeout):
     rounds, discarded, retries = Rounds(), [], args.retries
     rounds.order_seed = args.order_seed or random.SystemRandom().randrange(1, 2 ** 31)
     draw = random.Random(rounds.order_seed)
-    confidence = look_confidence(args.rounds, max_rounds(args))
-    print("compare: at least %d and at most %d rounds%s, each in a random order (ORDER_SEED=%d); every look judges "
-          "%.2f%% intervals (%d looks, Bonferroni)" % (
+    print("compare: at least %d and at most %d rounds%s, each in a random order (ORDER_SEED=%d); %d look(s), the "
+          "first judging %.2f%% intervals, the last %.2f%%" % (
               args.rounds, max_rounds(args), ", %g s at most" % args.time_limit if args.time_limit else "",
-              rounds.order_seed, confidence * 100, looks(args.rounds, max_rounds(args))), flush=True)
+              rounds.order_seed, looks(args.rounds, max_rounds(args)),
+              look_confidence(args.rounds, max_rounds(args), args.rounds) * 100,
+              look_confidence(args.rounds, max_rounds(args), max_rounds(args)) * 100), flush=True)
     started, longest = time.monotonic(), 0.0
     for number in range(1, max_rounds(args) + 1):
         order = in_random_order(sides, draw)
@@ -691,6 +692,7 @@ def run_rounds(args, sides, load_argv, rounds_dir, timeout):
                   % (number, problems[0]), flush=True)
             discarded.append(pair)
         rounds.append(pair)
+        confidence = look_confidence(args.rounds, max_rounds(args), len(rounds))
         rounds.stopped_because = why_stop(judge(rounds, confidence=confidence), len(rounds), args.rounds,
                                           max_rounds(args), time.monotonic() - started, longest, args.time_limit)
         if rounds.stopped_because:

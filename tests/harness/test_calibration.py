@@ -27,14 +27,14 @@ def entry(machine=THIS, false_alarms=1, comparisons=20):
 
 
 def test_without_a_calibration_the_verdict_says_so(tmp_path):
-    quote = calibration.quote_for(THIS, path=str(tmp_path / "calibration.json"))
+    quote = calibration.quote_for(THIS, path=str(tmp_path / "calibration.json"), kept_path=None)
     assert quote.startswith("no calibration for this machine (aaaa11112222)")
 
 
 def test_a_verdict_quotes_its_own_machines_calibration(tmp_path):
     path = str(tmp_path / "calibration.json")
     calibration.save(entry(), path)
-    quote = calibration.quote_for(THIS, path=path)
+    quote = calibration.quote_for(THIS, path=path, kept_path=None)
     assert "false alarms: 0 of 3 [0-56%] real, 1 of 20 [1-24%] pooled" in quote
     assert "+10 % CPU caught: 2 of 3 real, 9 of 10 pooled" in quote
     assert "calibrated 2026-12-08 at 0123456789ab, DURATION=25.0 USERS=1000, rounds 3 to 6" in quote
@@ -43,19 +43,29 @@ def test_a_verdict_quotes_its_own_machines_calibration(tmp_path):
 def test_another_machines_calibration_is_not_quoted(tmp_path):
     path = str(tmp_path / "calibration.json")
     calibration.save(entry(machine=OTHER), path)
-    assert calibration.quote_for(THIS, path=path).startswith("no calibration for this machine")
+    assert calibration.quote_for(THIS, path=path, kept_path=None).startswith("no calibration for this machine")
     calibration.save(entry(machine=THIS, false_alarms=2), path)
     with open(path) as data:
         kept = json.load(data)["machines"]
     assert set(kept) == {THIS["id"], OTHER["id"]}   # one machine's calibration leaves the other's
-    assert "2 of 20" in calibration.quote_for(THIS, path=path)
-    assert "1 of 20" in calibration.quote_for(OTHER, path=path)
+    assert "2 of 20" in calibration.quote_for(THIS, path=path, kept_path=None)
+    assert "1 of 20" in calibration.quote_for(OTHER, path=path, kept_path=None)
+
+
+def test_a_fresh_clone_quotes_the_calibration_kept_with_the_docs_for_its_machine(tmp_path):
+    kept = tmp_path / "kept.json"
+    kept.write_text(json.dumps(entry()))          # one machine's entry, as docs/runs/ keeps it
+    missing = str(tmp_path / "reports" / "calibration.json")
+    assert "1 of 20" in calibration.quote_for(THIS, path=missing, kept_path=str(kept))
+    assert calibration.quote_for(OTHER, path=missing, kept_path=str(kept)).startswith("no calibration")
+    calibration.save(entry(false_alarms=3), missing)   # the machine's own calibration comes first
+    assert "3 of 20" in calibration.quote_for(THIS, path=missing, kept_path=str(kept))
 
 
 def test_an_unreadable_calibration_is_none(tmp_path):
     path = tmp_path / "calibration.json"
     path.write_text("{not json")
-    assert calibration.quote_for(THIS, path=str(path)).startswith("no calibration")
+    assert calibration.quote_for(THIS, path=str(path), kept_path=None).startswith("no calibration")
 
 
 def test_the_false_alarm_interval_is_wilsons():
@@ -156,7 +166,35 @@ def test_a_calibration_is_recorded_under_its_machine_drawn_and_rendered_for_the_
     assert made["command"] == "make load-calibrate USERS=1000 LOCK=/x"
     assert made["seconds_per_comparison"] == pytest.approx(34.0 * 2 * made["arms"]["aa"]["pooled"]["rounds_used"])
     assert (tmp_path / "calibration.png").stat().st_size > 1000
-    assert "false alarms: 0 of 1 [0-79%] real, 0 of 20 [0-16%] pooled" in calibration.quote_for(THIS, path=args.output)
+    quote = calibration.quote_for(THIS, path=args.output, kept_path=None)
+    assert "false alarms: 0 of 1 [0-79%] real, 0 of 20 [0-16%] pooled" in quote
     lines = "\n".join(section(made))
     assert "| A/A (false alarms) | CPU " in lines and "| 0 of 20 (0-16 %) |" in lines
     assert "commit 0123456, test cpu (2 cores), machine fingerprint aaaa11112222; 6 rounds" in lines
+
+
+def test_a_finished_calibration_is_judged_again_from_its_runs(tmp_path):
+    """--rejudge: the comparisons made again from the runs a calibration's report keeps (a
+    round run again, 2b, stands for round 2), as this tree judges them."""
+    report = tmp_path / "20261208-022031-calibrate"
+    rounds = made_up_rounds(4)
+    for number, entry in enumerate(rounds, 1):
+        for name, run in entry["runs"].items():
+            label = "2b" if number == 2 else str(number)
+            where = report / "rounds" / ("%s-%s" % (label, name)) / "latest"
+            where.mkdir(parents=True)
+            (where / "summary.json").write_text(json.dumps(run))
+    (report / "rounds" / "2-base").mkdir()    # the first attempt of round 2: left out
+    kept = {"machine": THIS, "date": "2026-12-08T02:20:31+00:00", "commit": "0123456789abcdef", "order_seed": 1,
+            "discarded_rounds": 1, "elapsed_s": 900.0, "command": "make load-calibrate USERS=1000",
+            "seconds_per_run": 34.0, "all_settings": {"users": 1000, "duration": 25.0, "burst_gap": 1.0},
+            "rounds": [{"order": list(entry["runs"])} for entry in rounds],
+            "canary": [[{"loop_s": 0.02}]] * 4}
+    (report / "calibration.json").write_text(json.dumps(kept))
+    output = tmp_path / "calibration.json"
+    assert calibrate.main(["--rejudge", str(report), "--output", str(output), "--pooled", "10"]) == 0
+    entry = json.loads((report / "calibration.json").read_text())
+    assert entry["calibration_rounds"] == 4 and entry["judged_at"] and entry["commit"] == "0123456789abcdef"
+    assert entry["arms"]["cpu20"]["real"] == {"called_worse": 1, "comparisons": 1, "could_not_compare": 0,
+                                              "rounds_used": 3.0}
+    assert "cpu20" in json.loads(output.read_text())["machines"][THIS["id"]]["arms"]

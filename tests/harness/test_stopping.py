@@ -19,16 +19,19 @@ NOISE = 0.06
 
 def test_looks_are_fixed_before_the_first_round_and_share_the_false_alarm_budget():
     assert stopping.looks(3, 6) == 4 and stopping.looks(3, 3) == 1 and stopping.looks(5, 3) == 1
-    assert stopping.look_confidence(3, 3) == pytest.approx(0.95)
-    assert stopping.look_confidence(3, 6) == pytest.approx(1 - 0.05 / 4)
+    assert stopping.look_confidence(3, 3, 3) == pytest.approx(0.95)
+    assert stopping.look_confidence(3, 6, 3) == stopping.look_confidence(3, 6, 5) == pytest.approx(1 - 0.0125 / 3)
+    assert stopping.look_confidence(3, 6, 6) == pytest.approx(1 - 0.0375)
+    # the one-sided shares of the four looks add up to 2.5 %
+    assert sum((1 - stopping.look_confidence(3, 6, rounds)) / 2 for rounds in range(3, 7)) == pytest.approx(0.025)
 
 
 def test_the_stopping_rule_keeps_its_false_alarm_rate_in_a_seeded_simulation():
     """A figure whose true change sits exactly at its threshold: any "worse" is a false
     alarm. One look of a 95 % interval calls it worse in 2.5 % of comparisons; looking
-    after every round from 3 to 6 with the same interval calls it worse far more often,
-    and the Bonferroni-widened looks bring it back under 2.5 % (4000 trials: a binomial
-    standard error of 0.25 %)."""
+    after every round from 3 to 6 with the same interval calls it worse about twice as
+    often, and the looks' shares of the 5 % bring it back under 2.5 % (2.3 %; 4000 trials,
+    a binomial standard error of 0.25 %)."""
     one_look = stopping.simulated_false_alarms(TRIALS, 3, 3, NOISE, seed=7) / TRIALS
     naive = stopping.simulated_false_alarms(TRIALS, 3, 6, NOISE, seed=7, confidence=0.95) / TRIALS
     corrected = stopping.simulated_false_alarms(TRIALS, 3, 6, NOISE, seed=7) / TRIALS
@@ -44,8 +47,8 @@ def test_the_simulation_is_seeded():
 
 def test_a_real_slowdown_is_caught_more_often_than_at_a_fixed_minimum():
     """+20 % against a 5 % threshold with 6 % noise: the rounds added where the intervals do
-    not resolve give back more power than the wider intervals take (about 90 % caught
-    against 56 % by 3 rounds and one look)."""
+    not resolve give back more power than the wider intervals take (98 % caught against
+    56 % by 3 rounds and one look)."""
     # simulated_false_alarms counts the comparisons called worse: here each is a catch
     sequential = stopping.simulated_false_alarms(TRIALS, 3, 6, NOISE, seed=11, shift_percent=20.0) / TRIALS
     fixed = stopping.simulated_false_alarms(TRIALS, 3, 3, NOISE, seed=11, shift_percent=20.0) / TRIALS
@@ -53,7 +56,7 @@ def test_a_real_slowdown_is_caught_more_often_than_at_a_fixed_minimum():
 
 
 def judged(rounds, min_rounds=3, max_rounds=6):
-    return compare.judge(rounds, confidence=stopping.look_confidence(min_rounds, max_rounds))
+    return compare.judge(rounds, confidence=stopping.look_confidence(min_rounds, max_rounds, len(rounds)))
 
 
 def test_fewer_than_the_minimum_rounds_never_stop():
