@@ -112,3 +112,14 @@ def test_a_canary_reading_times_the_loop_and_reads_the_others():
     reading = read_canary(repeats=3, squares=20_000)
     assert reading["loop_s"] > 0 and reading["window_s"] > 0
     assert reading["others_percent"] >= 0 and reading["steal_percent"] >= 0
+
+
+def test_results_md_shows_the_simulation_as_it_is_now():
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "docs", "results.md")) as page:
+        text = page.read()
+    block = text.split("<!-- made by: python -m loadtests.stopping -->\n", 1)[1].split("\n<!-- end -->", 1)[0]
+    assert block == "\n".join(stopping.simulation_table()), (
+        "docs/results.md's stopping-rule table is not what `python -m loadtests.stopping` prints: paste it there")
