@@ -10,6 +10,7 @@ paste what this prints into docs/results.md. tests/test_docs.py fails when the t
 
 import argparse
 import json
+import math
 import sys
 
 from loadtests.calibration import A_A, wilson
@@ -29,6 +30,20 @@ def share(result):
 def effect(arm):
     return ", ".join("%s %+.1f %%" % (name, (arm["effect"][key] - 1) * 100) for key, name in FIGURE_NAMES
                      if arm["effect"].get(key))
+
+
+def spread(entry, arm=A_A):
+    """Per figure, the standard deviation of log(arm / plain) over the rounds, as a percentage:
+    the noise of one round's ratio on this machine."""
+    result = {}
+    for key, _name in FIGURE_NAMES:
+        logs = [math.log(figures[arm][key] / figures["base"][key]) for figures in
+                (entry_round["figures"] for entry_round in entry.get("rounds", ()))
+                if figures.get(arm, {}).get(key) and figures.get("base", {}).get(key)]
+        if len(logs) >= 2:
+            mean = sum(logs) / len(logs)
+            result[key] = (math.exp(math.sqrt(sum((value - mean) ** 2 for value in logs) / (len(logs) - 1))) - 1) * 100
+    return result
 
 
 def section(entry):
@@ -54,8 +69,11 @@ def section(entry):
         lines.append("| %s%s | %s | %s | %s | %s |" % (
             arm["label"], " (false alarms)" if key == A_A else "", effect(arm) or "-", share(arm["real"]),
             share(arm["pooled"]), "%.1f" % arm["pooled"]["rounds_used"] if arm["pooled"].get("rounds_used") else "-"))
-    lines += ["", "Time per comparison: %.0f s (the pooled A/A comparisons' mean rounds, two runs each)." % (
-        entry["seconds_per_comparison"] or 0)]
+    noise = spread(entry)
+    lines += ["", "Time per comparison: %.0f s (the pooled A/A comparisons' mean rounds, two runs each). "
+              "A/A spread of one round's head / base (standard deviation of its log): %s." % (
+                  entry["seconds_per_comparison"] or 0,
+                  ", ".join("%s %.1f %%" % (name, noise[key]) for key, name in FIGURE_NAMES if key in noise) or "-")]
     return lines
 
 

@@ -171,6 +171,7 @@ def test_a_calibration_is_recorded_under_its_machine_drawn_and_rendered_for_the_
     lines = "\n".join(section(made))
     assert "| A/A (false alarms) | CPU " in lines and "| 0 of 20 (0-16 %) |" in lines
     assert "commit 0123456, test cpu (2 cores), machine fingerprint aaaa11112222; 6 rounds" in lines
+    assert "A/A spread of one round's head / base (standard deviation of its log): CPU " in lines
 
 
 def test_a_finished_calibration_is_judged_again_from_its_runs(tmp_path):
