@@ -171,7 +171,7 @@ def judge(rounds, figures=FIGURES, seed=BOOTSTRAP_SEED, confidence=CONFIDENCE, r
     """The comparison of paired rounds [{"base": summary, "head": summary}], as a dict with
     code (UNCHANGED, WORSE, CANNOT_COMPARE), word, reasons and per-figure results.
     `confidence`: of each figure's interval (a look's, loadtests/stopping.py)."""
-    result = {"figures": {}, "reasons": [], "invalid_rounds": [], "delivery": []}
+    result = {"figures": {}, "reasons": [], "invalid_rounds": [], "delivery": [], "confidence": confidence}
     for number, pair in enumerate(rounds, 1):
         for side in ("base", "head"):
             for problem in round_problems(pair.get(side)):
@@ -367,11 +367,11 @@ def draw_compare_charts(report_dir, result, rounds, what):
     axis.set_xlabel("head / base - 1, %")
     save(fig, "intervals.png",
          "Head against base, per figure: the dot is the geometric mean of the rounds' head / base ratios, the bar "
-         "its %.0f%% bootstrap interval (rounds resampled with replacement, seed %d; widened to Student's t "
+         "its %.4g%% bootstrap interval (rounds resampled with replacement, seed %d; widened to Student's t "
          "interval where that is wider, as at few rounds), grey ticks each round's "
          "ratio. Red dashes are the thresholds: a figure is worse only when its whole bar lies right of its red "
          "dash, better when it lies left of the green one. %s."
-         % (CONFIDENCE * 100, BOOTSTRAP_SEED, what))
+         % (result.get("confidence", CONFIDENCE) * 100, BOOTSTRAP_SEED, what))
 
     # per-round points, base against head
     fig, axes = plt.subplots(1, len(FIGURES), figsize=(3.1 * len(FIGURES), 3.2))
@@ -522,7 +522,8 @@ def print_verdict(result, context, rounds, report_dir):
         context["base_revision"], context["base_commit"][:12], len(rounds)))
     for reason in result["reasons"]:
         print("  - " + reason)
-    print("  %-24s %10s %10s %9s  %-19s %6s %8s  %s" % ("figure", "base", "head", "head/base", "95% interval",
+    print("  %-24s %10s %10s %9s  %-19s %6s %8s  %s" % ("figure", "base", "head", "head/base",
+                                                     "%.4g%% interval" % (result.get("confidence", CONFIDENCE) * 100),
                                                      "thresh", "detects", "verdict"))
     for entry in result["figures"].values():
         if "ratio" not in entry:
