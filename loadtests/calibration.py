@@ -93,10 +93,12 @@ def quote(entry):
             counts.append("%s pooled" % counted(arm["pooled"], word))
         parts.append("%s: %s" % (word, ", ".join(counts) or "none measured"))
     settings = entry.get("settings") or {}
-    return "on this machine (calibrated %s at %s, %s, rounds %s to %s): %s" % (
+    took = entry.get("seconds_per_comparison")
+    return "on this machine (calibrated %s at %s, %s, rounds %s to %s%s): %s" % (
         entry.get("date", "?")[:10], (entry.get("commit") or "?")[:12],
         " ".join("%s=%s" % (name.upper(), settings[name]) for name in sorted(settings)),
-        entry.get("min_rounds"), entry.get("max_rounds"), "; ".join(parts))
+        entry.get("min_rounds"), entry.get("max_rounds"),
+        ", %.0f s a comparison" % took if took else "", "; ".join(parts))
 
 
 def quote_for(fingerprint, settings=None, path=CALIBRATION_PATH, kept_path=KEPT_PATH):
