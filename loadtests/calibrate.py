@@ -170,10 +170,14 @@ def characteristic(rounds, min_rounds, max_rounds, pooled, seed=POOLED_SEED, res
     for key, label, env, slowdown in arms:
         if any(key not in entry["runs"] for entry in rounds):
             continue   # an arm this calibration did not run
-        pairs = pairs_of(rounds, key)
+        every = pairs_of(rounds, key)
+        # A pair that is not valid even when run again ends a real comparison as "could not
+        # compare"; what it says of false alarms and power is nothing, so it is left out.
+        pairs = [pair for pair in every if not (round_problems(pair["base"]) + round_problems(pair["head"]))]
         real = real_comparisons(pairs, min_rounds, max_rounds, resamples)
         pool = pooled_comparisons(pairs, min_rounds, max_rounds, pooled, seed, resamples)
         result[key] = {"label": label, "env": env, "slowdown": slowdown, "effect": measured_effect(pairs),
+                       "invalid_rounds": len(every) - len(pairs),
                        "real": tally(*real), "pooled": tally(*pool)}
     return result
 

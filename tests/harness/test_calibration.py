@@ -199,3 +199,11 @@ def test_a_finished_calibration_is_judged_again_from_its_runs(tmp_path):
     assert entry["arms"]["cpu20"]["real"] == {"called_worse": 1, "comparisons": 1, "could_not_compare": 0,
                                               "rounds_used": 3.0}
     assert "cpu20" in json.loads(output.read_text())["machines"][THIS["id"]]["arms"]
+
+
+def test_a_round_not_valid_for_an_arm_is_left_out_of_its_comparisons():
+    rounds = made_up_rounds(7)
+    rounds[2]["runs"]["cpu20"]["machine_check"]["machine_bound"] = True
+    arms = calibrate.characteristic(rounds, 3, 6, pooled=10, arms=ARMS, resamples=200)
+    assert arms["cpu20"]["invalid_rounds"] == 1 and arms["aa"]["invalid_rounds"] == 0
+    assert arms["cpu20"]["pooled"]["could_not_compare"] == 0 and arms["cpu20"]["real"]["comparisons"] == 2
