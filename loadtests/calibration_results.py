@@ -62,13 +62,14 @@ def section(entry):
             entry["min_rounds"], entry["max_rounds"], entry["pooled_per_arm"], entry["pooled_seed"]),
         "",
         "| arm | what it changed (all rounds) | called worse, real comparisons | called worse, pooled "
-        "| rounds a comparison took (pooled) |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| rounds a comparison took (pooled) | rounds left out (not valid) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for key, arm in entry["arms"].items():
-        lines.append("| %s%s | %s | %s | %s | %s |" % (
+        lines.append("| %s%s | %s | %s | %s | %s | %d |" % (
             arm["label"], " (false alarms)" if key == A_A else "", effect(arm) or "-", share(arm["real"]),
-            share(arm["pooled"]), "%.1f" % arm["pooled"]["rounds_used"] if arm["pooled"].get("rounds_used") else "-"))
+            share(arm["pooled"]), "%.1f" % arm["pooled"]["rounds_used"] if arm["pooled"].get("rounds_used") else "-",
+            arm.get("invalid_rounds", 0)))
     noise = spread(entry)
     lines += ["", "Time per comparison: %.0f s (the pooled A/A comparisons' mean rounds, two runs each). "
               "A/A spread of one round's head / base (standard deviation of its log): %s." % (
