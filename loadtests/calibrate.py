@@ -72,7 +72,7 @@ def parse_args(argv):
     parser.add_argument("--lock", default="", help="a file whose lock each round takes (flock)")
     parser.add_argument("--output", default=calibration.CALIBRATION_PATH)
     parser.add_argument("--report-root", default=REPORTS_ROOT)
-    parser.add_argument("--rejudge", metavar="DIR", default="",
+    parser.add_argument("--rejudge", metavar="DIR", nargs="+", default=[],
                         help="run nothing: make the comparisons again from the runs of the calibration in DIR "
                              "(reports/<timestamp>-calibrate), as this tree judges them, and keep the result")
     return parser.parse_known_args(argv)
@@ -227,20 +227,40 @@ def rounds_of_report(report_dir, kept):
     return rounds
 
 
-def rejudge(args):
+def kept_calibration(report_dir, output):
+    """A calibration report's own calibration.json, else its machine's entry in `output` (a
+    calibration that stopped while drawing kept it only there)."""
     import json
     try:
-        with open(os.path.join(args.rejudge, "calibration.json")) as data:
-            kept = json.load(data)
-    except OSError:   # kept only in the machines' file (a calibration that stopped while drawing)
-        kept = calibration.for_machine(history.machine_fingerprint(), args.output, None)
-    rounds = rounds_of_report(args.rejudge, kept)
-    provenance = {name: kept[name] for name in ("machine", "date", "commit", "order_seed", "discarded_rounds",
-                                                "elapsed_s", "command")}
-    provenance["judged_at"] = git("rev-parse", "HEAD")
-    run_seconds = [kept["seconds_per_run"]] if kept.get("seconds_per_run") else []
-    entry = record(rounds, args, kept["all_settings"], provenance, run_seconds)
-    write_json(os.path.join(args.rejudge, "calibration.json"), entry)
+        with open(os.path.join(report_dir, "calibration.json")) as data:
+            return json.load(data)
+    except OSError:
+        return calibration.for_machine(history.machine_fingerprint(), output, None)
+
+
+def rejudge(args):
+    """The comparisons made again, as this tree judges them, from the runs of one calibration
+    or of several (chunks run apart, each holding the measurement lock for a while: their
+    rounds pooled in the order given)."""
+    chunks = [(report_dir, kept_calibration(report_dir, args.output)) for report_dir in args.rejudge]
+    rounds = [entry for report_dir, kept in chunks for entry in rounds_of_report(report_dir, kept)]
+    first = chunks[0][1]
+    settings = [kept["all_settings"] for _dir, kept in chunks]
+    if any(other != settings[0] for other in settings):
+        print("calibrate: the chunks ran with other settings: %s" % settings, file=sys.stderr)
+        return 2
+    provenance = {name: first[name] for name in ("machine", "date", "commit", "order_seed", "command")}
+    provenance.update(judged_at=git("rev-parse", "HEAD"),
+                      discarded_rounds=sum(kept.get("discarded_rounds", 0) for _dir, kept in chunks),
+                      elapsed_s=sum(kept.get("elapsed_s", 0) for _dir, kept in chunks),
+                      chunks=[{"report": os.path.basename(os.path.normpath(report_dir)), "date": kept["date"],
+                               "commit": kept["commit"], "rounds": len(kept["rounds"]), "command": kept["command"]}
+                              for report_dir, kept in chunks])
+    run_seconds = [kept["seconds_per_run"] for _dir, kept in chunks for _round in kept["rounds"]
+                   if kept.get("seconds_per_run")]
+    entry = record(rounds, args, settings[0], provenance, run_seconds)
+    if len(chunks) == 1:
+        write_json(os.path.join(chunks[0][0], "calibration.json"), entry)
     print("calibrate: %s" % calibration.quote(entry))
     return 0
 

@@ -174,11 +174,8 @@ def test_a_calibration_is_recorded_under_its_machine_drawn_and_rendered_for_the_
     assert "A/A spread of one round's head / base (standard deviation of its log): CPU " in lines
 
 
-def test_a_finished_calibration_is_judged_again_from_its_runs(tmp_path):
-    """--rejudge: the comparisons made again from the runs a calibration's report keeps (a
-    round run again, 2b, stands for round 2), as this tree judges them."""
-    report = tmp_path / "20261208-022031-calibrate"
-    rounds = made_up_rounds(4)
+def calibration_report(report, rounds):
+    """A finished calibration's report directory with the runs of `rounds`."""
     for number, entry in enumerate(rounds, 1):
         for name, run in entry["runs"].items():
             label = "2b" if number == 2 else str(number)
@@ -190,8 +187,15 @@ def test_a_finished_calibration_is_judged_again_from_its_runs(tmp_path):
             "discarded_rounds": 1, "elapsed_s": 900.0, "command": "make load-calibrate USERS=1000",
             "seconds_per_run": 34.0, "all_settings": {"users": 1000, "duration": 25.0, "burst_gap": 1.0},
             "rounds": [{"order": list(entry["runs"])} for entry in rounds],
-            "canary": [[{"loop_s": 0.02}]] * 4}
+            "canary": [[{"loop_s": 0.02}]] * len(rounds)}
     (report / "calibration.json").write_text(json.dumps(kept))
+
+
+def test_a_finished_calibration_is_judged_again_from_its_runs(tmp_path):
+    """--rejudge: the comparisons made again from the runs a calibration's report keeps (a
+    round run again, 2b, stands for round 2), as this tree judges them."""
+    report = tmp_path / "20261208-022031-calibrate"
+    calibration_report(report, made_up_rounds(4))
     output = tmp_path / "calibration.json"
     assert calibrate.main(["--rejudge", str(report), "--output", str(output), "--pooled", "10"]) == 0
     entry = json.loads((report / "calibration.json").read_text())
@@ -207,3 +211,15 @@ def test_a_round_not_valid_for_an_arm_is_left_out_of_its_comparisons():
     arms = calibrate.characteristic(rounds, 3, 6, pooled=10, arms=ARMS, resamples=200)
     assert arms["cpu20"]["invalid_rounds"] == 1 and arms["aa"]["invalid_rounds"] == 0
     assert arms["cpu20"]["pooled"]["could_not_compare"] == 0 and arms["cpu20"]["real"]["comparisons"] == 2
+
+
+def test_chunks_of_a_calibration_are_judged_together(tmp_path):
+    calibration_report(tmp_path / "first", made_up_rounds(4, seed=1))
+    calibration_report(tmp_path / "second", made_up_rounds(5, seed=2))
+    output = tmp_path / "calibration.json"
+    assert calibrate.main(["--rejudge", str(tmp_path / "first"), str(tmp_path / "second"), "--output", str(output),
+                           "--pooled", "10"]) == 0
+    entry = json.loads(output.read_text())["machines"][THIS["id"]]
+    assert entry["calibration_rounds"] == 9 and [chunk["rounds"] for chunk in entry["chunks"]] == [4, 5]
+    assert entry["elapsed_s"] == 1800.0 and entry["discarded_rounds"] == 2
+    assert entry["arms"]["cpu20"]["real"]["comparisons"] == 3
