@@ -73,15 +73,22 @@ class ExtraWorkPerAnswer:
             room_class.answer, self.answer = self.answer, None
 
 
-def install_extra_work(environ=os.environ, room_class=None):
-    value = environ.get(EXTRA_WORK_VARIABLE, "")
+def positive_setting(environ, variable, kind, what):
+    """The variable's value as `kind` when it is set and above 0, else None; a value that is
+    not one stops the server, naming it."""
+    value = environ.get(variable, "")
     if not value:
         return None
     try:
-        squares = int(value)
+        number = kind(value)
     except ValueError:
-        raise SystemExit("chattle: %s=%r is not a whole number of squares" % (EXTRA_WORK_VARIABLE, value))
-    if squares <= 0:
+        raise SystemExit("chattle: %s=%r is not %s" % (variable, value, what))
+    return number if number > 0 else None
+
+
+def install_extra_work(environ=os.environ, room_class=None):
+    squares = positive_setting(environ, EXTRA_WORK_VARIABLE, int, "a whole number of squares")
+    if squares is None:
         return None
     extra_work = ExtraWorkPerAnswer(squares)
     extra_work.install(room_class or chattle_rooms.Room)
@@ -132,14 +139,8 @@ class StampEarly:
 
 
 def install_stamp_early(environ=os.environ, bus_module=None):
-    value = environ.get(STAMP_EARLY_VARIABLE, "")
-    if not value:
-        return None
-    try:
-        milliseconds = float(value)
-    except ValueError:
-        raise SystemExit("chattle: %s=%r is not a number of milliseconds" % (STAMP_EARLY_VARIABLE, value))
-    if milliseconds <= 0:
+    milliseconds = positive_setting(environ, STAMP_EARLY_VARIABLE, float, "a number of milliseconds")
+    if milliseconds is None:
         return None
     early = StampEarly(milliseconds / 1000.0)
     early.install(bus_module or chattle_bus)
