@@ -48,8 +48,13 @@ EXTRA_WORK = "CHATTLE_BENCH_EXTRA_WORK"
 STAMP_EARLY = "CHATTLE_BENCH_STAMP_EARLY_MS"
 # The arms: (key, label, environment of its server, the slowdown it aims at). 190 squares
 # made about 15 % more server CPU per delivery at 1000 listeners (docs/results.md).
+# Every side, the plain one too, runs through harness/bench_server.py (a CHATTLE_BENCH_*
+# variable set, even to 0, starts the server through it): with plain `chattle.py` as the
+# base, an arm with nothing but the wrapper (the latency arm) came out about 15 % more CPU per
+# delivery than the base, so that every CPU arm measured the wrapper as well as its work.
+PLAIN = {EXTRA_WORK: "0"}
 ARMS = (
-    (calibration.A_A, "A/A", {}, None),
+    (calibration.A_A, "A/A", PLAIN, None),
     ("cpu5", "+5 % CPU", {EXTRA_WORK: "63"}, "server CPU per delivery +5 %"),
     ("cpu10", "+10 % CPU", {EXTRA_WORK: "127"}, "server CPU per delivery +10 %"),
     ("cpu20", "+20 % CPU", {EXTRA_WORK: "253"}, "server CPU per delivery +20 %"),
@@ -282,7 +287,7 @@ def main(argv=None):
     commit = git("rev-parse", "HEAD")
     with scratch_directory("chattle-calibrate-") as scratch:
         root = copy_of_this_tree(os.path.join(scratch, "head"))
-        sides = [Side("base", root, sys.executable)] + [Side(key, root, sys.executable, env)
+        sides = [Side("base", root, sys.executable, PLAIN)] + [Side(key, root, sys.executable, env)
                                                         for key, _label, env, _slowdown in ARMS]
         report_dir = new_report_dir("calibrate", root=args.report_root)
         rounds_dir = os.path.join(report_dir, "rounds")
@@ -299,8 +304,8 @@ def main(argv=None):
                 print("calibrate: another round would pass the time limit; stopping after %d" % len(rounds))
                 break
             for attempt in range(2):
-                round_started = time.monotonic()
                 with RoundLock(args.lock):
+                    round_started = time.monotonic()   # the wait for the lock is not the round's
                     entry = run_calibration_round(sides, "%d%s" % (number, "b" if attempt else ""), load_argv,
                                                   rounds_dir, timeout, draw)
                 took = time.monotonic() - round_started
