@@ -27,8 +27,10 @@ TRACE   ?=
 include loadtests/options.mk
 MASTER  ?=
 PROCESSES ?=
+CALIBRATION_ROUNDS ?=
+LOCK    ?=
 
-.PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-worker history cluster-demo bench capacity regress regress-accept benchmarks soak clean
+.PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-calibrate load-worker history cluster-demo bench capacity regress regress-accept benchmarks soak clean
 
 all: test
 
@@ -84,6 +86,14 @@ test-fast: system-packages $(STAMP)
 load: system-packages $(STAMP)
 	$(PY) -m loadtests.run $(LOAD_ARGS)
 
+# How often make load BASE= is wrong on this machine: this tree against itself and against
+# itself slowed by 5, 10 and 20 % CPU and in latency alone, CALIBRATION_ROUNDS rounds (or
+# TIME_LIMIT seconds), into reports/calibration.json, which every later verdict here quotes;
+# LOCK=<file> is taken per round (loadtests/calibrate.py; docs/compare.md).
+load-calibrate: system-packages $(STAMP)
+	$(PY) -m loadtests.calibrate $(LOAD_ARGS) $(if $(CALIBRATION_ROUNDS),--calibration-rounds $(CALIBRATION_ROUNDS)) \
+		$(if $(LOCK),--lock $(LOCK))
+
 # Trend charts of reports/history.jsonl (every make load appends a line), the commits where a figure
 # shifted marked (change points by Apache Otava; docs/compare.md, "History").
 history: $(STAMP)
@@ -116,7 +126,7 @@ SLOWED  ?=
 START   ?=
 MAX_POLLS ?=
 MAX_PROBES ?=
-TIME_LIMIT ?=
+# TIME_LIMIT: declared with make load's options (loadtests/options.mk), the same meaning: seconds for the whole run
 CAPACITY_ARGS = $(strip $(if $(filter command line environment,$(origin WORKERS)),--workers $(WORKERS)) \
   $(if $(PEERS),--peers $(PEERS)) \
   $(if $(SLOWED),--slowed $(SLOWED)) $(if $(SLO),--slo-ms $(SLO)) $(if $(START),--start $(START)) \

@@ -5,6 +5,8 @@ serving, so the path measured is chattle's with only the fault added.
 
     CHATTLE_BENCH_EXTRA_WORK=<squares>   every poll answer sums that many squares once made
                                          (how `make regress` shows its gates can fail)
+    CHATTLE_BENCH_STAMP_EARLY_MS=<ms>    the in-memory bus stamps every message that much
+                                         early: measured latency moves, nothing else
     CHATTLE_BENCH_LEAK=requests,sockets  every chat request is kept in a list / every
                                          20th opens a socket never closed (how `make soak`
                                          shows its gates can fail)
@@ -22,12 +24,15 @@ of the harness: the chattle it wraps is whichever one the interpreter finds (PYT
 import os
 import socket
 import sys
+import time
 
 import chattle  # patches the standard library with gevent first
+import chattle_bus
 import chattle_rooms
 
 EXTRA_WORK_VARIABLE = "CHATTLE_BENCH_EXTRA_WORK"
 LEAK_VARIABLE = "CHATTLE_BENCH_LEAK"
+STAMP_EARLY_VARIABLE = "CHATTLE_BENCH_STAMP_EARLY_MS"
 LEAKS = ("requests", "sockets")
 
 
@@ -68,19 +73,78 @@ class ExtraWorkPerAnswer:
             room_class.answer, self.answer = self.answer, None
 
 
-def install_extra_work(environ=os.environ, room_class=None):
-    value = environ.get(EXTRA_WORK_VARIABLE, "")
+def positive_setting(environ, variable, kind, what):
+    """The variable's value as `kind` when it is set and above 0, else None; a value that is
+    not one stops the server, naming it."""
+    value = environ.get(variable, "")
     if not value:
         return None
     try:
-        squares = int(value)
+        number = kind(value)
     except ValueError:
-        raise SystemExit("chattle: %s=%r is not a whole number of squares" % (EXTRA_WORK_VARIABLE, value))
-    if squares <= 0:
+        raise SystemExit("chattle: %s=%r is not %s" % (variable, value, what))
+    return number if number > 0 else None
+
+
+def install_extra_work(environ=os.environ, room_class=None):
+    squares = positive_setting(environ, EXTRA_WORK_VARIABLE, int, "a whole number of squares")
+    if squares is None:
         return None
     extra_work = ExtraWorkPerAnswer(squares)
     extra_work.install(room_class or chattle_rooms.Room)
     return extra_work
+
+
+###############################################################################
+# Messages stamped early: a change of measured latency alone (make load-calibrate's)
+###############################################################################
+
+class _EarlyClock:
+    """The time module as chattle_bus sees it, but time() `seconds` early."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def time(self):
+        return time.time() - self.seconds
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+class StampEarly:
+    """Stamps every message the in-memory bus accepts `seconds` before it was accepted:
+    the wake-up latency a client measures (its arrival less the message's "ts") grows by
+    exactly that, and nothing the server does changes (its CPU, its memory, how a burst's
+    messages share an answer). A real delay does not do that here: a wake-up held back a
+    few ms let a whole burst's posts into one answer, which cut CPU per delivery by half
+    and the p50 with it. The bus's clock (/health's "time", which a client may use to
+    measure the offset between the clocks) stays true."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.clock = None
+
+    def install(self, bus_module):
+        if self.clock is not None:
+            return
+        self.clock = bus_module.MemoryBus.clock
+        bus_module.time = _EarlyClock(self.seconds)
+        bus_module.MemoryBus.clock = lambda bus: time.time()
+
+    def remove(self, bus_module):
+        if self.clock is not None:
+            bus_module.time = time
+            bus_module.MemoryBus.clock, self.clock = self.clock, None
+
+
+def install_stamp_early(environ=os.environ, bus_module=None):
+    milliseconds = positive_setting(environ, STAMP_EARLY_VARIABLE, float, "a number of milliseconds")
+    if milliseconds is None:
+        return None
+    early = StampEarly(milliseconds / 1000.0)
+    early.install(bus_module or chattle_bus)
+    return early
 
 
 ###############################################################################
@@ -167,6 +231,7 @@ def install(environ=os.environ, app=None):
     """Every fault the environment asks for: the extra work on chattle's Room, the leaks on its
     application (or `app`), the tracing on the process."""
     install_extra_work(environ)
+    install_stamp_early(environ)
     install_leaks(environ, app)
     install_trace(environ)
 

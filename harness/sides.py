@@ -3,8 +3,9 @@
 a temporary git worktree, with the interpreter to run its server on (this virtualenv when
 the base's server dependencies are this tree's, else one made for it); head this tree.
 Both sides get one hash seed; CHATTLE_BENCH_* variables of the environment and --head-env
-reach head's servers only, so the base runs as its product does. The pairs run in turns,
-base first, then head first, and so on. Everything temporary is removed at the end, also on
+reach head's servers only, so the base runs as its product does. The pairs run in turns
+(base first, then head first, and so on: `make regress BASE=`) or in a random order drawn
+per round (`make load BASE=`). Everything temporary is removed at the end, also on
 failure, Ctrl-C or SIGTERM.
 """
 
@@ -67,6 +68,16 @@ def in_turn(sides, index):
     """Both sides in the order of pair `index` (from 0): A B, B A, A B, ..., so that whatever
     favours the first or the second run of a pair falls on both sides alike."""
     return tuple(sides) if index % 2 == 0 else tuple(sides)[::-1]
+
+
+def in_random_order(sides, draw):
+    """Both sides in an order drawn from `draw` (a seeded random.Random): a comparison's
+    rounds, so that no drift of the machine (a neighbour's job that starts and stops,
+    a warming cache) can follow the order and favour one side (Abedi and Brecht's
+    randomised multiple interleaved trials)."""
+    order = list(sides)
+    draw.shuffle(order)
+    return tuple(order)
 
 
 # -- the base checkout ----------------------------------------------------------------------

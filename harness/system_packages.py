@@ -87,6 +87,7 @@ GOALS = {
     "run": lambda given: (["redis-server"] if several(given["workers"]) and not (
         given["redis"] or given["redis_cluster"]) else []) + (["prometheus"] if given["monitor"] else []),
     "load": _needs_redis_for_load,
+    "load-calibrate": _needs_redis_for_load,
     "soak": lambda given: ["redis-server"] if several(given["workers"]) else [],
     "regress": lambda given: ["valgrind"],
     "regress-accept": lambda given: ["valgrind"],

@@ -457,6 +457,7 @@ def geometric_mean(values):
 
 
 @functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=512)  # a simulation of many comparisons asks the same few again and again
 def student_t_quantile(probability, degrees):
     """The `probability` quantile (above 0.5) of Student's t with `degrees` degrees of
     freedom: its density integrated (Simpson's rule) and the integral inverted by bisection,
@@ -486,10 +487,12 @@ def ratio_interval(ratios, confidence=0.95, resamples=10000, seed=13):
     3 pairs its 95 % interval cannot reach past the smallest ratio, so any figure whose
     run-to-run noise exceeds its threshold would be called worse in one A/A run in 8.
     Seeded: the same runs always give the same interval."""
-    draw = random.Random(seed)
-    means = sorted(geometric_mean(draw.choices(ratios, k=len(ratios))) for _ in range(resamples))
     tail = (1 - confidence) / 2
-    ratio, low, high = geometric_mean(ratios), percentile(means, tail), percentile(means, 1 - tail)
+    ratio = low = high = geometric_mean(ratios)
+    if resamples:  # 0: Student's t interval alone (a simulation of many comparisons wants it fast)
+        draw = random.Random(seed)
+        means = sorted(geometric_mean(draw.choices(ratios, k=len(ratios))) for _ in range(resamples))
+        low, high = percentile(means, tail), percentile(means, 1 - tail)
     count = len(ratios)
     if count >= 2:
         logs = [math.log(value) for value in ratios]

@@ -3,8 +3,9 @@ round by round, and a verdict: worse, unchanged or better, beyond the measured n
 
 The base is checked out into a temporary git worktree (harness/sides.py, as `make
 regress BASE=` does; removed at the end, also on failure, Ctrl-C or SIGTERM). Base and
-head ("this tree") are run in turns, ROUNDS of each, the order alternating from round to
-round (A B, B A, A B, ...), every run a complete `make load` on a freshly started server:
+head ("this tree") are run in rounds, each round's order drawn at random (seeded, printed),
+at least ROUNDS and more until the stopping rule says enough (loadtests/stopping.py),
+every run a complete `make load` on a freshly started server:
 the base's server code from its worktree, head's from a copy of this tree beside it (the
 same path length: a server's memory depends on it), and this tree's load client and
 seeded schedule for both (the same listeners, rooms and bursts). CHATTLE_BENCH_*
@@ -26,6 +27,7 @@ Exit status: 0 unchanged or better, 1 worse, 2 could not compare (the reason is 
 import argparse
 import math
 import os
+import random
 import sys
 import time
 
@@ -36,16 +38,18 @@ from harness.sides import (
     assignments,
     base_and_head,
     copy_of_this_tree,
-    in_turn,
+    in_random_order,
     parse_head_env,
     scratch_directory,
 )
 from instruments import history
+from instruments.canary import canary_line, canary_moved, read_canary
 from instruments.measures import LatencyHistogram, ms, percentile, ratio_interval
 from instruments.page import REPORTS_ROOT, machine_line, new_report_dir, write_html, write_json
 from instruments.provenance import GitFailed, git, without_bench_environment
-from loadtests import compare_summary
+from loadtests import calibration, compare_summary
 from loadtests.options import COMPARE, add_to_parser
+from loadtests.stopping import look_confidence, looks, why_stop
 
 WORSE_OR_NOT = {0: "UNCHANGED", 1: "WORSE", 2: "COULD NOT COMPARE"}
 UNCHANGED, WORSE, CANNOT_COMPARE = 0, 1, 2
@@ -111,7 +115,8 @@ WRONG_KINDS = ("lost", "duplicated", "out_of_order")
 
 # -- the statistics (pure: tests feed them synthetic rounds) ----------------------------------
 
-def compare_figure(base, head, threshold, seed=BOOTSTRAP_SEED, confidence=CONFIDENCE, resolution=0.0):
+def compare_figure(base, head, threshold, seed=BOOTSTRAP_SEED, confidence=CONFIDENCE, resolution=0.0,
+                   resamples=10000):
     """Head against base for one figure, paired by round.
 
     {ratios, ratio, low, high, noise, detectable, verdict}: ratio is the geometric mean of
@@ -129,7 +134,7 @@ def compare_figure(base, head, threshold, seed=BOOTSTRAP_SEED, confidence=CONFID
     if any(value is None or value <= 0 for value in list(base) + list(head)):
         raise ValueError("every round needs a positive figure (base %s, head %s)" % (base, head))
     ratios = [h / b for b, h in zip(base, head)]
-    ratio, low, high = ratio_interval(ratios, confidence=confidence, seed=seed)
+    ratio, low, high = ratio_interval(ratios, confidence=confidence, seed=seed, resamples=resamples)
     low, high = low / (1 + resolution), high * (1 + resolution)
     limit = threshold / 100.0
     noise = math.exp((math.log(high) - math.log(low)) / 2) - 1
@@ -162,10 +167,11 @@ def round_problems(summary):
     return problems
 
 
-def judge(rounds, figures=FIGURES, seed=BOOTSTRAP_SEED):
+def judge(rounds, figures=FIGURES, seed=BOOTSTRAP_SEED, confidence=CONFIDENCE, resamples=10000):
     """The comparison of paired rounds [{"base": summary, "head": summary}], as a dict with
-    code (UNCHANGED, WORSE, CANNOT_COMPARE), word, reasons and per-figure results."""
-    result = {"figures": {}, "reasons": [], "invalid_rounds": [], "delivery": []}
+    code (UNCHANGED, WORSE, CANNOT_COMPARE), word, reasons and per-figure results.
+    `confidence`: of each figure's interval (a look's, loadtests/stopping.py)."""
+    result = {"figures": {}, "reasons": [], "invalid_rounds": [], "delivery": [], "confidence": confidence}
     for number, pair in enumerate(rounds, 1):
         for side in ("base", "head"):
             for problem in round_problems(pair.get(side)):
@@ -187,7 +193,8 @@ def judge(rounds, figures=FIGURES, seed=BOOTSTRAP_SEED):
             resolution = max([sum(figure.resolution(pair[side]) or 0.0 for side in ("base", "head") if pair.get(side))
                               for pair in rounds] or [0.0])
         try:
-            entry.update(compare_figure(base, head, figure.threshold, seed=seed, resolution=resolution))
+            entry.update(compare_figure(base, head, figure.threshold, seed=seed, resolution=resolution,
+                                        confidence=confidence, resamples=resamples))
         except ValueError as exc:
             entry.update(verdict="not compared", why=str(exc), threshold_percent=figure.threshold)
         result["figures"][figure.key] = entry
@@ -284,14 +291,18 @@ def run_round(side, number, load_argv, rounds_dir, timeout):
     return summary, root
 
 
-def run_pair(sides, label, load_argv, rounds_dir, timeout, number=1):
-    """Both sides once; odd rounds base first, even rounds head first (A B B A ...), so that
-    whatever favours the first or the second run of a pair falls on both sides alike."""
-    pair = {}
-    for side in in_turn(sides, number - 1):
+def run_pair(sides, label, load_argv, rounds_dir, timeout, order):
+    """Both sides once, in `order` (drawn per round: whatever favours the first or the second
+    run of a pair falls on either side by chance, not by a pattern a drift could follow),
+    the canary read before the first run and after each; the pair, with "_order" and
+    "_canary" (the readings) beside the sides' summaries."""
+    pair = {"_order": [side.name for side in order], "_canary": [read_canary()]}
+    for side in order:
         started = time.monotonic()
         pair[side.name], _root = run_round(side, label, load_argv, rounds_dir, timeout)
+        pair["_canary"].append(read_canary())
         print(round_line(label, side.name, pair[side.name]) + " (%.0f s)" % (time.monotonic() - started), flush=True)
+    print("compare: round %s %s" % (label, canary_line(pair["_canary"])), flush=True)
     return pair
 
 
@@ -356,11 +367,11 @@ def draw_compare_charts(report_dir, result, rounds, what):
     axis.set_xlabel("head / base - 1, %")
     save(fig, "intervals.png",
          "Head against base, per figure: the dot is the geometric mean of the rounds' head / base ratios, the bar "
-         "its %.0f%% bootstrap interval (rounds resampled with replacement, seed %d; widened to Student's t "
+         "its %.4g%% bootstrap interval (rounds resampled with replacement, seed %d; widened to Student's t "
          "interval where that is wider, as at few rounds), grey ticks each round's "
          "ratio. Red dashes are the thresholds: a figure is worse only when its whole bar lies right of its red "
          "dash, better when it lies left of the green one. %s."
-         % (CONFIDENCE * 100, BOOTSTRAP_SEED, what))
+         % (result.get("confidence", CONFIDENCE) * 100, BOOTSTRAP_SEED, what))
 
     # per-round points, base against head
     fig, axes = plt.subplots(1, len(FIGURES), figsize=(3.1 * len(FIGURES), 3.2))
@@ -379,7 +390,7 @@ def draw_compare_charts(report_dir, result, rounds, what):
     axes[0].legend(fontsize=8, loc="lower right")
     save(fig, "rounds.png",
          "Each figure round by round, base (blue) against head (orange); a round is one run of each, each on "
-         "a fresh server (base first in odd rounds, head first in even ones), so the two points of a round are "
+         "a fresh server (in an order drawn at random per round), so the two points of a round are "
          "minutes apart at most. Paired ratios of these points "
          "make the intervals above. %s." % what)
 
@@ -462,7 +473,7 @@ def side_by_side(result, rounds):
 
 
 def write_report(report_dir, result, rounds, context):
-    what = ("%s against base %s (%s), %d rounds each, A B, B A, ...; %s" % (
+    what = ("%s against base %s (%s), %d rounds each, each round's order drawn at random; %s" % (
         "head %s%s" % (context["head_commit"][:12], " with uncommitted changes" if context["head_dirty"] else ""),
         context["base_revision"], context["base_commit"][:12], len(rounds), context["settings_line"]))
     charts = draw_compare_charts(report_dir, result, rounds, what) if rounds else []
@@ -470,6 +481,9 @@ def write_report(report_dir, result, rounds, context):
     headline = [("verdict", result["word"], "fail" if result["code"] == WORSE else
                  "pass" if result["code"] == UNCHANGED else "fail")]
     headline += [("why", reason, "") for reason in result["reasons"]]
+    headline += [("stopped", "%s; the sides' order drawn per round from ORDER_SEED=%s" % (
+        result.get("stopped_because"), context.get("order_seed")), ""),
+                 ("error rates", result.get("calibration") or "", "")]
     headline += [(entry["label"], figure_row(entry), "fail" if entry["verdict"] == "worse" else "")
                  for entry in result["figures"].values()]
     headline += [("messages wrong in head", "%(lost)d lost, %(duplicated)d duplicated, %(out_of_order)d out of "
@@ -491,7 +505,10 @@ def write_report(report_dir, result, rounds, context):
     summary = dict(context, verdict=result["word"], exit_code=result["code"], reasons=result["reasons"],
                    figures=result["figures"], delivery=result["delivery"], wrong_in_head=result["wrong_in_head"],
                    invalid_rounds=result["invalid_rounds"], rounds=len(rounds), charts=[name for name, _c in charts],
-                   discarded_pairs=result.get("discarded_pairs", 0),
+                   discarded_pairs=result.get("discarded_pairs", 0), calibration=result.get("calibration"),
+                   stopped_because=result.get("stopped_because"),
+                   orders=[pair.get("_order") for pair in rounds], canary=[pair.get("_canary") for pair in rounds],
+                   canary_flagged=[bool(pair.get("_canary_flagged")) for pair in rounds],
                    round_reports=[{side: pair[side]["_report_dir"] if pair.get(side) else None
                                    for side in ("base", "head")} for pair in rounds])
     write_json(os.path.join(report_dir, "compare.json"), summary)
@@ -505,7 +522,8 @@ def print_verdict(result, context, rounds, report_dir):
         context["base_revision"], context["base_commit"][:12], len(rounds)))
     for reason in result["reasons"]:
         print("  - " + reason)
-    print("  %-24s %10s %10s %9s  %-19s %6s %8s  %s" % ("figure", "base", "head", "head/base", "95% interval",
+    print("  %-24s %10s %10s %9s  %-19s %6s %8s  %s" % ("figure", "base", "head", "head/base",
+                                                     "%.4g%% interval" % (result.get("confidence", CONFIDENCE) * 100),
                                                      "thresh", "detects", "verdict"))
     for entry in result["figures"].values():
         if "ratio" not in entry:
@@ -521,6 +539,9 @@ def print_verdict(result, context, rounds, report_dir):
           "plus the noise of this comparison)" % len(rounds))
     if result["code"] == CANNOT_COMPARE:
         print("  (the figures of invalid rounds are shown, not judged)")
+    if result.get("stopped_because"):
+        print("  stopped: %s (order seed %s)" % (result["stopped_because"], context.get("order_seed")))
+    print("  error rates %s" % result.get("calibration"))
     print("  report   %s" % os.path.join(report_dir, "report.html"))
     print("=" * 78)
 
@@ -610,40 +631,79 @@ def _compare(args, load_argv, load_args, scratch, run):
         settings_line = ", ".join("%s=%s" % item for item in sorted(settings.items())
                                   if item[1] not in (None, {}, ""))
         print("compare: base %s (%s) in %s, on %s; head %s is this tree%s, its servers run from a copy in %s; "
-              "%d rounds, A B, B A, ...; report in %s" % (
-                  args.base, checkout.commit[:12], checkout.root, checkout.venv_note, head_commit[:12],
-                  " (uncommitted changes)" if dirty else "", head_root, args.rounds, report_dir), flush=True)
+              "report in %s" % (args.base, checkout.commit[:12], checkout.root, checkout.venv_note, head_commit[:12],
+                                " (uncommitted changes)" if dirty else "", head_root, report_dir), flush=True)
         if bench_env:
             print("compare: head's servers get %s" % assignments(bench_env))
         timeout = load_args.duration + ROUND_MARGIN_SECONDS
-        rounds, discarded, retries = [], [], args.retries
-        for number in range(1, args.rounds + 1):
-            for attempt in range(retries + 1):
-                pair = run_pair(sides, "%d%s" % (number, "abcdefgh"[attempt] if attempt else ""), load_argv,
-                                rounds_dir, timeout, number)
-                problems = round_problems(pair["base"]) + round_problems(pair["head"])
-                if not problems or attempt == retries:
-                    break
-                # A busy spell of the machine is not the code's doing: the pair, both sides, again.
-                print("compare: round %d is not valid (%s); running its pair again" % (number, problems[0]),
-                      flush=True)
-                discarded.append(pair)
-            rounds.append(pair)
-            if problems and retries:
-                # Busy for longer than a pair: the rest is run once each, so the figures and their
-                # spread are still measured (shown, not judged) without doubling the time.
-                print("compare: round %d is still not valid; the comparison cannot be judged, the other rounds run "
-                      "once each for their figures" % number, flush=True)
-                retries = 0
-        result = judge(rounds)
+        rounds, discarded = run_rounds(args, sides, load_argv, rounds_dir, timeout)
+        result = judge(rounds, confidence=look_confidence(args.rounds, max_rounds(args), len(rounds)))
         result["discarded_pairs"] = len(discarded)
+        result["stopped_because"] = rounds.stopped_because
+        result["calibration"] = calibration.quote_for(history.machine_fingerprint(), settings)
         context = {"base_revision": args.base, "base_commit": checkout.commit, "head_commit": head_commit,
                    "head_dirty": bool(dirty), "head_env": bench_env, "settings": settings,
-                   "settings_line": settings_line, "load_argv": load_argv, "machine": history.machine_fingerprint()}
+                   "settings_line": settings_line, "load_argv": load_argv, "machine": history.machine_fingerprint(),
+                   "order_seed": rounds.order_seed, "looks": looks(args.rounds, max_rounds(args)),
+                   "look_confidence": look_confidence(args.rounds, max_rounds(args), len(rounds))}
         write_report(report_dir, result, rounds, context)
         print_verdict(result, context, rounds, report_dir)
         record_history(result, settings, bench_env, checkout.commit, report_dir, args.report_root, head_state)
         return result["code"]
+
+
+class Rounds(list):
+    """The rounds a comparison ran, with the seed of their order and why it stopped."""
+    order_seed = None
+    stopped_because = None
+
+
+def max_rounds(args):
+    return max(args.rounds, args.max_rounds)
+
+
+def run_rounds(args, sides, load_argv, rounds_dir, timeout):
+    """At least ROUNDS rounds, then one more at a time until the stopping rule
+    (loadtests/stopping.py) says enough; each round's order drawn from ORDER_SEED (printed:
+    ORDER_SEED=<it> repeats the orders). A pair that is not valid or whose canary moved by
+    more than CANARY_THRESHOLD percent is run again once (RETRIES); (rounds, discarded)."""
+    rounds, discarded, retries = Rounds(), [], args.retries
+    rounds.order_seed = args.order_seed or random.SystemRandom().randrange(1, 2 ** 31)
+    draw = random.Random(rounds.order_seed)
+    print("compare: at least %d and at most %d rounds%s, each in a random order (ORDER_SEED=%d); %d look(s), the "
+          "first judging %.2f%% intervals, the last %.2f%%" % (
+              args.rounds, max_rounds(args), ", %g s at most" % args.time_limit if args.time_limit else "",
+              rounds.order_seed, looks(args.rounds, max_rounds(args)),
+              look_confidence(args.rounds, max_rounds(args), args.rounds) * 100,
+              look_confidence(args.rounds, max_rounds(args), max_rounds(args)) * 100), flush=True)
+    started, longest = time.monotonic(), 0.0
+    for number in range(1, max_rounds(args) + 1):
+        order = in_random_order(sides, draw)
+        for attempt in range(retries + 1):
+            round_started = time.monotonic()
+            pair = run_pair(sides, "%d%s" % (number, "abcdefgh"[attempt] if attempt else ""), load_argv,
+                            rounds_dir, timeout, order)
+            longest = max(longest, time.monotonic() - round_started)
+            problems = round_problems(pair["base"]) + round_problems(pair["head"])
+            moved = canary_moved(pair["_canary"])
+            pair["_canary_flagged"] = moved * 100 > args.canary_threshold
+            if pair["_canary_flagged"]:
+                problems.append("the canary moved %.0f%% (over CANARY_THRESHOLD=%g%%)" % (moved * 100,
+                                                                                      args.canary_threshold))
+            if not problems or attempt == retries:
+                break
+            # A busy spell of the machine is not the code's doing: the pair, both sides, again.
+            print("compare: round %d is not valid or was disturbed (%s); running its pair again"
+                  % (number, problems[0]), flush=True)
+            discarded.append(pair)
+        rounds.append(pair)
+        confidence = look_confidence(args.rounds, max_rounds(args), len(rounds))
+        rounds.stopped_because = why_stop(judge(rounds, confidence=confidence), len(rounds), args.rounds,
+                                          max_rounds(args), time.monotonic() - started, longest, args.time_limit)
+        if rounds.stopped_because:
+            print("compare: stopping: %s" % rounds.stopped_because, flush=True)
+            return rounds, discarded
+    return rounds, discarded
 
 
 def record_history(result, settings, bench_env, base_commit, report_dir, report_root, head_state=None):

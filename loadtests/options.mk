@@ -32,6 +32,10 @@ UI ?=
 REPORT_ROOT ?=
 BASE ?=
 ROUNDS ?=
+MAX_ROUNDS ?=
+TIME_LIMIT ?=
+ORDER_SEED ?=
+CANARY_THRESHOLD ?=
 RETRIES ?=
 ALLOW_DIRTY ?=
 SUMMARY ?=
@@ -65,6 +69,10 @@ LOAD_ARGS = $(strip \
   $(if $(REPORT_ROOT),--report-root $(REPORT_ROOT)) \
   $(if $(BASE),--base $(BASE)) \
   $(if $(ROUNDS),--rounds $(ROUNDS)) \
+  $(if $(MAX_ROUNDS),--max-rounds $(MAX_ROUNDS)) \
+  $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)) \
+  $(if $(ORDER_SEED),--order-seed $(ORDER_SEED)) \
+  $(if $(CANARY_THRESHOLD),--canary-threshold $(CANARY_THRESHOLD)) \
   $(if $(RETRIES),--retries $(RETRIES)) \
   $(if $(ALLOW_DIRTY),--allow-dirty) \
   $(if $(SUMMARY),--summary $(SUMMARY)))

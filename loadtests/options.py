@@ -145,7 +145,18 @@ OPTIONS = [
     # -- base against head (loadtests/compare.py runs run.py once per round)
     Option("base", str, None, "compare with this git revision, round by round: the same seeded load against its "
            "server and this tree's (branch, tag, commit, HEAD~1; loadtests/compare.py)", where=(COMPARE,)),
-    Option("rounds", int, 3, "with --base: runs of each side (at least 2)", where=(COMPARE,)),
+    Option("rounds", int, 3, "with --base: the fewest runs of each side (at least 2); more are run, one round "
+           "at a time, until every figure's interval resolves its threshold or --max-rounds or --time-limit is "
+           "reached (loadtests/stopping.py)", where=(COMPARE,)),
+    Option("max-rounds", int, 6, "with --base: the most rounds; the intervals of every look are widened for "
+           "their number (max-rounds - rounds + 1) so the false-alarm rate holds", where=(COMPARE,)),
+    Option("time-limit", float, 0.0, "with --base: seconds after which no further round is started (0: none)",
+           where=(COMPARE,)),
+    Option("order-seed", int, 0, "with --base: seeds the random order of the sides in every round (0: drawn, "
+           "and printed so that it can be given again)", where=(COMPARE,)),
+    Option("canary-threshold", float, 50.0, "with --base: a round whose canary (a fixed CPU loop timed before and "
+           "after each run, instruments/canary.py) moved by more than this many percent is run again once",
+           where=(COMPARE,)),
     Option("retries", int, 1, "with --base: times an invalid round (machine-bound, say) is run again, both sides; "
            "once one is still invalid after them, the other rounds run once each", where=(COMPARE,)),
     Option("allow-dirty", SWITCH, False, "with --base: compare a tree with uncommitted changes as head (the report "

@@ -294,8 +294,8 @@ def test_a_small_a_a_comparison_runs_to_a_verdict_with_its_report(needs_git, tmp
     """Two rounds of each side, 100 listeners, the shortest run: about two minutes. The
     verdict itself is timing (a shared machine may make a round invalid, or a small run
     noisy); what is checked is that it is reached and reported as the exit code says."""
-    run = run_load("--base", "HEAD", "--rounds", "2", "--allow-dirty", *SMALL, "--report-root", str(tmp_path),
-                   timeout=900)
+    run = run_load("--base", "HEAD", "--rounds", "2", "--max-rounds", "2", "--allow-dirty", *SMALL,
+                   "--report-root", str(tmp_path), timeout=900)
     print(run.stdout, run.stderr)
     assert run.returncode in (compare.UNCHANGED, compare.WORSE, compare.CANNOT_COMPARE), run.stderr
     [report] = glob.glob(str(tmp_path / "*-compare"))
@@ -329,7 +329,7 @@ def test_ten_a_a_comparisons_raise_at_most_one_false_alarm(needs_git, tmp_path):
     machine fails this test rather than passing it by saying nothing."""
     verdicts = []
     for number in range(10):
-        run = run_load("--base", "HEAD", "--rounds", "3", "--allow-dirty", *SMALL,
+        run = run_load("--base", "HEAD", "--rounds", "3", "--max-rounds", "3", "--allow-dirty", *SMALL,
                        "--report-root", str(tmp_path / str(number)), timeout=1200)
         print("A/A %d: exit %d" % (number + 1, run.returncode), run.stdout.splitlines()[-8:])
         assert run.returncode in (compare.UNCHANGED, compare.WORSE, compare.CANNOT_COMPARE), run.stderr
@@ -352,7 +352,7 @@ def test_about_fifteen_percent_more_work_per_answer_in_head_is_caught(needs_git,
     """The same tree on both sides, head's servers made slower on purpose. At 5 rounds the
     verdict must be worse, and worse on server CPU per delivery, the figure the extra
     work moves. A machine that makes a round invalid fails this test."""
-    run = run_load("--base", "HEAD", "--rounds", "5", "--allow-dirty", *MIDDLE,
+    run = run_load("--base", "HEAD", "--rounds", "5", "--max-rounds", "5", "--allow-dirty", *MIDDLE,
                    "--head-env", "CHATTLE_BENCH_EXTRA_WORK=%d" % FIFTEEN_PERCENT_OF_SQUARES,
                    "--report-root", str(tmp_path), timeout=3000)
     print(run.stdout, run.stderr)
