@@ -426,26 +426,45 @@ def poll_messages(room="lobby"):
         # A client that names no history is taken to be in the one it arrived in: a poll
         # held across a start of the history is still told "reset".
         epoch = chat.epoch
-    try:
-        shared = since is not None and chat.wait_for_news(since, timeout, epoch, peer)
-    finally:
-        if held:
-            chat.registry.end_poll(address)
-    if shared is CLIENT_LEFT:
-        if sends_json:  # chattle_http's handler closes the connection unanswered
-            if rooms.release(chat):
-                bus.forget(room)
-            raise chattle_http.PeerGone
-        # Another server (gunicorn's own worker): answered as at a timeout, and the
-        # server finds the connection gone as it writes.
-        shared = False
-    body = chat.answer(since, limit, shared, epoch)
-    if rooms.release(chat):
-        bus.forget(room)
-    if sends_json:
-        # Straight to chattle_http's handler: every waiter of a fan-out sends the same head.
-        raise chattle_http.SendJson(body, close=rooms.closing)
-    return json_answer(body)
+    poll = Poll(chat, since, limit, timeout, epoch, peer, address if held else None, sends_json)
+    if held and sends_json:
+        raise chattle_http.Hold(poll)  # chattle_http's handler holds it, past Bottle's frames
+    return poll.answer()
+
+
+class Poll:
+    """One poll from its wait on: what its answer needs, and nothing of its request."""
+
+    __slots__ = ("chat", "since", "limit", "timeout", "epoch", "peer", "held_for", "sends_json")
+
+    def __init__(self, chat, since, limit, timeout, epoch, peer, held_for, sends_json):
+        self.chat, self.since, self.limit, self.timeout, self.epoch = chat, since, limit, timeout, epoch
+        self.peer = peer
+        self.held_for = held_for  # the client address it is counted against while held; None: not counted
+        self.sends_json = sends_json
+
+    def answer(self):
+        chat, since, epoch = self.chat, self.since, self.epoch
+        try:
+            shared = since is not None and chat.wait_for_news(since, self.timeout, epoch, self.peer)
+        finally:
+            if self.held_for is not None:
+                chat.registry.end_poll(self.held_for)
+        if shared is CLIENT_LEFT:
+            if self.sends_json:  # chattle_http's handler closes the connection unanswered
+                if rooms.release(chat):
+                    bus.forget(chat.name)
+                raise chattle_http.PeerGone
+            # Another server (gunicorn's own worker): answered as at a timeout, and the
+            # server finds the connection gone as it writes.
+            shared = False
+        body = chat.answer(since, self.limit, shared, epoch)
+        if rooms.release(chat):
+            bus.forget(chat.name)
+        if self.sends_json:
+            # Straight to chattle_http's handler: every waiter of a fan-out sends the same head.
+            raise chattle_http.SendJson(body, close=rooms.closing)
+        return json_answer(body)
 
 
 # The per-request state Bottle's response keeps in the greenlet (see greenlet_local_property).

@@ -205,6 +205,22 @@ PEER = "chattle.peer"
 STIRRED = ()
 
 
+class Hold(BaseException):
+    """Raised by the application to hold its request outside its own call stack: `poll`
+    is an object whose `answer()` waits and then raises SendJson or PeerGone. The handler
+    calls it once the exception, and with it every frame of the application and of Bottle
+    between the handler and the raise, is gone. A held poll's greenlet then keeps neither
+    those frames nor what their locals hold (the route's arguments, the path), and none
+    of the C stack of Bottle's `route.call(**args)`, a call that enters the eval loop
+    again in C and that greenlet saves for as long as the poll is held (about 460 bytes).
+    A BaseException, as SendJson, so that Bottle lets it through. Only raised where
+    environ[SENDS_JSON] says this layer is there to catch it."""
+
+    def __init__(self, poll):
+        super().__init__()
+        self.poll = poll
+
+
 class PeerGone(BaseException):
     """Raised by the application when the client of a held poll closed or reset its
     connection: the handler closes it without an answer (logged as 499, as nginx does).
@@ -315,6 +331,7 @@ class ChattleHandling:
                 return None
             self.response_length = 0
             self.environ = self.get_environ(RequestHeaders(head, limits.max_headers))
+            head = None  # not kept in this frame while the request is held
         except Refused as refused:
             return self.refuse(refused)
         self.application = self.server.application
@@ -430,14 +447,17 @@ class ChattleHandling:
         body must arrive within the head deadline, as the next head would.
 
         An application that raises SendJson is answered here, without pywsgi; one that
-        raises PeerGone (its client left while its poll was held) is not answered.
+        raises PeerGone (its client left while its poll was held) is not answered; one
+        that raises Hold is held here, and answered as its poll's answer() raises.
 
         pywsgi's run_application is inlined (the result's close() and all), not called:
         every Python frame on a held poll's stack is one more frame object that greenlet
         makes for it on Python 3.12 and later."""
         try:
             try:
-                self.result = self.application(self.environ, self.start_response)
+                held = self.call_application()
+                if held is not None:
+                    held.answer()  # raises SendJson or PeerGone
                 self.process_result()
             finally:
                 close = getattr(self.result, "close", None)
@@ -459,6 +479,16 @@ class ChattleHandling:
                     body.chunked_input = False
                 elif body.chunked_input or body.position < (body.content_length or 0):
                     self.rfile.until = time.monotonic() + self.limits.head_timeout
+
+    def call_application(self):
+        """Call the application; the poll it holds (Hold), if it holds one. The frames the
+        raise passed through are gone once this returns, this one's too: a frame a
+        traceback has touched keeps a frame object (about 240 bytes) while it runs."""
+        try:
+            self.result = self.application(self.environ, self.start_response)
+        except Hold as hold:
+            return hold.poll
+        return None
 
     def send_json(self, body, close):
         """Answer 200 with the JSON `body`: the bytes pywsgi would send for it, as one
