@@ -333,7 +333,7 @@ app = Bottle()
 # would only wrap each answer in one more call (a cost paid per woken poll).
 app.uninstall(True)
 # The name gunicorn and other WSGI servers look for: the bound method, as make_server
-# serves, since calling the Bottle instance adds a level of C stack to every held poll.
+# serves, since calling the Bottle instance adds a level of C stack to every request.
 application = app.wsgi
 # Nearly every answer is JSON; the page sets its own type.
 bottle.LocalResponse.default_content_type = JSON_TYPE
@@ -426,45 +426,51 @@ def poll_messages(room="lobby"):
         # A client that names no history is taken to be in the one it arrived in: a poll
         # held across a start of the history is still told "reset".
         epoch = chat.epoch
-    poll = Poll(chat, since, limit, timeout, epoch, peer, address if held else None, sends_json)
+    held_for = address if held else None  # the address it is counted against while held
     if held and sends_json:
-        raise chattle_http.Hold(poll)  # chattle_http's handler holds it, past Bottle's frames
-    return poll.answer()
+        # chattle_http's handler holds it, past Bottle's frames
+        raise chattle_http.Hold(HeldPoll(chat, since, limit, timeout, epoch, peer, held_for))
+    return answer_poll(chat, since, limit, timeout, epoch, peer, held_for, sends_json)
 
 
-class Poll:
-    """One poll from its wait on: what its answer needs, and nothing of its request."""
+class HeldPoll:
+    """A poll chattle_http's handler holds (chattle_http.Hold): what its answer needs, and
+    nothing of its request."""
 
-    __slots__ = ("chat", "since", "limit", "timeout", "epoch", "peer", "held_for", "sends_json")
+    __slots__ = ("chat", "since", "limit", "timeout", "epoch", "peer", "held_for")
 
-    def __init__(self, chat, since, limit, timeout, epoch, peer, held_for, sends_json):
+    def __init__(self, chat, since, limit, timeout, epoch, peer, held_for):
         self.chat, self.since, self.limit, self.timeout, self.epoch = chat, since, limit, timeout, epoch
-        self.peer = peer
-        self.held_for = held_for  # the client address it is counted against while held; None: not counted
-        self.sends_json = sends_json
+        self.peer, self.held_for = peer, held_for
 
     def answer(self):
-        chat, since, epoch = self.chat, self.since, self.epoch
-        try:
-            shared = since is not None and chat.wait_for_news(since, self.timeout, epoch, self.peer)
-        finally:
-            if self.held_for is not None:
-                chat.registry.end_poll(self.held_for)
-        if shared is CLIENT_LEFT:
-            if self.sends_json:  # chattle_http's handler closes the connection unanswered
-                if rooms.release(chat):
-                    bus.forget(chat.name)
-                raise chattle_http.PeerGone
-            # Another server (gunicorn's own worker): answered as at a timeout, and the
-            # server finds the connection gone as it writes.
-            shared = False
-        body = chat.answer(since, self.limit, shared, epoch)
-        if rooms.release(chat):
-            bus.forget(chat.name)
-        if self.sends_json:
-            # Straight to chattle_http's handler: every waiter of a fan-out sends the same head.
-            raise chattle_http.SendJson(body, close=rooms.closing)
-        return json_answer(body)
+        answer_poll(self.chat, self.since, self.limit, self.timeout, self.epoch, self.peer, self.held_for, True)
+
+
+def answer_poll(chat, since, limit, timeout, epoch, peer, held_for, sends_json):
+    """Wait for news when the poll is held, then answer it: as SendJson where chattle_http's
+    handler takes it (`sends_json` true), else returned to Bottle. `held_for`: the client address
+    the poll is counted against while held (None: not counted)."""
+    try:
+        shared = since is not None and chat.wait_for_news(since, timeout, epoch, peer)
+    finally:
+        if held_for is not None:
+            chat.registry.end_poll(held_for)
+    if shared is CLIENT_LEFT:
+        if sends_json:  # chattle_http's handler closes the connection unanswered
+            if rooms.release(chat):
+                bus.forget(chat.name)
+            raise chattle_http.PeerGone
+        # Another server (gunicorn's own worker): answered as at a timeout, and the
+        # server finds the connection gone as it writes.
+        shared = False
+    body = chat.answer(since, limit, shared, epoch)
+    if rooms.release(chat):
+        bus.forget(chat.name)
+    if sends_json:
+        # Straight to chattle_http's handler: every waiter of a fan-out sends the same head.
+        raise chattle_http.SendJson(body, close=rooms.closing)
+    return json_answer(body)
 
 
 # The per-request state Bottle's response keeps in the greenlet (see greenlet_local_property).
@@ -620,7 +626,7 @@ def make_server(host, port):
 
     It is given `app.wsgi`, the Bottle application's own entry point, rather than `app`:
     calling an instance goes through its type's __call__ slot, one more level of C stack
-    that every held poll's greenlet would keep while it waits."""
+    on every request."""
     return pywsgi_server_class()((host, port), app.wsgi, backlog=4096,
                                  log=sys.stderr if settings.access_log else None)
 
