@@ -430,7 +430,11 @@ def poll_messages(room="lobby"):
     if held and sends_json:
         # chattle_http's handler holds it, past Bottle's frames
         raise chattle_http.Hold(HeldPoll(chat, since, limit, timeout, epoch, peer, held_for))
-    return answer_poll(chat, since, limit, timeout, epoch, peer, held_for, sends_json)
+    body = answer_poll(chat, since, limit, timeout, epoch, peer, held_for, sends_json)
+    if sends_json:
+        # Straight to chattle_http's handler: every waiter of a fan-out sends the same head.
+        raise chattle_http.SendJson(body, close=rooms.closing)
+    return json_answer(body)
 
 
 class HeldPoll:
@@ -444,13 +448,15 @@ class HeldPoll:
         self.peer, self.held_for = peer, held_for
 
     def answer(self):
-        answer_poll(self.chat, self.since, self.limit, self.timeout, self.epoch, self.peer, self.held_for, True)
+        return answer_poll(self.chat, self.since, self.limit, self.timeout, self.epoch, self.peer, self.held_for,
+                           True), rooms.closing
 
 
 def answer_poll(chat, since, limit, timeout, epoch, peer, held_for, sends_json):
-    """Wait for news when the poll is held, then answer it: as SendJson where chattle_http's
-    handler takes it (`sends_json` true), else returned to Bottle. `held_for`: the client address
-    the poll is counted against while held (None: not counted)."""
+    """The body of a poll's answer, once there is news when it is held. `held_for`: the
+    client address the poll is counted against while held (None: not counted). When its
+    client left meanwhile: PeerGone where chattle_http's handler takes it (`sends_json`),
+    else the answer at a timeout."""
     try:
         shared = since is not None and chat.wait_for_news(since, timeout, epoch, peer)
     finally:
@@ -467,10 +473,7 @@ def answer_poll(chat, since, limit, timeout, epoch, peer, held_for, sends_json):
     body = chat.answer(since, limit, shared, epoch)
     if rooms.release(chat):
         bus.forget(chat.name)
-    if sends_json:
-        # Straight to chattle_http's handler: every waiter of a fan-out sends the same head.
-        raise chattle_http.SendJson(body, close=rooms.closing)
-    return json_answer(body)
+    return body
 
 
 # The per-request state Bottle's response keeps in the greenlet (see greenlet_local_property).

@@ -206,19 +206,17 @@ STIRRED = ()
 
 
 class Hold(BaseException):
-    """Raised by the application to hold its request outside its own call stack: `poll`
-    is an object whose `answer()` waits and then raises SendJson or PeerGone. The handler
-    calls it once the exception, and with it every frame of the application and of Bottle
-    between the handler and the raise, is gone. A held poll's greenlet then keeps neither
-    those frames nor what their locals hold (the route's arguments, the path), and none
-    of the C stack of Bottle's `route.call(**args)`, a call that enters the eval loop
-    again in C and that greenlet saves for as long as the poll is held (about 460 bytes).
-    A BaseException, as SendJson, so that Bottle lets it through. Only raised where
-    environ[SENDS_JSON] says this layer is there to catch it."""
-
-    def __init__(self, poll):
-        super().__init__()
-        self.poll = poll
+    """Raised by the application, as Hold(poll), to hold its request outside its own call
+    stack: `poll.answer()` waits, then returns (body, close) for a 200 JSON answer (close:
+    the connection closes after it) or raises PeerGone. The handler calls it once the
+    exception, and with it every frame of the application and of Bottle between the
+    handler and the raise, is gone. A held poll's greenlet then keeps neither those frames
+    nor what their locals hold (the route's arguments, the path), and none of the C stack
+    of Bottle's `route.call(**args)`, a call that enters the eval loop again in C and that
+    greenlet saves for as long as the poll is held (about 460 bytes). A BaseException, as
+    SendJson, so that Bottle lets it through; BaseException's own constructor keeps the
+    poll (args[0]), as a Python one would cost every held poll a call more. Only raised
+    where environ[SENDS_JSON] says this layer is there to catch it."""
 
 
 class PeerGone(BaseException):
@@ -456,9 +454,11 @@ class ChattleHandling:
         try:
             try:
                 held = self.call_application()
-                if held is not None:
-                    held.answer()  # raises SendJson or PeerGone
-                self.process_result()
+                if held is None:
+                    self.process_result()
+                else:
+                    body, close = held.answer()
+                    self.send_json(body, close)
             finally:
                 close = getattr(self.result, "close", None)
                 self.result = None
@@ -487,7 +487,7 @@ class ChattleHandling:
         try:
             self.result = self.application(self.environ, self.start_response)
         except Hold as hold:
-            return hold.poll
+            return hold.args[0]
         return None
 
     def send_json(self, body, close):
@@ -583,9 +583,10 @@ class ConnectionPool(pool.Pool):
     def spawn(self, function, sock, address):
         """Serve one connection (what gevent's server spawns): function(sock, address)."""
         hub = gevent.get_hub()
-        connection = greenlet(self._serve, hub)  # what gevent.spawn_raw makes
+        # The class's function, not the bound method: see ChattleServing.do_handle.
+        connection = greenlet(ConnectionPool._serve, hub)  # what gevent.spawn_raw makes
         self.add(connection)  # waits while the pool is full, as Pool.spawn does
-        hub.loop.run_callback(connection.switch, function, sock, address)
+        hub.loop.run_callback(connection.switch, self, function, sock, address)
         return connection
 
     def _serve(self, function, sock, address):
@@ -625,11 +626,14 @@ class ChattleServing:
         # and C stack. A pool (gunicorn's worker_connections, and its graceful
         # stop, which waits for the pool to drain) is a ConnectionPool: plain
         # greenlets too.
+        # The greenlet runs the class's function rather than the bound method: a bound
+        # method started from C passes through its own C call level, and greenlet saves
+        # the C stack under a held poll for as long as it is held (144 bytes more).
         global _open_connections
         _open_connections += 1
         try:
             if self.pool is None:
-                gevent.spawn_raw(self.serve_connection, sock, address)
+                gevent.spawn_raw(ChattleServing.serve_connection, self, sock, address)
             else:
                 self.pool.spawn(self.serve_connection, sock, address)
         except BaseException:

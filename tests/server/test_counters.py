@@ -299,7 +299,7 @@ def test_holding_the_poll_inside_its_route_would_break_the_held_poll_bound(app_s
 
         def __init__(self, poll):
             super().__init__()
-            poll.answer()
+            raise chattle_http.SendJson(*poll.answer())
 
     monkeypatch.setattr(chattle_http, "Hold", HeldInTheRoute)
     assert held_poll_bytes() > MAX_BYTES_PER_HELD_POLL
