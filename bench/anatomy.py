@@ -14,6 +14,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -287,6 +288,12 @@ def main(argv=None):
     print("a greenlet that ran Python, beyond one that did not: RSS %.0f B, mapped %.0f B, traced %.0f B "
           "(of which saved C stack %.0f B)" % (stack["rss"], stack["mapped"], stack["traced"], stack["saved_stack"]))
     if args.json:
+        from instruments.page import machine_line
+        from instruments.provenance import git
+
+        result.update(command="python -m bench.anatomy " + " ".join(argv if argv is not None else sys.argv[1:]),
+                      date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                      commit=git("rev-parse", "--short=7", "HEAD", check=False), machine=machine_line())
         with open(args.json, "w") as out:
             json.dump(result, out, indent=2, sort_keys=True)
             out.write("\n")

@@ -381,3 +381,15 @@ def test_the_faults_entry_is_what_its_run_json_makes():
     assert made in read("docs/results.md"), (
         "docs/results.md's Faults entry is not what `python -m loadtests.faults_results "
         "docs/runs/faults-matrix.json` prints: paste its output there")
+
+
+def test_the_held_poll_memory_entry_is_what_its_runs_json_makes():
+    """docs/results.md's held-poll memory entry is made from its two anatomy runs' JSON: a
+    figure edited by hand, or new runs whose JSON was not kept, parts them."""
+    from bench.anatomy_results import section
+
+    with open(os.path.join(ROOT, "docs", "runs", "held-poll-anatomy.json")) as kept:
+        made = "\n".join(section(json.load(kept)))
+    assert made in read("docs/results.md"), (
+        "docs/results.md's held-poll memory entry is not what `python -m bench.anatomy_results "
+        "docs/runs/held-poll-anatomy.json` prints: paste its output there")
