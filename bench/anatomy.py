@@ -32,6 +32,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import chattle  # noqa: E402
+from bench.anatomy_results import PARTS  # noqa: E402
 from chattle_limits import raise_descriptor_limit  # noqa: E402
 from harness.processes import LOOPBACK  # noqa: E402
 from instruments.measures import memory_per_connection, summed_rss  # noqa: E402
@@ -112,20 +113,6 @@ def data_stack_cost(count=5000):
     without_python = park_many(greenlet.getcurrent().switch)  # run is C: no Python frame is ever pushed
     with_python = park_many(_park_in_python)
     return {name: with_python[name] - without_python[name] for name in with_python}
-
-
-# Where each traced allocation site of a held poll belongs, by the file it is in (the first
-# match wins); the park's own line in chattle_rooms.py is the saved C stack and the parked
-# frame's object, which greenlet allocates there.
-PARTS = (("saved C stack and the parked frame", ("chattle_rooms.py:PARK",)),
-         ("greenlet (object, start arguments)", ("gevent/hub.py",)),
-         ("socket objects (gevent socket, _socket, read and write watchers, address)",
-          ("gevent/server.py", "gevent/_socket3.py")),
-         ("connection reader and request body (RequestReader, pywsgi.Input)",
-          ("chattle_request.py", "chattle_http.py:READER", "chattle_http.py:INPUT")),
-         ("Event link and the wait (bound switch, Event, deadline)", ("chattle_rooms.py",)),
-         ("handler, WSGI environ, Bottle's request state, the held poll",
-          ("chattle_http.py", "gevent/pywsgi.py", "bottle.py", "chattle.py")))
 
 
 def park_line():

@@ -1,7 +1,8 @@
 """docs/results.md's entry "Where a held poll's memory goes", made from two runs of
 `python -m bench.anatomy --json` (docs/runs/held-poll-anatomy.json: "before" and "after",
 each with its command, date, commit and machine), so that a figure and its provenance
-cannot part.
+cannot part. It does not import bench.anatomy, which patches the standard library for
+gevent as it is imported.
 
     python -m bench.anatomy_results docs/runs/held-poll-anatomy.json
 
@@ -12,7 +13,18 @@ import argparse
 import json
 import sys
 
-from bench.anatomy import PARTS
+# Where each traced allocation site of a held poll belongs, by the file it is in (the first
+# match wins); the park's own line in chattle_rooms.py is the saved C stack and the parked
+# frame's object, which greenlet allocates there.
+PARTS = (("saved C stack and the parked frame", ("chattle_rooms.py:PARK",)),
+         ("greenlet (object, start arguments)", ("gevent/hub.py",)),
+         ("socket objects (gevent socket, _socket, read and write watchers, address)",
+          ("gevent/server.py", "gevent/_socket3.py")),
+         ("connection reader and request body (RequestReader, pywsgi.Input)",
+          ("chattle_request.py", "chattle_http.py:READER", "chattle_http.py:INPUT")),
+         ("Event link and the wait (bound switch, Event, deadline)", ("chattle_rooms.py",)),
+         ("handler, WSGI environ, Bottle's request state, the held poll",
+          ("chattle_http.py", "gevent/pywsgi.py", "bottle.py", "chattle.py")))
 
 
 def provenance(run):
