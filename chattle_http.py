@@ -21,10 +21,12 @@ this module its settings as arguments. What a connection may do, and what it cos
 Every refusal is a JSON answer, `{"error": ...}`, with `Connection: close`.
 """
 
+import fcntl
 import json
 import os
 import socket
 import sys
+import termios
 import time
 from http import HTTPStatus
 from urllib.parse import unquote_to_bytes
@@ -269,6 +271,10 @@ def peer_gone(peer, watcher):
 # The handler: pywsgi's WSGIHandler, lean per answer and strict per head
 ###############################################################################
 
+# FIONREAD's answer (a C int) for a socket with no bytes waiting to be read.
+NOTHING_UNREAD = bytes(4)
+
+
 class ChattleHandling:
     """gevent.pywsgi's handler as chattle has it, mixed into it (or into a subclass of it,
     such as gunicorn's) by handler_class, under the class's `limits` (an HttpLimits):
@@ -422,7 +428,10 @@ class ChattleHandling:
             gevent.sleep(0)
             # Unread bytes at close make the kernel send a reset, which can destroy
             # the answer before the client reads it: take them first (never blocks).
-            raw.recv(16384)
+            # The kernel is asked first whether there are any: a recv with nothing to
+            # read raises, about twice the cost of the question, once per closed poll.
+            if fcntl.ioctl(raw.fileno(), termios.FIONREAD, NOTHING_UNREAD) != NOTHING_UNREAD:
+                raw.recv(16384)
         except OSError:
             pass
         finally:

@@ -343,6 +343,31 @@ def test_a_held_poll_saves_little_c_stack(app_state, make_server):
     assert saved <= MAX_SAVED_STACK_PER_HELD_POLL
 
 
+def test_an_answer_that_closes_reaches_a_client_that_sent_more(app_state):
+    """Bytes the server never read, still in the kernel when it closes, would make the
+    kernel reset the connection, which can destroy the answer before the client reads it:
+    the handler takes them first (close_socket). Here they are what a held poll's client
+    sent while it was held, more than its watcher reads into the connection's reader."""
+    from gevent import socket
+
+    server = chattle_server()
+    server.start()
+    try:
+        chattle.get_bus().publish("unread", "ann", "before")
+        with socket.create_connection(("127.0.0.1", server.server_port)) as client:
+            client.sendall(b"GET /rooms/unread/msgs?since=%d&timeout=30 HTTP/1.1\r\nHost: t\r\n"
+                           b"Connection: close\r\n\r\n" % chattle.rooms.get("unread").last_id)
+            settle(lambda: chattle.rooms.waiters == 1, "the poll parked")
+            client.sendall(b"x" * (chattle_http.READ_BUFFER_BYTES + 4096))
+            chattle.get_bus().publish("unread", "bob", "wake")
+            settle(lambda: chattle_http.open_connections() == 0, "the connection closed")
+            client.settimeout(30)
+            answer = read_to_end(client)
+        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"}"), answer[-200:]
+    finally:
+        server.stop(timeout=1)
+
+
 def test_a_pooled_connection_is_served_and_counted(app_state):
     from gevent import socket
 
