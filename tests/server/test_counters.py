@@ -6,6 +6,7 @@ waiter. `broadcast_violations` returns what broke, so the tests below can also s
 that an injected extra encode, allocation or switch is caught.
 """
 
+import contextlib
 import gc
 import sys
 import time
@@ -313,27 +314,35 @@ def test_holding_the_poll_inside_its_route_would_break_the_held_poll_bound(app_s
 MAX_SAVED_STACK_PER_HELD_POLL = 1560
 
 
-def saved_stack_of_a_held_poll(make_server):
+@contextlib.contextmanager
+def one_held_poll(make_server, room, head=b""):
+    """A server of `make_server` holding one poll on `room` (its request's extra `head`
+    lines given): the client's socket, once the poll is parked."""
     from gevent import socket
 
     server = make_server()
     server.start()
     try:
-        chattle.get_bus().publish("stack", "ann", "before")
+        chattle.get_bus().publish(room, "ann", "before")
         with socket.create_connection(("127.0.0.1", server.server_port)) as client:
-            client.sendall(b"GET /rooms/stack/msgs?since=%d&timeout=30 HTTP/1.1\r\nHost: t\r\n\r\n"
-                           % chattle.rooms.get("stack").last_id)
+            client.sendall(b"GET /rooms/%s/msgs?since=%d&timeout=30 HTTP/1.1\r\nHost: t\r\n%s\r\n"
+                           % (room.encode(), chattle.rooms.get(room).last_id, head))
             settle(lambda: chattle.rooms.waiters == 1, "the poll parked")
-            held = [g for g in gc.get_objects() if isinstance(g, greenlet.greenlet) and g.gr_frame is not None
-                    and g.gr_frame.f_code is chattle.Room.wait_for_news.__code__]
-            assert len(held) == 1
-            saved = held[0]._stack_saved
-            chattle.get_bus().publish("stack", "bob", "wake")
             client.settimeout(30)
-            assert client.recv(4096).startswith(b"HTTP/1.1 200 OK")
-        return saved
+            yield client
     finally:
         server.stop(timeout=1)
+
+
+def saved_stack_of_a_held_poll(make_server):
+    with one_held_poll(make_server, "stack") as client:
+        held = [g for g in gc.get_objects() if isinstance(g, greenlet.greenlet) and g.gr_frame is not None
+                and g.gr_frame.f_code is chattle.Room.wait_for_news.__code__]
+        assert len(held) == 1
+        saved = held[0]._stack_saved
+        chattle.get_bus().publish("stack", "bob", "wake")
+        assert client.recv(4096).startswith(b"HTTP/1.1 200 OK")
+    return saved
 
 
 @pytest.mark.parametrize("make_server", [chattle_server, gunicorn_style_server])
@@ -348,24 +357,12 @@ def test_an_answer_that_closes_reaches_a_client_that_sent_more(app_state):
     kernel reset the connection, which can destroy the answer before the client reads it:
     the handler takes them first (close_socket). Here they are what a held poll's client
     sent while it was held, more than its watcher reads into the connection's reader."""
-    from gevent import socket
-
-    server = chattle_server()
-    server.start()
-    try:
-        chattle.get_bus().publish("unread", "ann", "before")
-        with socket.create_connection(("127.0.0.1", server.server_port)) as client:
-            client.sendall(b"GET /rooms/unread/msgs?since=%d&timeout=30 HTTP/1.1\r\nHost: t\r\n"
-                           b"Connection: close\r\n\r\n" % chattle.rooms.get("unread").last_id)
-            settle(lambda: chattle.rooms.waiters == 1, "the poll parked")
-            client.sendall(b"x" * (chattle_http.READ_BUFFER_BYTES + 4096))
-            chattle.get_bus().publish("unread", "bob", "wake")
-            settle(lambda: chattle_http.open_connections() == 0, "the connection closed")
-            client.settimeout(30)
-            answer = read_to_end(client)
-        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"}"), answer[-200:]
-    finally:
-        server.stop(timeout=1)
+    with one_held_poll(chattle_server, "unread", b"Connection: close\r\n") as client:
+        client.sendall(b"x" * (chattle_http.READ_BUFFER_BYTES + 4096))
+        chattle.get_bus().publish("unread", "bob", "wake")
+        settle(lambda: chattle_http.open_connections() == 0, "the connection closed")
+        answer = read_to_end(client)
+    assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"}"), answer[-200:]
 
 
 def test_a_pooled_connection_is_served_and_counted(app_state):
