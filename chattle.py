@@ -485,11 +485,15 @@ def forget_request():
     (its dict, headers, addresses, path, query and Bottle's route keys) is emptied, and
     Bottle's response state (a header dict among it) dropped, about 1.5 KB per held poll.
     Only where chattle_http says nothing reads them afterwards: the poll's answer leaves as
-    SendJson, which neither Bottle nor the handler looks at them for."""
+    SendJson, which neither Bottle nor the handler looks at them for. The greenlet's dict,
+    which that state grew, is made again at the size of what is left (88 bytes less: a
+    dict keeps its size as keys go, and so does its copy())."""
     request.environ.clear()
-    state = getcurrent().__dict__
+    current = getcurrent()
+    state = current.__dict__
     for key in BOTTLE_RESPONSE_STATE:
         state.pop(key, None)
+    current.__dict__ = dict(state.items())
 
 
 @app.post("/msgs")
