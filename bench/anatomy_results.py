@@ -9,9 +9,9 @@ gevent as it is imported.
 Paste what it prints between the entry's markers; tests/test_docs.py fails when the two differ.
 """
 
-import argparse
-import json
 import sys
+
+from instruments.page import print_results_entry
 
 # Where each traced allocation site of a held poll belongs, by the file it is in (the first
 # match wins); the park's own line in chattle_rooms.py is the saved C stack and the parked
@@ -64,12 +64,7 @@ def section(record):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="docs/results.md's held-poll memory entry from its runs' JSON")
-    parser.add_argument("record", help="docs/runs/held-poll-anatomy.json")
-    args = parser.parse_args(argv)
-    with open(args.record) as kept:
-        print("\n".join(section(json.load(kept))))
-    return 0
+    return print_results_entry(section, argv, "docs/results.md's held-poll memory entry from its runs' JSON")
 
 
 if __name__ == "__main__":
