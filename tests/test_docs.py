@@ -393,3 +393,13 @@ def test_the_held_poll_memory_entry_is_what_its_runs_json_makes():
     assert made in read("docs/results.md"), (
         "docs/results.md's held-poll memory entry is not what `python -m bench.anatomy_results "
         "docs/runs/held-poll-anatomy.json` prints: paste its output there")
+
+
+def test_the_held_poll_peers_entry_is_what_its_runs_json_makes():
+    from bench.peer_ratios_results import section
+
+    with open(os.path.join(ROOT, "docs", "runs", "held-poll-peers.json")) as kept:
+        made = "\n".join(section(json.load(kept)))
+    assert made in read("docs/results.md"), (
+        "docs/results.md's peer entry at 10,000 held polls is not what `python -m bench.peer_ratios_results "
+        "docs/runs/held-poll-peers.json` prints: paste its output there")
