@@ -383,23 +383,16 @@ def test_the_faults_entry_is_what_its_run_json_makes():
         "docs/runs/faults-matrix.json` prints: paste its output there")
 
 
-def test_the_held_poll_memory_entry_is_what_its_runs_json_makes():
-    """docs/results.md's held-poll memory entry is made from its two anatomy runs' JSON: a
-    figure edited by hand, or new runs whose JSON was not kept, parts them."""
-    from bench.anatomy_results import section
 
-    with open(os.path.join(ROOT, "docs", "runs", "held-poll-anatomy.json")) as kept:
-        made = "\n".join(section(json.load(kept)))
+@pytest.mark.parametrize("module, record", [("bench.anatomy_results", "held-poll-anatomy.json"),
+                                            ("bench.peer_ratios_results", "held-poll-peers.json")])
+def test_a_generated_entry_is_what_its_runs_json_makes(module, record):
+    """docs/results.md's entries made from a run's JSON: a figure edited by hand, or a new
+    run whose JSON was not kept, parts them."""
+    import importlib
+
+    with open(os.path.join(ROOT, "docs", "runs", record)) as kept:
+        made = "\n".join(importlib.import_module(module).section(json.load(kept)))
     assert made in read("docs/results.md"), (
-        "docs/results.md's held-poll memory entry is not what `python -m bench.anatomy_results "
-        "docs/runs/held-poll-anatomy.json` prints: paste its output there")
-
-
-def test_the_held_poll_peers_entry_is_what_its_runs_json_makes():
-    from bench.peer_ratios_results import section
-
-    with open(os.path.join(ROOT, "docs", "runs", "held-poll-peers.json")) as kept:
-        made = "\n".join(section(json.load(kept)))
-    assert made in read("docs/results.md"), (
-        "docs/results.md's peer entry at 10,000 held polls is not what `python -m bench.peer_ratios_results "
-        "docs/runs/held-poll-peers.json` prints: paste its output there")
+        "docs/results.md's entry is not what `python -m %s docs/runs/%s` prints: paste its output there"
+        % (module, record))
