@@ -21,10 +21,12 @@ this module its settings as arguments. What a connection may do, and what it cos
 Every refusal is a JSON answer, `{"error": ...}`, with `Connection: close`.
 """
 
+import fcntl
 import json
 import os
 import socket
 import sys
+import termios
 import time
 from http import HTTPStatus
 from urllib.parse import unquote_to_bytes
@@ -224,6 +226,20 @@ PEER = "chattle.peer"
 STIRRED = ()
 
 
+class Hold(BaseException):
+    """Raised by the application, as Hold(poll), to hold its request outside its own call
+    stack: `poll.answer()` waits, then returns (body, close) for a 200 JSON answer (close:
+    the connection closes after it) or raises PeerGone. The handler calls it once the
+    exception, and with it every frame of the application and of Bottle between the
+    handler and the raise, is gone. A held poll's greenlet then keeps neither those frames
+    nor what their locals hold (the route's arguments, the path), and none of the C stack
+    of Bottle's `route.call(**args)`, a call that enters the eval loop again in C and that
+    greenlet saves for as long as the poll is held (about 460 bytes). A BaseException, as
+    SendJson, so that Bottle lets it through; BaseException's own constructor keeps the
+    poll (args[0]), as a Python one would cost every held poll a call more. Only raised
+    where environ[SENDS_JSON] says this layer is there to catch it."""
+
+
 class PeerGone(BaseException):
     """Raised by the application when the client of a held poll closed or reset its
     connection: the handler closes it without an answer (logged as 499, as nginx does).
@@ -273,6 +289,10 @@ def peer_gone(peer, watcher):
 ###############################################################################
 # The handler: pywsgi's WSGIHandler, lean per answer and strict per head
 ###############################################################################
+
+# FIONREAD's answer (a C int) for a socket with no bytes waiting to be read.
+NOTHING_UNREAD = bytes(4)
+
 
 class ChattleHandling:
     """gevent.pywsgi's handler as chattle has it, mixed into it (or into a subclass of it,
@@ -334,6 +354,7 @@ class ChattleHandling:
                 return None
             self.response_length = 0
             self.environ = self.get_environ(RequestHeaders(head, limits.max_headers))
+            head = None  # not kept in this frame while the request is held
         except Refused as refused:
             return self.refuse(refused)
         self.application = self.server.application
@@ -427,7 +448,10 @@ class ChattleHandling:
             gevent.sleep(0)
             # Unread bytes at close make the kernel send a reset, which can destroy
             # the answer before the client reads it: take them first (never blocks).
-            raw.recv(16384)
+            # The kernel is asked first whether there are any: a recv with nothing to
+            # read raises, about twice the cost of the question, once per closed poll.
+            if fcntl.ioctl(raw.fileno(), termios.FIONREAD, NOTHING_UNREAD) != NOTHING_UNREAD:
+                raw.recv(16384)
         except OSError:
             pass
         finally:
@@ -450,15 +474,20 @@ class ChattleHandling:
         body must arrive within the head deadline, as the next head would.
 
         An application that raises SendJson is answered here, without pywsgi; one that
-        raises PeerGone (its client left while its poll was held) is not answered.
+        raises PeerGone (its client left while its poll was held) is not answered; one
+        that raises Hold is held here, and answered as its poll's answer() raises.
 
         pywsgi's run_application is inlined (the result's close() and all), not called:
         every Python frame on a held poll's stack is one more frame object that greenlet
         makes for it on Python 3.12 and later."""
         try:
             try:
-                self.result = self.application(self.environ, self.start_response)
-                self.process_result()
+                held = self.call_application()
+                if held is None:
+                    self.process_result()
+                else:
+                    body, close = held.answer()
+                    self.send_json(body, close)
             finally:
                 close = getattr(self.result, "close", None)
                 self.result = None
@@ -479,6 +508,16 @@ class ChattleHandling:
                     body.chunked_input = False
                 elif body.chunked_input or body.position < (body.content_length or 0):
                     self.rfile.until = time.monotonic() + self.limits.head_timeout
+
+    def call_application(self):
+        """Call the application; the poll it holds (Hold), if it holds one. The frames the
+        raise passed through are gone once this returns, this one's too: a frame a
+        traceback has touched keeps a frame object (about 240 bytes) while it runs."""
+        try:
+            self.result = self.application(self.environ, self.start_response)
+        except Hold as hold:
+            return hold.args[0]
+        return None
 
     def send_json(self, body, close):
         """Answer 200 with the JSON `body`: the bytes pywsgi would send for it, as one
@@ -573,9 +612,10 @@ class ConnectionPool(pool.Pool):
     def spawn(self, function, sock, address):
         """Serve one connection (what gevent's server spawns): function(sock, address)."""
         hub = gevent.get_hub()
-        connection = greenlet(self._serve, hub)  # what gevent.spawn_raw makes
+        # The class's function, not the bound method: see ChattleServing.do_handle.
+        connection = greenlet(ConnectionPool._serve, hub)  # what gevent.spawn_raw makes
         self.add(connection)  # waits while the pool is full, as Pool.spawn does
-        hub.loop.run_callback(connection.switch, function, sock, address)
+        hub.loop.run_callback(connection.switch, self, function, sock, address)
         return connection
 
     def _serve(self, function, sock, address):
@@ -615,11 +655,14 @@ class ChattleServing:
         # and C stack. A pool (gunicorn's worker_connections, and its graceful
         # stop, which waits for the pool to drain) is a ConnectionPool: plain
         # greenlets too.
+        # The greenlet runs the class's function rather than the bound method: a bound
+        # method started from C passes through its own C call level, and greenlet saves
+        # the C stack under a held poll for as long as it is held (144 bytes more).
         global _open_connections
         _open_connections += 1
         try:
             if self.pool is None:
-                gevent.spawn_raw(self.serve_connection, sock, address)
+                gevent.spawn_raw(ChattleServing.serve_connection, self, sock, address)
             else:
                 self.pool.spawn(self.serve_connection, sock, address)
         except BaseException:

@@ -66,6 +66,19 @@ def machine_line(info=None):
     return ", ".join(parts)
 
 
+def print_results_entry(section, argv, description):
+    """The main() of a module that makes a docs/results.md entry: prints the lines
+    `section` makes of the run's kept JSON (the path argv names) and returns 0."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("record", help="the run's JSON, kept in docs/runs/")
+    args = parser.parse_args(argv)
+    with open(args.record) as kept:
+        print("\n".join(section(json.load(kept))))
+    return 0
+
+
 def write_json(path, data):
     with open(path, "w") as out:
         json.dump(data, out, indent=2, sort_keys=True, default=str)

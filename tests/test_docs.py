@@ -400,3 +400,16 @@ def test_the_peer_entries_are_what_their_run_json_makes():
         assert block.strip() == made.strip(), (
             "docs/results.md's entry from %s is not what `python -m bench.peer_results %s` prints: paste its "
             "output there" % (path, path))
+
+@pytest.mark.parametrize("module, record", [("bench.anatomy_results", "held-poll-anatomy.json"),
+                                            ("bench.peer_ratios_results", "held-poll-peers.json")])
+def test_a_generated_entry_is_what_its_runs_json_makes(module, record):
+    """docs/results.md's entries made from a run's JSON: a figure edited by hand, or a new
+    run whose JSON was not kept, parts them."""
+    import importlib
+
+    with open(os.path.join(ROOT, "docs", "runs", record)) as kept:
+        made = "\n".join(importlib.import_module(module).section(json.load(kept)))
+    assert made in read("docs/results.md"), (
+        "docs/results.md's entry is not what `python -m %s docs/runs/%s` prints: paste its output there"
+        % (module, record))
