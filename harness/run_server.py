@@ -8,9 +8,11 @@ given, so the multi-worker setup is one command.
 import argparse
 import os
 import sys
+import tempfile
 import time
 
-from harness.processes import ChattleServer, CleanUp, RedisServer
+from harness.processes import ChattleServer, CleanUp, RedisServer, free_port
+from harness.proxy import TRUSTED_PROXY_ENV, in_front
 from harness.system_packages import needed, require_or_exit
 
 
@@ -27,7 +29,14 @@ def main(argv=None):
     parser.add_argument("--redis-cluster", default=os.environ.get("CHATTLE_REDIS_CLUSTER", ""),
                         help="host:port[,host:port] of a Redis Cluster to share the history through instead "
                              "(`make redis-cluster` starts a local one)")
+    parser.add_argument("--proxy", default="", choices=("", "nginx"),
+                        help="nginx: nginx listens on --bind:--port in front of the server (harness/proxy.py), "
+                             "its files in a temporary directory")
+    parser.add_argument("--tls", action="store_true",
+                        help="with --proxy nginx: TLS ended at nginx, with a CA and a certificate made for the run")
     args = parser.parse_args(argv)
+    if args.tls and not args.proxy:
+        parser.error("--tls is ended at the proxy: give --proxy nginx too (PROXY=nginx TLS=1)")
     with CleanUp.armed():  # a SIGTERM takes Ctrl-C's way: whatever was started so far is stopped
         try:
             return serve(args)
@@ -36,7 +45,8 @@ def main(argv=None):
 
 
 def serve(args):
-    require_or_exit(needed(["run"], workers=args.workers, redis=args.redis, redis_cluster=args.redis_cluster), "run")
+    require_or_exit(needed(["run"], workers=args.workers, redis=args.redis, redis_cluster=args.redis_cluster,
+                           proxy=args.proxy), "run")
     if args.redis_cluster:
         return serve_on_cluster(args)
 
@@ -46,17 +56,29 @@ def serve(args):
         redis = RedisServer()
         redis_url = redis.url
         print("run: started redis-server (pid %d) on %s, data in %s" % (redis.pid, redis_url, redis.workdir))
+    proxy = None
     try:
-        server = ChattleServer(port=args.port, workers=args.workers, redis_url=redis_url or None, log_path="-",
-                               bind=args.bind)
+        if args.proxy:  # the server on loopback, nginx on --bind:--port in front of it
+            server = ChattleServer(port=free_port(), workers=args.workers, redis_url=redis_url or None, log_path="-",
+                                   env=TRUSTED_PROXY_ENV)
+            proxy = in_front(server, tempfile.mkdtemp(prefix="chattle-nginx-"), tls=args.tls, port=args.port,
+                             bind=args.bind)
+        else:
+            server = ChattleServer(port=args.port, workers=args.workers, redis_url=redis_url or None, log_path="-",
+                                   bind=args.bind)
     except BaseException:
-        if redis is not None:
-            redis.stop()  # the redis-server started for this run must not outlive it
+        for started in (locals().get("server"), redis):
+            if started is not None:
+                started.stop()  # what was started for this run must not outlive it
         raise
     print("run: chattle on %s/ (%s, pid %d); open it in two browser windows. Ctrl-C stops."
           % (server.url, "gunicorn x%d" % args.workers if server.gunicorn else "python chattle.py", server.pid))
+    if proxy is not None:
+        print("run: nginx (pid %d) on %s/ in front of it, configuration %s%s"
+              % (proxy.pid, proxy.url, proxy.config_path,
+                 "; its certificate's CA: %s" % proxy.certificates.ca if proxy.certificates else ""))
     try:
-        return wait_for_the_end(server)
+        return wait_for_the_end(server, proxy)
     finally:
         if redis is not None:
             redis.stop()
@@ -71,18 +93,24 @@ def serve_on_cluster(args):
     return wait_for_the_end(server)
 
 
-def wait_for_the_end(server):
-    died = False
+def wait_for_the_end(server, proxy=None):
+    died = None
     try:
-        while server.alive():
+        while died is None:
+            died = next((started for started in (server, proxy) if started is not None and not started.alive()), None)
             time.sleep(0.5)
-        died = True
     except KeyboardInterrupt:
         pass
     finally:
+        if proxy is not None:
+            proxy.stop()
         code = server.stop()
-    if died:
+    if died is server:
         print("run: the server exited by itself (code %s); its output is above" % code, file=sys.stderr)
+        return 1
+    if died is proxy:
+        print("run: nginx exited by itself (code %s):\n%s" % (proxy.popen.returncode, proxy.log_tail()),
+              file=sys.stderr)
         return 1
     return 0
 

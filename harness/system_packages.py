@@ -36,6 +36,8 @@ PROGRAMS = {
     "valgrind": ("valgrind", "valgrind"),
     # the cluster test and make cluster-demo: a load host whose wall clock is 2 s ahead
     "faketime": ("faketime", "faketime"),
+    # PROXY=nginx: the reverse proxy in front of the server (harness/proxy.py)
+    "nginx": ("/usr/sbin/nginx", "nginx"),
 }
 
 
@@ -44,13 +46,19 @@ def several(workers):
     return any(int(count) > 1 for count in str(workers).split(",") if count.strip().isdigit())
 
 
-def _needs_redis_for_load(given):
-    """make load: a redis-server for gunicorn's bus or a local cluster, none for a server elsewhere."""
+def _proxy(given):
+    """PROXY=nginx: nginx in front of the server this goal starts."""
+    return ["nginx"] if given["proxy"] == "nginx" else []
+
+
+def _needs_for_load(given):
+    """make load: a redis-server for gunicorn's bus or a local cluster, nginx in front with
+    PROXY=nginx; none of them for a server elsewhere."""
     if given["host"]:
         return []
     if given["redis_cluster"]:
-        return ["redis-server"] if given["redis_cluster"] == "local" else []
-    return ["redis-server"] if several(given["workers"]) else []
+        return (["redis-server"] if given["redis_cluster"] == "local" else []) + _proxy(given)
+    return (["redis-server"] if several(given["workers"]) else []) + _proxy(given)
 
 
 def _test_programs(given):
@@ -60,7 +68,7 @@ def _test_programs(given):
 
 GOALS = {
     # make goal: the programs it needs, given the make variables (WORKERS, REDIS, REDIS_CLUSTER,
-    # HOST) and whether it runs as root; a goal not listed needs none
+    # HOST, PROXY) and whether it runs as root; a goal not listed needs none
     "all": _test_programs,
     "test": _test_programs,
     "test-long": _test_programs,
@@ -70,19 +78,19 @@ GOALS = {
     "cluster-demo": lambda given: ["redis-server", "faketime"],
     "redis-cluster": lambda given: ["redis-server"],
     # one worker serves from memory; more share a bus: REDIS=, REDIS_CLUSTER=, else a local redis-server
-    "run": lambda given: ["redis-server"] if several(given["workers"]) and not (
-        given["redis"] or given["redis_cluster"]) else [],
-    "load": _needs_redis_for_load,
+    "run": lambda given: (["redis-server"] if several(given["workers"]) and not (
+        given["redis"] or given["redis_cluster"]) else []) + _proxy(given),
+    "load": _needs_for_load,
     "soak": lambda given: ["redis-server"] if several(given["workers"]) else [],
     "regress": lambda given: ["valgrind"],
     "regress-accept": lambda given: ["valgrind"],
 }
 
 
-def needed(goals, workers=1, redis="", redis_cluster="", host="", root=None):
+def needed(goals, workers=1, redis="", redis_cluster="", host="", root=None, proxy=""):
     """The programs `goals` need, sorted, once each."""
     given = {"workers": workers, "redis": redis or "", "redis_cluster": redis_cluster or "", "host": host or "",
-             "root": os.geteuid() == 0 if root is None else root}
+             "root": os.geteuid() == 0 if root is None else root, "proxy": proxy or ""}
     return sorted({program for goal in goals if goal in GOALS for program in GOALS[goal](given)})
 
 
@@ -205,6 +213,7 @@ def main(argv=None):
     parser.add_argument("--redis", default="", help="make's REDIS")
     parser.add_argument("--redis-cluster", default="", help="make's REDIS_CLUSTER")
     parser.add_argument("--host", default="", help="make's HOST")
+    parser.add_argument("--proxy", default="", help="make's PROXY")
     parser.add_argument("--list", action="store_true", help="print the programs needed, one line, and install nothing")
     parser.add_argument("--look-for", action="append", default=[], metavar="PROGRAM=PATH",
                         help="look for PROGRAM at PATH instead (tests use it)")
@@ -214,7 +223,7 @@ def main(argv=None):
     if unknown:
         parser.error("no such program: %s (known: %s)" % (", ".join(unknown), ", ".join(sorted(PROGRAMS))))
     programs = list(dict.fromkeys(args.programs + needed(args.for_goals.split(), args.workers, args.redis,
-                                                         args.redis_cluster, args.host)))
+                                                         args.redis_cluster, args.host, proxy=args.proxy)))
     if args.list:
         print(" ".join(programs))
         return 0
