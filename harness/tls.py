@@ -10,6 +10,7 @@ nginx and Python's ssl module both offer.
 """
 
 import os
+import ssl
 import subprocess
 import sys
 
@@ -61,3 +62,91 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m harness.tls DIRECTORY")
     print(make_certificates(sys.argv[1]).ca)
+
+
+# -- the client side: TLS over a socket the caller reads itself -------------------------------
+
+_CONTEXTS = {}
+
+
+def client_context(ca_file=""):
+    """The ssl context a client checks https:// servers with: against `ca_file` alone when
+    given (the run's own CA, or --ca-file for a real target), else the system's CAs; the
+    host name is always checked. One per CA file and process."""
+    if ca_file not in _CONTEXTS:
+        context = ssl.create_default_context(cafile=ca_file or None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        _CONTEXTS[ca_file] = context
+    return _CONTEXTS[ca_file]
+
+
+def refusal_line(exc, url):
+    """One line for a TLS failure against `url`: a certificate no CA given vouches for says
+    which option trusts one."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ("%s: its certificate is not trusted (%s); give the CA that signed it with --ca-file (CA_FILE=)"
+                % (url, exc.verify_message or exc.reason))
+    return "%s: TLS failed: %s" % (url, exc)
+
+
+class ClientTls:
+    """One TLS connection's state, in memory: the caller reads the socket itself (recvmsg,
+    so the kernel's arrival stamp is that of the encrypted bytes), hands what it read to
+    `decrypt`, and sends what `encrypt` and `handshake` give it. The decryption is then
+    this process's work, between the bytes' arrival and their reading."""
+
+    __slots__ = ("incoming", "outgoing", "tls", "done")
+
+    def __init__(self, context, server_name):
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=server_name)
+        self.done = False
+
+    def handshake(self, received=b""):
+        """Take the server's handshake bytes `received`: (finished, bytes to send now).
+        Raises ssl.SSLError (a certificate not trusted among them)."""
+        if received:
+            self.incoming.write(received)
+        try:
+            self.tls.do_handshake()
+            self.done = True
+        except ssl.SSLWantReadError:
+            pass
+        return self.done, self.outgoing.read()
+
+    def encrypt(self, plain):
+        self.tls.write(plain)
+        return self.outgoing.read()
+
+    def decrypt(self, received):
+        """The plain bytes in `received` with what came before: b"" until a record is
+        whole (or for records that carry none, a session ticket); None once the server
+        has closed the TLS session."""
+        self.incoming.write(received)
+        chunks = []
+        try:
+            while True:
+                chunk = self.tls.read(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            if not chunks:
+                return None
+        return b"".join(chunks)
+
+    def handshake_blocking(self, sock):
+        """The whole handshake on a blocking `sock` (its timeout bounds each read)."""
+        done, out = self.handshake()
+        while True:
+            if out:
+                sock.sendall(out)
+            if done:
+                return
+            received = sock.recv(65536)
+            if not received:
+                raise ConnectionResetError("the server closed the connection during the TLS handshake")
+            done, out = self.handshake(received)

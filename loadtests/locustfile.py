@@ -193,6 +193,8 @@ def remember_environment(environment, **_kwargs):
     write_run.environment = environment
     StagedShape.run_tally = RUN
     options = environment.parsed_options
+    if options is not None:
+        longpoll.ca_file = options.ca_file   # https:// servers: checked against it
     if options is not None and options.shape == "steps" and environment.shape_class is not None:
         environment.shape_class = SteppedShape()
         environment.shape_class.runner = environment.runner
