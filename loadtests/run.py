@@ -504,6 +504,7 @@ def refuse(problems):
 
 def run_once(args):
     """One run as `args` say: (exit status, its summary, None when it never started)."""
+    orchestrator_cpu_before = process_cpu_seconds(os.getpid())  # a run before this one in the process is not its
     try:
         faults = parse_chaos(args.chaos)
     except ValueError:
@@ -671,7 +672,7 @@ def run_once(args):
                 "client_cpu_seconds_reaped": locust_reaped_cpu,
                 # this process: preflight, the sampler thread, the watch and the clean-up
                 # (the report's charts come after and are not counted)
-                "orchestrator_cpu_seconds": process_cpu_seconds(os.getpid()),
+                "orchestrator_cpu_seconds": process_cpu_seconds(os.getpid()) - orchestrator_cpu_before,
                 "locust_exit_code": locust.popen.returncode if locust is not None else None}
     if histories:
         from instruments.page import write_json
