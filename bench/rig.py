@@ -37,6 +37,7 @@ import urllib.parse
 
 from chattle_limits import POLL_TIMEOUT_MAX, client_timeout, raise_descriptor_limit
 from harness.processes import ROOT, get_json, post_json
+from harness.tls import ClientTls, client_context
 from instruments.httpframe import FramingError, ResponseParser
 from instruments.measures import (
     DeliveryLedger,
@@ -104,10 +105,11 @@ def cpu_seconds_self():
 # -- the client process -----------------------------------------------------------------
 
 class Poll:
-    __slots__ = ("sock", "parser", "received_at", "read_at", "body")
+    __slots__ = ("sock", "parser", "received_at", "read_at", "body", "tls")
 
-    def __init__(self, sock):
+    def __init__(self, sock, tls=None):
         self.sock = sock
+        self.tls = tls          # a harness.tls.ClientTls for an https:// server
         self.parser = ResponseParser()
         self.received_at = None
         self.read_at = None
@@ -135,9 +137,11 @@ class Poll:
 
 
 def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold_only=False,
-                     out=sys.stdout, stdin=sys.stdin, source=None):
+                     out=sys.stdout, stdin=sys.stdin, source=None, tls_context=None):
     """Open `count` polls on `since=cursor` (from address `source` when given), report
-    "parked" with the connect errors by name, then time their answers."""
+    "parked" with the connect errors by name, then time their answers. With `tls_context`
+    each poll speaks TLS to `host` (kept in memory: the answer's arrival is still the
+    kernel's stamp of its encrypted bytes, and decrypting it is the client's lag)."""
     raise_descriptor_limit()
     request = ("GET /rooms/%s/msgs?since=%d&timeout=%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n"
                % (room, cursor, POLL_TIMEOUT, host, port)).encode()
@@ -157,7 +161,11 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
             # accept loop keeps pace with it, so the backlog never overflows.
             sock = connect(host, port, source, connect_timeout)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            sock.sendall(request)
+            tls = None
+            if tls_context is not None:
+                tls = ClientTls(tls_context, host)
+                tls.handshake_blocking(sock)
+            sock.sendall(tls.encrypt(request) if tls is not None else request)
             sock.setblocking(False)
         except OSError as error:
             failed += 1
@@ -169,7 +177,7 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
                 # (its backlog full): the rest would each wait as long, to the same end
                 deadline = 0
             continue
-        poll = Poll(sock)
+        poll = Poll(sock, tls)
         polls.append(poll)
         epoll.register(sock.fileno(), select.EPOLLIN)
         by_fd[sock.fileno()] = poll
@@ -205,6 +213,11 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
                 continue
             except OSError:
                 data, arrived_at = b"", None
+            if data and poll.tls is not None:
+                data = poll.tls.decrypt(data)
+                if data == b"":
+                    continue        # a record not yet whole
+                data = data or b""  # None: the server ended the session
             try:
                 complete = poll.feed(data) if data else poll.feed_eof()
             except FramingError:
@@ -260,7 +273,7 @@ def first_message_id(body):
 
 # -- the parent: spreads the polls, confirms they are held, posts, gathers ----------------
 
-def held_waiters(url, expected_pids=None, probes=40, per_pid=None):
+def held_waiters(url, expected_pids=None, probes=40, per_pid=None, ca_file=""):
     """Polls held right now, summed over the workers that answer /stats.
 
     /stats answers for whichever worker accepts the connection, so with several workers
@@ -271,7 +284,7 @@ def held_waiters(url, expected_pids=None, probes=40, per_pid=None):
     per_pid = {} if per_pid is None else per_pid
     for _ in range(probes):
         try:
-            status, body = get_json(url + "/stats", timeout=5)
+            status, body = get_json(url + "/stats", timeout=5, ca_file=ca_file)
         except OSError:
             break  # a server that stopped accepting: its figure stays where it was
         if status == 200 and isinstance(body, dict):
@@ -281,7 +294,7 @@ def held_waiters(url, expected_pids=None, probes=40, per_pid=None):
     return sum(per_pid.values()), per_pid
 
 
-def wait_until_held(url, count, expected_pids=None, timeout=60.0, stall=None):
+def wait_until_held(url, count, expected_pids=None, timeout=60.0, stall=None, ca_file=""):
     """Probe /stats until the summed waiters reach `count` (or the deadline passes, or,
     given `stall`, the figure has not risen for that many seconds: a full server)."""
     deadline = time.monotonic() + timeout
@@ -289,7 +302,7 @@ def wait_until_held(url, count, expected_pids=None, timeout=60.0, stall=None):
     held = 0
     rose_at, highest = time.monotonic(), -1
     while time.monotonic() < deadline:
-        held, per_pid = held_waiters(url, expected_pids, probes=max(4, 4 * len(expected_pids or [1])),
+        held, per_pid = held_waiters(url, expected_pids, probes=max(4, 4 * len(expected_pids or [1])), ca_file=ca_file,
                                      per_pid=per_pid)
         if held >= count:
             break
@@ -320,14 +333,15 @@ def cpu_seconds_of(pids):
 
 
 class Rig:
-    def __init__(self, url, room="bench", per_process=None, spread_sources=False, rooms=None):
+    def __init__(self, url, room="bench", per_process=None, spread_sources=False, rooms=None, ca_file=""):
         """`spread_sources`: client process i connects from 127.0.0.(1+i), so the polls are
         not bounded by one source address's ephemeral ports (needs a loopback server).
         `rooms`: spread the polls evenly over these rooms instead of one (a client process
         per room at least), and post once to each, one post right after the other."""
         self.url = url.rstrip("/")
         parsed = urllib.parse.urlsplit(self.url)
-        self.host, self.port = parsed.hostname, parsed.port or 80
+        self.host, self.port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+        self.ca_file = ca_file  # https://: the CA its certificate is checked against ("": the system's)
         self.rooms = list(rooms) if rooms else [room]
         self.room = self.rooms[0]
         self.per_process = per_process or polls_per_client_process()
@@ -336,10 +350,11 @@ class Rig:
     def cursor(self, room=None):
         """The room's last id (posting one message first, so the room exists)."""
         room = room or self.room
-        status, body = get_json("%s/rooms/%s/msgs?limit=1" % (self.url, room))
+        status, body = get_json("%s/rooms/%s/msgs?limit=1" % (self.url, room), ca_file=self.ca_file)
         if status == 200 and body["cursor"] > 0:
             return body["cursor"]
-        status, body = post_json("%s/rooms/%s/msgs" % (self.url, room), {"from": "rig", "content": "warm-up"})
+        status, body = post_json("%s/rooms/%s/msgs" % (self.url, room), {"from": "rig", "content": "warm-up"},
+                                 ca_file=self.ca_file)
         if status != 201:
             raise RuntimeError("warm-up post answered %s: %s" % (status, body))
         return body["id"]
@@ -360,6 +375,8 @@ class Rig:
                         "--room", room, "--cursor", str(cursors[room])]
                 if hold_only:
                     argv.append("--hold-only")
+                if self.ca_file:
+                    argv += ["--ca-file", self.ca_file]
                 if self.spread_sources:
                     argv += ["--source", source_address(len(clients))]
                 client = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -407,7 +424,7 @@ class Rig:
         for line in parked_lines:
             for name, times in line.get("errors", {}).items():
                 connect_errors[name] = connect_errors.get(name, 0) + times
-        held, per_pid = wait_until_held(self.url, parked, server_pids, timeout=30 + count / 500.0,
+        held, per_pid = wait_until_held(self.url, parked, server_pids, timeout=30 + count / 500.0, ca_file=self.ca_file,
                                         stall=HOLD_STALL_SECONDS)
         return {"requested": count, "parked": parked, "connect_errors": connect_errors,
                 "client_processes": len(clients), "held_confirmed": held,
@@ -453,7 +470,8 @@ class Rig:
         posted_at = time.time()
         answers = {}
         for room in cursors:
-            status, answer = post_json("%s/rooms/%s/msgs" % (self.url, room), {"from": "rig", "content": "wake"})
+            status, answer = post_json("%s/rooms/%s/msgs" % (self.url, room), {"from": "rig", "content": "wake"},
+                                       ca_file=self.ca_file)
             if status != 201:
                 raise RuntimeError("the post answered %s: %s" % (status, answer))
             answers[room] = answer
@@ -556,10 +574,14 @@ def main(argv=None):
     parser.add_argument("--hold-only", action="store_true",
                         help="park, report, then hold until stdin gets a line (no timing)")
     parser.add_argument("--source", help="loopback address to connect from (default: the kernel's choice)")
+    parser.add_argument("--ca-file", default="", help="https:// --url: the CA its certificate is checked against "
+                                                      "(default: the system's)")
     args = parser.parse_args(argv)
     parsed = urllib.parse.urlsplit(args.url)
-    park_and_collect(parsed.hostname, parsed.port or 80, args.room, args.cursor, args.park,
-                     hold_only=args.hold_only, source=args.source)
+    secure = parsed.scheme == "https"
+    park_and_collect(parsed.hostname, parsed.port or (443 if secure else 80), args.room, args.cursor, args.park,
+                     hold_only=args.hold_only, source=args.source,
+                     tls_context=client_context(args.ca_file) if secure else None)
 
 
 if __name__ == "__main__":

@@ -250,3 +250,11 @@ def test_a_certificate_no_given_ca_vouches_for_is_refused_in_one_line(tls_gunico
                            "the CA that signed it with --ca-file (CA_FILE=)" % proxy.url]
     monkeypatch.setattr(longpoll, "ca_file", proxy.certificates.ca)
     assert LongPollClient(proxy.url, timeout=5).get("/health").status == 200
+
+
+def test_the_bench_rig_holds_polls_over_tls_and_times_each_answer(tls_gunicorn):
+    from bench.rig import Rig
+    server, proxy = tls_gunicorn
+    point = Rig(proxy.url, room="rig-tls", ca_file=proxy.certificates.ca).run(30, server.worker_pids())
+    assert (point["held_confirmed"], point["delivered"], point["complete_listeners"], point["unanswered"]) == \
+        (30, 30, 30, 0)
