@@ -528,6 +528,8 @@ def run_once(args):
     started_at = time.time()
     locust_started = server_cpu_before = locust_reaped_cpu = None
     urls, cursors, run_error = [], {}, None
+    from instruments.history import git_state
+    revision = git_state()   # as the run began: the tree the figures belong to
     # Python leaves SIGINT ignored when it starts ignored (a script's background job):
     # Ctrl-C, or a SIGINT sent on purpose, must still end the run through its clean-up.
     CleanUp.arm()
@@ -664,7 +666,8 @@ def run_once(args):
                 "tls": bool(args.tls or (args.host or "").startswith("https:")),
                 "cluster": cluster_info, "chaos": fault.name if fault else None,
                 "chaos_record": chaos_record(chaos, fault),
-                "started": started_at, "locust_started": locust_started, "shape_started": shape_started(raw_dir),
+                "started": started_at, "locust_started": locust_started, "git": revision,
+                "command": make_command(args), "shape_started": shape_started(raw_dir),
                 "stages": stages,
                 "preflight": notes, "run_error": run_error, "interrupted": interrupted,
                 "server_cpu_seconds": server_cpu,
@@ -693,6 +696,25 @@ def run_once(args):
     if interrupted:
         return 130, summary
     return (0 if summary["passed"] else 1), summary
+
+
+def make_command(args):
+    """The `make load` that gives this run's settings: every option not at its default."""
+    from loadtests.options import OPTIONS, SWITCH
+    given = []
+    for option in OPTIONS:
+        if not option.variable or option.name in ("report-root", "ca-file"):
+            continue
+        value = getattr(args, option.dest, None)
+        if option.kind == SWITCH:
+            given += ["%s=1" % option.variable] if value else []
+        elif value not in (None, "") and value != option.default:
+            given.append("%s=%s" % (option.variable, shown_value(value)))
+    return " ".join(["make load"] + given)
+
+
+def shown_value(value):
+    return "%g" % value if isinstance(value, float) else str(value)
 
 
 def chaos_record(chaos, fault):
