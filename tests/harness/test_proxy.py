@@ -2,6 +2,8 @@
 writes, a real Chattle behind it (gunicorn for TLS, as deployed), TLS with a CA made for
 the test, and the load client over it. No sleeps: every wait is on a condition, bounded."""
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -17,7 +19,7 @@ import pytest
 from chattle_limits import CLIENT_TIMEOUT_MARGIN, MAX_BODY_BYTES, POLL_TIMEOUT_MAX, PROXY_TIMEOUT, client_timeout
 from harness import system_packages
 from harness.processes import ROOT, get_json, post_json
-from harness.proxy import TRUSTED_PROXY_ENV, NginxProxy, in_front, nginx_config
+from harness.proxy import TRUSTED_PROXY_ENV, NginxProxy, in_front, main, nginx_config
 from harness.tls import make_certificates
 from loadtests import longpoll
 from loadtests.longpoll import HeldPolls, LongPollClient
@@ -99,9 +101,6 @@ def test_the_deploy_page_shows_what_the_generator_writes():
         text = page.read()
     found = re.search(r"python -m harness\.proxy ([^\n`]*)`?\n\n((?:    [^\n]*\n|\n)+)", text)
     assert found, "docs/deploy.md has no `python -m harness.proxy ...` followed by its configuration"
-    from harness.proxy import main
-    import contextlib
-    import io
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         main(found.group(1).split())
