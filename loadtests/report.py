@@ -257,6 +257,7 @@ def build_summary(report_dir, run_info, samples, cursors):
     hold_end = stage_origin(run_info) + next((s["end"] for s in run_info.get("stages") or [] if s["name"] == "hold"),
                                              0)
     costs = cost_figures(samples, run_info, latency, lag, cpu, deliveries, hold_end)
+    costs["held_paths"] = sorted({share.get("held_path") or "?" for share in worker_shares(tally).values()})
     without_proxy = run_info.get("without_proxy")
     failover = (cluster or {}).get("failover")
 

@@ -257,3 +257,21 @@ def test_the_bench_rig_holds_polls_over_tls_and_times_each_answer(tls_gunicorn):
     point = Rig(proxy.url, room="rig-tls", ca_file=proxy.certificates.ca).run(30, server.worker_pids())
     assert (point["held_confirmed"], point["delivered"], point["complete_listeners"], point["unanswered"]) == \
         (30, 30, 30, 0)
+
+
+@pytest.mark.long
+def test_make_load_against_https_passes_through_nginx_with_tls_in_front_of_gunicorn(tls_gunicorn, tmp_path):
+    """`make load HOST=https://... CA_FILE=...` against a deployment this test started: every
+    check passes, over TLS, the certificate checked against the deployment's CA."""
+    import glob
+    import sys
+    _server, proxy = tls_gunicorn
+    run = subprocess.run([sys.executable, "-m", "loadtests.run", "--host", proxy.url, "--ca-file",
+                          proxy.certificates.ca, "--users", "40", "--duration", "24", "--spawn-rate", "50",
+                          "--poll-timeout", "5", "--report-root", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with open(glob.glob(str(tmp_path / "*-load" / "summary.json"))[0]) as summary_file:
+        summary = json.load(summary_file)
+    assert summary["run"]["tls"] and summary["delivery"]["lost"] == 0 and summary["deliveries"] > 0
+    assert {share["held_path"] for share in summary["worker_shares"].values()} == {"tls"}
