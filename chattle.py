@@ -138,19 +138,15 @@ def trusted_proxies(listed):
     return frozenset(addresses)
 
 
-def client_address(environ, proxies):
-    """The address a poll counts against: REMOTE_ADDR, or, from a trusted proxy, the last
-    address of its X-Forwarded-For (the peer that proxy saw; what a client wrote there
-    before it comes first and is not believed). A header that names no address counts
-    against the proxy itself."""
-    address = environ.get("REMOTE_ADDR")
-    if proxies and address in proxies:
-        forwarded = environ.get("HTTP_X_FORWARDED_FOR", "").rpartition(",")[2].strip()
-        try:
-            return str(ipaddress.ip_address(forwarded))
-        except ValueError:
-            return address
-    return address
+def forwarded_address(environ, proxy):
+    """The client a trusted proxy at `proxy` names: the last address of its X-Forwarded-For
+    (the peer that proxy saw; what a client wrote there before it comes first and is not
+    believed). A header that names no address counts against the proxy itself."""
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR", "").rpartition(",")[2].strip()
+    try:
+        return str(ipaddress.ip_address(forwarded))
+    except ValueError:
+        return proxy
 
 
 class Settings:
@@ -448,7 +444,9 @@ def poll_messages(room="lobby"):
     environ = request.environ
     sends_json = environ.get(chattle_http.SENDS_JSON)
     # Both outlive forget_request: the connection holds the same objects.
-    address = client_address(environ, settings.trusted_proxies)
+    address = environ.get("REMOTE_ADDR")
+    if address in settings.trusted_proxies:   # a poll through one counts against the client it names
+        address = forwarded_address(environ, address)
     peer = environ.get(chattle_http.PEER) or environ.get("gunicorn.socket")
     held = since is not None and chat.holds(since, timeout, epoch)
     if held and not chat.registry.hold_poll(address):

@@ -275,3 +275,13 @@ def test_make_load_against_https_passes_through_nginx_with_tls_in_front_of_gunic
         summary = json.load(summary_file)
     assert summary["run"]["tls"] and summary["delivery"]["lost"] == 0 and summary["deliveries"] > 0
     assert {share["held_path"] for share in summary["worker_shares"].values()} == {"tls"}
+
+
+def test_a_forwarded_header_that_names_no_address_counts_against_the_proxy_and_a_bad_setting_stops_the_start():
+    import chattle
+    assert chattle.forwarded_address({"HTTP_X_FORWARDED_FOR": "10.0.0.1, 10.0.0.2"}, "127.0.0.1") == "10.0.0.2"
+    for header in ("", "x" * 5000, "10.0.0.1, not-an-address", "::ffff:999.1.1.1"):
+        assert chattle.forwarded_address({"HTTP_X_FORWARDED_FOR": header}, "127.0.0.1") == "127.0.0.1"
+    assert chattle.trusted_proxies(" 127.0.0.1, ::1 ,") == frozenset({"127.0.0.1", "::1"})
+    with pytest.raises(SystemExit, match="--trusted-proxy 'nginx' is not an IP address"):
+        chattle.Settings(trusted_proxy="nginx")
