@@ -17,6 +17,7 @@ import json
 import os
 import sys
 
+from instruments.page import print_entry, write_json
 from loadtests.proxy_cost import table_rows
 
 
@@ -75,12 +76,8 @@ def main(argv=None):
             summary = json.load(source)
         if not summary.get("proxy_cost"):
             parser.error("%s is not a run of make load PROXY=nginx (no proxy_cost in its summary)" % args.keep)
-        with open(args.entry, "w") as out:
-            json.dump(kept(summary), out, indent=1, sort_keys=True)
-            out.write("\n")
-    with open(args.entry) as source:
-        print("\n".join(section(json.load(source))))
-    return 0
+        write_json(args.entry, kept(summary))
+    return print_entry(args.entry, section)
 
 
 if __name__ == "__main__":

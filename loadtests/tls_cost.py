@@ -24,6 +24,7 @@ import time
 
 from harness.tls import ClientTls, client_context, make_certificates
 from instruments.httpframe import ResponseParser
+from instruments.page import print_entry, write_json
 
 ROUNDS = 5
 ANSWERS_PER_ROUND = 20000
@@ -125,12 +126,8 @@ def main(argv=None):
         state = git_state()
         entry = dict(figures, started=time.time(), commit=state["commit"], dirty=state["dirty"],
                      machine=machine_line())
-        with open(args.entry, "w") as out:
-            json.dump(entry, out, indent=1, sort_keys=True)
-            out.write("\n")
-    with open(args.entry) as source:
-        print("\n".join(section(json.load(source))))
-    return 0
+        write_json(args.entry, entry)
+    return print_entry(args.entry, section)
 
 
 if __name__ == "__main__":
