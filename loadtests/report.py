@@ -578,7 +578,10 @@ def draw_charts(report_dir, summary, tally, samples):
     machine_check = summary["machine_check"]
     for second in machine_check["saturated_seconds"]:
         axis.axvspan(second - 0.5, second + 0.5, color="#f3c7c3", zorder=0.5, linewidth=0)
-    for key, colour, label in (("server_cpu", "#1f5fbf", "server"), ("client_cpu", "#e08a00", "load generator")):
+    plotted = [("server_cpu", "#1f5fbf", "server"), ("client_cpu", "#e08a00", "load generator")]
+    if any(row.get("proxy_cpu") is not None for row in rows):
+        plotted.append(("proxy_cpu", "#2e8b57", "nginx"))
+    for key, colour, label in plotted:
         axis.plot(t, [np.nan if row.get(key) is None else row[key] for row in rows], color=colour, label=label)
     others = [np.nan if row.get("machine_cpu") is None else
               max(0.0, row["machine_cpu"] - measured_cpu(row))
@@ -592,9 +595,9 @@ def draw_charts(report_dir, summary, tally, samples):
     cpu = summary["cpu"]
     save(fig, "cpu.png",
          "CPU each second, in %% of one core, read from /proc: the server (summed over its serving processes), "
-         "the load generator (Locust master and workers) and every other process (all cores' busy time minus "
-         "those two). Pink seconds are machine-saturated: everything together used at least %.0f%% of all "
-         "cores (%d of the %d burst seconds%s). Over the run the load generator used %s s of CPU against the "
+         "the load generator (Locust master and workers), nginx when it is in front, and every other process "
+         "(all cores' busy time minus those). Pink seconds are machine-saturated: everything together used at "
+         "least %.0f%% of all cores (%d of the %d burst seconds%s). Over the run the load generator used %s s of CPU against the "
          "server's %s s (%s). %s. %s."
          % (MACHINE_BUSY_SHARE * 100, machine_check["burst_seconds_saturated"], machine_check["burst_seconds"],
             ": MACHINE-BOUND, so the latencies include waiting for a core" if machine_check["machine_bound"] else "",
