@@ -597,8 +597,8 @@ def draw_charts(report_dir, summary, tally, samples):
          "CPU each second, in %% of one core, read from /proc: the server (summed over its serving processes), "
          "the load generator (Locust master and workers), nginx when it is in front, and every other process "
          "(all cores' busy time minus those). Pink seconds are machine-saturated: everything together used at "
-         "least %.0f%% of all cores (%d of the %d burst seconds%s). Over the run the load generator used %s s of CPU against the "
-         "server's %s s (%s). %s. %s."
+         "least %.0f%% of all cores (%d of the %d burst seconds%s). Over the run the load generator used %s s "
+         "of CPU against the server's %s s (%s). %s. %s."
          % (MACHINE_BUSY_SHARE * 100, machine_check["burst_seconds_saturated"], machine_check["burst_seconds"],
             ": MACHINE-BOUND, so the latencies include waiting for a core" if machine_check["machine_bound"] else "",
             _seconds(cpu["client_cpu_s"]), _seconds(cpu["server_cpu_s"]),
