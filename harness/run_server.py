@@ -7,6 +7,7 @@ given, so the multi-worker setup is one command.
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -82,6 +83,8 @@ def serve(args):
     finally:
         if redis is not None:
             redis.stop()
+        if proxy is not None:
+            shutil.rmtree(proxy.directory, ignore_errors=True)
 
 
 def serve_on_cluster(args):

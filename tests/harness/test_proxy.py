@@ -285,3 +285,32 @@ def test_a_forwarded_header_that_names_no_address_counts_against_the_proxy_and_a
     assert chattle.trusted_proxies(" 127.0.0.1, ::1 ,") == frozenset({"127.0.0.1", "::1"})
     with pytest.raises(SystemExit, match="--trusted-proxy 'nginx' is not an IP address"):
         chattle.Settings(trusted_proxy="nginx")
+
+
+def test_make_run_with_nginx_and_tls_serves_through_it_and_stops_everything_it_started(nginx, tmp_path):
+    """`make run PROXY=nginx TLS=1`'s command: the page's API through nginx over TLS, and on
+    Ctrl-C nginx, the server and nginx's directory gone."""
+    import signal
+    import sys
+    from harness.processes import free_port
+    port = free_port()
+    run = subprocess.Popen([sys.executable, "-m", "harness.run_server", "--port", str(port), "--proxy", "nginx",
+                            "--tls"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not any("nginx (pid" in line for line in lines) and run.poll() is None and len(lines) < 50:
+            lines.append(run.stdout.readline())
+        said = "".join(lines)
+        ca = re.search(r"its certificate's CA: (\S+)", said).group(1)
+        pids = [int(pid) for pid in re.findall(r"pid (\d+)", said)]
+        assert get_json("https://127.0.0.1:%d/health" % port, ca_file=ca)[0] == 200
+        assert post_json("https://localhost:%d/rooms/run/msgs" % port, {"from": "t", "content": "x"},
+                         ca_file=ca)[0] == 201
+        run.send_signal(signal.SIGINT)
+        assert run.wait(30) == 0
+        assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+        assert not os.path.exists(os.path.dirname(os.path.dirname(ca)))
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
