@@ -295,7 +295,10 @@ class Sampler(threading.Thread):
                 if self._halt.is_set():
                     return
                 try:
-                    status, body = get_json(url + "/stats", timeout=2, ca_file=self.ca_file)
+                    # behind the proxy, straight to the server: nginx's kept upstream connections
+                    # would take every probe to the same gunicorn worker
+                    status, body = get_json((self.server.url if self.proxy is not None else url) + "/stats",
+                                            timeout=2, ca_file=self.ca_file)
                 except OSError:
                     continue
                 if status == 200 and isinstance(body, dict):
