@@ -3,13 +3,16 @@ writes, a real Chattle behind it (gunicorn for TLS, as deployed), TLS with a CA 
 the test, and the load client over it. No sleeps: every wait is on a condition, bounded."""
 
 import contextlib
+import glob
 import io
 import json
 import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 
 import gevent
@@ -18,7 +21,7 @@ import pytest
 
 from chattle_limits import CLIENT_TIMEOUT_MARGIN, MAX_BODY_BYTES, POLL_TIMEOUT_MAX, PROXY_TIMEOUT, client_timeout
 from harness import system_packages
-from harness.processes import ROOT, get_json, post_json
+from harness.processes import ROOT, free_port, get_json, post_json
 from harness.proxy import TRUSTED_PROXY_ENV, NginxProxy, in_front, main, nginx_config
 from harness.tls import make_certificates
 from loadtests import longpoll
@@ -263,8 +266,6 @@ def test_the_bench_rig_holds_polls_over_tls_and_times_each_answer(tls_gunicorn):
 def test_make_load_against_https_passes_through_nginx_with_tls_in_front_of_gunicorn(tls_gunicorn, tmp_path):
     """`make load HOST=https://... CA_FILE=...` against a deployment this test started: every
     check passes, over TLS, the certificate checked against the deployment's CA."""
-    import glob
-    import sys
     _server, proxy = tls_gunicorn
     run = subprocess.run([sys.executable, "-m", "loadtests.run", "--host", proxy.url, "--ca-file",
                           proxy.certificates.ca, "--users", "40", "--duration", "24", "--spawn-rate", "50",
@@ -290,9 +291,6 @@ def test_a_forwarded_header_that_names_no_address_counts_against_the_proxy_and_a
 def test_make_run_with_nginx_and_tls_serves_through_it_and_stops_everything_it_started(nginx, tmp_path):
     """`make run PROXY=nginx TLS=1`'s command: the page's API through nginx over TLS, and on
     Ctrl-C nginx, the server and nginx's directory gone."""
-    import signal
-    import sys
-    from harness.processes import free_port
     port = free_port()
     run = subprocess.Popen([sys.executable, "-m", "harness.run_server", "--port", str(port), "--proxy", "nginx",
                             "--tls"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
