@@ -589,15 +589,16 @@ def held_polls(environment):
         options = environment.parsed_options
         name = "poll (held)"
         # --receipts: every answer through the Python path, which keeps each message's ts;
-        # https://: the compiled path frames plain bytes only
+        # https://: the compiled path frames plain bytes only, the Python path takes known
+        # answers the short way after decrypting them (HeldPolls._took_decrypted)
         tls = any(url.startswith("https:") for url in servers_of(options))
-        fast = not options.receipts and not tls
+        fast = not options.receipts
         HELD_POLLS.append(HeldPolls(environment.events.request, client_timeout(options.poll_timeout), name,
                                     functools.partial(log_untimed, environment.stats, "GET", name),
                                     ANSWERS.run_of if fast else None, record_runs if fast else None,
                                     functools.partial(driver_died, environment)))
-        TALLY.held_path = ("compiled" if HELD_POLLS[0].compiled else "receipts" if options.receipts else
-                           "tls" if tls else "python")
+        TALLY.held_path = ("receipts" if options.receipts else "tls" if tls and HELD_POLLS[0].shortcut else
+                           "compiled" if HELD_POLLS[0].compiled else "python")
     return HELD_POLLS[0]
 
 

@@ -105,7 +105,8 @@ HELD_PATHS = {"compiled": ", held polls read by the compiled path",
               "python": ", held polls read by the Python path (loadtests/_heldfast.c not built: run `make venv`; "
                         "the client costs more)",
               "receipts": ", held polls read by the Python path (CHAOS=: each message's id and ts kept)",
-              "tls": ", held polls read by the Python path (https://: the compiled path frames plain bytes only)"}
+              "tls": ", held polls read by the Python path, known answers the short way once decrypted (https://: "
+                     "the compiled path frames plain bytes only)"}
 
 
 def worker_shares(tally):
