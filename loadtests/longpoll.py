@@ -15,7 +15,8 @@ what the server's wake-up latency ends on; the gap is the load generator's own l
 https:// servers are spoken to over TLS kept in memory (harness.tls.ClientTls): the
 socket is still read with recvmsg(), so the stamp is the arrival of the encrypted bytes,
 and their decryption falls in the client's lag. The compiled path frames plain bytes
-only: over TLS every answer takes the Python path (docs/measuring.md says what both cost).
+only: over TLS every answer takes the Python path, which takes a known answer the short
+way once decrypted (HeldPolls._took_decrypted; docs/measuring.md says what it costs).
 The certificate is checked against `ca_file` (the run's own CA, or --ca-file), else the
 system's CAs.
 
