@@ -312,3 +312,13 @@ def test_make_run_with_nginx_and_tls_serves_through_it_and_stops_everything_it_s
         if run.poll() is None:
             run.kill()
             run.wait(10)
+
+
+def test_the_decryption_cost_is_measured_on_real_tls_records_round_after_round(tmp_path):
+    from loadtests import tls_cost
+    figures = tls_cost.measure(make_certificates(str(tmp_path / "tls")), rounds=2)
+    # TLS 1.3 adds its 5-byte header, the content type and a 16-byte tag to each record
+    assert figures["record_bytes"] == figures["answer_bytes"] + 22
+    assert figures["decrypt_us"] > 0 and figures["frame_us"] > 0 and figures["handshake_us"] > 0
+    entry = dict(figures, started=0, commit="0" * 40, dirty=False, machine="m")
+    assert "| decrypting it (`ClientTls.decrypt`) |" in "\n".join(tls_cost.section(entry))
