@@ -17,6 +17,7 @@ import sys
 DAYS = 2                    # a run's certificate needs to outlive the run, nothing more
 SUBJECT_NAMES = "IP:127.0.0.1,IP:::1,DNS:localhost"
 OPENSSL_DEADLINE = 30
+RECORD_BYTES = 16384        # TLS's largest record of plain bytes: one read takes a whole one
 
 
 class RunCertificates:
@@ -126,8 +127,10 @@ class ClientTls:
         self.incoming.write(received)
         chunks = []
         try:
-            while True:
-                chunk = self.tls.read(65536)
+            # a read past the last record raises: stop once nothing is left to read (a held
+            # poll's answer is one record, so one read without an exception)
+            while self.incoming.pending or self.tls.pending() or not chunks:
+                chunk = self.tls.read(RECORD_BYTES)
                 if not chunk:
                     break
                 chunks.append(chunk)

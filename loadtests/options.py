@@ -133,7 +133,8 @@ OPTIONS = [
            "(default: the system's CAs; with --tls the run's own CA)"),
     # -- the load generator: run.py's own, turned into Locust's options
     Option("client-processes", int, 0, "Locust worker processes beside the master (0: as few as the open-file "
-           "limit allows). One holds 10000 listeners at about half the server's CPU per delivery; more only help "
+           "limit allows, and over TLS one per 1000 listeners). One holds 10000 listeners at about half the "
+           "server's CPU per delivery; more only help "
            "when the client lag says one is not keeping up and there are cores to spare", where=(RUN,)),
     Option("remote-workers", int, 0, "Locust workers on other hosts (`make load-worker MASTER=...`) to wait for; "
            "more than 0 starts none here", where=(RUN,)),

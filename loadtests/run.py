@@ -46,6 +46,11 @@ from loadtests.scenario import (
 HERE = os.path.dirname(os.path.abspath(__file__))
 DESCRIPTORS_SPARE = 200       # logs, pipes, the master link, /stats probes
 DEFAULT_MASTER_PORT = 5557    # Locust's own default: the port to open to the load hosts
+# Listeners one Locust process reads over TLS without its lag deciding the run: its
+# answers take the Python path (loadtests/longpoll.py), and one process reading a
+# 2000-listener fan-out through nginx with TLS lagged 29 ms at p99 against a wake-up p99
+# of 212 ms, client-bound (docs/measuring.md, "Over TLS").
+TLS_LISTENERS_PER_PROCESS = 1000
 
 
 def parse_args(argv=None):
@@ -96,8 +101,10 @@ def preflight(args):
         problems.append("--users, --posters and --rooms must each be at least 1")
 
     soft, hard = raise_descriptor_limit()
-    if args.client_processes < 1:  # auto: as few as the descriptor limit allows
+    if args.client_processes < 1:  # auto: as few as the descriptor limit allows, and TLS's cost
         args.client_processes = max(1, -(-users // max(1, soft - DESCRIPTORS_SPARE)))
+        if args.tls or (args.host or "").startswith("https:"):
+            args.client_processes = max(args.client_processes, -(-args.users // TLS_LISTENERS_PER_PROCESS))
     per_client = -(-users // args.client_processes) + DESCRIPTORS_SPARE
     if soft < per_client:
         problems.append("the load generator needs %d open files per Locust process but the limit is %d "

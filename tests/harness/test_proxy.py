@@ -322,3 +322,16 @@ def test_the_decryption_cost_is_measured_on_real_tls_records_round_after_round(t
     assert figures["decrypt_us"] > 0 and figures["frame_us"] > 0 and figures["handshake_us"] > 0
     entry = dict(figures, started=0, commit="0" * 40, dirty=False, machine="m")
     assert "| decrypting it (`ClientTls.decrypt`) |" in "\n".join(tls_cost.section(entry))
+
+
+def test_over_tls_make_load_reads_with_one_client_process_per_thousand_listeners(tls_gunicorn):
+    from loadtests import run
+    _server, proxy = tls_gunicorn
+    for users, processes in ((500, 1), (2000, 2), (2500, 3)):
+        args = run.parse_args(["--host", proxy.url, "--ca-file", proxy.certificates.ca, "--users", str(users)])
+        _stages, problems, _notes = run.preflight(args)
+        assert problems == [] and args.client_processes == processes
+    args = run.parse_args(["--host", proxy.url, "--ca-file", proxy.certificates.ca, "--users", "2000",
+                           "--client-processes", "1"])
+    run.preflight(args)
+    assert args.client_processes == 1      # given, kept
