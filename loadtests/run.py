@@ -483,6 +483,7 @@ def main(argv=None):
         faults = []   # preflight says why
     if len(faults) > 1:
         return chaos_matrix(args, argv, faults)
+    args.command = make_command(args)   # as given, before preflight settles the automatic values
     if args.proxy and not args.host:
         return with_and_without_proxy(args)
     return run_once(args)[0]
@@ -677,7 +678,7 @@ def run_once(args):
                 "cluster": cluster_info, "chaos": fault.name if fault else None,
                 "chaos_record": chaos_record(chaos, fault),
                 "started": started_at, "locust_started": locust_started, "git": revision,
-                "command": make_command(args), "shape_started": shape_started(raw_dir),
+                "command": getattr(args, "command", None) or make_command(args), "shape_started": shape_started(raw_dir),
                 "stages": stages,
                 "preflight": notes, "run_error": run_error, "interrupted": interrupted,
                 "server_cpu_seconds": server_cpu,
