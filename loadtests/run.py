@@ -678,7 +678,7 @@ def run_once(args):
                 "cluster": cluster_info, "chaos": fault.name if fault else None,
                 "chaos_record": chaos_record(chaos, fault),
                 "started": started_at, "locust_started": locust_started, "git": revision,
-                "command": getattr(args, "command", None) or make_command(args), "shape_started": shape_started(raw_dir),
+                "command": getattr(args, "command", "") or make_command(args), "shape_started": shape_started(raw_dir),
                 "stages": stages,
                 "preflight": notes, "run_error": run_error, "interrupted": interrupted,
                 "server_cpu_seconds": server_cpu,
