@@ -42,7 +42,7 @@ all: test
 system-packages:
 	@$(PYTHON3) -m harness.system_packages --for-goals "$(or $(MAKECMDGOALS),all)" --workers "$(WORKERS)" \
 	  --redis "$(REDIS)" --redis-cluster "$(REDIS_CLUSTER)" --host "$(HOST)" --monitor "$(MONITOR)" \
-	  --peers "$(PEERS)"
+	  --peers "$(PEERS)" --proxy "$(PROXY)"
 
 # setup.py builds loadtests/_heldfast.c in place (the load worker's compiled path)
 $(STAMP): pyproject.toml setup.py loadtests/_heldfast.c
@@ -56,9 +56,11 @@ venv: $(STAMP)
 # One worker: python chattle.py, in-memory bus.  WORKERS=N: gunicorn with N gevent
 # workers on the shared Redis bus (REDIS=url, or a local redis-server started for it).
 # MONITOR=1: a Prometheus scraping its /metrics every second too (docs/deploy.md, "Metrics").
+# PROXY=nginx: nginx on PORT in front of it (harness/proxy.py), TLS=1 ending TLS there.
 run: system-packages $(STAMP)
 	$(PY) -m harness.run_server --bind $(BIND) --port $(PORT) --workers $(WORKERS) $(if $(REDIS),--redis $(REDIS)) \
-	  $(if $(REDIS_CLUSTER),--redis-cluster $(REDIS_CLUSTER)) $(if $(filter-out 0,$(MONITOR)),--monitor)
+	  $(if $(REDIS_CLUSTER),--redis-cluster $(REDIS_CLUSTER)) $(if $(filter-out 0,$(MONITOR)),--monitor) \
+	  $(if $(PROXY),--proxy $(PROXY)) $(if $(TLS),--tls)
 
 # A local Redis Cluster (3 masters, 3 replicas, loopback ports) until Ctrl-C; it prints the
 # `make run ... REDIS_CLUSTER=` that uses it (docs/cluster.md).

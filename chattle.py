@@ -21,6 +21,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402  (everything below must see the patched stdlib)
+import ipaddress  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -41,7 +42,13 @@ import chattle_http  # noqa: E402
 import chattle_metrics  # noqa: E402
 from chattle_bus import BusUnavailable, MemoryBus  # noqa: E402
 from chattle_cluster import RedisClusterBus  # noqa: E402
-from chattle_limits import POLL_TIMEOUT_MAX, collect_garbage_seldom, raise_descriptor_limit  # noqa: E402
+from chattle_limits import (  # noqa: E402
+    BODY_READ_TIMEOUT,
+    MAX_BODY_BYTES,
+    POLL_TIMEOUT_MAX,
+    collect_garbage_seldom,
+    raise_descriptor_limit,
+)
 from chattle_redis import RedisBus, redis_url_problem  # noqa: E402
 from chattle_rooms import CLIENT_LEFT, Room, Rooms, RoomsFull, Wakeup, encode  # noqa: E402,F401  (Room, Wakeup: for tests and tools)
 
@@ -56,14 +63,12 @@ PROTOCOL_VERSION = 1
 ###############################################################################
 
 ROOM_PATTERN = r"[A-Za-z0-9_-]{1,64}"
-MAX_BODY_BYTES = 16 * 1024
 MAX_FROM_CHARS = 40
 MAX_CONTENT_CHARS = 2000
 MAX_POLL_TIMEOUT = POLL_TIMEOUT_MAX  # what every client's timeout nests around: chattle_limits.py
 MAX_LIMIT = 1000
 DEFAULT_LIMIT_SINCE = 100
 DEFAULT_LIMIT_RECENT = 50
-BODY_READ_TIMEOUT = 10.0  # a client that promises a body and stalls must not hold a greenlet
 
 # (flag, environment variable, type, default, help)
 SETTINGS = [
@@ -104,7 +109,11 @@ SETTINGS = [
      "seconds the shared bus keeps a room nobody posts to (every post starts it again)"),
     ("max_polls_per_address", "CHATTLE_MAX_POLLS_PER_ADDRESS", int, 1024 * 1024,
      "polls a worker holds at once for one client address (REMOTE_ADDR: behind a proxy, the "
-     "proxy's); more: 429. The default is above any worker's open-file limit"),
+     "proxy's unless --trusted-proxy names it); more: 429. The default is above any worker's open-file limit"),
+    ("trusted_proxy", "CHATTLE_TRUSTED_PROXY", str, "",
+     "addresses of reverse proxies, separated by commas, whose X-Forwarded-For names the client: a request "
+     "from one of them counts against --max-polls-per-address as the last address of that header; from any "
+     "other peer the header is ignored. Empty: no proxy is trusted"),
     ("max_answer_bytes", "CHATTLE_MAX_ANSWER_BYTES", int, 256 * 1024,
      "bytes of messages one poll answer carries (always at least one message): a poll past it "
      "gets fewer than its 'limit', and the rest on its next poll"),
@@ -115,6 +124,30 @@ SETTINGS = [
      "rooms the shared Redis holds (each posted to within --room-ttl); a post that would make one "
      "more is refused (503); on a Redis Cluster the bound is per slot, this over 16384"),
 ] + chattle_http.LIMIT_SETTINGS
+
+
+def trusted_proxies(listed):
+    """The addresses of --trusted-proxy, as REMOTE_ADDR spells them; SystemExit names one
+    that is not an address."""
+    addresses = set()
+    for item in filter(None, (part.strip() for part in listed.split(","))):
+        try:
+            addresses.add(str(ipaddress.ip_address(item)))
+        except ValueError:
+            raise SystemExit("chattle: --trusted-proxy %r is not an IP address (give the proxy's own address, "
+                             "e.g. 127.0.0.1)" % item) from None
+    return frozenset(addresses)
+
+
+def forwarded_address(environ, proxy):
+    """The client a trusted proxy at `proxy` names: the last address of its X-Forwarded-For
+    (the peer that proxy saw; what a client wrote there before it comes first and is not
+    believed). A header that names no address counts against the proxy itself."""
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR", "").rpartition(",")[2].strip()
+    try:
+        return str(ipaddress.ip_address(forwarded))
+    except ValueError:
+        return proxy
 
 
 class Settings:
@@ -140,6 +173,7 @@ class Settings:
             raise SystemExit("chattle: --idempotency-seconds and --idempotency-keys must be at least 1")
         if not 0 <= self.stop_timeout <= 3600:
             raise SystemExit("chattle: --stop-timeout must be 0 (close the bus at once) to 3600 seconds")
+        self.trusted_proxies = trusted_proxies(self.trusted_proxy)
         self.http_limits()  # checks them
 
     def http_limits(self):
@@ -419,6 +453,8 @@ def poll_messages(room="lobby"):
     sends_json = environ.get(chattle_http.SENDS_JSON)
     # Both outlive forget_request: the connection holds the same objects.
     address = environ.get("REMOTE_ADDR")
+    if address in settings.trusted_proxies:   # a poll through one counts against the client it names
+        address = forwarded_address(environ, address)
     peer = environ.get(chattle_http.PEER) or environ.get("gunicorn.socket")
     held = since is not None and chat.holds(since, timeout, epoch)
     if held and not chat.registry.hold_poll(address):

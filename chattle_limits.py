@@ -25,6 +25,22 @@ POLL_TIMEOUT_MAX = 60         # the wire protocol's longest hold
 CLIENT_TIMEOUT_MARGIN = 10    # the page, the load clients and the rig give a poll this much longer
 GRACEFUL_TIMEOUT = POLL_TIMEOUT_MAX + CLIENT_TIMEOUT_MARGIN + 5  # whole seconds: gunicorn takes an int
 
+# A reverse proxy in front (harness/proxy.py writes nginx's configuration from these) sits
+# between the poll and the client:
+#
+#   a poll's timeout <= POLL_TIMEOUT_MAX < PROXY_TIMEOUT < client_timeout(POLL_TIMEOUT_MAX)
+#
+# nginx's default proxy_read_timeout, 60 s, would cut the longest poll with a 504 at the
+# moment the server answers it; PROXY_TIMEOUT answers every poll the protocol allows, and a
+# client waiting on the longest poll still hears the proxy's 504 before it gives up itself.
+PROXY_TIMEOUT = POLL_TIMEOUT_MAX + CLIENT_TIMEOUT_MARGIN // 2
+
+
+# A request body past this is refused (413) by the server, and by a proxy in front of it.
+MAX_BODY_BYTES = 16 * 1024
+# A client that promises a body and stalls must not hold a greenlet (nor a proxy's buffer).
+BODY_READ_TIMEOUT = 10.0
+
 
 def client_timeout(poll_timeout):
     """How long a client waits for the answer to a poll that asked for `poll_timeout`."""

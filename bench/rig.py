@@ -38,6 +38,7 @@ import urllib.parse
 from bench.wires import CHATTLE, POLL_TIMEOUT, WIRES
 from chattle_limits import client_timeout, raise_descriptor_limit
 from harness.processes import ROOT
+from harness.tls import ClientTls, client_context
 from instruments.httpframe import FramingError, ResponseParser
 from instruments.measures import (
     DeliveryLedger,
@@ -108,10 +109,11 @@ def cpu_seconds_self():
 # -- the client process -----------------------------------------------------------------
 
 class Poll:
-    __slots__ = ("sock", "parser", "received_at", "read_at", "body")
+    __slots__ = ("sock", "parser", "received_at", "read_at", "body", "tls")
 
-    def __init__(self, sock):
+    def __init__(self, sock, tls=None):
         self.sock = sock
+        self.tls = tls          # a harness.tls.ClientTls for an https:// server
         self.parser = ResponseParser()
         self.received_at = None
         self.read_at = None
@@ -139,9 +141,11 @@ class Poll:
 
 
 def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold_only=False,
-                     out=sys.stdout, stdin=sys.stdin, source=None, wire=CHATTLE):
+                     out=sys.stdout, stdin=sys.stdin, source=None, wire=CHATTLE, tls_context=None):
     """Open `count` polls from `cursor` (the wire's encode_cursor; from address `source` when
-    given), report "parked" with the connect errors by name, then time their answers."""
+    given), report "parked" with the connect errors by name, then time their answers. With
+    `tls_context` each poll speaks TLS to `host` (kept in memory: the answer's arrival is still
+    the kernel's stamp of its encrypted bytes, and decrypting it is the client's lag)."""
     raise_descriptor_limit()
     request = wire.poll_request(host, port, room, cursor)
     # select.epoll itself, not selectors: its per-event bookkeeping would double the
@@ -160,7 +164,11 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
             # accept loop keeps pace with it, so the backlog never overflows.
             sock = connect(host, port, source, connect_timeout)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            sock.sendall(request)
+            tls = None
+            if tls_context is not None:
+                tls = ClientTls(tls_context, host)
+                tls.handshake_blocking(sock)
+            sock.sendall(tls.encrypt(request) if tls is not None else request)
             sock.setblocking(False)
         except OSError as error:
             failed += 1
@@ -172,7 +180,7 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
                 # (its backlog full): the rest would each wait as long, to the same end
                 deadline = 0
             continue
-        poll = Poll(sock)
+        poll = Poll(sock, tls)
         polls.append(poll)
         epoll.register(sock.fileno(), select.EPOLLIN)
         by_fd[sock.fileno()] = poll
@@ -208,6 +216,11 @@ def park_and_collect(host, port, room, cursor, count, connect_timeout=10.0, hold
                 continue
             except OSError:
                 data, arrived_at = b"", None
+            if data and poll.tls is not None:
+                data = poll.tls.decrypt(data)
+                if data == b"":
+                    continue        # a record not yet whole
+                data = data or b""  # None: the server ended the session
             try:
                 complete = poll.feed(data) if data else poll.feed_eof()
             except FramingError:
@@ -255,7 +268,7 @@ def connect(host, port, source, timeout):
 
 # -- the parent: spreads the polls, confirms they are held, posts, gathers ----------------
 
-def held_waiters(url, expected_pids=None, probes=40, per_pid=None, wire=CHATTLE):
+def held_waiters(url, expected_pids=None, probes=40, per_pid=None, wire=CHATTLE, ca_file=""):
     """Polls held right now, summed over the workers that answer /stats.
 
     /stats answers for whichever worker accepts the connection, so with several workers
@@ -267,7 +280,7 @@ def held_waiters(url, expected_pids=None, probes=40, per_pid=None, wire=CHATTLE)
     per_pid = {} if per_pid is None else per_pid
     for _ in range(probes):
         try:
-            answer = wire.held(url)
+            answer = wire.held(url, ca_file=ca_file)
         except OSError:
             break  # a server that stopped accepting: its figure stays where it was
         if answer is not None:
@@ -279,7 +292,7 @@ def held_waiters(url, expected_pids=None, probes=40, per_pid=None, wire=CHATTLE)
     return sum(per_pid.values()), per_pid
 
 
-def wait_until_held(url, count, expected_pids=None, timeout=60.0, stall=None, wire=CHATTLE):
+def wait_until_held(url, count, expected_pids=None, timeout=60.0, stall=None, wire=CHATTLE, ca_file=""):
     """Probe /stats until the summed waiters reach `count` (or the deadline passes, or,
     given `stall`, the figure has not risen for that many seconds: a full server)."""
     deadline = time.monotonic() + timeout
@@ -288,7 +301,7 @@ def wait_until_held(url, count, expected_pids=None, timeout=60.0, stall=None, wi
     rose_at, highest = time.monotonic(), -1
     while time.monotonic() < deadline:
         held, per_pid = held_waiters(url, expected_pids, probes=max(4, 4 * len(expected_pids or [1])),
-                                     per_pid=per_pid, wire=wire)
+                                     per_pid=per_pid, wire=wire, ca_file=ca_file)
         if held >= count:
             break
         if held > highest:
@@ -318,7 +331,8 @@ def cpu_seconds_of(pids):
 
 
 class Rig:
-    def __init__(self, url, room="bench", per_process=None, spread_sources=False, rooms=None, wire=CHATTLE):
+    def __init__(self, url, room="bench", per_process=None, spread_sources=False, rooms=None, wire=CHATTLE,
+                 ca_file=""):
         """`spread_sources`: client process i connects from 127.0.0.(1+i), so the polls are
         not bounded by one source address's ephemeral ports (needs a loopback server).
         `rooms`: spread the polls evenly over these rooms instead of one (a client process
@@ -327,7 +341,8 @@ class Rig:
         self.wire = wire
         self.url = url.rstrip("/")
         parsed = urllib.parse.urlsplit(self.url)
-        self.host, self.port = parsed.hostname, parsed.port or 80
+        self.host, self.port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+        self.ca_file = ca_file  # https://: the CA its certificate is checked against ("": the system's)
         self.rooms = list(rooms) if rooms else [room]
         self.room = self.rooms[0]
         self.per_process = per_process or polls_per_client_process()
@@ -335,7 +350,7 @@ class Rig:
 
     def cursor(self, room=None):
         """The room's position (Chattle's: its last id), posting one message first if it has none."""
-        return self.wire.cursor(self.url, room or self.room)
+        return self.wire.cursor(self.url, room or self.room, ca_file=self.ca_file)
 
     def cursors(self):
         """{room: its position} of every room the rig polls."""
@@ -353,6 +368,8 @@ class Rig:
                         "--room", room, "--cursor", self.wire.encode_cursor(cursors[room]), "--wire", self.wire.name]
                 if hold_only:
                     argv.append("--hold-only")
+                if self.ca_file:
+                    argv += ["--ca-file", self.ca_file]
                 if self.spread_sources:
                     argv += ["--source", source_address(len(clients))]
                 client = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -403,7 +420,7 @@ class Rig:
             for name, times in line.get("errors", {}).items():
                 connect_errors[name] = connect_errors.get(name, 0) + times
         held, per_pid = wait_until_held(self.url, parked, server_pids, timeout=30 + count / 500.0,
-                                        stall=HOLD_STALL_SECONDS, wire=self.wire)
+                                        stall=HOLD_STALL_SECONDS, wire=self.wire, ca_file=self.ca_file)
         return {"requested": count, "parked": parked, "connect_errors": connect_errors,
                 "client_processes": len(clients), "held_confirmed": held,
                 "held_per_pid": {str(k): v for k, v in per_pid.items()}}
@@ -449,7 +466,7 @@ class Rig:
         backend_before = backend_cpu() if backend_cpu else None
         posted_at = time.time()
         busy_before, wall_before = machine_busy_seconds(), time.monotonic()
-        answers = {room: self.wire.post(self.url, room, cursors[room]) for room in cursors}
+        answers = {room: self.wire.post(self.url, room, cursors[room], ca_file=self.ca_file) for room in cursors}
         results = [self.read_line(c, "results", POLL_TIMEOUT + 30) for c in clients]
         for client in clients:
             client.wait(10)
@@ -563,10 +580,14 @@ def main(argv=None):
     parser.add_argument("--hold-only", action="store_true",
                         help="park, report, then hold until stdin gets a line (no timing)")
     parser.add_argument("--source", help="loopback address to connect from (default: the kernel's choice)")
+    parser.add_argument("--ca-file", default="", help="https:// --url: the CA its certificate is checked against "
+                                                      "(default: the system's)")
     args = parser.parse_args(argv)
     parsed = urllib.parse.urlsplit(args.url)
-    park_and_collect(parsed.hostname, parsed.port or 80, args.room, args.cursor, args.park,
-                     hold_only=args.hold_only, source=args.source, wire=WIRES[args.wire])
+    secure = parsed.scheme == "https"
+    park_and_collect(parsed.hostname, parsed.port or (443 if secure else 80), args.room, args.cursor, args.park,
+                     hold_only=args.hold_only, source=args.source, wire=WIRES[args.wire],
+                     tls_context=client_context(args.ca_file) if secure else None)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,14 @@ EXCHANGE_TIMEOUT = 5.0
 class ChattleWire:
     name = "chattle"
 
-    def cursor(self, url, room):
-        """The room's last id (posting one message first, so the room exists)."""
-        status, body = get_json("%s/rooms/%s/msgs?limit=1" % (url, room))
+    def cursor(self, url, room, ca_file=""):
+        """The room's last id (posting one message first, so the room exists). `ca_file`: an
+        https:// server's certificate is checked against it."""
+        status, body = get_json("%s/rooms/%s/msgs?limit=1" % (url, room), ca_file=ca_file)
         if status == 200 and body["cursor"] > 0:
             return body["cursor"]
-        status, body = post_json("%s/rooms/%s/msgs" % (url, room), {"from": "rig", "content": "warm-up"})
+        status, body = post_json("%s/rooms/%s/msgs" % (url, room), {"from": "rig", "content": "warm-up"},
+                                 ca_file=ca_file)
         if status != 201:
             raise RuntimeError("warm-up post answered %s: %s" % (status, body))
         return body["id"]
@@ -53,10 +55,11 @@ class ChattleWire:
         return ("GET /rooms/%s/msgs?since=%d&timeout=%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n"
                 % (room, int(cursor_arg), POLL_TIMEOUT, host, port)).encode()
 
-    def post(self, url, room, _cursor):
+    def post(self, url, room, _cursor, ca_file=""):
         """Post the wake-up: {"id", "ts" (the server's acceptance), "sent" (the rig's send time)}."""
         sent = time.time()
-        status, answer = post_json("%s/rooms/%s/msgs" % (url, room), {"from": "rig", "content": "wake"})
+        status, answer = post_json("%s/rooms/%s/msgs" % (url, room), {"from": "rig", "content": "wake"},
+                                   ca_file=ca_file)
         if status != 201:
             raise RuntimeError("the post answered %s: %s" % (status, answer))
         return {"id": answer["id"], "ts": answer["ts"], "sent": sent}
@@ -71,9 +74,9 @@ class ChattleWire:
             return None
 
     @staticmethod
-    def held(url):
+    def held(url, ca_file=""):
         """(the answering worker's pid, the polls it holds) from /stats, or None."""
-        status, body = get_json(url + "/stats", timeout=EXCHANGE_TIMEOUT)
+        status, body = get_json(url + "/stats", timeout=EXCHANGE_TIMEOUT, ca_file=ca_file)
         if status == 200 and isinstance(body, dict):
             return body["pid"], body["waiters"]
         return None
@@ -83,7 +86,7 @@ class NchanWire:
     """Nchan's long-poll: GET /rooms/<room>/sub, POST /rooms/<room>/pub (harness/nchan.py)."""
     name = "nchan"
 
-    def cursor(self, url, room):
+    def cursor(self, url, room, ca_file=""):  # plain http:// only: ca_file is Chattle's wire's
         """{"seq", "last_modified", "etag"} of the room's newest message (publishing the first
         one when the channel has none)."""
         if exchange(url, "GET", "/rooms/%s/pub" % room)[0] == 404:  # no such channel yet
@@ -107,7 +110,7 @@ class NchanWire:
         return ("GET /rooms/%s/sub HTTP/1.1\r\nHost: %s:%d\r\nIf-Modified-Since: %s\r\nIf-None-Match: %s\r\n\r\n"
                 % (room, host, port, cursor["last_modified"], cursor["etag"])).encode()
 
-    def post(self, url, room, cursor):
+    def post(self, url, room, cursor, ca_file=""):
         """Publish the message after `cursor`: {"id" (its seq), "ts" and "sent" (both the send time
         the body carries: Nchan stamps nothing)}."""
         seq = self.sequence(cursor) + 1
@@ -132,7 +135,7 @@ class NchanWire:
             return None
 
     @staticmethod
-    def held(url):
+    def held(url, ca_file=""):
         """(None: one figure for the whole server, its subscribers) from nchan_stub_status."""
         status, _headers, body = exchange(url, "GET", "/stats")
         held = held_subscribers(body) if status == 200 else None

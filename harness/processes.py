@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -34,21 +35,23 @@ def free_port(host=LOOPBACK):
         return probe.getsockname()[1]
 
 
-def get_json(url, timeout=5.0):
+def get_json(url, timeout=5.0, ca_file=None):
     """(status, decoded body) of a GET; errors answered by the server are returned, not raised
-    (a body that is not JSON as its bytes); no answer at all raises OSError."""
-    return _exchange(url, timeout)
+    (a body that is not JSON as its bytes); no answer at all raises OSError. An https://
+    server's certificate is checked against `ca_file` (else the system's CAs)."""
+    return _exchange(url, timeout, ca_file)
 
 
-def post_json(url, payload, timeout=5.0):
+def post_json(url, payload, timeout=5.0, ca_file=None):
     """(status, decoded body) of a POST of `payload` as JSON, answered as get_json's."""
     return _exchange(urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                            headers={"Content-Type": "application/json"}), timeout)
+                                            headers={"Content-Type": "application/json"}), timeout, ca_file)
 
 
-def _exchange(request, timeout):
+def _exchange(request, timeout, ca_file=None):
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as answer:
             return answer.status, json.loads(answer.read() or b"null")
     except urllib.error.HTTPError as error:
         body = error.read()

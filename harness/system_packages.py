@@ -38,7 +38,8 @@ PROGRAMS = {
     "faketime": ("faketime", "faketime"),
     # make run MONITOR=1 and the /metrics test: a real Prometheus scraping the server
     "prometheus": ("/usr/bin/prometheus", "prometheus"),
-    # the C peer of make bench and make capacity (PEERS=nchan): nginx and Debian's Nchan module
+    # PROXY=nginx in front of the server (harness/proxy.py), and the C peer of make bench and make
+    # capacity (PEERS=nchan): nginx and Debian's Nchan module
     "nginx": ("/usr/sbin/nginx", "nginx"),
     "nchan": ("/usr/lib/nginx/modules/ngx_nchan_module.so", "libnginx-mod-nchan"),
 }
@@ -49,13 +50,19 @@ def several(workers):
     return any(int(count) > 1 for count in str(workers).split(",") if count.strip().isdigit())
 
 
-def _needs_redis_for_load(given):
-    """make load: a redis-server for gunicorn's bus or a local cluster, none for a server elsewhere."""
+def _proxy(given):
+    """PROXY=nginx: nginx in front of the server this goal starts."""
+    return ["nginx"] if given["proxy"] == "nginx" else []
+
+
+def _needs_for_load(given):
+    """make load: a redis-server for gunicorn's bus or a local cluster, nginx in front with
+    PROXY=nginx; none of them for a server elsewhere."""
     if given["host"]:
         return []
     if given["redis_cluster"]:
-        return ["redis-server"] if given["redis_cluster"] == "local" else []
-    return ["redis-server"] if several(given["workers"]) else []
+        return (["redis-server"] if given["redis_cluster"] == "local" else []) + _proxy(given)
+    return (["redis-server"] if several(given["workers"]) else []) + _proxy(given)
 
 
 def _peer_programs(given):
@@ -73,7 +80,7 @@ def _test_programs(given):
 
 GOALS = {
     # make goal: the programs it needs, given the make variables (WORKERS, REDIS, REDIS_CLUSTER,
-    # HOST, PEERS) and whether it runs as root; a goal not listed needs none
+    # HOST, PEERS, PROXY, MONITOR) and whether it runs as root; a goal not listed needs none
     "all": _test_programs,
     "test": _test_programs,
     "test-long": _test_programs,
@@ -83,22 +90,23 @@ GOALS = {
     "cluster-demo": lambda given: ["redis-server", "faketime"],
     "redis-cluster": lambda given: ["redis-server"],
     # one worker serves from memory; more share a bus: REDIS=, REDIS_CLUSTER=, else a local redis-server;
-    # MONITOR=1: a Prometheus scraping it
+    # MONITOR=1: a Prometheus scraping it; PROXY=nginx: nginx in front
     "run": lambda given: (["redis-server"] if several(given["workers"]) and not (
-        given["redis"] or given["redis_cluster"]) else []) + (["prometheus"] if given["monitor"] else []),
-    "load": _needs_redis_for_load,
-    "load-calibrate": _needs_redis_for_load,
+        given["redis"] or given["redis_cluster"]) else []) + (["prometheus"] if given["monitor"] else [])
+    + _proxy(given),
+    "load": _needs_for_load,
+    "load-calibrate": _needs_for_load,
     "soak": lambda given: ["redis-server"] if several(given["workers"]) else [],
     "regress": lambda given: ["valgrind"],
     "regress-accept": lambda given: ["valgrind"],
 }
 
 
-def needed(goals, workers=1, redis="", redis_cluster="", host="", root=None, monitor="", peers=""):
+def needed(goals, workers=1, redis="", redis_cluster="", host="", root=None, monitor="", peers="", proxy=""):
     """The programs `goals` need, sorted, once each."""
     given = {"workers": workers, "redis": redis or "", "redis_cluster": redis_cluster or "", "host": host or "",
              "root": os.geteuid() == 0 if root is None else root, "monitor": str(monitor or "") not in ("", "0"),
-             "peers": peers or ""}
+             "peers": peers or "", "proxy": proxy or ""}
     return sorted({program for goal in goals if goal in GOALS for program in GOALS[goal](given)})
 
 
@@ -225,6 +233,7 @@ def main(argv=None):
     parser.add_argument("--host", default="", help="make's HOST")
     parser.add_argument("--monitor", default="", help="make's MONITOR")
     parser.add_argument("--peers", default="", help="make's PEERS")
+    parser.add_argument("--proxy", default="", help="make's PROXY")
     parser.add_argument("--list", action="store_true", help="print the programs needed, one line, and install nothing")
     parser.add_argument("--look-for", action="append", default=[], metavar="PROGRAM=PATH",
                         help="look for PROGRAM at PATH instead (tests use it)")
@@ -235,7 +244,7 @@ def main(argv=None):
         parser.error("no such program: %s (known: %s)" % (", ".join(unknown), ", ".join(sorted(PROGRAMS))))
     programs = list(dict.fromkeys(args.programs + needed(args.for_goals.split(), args.workers, args.redis,
                                                          args.redis_cluster, args.host, monitor=args.monitor,
-                                                         peers=args.peers)))
+                                                         peers=args.peers, proxy=args.proxy)))
     if args.list:
         print(" ".join(programs))
         return 0

@@ -322,6 +322,19 @@ def summed_rss(pids):
     return total
 
 
+def summed_descriptors(pids):
+    """Open descriptors of all the given processes together (gone ones count 0): with
+    memory, what each held poll costs a process that holds its socket."""
+    import psutil
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).num_fds()
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def memory_per_connection(rss_idle, rss_holding, held):
     """Bytes each held poll costs: the rise in summed RSS of the serving processes over
     their idle RSS, divided by the number of held polls (the "memory per greenlet")."""

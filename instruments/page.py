@@ -85,6 +85,13 @@ def write_json(path, data):
         out.write("\n")
 
 
+def print_entry(path, section):
+    """A docs/results.md entry: the lines `section` makes of the run's JSON kept at `path`."""
+    with open(path) as source:
+        print("\n".join(section(json.load(source))))
+    return 0
+
+
 _STYLE = """
 body { font: 15px/1.5 system-ui, sans-serif; max-width: 1000px; margin: 2em auto; padding: 0 1em; color: #1d2330; }
 h1 { font-size: 1.6em; margin-bottom: .2em; } .sub { color: #5b6475; margin-top: 0; }

@@ -193,6 +193,8 @@ def remember_environment(environment, **_kwargs):
     write_run.environment = environment
     StagedShape.run_tally = RUN
     options = environment.parsed_options
+    if options is not None:
+        longpoll.ca_file = options.ca_file   # https:// servers: checked against it
     if options is not None and options.shape == "steps" and environment.shape_class is not None:
         environment.shape_class = SteppedShape()
         environment.shape_class.runner = environment.runner
@@ -589,13 +591,17 @@ def held_polls(environment):
     if not HELD_POLLS:
         options = environment.parsed_options
         name = "poll (held)"
-        # --receipts: every answer through the Python path, which keeps each message's ts
+        # --receipts: every answer through the Python path, which keeps each message's ts;
+        # https://: the compiled path frames plain bytes only, the Python path takes known
+        # answers the short way after decrypting them (HeldPolls._took_decrypted)
+        tls = any(url.startswith("https:") for url in servers_of(options))
         fast = not options.receipts
         HELD_POLLS.append(HeldPolls(environment.events.request, client_timeout(options.poll_timeout), name,
                                     functools.partial(log_untimed, environment.stats, "GET", name),
                                     ANSWERS.run_of if fast else None, record_runs if fast else None,
                                     functools.partial(driver_died, environment)))
-        TALLY.held_path = "compiled" if HELD_POLLS[0].compiled else "receipts" if options.receipts else "python"
+        TALLY.held_path = ("receipts" if options.receipts else "tls" if tls and HELD_POLLS[0].shortcut else
+                           "compiled" if HELD_POLLS[0].compiled else "python")
     return HELD_POLLS[0]
 
 

@@ -12,6 +12,14 @@ Every answer is read with recvmsg() and the kernel's receive timestamp
 (`arrived_at`) and when this process got round to reading it (`read_at`). The first is
 what the server's wake-up latency ends on; the gap is the load generator's own lag.
 
+https:// servers are spoken to over TLS kept in memory (harness.tls.ClientTls): the
+socket is still read with recvmsg(), so the stamp is the arrival of the encrypted bytes,
+and their decryption falls in the client's lag. The compiled path frames plain bytes
+only: over TLS every answer takes the Python path, which takes a known answer the short
+way once decrypted (HeldPolls._took_decrypted; docs/measuring.md says what it costs).
+The certificate is checked against `ca_file` (the run's own CA, or --ca-file), else the
+system's CAs.
+
 Each request fires Locust's `events.request`, as Locust's documentation asks of a
 custom client, so its request statistics, failures and CSV stay complete; a fan-out's
 held-poll answers reach the same statistics a batch at a time (`HeldPolls.log_answers`).
@@ -22,9 +30,11 @@ import errno
 import functools
 import os
 import socket
+import struct
 import time
 import urllib.parse
 
+from harness.tls import ClientTls, client_context
 from instruments import stamps
 from instruments.httpframe import FramingError, ResponseParser
 from instruments.stamps import ANCILLARY_SPACE, SO_TIMESTAMPNS
@@ -82,9 +92,14 @@ MAX_BATCHES_KEPT = 1000
 # Seconds added to every kernel receive timestamp to put it on this process's wall clock:
 # 0 on a real host; instruments/clocks.py measures it (a process under faketime is shifted).
 kernel_stamp_shift = 0.0
+# The CA https:// servers are checked against ("": the system's); the locustfile sets it.
+ca_file = ""
 
 
 _RESOLVED = {}
+# One record of a known answer, as _heldfast.drain writes them (index of its body, arrival,
+# read, stamped, clock offset, clock bound): flush reads both alike.
+_RECORD = struct.Struct("6d")
 
 
 def resolve(address):
@@ -131,12 +146,20 @@ class Reply:
 
 @functools.lru_cache(maxsize=64)
 def _address_of(base_url):
-    """((host, port), Host header) of a base URL; parsed once per URL, not once per
-    listener at its start and again at its stop."""
+    """((host, port), Host header, the name its TLS certificate must carry or None for
+    plain http) of a base URL; parsed once per URL, not once per listener at its start
+    and again at its stop."""
     parsed = urllib.parse.urlsplit(base_url)
-    if parsed.scheme != "http" or not parsed.hostname:
-        raise ValueError("the long-poll client speaks plain http://host:port, not %r" % base_url)
-    return (parsed.hostname, parsed.port or 80), parsed.netloc
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError("the long-poll client speaks http://host:port or https://host:port, not %r" % base_url)
+    secure = parsed.scheme == "https"
+    return (parsed.hostname, parsed.port or (443 if secure else 80)), parsed.netloc, \
+        parsed.hostname if secure else None
+
+
+def new_tls(server_name):
+    """A TLS connection's state for a server named `server_name`, or None for plain http."""
+    return ClientTls(client_context(ca_file), server_name) if server_name is not None else None
 
 
 class LongPollClient:
@@ -144,11 +167,12 @@ class LongPollClient:
     for its answer at most `timeout` seconds (a held poll's hold plus a margin)."""
 
     def __init__(self, base_url, request_event=None, timeout=30.0, connect_timeout=10.0):
-        self.address, self.host_header = _address_of(base_url)
+        self.address, self.host_header, self.tls_name = _address_of(base_url)
         self.request_event = request_event
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._sock = None
+        self._tls = None
         self._parser = None
         self._last_used = 0.0
 
@@ -167,12 +191,19 @@ class LongPollClient:
             raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        tls = new_tls(self.tls_name)
+        if tls is not None:
+            try:
+                tls.handshake_blocking(sock)
+            except BaseException:
+                sock.close()
+                raise
         sock.settimeout(self.timeout)
-        self._sock = sock
+        self._sock, self._tls = sock, tls
         self._parser = ResponseParser()
 
     def close(self):
-        sock, self._sock = self._sock, None
+        sock, self._sock, self._tls = self._sock, None, None
         if sock is not None:
             sock.close()
 
@@ -195,7 +226,8 @@ class LongPollClient:
             head = "%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, path, self.host_header)
             if body:
                 head += "Content-Type: %s\r\nContent-Length: %d\r\n" % (content_type, len(body))
-            self._sock.sendall(head.encode("latin-1") + b"\r\n" + body)
+            wire = head.encode("latin-1") + b"\r\n" + body
+            self._sock.sendall(self._tls.encrypt(wire) if self._tls is not None else wire)
             reply = self._read(sent_at)
         except (OSError, FramingError) as exc:
             self.close()
@@ -206,10 +238,15 @@ class LongPollClient:
         return reply
 
     def _read(self, sent_at):
-        sock, parser = self._sock, self._parser
+        sock, parser, tls = self._sock, self._parser, self._tls
         arrived_at = None
         while True:
             data, ancillary, _flags, _address = sock.recvmsg(RECEIVE_SIZE, ANCILLARY_SPACE)
+            if data and tls is not None:
+                arrived_at = stamps.arrival(ancillary, kernel_stamp_shift) or arrived_at
+                data = tls.decrypt(data)
+                if data == b"":
+                    continue     # a record not yet whole, or one without data
             if not data:
                 response = parser.feed_eof()
                 if response is None:
@@ -279,7 +316,11 @@ class HeldPolls:
         self.on_runs = on_runs
         self.on_driver_death = on_driver_death
         self.failure = None         # why the driver died, once it has
-        self.compiled = _heldfast is not None and in_order_run is not None and on_runs is not None
+        # known answers taken the short way (see the class): by _heldfast.drain on plain
+        # sockets (`compiled`), by _took_decrypted over TLS
+        self.shortcut = _heldfast is not None and in_order_run is not None and on_runs is not None
+        self.compiled = self.shortcut
+        self._decrypted_runs = bytearray()   # the TLS shortcut's records of one drain
         self._epoll = None
         self._held = {}
         self._driver = None
@@ -314,12 +355,17 @@ class HeldPolls:
         request_tail = ("%s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path_after_cursor, client.host_header)).encode("latin-1")
         fresh = client._sock is not None and time.time() - client._last_used <= IDLE_REUSE_SECONDS
         if fresh:
+            tls = client._tls
             sock = _raw_socket(client._sock)
-            client._sock = None
+            client._sock = client._tls = None
         else:
             client.close()
+            tls = new_tls(client.tls_name)
             sock = _connecting_socket(client.address)
+        if tls is not None:
+            self.compiled = False   # it frames plain bytes only (see the module)
         held = HeldPoll(sock, request_head, request_tail, on_answer, on_failure)
+        held.tls = tls
         held.ledger = ledger
         held.clock_offset, held.clock_bound = clock
         if cursor is None:
@@ -351,15 +397,36 @@ class HeldPolls:
             return
         held.connecting = False
         self._epoll.modify(held.fd, EPOLLIN)
-        self._send_first(held)
+        if held.tls is not None:
+            self._handshake(held, b"")
+        else:
+            self._send_first(held)
+
+    def _handshake(self, held, received):
+        """The TLS handshake, a step per read; the first request once it is done. A
+        certificate not trusted costs this poll, with the one line that says so."""
+        import ssl
+        try:
+            done, out = held.tls.handshake(received)
+        except ssl.SSLError as exc:
+            from harness.tls import refusal_line
+            self._drop(held, "connect: " + refusal_line(exc, "%s:%d" % self._address_of_held(held)))
+            return
+        if out and not held.send_raw(out):
+            self._drop(held, "connect: could not send the TLS handshake")
+        elif done:
+            self._send_first(held)
+
+    @staticmethod
+    def _address_of_held(held):
+        try:
+            return held.sock.getpeername()[:2]
+        except OSError:
+            return ("?", 0)
 
     def _send_first(self, held):
         held.sent_at = time.time()
-        try:
-            sent = held.sock.send(held.request) == len(held.request)
-        except OSError:
-            sent = False
-        if not sent:
+        if not held.send_whole(held.request):
             self._drop(held, "could not send the poll")
 
     def release(self, held):
@@ -479,7 +546,16 @@ class HeldPolls:
             held = self._held.get(fd)
             if held is not None:
                 self._contained(held, self._connected if held.connecting else self._readable)
+        if self._decrypted_runs:
+            self._keep_decrypted()
+            if len(self._runs) >= MAX_BATCHES_KEPT:
+                self.flush()
         return bool(events)
+
+    def _keep_decrypted(self):
+        """The TLS shortcut's records of this drain, kept as one batch like _heldfast's."""
+        self._runs.append(bytes(self._decrypted_runs))
+        self._decrypted_runs.clear()
 
     def _drain_compiled(self):
         """Every ready held poll, known answers through `_heldfast.drain`, the rest as in
@@ -536,6 +612,8 @@ class HeldPolls:
         the driver has nothing to read, and before anyone reads the figures (a worker's
         report). Not after every batch: numpy's cost is per call, and a fan-out read in
         batches of tens spent a tenth of the load generator's CPU in it."""
+        if self._decrypted_runs:
+            self._keep_decrypted()
         if not self._runs:
             return
         records = numpy.frombuffer(b"".join(self._runs)).reshape(-1, _heldfast.FIELDS)
@@ -567,14 +645,51 @@ class HeldPolls:
         if not data:
             self._drop(held, "poll: the server closed the connection")
             return
+        if held.tls is not None:
+            if not held.tls.done:
+                self._handshake(held, data)
+                return
+            arrived_at = stamps.arrival(ancillary, kernel_stamp_shift)
+            if arrived_at is not None:
+                held.arrived_at = arrived_at
+            data = held.tls.decrypt(data)
+            if data is None:
+                self._drop(held, "poll: the server closed the TLS session")
+            elif data and not (held.fast and self._took_decrypted(held, data)):
+                self._took(held, data, None)
+            return
         self._took(held, data, stamps.arrival(ancillary, kernel_stamp_shift))
+
+    def _took_decrypted(self, held, plain):
+        """What _heldfast.drain does for a plain socket, for a TLS one's decrypted bytes: a
+        known answer for a ledger at its first id moves the ledger on, is recorded for
+        `on_runs` and the next poll goes out; no Reply, no framing, no listener call. False
+        when it is not such an answer (the caller then takes the usual way)."""
+        known = self._known.get(plain)
+        ledger = held.ledger
+        if known is None or ledger is None or ledger.next_expected != known[1]:
+            return False
+        index, first, last, length = known
+        read_at = time.time()
+        stamped = held.arrived_at is not None
+        ledger.received += last - first + 1
+        ledger.next_expected = last + 1
+        held.fast_answers += 1
+        self._decrypted_runs += _RECORD.pack(index, held.arrived_at if stamped else read_at, read_at,
+                                             1.0 if stamped else 0.0, held.clock_offset, held.clock_bound)
+        held.arrived_at = None
+        self._batch_answers += 1
+        self._batch_bytes += length
+        if not held.send(last):
+            self._drop(held, "could not send the next poll")
+        return True
 
     def _took(self, held, data, arrived_at):
         """Bytes read from a held poll (`arrived_at`: their kernel stamp, or None): frame
         them, hand each whole answer to its listener, send the next poll."""
         if arrived_at is not None:
             held.arrived_at = arrived_at
-        whole = self.compiled and not held.parser.pending
+        whole = self.shortcut and not held.parser.pending
         try:
             response = held.parser.feed(data)
         except FramingError as exc:
@@ -601,7 +716,7 @@ class HeldPolls:
                 self._drop(held, "could not send the next poll")
                 return
             response = held.parser.feed(b"") if held.parser._buffer else None
-        held.fast = self.compiled and held.first_name is None and held.ledger is not None and not held.parser.pending
+        held.fast = self.shortcut and held.first_name is None and held.ledger is not None and not held.parser.pending
 
     def _sweep(self):
         """A poll unanswered past its deadline is a failure (the server never answered),
@@ -617,7 +732,7 @@ class HeldPolls:
 class HeldPoll:
     __slots__ = ("sock", "fd", "request_head", "request_tail", "parser", "on_answer", "on_failure", "sent_at",
                  "arrived_at", "connecting", "request", "first_name", "fast", "ledger", "fast_answers", "clock_offset",
-                 "clock_bound")
+                 "clock_bound", "tls")
 
     def __init__(self, sock, request_head, request_tail, on_answer, on_failure):
         self.sock = sock
@@ -636,6 +751,7 @@ class HeldPoll:
         self.ledger = None          # the listener's DeliveryLedger, moved on by the compiled path
         self.fast_answers = 0       # answers the compiled path took
         self.clock_offset = self.clock_bound = 0.0
+        self.tls = None             # a ClientTls for an https:// server
 
     def poll_request(self, cursor):
         return b"%s%d%s" % (self.request_head, cursor, self.request_tail)
@@ -645,8 +761,15 @@ class HeldPoll:
         buffer for a request of a hundred bytes means the connection is in trouble)."""
         request = b"%s%d%s" % (self.request_head, cursor, self.request_tail)
         self.sent_at = time.time()
+        return self.send_whole(request)
+
+    def send_whole(self, request):
+        """Send `request` (encrypted over TLS); False unless it went out whole at once."""
+        return self.send_raw(self.tls.encrypt(request) if self.tls is not None else request)
+
+    def send_raw(self, data):
         try:
-            return self.sock.send(request) == len(request)
+            return self.sock.send(data) == len(data)
         except OSError:
             return False
 

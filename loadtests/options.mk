@@ -23,6 +23,9 @@ HOST ?=
 REDIS_CLUSTER ?=
 REDIS_WAIT ?=
 CHAOS ?=
+PROXY ?=
+TLS ?=
+CA_FILE ?=
 CLIENT_PROCESSES ?=
 REMOTE_WORKERS ?=
 MASTER_BIND ?=
@@ -60,6 +63,9 @@ LOAD_ARGS = $(strip \
   $(if $(REDIS_CLUSTER),--redis-cluster $(REDIS_CLUSTER)) \
   $(if $(REDIS_WAIT),--redis-wait $(REDIS_WAIT)) \
   $(if $(CHAOS),--chaos $(CHAOS)) \
+  $(if $(PROXY),--proxy $(PROXY)) \
+  $(if $(TLS),--tls) \
+  $(if $(CA_FILE),--ca-file $(CA_FILE)) \
   $(if $(CLIENT_PROCESSES),--client-processes $(CLIENT_PROCESSES)) \
   $(if $(REMOTE_WORKERS),--remote-workers $(REMOTE_WORKERS)) \
   $(if $(MASTER_BIND),--master-bind $(MASTER_BIND)) \

@@ -124,9 +124,17 @@ OPTIONS = [
     Option("chaos", str, "", "a fault injected during the bursts, every accepted post judged lost silently, "
            "signalled or delivered (docs/faults.md): one of {faults}; several separated by commas, or all, run "
            "the matrix (each fault its own run, one table)", where=(RUN,)),
+    Option("proxy", str, "", "nginx: Debian's nginx in front of the server this run starts, its configuration "
+           "written from the server's limits (harness/proxy.py), and the same load run first without it, the "
+           "proxy's cost side by side in the report", where=(RUN,), choices=("", "nginx")),
+    Option("tls", SWITCH, False, "with --proxy nginx: TLS ended at nginx, with a CA and a certificate made for the "
+           "run; the clients check it against that CA", where=(RUN,)),
+    Option("ca-file", str, "", "a CA certificate (PEM) that https:// servers of --host are checked against "
+           "(default: the system's CAs; with --tls the run's own CA)"),
     # -- the load generator: run.py's own, turned into Locust's options
     Option("client-processes", int, 0, "Locust worker processes beside the master (0: as few as the open-file "
-           "limit allows). One holds 10000 listeners at about half the server's CPU per delivery; more only help "
+           "limit allows, and over TLS one per 1000 listeners). One holds 10000 listeners at about half the "
+           "server's CPU per delivery; more only help "
            "when the client lag says one is not keeping up and there are cores to spare", where=(RUN,)),
     Option("remote-workers", int, 0, "Locust workers on other hosts (`make load-worker MASTER=...`) to wait for; "
            "more than 0 starts none here", where=(RUN,)),

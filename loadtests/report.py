@@ -21,6 +21,7 @@ from instruments.measures import (
     ms,
 )
 from instruments.page import machine_description, machine_line, write_html, write_json
+from loadtests.proxy_cost import cost_figures, table_rows
 from loadtests.tally import RunTally
 
 TARGET_REACHED_FRACTION = 0.95
@@ -103,7 +104,9 @@ def clock_figures(tally):
 HELD_PATHS = {"compiled": ", held polls read by the compiled path",
               "python": ", held polls read by the Python path (loadtests/_heldfast.c not built: run `make venv`; "
                         "the client costs more)",
-              "receipts": ", held polls read by the Python path (CHAOS=: each message's id and ts kept)"}
+              "receipts": ", held polls read by the Python path (CHAOS=: each message's id and ts kept)",
+              "tls": ", held polls read by the Python path, known answers the short way once decrypted (https://: "
+                     "the compiled path frames plain bytes only)"}
 
 
 def worker_shares(tally):
@@ -227,6 +230,11 @@ def listener_figures(tally, cursors):
     return delivery, final_ids
 
 
+def measured_cpu(row):
+    """The CPU of a sample's processes this run started: server, proxy and load generator."""
+    return (row.get("server_cpu") or 0) + (row.get("proxy_cpu") or 0) + (row.get("client_cpu") or 0)
+
+
 def build_summary(report_dir, run_info, samples, cursors):
     tally = load_tally(report_dir)
     if tally is not None and tally.shape_started:
@@ -237,8 +245,7 @@ def build_summary(report_dir, run_info, samples, cursors):
     deliveries = delivery["received"] + delivery["received_by_those_who_gave_up"]
     held = [row["held_polls"] for row in samples if row.get("held_polls") is not None]
     cpu_samples = [row["server_cpu"] for row in samples if row.get("server_cpu") is not None]
-    others = [row["machine_cpu"] - (row.get("server_cpu") or 0) - (row.get("client_cpu") or 0)
-              for row in samples if row.get("machine_cpu") is not None]
+    others = [row["machine_cpu"] - measured_cpu(row) for row in samples if row.get("machine_cpu") is not None]
     others_mean = max(0.0, sum(others) / len(others)) if others else None
     locust = locust_totals(report_dir)
     memory = memory_figures(samples, run_info)
@@ -248,6 +255,11 @@ def build_summary(report_dir, run_info, samples, cursors):
     posts = len(tally.posts) if tally else 0
     client_bound = client_bound_reason(latency, lag)
     cluster = cluster_part(report_dir, run_info, tally, final_ids)
+    hold_end = stage_origin(run_info) + next((s["end"] for s in run_info.get("stages") or [] if s["name"] == "hold"),
+                                             0)
+    costs = cost_figures(samples, run_info, latency, lag, cpu, deliveries, hold_end)
+    costs["held_paths"] = sorted({share.get("held_path") or "?" for share in worker_shares(tally).values()})
+    without_proxy = run_info.get("without_proxy")
     failover = (cluster or {}).get("failover")
 
     checks = []
@@ -326,7 +338,10 @@ def build_summary(report_dir, run_info, samples, cursors):
         "server_cpu_mean": sum(cpu_samples) / len(cpu_samples) if cpu_samples else None,
         "server_cpu_max": max(cpu_samples) if cpu_samples else None, "memory": memory, "locust": locust,
         "load_workers": tally.workers if tally else {}, "worker_shares": worker_shares(tally),
-        "servers": servers, "clocks": clock_figures(tally),
+        "servers": servers, "clocks": clock_figures(tally), "cost_figures": costs,
+        "proxy_cost": {"without": without_proxy["figures"], "with": costs,
+                       "without_report": without_proxy["report_dir"], "without_passed": without_proxy["passed"]}
+        if without_proxy else None,
         "under_bound": sum((worker.get("under_bound") or 0) for worker in (tally.workers if tally else {}).values()),
         "other_processes_cpu_mean": others_mean,
         "machine_contended": others_mean is not None and others_mean >= CONTENDED_PERCENT,
@@ -564,10 +579,13 @@ def draw_charts(report_dir, summary, tally, samples):
     machine_check = summary["machine_check"]
     for second in machine_check["saturated_seconds"]:
         axis.axvspan(second - 0.5, second + 0.5, color="#f3c7c3", zorder=0.5, linewidth=0)
-    for key, colour, label in (("server_cpu", "#1f5fbf", "server"), ("client_cpu", "#e08a00", "load generator")):
+    plotted = [("server_cpu", "#1f5fbf", "server"), ("client_cpu", "#e08a00", "load generator")]
+    if any(row.get("proxy_cpu") is not None for row in rows):
+        plotted.append(("proxy_cpu", "#2e8b57", "nginx"))
+    for key, colour, label in plotted:
         axis.plot(t, [np.nan if row.get(key) is None else row[key] for row in rows], color=colour, label=label)
     others = [np.nan if row.get("machine_cpu") is None else
-              max(0.0, row["machine_cpu"] - (row.get("server_cpu") or 0) - (row.get("client_cpu") or 0))
+              max(0.0, row["machine_cpu"] - measured_cpu(row))
               for row in rows]
     axis.plot(t, others, color="#888", linewidth=0.8, label="every other process")
     axis.axhline(machine_check["busy_mark_percent"], color="#b3261e", linestyle=":",
@@ -578,10 +596,10 @@ def draw_charts(report_dir, summary, tally, samples):
     cpu = summary["cpu"]
     save(fig, "cpu.png",
          "CPU each second, in %% of one core, read from /proc: the server (summed over its serving processes), "
-         "the load generator (Locust master and workers) and every other process (all cores' busy time minus "
-         "those two). Pink seconds are machine-saturated: everything together used at least %.0f%% of all "
-         "cores (%d of the %d burst seconds%s). Over the run the load generator used %s s of CPU against the "
-         "server's %s s (%s). %s. %s."
+         "the load generator (Locust master and workers), nginx when it is in front, and every other process "
+         "(all cores' busy time minus those). Pink seconds are machine-saturated: everything together used at "
+         "least %.0f%% of all cores (%d of the %d burst seconds%s). Over the run the load generator used %s s "
+         "of CPU against the server's %s s (%s). %s. %s."
          % (MACHINE_BUSY_SHARE * 100, machine_check["burst_seconds_saturated"], machine_check["burst_seconds"],
             ": MACHINE-BOUND, so the latencies include waiting for a core" if machine_check["machine_bound"] else "",
             _seconds(cpu["client_cpu_s"]), _seconds(cpu["server_cpu_s"]),
@@ -629,6 +647,11 @@ def build_report(report_dir, run_info, samples, cursors):
              ("machine-saturated burst seconds", "%d of %d" % (summary["machine_check"]["burst_seconds_saturated"],
                                                                summary["machine_check"]["burst_seconds"]), "")]
     rows += [row for row in summary_lines(summary)]
+    if summary.get("proxy_cost"):
+        cost = summary["proxy_cost"]
+        rows += [("proxy cost: " + label, "%s without (%s) / %s with %s %s" % (
+            before, os.path.basename(cost["without_report"]), after, run_info.get("proxy"), unit), "")
+            for label, before, after, unit in table_rows(cost["without"], cost["with"])]
     notes = ["Latency figures are client-bound: %s." % summary["client_bound"]] if summary["client_bound"] else []
     notes += ["Warning: %s." % warning for warning in summary["warnings"]]
     if summary["machine_check"]["machine_bound"]:

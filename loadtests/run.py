@@ -11,13 +11,22 @@ import argparse
 import os
 import resource
 import signal
+import ssl
 import sys
 import threading
 import time
 
-from chattle_limits import POLL_TIMEOUT_MAX, client_timeout, connections_per_worker, raise_descriptor_limit
+from chattle_limits import (
+    POLL_TIMEOUT_MAX,
+    PROXY_TIMEOUT,
+    client_timeout,
+    connections_per_worker,
+    raise_descriptor_limit,
+)
 from harness.processes import LOOPBACK, ROOT, ChattleServer, CleanUp, Process, RedisServer, free_port, get_json
+from harness.proxy import TRUSTED_PROXY_ENV, in_front
 from harness.system_packages import missing, missing_line, needed
+from harness.tls import refusal_line
 from instruments.measures import process_cpu_seconds
 from instruments.page import new_report_dir
 from loadtests.cluster_load import LOCAL
@@ -37,6 +46,11 @@ from loadtests.scenario import (
 HERE = os.path.dirname(os.path.abspath(__file__))
 DESCRIPTORS_SPARE = 200       # logs, pipes, the master link, /stats probes
 DEFAULT_MASTER_PORT = 5557    # Locust's own default: the port to open to the load hosts
+# Listeners one Locust process reads over TLS without its lag deciding the run: its
+# answers take the Python path (loadtests/longpoll.py), and one process reading a
+# 2000-listener fan-out through nginx with TLS lagged 29 ms at p99 against a wake-up p99
+# of 212 ms, client-bound (docs/measuring.md, "Over TLS").
+TLS_LISTENERS_PER_PROCESS = 1000
 
 
 def parse_args(argv=None):
@@ -50,19 +64,22 @@ def parse_args(argv=None):
 
 # -- preflight ------------------------------------------------------------------------------------
 
-def protocol_problem(url):
+def protocol_problem(url, ca_file=""):
     """None when `url` answers /health and a poll as the protocol says; else why not, in one line."""
     what = "%s does not speak the Chattle protocol" % url
     try:
-        status, body = get_json(url + "/health", timeout=5)
+        status, body = get_json(url + "/health", timeout=5, ca_file=ca_file)
         if status not in (200, 503) or not isinstance(body, dict) or "status" not in body:
             return "%s: GET /health answered %s %.80r, not {\"status\": ...}" % (what, status, body)
-        status, body = get_json(url + "/rooms/%s/msgs?limit=1" % room_name(0), timeout=5)
+        status, body = get_json(url + "/rooms/%s/msgs?limit=1" % room_name(0), timeout=5, ca_file=ca_file)
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("cursor"), int) \
                 or not isinstance(body.get("messages"), list):
             return "%s: GET /rooms/%s/msgs answered %s %.80r, not {\"messages\": [...], \"cursor\": N}" % (
                 what, room_name(0), status, body)
     except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None)
+        if isinstance(reason, ssl.SSLError):
+            return refusal_line(reason, url)
         return "%s: %s" % (what, exc)
     return None
 
@@ -84,8 +101,10 @@ def preflight(args):
         problems.append("--users, --posters and --rooms must each be at least 1")
 
     soft, hard = raise_descriptor_limit()
-    if args.client_processes < 1:  # auto: as few as the descriptor limit allows
+    if args.client_processes < 1:  # auto: as few as the descriptor limit allows, and TLS's cost
         args.client_processes = max(1, -(-users // max(1, soft - DESCRIPTORS_SPARE)))
+        if args.tls or (args.host or "").startswith("https:"):
+            args.client_processes = max(args.client_processes, -(-args.users // TLS_LISTENERS_PER_PROCESS))
     per_client = -(-users // args.client_processes) + DESCRIPTORS_SPARE
     if soft < per_client:
         problems.append("the load generator needs %d open files per Locust process but the limit is %d "
@@ -94,7 +113,7 @@ def preflight(args):
     notes.append("client open-file limit %d (raised from the soft limit to the hard one), %d Locust worker "
                  "process(es)" % (soft, args.client_processes))
     for url in list(server_urls(args.host)):
-        problem = protocol_problem(url)
+        problem = protocol_problem(url, args.ca_file)
         if problem:
             problems.append(problem)
         else:
@@ -106,7 +125,16 @@ def preflight(args):
                      "(give --master-bind / MASTER_BIND an address they can reach)")
 
     problems += cluster_problems(args)
-    absent = missing(needed(["load"], workers=args.workers, redis_cluster=args.redis_cluster, host=args.host))
+    if args.proxy and args.host:
+        problems.append("--proxy starts nginx in front of the server this run starts: with --host, give the "
+                        "proxy's own URL as --host")
+    if args.tls and not args.proxy:
+        problems.append("--tls is ended at the proxy this run starts: give --proxy nginx too (PROXY=nginx TLS=1); "
+                        "for a server elsewhere, give its https:// URL as --host")
+    if args.ca_file and not os.path.isfile(args.ca_file):
+        problems.append("--ca-file %s: no such file" % args.ca_file)
+    absent = missing(needed(["load"], workers=args.workers, redis_cluster=args.redis_cluster, host=args.host,
+                            proxy=args.proxy))
     if absent:
         problems.append(missing_line(absent))
     if not args.host:
@@ -131,7 +159,14 @@ def preflight(args):
         problems.append("--poll-timeout must be in (0, %d] seconds (the protocol's range)" % POLL_TIMEOUT_MAX)
     if not args.poll_timeout < network_timeout:
         problems.append("the client timeout must be longer than the poll timeout")
-    notes.append("timeouts nest: poll %gs < client network timeout %gs" % (args.poll_timeout, network_timeout))
+    if args.proxy:
+        if not args.poll_timeout < PROXY_TIMEOUT:
+            problems.append("nginx's proxy_read_timeout %ds must be longer than the poll timeout %gs"
+                            % (PROXY_TIMEOUT, args.poll_timeout))
+        notes.append("timeouts nest: poll %gs < nginx proxy_read_timeout and send_timeout %ds; poll %gs < client "
+                     "network timeout %gs" % (args.poll_timeout, PROXY_TIMEOUT, args.poll_timeout, network_timeout))
+    else:
+        notes.append("timeouts nest: poll %gs < client network timeout %gs" % (args.poll_timeout, network_timeout))
 
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
@@ -192,9 +227,10 @@ class Sampler(threading.Thread):
     CPU, and the whole machine's. CPU is read from /proc and kept per pid as a running
     total, so the run's CPU seconds come from the same readings as the chart."""
 
-    def __init__(self, urls, server=None, interval=1.0):
+    def __init__(self, urls, server=None, interval=1.0, proxy=None, ca_file=""):
         super().__init__(daemon=True)
         self.urls, self.server, self.interval = urls, server, interval
+        self.proxy, self.ca_file = proxy, ca_file
         self.samples = []
         self.started = time.time()
         self.locust_pid = None
@@ -266,7 +302,10 @@ class Sampler(threading.Thread):
                 if self._halt.is_set():
                     return
                 try:
-                    status, body = get_json(url + "/stats", timeout=2)
+                    # behind the proxy, straight to the server: nginx's kept upstream connections
+                    # would take every probe to the same gunicorn worker
+                    status, body = get_json((self.server.url if self.proxy is not None else url) + "/stats",
+                                            timeout=2, ca_file=self.ca_file)
                 except OSError:
                     continue
                 if status == 200 and isinstance(body, dict):
@@ -300,7 +339,7 @@ class Sampler(threading.Thread):
     def sample(self):
         import psutil
 
-        from instruments.measures import summed_rss
+        from instruments.measures import summed_descriptors, summed_rss
         # Every CPU reading first, at one moment; held polls and remote RSS come from what
         # the prober last saw.
         now = time.time()
@@ -308,6 +347,8 @@ class Sampler(threading.Thread):
         self._last_time = now
         server_pids = self.server.worker_pids() if self.server is not None else []
         server = self._cpu_percent(server_pids, elapsed)
+        proxy_pids = self.proxy.pids() if self.proxy is not None else []
+        proxy = self._cpu_percent(proxy_pids, elapsed)
         client_pids = self.locust_pids()
         client = self._cpu_percent(client_pids, elapsed)
         machine = self._machine_cpu()
@@ -329,7 +370,11 @@ class Sampler(threading.Thread):
                (sum(stats_rss) if stats_rss else None),
                "server_cpu": sum(server) if self.server is not None and elapsed else None,
                "client_cpu": sum(client) if client else None,
-               "client_cpu_max_process": max(client) if client else None}
+               "client_cpu_max_process": max(client) if client else None,
+               "server_descriptors": summed_descriptors(server_pids) if self.server is not None else None}
+        if self.proxy is not None:
+            row.update(proxy_cpu=sum(proxy) if elapsed else None, proxy_rss=summed_rss(proxy_pids),
+                       proxy_descriptors=summed_descriptors(proxy_pids))
         self.samples.append(row)
         return row
 
@@ -367,11 +412,11 @@ def progress_line(sampler, stages, stages_started, users):
                pct(row.get("server_cpu")), pct(row.get("client_cpu"))))
 
 
-def final_cursors(url, rooms):
+def final_cursors(url, rooms, ca_file=""):
     """The last id of each room, asked after the posters stopped (GET without since)."""
     cursors = {}
     for index in range(rooms):
-        status, body = get_json("%s/rooms/%s/msgs?limit=1" % (url, room_name(index)), timeout=10)
+        status, body = get_json("%s/rooms/%s/msgs?limit=1" % (url, room_name(index)), timeout=10, ca_file=ca_file)
         if status != 200:
             raise RuntimeError("final cursor of room %s: answered %s %s" % (room_name(index), status, body))
         cursors[room_name(index)] = body["cursor"]
@@ -446,13 +491,47 @@ def main(argv=None):
         faults = []   # preflight says why
     if len(faults) > 1:
         return chaos_matrix(args, argv, faults)
+    args.command = make_command(args)   # as given, before preflight settles the automatic values
+    if args.proxy and not args.host:
+        return with_and_without_proxy(args)
+    return run_once(args)[0]
+
+
+def with_and_without_proxy(args):
+    """The same load first straight to the server, then through the proxy: the proxied
+    run's report has the proxy's cost beside the direct run's figures. Passes when both do."""
+    _stages, problems, _notes = preflight(args)
+    if problems:
+        return refuse(problems)
+    print("load: first the same load without %s, for its cost beside it" % args.proxy)
+    direct_code, direct = run_once(argparse.Namespace(**dict(vars(args), proxy="", tls=False)))
+    if direct_code in (2, 130) or direct is None:
+        return direct_code
+    args.without_proxy = {"figures": direct["cost_figures"], "report_dir": direct["report_dir"],
+                          "passed": direct["passed"]}
+    print("load: now through %s%s" % (args.proxy, " with TLS" if args.tls else ""))
+    code, _summary = run_once(args)
+    return code if code else direct_code
+
+
+def refuse(problems):
+    print("load: preflight refused the run:", file=sys.stderr)
+    for problem in problems:
+        print("  - " + problem, file=sys.stderr)
+    return 2
+
+
+def run_once(args):
+    """One run as `args` say: (exit status, its summary, None when it never started)."""
+    orchestrator_cpu_before = process_cpu_seconds(os.getpid())  # a run before this one in the process is not its
+    try:
+        faults = parse_chaos(args.chaos)
+    except ValueError:
+        faults = []   # preflight says why
     fault = FAULTS[faults[0]] if faults else None
     stages, problems, notes = preflight(args)
     if problems:
-        print("load: preflight refused the run:", file=sys.stderr)
-        for problem in problems:
-            print("  - " + problem, file=sys.stderr)
-        return 2
+        return refuse(problems), None
     os.makedirs(args.report_root, exist_ok=True)
     report_dir = new_report_dir("load", root=args.report_root)
     raw_dir = os.path.join(report_dir, "raw")
@@ -461,12 +540,15 @@ def main(argv=None):
     for note in notes:
         print("load: preflight ok: " + note)
 
-    redis = server = locust = sampler = cluster = chaos = chaos_context = None
+    redis = server = proxy = locust = sampler = cluster = chaos = chaos_context = None
     cluster_info, histories = None, {}
+    proxy_cpu_before = None
     interrupted = False
     started_at = time.time()
     locust_started = server_cpu_before = locust_reaped_cpu = None
     urls, cursors, run_error = [], {}, None
+    from instruments.history import git_state
+    revision = git_state()   # as the run began: the tree the figures belong to
     # Python leaves SIGINT ignored when it starts ignored (a script's background job):
     # Ctrl-C, or a SIGINT sent on purpose, must still end the run through its clean-up.
     CleanUp.arm()
@@ -489,6 +571,8 @@ def main(argv=None):
                 print("load: redis-server pid %d on %s" % (redis.pid, redis_url))
             if fault is not None:
                 server_env.update(fault.server_env)
+            if args.proxy:
+                server_env.update(TRUSTED_PROXY_ENV)
             server = ChattleServer(workers=args.workers, redis_url=redis_url, env=server_env, own_session=True,
                                    log_path=os.path.join(report_dir, "server.log"), root=args.server_root,
                                    python=args.server_python)
@@ -496,11 +580,21 @@ def main(argv=None):
             print("load: chattle %s on %s (pid %d)"
                   % ("gunicorn x%d" % args.workers if server.gunicorn else "python chattle.py", server.url,
                      server.pid))
-        sampler = Sampler(urls, server)
+            if args.proxy:
+                proxy = in_front(server, os.path.join(report_dir, "nginx"), tls=args.tls, own_session=True,
+                                 connections=args.users + args.posters + DESCRIPTORS_SPARE)
+                urls = [proxy.url]
+                if args.tls and not args.ca_file:
+                    args.ca_file = proxy.certificates.ca
+                print("load: nginx on %s (pid %d) in front of it, configuration %s"
+                      % (proxy.url, proxy.pid, proxy.config_path))
+        sampler = Sampler(urls, server, proxy=proxy, ca_file=args.ca_file)
         sampler.start()
         time.sleep(2)  # idle samples before anyone connects: the baseline RSS
         if server is not None:
             server_cpu_before = sum(process_cpu_seconds(pid) for pid in server.worker_pids())
+        if proxy is not None:
+            proxy_cpu_before = sum(process_cpu_seconds(pid) for pid in proxy.pids())
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if args.remote_workers:
             print("load: the Locust master waits up to %gs for %d remote worker(s) on %s:%d"
@@ -549,9 +643,12 @@ def main(argv=None):
         server_cpu = None
         if server is not None and server.alive() and server_cpu_before is not None:
             server_cpu = sum(process_cpu_seconds(pid) for pid in server.worker_pids()) - server_cpu_before
+        proxy_cpu = None
+        if proxy is not None and proxy.alive() and proxy_cpu_before is not None:
+            proxy_cpu = sum(process_cpu_seconds(pid) for pid in proxy.pids()) - proxy_cpu_before
         if urls and (server is None or server.alive()):
             try:
-                cursors = final_cursors(urls[0], args.rooms)
+                cursors = final_cursors(urls[0], args.rooms, args.ca_file)
             except (OSError, RuntimeError, ValueError) as exc:
                 run_error = run_error or "final cursors: %s" % exc
         if cluster is not None:
@@ -561,7 +658,7 @@ def main(argv=None):
                 run_error = run_error or "the cluster's figures: %s" % exc
         if chaos_context is not None:
             redis = chaos_context.redis   # a restarted one is the one to stop
-        for started, grace in ((server, 10), (redis, 10)):
+        for started, grace in ((proxy, 10), (server, 10), (redis, 10)):
             if started is not None:
                 stop_quietly(started, grace)
         if cluster is not None:
@@ -586,9 +683,14 @@ def main(argv=None):
                            "gunicorn x%d, redis bus" % args.workers if args.workers > 1
                            else "python chattle.py, memory bus") if not args.host
                 else "external %s" % args.host,
+                "proxy": ("nginx %s (%s)" % ("with TLS" if args.tls else "plain http", proxy.config_path)
+                          if proxy is not None else None),
+                "proxy_cpu_seconds": proxy_cpu, "without_proxy": getattr(args, "without_proxy", None),
+                "tls": bool(args.tls or (args.host or "").startswith("https:")),
                 "cluster": cluster_info, "chaos": fault.name if fault else None,
                 "chaos_record": chaos_record(chaos, fault),
-                "started": started_at, "locust_started": locust_started, "shape_started": shape_started(raw_dir),
+                "started": started_at, "locust_started": locust_started, "git": revision,
+                "command": getattr(args, "command", "") or make_command(args), "shape_started": shape_started(raw_dir),
                 "stages": stages,
                 "preflight": notes, "run_error": run_error, "interrupted": interrupted,
                 "server_cpu_seconds": server_cpu,
@@ -596,13 +698,18 @@ def main(argv=None):
                 "client_cpu_seconds_reaped": locust_reaped_cpu,
                 # this process: preflight, the sampler thread, the watch and the clean-up
                 # (the report's charts come after and are not counted)
-                "orchestrator_cpu_seconds": process_cpu_seconds(os.getpid()),
+                "orchestrator_cpu_seconds": process_cpu_seconds(os.getpid()) - orchestrator_cpu_before,
                 "locust_exit_code": locust.popen.returncode if locust is not None else None}
     if histories:
         from instruments.page import write_json
         write_json(os.path.join(raw_dir, "histories.json"), histories)
     summary = build_report(report_dir, run_info, sampler.samples if sampler else [], cursors)
     print_summary(summary, report_dir)
+    if summary.get("proxy_cost"):
+        from loadtests.proxy_cost import lines
+        for line in lines(summary["proxy_cost"]["without"], summary["proxy_cost"]["with"]):
+            print("  " + line)
+    summary["report_dir"] = report_dir
     if args.shape == "steps":
         from loadtests.shapes import steps_summary
         for line in steps_summary(os.path.join(raw_dir, "steps.json")) or ["no step was judged"]:
@@ -610,8 +717,27 @@ def main(argv=None):
     from instruments.history import record_load
     record_load(summary, args.report_root, report_dir)
     if interrupted:
-        return 130
-    return 0 if summary["passed"] else 1
+        return 130, summary
+    return (0 if summary["passed"] else 1), summary
+
+
+def make_command(args):
+    """The `make load` that gives this run's settings: every option not at its default."""
+    from loadtests.options import OPTIONS, SWITCH
+    given = []
+    for option in OPTIONS:
+        if not option.variable or option.name in ("report-root", "ca-file"):
+            continue
+        value = getattr(args, option.dest, None)
+        if option.kind == SWITCH:
+            given += ["%s=1" % option.variable] if value else []
+        elif value not in (None, "") and value != option.default:
+            given.append("%s=%s" % (option.variable, shown_value(value)))
+    return " ".join(["make load"] + given)
+
+
+def shown_value(value):
+    return "%g" % value if isinstance(value, float) else str(value)
 
 
 def chaos_record(chaos, fault):

@@ -413,3 +413,23 @@ def test_a_generated_entry_is_what_its_runs_json_makes(module, record):
     assert made in read("docs/results.md"), (
         "docs/results.md's entry is not what `python -m %s docs/runs/%s` prints: paste its output there"
         % (module, record))
+def test_every_generated_entry_of_results_is_what_its_module_prints_from_its_run_json():
+    """docs/results.md's generated parts sit between `<!-- made by: python -m <module> <json> -->`
+    and `<!-- end -->`: each is what that command prints now, from the run's JSON kept in
+    docs/runs/ (a figure edited by hand, or a new run whose JSON was not kept, parts them)."""
+    import contextlib
+    import importlib
+    import io
+
+    text = read("docs/results.md")
+    blocks = re.findall(r"<!-- made by: python -m ([\w.]+) (docs/runs/[\w.-]+\.json) -->\n(.*?)<!-- end -->",
+                        text, re.S)
+    assert blocks, "docs/results.md has no generated entry"
+    wrong = []
+    for module, path, shown in blocks:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            importlib.import_module(module).main([os.path.join(ROOT, path)])
+        if shown.strip() != printed.getvalue().strip():
+            wrong.append("python -m %s %s prints something else than docs/results.md shows" % (module, path))
+    assert not wrong, "\n".join(wrong)

@@ -460,3 +460,30 @@ def test_a_listener_refuses_an_answer_that_is_not_a_polls_and_its_ledger_stays(s
     with pytest.raises(BadAnswer):
         listener.on_answer(Reply(status, body, None, time.time(), time.time()))
     assert (listener.ledger.next_expected, listener.ledger.received, listener.polls) == (3, 0, 0)
+
+
+def test_over_tls_known_answers_are_taken_the_short_way_once_decrypted_with_the_same_figures(
+        start_chattle, heldfast, tmp_path, monkeypatch, cannot_run):
+    """https:// through nginx: the compiled path is left for the Python one, which takes a
+    decrypted known answer as _heldfast.drain takes a plain one (HeldPolls._took_decrypted):
+    every ledger, delivery and latency count as without the shortcut, and each answer it
+    took is one record."""
+    from harness import system_packages
+    from harness.proxy import NginxProxy
+    from harness.tls import make_certificates
+    if system_packages.find("nginx") is None:
+        cannot_run(system_packages.missing_line(["nginx"]))
+    server = start_chattle()
+    certificates = make_certificates(str(tmp_path / "tls"))
+    proxy = NginxProxy(server.url, str(tmp_path / "nginx"), certificates=certificates)
+    try:
+        monkeypatch.setattr(longpoll, "ca_file", certificates.ca)
+        python_path, taken_by_python, _none = _fan_out(proxy.url, compiled=False, room="tls-python")
+        short_way, taken_short, fast_answers = _fan_out(proxy.url, compiled=True, room="tls-short")
+    finally:
+        proxy.stop()
+    assert python_path["failures"] == [] and python_path["deliveries"] == 40 * 8
+    for path in (python_path, short_way):
+        assert path.pop("logged_answers") == path.pop("polls")
+    assert short_way == python_path
+    assert taken_by_python == 0 and taken_short == fast_answers > 0

@@ -47,7 +47,7 @@ def test_an_option_takes_its_own_name_on_locusts_command_line_unless_locust_owns
 def test_the_locustfile_takes_what_run_gives_it_with_the_same_values():
     given = ["--users", "321", "--duration", "77", "--rooms", "3", "--posters", "2", "--burst-size", "4",
              "--burst-gap", "1.5", "--seed", "9", "--poll-timeout", "7", "--spawn-rate", "250", "--stop-rate", "900",
-             "--lost-contact-seconds", "11", "--shape", "steps", "--step", "100", "--slo", "250"]
+             "--lost-contact-seconds", "11", "--shape", "steps", "--step", "100", "--slo", "250", "--ca-file", "ca.pem"]
     args = run.parse_args(given)
     parsed = locust_parser().parse_args(options.scenario_argv(args))
     scenario = options.from_locust(parsed)

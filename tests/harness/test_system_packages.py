@@ -175,6 +175,11 @@ def test_each_goal_needs_what_it_runs():
     assert needed(["load"], workers="2", redis_cluster="h:7000") == []
     assert needed(["load"], workers="2", host="http://h:8080") == []
     assert needed(["soak"], workers="1") == [] and needed(["soak"], workers="2") == ["redis-server"]
+    assert needed(["run"], proxy="nginx") == ["nginx"] and needed(["run"], workers="2", proxy="nginx") == [
+        "nginx", "redis-server"]
+    assert needed(["load"], proxy="nginx") == ["nginx"] and needed(["load"], workers="2", proxy="nginx") == [
+        "nginx", "redis-server"]
+    assert needed(["load"], proxy="nginx", host="https://h") == []   # a deployment elsewhere has its own
 
 
 def makefile_goals_needing_programs():
