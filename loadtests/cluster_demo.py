@@ -33,6 +33,14 @@ from instruments.page import REPORTS_ROOT
 SERVER_PORT = 8080
 REDIS_PORT = 6379
 CLOCK_AHEAD = "+2s"           # host C's wall clock, for faketime
+# libfaketime's settings for the load hosts. Only the wall clock is shifted: the monotonic
+# clock stays true, so libfaketime has nothing to convert in a wait on a monotonic
+# condition variable. Its "monotonic fix" (on by default with this glibc) converts such
+# waits all the same, and wrongly: they return at once, so CPython's GIL hand-off (a 5 ms
+# timed wait on a monotonic condition) spins, and every answer a thread-pool thread sees
+# ready waited tens of milliseconds for the GIL, read as client lag (docs/results.md
+# "Clocks across hosts"; tests/harness/test_load_cluster.py checks the wait).
+FAKETIME_ENV = {"FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "0"}
 IP_DEADLINE = 10              # seconds for one `ip` command
 RUN_MARGIN = 120              # seconds beyond the stage table for start-up, settling and the report
 
@@ -186,7 +194,7 @@ def run_cluster(users, duration, report_root, work_dir, processes_per_host=1, bu
         # only a control that pays the same costs isolates what the clock skew does.
         for host, shift in (("c", CLOCK_AHEAD), ("d", "+0s")):
             topology.start(host, ["faketime", "-m", "-f", shift, *worker_argv],
-                           os.path.join(work_dir, "workers-%s.log" % host), env={"FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+                           os.path.join(work_dir, "workers-%s.log" % host), env=FAKETIME_ENV)
         deadline = time.monotonic() + duration + RUN_MARGIN
         while master.alive() and time.monotonic() < deadline:
             time.sleep(0.5)
