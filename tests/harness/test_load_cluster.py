@@ -6,6 +6,7 @@ the whole topology runs in network namespaces (marked slow)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from conftest import IN_CI, ROOT
 from harness.processes import free_port, get_json, wait_until
 from instruments import clocks
-from loadtests.report import worker_shares
+from loadtests.report import client_bound_reason, load_host_causes, worker_shares
 from loadtests.tally import RunTally, WorkerTally
 
 
@@ -43,6 +44,54 @@ def test_a_latency_under_the_bound_is_counted_and_never_negative():
     assert report["under_bound"] == 1 and summary["count"] == 2
     assert summary["p50"] == pytest.approx(0.001, rel=0.01) and summary["max"] == pytest.approx(0.010, rel=0.01)
     assert report["seconds"][0][0] == 1000  # filed under the second on the server's clock
+
+
+def faked_wait_early(faketime_env):
+    """monotonic_wait_early() in a process whose wall clock faketime puts 2 s ahead."""
+    probe = subprocess.run(["faketime", "-m", "-f", "+2s", sys.executable, "-c",
+                            "from instruments.clocks import monotonic_wait_early; print(monotonic_wait_early())"],
+                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, **faketime_env), capture_output=True,
+                           text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    return float(probe.stdout)
+
+
+def test_the_load_hosts_faketime_settings_keep_the_gil_hand_offs_timed_wait():
+    """libfaketime 0.9.10 (Debian's): its "monotonic fix", on by default with this glibc,
+    makes a timed wait on a monotonic condition (CPython's GIL hand-off) return at once;
+    the demo's load hosts turn it off. Both halves pin that behaviour: an upgrade that
+    changes either shows here."""
+    from loadtests.cluster_demo import FAKETIME_ENV
+    if shutil.which("faketime") is None:
+        if IN_CI:
+            pytest.fail("CI=true and faketime is not installed", pytrace=False)
+        pytest.skip("faketime is not installed (python3 -m harness.system_packages faketime)")
+    assert faked_wait_early(FAKETIME_ENV) == 0.0
+    early = faked_wait_early(dict(FAKETIME_ENV, FAKETIME_FORCE_MONOTONIC_FIX="1"))
+    assert early > 0.0, "libfaketime's monotonic fix no longer cuts waits short: is the setting still needed?"
+
+
+def test_the_report_names_the_load_worker_whose_waits_end_early_and_each_workers_lag():
+    run = RunTally()
+    for host, pid, early, lag in (("host-c", 11, 0.02, 0.090), ("host-d", 12, 0.0, 0.004)):
+        tally = WorkerTally()
+        tally.clocks = {"timed_wait_early": early, "servers": [],
+                        "preload": {"library": "/usr/$LIB/faketime/libfaketimeMT.so.1", "spec": "+2s",
+                                    "dont_fake_monotonic": True, "force_monotonic_fix": None}}
+        tally.delivery(1000.010 + lag, 1000.010 + lag + lag, 1000.000)
+        report = tally.take_report(final=True)
+        report.update(host=host, pid=pid)
+        run.merge(host, report)
+    run.to_dict()
+    shares = worker_shares(run)
+    assert shares["host-c"]["lag"]["p99"] == pytest.approx(0.090, rel=0.01)
+    assert shares["host-d"]["lag"]["p99"] == pytest.approx(0.004, rel=0.01)
+    causes = load_host_causes(shares)
+    assert len(causes) == 1 and causes[0].startswith("host-c/11: its timed waits return 20.0 ms before their deadline")
+    assert "monotonic fix left to its default" in causes[0] and "FAKETIME_FORCE_MONOTONIC_FIX=0" in causes[0]
+    reason = client_bound_reason({"p99": 0.100}, {"p99": 0.090}, shares)
+    assert "by load worker: host-c/11 90.0 ms, host-d/12 4.0 ms" in reason and "host-c/11: its timed waits" in reason
+    assert client_bound_reason({"p99": 0.100}, {"p99": 0.005}, shares) is None
 
 
 def worker_report(tally, **changes):
