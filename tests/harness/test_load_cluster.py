@@ -244,3 +244,58 @@ def test_a_load_worker_killed_mid_run_leaves_its_listeners_lost_contact_not_lost
     assert run["shape_started"] > run["locust_started"]
     assert status == 200 and body["messages"], body
     assert all(message["ts"] - run["shape_started"] >= bursts["start"] for message in body["messages"])
+
+
+def test_the_network_softirqs_are_read_per_cpu():
+    from instruments.measures import softirq_counts
+    text = ("                    CPU0       CPU1       \n          HI:          0          0\n"
+            "      NET_TX:         84         55\n      NET_RX:   14310194   13088718\n       BLOCK:      1   2\n")
+    assert softirq_counts(text) == {"NET_TX": [84, 55], "NET_RX": [14310194, 13088718]}
+
+
+def demo_summary():
+    shares = {"host-c_1": {"host": "host-c", "pid": 11, "cpu_seconds": 0.5, "timed_wait_early": 0.02,
+                           "latency": {"count": 4450, "p50": 0.003, "p99": 0.014},
+                           "lag": {"count": 4450, "p50": 0.002, "p99": 0.190}},
+              "host-d_2": {"host": "host-d", "pid": 12, "cpu_seconds": 0.5, "timed_wait_early": 0.0,
+                           "latency": {"count": 4450, "p50": 0.003, "p99": 0.015},
+                           "lag": {"count": 4450, "p50": 0.002, "p99": 0.006}}}
+    return {"run": {"started": 1796697339.0}, "machine_line": "2 cores", "other_processes_cpu_mean": 99.0,
+            "passed": False, "client_bound": "client lag p99 190.0 ms is over ...", "posts": 89, "deliveries": 8900,
+            "delivery": {"lost": 0}, "wakeup_latency_s": {"p50": 0.003, "p99": 0.0145},
+            "client_lag_s": {"p50": 0.002, "p99": 0.19}, "cpu": {"client_cpu_s": 1.8}, "worker_shares": shares,
+            "clocks": [{"host": "host-c", "pid": 11, "server": "http://10.0.0.2:8080", "offset": 2.0001,
+                        "bound": 0.0002}]}
+
+
+def test_the_demos_record_names_each_load_workers_lag_the_servers_cpu_and_the_softirqs():
+    from loadtests.cluster_demo import demo_record, harness_lines
+    from loadtests.cluster_results import section
+    figures = {"server_cpu_s": {"a": 3.25, "b": 1.5, "redis": 0.4}, "softirqs": {"NET_RX": [120, 80], "NET_TX": [0, 1]}}
+    record = demo_record(demo_summary(), figures, 1500, 45, "default", "0123456789abcdef")
+    assert record["command"] == ("make cluster-demo USERS=1500 DURATION=45 "
+                                 "(python -m loadtests.cluster_demo --monotonic-fix default)")
+    assert [worker["lag_s"]["p99"] for worker in record["workers"]] == [0.190, 0.006]
+    lines = harness_lines(record)
+    assert lines[0] == ("load worker on host-c: client lag p50 2.0 ms, p99 190.0 ms; 0.5 s CPU; "
+                        "its timed waits return 20.0 ms early (libfaketime's monotonic fix)")
+    assert lines[1] == "load worker on host-d: client lag p50 2.0 ms, p99 6.0 ms; 0.5 s CPU"
+    assert lines[2] == "CPU during the load: servers a 3.2 s, b 1.5 s, redis 0.4 s; load workers 1.8 s"
+    assert lines[3].endswith("NET_RX CPU0 120 / CPU1 80; NET_TX CPU0 0 / CPU1 1")
+    table_row = next(line for line in section({"runs": [record]}) if line.startswith("| libfaketime's default"))
+    assert table_row == ("| libfaketime's default (on with this glibc) | 3.0 / 14.5 | 2.0 / 190.0 | host-c 190.0 ms, "
+                         "host-d 6.0 ms | 1.8 s | 3.2 / 1.5 / 0.4 s | 120 / 80 | 0 |")
+
+
+def test_the_clocks_across_hosts_entry_is_what_its_run_json_makes():
+    """docs/results.md's entry is made from the runs' own records: a figure edited by hand, or
+    a new run whose record was not kept, parts them."""
+    from loadtests.cluster_results import section
+    with open(os.path.join(ROOT, "docs", "runs", "cluster-demo.json")) as kept:
+        made = "\n".join(section(json.load(kept)))
+    with open(os.path.join(ROOT, "docs", "results.md")) as page:
+        results = page.read()
+    block = ("<!-- made by: python -m loadtests.cluster_results docs/runs/cluster-demo.json -->\n" + made
+             + "\n<!-- end -->")
+    assert block in results, ("docs/results.md's Clocks across hosts entry is not what `python -m "
+                              "loadtests.cluster_results docs/runs/cluster-demo.json` prints: paste its output there")
