@@ -195,6 +195,13 @@ def test_a_run_across_namespace_hosts_corrects_a_clock_two_seconds_ahead(tmp_pat
     assert delivery["lost"] == 0 and delivery["gave_up"] == 0 and delivery["listeners"] == 300, output
     assert all(server["held_polls_peak"] for server in summary["servers"].values()), summary["servers"]
     assert len(summary["servers"]) == 2 and summary["deliveries"] > 0
+    # libfaketime's setting reached the load hosts: their GIL hand-offs wait as they should
+    assert [share["timed_wait_early"] for share in shares.values()] == [0.0, 0.0], shares
+    record_path = next(line.split(" in ", 1)[1].split(" (", 1)[0] for line in output.splitlines()
+                       if line.startswith("cluster-demo: the run's record in "))
+    with open(record_path) as raw:
+        record = json.load(raw)["runs"][0]
+    assert record["deliveries"] == summary["deliveries"] and sorted(record["server_cpu_s"]) == ["a", "b", "redis"]
 
 
 def room_cursor(url):
