@@ -307,7 +307,7 @@ def harness_lines(record):
         "-" if worker["cpu_s"] is None else "%.1f" % worker["cpu_s"],
         "; its timed waits return %.1f ms early (libfaketime's monotonic fix)" % (worker["timed_wait_early_s"] * 1000)
         if worker.get("timed_wait_early_s") else "") for worker in record["workers"]]
-    lines.append("CPU during the load: servers %s; load workers %s s" % (
+    lines.append("CPU during the load: servers %s; load generator (Locust master and workers, orchestrator) %s s" % (
         ", ".join("%s %.1f s" % (host, seconds) for host, seconds in sorted(record["server_cpu_s"].items())),
         "-" if record["load_cpu_s"] is None else "%.1f" % record["load_cpu_s"]))
     lines.append("network softirqs during the load (every process on this machine): %s" % "; ".join(

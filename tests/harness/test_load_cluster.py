@@ -287,7 +287,8 @@ def test_the_demos_record_names_each_load_workers_lag_the_servers_cpu_and_the_so
     assert lines[0] == ("load worker on host-c: client lag p50 2.0 ms, p99 190.0 ms; 0.5 s CPU; "
                         "its timed waits return 20.0 ms early (libfaketime's monotonic fix)")
     assert lines[1] == "load worker on host-d: client lag p50 2.0 ms, p99 6.0 ms; 0.5 s CPU"
-    assert lines[2] == "CPU during the load: servers a 3.2 s, b 1.5 s, redis 0.4 s; load workers 1.8 s"
+    assert lines[2] == ("CPU during the load: servers a 3.2 s, b 1.5 s, redis 0.4 s; load generator (Locust master and "
+                        "workers, orchestrator) 1.8 s")
     assert lines[3].endswith("NET_RX CPU0 120 / CPU1 80; NET_TX CPU0 0 / CPU1 1")
     table_row = next(line for line in section({"runs": [record]}) if line.startswith("| libfaketime's default"))
     assert table_row == ("| libfaketime's default (on with this glibc) | 3.0 / 14.5 | 2.0 / 190.0 | host-c 190.0 ms, "
