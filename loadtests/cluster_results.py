@@ -61,7 +61,7 @@ def section(document):
             run["lost"]) + (" Client-bound: %s." % run["client_bound"] if run["client_bound"] else ""))
     lines += ["",
               "| load hosts' monotonic fix | wake-up p50 / p99 ms | client lag p50 / p99 ms | lag p99 by load host "
-              "| load workers' CPU | CPU of host A / B / Redis | NET_RX softirqs CPU0 / CPU1 | lost |",
+              "| load generator CPU | CPU of host A / B / Redis | NET_RX softirqs CPU0 / CPU1 | lost |",
               "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     lines += [run_line(run) for run in runs]
     lines.append("")
