@@ -92,6 +92,8 @@ class Clocks:
         self.by_url = {}
         self.kernel_skew = 0.0
         self.kernel_skew_bound = None
+        self.timed_wait_early = None    # monotonic_wait_early(): 0.0 on a sound host
+        self.preload = None             # clock_preload(): libfaketime's settings, when under it
 
     def measure(self, urls, client_for):
         for url in urls:
@@ -103,4 +105,71 @@ class Clocks:
 
     def to_dict(self):
         return {"kernel_skew": self.kernel_skew, "kernel_skew_bound": self.kernel_skew_bound,
+                "timed_wait_early": self.timed_wait_early, "preload": self.preload,
                 "servers": [offset.to_dict() for offset in self.by_url.values()]}
+
+
+# -- timed waits ------------------------------------------------------------------------
+
+CLOCK_MONOTONIC = 1         # <time.h>, Linux
+WAIT_PROBE_SECONDS = 0.02   # the probe's timed wait; an early return skips all of it
+_PTHREAD_SPACE = 256        # bytes for a pthread_cond_t, pthread_condattr_t or pthread_mutex_t (glibc: 48, 4, 40)
+
+
+def monotonic_wait_early(seconds=WAIT_PROBE_SECONDS):
+    """Seconds before its deadline that a timed wait on a monotonic condition variable
+    returned (0.0 when it kept the deadline, as POSIX requires), or None where it cannot
+    be tried (no libc pthread functions).
+
+    CPython's GIL hand-off is such a wait (5 ms, sys.getswitchinterval). libfaketime's
+    "monotonic fix" (FAKETIME_FORCE_MONOTONIC_FIX, on by default with recent glibc)
+    converts the deadline as a shifted wall-clock time, so the wait returns at once: a
+    thread that wants the GIL spins on its mutex, and an answer a thread-pool thread saw
+    arrive waits tens of milliseconds before it is read, which is the client's lag, not
+    the server's. The symbols are looked up in the process's global scope, so a preloaded
+    libfaketime is the one called, as it is for the interpreter's own waits."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        attr, cond, mutex = (ctypes.create_string_buffer(_PTHREAD_SPACE) for _ in range(3))
+        if libc.pthread_condattr_init(attr) or libc.pthread_condattr_setclock(attr, CLOCK_MONOTONIC) \
+                or libc.pthread_cond_init(cond, attr) or libc.pthread_mutex_init(mutex, None):
+            return None
+    except (OSError, AttributeError):
+        return None
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    def monotonic_now():
+        now = Timespec()
+        libc.clock_gettime(CLOCK_MONOTONIC, ctypes.byref(now))
+        return now.tv_sec + now.tv_nsec * 1e-9
+
+    try:
+        libc.pthread_mutex_lock(mutex)
+        deadline_at = monotonic_now() + seconds
+        deadline = Timespec(int(deadline_at), int(deadline_at % 1 * 1e9))
+        for _ in range(3):      # a wait may also end spuriously; only its return at the deadline counts
+            if libc.pthread_cond_timedwait(cond, mutex, ctypes.byref(deadline)) != 0:
+                break
+        returned_at = monotonic_now()
+        libc.pthread_mutex_unlock(mutex)
+    finally:
+        libc.pthread_cond_destroy(cond)
+        libc.pthread_mutex_destroy(mutex)
+        libc.pthread_condattr_destroy(attr)
+    return max(0.0, (deadline.tv_sec + deadline.tv_nsec * 1e-9) - returned_at)
+
+
+def clock_preload():
+    """libfaketime's settings when this process runs under it (its wall clock shifted), else
+    None: the report names a load host whose clock is faked and how."""
+    import os
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "libfaketime" not in preload:
+        return None
+    return {"library": next(part for part in preload.replace(":", " ").split() if "libfaketime" in part),
+            "spec": os.environ.get("FAKETIME"),
+            "dont_fake_monotonic": os.environ.get("FAKETIME_DONT_FAKE_MONOTONIC") == "1",
+            "force_monotonic_fix": os.environ.get("FAKETIME_FORCE_MONOTONIC_FIX")}

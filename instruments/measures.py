@@ -419,6 +419,43 @@ def process_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid):
+    """User + system CPU seconds of a live process and every live descendant of it (a
+    server's gunicorn master and workers), 0.0 when it is gone."""
+    import psutil
+    try:
+        root = psutil.Process(pid)
+        processes = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+SOFTIRQ_KINDS = ("NET_RX", "NET_TX")
+
+
+def softirq_counts(text=None):
+    """{kind: [count per CPU]} of the network softirqs this machine has run so far
+    (/proc/softirqs, or its `text`): packets between network namespaces are handled there,
+    on whichever CPU the sending process runs, so the counts show where that work went."""
+    if text is None:
+        with open("/proc/softirqs") as raw:
+            text = raw.read()
+    counts = {}
+    for line in text.splitlines()[1:]:
+        name, _, values = line.partition(":")
+        if name.strip() in SOFTIRQ_KINDS:
+            counts[name.strip()] = [int(value) for value in values.split()]
+    return counts
+
+
 def machine_busy_seconds():
     """CPU seconds every core of this machine has been busy so far (/proc/stat)."""
     with open("/proc/stat") as stat:

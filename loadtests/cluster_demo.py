@@ -28,11 +28,24 @@ import sys
 import time
 
 from harness.processes import ROOT, CleanUp, Process, free_port, get_json, wait_until
+from instruments.measures import softirq_counts, tree_cpu_seconds
 from instruments.page import REPORTS_ROOT
+from instruments.provenance import git
 
 SERVER_PORT = 8080
 REDIS_PORT = 6379
 CLOCK_AHEAD = "+2s"           # host C's wall clock, for faketime
+# libfaketime's settings for the load hosts. Only the wall clock is shifted: the monotonic
+# clock stays true, so libfaketime has nothing to convert in a wait on a monotonic
+# condition variable. Its "monotonic fix" (on by default with this glibc) converts such
+# waits all the same, and wrongly: they return at once, so CPython's GIL hand-off (a 5 ms
+# timed wait on a monotonic condition) spins, and every answer a thread-pool thread sees
+# ready waited tens of milliseconds for the GIL, read as client lag (docs/results.md
+# "Clocks across hosts"; tests/harness/test_load_cluster.py checks the wait).
+FAKETIME_ENV = {"FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "0"}
+MONOTONIC_FIX = {"off": FAKETIME_ENV,   # --monotonic-fix default: libfaketime's own choice, to measure what it costs
+                 "default": {name: value for name, value in FAKETIME_ENV.items()
+                             if name != "FAKETIME_FORCE_MONOTONIC_FIX"}}
 IP_DEADLINE = 10              # seconds for one `ip` command
 RUN_MARGIN = 120              # seconds beyond the stage table for start-up, settling and the report
 
@@ -143,16 +156,20 @@ def python_argv(module, *args):
     return [sys.executable, "-m", module, *args]
 
 
-def run_cluster(users, duration, report_root, work_dir, processes_per_host=1, burst_gap=0.25, rooms=15):
+def run_cluster(users, duration, report_root, work_dir, processes_per_host=1, burst_gap=0.25, rooms=15,
+                faketime_env=FAKETIME_ENV):
     """The posting pattern is set for comparing hosts C and D: single posts (no burst whose
     later messages find listeners still re-polling, a client's speed showing up as latency)
     into many small rooms, an odd number of them so every room has listeners on both
     servers (listener n polls server n % 2 and room n % rooms): in a small fan-out where
     a listener stands in the wake order hardly moves its latency."""
-    """Build the topology, run a load across it, tear it down; (exit code of make load, report dir or None)."""
+    """Build the topology, run a load across it, tear it down; (exit code of make load, report
+    dir or None, {"server_cpu_s": {host: CPU seconds of its processes during the load},
+    "softirqs": {kind: [count per CPU during the load]}})."""
     os.makedirs(work_dir, exist_ok=True)
     topology = Topology()
     master = None
+    servers = {}
     try:
         topology.build()
         addr = topology.address
@@ -166,10 +183,14 @@ def run_cluster(users, duration, report_root, work_dir, processes_per_host=1, bu
             server = topology.start(host, python_argv("harness.run_server", "--bind", addr[host], "--port",
                                                       str(SERVER_PORT), "--workers", str(workers), "--redis",
                                                       redis_url), os.path.join(work_dir, "server-%s.log" % host))
+            servers[host] = server
             url = "http://%s:%d" % (addr[host], SERVER_PORT)
             wait_until(lambda url=url: get_json(url + "/health", timeout=1)[0] == 200, 60,
                        "chattle on host %s (%s)" % (host, url), server)
+        servers["redis"] = topology.processes[0]
         hosts = ",".join("http://%s:%d" % (addr[host], SERVER_PORT) for host in ("a", "b"))
+        cpu_before = {name: tree_cpu_seconds(process.pid) for name, process in servers.items()}
+        softirqs_before = softirq_counts()
         master_port = free_port(addr["root"])
         master = Process(python_argv("loadtests.run", "--host", hosts, "--remote-workers",
                                      str(2 * processes_per_host), "--master-bind", addr["root"],
@@ -186,19 +207,23 @@ def run_cluster(users, duration, report_root, work_dir, processes_per_host=1, bu
         # only a control that pays the same costs isolates what the clock skew does.
         for host, shift in (("c", CLOCK_AHEAD), ("d", "+0s")):
             topology.start(host, ["faketime", "-m", "-f", shift, *worker_argv],
-                           os.path.join(work_dir, "workers-%s.log" % host), env={"FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+                           os.path.join(work_dir, "workers-%s.log" % host), env=faketime_env)
         deadline = time.monotonic() + duration + RUN_MARGIN
         while master.alive() and time.monotonic() < deadline:
             time.sleep(0.5)
         if master.alive():
             raise RuntimeError("the run did not end within %gs\n%s" % (duration + RUN_MARGIN, master.log_tail()))
         code = master.popen.returncode
+        softirqs = {kind: [after - before for after, before in zip(counts, softirqs_before[kind])]
+                    for kind, counts in softirq_counts().items()}
+        figures = {"server_cpu_s": {name: tree_cpu_seconds(process.pid) - cpu_before[name]
+                                    for name, process in servers.items()}, "softirqs": softirqs}
         report_dir = None
         with open(master.log_path) as log:
             for line in log:
                 if line.startswith("load: report in "):
                     report_dir = line.split("load: report in ", 1)[1].strip()
-        return code, report_dir
+        return code, report_dir, figures
     finally:
         if master is not None:
             master.stop(grace=30)
@@ -211,6 +236,9 @@ def main(argv=None):
     parser.add_argument("--duration", type=float, default=45, help="seconds of the stage table")
     parser.add_argument("--processes", type=int, default=1, help="Locust worker processes on each load host")
     parser.add_argument("--report-root", default=REPORTS_ROOT)
+    parser.add_argument("--monotonic-fix", choices=sorted(MONOTONIC_FIX), default="off",
+                        help="libfaketime's monotonic fix on the load hosts: off (the demo's), or libfaketime's "
+                             "default, to see what it costs the client (default %(default)s)")
     args = parser.parse_args(argv)
     problem = namespaces_unavailable()
     if problem:
@@ -218,16 +246,74 @@ def main(argv=None):
         return 2
     work_dir = os.path.join(args.report_root, "cluster-%d" % os.getpid())
     with CleanUp.armed():  # a SIGTERM takes Ctrl-C's way: the namespaces are torn down
-        code, report_dir = run_cluster(args.users, args.duration, args.report_root, work_dir, args.processes)
+        code, report_dir, figures = run_cluster(args.users, args.duration, args.report_root, work_dir,
+                                                args.processes, faketime_env=MONOTONIC_FIX[args.monotonic_fix])
     with open(os.path.join(work_dir, "master.log")) as log:
         print(log.read())
     if report_dir:
-        with open(os.path.join(report_dir, "summary.json")) as summary:
-            clocks = json.load(summary)["clocks"]
-        for clock in clocks:
+        with open(os.path.join(report_dir, "summary.json")) as summary_file:
+            summary = json.load(summary_file)
+        for clock in summary["clocks"]:
             print("cluster-demo: %s is %+.1f ms +- %.2f ms off %s" % (clock["host"], clock["offset"] * 1000,
                                                                     clock["bound"] * 1000, clock["server"]))
+        record = demo_record(summary, figures, args.users, args.duration, args.monotonic_fix, commit_of_this_tree())
+        for line in harness_lines(record):
+            print("cluster-demo: " + line)
+        path = os.path.join(work_dir, "cluster-demo.json")
+        with open(path, "w") as out:
+            json.dump({"runs": [record]}, out, indent=1)
+        print("cluster-demo: the run's record in %s (python -m loadtests.cluster_results renders it)" % path)
     return code
+
+
+def commit_of_this_tree():
+    """The commit checked out here, "+changes" when the tree differs from it."""
+    commit = git("rev-parse", "HEAD", check=False) or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no", check=False) else "")
+
+
+def demo_record(summary, figures, users, duration, monotonic_fix, commit):
+    """The run's figures as docs/runs/cluster-demo.json keeps them: the server's latency, the
+    client's lag and what each load worker, server host and CPU did (plain data in and out)."""
+    def quantiles(figure):
+        return {"p50": figure.get("p50"), "p99": figure.get("p99")}
+    return {
+        "command": "make cluster-demo USERS=%d DURATION=%g" % (users, duration)
+                   + (" (python -m loadtests.cluster_demo --monotonic-fix %s)" % monotonic_fix
+                      if monotonic_fix != "off" else ""),
+        "started": summary["run"]["started"], "commit": commit, "machine": summary["machine_line"],
+        "other_processes_cpu_percent": summary.get("other_processes_cpu_mean"),
+        "users": users, "duration": duration, "monotonic_fix": monotonic_fix,
+        "passed": summary["passed"], "client_bound": summary["client_bound"],
+        "posts": summary["posts"], "deliveries": summary["deliveries"], "lost": summary["delivery"]["lost"],
+        "wakeup_s": quantiles(summary["wakeup_latency_s"]), "lag_s": quantiles(summary["client_lag_s"]),
+        "load_cpu_s": summary["cpu"].get("client_cpu_s"), "server_cpu_s": figures["server_cpu_s"],
+        "softirqs": figures["softirqs"],
+        "workers": [{"host": share["host"], "wakeup_s": quantiles(share["latency"]),
+                     "lag_s": quantiles(share.get("lag") or {}), "cpu_s": share["cpu_seconds"],
+                     "timed_wait_early_s": share.get("timed_wait_early")}
+                    for share in summary["worker_shares"].values()],
+        "clocks": [{"host": clock["host"], "server": clock["server"], "offset": clock["offset"],
+                    "bound": clock["bound"]} for clock in summary["clocks"]],
+    }
+
+
+def harness_lines(record):
+    """Where the time of a run across hosts went, apart from the server's latency: each
+    load worker's lag and CPU, the servers' CPU, the network softirqs per CPU."""
+    from instruments.measures import ms
+    lines = ["load worker on %s: client lag p50 %s, p99 %s; %s s CPU%s" % (
+        worker["host"], ms(worker["lag_s"]["p50"], "%.1f ms"), ms(worker["lag_s"]["p99"], "%.1f ms"),
+        "-" if worker["cpu_s"] is None else "%.1f" % worker["cpu_s"],
+        "; its timed waits return %.1f ms early (libfaketime's monotonic fix)" % (worker["timed_wait_early_s"] * 1000)
+        if worker.get("timed_wait_early_s") else "") for worker in record["workers"]]
+    lines.append("CPU during the load: servers %s; load generator (Locust master and workers, orchestrator) %s s" % (
+        ", ".join("%s %.1f s" % (host, seconds) for host, seconds in sorted(record["server_cpu_s"].items())),
+        "-" if record["load_cpu_s"] is None else "%.1f" % record["load_cpu_s"]))
+    lines.append("network softirqs during the load (every process on this machine): %s" % "; ".join(
+        "%s %s" % (kind, " / ".join("CPU%d %d" % (cpu, count) for cpu, count in enumerate(counts)))
+        for kind, counts in sorted(record["softirqs"].items())))
+    return lines
 
 
 if __name__ == "__main__":

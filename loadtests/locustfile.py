@@ -30,7 +30,7 @@ from locust import User, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
 from chattle_limits import CLIENT_TIMEOUT_MARGIN, client_timeout, collect_garbage_seldom
-from instruments.clocks import Clocks, kernel_stamp_skew
+from instruments.clocks import Clocks, clock_preload, kernel_stamp_skew, monotonic_wait_early
 from instruments.httpframe import FramingError
 from instruments.measures import DeliveryLedger, process_cpu_seconds
 from loadtests import longpoll
@@ -81,6 +81,7 @@ def measure_clocks(options):
     and against every server's `ts` clock (instruments/clocks.py)."""
     CLOCKS.kernel_skew, CLOCKS.kernel_skew_bound = kernel_stamp_skew()
     longpoll.kernel_stamp_shift = CLOCKS.kernel_skew
+    CLOCKS.timed_wait_early, CLOCKS.preload = monotonic_wait_early(), clock_preload()
     try:
         CLOCKS.measure(servers_of(options), lambda url: LongPollClient(url, None, timeout=CLIENT_TIMEOUT_MARGIN))
     except (OSError, FramingError, ValueError) as exc:

@@ -122,7 +122,9 @@ def worker_shares(tally):
                         "delivery_share": (worker.get("deliveries") or 0) / deliveries,
                         "cpu_seconds": worker.get("cpu_seconds"), "lost": bool(worker.get("lost")),
                         "held_path": worker.get("held_path"),
-                        "latency": worker.get("latency") or {},
+                        "latency": worker.get("latency") or {}, "lag": worker.get("lag") or {},
+                        "timed_wait_early": (worker.get("clocks") or {}).get("timed_wait_early"),
+                        "clock_preload": (worker.get("clocks") or {}).get("preload"),
                         "lost_contact": (worker.get("listeners_started") or 0) - (worker.get("listeners_ended") or 0)
                         if worker.get("lost") else 0}
             for worker_id, worker in sorted(workers.items())}
@@ -156,12 +158,44 @@ def machine_check(samples, run_info):
             "machine_bound": bool(share is not None and share > MACHINE_BOUND_SHARE)}
 
 
-def client_bound_reason(latency, lag):
-    """Why the latencies are partly the client's (instruments.measures.client_bound), or None."""
+def client_bound_reason(latency, lag, shares=None):
+    """Why the latencies are partly the client's (instruments.measures.client_bound), or None;
+    with several load workers (`shares`, worker_shares), each one's lag p99 and what of it
+    is known to be its harness's (load_host_causes)."""
     if not client_bound(lag.get("p99"), latency.get("p99")):
         return None
-    return ("client lag p99 %.1f ms is over %.0f%% of the server's wake-up p99 %.1f ms and over %.0f ms"
-            % (lag["p99"] * 1000, CLIENT_LAG_SHARE * 100, latency["p99"] * 1000, CLIENT_LAG_FLOOR * 1000))
+    reason = ("client lag p99 %.1f ms is over %.0f%% of the server's wake-up p99 %.1f ms and over %.0f ms"
+              % (lag["p99"] * 1000, CLIENT_LAG_SHARE * 100, latency["p99"] * 1000, CLIENT_LAG_FLOOR * 1000))
+    if shares and len(shares) > 1:
+        reason += "; by load worker: " + ", ".join(
+            "%s/%s %s" % (share["host"], share["pid"], ms((share.get("lag") or {}).get("p99"), "%.1f ms"))
+            for share in shares.values())
+    causes = load_host_causes(shares or {})
+    return reason + ("; " + "; ".join(causes) if causes else "")
+
+
+def load_host_causes(shares):
+    """What makes a load worker's client lag its own harness's rather than the server's, one
+    line per worker it concerns: timed waits that return before their deadline
+    (instruments.clocks.monotonic_wait_early), which make CPython's GIL hand-off spin."""
+    causes = []
+    for share in shares.values():
+        early = share.get("timed_wait_early")
+        if early:
+            preload = share.get("clock_preload")
+            causes.append("%s/%s: its timed waits return %.1f ms before their deadline%s, so its GIL hand-off "
+                          "spins and ready answers wait to be read; run it with FAKETIME_FORCE_MONOTONIC_FIX=0 "
+                          "and FAKETIME_DONT_FAKE_MONOTONIC=1" % (
+                              share["host"], share["pid"], early * 1000,
+                              " (under %s, %s)" % (preload["library"], monotonic_fix_words(preload))
+                              if preload else ""))
+    return causes
+
+
+def monotonic_fix_words(preload):
+    setting = preload.get("force_monotonic_fix")
+    return "libfaketime's monotonic fix %s" % ("left to its default" if setting is None
+                                                else "set to %s" % setting)
 
 
 def cpu_figures(tally, run_info, deliveries):
@@ -253,12 +287,13 @@ def build_summary(report_dir, run_info, samples, cursors):
     cpu = cpu_figures(tally, run_info, deliveries)
     users = run_info["users"]
     posts = len(tally.posts) if tally else 0
-    client_bound = client_bound_reason(latency, lag)
+    shares = worker_shares(tally)
+    client_bound = client_bound_reason(latency, lag, shares)
     cluster = cluster_part(report_dir, run_info, tally, final_ids)
     hold_end = stage_origin(run_info) + next((s["end"] for s in run_info.get("stages") or [] if s["name"] == "hold"),
                                              0)
     costs = cost_figures(samples, run_info, latency, lag, cpu, deliveries, hold_end)
-    costs["held_paths"] = sorted({share.get("held_path") or "?" for share in worker_shares(tally).values()})
+    costs["held_paths"] = sorted({share.get("held_path") or "?" for share in shares.values()})
     without_proxy = run_info.get("without_proxy")
     failover = (cluster or {}).get("failover")
 
@@ -317,6 +352,9 @@ def build_summary(report_dir, run_info, samples, cursors):
     check("latency is the server's, not the client's", client_bound is None,
           client_bound or ("client lag p99 %s within %.0f%% of the server's p99 or %.0f ms" %
                            (ms(lag.get("p99"), "%.1f ms"), CLIENT_LAG_SHARE * 100, CLIENT_LAG_FLOOR * 1000)))
+    causes = load_host_causes(shares)
+    if causes:
+        check("every load worker's timed waits keep their deadline", False, "; ".join(causes))
 
     if judged_by_row and run_info["chaos"] == "cluster-failover":
         judged_by_row.append("no request failed outside the failover")
@@ -337,7 +375,7 @@ def build_summary(report_dir, run_info, samples, cursors):
         "held_polls_peak": max(held) if held else None,
         "server_cpu_mean": sum(cpu_samples) / len(cpu_samples) if cpu_samples else None,
         "server_cpu_max": max(cpu_samples) if cpu_samples else None, "memory": memory, "locust": locust,
-        "load_workers": tally.workers if tally else {}, "worker_shares": worker_shares(tally),
+        "load_workers": tally.workers if tally else {}, "worker_shares": shares,
         "servers": servers, "clocks": clock_figures(tally), "cost_figures": costs,
         "proxy_cost": {"without": without_proxy["figures"], "with": costs,
                        "without_report": without_proxy["report_dir"], "without_passed": without_proxy["passed"]}
@@ -690,10 +728,13 @@ def summary_lines(summary):
                      % summary.get("under_bound", 0), ""))
     for worker_id, share in summary.get("worker_shares", {}).items():
         rows.append(("load worker %s" % worker_id[-8:], "pid %s on %s: %d listeners (%.0f%%), %d deliveries (%.0f%%), "
-                     "%.1f s CPU, wake-up p50 %s%s%s" % (share["pid"], share["host"], share["listeners"],
-                                       100 * share["listener_share"], share["deliveries"],
-                                       100 * share["delivery_share"], share["cpu_seconds"] or 0,
-                                       ms(share["latency"].get("p50"), "%.1f ms"),
+                     "%.1f s CPU, wake-up p50 %s, client lag p99 %s%s%s%s" % (
+                         share["pid"], share["host"], share["listeners"], 100 * share["listener_share"],
+                         share["deliveries"], 100 * share["delivery_share"], share["cpu_seconds"] or 0,
+                         ms(share["latency"].get("p50"), "%.1f ms"), ms((share.get("lag") or {}).get("p99"), "%.1f ms"),
+                         ", wall clock under libfaketime %s (%s)" % (share["clock_preload"]["spec"],
+                                                                     monotonic_fix_words(share["clock_preload"]))
+                         if share.get("clock_preload") else "",
                                        HELD_PATHS.get(share.get("held_path"), ""),
                                        ", LOST: %d listeners lost contact" % share["lost_contact"]
                                        if share["lost"] else ""), ""))

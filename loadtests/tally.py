@@ -162,6 +162,7 @@ class RunTally:
         self.error_count = 0
         self.workers = {}
         self.worker_latency = {}    # worker id -> its own LatencyHistogram (clocks compared per host)
+        self.worker_lag = {}        # worker id -> its own client-lag LatencyHistogram (which host fell behind)
         self.master = None          # host, pid and CPU seconds of the master, set when it writes
         self.version_problem = None  # a worker on another Locust version: the run was stopped
         self.fatal = None           # a worker that could not go on (its held-poll driver died): the run was stopped
@@ -186,9 +187,11 @@ class RunTally:
         if report.get("fatal") and self.fatal is None:
             self.fatal = "load worker %s on %s: %s" % (worker_id, report["host"], report["fatal"])
         own = self.worker_latency.setdefault(worker_id, LatencyHistogram())
+        own_lag = self.worker_lag.setdefault(worker_id, LatencyHistogram())
         for second, latency, lag in report["seconds"]:
             latency, lag = LatencyHistogram.from_dict(latency), LatencyHistogram.from_dict(lag)
             own.add(latency)
+            own_lag.add(lag)
             pair = self.seconds.get(second)
             if pair is None:
                 pair = self.seconds[second] = (LatencyHistogram(), LatencyHistogram())
@@ -227,9 +230,10 @@ class RunTally:
         # Each worker's own latency figures are summed up here, once, not per report, and
         # without a mean: HdrHistogram's mean walks every bucket in Python (half the
         # master's CPU when it was done per report).
-        for worker_id, own in self.worker_latency.items():
-            self.workers[worker_id]["latency"] = {"count": own.count, "p50": own.percentile(0.50),
-                                                  "p99": own.percentile(0.99)}
+        for figure, histograms in (("latency", self.worker_latency), ("lag", self.worker_lag)):
+            for worker_id, own in histograms.items():
+                self.workers[worker_id][figure] = {"count": own.count, "p50": own.percentile(0.50),
+                                                   "p99": own.percentile(0.99)}
         return {"seconds": [[second, pair[0].to_dict(), pair[1].to_dict()]
                             for second, pair in sorted(self.seconds.items())],
                 "listeners": self.listeners, "posts": self.posts, "refusals": self.refusals, "errors": self.errors,

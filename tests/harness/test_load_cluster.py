@@ -6,6 +6,7 @@ the whole topology runs in network namespaces (marked slow)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from conftest import IN_CI, ROOT
 from harness.processes import free_port, get_json, wait_until
 from instruments import clocks
-from loadtests.report import worker_shares
+from loadtests.report import client_bound_reason, load_host_causes, worker_shares
 from loadtests.tally import RunTally, WorkerTally
 
 
@@ -43,6 +44,54 @@ def test_a_latency_under_the_bound_is_counted_and_never_negative():
     assert report["under_bound"] == 1 and summary["count"] == 2
     assert summary["p50"] == pytest.approx(0.001, rel=0.01) and summary["max"] == pytest.approx(0.010, rel=0.01)
     assert report["seconds"][0][0] == 1000  # filed under the second on the server's clock
+
+
+def faked_wait_early(faketime_env):
+    """monotonic_wait_early() in a process whose wall clock faketime puts 2 s ahead."""
+    probe = subprocess.run(["faketime", "-m", "-f", "+2s", sys.executable, "-c",
+                            "from instruments.clocks import monotonic_wait_early; print(monotonic_wait_early())"],
+                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, **faketime_env), capture_output=True,
+                           text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    return float(probe.stdout)
+
+
+def test_the_load_hosts_faketime_settings_keep_the_gil_hand_offs_timed_wait():
+    """libfaketime 0.9.10 (Debian's): its "monotonic fix", on by default with this glibc,
+    makes a timed wait on a monotonic condition (CPython's GIL hand-off) return at once;
+    the demo's load hosts turn it off. Both halves pin that behaviour: an upgrade that
+    changes either shows here."""
+    from loadtests.cluster_demo import FAKETIME_ENV
+    if shutil.which("faketime") is None:
+        if IN_CI:
+            pytest.fail("CI=true and faketime is not installed", pytrace=False)
+        pytest.skip("faketime is not installed (python3 -m harness.system_packages faketime)")
+    assert faked_wait_early(FAKETIME_ENV) == 0.0
+    early = faked_wait_early(dict(FAKETIME_ENV, FAKETIME_FORCE_MONOTONIC_FIX="1"))
+    assert early > 0.0, "libfaketime's monotonic fix no longer cuts waits short: is the setting still needed?"
+
+
+def test_the_report_names_the_load_worker_whose_waits_end_early_and_each_workers_lag():
+    run = RunTally()
+    for host, pid, early, lag in (("host-c", 11, 0.02, 0.090), ("host-d", 12, 0.0, 0.004)):
+        tally = WorkerTally()
+        tally.clocks = {"timed_wait_early": early, "servers": [],
+                        "preload": {"library": "/usr/$LIB/faketime/libfaketimeMT.so.1", "spec": "+2s",
+                                    "dont_fake_monotonic": True, "force_monotonic_fix": None}}
+        tally.delivery(1000.010 + lag, 1000.010 + lag + lag, 1000.000)
+        report = tally.take_report(final=True)
+        report.update(host=host, pid=pid)
+        run.merge(host, report)
+    run.to_dict()
+    shares = worker_shares(run)
+    assert shares["host-c"]["lag"]["p99"] == pytest.approx(0.090, rel=0.01)
+    assert shares["host-d"]["lag"]["p99"] == pytest.approx(0.004, rel=0.01)
+    causes = load_host_causes(shares)
+    assert len(causes) == 1 and causes[0].startswith("host-c/11: its timed waits return 20.0 ms before their deadline")
+    assert "monotonic fix left to its default" in causes[0] and "FAKETIME_FORCE_MONOTONIC_FIX=0" in causes[0]
+    reason = client_bound_reason({"p99": 0.100}, {"p99": 0.090}, shares)
+    assert "by load worker: host-c/11 90.0 ms, host-d/12 4.0 ms" in reason and "host-c/11: its timed waits" in reason
+    assert client_bound_reason({"p99": 0.100}, {"p99": 0.005}, shares) is None
 
 
 def worker_report(tally, **changes):
@@ -146,6 +195,13 @@ def test_a_run_across_namespace_hosts_corrects_a_clock_two_seconds_ahead(tmp_pat
     assert delivery["lost"] == 0 and delivery["gave_up"] == 0 and delivery["listeners"] == 300, output
     assert all(server["held_polls_peak"] for server in summary["servers"].values()), summary["servers"]
     assert len(summary["servers"]) == 2 and summary["deliveries"] > 0
+    # libfaketime's setting reached the load hosts: their GIL hand-offs wait as they should
+    assert [share["timed_wait_early"] for share in shares.values()] == [0.0, 0.0], shares
+    record_path = next(line.split(" in ", 1)[1].split(" (", 1)[0] for line in output.splitlines()
+                       if line.startswith("cluster-demo: the run's record in "))
+    with open(record_path) as raw:
+        record = json.load(raw)["runs"][0]
+    assert record["deliveries"] == summary["deliveries"] and sorted(record["server_cpu_s"]) == ["a", "b", "redis"]
 
 
 def room_cursor(url):
@@ -195,3 +251,59 @@ def test_a_load_worker_killed_mid_run_leaves_its_listeners_lost_contact_not_lost
     assert run["shape_started"] > run["locust_started"]
     assert status == 200 and body["messages"], body
     assert all(message["ts"] - run["shape_started"] >= bursts["start"] for message in body["messages"])
+
+
+def test_the_network_softirqs_are_read_per_cpu():
+    from instruments.measures import softirq_counts
+    text = ("                    CPU0       CPU1       \n          HI:          0          0\n"
+            "      NET_TX:         84         55\n      NET_RX:   14310194   13088718\n       BLOCK:      1   2\n")
+    assert softirq_counts(text) == {"NET_TX": [84, 55], "NET_RX": [14310194, 13088718]}
+
+
+def demo_summary():
+    shares = {"host-c_1": {"host": "host-c", "pid": 11, "cpu_seconds": 0.5, "timed_wait_early": 0.02,
+                           "latency": {"count": 4450, "p50": 0.003, "p99": 0.014},
+                           "lag": {"count": 4450, "p50": 0.002, "p99": 0.190}},
+              "host-d_2": {"host": "host-d", "pid": 12, "cpu_seconds": 0.5, "timed_wait_early": 0.0,
+                           "latency": {"count": 4450, "p50": 0.003, "p99": 0.015},
+                           "lag": {"count": 4450, "p50": 0.002, "p99": 0.006}}}
+    return {"run": {"started": 1796697339.0}, "machine_line": "2 cores", "other_processes_cpu_mean": 99.0,
+            "passed": False, "client_bound": "client lag p99 190.0 ms is over ...", "posts": 89, "deliveries": 8900,
+            "delivery": {"lost": 0}, "wakeup_latency_s": {"p50": 0.003, "p99": 0.0145},
+            "client_lag_s": {"p50": 0.002, "p99": 0.19}, "cpu": {"client_cpu_s": 1.8}, "worker_shares": shares,
+            "clocks": [{"host": "host-c", "pid": 11, "server": "http://10.0.0.2:8080", "offset": 2.0001,
+                        "bound": 0.0002}]}
+
+
+def test_the_demos_record_names_each_load_workers_lag_the_servers_cpu_and_the_softirqs():
+    from loadtests.cluster_demo import demo_record, harness_lines
+    from loadtests.cluster_results import section
+    figures = {"server_cpu_s": {"a": 3.25, "b": 1.5, "redis": 0.4}, "softirqs": {"NET_RX": [120, 80], "NET_TX": [0, 1]}}
+    record = demo_record(demo_summary(), figures, 1500, 45, "default", "0123456789abcdef")
+    assert record["command"] == ("make cluster-demo USERS=1500 DURATION=45 "
+                                 "(python -m loadtests.cluster_demo --monotonic-fix default)")
+    assert [worker["lag_s"]["p99"] for worker in record["workers"]] == [0.190, 0.006]
+    lines = harness_lines(record)
+    assert lines[0] == ("load worker on host-c: client lag p50 2.0 ms, p99 190.0 ms; 0.5 s CPU; "
+                        "its timed waits return 20.0 ms early (libfaketime's monotonic fix)")
+    assert lines[1] == "load worker on host-d: client lag p50 2.0 ms, p99 6.0 ms; 0.5 s CPU"
+    assert lines[2] == ("CPU during the load: servers a 3.2 s, b 1.5 s, redis 0.4 s; load generator (Locust master and "
+                        "workers, orchestrator) 1.8 s")
+    assert lines[3].endswith("NET_RX CPU0 120 / CPU1 80; NET_TX CPU0 0 / CPU1 1")
+    table_row = next(line for line in section({"runs": [record]}) if line.startswith("| libfaketime's default"))
+    assert table_row == ("| libfaketime's default (on with this glibc) | 3.0 / 14.5 | 2.0 / 190.0 | host-c 190.0 ms, "
+                         "host-d 6.0 ms | 1.8 s | 3.2 / 1.5 / 0.4 s | 120 / 80 | 0 |")
+
+
+def test_the_clocks_across_hosts_entry_is_what_its_run_json_makes():
+    """docs/results.md's entry is made from the runs' own records: a figure edited by hand, or
+    a new run whose record was not kept, parts them."""
+    from loadtests.cluster_results import section
+    with open(os.path.join(ROOT, "docs", "runs", "cluster-demo.json")) as kept:
+        made = "\n".join(section(json.load(kept)))
+    with open(os.path.join(ROOT, "docs", "results.md")) as page:
+        results = page.read()
+    block = ("<!-- made by: python -m loadtests.cluster_results docs/runs/cluster-demo.json -->\n" + made
+             + "\n<!-- end -->")
+    assert block in results, ("docs/results.md's Clocks across hosts entry is not what `python -m "
+                              "loadtests.cluster_results docs/runs/cluster-demo.json` prints: paste its output there")
