@@ -48,6 +48,7 @@ from instruments.measures import (
     own_cpu_seconds,
 )
 from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
+from instruments.provenance import provenance
 
 GROWTH = 1.5        # the geometric step until a probe fails
 PRECISION = 0.05    # bisect until (first fail - last pass) <= 5 % of the last pass
@@ -569,6 +570,7 @@ def search_capacity(argv):
     report_dir = new_report_dir("capacity")
     info = machine_description()
     commit_at_start = history.git_state()
+    args.started_at = time.time()
     started = time.monotonic()
     redis = None
     results = []
@@ -641,7 +643,7 @@ def write_report(report_dir, results, args, slo, info, notes, elapsed):
             "lag_share": CLIENT_LAG_SHARE, "lag_floor_share": LAG_FLOOR_SHARE,
             "start": args.start, "max_polls": args.max_polls, "max_probes": args.max_probes,
             "time_limit_s": args.time_limit, "elapsed_s": elapsed, "machine": info, "load_average": load,
-            "other_work_cores_median": busy,
+            "other_work_cores_median": busy, "provenance": provenance(started=args.started_at),
             "preflight": notes, "verdict": text, "servers": results}
     write_json(os.path.join(report_dir, "results.json"), data)
     rows = [("verdict", text, "")]

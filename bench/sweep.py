@@ -37,6 +37,7 @@ from harness.processes import ChattleServer, CleanUp, PeerServer, RedisServer
 from harness.system_packages import require_or_exit
 from instruments.measures import machine_busy_seconds, ms, own_cpu_seconds, summed_rss, time_per_waiter
 from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
+from instruments.provenance import provenance
 
 DESCRIPTOR_MARGIN = 200  # listener, logs, redis and the worker's pipes
 # Each reference server: its label in reports, and its flags to bench.peers.aiohttp_chat.
@@ -394,6 +395,7 @@ def sweep(argv):
     report_dir = new_report_dir("bench")
     info = machine_description()
     started = time.monotonic()
+    started_at = time.time()
     load_before = os.getloadavg()
     points, redis, buses, compared = [], None, None, {}
     try:
@@ -466,7 +468,8 @@ def sweep(argv):
                "machine": info, "slo_s": args.slo, "counts": counts, "skipped_counts": skipped,
                "workers": workers_list, "repeats": args.repeats, "capacity": {str(k): v for k, v in best.items()},
                "points": points, "anatomy": anatomy, "elapsed_s": time.monotonic() - started,
-               "target": args.target, "load_average": {"start": load_before, "end": load_after}, **compared}
+               "target": args.target, "load_average": {"start": load_before, "end": load_after},
+               "provenance": provenance(started=started_at), **compared}
     write_json(os.path.join(report_dir, "results.json"), results)
     with open(os.path.join(report_dir, "results.csv"), "w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)

@@ -652,8 +652,9 @@ def run_matrix(names, argv, report_root, new_report_dir):
         print("load: CHAOS=%s: %s" % (name, row["verdict"]), flush=True)
         if interrupted:
             break
-    from instruments.history import cpu_model, git_state
+    from instruments.history import git_state
     from instruments.page import machine_line
+    from instruments.provenance import cpu_model
     matrix = {"faults": names, "rows": rows, "started": started, "seconds": time.time() - started,
               "argv": base, "passed": all(row["passed"] for row in rows) and len(rows) == len(names),
               "git": git_state(), "machine": "%s, %s" % (cpu_model(), machine_line())}

@@ -20,6 +20,7 @@ from harness.processes import LOOPBACK, ROOT, ChattleServer, CleanUp, Process, R
 from harness.system_packages import missing, missing_line, needed
 from instruments.measures import process_cpu_seconds
 from instruments.page import new_report_dir
+from instruments.provenance import provenance
 from loadtests.cluster_load import LOCAL
 from loadtests.faults import ALL, FAULTS, fault_problem, parse_chaos
 from loadtests.options import COMPARE, RUN, add_to_parser, resolve_chaos_defaults, scenario_argv
@@ -576,6 +577,7 @@ def main(argv=None):
                 else "external %s" % args.host,
                 "cluster": cluster_info, "chaos": fault.name if fault else None,
                 "chaos_record": chaos_record(chaos, fault),
+                "provenance": provenance(started=started_at),
                 "started": started_at, "locust_started": locust_started, "shape_started": shape_started(raw_dir),
                 "stages": stages,
                 "preflight": notes, "run_error": run_error, "interrupted": interrupted,
