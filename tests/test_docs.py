@@ -8,7 +8,6 @@ system-packages check and no venv build), not from `make -n <target>`, which sti
 expands and runs what a target's prerequisites need.
 """
 
-import json
 import os
 import re
 import subprocess
@@ -371,13 +370,39 @@ def test_what_counts_as_a_measured_figure():
     assert measured_figures("| figure | threshold |\n| --- | --- |\n| p99 | 10 % |\n") == []
 
 
-def test_the_faults_entry_is_what_its_run_json_makes():
-    """docs/results.md's Faults entry is made from the matrix's own JSON: a figure edited by
-    hand, or a new run whose JSON was not kept, parts them."""
-    from loadtests.faults_results import section
+def generated_blocks():
+    from results.make import blocks
 
-    with open(os.path.join(ROOT, "docs", "runs", "faults-matrix.json")) as kept:
-        made = "\n".join(section(json.load(kept)))
-    assert made in read("docs/results.md"), (
-        "docs/results.md's Faults entry is not what `python -m loadtests.faults_results "
-        "docs/runs/faults-matrix.json` prints: paste its output there")
+    return blocks(read("docs/results.md"))
+
+
+def test_every_generated_block_of_results_md_is_what_its_command_prints():
+    """A block of docs/results.md is what `python -m <module> docs/runs/<file>.json` prints:
+    a figure edited by hand, or a new run whose JSON was not kept, parts them."""
+    from results.make import render
+
+    found = generated_blocks()
+    assert len(found) >= 2, "docs/results.md has no generated blocks: is the marker pattern wrong?"
+    stale = ["python -m %s %s" % (module, " ".join(paths)) for module, paths, body in found
+             if render(module, paths, ROOT).rstrip("\n") + "\n" != body]
+    assert not stale, ("blocks of docs/results.md that are not what their command prints (run `make results`, "
+                       "or keep the run's JSON in docs/runs/):\n" + "\n".join(stale))
+
+
+def test_every_kept_run_is_rendered_in_results_md():
+    from results.make import unrendered_runs
+
+    missing = unrendered_runs(read("docs/results.md"), ROOT)
+    assert not missing, "runs kept in docs/runs/ that no block of docs/results.md renders: %s" % missing
+
+
+def test_results_md_states_no_figure_outside_its_blocks():
+    """Prose beside a block may explain its figures; a figure it states is one of the blocks'."""
+    from results.make import BLOCK
+
+    text = read("docs/results.md")
+    made = " ".join(match.group(0) for match in BLOCK.finditer(text))
+    outside = BLOCK.sub("", text)
+    stray = ["docs/results.md:%d: %s" % (line, figure) for line, figure in measured_figures(outside)
+             if figure not in made]
+    assert not stray, "figures in docs/results.md's prose that no generated block states:\n" + "\n".join(stray)
