@@ -28,7 +28,7 @@ import sys
 COMMIT_SHOWN = 7  # characters of a commit hash a page shows
 
 
-def load(path):
+def read_json(path):
     with open(path) as source:
         return json.load(source)
 
@@ -82,7 +82,7 @@ def renderer_main(doc, render, kept=None, argv=None):
     parser.add_argument("--keep", metavar="PATH", help="also write the JSON, without what a page never shows, "
                                                        "to PATH (docs/runs/<name>.json)")
     args = parser.parse_args(argv)
-    data = load(args.run)
+    data = read_json(args.run)
     if args.keep:
         data = kept(data) if kept else data
         keep_json(args.keep, data)

@@ -17,7 +17,6 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.path.join(ROOT, "docs", "results.md")
-RUNS = os.path.join(ROOT, "docs", "runs")
 BLOCK = re.compile(r"^(<!-- made by: python -m ([\w.]+)((?: docs/runs/[\w.-]+\.json)+) -->\n)(.*?)^(<!-- end -->)$",
                    re.M | re.S)
 
@@ -72,18 +71,19 @@ def unrendered_runs(text, root=ROOT):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 if a block differs")
-    parser.add_argument("--page", default=PAGE, help="the page (default docs/results.md)")
+    parser.add_argument("--page", default=PAGE, help="the page, in a docs/ folder (default docs/results.md)")
     args = parser.parse_args(argv)
     with open(args.page, encoding="utf-8") as source:
         text = source.read()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(args.page)))  # the paths in blocks are from here
     try:
-        made = regenerate(text)
+        made = regenerate(text, root)
     except RenderFailed as exc:
         print("results: %s" % exc, file=sys.stderr)
         return 2
-    missing = unrendered_runs(made)
+    missing = unrendered_runs(made, root)
     for path in missing:
-        print("results: %s is rendered by no block of %s" % (path, os.path.relpath(args.page, ROOT)),
+        print("results: %s is rendered by no block of %s" % (path, args.page),
               file=sys.stderr)
     if args.check:
         stale = [module + " " + " ".join(paths) for (module, paths, body), (_m, _p, new)
@@ -94,7 +94,7 @@ def main(argv=None):
     if made != text:
         with open(args.page, "w", encoding="utf-8") as out:
             out.write(made)
-    print("results: %d blocks of %s made from docs/runs/" % (len(blocks(made)), os.path.relpath(args.page, ROOT)))
+    print("results: %d blocks of %s made from docs/runs/" % (len(blocks(made)), args.page))
     return 1 if missing else 0
 
 

@@ -10,11 +10,11 @@ import argparse
 import os
 import sys
 
-from results import COMMIT_SHOWN, load, spaced
+from results import COMMIT_SHOWN, read_json, spaced
 
 
 def commit(run):
-    provenance = run.get("provenance") or run.get("run", {}).get("provenance") or {}
+    provenance = run.get("provenance") or run.get("run", {}).get("provenance") or run.get("git") or {}
     return (provenance.get("commit") or "?")[:COMMIT_SHOWN]
 
 
@@ -100,7 +100,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="the runs' JSON in docs/runs/")
     args = parser.parse_args(argv)
-    print("\n".join(render({os.path.basename(path): load(path) for path in args.runs})))
+    print("\n".join(render({os.path.basename(path): read_json(path) for path in args.runs})))
     return 0
 
 

@@ -25,7 +25,8 @@ def render(record):
     rows = []
     for key, what in record["units"].items():
         now, then = record["figures"][key], record["baseline_figures"][key]
-        rows.append(("`%s`, %s" % (key, what.split(":")[0]), spaced(now), spaced(then), "%+.1f %%" % ((now / then - 1) * 100),
+        change = "%+.1f %%" % ((now / then - 1) * 100)
+        rows.append(("`%s`, %s" % (key, what.split(":")[0]), spaced(now), spaced(then), change,
                      record["verdicts"][key]))
     lines += table(("figure", "this commit", "baseline", "change", "verdict"), rows)
     return lines
