@@ -38,6 +38,8 @@ def kept(summary):
     run = summary.get("run", {})
     run.pop("stages", None)
     run.pop("chaos_record", None)
+    for name in ("table", "pids", "room_slots"):
+        (summary.get("cluster") or {}).pop(name, None)
     return summary
 
 
@@ -74,6 +76,14 @@ def render(summary):
         rows.append(("CPU, load generator / server", "%.1f / %.1f s: **ratio %.2f** (%.0f / %.0f us per delivery)" % (
             cpu["client_cpu_s"], cpu["server_cpu_s"], cpu["client_over_server"], cpu["client_us_per_delivery"],
             cpu["server_us_per_delivery"])))
+    cluster = summary.get("cluster")
+    if cluster:
+        cpu_s = cluster.get("node_cpu_s")
+        cpu_s = sum(cpu_s.values()) if isinstance(cpu_s, dict) else cpu_s
+        rows.append(("Redis Cluster", "%d nodes%s, --redis-wait %s; the nodes' CPU %s" % (
+            len(cluster.get("addresses") or []), " started for the run on loopback" if cluster.get("local") else "",
+            "default" if cluster.get("redis_wait_ms") is None else "%d ms" % cluster["redis_wait_ms"],
+            "-" if cpu_s is None else "%.1f s" % cpu_s)))
     failed = [check["check"] for check in summary["checks"] if not check["passed"] and not check.get("note")]
     rows.append(("checks", "all passed" if not failed else "**failed**: " + "; ".join(failed)))
     lines += table(("figure", "value"), rows)
