@@ -13,10 +13,16 @@ POINT_KEPT = ("workers", "requested", "bus", "rooms", "latency", "last_delivery_
               "p99_of_repeats", "machine_busy_cores")
 
 
+ANATOMY_SITES_KEPT = 6
+
+
 def kept(results):
-    """The sweep's results without each point's raw detail (per process, kernel, repeats' lists)."""
+    """The sweep's results without each point's raw detail (per process, kernel, repeats' lists), and
+    the anatomy of a held poll with its largest allocation sites only."""
     results["points"] = [{key: point[key] for key in POINT_KEPT if key in point} for point in results["points"]]
-    results.pop("anatomy", None)
+    anatomy = results.get("anatomy")
+    if anatomy:
+        anatomy["top_sites"] = anatomy.get("top_sites", [])[:ANATOMY_SITES_KEPT]
     return results
 
 

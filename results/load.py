@@ -9,7 +9,7 @@ import sys
 from loadtests import options
 from results import provenance_line, renderer_main, spaced, table
 
-DROPPED = ("final_cursors", "load_workers", "worker_shares", "errors", "charts", "clocks_raw")
+DROPPED = ("final_cursors", "load_workers", "errors", "charts")
 
 
 def make_command(command):
