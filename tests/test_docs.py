@@ -252,7 +252,7 @@ def test_the_make_load_knobs_table_is_the_options_table():
 # A commit as pages name one: an abbreviated or whole hash standing alone (not inside a
 # quoted JSON value, a path or an anchor), with both letters and digits so plain numbers
 # and words are not taken for one.
-COMMIT = re.compile(r'(?<![\w"/.#-])([0-9a-f]{7,40})(?![\w"/.-])')
+COMMIT = re.compile(r'(?<![\w"/.#-])([0-9a-f]{7,40})(?![\w"/-]|\.\w)')
 
 
 def named_commits(text):
@@ -274,6 +274,7 @@ def test_every_commit_a_page_names_is_in_the_history():
 
 def test_a_made_up_commit_is_found_and_json_values_are_not_commits():
     assert named_commits("measured at commit 7a91a01 (and 0123abc), 2026-12-07") == ["0123abc", "7a91a01"]
+    assert named_commits("Measured at commit 1234abc.\nAt commit 5678def: more.") == ["1234abc", "5678def"]
     assert named_commits('{"epoch": "6621361f3c9a2"}, reports/20261204-170128-load, #a1b2c3d4') == []
 
 
