@@ -570,7 +570,7 @@ def search_capacity(argv):
     report_dir = new_report_dir("capacity")
     info = machine_description()
     commit_at_start = history.git_state()
-    args.started_at = time.time()
+    run_provenance = provenance()  # the tree as it starts: a long run outlives a commit
     started = time.monotonic()
     redis = None
     results = []
@@ -609,6 +609,7 @@ def search_capacity(argv):
     finally:
         if redis is not None:
             redis.stop()
+    args.provenance = run_provenance
     code = write_report(report_dir, results, args, slo, info, notes, time.monotonic() - started)
     append_to_history(results, args, report_dir, commit_at_start)
     return code
@@ -643,7 +644,7 @@ def write_report(report_dir, results, args, slo, info, notes, elapsed):
             "lag_share": CLIENT_LAG_SHARE, "lag_floor_share": LAG_FLOOR_SHARE,
             "start": args.start, "max_polls": args.max_polls, "max_probes": args.max_probes,
             "time_limit_s": args.time_limit, "elapsed_s": elapsed, "machine": info, "load_average": load,
-            "other_work_cores_median": busy, "provenance": provenance(started=args.started_at),
+            "other_work_cores_median": busy, "provenance": args.provenance,
             "preflight": notes, "verdict": text, "servers": results}
     write_json(os.path.join(report_dir, "results.json"), data)
     rows = [("verdict", text, "")]

@@ -286,7 +286,7 @@ def compare(path, report_json=None, keep=None):
               % ", ".join("%s=%s" % item for item in tweaks.items()))
     print("regress: counting instructions under callgrind (fan-outs %s, posts %s; about 30 s)"
           % (" and ".join(map(str, sizes["fan_outs"])), " and ".join(map(str, sizes["posts"]))), flush=True)
-    started = time.time()
+    run_provenance = provenance()
     now = measure(sizes["fan_outs"], sizes["posts"], keep)
     gate = baseline.get("gate_percent", GATE_PERCENT)
     grew, faster = [], []
@@ -304,7 +304,7 @@ def compare(path, report_json=None, keep=None):
             faster.append(key)
         print("%-14s %12s %12s %+8.2f%%  %-8s %s" % (key, spaced(then), spaced(current), change, verdict, what))
     verdicts = {key: "GREW" if key in dict(grew) else "ok" for key, _what in FIGURES}
-    written = record(now, sizes, provenance=provenance(started=started), baseline_path=shown(path),
+    written = record(now, sizes, provenance=run_provenance, baseline_path=shown(path),
                      baseline_figures=baseline["figures"], baseline_recorded_with=baseline.get("recorded_with"),
                      verdicts=verdicts, passed=not grew)
     report_dir = new_report_dir("regress")

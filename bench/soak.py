@@ -298,8 +298,8 @@ def run(args):
         os.makedirs(trace_dir)
         env[TRACE_VARIABLE] = trace_dir
     redis = server = driver = None
-    started_epoch = time.time()
-    started_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started_epoch))
+    run_provenance = provenance()  # the tree as it starts: a long run outlives a commit
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     commit = git_commit()  # the tree that runs, not the one a long run ends on
     try:
         if args.workers > 1:
@@ -355,7 +355,7 @@ def run(args):
         verdicts = judge_all(sampler, args)
         result = {
             "started": started_at, "command": " ".join(sys.argv), "commit": commit,
-            "provenance": provenance(started=started_epoch),
+            "provenance": run_provenance,
             "machine": page.machine_line(), "workers": args.workers, "duration_s": args.duration,
             "warm_up_s": args.warm_up, "rss_gate": args.rss_gate, "load_rss_gate": args.load_rss_gate,
             "sample_every_s": args.sample_every,

@@ -395,7 +395,7 @@ def sweep(argv):
     report_dir = new_report_dir("bench")
     info = machine_description()
     started = time.monotonic()
-    started_at = time.time()
+    run_provenance = provenance()  # the tree as it starts: a long run outlives a commit
     load_before = os.getloadavg()
     points, redis, buses, compared = [], None, None, {}
     try:
@@ -469,7 +469,7 @@ def sweep(argv):
                "workers": workers_list, "repeats": args.repeats, "capacity": {str(k): v for k, v in best.items()},
                "points": points, "anatomy": anatomy, "elapsed_s": time.monotonic() - started,
                "target": args.target, "load_average": {"start": load_before, "end": load_after},
-               "provenance": provenance(started=started_at), **compared}
+               "provenance": run_provenance, **compared}
     write_json(os.path.join(report_dir, "results.json"), results)
     with open(os.path.join(report_dir, "results.csv"), "w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)

@@ -458,6 +458,7 @@ def main(argv=None):
     cluster_info, histories = None, {}
     interrupted = False
     started_at = time.time()
+    run_provenance = provenance()  # the tree as it starts: a long run outlives a commit
     locust_started = server_cpu_before = locust_reaped_cpu = None
     urls, cursors, run_error = [], {}, None
     # Python leaves SIGINT ignored when it starts ignored (a script's background job):
@@ -577,7 +578,7 @@ def main(argv=None):
                 else "external %s" % args.host,
                 "cluster": cluster_info, "chaos": fault.name if fault else None,
                 "chaos_record": chaos_record(chaos, fault),
-                "provenance": provenance(started=started_at),
+                "provenance": run_provenance,
                 "started": started_at, "locust_started": locust_started, "shape_started": shape_started(raw_dir),
                 "stages": stages,
                 "preflight": notes, "run_error": run_error, "interrupted": interrupted,
