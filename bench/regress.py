@@ -35,7 +35,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from importlib import metadata
 
 from bench.callgrind_workload import PHASE_MARKER
