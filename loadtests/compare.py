@@ -43,7 +43,7 @@ from harness.sides import (
 from instruments import history
 from instruments.measures import LatencyHistogram, ms, percentile, ratio_interval
 from instruments.page import REPORTS_ROOT, machine_line, new_report_dir, write_html, write_json
-from instruments.provenance import GitFailed, git, without_bench_environment
+from instruments.provenance import GitFailed, git, provenance, without_bench_environment
 from loadtests.options import COMPARE, add_to_parser
 
 WORSE_OR_NOT = {0: "UNCHANGED", 1: "WORSE", 2: "COULD NOT COMPARE"}
@@ -586,6 +586,7 @@ def _compare(args, load_argv, load_args, scratch, run):
     checkout = BaseCheckout(args.base, scratch)  # a revision that does not exist stops here
     head_commit = git("rev-parse", "HEAD")
     head_state = history.git_state()  # what the history line names, whatever happens meanwhile
+    run_provenance = provenance()
     with checkout:
         checkout.check_out()
         problem = base_protocol_problem(checkout.root, checkout.python, os.path.join(scratch, "base-protocol.log"),
@@ -634,7 +635,8 @@ def _compare(args, load_argv, load_args, scratch, run):
         result["discarded_pairs"] = len(discarded)
         context = {"base_revision": args.base, "base_commit": checkout.commit, "head_commit": head_commit,
                    "head_dirty": bool(dirty), "head_env": bench_env, "settings": settings,
-                   "settings_line": settings_line, "load_argv": load_argv, "machine": history.machine_fingerprint()}
+                   "settings_line": settings_line, "load_argv": load_argv, "machine": history.machine_fingerprint(),
+                   "provenance": run_provenance}
         write_report(report_dir, result, rounds, context)
         print_verdict(result, context, rounds, report_dir)
         record_history(result, settings, bench_env, checkout.commit, report_dir, args.report_root, head_state)
