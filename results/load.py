@@ -26,7 +26,8 @@ def make_command(command):
             made.append("%s=1" % option.variable)
             index += 1
         else:
-            made.append("%s=%s" % (option.variable, words[index + 1]))
+            if words[index + 1] != options.shown(option.default):  # the Makefile passes some defaults on
+                made.append("%s=%s" % (option.variable, words[index + 1]))
             index += 2
     return " ".join(made)
 

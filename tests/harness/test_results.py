@@ -73,7 +73,7 @@ def test_make_tests_timing_is_pytests_own_summary():
 
 
 def test_a_load_runs_command_is_named_as_make_load_with_its_variables():
-    assert load_results.make_command("python -m loadtests.run") == "make load"
+    assert load_results.make_command("python -m loadtests.run --workers 1") == "make load"
     assert load_results.make_command("python -m loadtests.run --users 5000 --burst-gap 6") == \
         "make load USERS=5000 BURST_GAP=6"
 
