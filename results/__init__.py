@@ -43,10 +43,9 @@ def keep_json(path, data):
 def shared_note(provenance, others_percent=None):
     """How busy the machine was: what the run recorded of other processes, else the load average."""
     if others_percent is not None:
-        return ("shared: other processes used %.0f %% of a core on average" % others_percent
-                if others_percent >= 25 else "quiet: other processes used %.0f %% of a core" % others_percent)
+        return "shared machine: other processes used %.0f %% of a core on average during the run" % others_percent
     load = provenance.get("load_average")
-    return ("shared machine (load average %.1f at the start)" % load if load is not None
+    return ("shared machine: load average %.1f at the start" % load if load is not None
             else "shared machine")
 
 
@@ -67,6 +66,10 @@ def table(header, rows, align=None):
     align = align or ["---"] * len(header)
     return (["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
             + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def plural(count, word):
+    return "%s %s%s" % (spaced(count), word, "" if count == 1 else "s")
 
 
 def spaced(number):

@@ -7,7 +7,7 @@
 import sys
 
 from loadtests import options
-from results import provenance_line, renderer_main, spaced, table
+from results import plural, provenance_line, renderer_main, spaced, table
 
 DROPPED = ("final_cursors", "load_workers", "errors", "charts")
 
@@ -54,8 +54,9 @@ def render(summary):
     latency, lag, machine = summary["wakeup_latency_s"], summary["client_lag_s"], summary["machine_check"]
     lines = [provenance_line(provenance, make_command(provenance["command"]),
                              others_percent=summary.get("other_processes_cpu_mean"),
-                             extra=" (%s listeners, %d room(s), %g s, %s)" % (
-                                 spaced(run["users"]), run["rooms"], run["duration"], run["server"])), ""]
+                             extra=" (%s, %s, %g s, %s)" % (
+                                 plural(run["users"], "listener"), plural(run["rooms"], "room"), run["duration"],
+                                 run["server"])), ""]
     rows = [
         ("held polls peak", "%s of %s" % (spaced(summary["held_polls_peak"] or 0), spaced(run["users"]))),
         ("posts / deliveries", "%d in bursts of %d / %s" % (summary["posts"], run["burst_size"],
