@@ -49,8 +49,9 @@ def shared_note(provenance, others_percent=None):
             else "shared machine")
 
 
-def provenance_line(provenance, goal, others_percent=None, extra=""):
-    """An entry's first line: the goal, the command as run, date, commit, machine, how busy."""
+def provenance_line(provenance, goal, others_percent=None, extra="", busy=None):
+    """An entry's first line: the goal, the command as run, date, commit, machine, how busy
+    (`busy`: what the run itself recorded of the machine's load, said in its own words)."""
     commit = (provenance.get("commit") or "unknown")[:COMMIT_SHOWN]
     if provenance.get("dirty"):
         commit += " with uncommitted changes"
@@ -58,7 +59,7 @@ def provenance_line(provenance, goal, others_percent=None, extra=""):
     command = " ".join(["%s=%s" % item for item in sorted(environment.items())] + [provenance["command"]])
     return "`%s` (`%s`)%s — %s, commit %s, %s; %s." % (
         goal, command, extra, provenance["date"], commit, provenance["machine"],
-        shared_note(provenance, others_percent))
+        busy or shared_note(provenance, others_percent))
 
 
 def table(header, rows, align=None):

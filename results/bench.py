@@ -32,12 +32,18 @@ def server_name(point):
     return name + (", %s" % point["bus"] if point.get("bus") else "")
 
 
+def busy(results):
+    """The sweep's own record of the machine's load."""
+    load = results.get("load_average") or {}
+    if not load.get("start") or not load.get("end"):
+        return None
+    return "shared machine: load average %.1f at the start, %.1f at the end" % (load["start"][0], load["end"][0])
+
+
 def render(results):
     provenance = results["provenance"]
-    load = results.get("load_average", {})
-    extra = " (median of %d repeat(s); %.0f s; load average %.1f at the start, %.1f at the end)" % (
-        results["repeats"], results["elapsed_s"], load.get("start", [0])[0], load.get("end", [0])[0])
-    lines = [provenance_line(provenance, "make bench", extra=extra), ""]
+    extra = " (median of %d repeat(s); %.0f s)" % (results["repeats"], results["elapsed_s"])
+    lines = [provenance_line(provenance, "make bench", extra=extra, busy=busy(results)), ""]
     rows = []
     for point in results["points"]:
         latency = point["latency"]
