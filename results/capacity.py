@@ -45,7 +45,16 @@ def render(results):
     lines += table(("server", "capacity", "bracket", "the first failing count missed on",
                     "p50 / p99 / last delivery at capacity", "server RSS per held poll", "server CPU per fan-out"),
                    rows)
+    bounded = [server["label"] for server in results["servers"] if held_back(server)]
+    if bounded:
+        lines += ["", "%s: the search ran out of a resource (the process's open files) before p99 reached the "
+                      "objective, so the capacity is a lower bound." % "; ".join(bounded)]
     return lines
+
+
+def held_back(server):
+    """Whether the server's search ended on a resource rather than on the objective."""
+    return (server["search"].get("limited_by") or "").startswith("hold")
 
 
 def main(argv=None):

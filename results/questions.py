@@ -46,7 +46,11 @@ def capacity_one_worker(results):
     found = [server for server in results["servers"] if server["workers"] == 1 and not server.get("env")]
     if not found or not found[0]["search"]["capacity"]:
         return None
-    return "%s held polls (p99 objective %.0f ms)" % (spaced(found[0]["search"]["capacity"]), results["slo_s"] * 1000)
+    from results.capacity import held_back
+
+    return "%s%s held polls (p99 objective %.0f ms)%s" % (
+        "at least " if held_back(found[0]) else "", spaced(found[0]["search"]["capacity"]), results["slo_s"] * 1000,
+        ": the open files ran out first" if held_back(found[0]) else "")
 
 
 def instructions(record):
