@@ -540,7 +540,7 @@ def search_capacity(argv):
                         help="aiohttp references to search: uvloop, asyncio, both or none (default %(default)s)")
     parser.add_argument("--slowed", type=int, default=SLOWED_SQUARES,
                         help="also search one worker doing this many extra squares per answer "
-                             "(%s; 0 skips it; default %%(default)s, about 30 %% more work)" % EXTRA_WORK_VARIABLE)
+                             "(%s; 0 skips it; default %%(default)s, about 30 %%%% more work)" % EXTRA_WORK_VARIABLE)
     parser.add_argument("--slo-ms", type=float, default=500, help="p99 wake-up objective (default %(default)s ms)")
     parser.add_argument("--start", type=int, default=5000, help="first N probed (default %(default)s)")
     parser.add_argument("--max-polls", type=int, default=200000,
