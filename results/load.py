@@ -40,7 +40,7 @@ def kept(summary):
     run.pop("stages", None)
     run.pop("chaos_record", None)
     for name in ("table", "pids", "room_slots"):
-        (summary.get("cluster") or {}).pop(name, None)
+        (run.get("cluster") or {}).pop(name, None)
     return summary
 
 
@@ -78,14 +78,16 @@ def render(summary):
         rows.append(("CPU, load generator / server", "%.1f / %.1f s: **ratio %.2f** (%.0f / %.0f us per delivery)" % (
             cpu["client_cpu_s"], cpu["server_cpu_s"], cpu["client_over_server"], cpu["client_us_per_delivery"],
             cpu["server_us_per_delivery"])))
-    cluster = summary.get("cluster")
-    if cluster:
-        cpu_s = cluster.get("node_cpu_s")
-        cpu_s = sum(cpu_s.values()) if isinstance(cpu_s, dict) else cpu_s
-        rows.append(("Redis Cluster", "%d nodes%s, --redis-wait %s; the nodes' CPU %s" % (
-            len(cluster.get("addresses") or []), " started for the run on loopback" if cluster.get("local") else "",
-            "default" if cluster.get("redis_wait_ms") is None else "%d ms" % cluster["redis_wait_ms"],
-            "-" if cpu_s is None else "%.1f s" % cpu_s)))
+    cluster, setup = summary.get("cluster"), run.get("cluster") or {}
+    if cluster and cluster.get("shards"):
+        shards = cluster["shards"]
+        rows.append(("Redis Cluster", "%d masters, %d replicas%s; `--redis-wait` %s; the nodes' CPU %.1f s, %.1f s of "
+                                      "it on the shards that carried posts" % (
+                                          len(shards), sum(len(shard["replicas"]) for shard in shards),
+                                          " started for the run on loopback" if setup.get("local") else "",
+                                          "the default" if setup.get("redis_wait_ms") is None
+                                          else "%d ms" % setup["redis_wait_ms"], cluster["cluster_cpu_s"],
+                                          sum(shard["cpu_s"] for shard in shards if shard["posts"]))))
     failed = [check["check"] for check in summary["checks"] if not check["passed"] and not check.get("note")]
     rows.append(("checks", "all passed" if not failed else "**failed**: " + "; ".join(failed)))
     lines += table(("figure", "value"), rows)

@@ -24,7 +24,7 @@ def render(result):
                                    "load %.0f min, the first %.0f a warm-up)" % (
                                        "gunicorn x%d on a redis-server of its own" % result["workers"]
                                        if result["workers"] > 1 else "python chattle.py",
-                                       result["listeners"], result["churn_per_minute"],
+                                       result["listeners"], result["churn_per_minute"] * 100,
                                        result["posts_per_second"], result["hostile_per_second"],
                                        result["duration_s"] / 60, result["warm_up_s"] / 60)),
              "", "**%s**. The load did %s." % (
