@@ -8,7 +8,7 @@ run `make cluster-demo` drives across its namespace hosts (loadtests/cluster_dem
 import sys
 
 from results import provenance_line, renderer_main, spaced, table
-from results.load import kept
+from results.load import checks_text, kept
 
 
 def render(summary):
@@ -26,8 +26,8 @@ def render(summary):
         (share.get("host"), spaced(share["listeners"]), spaced(share["deliveries"]),
          "%.1f ms" % (share["latency"]["p50"] * 1000), "%.1f ms" % (share["latency"]["p99"] * 1000))
         for share in shares])
-    lines += ["", "%s lost, %s duplicated; held polls peak %s." % (delivery["lost"], delivery["duplicated"],
-                                                                  spaced(summary["held_polls_peak"] or 0))]
+    lines += ["", "%s lost, %s duplicated; held polls peak %s. The run's checks: %s." % (
+        delivery["lost"], delivery["duplicated"], spaced(summary["held_polls_peak"] or 0), checks_text(summary))]
     return lines
 
 

@@ -48,6 +48,13 @@ def ms(seconds, digits=0):
     return "-" if seconds is None else "%.*f ms" % (digits, seconds * 1000)
 
 
+def checks_text(summary):
+    """The run's verdict: its checks all passed, or which failed and why."""
+    failed = [check for check in summary["checks"] if not check["passed"] and not check.get("note")]
+    return "all passed" if not failed else "**failed**: " + "; ".join(
+        "%s (%s)" % (check["check"], check["detail"]) for check in failed)
+
+
 def render(summary):
     run, provenance = summary["run"], summary["run"]["provenance"]
     delivery, cpu, memory = summary["delivery"], summary["cpu"], summary.get("memory") or {}
@@ -88,8 +95,7 @@ def render(summary):
                                           "the default" if setup.get("redis_wait_ms") is None
                                           else "%d ms" % setup["redis_wait_ms"], cluster["cluster_cpu_s"],
                                           sum(shard["cpu_s"] for shard in shards if shard["posts"]))))
-    failed = [check["check"] for check in summary["checks"] if not check["passed"] and not check.get("note")]
-    rows.append(("checks", "all passed" if not failed else "**failed**: " + "; ".join(failed)))
+    rows.append(("checks", checks_text(summary)))
     lines += table(("figure", "value"), rows)
     return lines
 
