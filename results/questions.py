@@ -3,7 +3,7 @@ current figure that answers it, taken from the runs kept in docs/runs/ (one run 
 
     python -m results.questions docs/runs/bench.json docs/runs/load-default.json ...
 
-A question whose run is not among the paths is left out.
+A question whose run is not among the paths, or not kept yet, is left out.
 """
 
 import argparse
@@ -84,7 +84,7 @@ QUESTIONS = (
     ("Held polls one worker wakes within the objective", "capacity.json", "make-capacity", capacity_one_worker),
     ("Instructions per operation", "regress.json", "make-regress", instructions),
     ("What each fault loses", "faults-matrix.json", "faults", faults_lose),
-    ("Whether memory and descriptors stay flat under hours of load", "soak.json", "soak", soak_flat),
+    ("Whether memory and descriptors stay flat under steady load", "soak.json", "soak", soak_flat),
     ("How long `make test` takes", "make-test.json", "make-test", make_test_time),
 )
 
@@ -104,7 +104,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="the runs' JSON in docs/runs/")
     args = parser.parse_args(argv)
-    print("\n".join(render({os.path.basename(path): read_json(path) for path in args.runs})))
+    print("\n".join(render({os.path.basename(path): read_json(path) for path in args.runs if os.path.exists(path)})))
     return 0
 
 
