@@ -17,7 +17,8 @@ import time
 from instruments.provenance import ROOT, provenance
 
 LOG = os.path.join(ROOT, "reports", "ci-make-test.log")
-SUMMARY = re.compile(r"^=+ (?P<counts>.*?) in (?P<seconds>[\d.]+)s(?: \([\d:]+\))? =+$", re.M)
+SUMMARY = re.compile(r"^(?:=+ )?(?P<counts>\d+ (?:passed|failed|error)[^=\n]*?) in (?P<seconds>[\d.]+)s"
+                     r"(?: \([\d:]+\))?(?: =+)?$", re.M)
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|deselected|xfailed|xpassed|errors?|warnings?)")
 SLOWEST = re.compile(r"^(?P<seconds>[\d.]+)s (?P<phase>call|setup|teardown) +(?P<test>.+?) *$", re.M)
 LONGEST_KEPT = 10
@@ -47,6 +48,7 @@ def main(argv=None):
         figures = timing(source.read())
     ended = os.path.getmtime(args.log)
     figures["provenance"] = provenance(command=args.command, started=ended - figures["seconds"])
+    figures["provenance"]["load_average"] = None  # taken now, after the run: it says nothing of the run
     figures["log_written"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ended))
     with open(args.write, "w") as out:
         json.dump(figures, out, indent=1, sort_keys=True)

@@ -49,6 +49,14 @@ def test_a_block_is_rewritten_to_what_its_command_prints_and_the_rest_is_kept(tm
     assert make.blocks(made)[0][:2] == ("results.make_test", ["docs/runs/make-test.json"])
 
 
+def test_a_block_whose_run_is_not_kept_yet_is_empty_until_it_is(tmp_path):
+    page = page_with_block(str(tmp_path), "3 passed\n")
+    os.remove(os.path.join(str(tmp_path), "docs", "runs", "make-test.json"))
+    with open(page) as source:
+        made = make.regenerate(source.read(), root=str(tmp_path))
+    assert "-->\n<!-- end -->" in made and "3 passed" not in made
+
+
 def test_a_kept_run_no_block_renders_is_named(tmp_path):
     page = page_with_block(str(tmp_path), "")
     with open(os.path.join(str(tmp_path), "docs", "runs", "orphan.json"), "w") as out:
@@ -70,6 +78,7 @@ def test_make_tests_timing_is_pytests_own_summary():
     assert timing["seconds"] == 594.12
     assert [entry["seconds"] for entry in timing["slowest"]] == [82.05, 39.5, 0.51]
     assert timing["slowest"][0]["test"] == "tests/harness/test_soak.py::test_a_leak_fails[requests, sockets]"
+    assert ci_timing.timing("...\n7 passed, 1 failed in 0.48s\n")["counts"] == {"passed": 7, "failed": 1}
 
 
 def test_a_load_runs_command_is_named_as_make_load_with_its_variables():
