@@ -30,7 +30,7 @@ PROCESSES ?=
 CALIBRATION_ROUNDS ?=
 LOCK    ?=
 
-.PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-calibrate load-worker history cluster-demo bench capacity regress regress-accept benchmarks soak clean
+.PHONY: all venv system-packages lint run redis-cluster test test-long test-fast load load-calibrate load-worker history cluster-demo bench capacity regress regress-accept benchmarks soak results clean
 
 all: test
 
@@ -74,8 +74,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(VENV)/bin/actionlint -config-file=.github/actionlint.yaml -shellcheck= -pyflakes= .github/workflows/*.yml
 
+# --durations: the slowest tests, which docs/results.md's make test entry lists (harness/ci_timing.py)
 test: system-packages lint
-	$(PY) -m pytest -m "not long" tests
+	$(PY) -m pytest -m "not long" --durations=10 tests
 
 # What make test leaves out for time: whole harness commands run several times over.
 test-long: system-packages $(STAMP)
@@ -160,6 +161,11 @@ benchmarks: $(STAMP)
 soak: system-packages $(STAMP)
 	$(PY) -m bench.soak $(if $(QUICK),--quick) $(if $(DURATION),--duration $(DURATION)) \
 	  $(if $(filter-out 1,$(WORKERS)),--workers $(WORKERS)) $(if $(TRACE),--trace)
+
+# docs/results.md's generated blocks, each made again in place from its run's JSON in docs/runs/
+# (the convention: results/__init__.py); tests/test_docs.py fails when a block is not its render.
+results: $(STAMP)
+	$(PY) -m results.make
 
 # Build products only: every baseline stays (the committed one in bench/baselines/,
 # pytest-benchmark's in .benchmarks/), and so does reports/.

@@ -35,7 +35,7 @@ import sys
 import time
 
 from bench.rig import PER_PROCESS, Rig, raise_open_file_limit
-from bench.sweep import NCHAN_PEER, command_line, measure_point, median_point, peer_labels, start_server, wire_of
+from bench.sweep import NCHAN_PEER, measure_point, median_point, peer_labels, start_server, wire_of
 from harness.processes import CleanUp, RedisServer
 from harness.system_packages import require_or_exit
 from instruments import history
@@ -48,7 +48,7 @@ from instruments.measures import (
     own_cpu_seconds,
 )
 from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
-from instruments.provenance import run_provenance
+from instruments.provenance import provenance
 
 GROWTH = 1.5        # the geometric step until a probe fails
 PRECISION = 0.05    # bisect until (first fail - last pass) <= 5 % of the last pass
@@ -635,6 +635,7 @@ def search_capacity(argv):
     report_dir = new_report_dir("capacity")
     info = machine_description()
     commit_at_start = history.git_state()
+    run_provenance = provenance()  # the tree as it starts: a long run outlives a commit
     started = time.monotonic()
     redis = None
     results = []
@@ -674,7 +675,7 @@ def search_capacity(argv):
     finally:
         if redis is not None:
             redis.stop()
-    args.provenance = run_provenance(command_line("bench.capacity", argv))
+    args.provenance = run_provenance
     code = write_report(report_dir, results, args, slo, info, notes, time.monotonic() - started)
     append_to_history(results, args, report_dir, commit_at_start)
     return code
@@ -710,8 +711,8 @@ def write_report(report_dir, results, args, slo, info, notes, elapsed):
             "lag_share": CLIENT_LAG_SHARE, "lag_floor_share": LAG_FLOOR_SHARE,
             "start": args.start, "max_polls": args.max_polls, "max_probes": args.max_probes,
             "time_limit_s": args.time_limit, "elapsed_s": elapsed, "machine": info, "load_average": load,
-            "other_work_cores_median": busy,
-            "preflight": notes, "verdict": text, "servers": results, "provenance": getattr(args, "provenance", None)}
+            "other_work_cores_median": busy, "provenance": args.provenance,
+            "preflight": notes, "verdict": text, "servers": results}
     write_json(os.path.join(report_dir, "results.json"), data)
     rows = [("verdict", text, "")]
     for entry in results:

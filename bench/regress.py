@@ -38,8 +38,8 @@ import tempfile
 from importlib import metadata
 
 from bench.callgrind_workload import PHASE_MARKER
-from instruments.history import cpu_model
-from instruments.provenance import bench_environment, git
+from instruments.page import new_report_dir
+from instruments.provenance import bench_environment, cpu_model, git, provenance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = os.path.join(ROOT, "bench", "baselines", "callgrind.json")
@@ -285,6 +285,7 @@ def compare(path, report_json=None, keep=None):
               % ", ".join("%s=%s" % item for item in tweaks.items()))
     print("regress: counting instructions under callgrind (fan-outs %s, posts %s; about 30 s)"
           % (" and ".join(map(str, sizes["fan_outs"])), " and ".join(map(str, sizes["posts"]))), flush=True)
+    run_provenance = provenance()
     now = measure(sizes["fan_outs"], sizes["posts"], keep)
     gate = baseline.get("gate_percent", GATE_PERCENT)
     grew, faster = [], []
@@ -301,8 +302,15 @@ def compare(path, report_json=None, keep=None):
         elif change < -gate:
             faster.append(key)
         print("%-14s %12s %12s %+8.2f%%  %-8s %s" % (key, spaced(then), spaced(current), change, verdict, what))
+    verdicts = {key: "GREW" if key in dict(grew) else "ok" for key, _what in FIGURES}
+    written = record(now, sizes, provenance=run_provenance, baseline_path=shown(path),
+                     baseline_figures=baseline["figures"], baseline_recorded_with=baseline.get("recorded_with"),
+                     verdicts=verdicts, passed=not grew)
+    report_dir = new_report_dir("regress")
+    write_record(os.path.join(report_dir, "regress.json"), written)
+    print("regress: figures in %s" % shown(os.path.join(report_dir, "regress.json")))
     if report_json:
-        write_record(report_json, record(now, sizes))
+        write_record(report_json, written)
     if grew:
         print("regress: FAILED: %s grew beyond +%g%%. If the change is meant to cost this, accept it on purpose: "
               "make regress-accept, and commit bench/baselines/callgrind.json with it."

@@ -37,7 +37,7 @@ import time
 
 from harness.processes import ROOT, ChattleServer, RedisServer, get_json
 from instruments import page
-from instruments.provenance import bench_environment
+from instruments.provenance import bench_environment, provenance
 
 SAMPLE_EVERY = 10.0
 QUICK_DURATION = 300.0
@@ -298,6 +298,7 @@ def run(args):
         os.makedirs(trace_dir)
         env[TRACE_VARIABLE] = trace_dir
     redis = server = driver = None
+    run_provenance = provenance()  # the tree as it starts: a long run outlives a commit
     started_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     commit = git_commit()  # the tree that runs, not the one a long run ends on
     try:
@@ -354,6 +355,7 @@ def run(args):
         verdicts = judge_all(sampler, args)
         result = {
             "started": started_at, "command": " ".join(sys.argv), "commit": commit,
+            "provenance": run_provenance,
             "machine": page.machine_line(), "workers": args.workers, "duration_s": args.duration,
             "warm_up_s": args.warm_up, "rss_gate": args.rss_gate, "load_rss_gate": args.load_rss_gate,
             "sample_every_s": args.sample_every,

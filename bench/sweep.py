@@ -47,7 +47,7 @@ from instruments.measures import (
     time_per_waiter,
 )
 from instruments.page import machine_description, machine_line, new_report_dir, write_html, write_json
-from instruments.provenance import run_provenance
+from instruments.provenance import provenance
 
 DESCRIPTOR_MARGIN = 200  # listener, logs, redis and the worker's pipes
 # Each reference server: its label in reports, and its flags to bench.peers.aiohttp_chat.
@@ -156,11 +156,6 @@ def peer_ratios(points):
             "peer_us_cpu_per_delivery": cpu_per_delivery(peer["server_cpu_s"], peer["delivered"]),
         })
     return ratios
-
-
-def command_line(module, argv):
-    """The command a run's provenance names: this module with the arguments it was given."""
-    return " ".join(["python -m " + module] + list(sys.argv[1:] if argv is None else argv))
 
 
 def series_of(point):
@@ -468,6 +463,7 @@ def sweep(argv):
     report_dir = new_report_dir("bench")
     info = machine_description()
     started = time.monotonic()
+    run_provenance = provenance()  # the tree as it starts: a long run outlives a commit
     load_before = os.getloadavg()
     points, redis, buses, compared = [], None, None, {}
     try:
@@ -538,12 +534,13 @@ def sweep(argv):
     caption_tail = "Machine: %s. %s" % (machine_line(info), workload)
     charts, best = write_charts(report_dir, points, args.slo, caption_tail)
     ratios = peer_ratios(points)
-    results = {"provenance": run_provenance(command_line("bench.sweep", argv)), "peers": args.peer_labels,
+    results = {"peers": args.peer_labels,
                "peer_ratios": ratios,
                "machine": info, "slo_s": args.slo, "counts": counts, "skipped_counts": skipped,
                "workers": workers_list, "repeats": args.repeats, "capacity": {str(k): v for k, v in best.items()},
                "points": points, "anatomy": anatomy, "elapsed_s": time.monotonic() - started,
-               "target": args.target, "load_average": {"start": load_before, "end": load_after}, **compared}
+               "target": args.target, "load_average": {"start": load_before, "end": load_after},
+               "provenance": run_provenance, **compared}
     write_json(os.path.join(report_dir, "results.json"), results)
     with open(os.path.join(report_dir, "results.csv"), "w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)

@@ -20,7 +20,7 @@ import sys
 
 from instruments.measures import ms
 from instruments.page import REPORTS_ROOT, machine_description
-from instruments.provenance import bench_environment, git
+from instruments.provenance import bench_environment, cpu_model, git
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HISTORY_NAME = "history.jsonl"
@@ -45,17 +45,6 @@ def git_state(root=ROOT):
     dirty = git("status", "--porcelain", "--untracked-files=no", cwd=root, check=False)
     shown = (git("show", "-s", "--format=%ct %s", commit, cwd=root, check=False) or "0 ").split(" ", 1)
     return {"commit": commit, "dirty": bool(dirty), "commit_time": int(shown[0]), "subject": shown[1][:100]}
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def library_versions():

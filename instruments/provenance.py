@@ -2,10 +2,17 @@
 variables that change what it does (harness/bench_server.py installs what they ask for;
 the product never reads them). A figure means nothing without both, so every command
 that records, compares or starts a server asks here.
+
+`provenance()` is what a published figure names (docs/results.md): the command as run, the
+date, the commit of the tree measured and the machine. Every command whose JSON a results
+entry is made from writes it under the key "provenance".
 """
 
+import datetime
 import os
+import platform
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_PREFIX = "CHATTLE_BENCH_"
@@ -44,24 +51,48 @@ def without_bench_environment(environ=None):
     return {name: value for name, value in environ.items() if not name.startswith(BENCH_PREFIX)}
 
 
-def run_provenance(command, root=ROOT):
-    """What a published figure names: the command that measured it, when (UTC), on which commit
-    (and whether tracked files differed from it), and on what machine (cores, memory, CPU model,
-    system). Kept in the run's own JSON, from which docs/results.md's entry is made."""
-    import datetime
-    import platform
+def cpu_model():
+    """The processor's name as /proc/cpuinfo gives it (else what platform knows)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def command_line(argv=None):
+    """The command as run: `python -m <module> <args>` for a module run with -m (the path in
+    sys.argv[0] names the module), else the argv as given."""
+    argv = list(sys.argv if argv is None else argv)
+    path = os.path.abspath(argv[0]) if argv else ""
+    if path.startswith(ROOT + os.sep) and path.endswith(".py"):
+        module = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+        return " ".join(["python -m " + module] + argv[1:])
+    return " ".join(argv)
+
+
+def load_average():
+    """The 1-minute load average: how busy the machine (every process on it) was."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def provenance(command=None, started=None, root=ROOT):
+    """{command, date, commit, dirty, machine, load_average}: what a published figure names.
+    `started`: the run's start (a UNIX time; now if not given) is the date; the commit is
+    the tree's when this is asked, so ask at the start of a long run."""
+    from instruments.page import machine_line
 
     commit = git("rev-parse", "HEAD", cwd=root, check=False)
     dirty = git("status", "--porcelain", "--untracked-files=no", cwd=root, check=False)
-    model = platform.machine()
-    memory = None
-    try:
-        with open("/proc/cpuinfo") as info:
-            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
-        with open("/proc/meminfo") as info:
-            memory = round(int(info.readline().split()[1]) / 2 ** 20, 1)
-    except OSError:
-        pass
-    machine = "%d cores (%s), %s GiB, %s" % (os.cpu_count(), model, memory, platform.platform(terse=True))
-    return {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": commit, "dirty": bool(dirty) if commit else None, "machine": machine}
+    when = datetime.datetime.fromtimestamp(started if started is not None else
+                                           datetime.datetime.now().timestamp(), datetime.timezone.utc)
+    return {"command": command or command_line(), "date": when.strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": commit, "dirty": bool(dirty) if commit else None,
+            "machine": "%s, %s" % (cpu_model(), machine_line()), "load_average": load_average(),
+            "bench_environment": bench_environment()}

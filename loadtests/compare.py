@@ -46,7 +46,7 @@ from instruments import history
 from instruments.canary import canary_line, canary_moved, read_canary
 from instruments.measures import LatencyHistogram, ms, percentile, ratio_interval
 from instruments.page import REPORTS_ROOT, machine_line, new_report_dir, write_html, write_json
-from instruments.provenance import GitFailed, git, without_bench_environment
+from instruments.provenance import GitFailed, git, provenance, without_bench_environment
 from loadtests import calibration, compare_summary
 from loadtests.options import COMPARE, add_to_parser
 from loadtests.stopping import look_confidence, looks, why_stop
@@ -612,6 +612,7 @@ def _compare(args, load_argv, load_args, scratch, run):
     checkout = BaseCheckout(args.base, scratch)  # a revision that does not exist stops here
     head_commit = git("rev-parse", "HEAD")
     head_state = history.git_state()  # what the history line names, whatever happens meanwhile
+    run_provenance = provenance()
     with checkout:
         checkout.check_out()
         problem = base_protocol_problem(checkout.root, checkout.python, os.path.join(scratch, "base-protocol.log"),
@@ -645,7 +646,8 @@ def _compare(args, load_argv, load_args, scratch, run):
                    "head_dirty": bool(dirty), "head_env": bench_env, "settings": settings,
                    "settings_line": settings_line, "load_argv": load_argv, "machine": history.machine_fingerprint(),
                    "order_seed": rounds.order_seed, "looks": looks(args.rounds, max_rounds(args)),
-                   "look_confidence": look_confidence(args.rounds, max_rounds(args), len(rounds))}
+                   "look_confidence": look_confidence(args.rounds, max_rounds(args), len(rounds)),
+                   "provenance": run_provenance}
         write_report(report_dir, result, rounds, context)
         print_verdict(result, context, rounds, report_dir)
         record_history(result, settings, bench_env, checkout.commit, report_dir, args.report_root, head_state)

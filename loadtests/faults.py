@@ -652,11 +652,13 @@ def run_matrix(names, argv, report_root, new_report_dir):
         print("load: CHAOS=%s: %s" % (name, row["verdict"]), flush=True)
         if interrupted:
             break
-    from instruments.history import cpu_model, git_state
+    from instruments.history import git_state
     from instruments.page import machine_line
+    from instruments.provenance import cpu_model, provenance
     matrix = {"faults": names, "rows": rows, "started": started, "seconds": time.time() - started,
               "argv": base, "passed": all(row["passed"] for row in rows) and len(rows) == len(names),
-              "git": git_state(), "machine": "%s, %s" % (cpu_model(), machine_line())}
+              "git": git_state(), "machine": "%s, %s" % (cpu_model(), machine_line()),
+              "provenance": provenance(started=started)}
     with open(os.path.join(report_dir, "chaos.json"), "w") as out:
         json.dump(matrix, out, indent=1)
     lines = table_lines(rows) + ["", "%d faults in %.0f s: %s" % (len(rows), matrix["seconds"],

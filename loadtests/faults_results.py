@@ -3,10 +3,11 @@ its provenance cannot part.
 
     python -m loadtests.faults_results docs/runs/faults-matrix.json
 
-`make load CHAOS=all` writes reports/<timestamp>-chaos/chaos.json; copy it to
-docs/runs/faults-matrix.json (`--keep` drops what a page does not need: each listener's
-account, the probe's posts) and paste what this prints under "## Faults" in
-docs/results.md. tests/test_docs.py fails when the two differ.
+`make load CHAOS=all` writes reports/<timestamp>-chaos/chaos.json; keep it as
+docs/runs/faults-matrix.json with `--keep docs/runs/faults-matrix.json` (which drops what a
+page does not need: each listener's account, the probe's posts), then `make results`
+rewrites the entry's block (the convention: results/__init__.py). tests/test_docs.py fails
+when the two differ.
 """
 
 import argparse

@@ -29,6 +29,7 @@ from harness.system_packages import missing, missing_line, needed
 from harness.tls import refusal_line
 from instruments.measures import process_cpu_seconds
 from instruments.page import new_report_dir
+from instruments.provenance import provenance
 from loadtests.cluster_load import LOCAL
 from loadtests.faults import ALL, FAULTS, fault_problem, parse_chaos
 from loadtests.options import COMPARE, RUN, add_to_parser, resolve_chaos_defaults, scenario_argv
@@ -545,6 +546,7 @@ def run_once(args):
     proxy_cpu_before = None
     interrupted = False
     started_at = time.time()
+    run_provenance = provenance()  # the tree as it starts: a long run outlives a commit
     locust_started = server_cpu_before = locust_reaped_cpu = None
     urls, cursors, run_error = [], {}, None
     from instruments.history import git_state
@@ -689,7 +691,8 @@ def run_once(args):
                 "tls": bool(args.tls or (args.host or "").startswith("https:")),
                 "cluster": cluster_info, "chaos": fault.name if fault else None,
                 "chaos_record": chaos_record(chaos, fault),
-                "started": started_at, "locust_started": locust_started, "git": revision,
+                "provenance": run_provenance, "git": revision,
+                "started": started_at, "locust_started": locust_started,
                 "command": getattr(args, "command", "") or make_command(args), "shape_started": shape_started(raw_dir),
                 "stages": stages,
                 "preflight": notes, "run_error": run_error, "interrupted": interrupted,

@@ -135,8 +135,12 @@ def simulation_table(trials=4000, noise=0.06):
     return lines
 
 
-if __name__ == "__main__":
+def main(argv=None):
     import argparse
     argparse.ArgumentParser(description="Print docs/results.md's table of the stopping rule, simulated (seeded: "
-                                        "the same on any machine).").parse_args()
+                                        "the same on any machine).").parse_args(argv)
     print("\n".join(simulation_table()))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ harness folder imports only from the layers beneath it.
     instruments/   the definitions every measurement shares        (imports: product)
     harness/       starting servers, packages                     (imports: product, instruments)
     bench/, loadtests/  the commands                               (imports: the three above)
+    results/       docs/results.md made from the runs' JSON       (imports: all of the above)
     tests/         anything
 
 Read from the source with ast (every import statement, also inside functions, and
@@ -33,6 +34,7 @@ LAYERS = {
     "harness": PRODUCT | {"instruments"},
     "bench": PRODUCT | {"instruments", "harness"},
     "loadtests": PRODUCT | {"instruments", "harness"},
+    "results": PRODUCT | {"instruments", "harness", "bench", "loadtests"},
 }
 # Variables that switch on a benchmark's behaviour belong to the harness that wraps the app.
 HARNESS_VARIABLE_PREFIX = BENCH_PREFIX

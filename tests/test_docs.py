@@ -8,7 +8,6 @@ system-packages check and no venv build), not from `make -n <target>`, which sti
 expands and runs what a target's prerequisites need.
 """
 
-import json
 import os
 import re
 import subprocess
@@ -253,7 +252,7 @@ def test_the_make_load_knobs_table_is_the_options_table():
 # A commit as pages name one: an abbreviated or whole hash standing alone (not inside a
 # quoted JSON value, a path or an anchor), with both letters and digits so plain numbers
 # and words are not taken for one.
-COMMIT = re.compile(r'(?<![\w"/.#-])([0-9a-f]{7,40})(?![\w"/.-])')
+COMMIT = re.compile(r'(?<![\w"/.#-])([0-9a-f]{7,40})(?![\w"/-]|\.\w)')
 
 
 def named_commits(text):
@@ -275,6 +274,7 @@ def test_every_commit_a_page_names_is_in_the_history():
 
 def test_a_made_up_commit_is_found_and_json_values_are_not_commits():
     assert named_commits("measured at commit 7a91a01 (and 0123abc), 2026-12-07") == ["0123abc", "7a91a01"]
+    assert named_commits("Measured at commit 1234abc.\nAt commit 5678def: more.") == ["1234abc", "5678def"]
     assert named_commits('{"epoch": "6621361f3c9a2"}, reports/20261204-170128-load, #a1b2c3d4') == []
 
 
@@ -371,65 +371,43 @@ def test_what_counts_as_a_measured_figure():
     assert measured_figures("| figure | threshold |\n| --- | --- |\n| p99 | 10 % |\n") == []
 
 
-def test_the_faults_entry_is_what_its_run_json_makes():
-    """docs/results.md's Faults entry is made from the matrix's own JSON: a figure edited by
-    hand, or a new run whose JSON was not kept, parts them."""
-    from loadtests.faults_results import section
+def generated_blocks():
+    from results.make import blocks
 
-    with open(os.path.join(ROOT, "docs", "runs", "faults-matrix.json")) as kept:
-        made = "\n".join(section(json.load(kept)))
-    assert made in read("docs/results.md"), (
-        "docs/results.md's Faults entry is not what `python -m loadtests.faults_results "
-        "docs/runs/faults-matrix.json` prints: paste its output there")
+    return blocks(read("docs/results.md"))
 
 
-PEER_ENTRY = re.compile(r"<!-- made by: python -m bench\.peer_results (docs/runs/[\w.-]+\.json) -->\n"
-                        r"(.*?)\n<!-- end -->", re.S)
+def any_kept(paths):
+    return not paths or any(os.path.exists(os.path.join(ROOT, path)) for path in paths)
 
 
-def test_the_peer_entries_are_what_their_run_json_makes():
-    """docs/results.md's entries of Chattle beside its peers are made from the runs' own JSON
-    (bench.peer_results): a figure edited by hand, or a run whose JSON was not kept, parts them."""
-    from bench.peer_results import section
+def test_every_generated_block_of_results_md_is_what_its_command_prints():
+    """A block of docs/results.md is what `python -m <module> docs/runs/<file>.json` prints:
+    a figure edited by hand, or a new run whose JSON was not kept, parts them."""
+    from results.make import render
 
-    entries = PEER_ENTRY.findall(read("docs/results.md"))
-    assert entries, "docs/results.md has no entry made by bench.peer_results"
-    for path, block in entries:
-        with open(os.path.join(ROOT, path)) as kept:
-            made = "\n".join(section(json.load(kept)))
-        assert block.strip() == made.strip(), (
-            "docs/results.md's entry from %s is not what `python -m bench.peer_results %s` prints: paste its "
-            "output there" % (path, path))
+    found = generated_blocks()
+    assert len(found) >= 2, "docs/results.md has no generated blocks: is the marker pattern wrong?"
+    stale = ["python -m %s %s" % (module, " ".join(paths)) for module, paths, body in found
+             if (render(module, paths, ROOT).rstrip("\n") + "\n" if any_kept(paths) else "") != body]
+    assert not stale, ("blocks of docs/results.md that are not what their command prints (run `make results`, "
+                       "or keep the run's JSON in docs/runs/):\n" + "\n".join(stale))
 
-@pytest.mark.parametrize("module, record", [("bench.anatomy_results", "held-poll-anatomy.json"),
-                                            ("bench.peer_ratios_results", "held-poll-peers.json")])
-def test_a_generated_entry_is_what_its_runs_json_makes(module, record):
-    """docs/results.md's entries made from a run's JSON: a figure edited by hand, or a new
-    run whose JSON was not kept, parts them."""
-    import importlib
 
-    with open(os.path.join(ROOT, "docs", "runs", record)) as kept:
-        made = "\n".join(importlib.import_module(module).section(json.load(kept)))
-    assert made in read("docs/results.md"), (
-        "docs/results.md's entry is not what `python -m %s docs/runs/%s` prints: paste its output there"
-        % (module, record))
-def test_every_generated_entry_of_results_is_what_its_module_prints_from_its_run_json():
-    """docs/results.md's generated parts sit between `<!-- made by: python -m <module> <json> -->`
-    and `<!-- end -->`: each is what that command prints now, from the run's JSON kept in
-    docs/runs/ (a figure edited by hand, or a new run whose JSON was not kept, parts them)."""
-    import contextlib
-    import importlib
-    import io
+def test_every_kept_run_is_rendered_in_results_md():
+    from results.make import unrendered_runs
+
+    missing = unrendered_runs(read("docs/results.md"), ROOT)
+    assert not missing, "runs kept in docs/runs/ that no block of docs/results.md renders: %s" % missing
+
+
+def test_results_md_states_no_figure_outside_its_blocks():
+    """Prose beside a block may explain its figures; a figure it states is one of the blocks'."""
+    from results.make import BLOCK
 
     text = read("docs/results.md")
-    blocks = re.findall(r"<!-- made by: python -m ([\w.]+) (docs/runs/[\w.-]+\.json) -->\n(.*?)<!-- end -->",
-                        text, re.S)
-    assert blocks, "docs/results.md has no generated entry"
-    wrong = []
-    for module, path, shown in blocks:
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            importlib.import_module(module).main([os.path.join(ROOT, path)])
-        if shown.strip() != printed.getvalue().strip():
-            wrong.append("python -m %s %s prints something else than docs/results.md shows" % (module, path))
-    assert not wrong, "\n".join(wrong)
+    made = " ".join(match.group(0) for match in BLOCK.finditer(text))
+    outside = BLOCK.sub("", text)
+    stray = ["docs/results.md:%d: %s" % (line, figure) for line, figure in measured_figures(outside)
+             if figure not in made]
+    assert not stray, "figures in docs/results.md's prose that no generated block states:\n" + "\n".join(stray)
