@@ -32,9 +32,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import chattle  # noqa: E402
-from bench.anatomy_results import PARTS  # noqa: E402
 from chattle_limits import raise_descriptor_limit  # noqa: E402
 from harness.processes import LOOPBACK  # noqa: E402
+from instruments.held_poll_parts import PARTS  # noqa: E402
 from instruments.measures import memory_per_connection, summed_rss  # noqa: E402
 
 

@@ -262,7 +262,7 @@ def main(argv=None):
         path = os.path.join(work_dir, "cluster-demo.json")
         with open(path, "w") as out:
             json.dump({"runs": [record]}, out, indent=1)
-        print("cluster-demo: the run's record in %s (python -m loadtests.cluster_results renders it)" % path)
+        print("cluster-demo: the run's record in %s (python -m results.clocks renders it)" % path)
     return code
 
 

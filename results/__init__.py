@@ -15,6 +15,14 @@ JSON it writes). `make results` (python -m results.make) rewrites every block in
 tests/test_docs.py fails when a block is not what its command prints and when a file in
 docs/runs/ is rendered by no block.
 
+Every renderer lives here, one module per kind of run: load (make load, also on a Redis
+Cluster), bench, capacity, regress, soak, faults (the fault matrix), peers and peer_ratios
+(Chattle beside aiohttp and nginx with Nchan), held_poll (the anatomy of a held poll, before
+and after), proxy (nginx with TLS in front), clocks (make cluster-demo), make_test (CI's
+timing) and questions (one figure per question, from several runs). loadtests.stopping and
+loadtests.tls_cost print their own blocks: a seeded simulation, and a measurement that is its
+own command.
+
 To add an entry: run the command; keep its JSON small (`python -m <renderer> <report json>
 --keep docs/runs/<name>.json` drops per-listener data); put the two comments under the
 entry's heading in docs/results.md; `make results`. Prose beside a block explains; the

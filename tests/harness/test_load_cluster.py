@@ -277,7 +277,7 @@ def demo_summary():
 
 def test_the_demos_record_names_each_load_workers_lag_the_servers_cpu_and_the_softirqs():
     from loadtests.cluster_demo import demo_record, harness_lines
-    from loadtests.cluster_results import section
+    from results.clocks import section
     figures = {"server_cpu_s": {"a": 3.25, "b": 1.5, "redis": 0.4}, "softirqs": {"NET_RX": [120, 80], "NET_TX": [0, 1]}}
     record = demo_record(demo_summary(), figures, 1500, 45, "default", "0123456789abcdef")
     assert record["command"] == ("make cluster-demo USERS=1500 DURATION=45 "
@@ -298,12 +298,12 @@ def test_the_demos_record_names_each_load_workers_lag_the_servers_cpu_and_the_so
 def test_the_clocks_across_hosts_entry_is_what_its_run_json_makes():
     """docs/results.md's entry is made from the runs' own records: a figure edited by hand, or
     a new run whose record was not kept, parts them."""
-    from loadtests.cluster_results import section
+    from results.clocks import section
     with open(os.path.join(ROOT, "docs", "runs", "cluster-demo.json")) as kept:
         made = "\n".join(section(json.load(kept)))
     with open(os.path.join(ROOT, "docs", "results.md")) as page:
         results = page.read()
-    block = ("<!-- made by: python -m loadtests.cluster_results docs/runs/cluster-demo.json -->\n" + made
+    block = ("<!-- made by: python -m results.clocks docs/runs/cluster-demo.json -->\n" + made
              + "\n<!-- end -->")
     assert block in results, ("docs/results.md's Clocks across hosts entry is not what `python -m "
-                              "loadtests.cluster_results docs/runs/cluster-demo.json` prints: paste its output there")
+                              "results.clocks docs/runs/cluster-demo.json` prints: paste its output there")

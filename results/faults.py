@@ -1,7 +1,7 @@
 """docs/results.md's Faults entry, made from the matrix's own JSON, so that a figure and
 its provenance cannot part.
 
-    python -m loadtests.faults_results docs/runs/faults-matrix.json
+    python -m results.faults docs/runs/faults-matrix.json
 
 `make load CHAOS=all` writes reports/<timestamp>-chaos/chaos.json; keep it as
 docs/runs/faults-matrix.json with `--keep docs/runs/faults-matrix.json` (which drops what a

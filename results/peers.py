@@ -1,8 +1,8 @@
 """docs/results.md's entries for Chattle beside its peers (the aiohttp servers and nginx with
 Nchan), made from a run's own JSON, so that a figure and its provenance cannot part.
 
-    python -m bench.peer_results docs/runs/peers-bench.json      # a bench.sweep run
-    python -m bench.peer_results docs/runs/peers-capacity.json   # a bench.capacity run
+    python -m results.peers docs/runs/peers-bench.json      # a bench.sweep run
+    python -m results.peers docs/runs/peers-capacity.json   # a bench.capacity run
 
 `--keep PATH` first writes the run's results.json (reports/<timestamp>-bench/ or -capacity/)
 to PATH without what a page never shows (each probe's runs but the figures printed here).

@@ -1,8 +1,8 @@
 """docs/results.md's entry for nginx in front, made from the runs' own JSON, so that a
 figure and its provenance cannot part.
 
-    python -m loadtests.proxy_results docs/runs/proxy-nginx-tls.json             # print the entry
-    python -m loadtests.proxy_results --keep docs/runs/proxy-nginx-tls.json reports/<ts>-load
+    python -m results.proxy docs/runs/proxy-nginx-tls.json             # print the entry
+    python -m results.proxy --keep docs/runs/proxy-nginx-tls.json reports/<ts>-load
 
 `make load PROXY=nginx [TLS=1]` writes the proxied run's summary.json with the direct
 run's figures beside it; `--keep` copies what the entry needs from it (the command, date,

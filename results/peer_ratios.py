@@ -3,7 +3,7 @@ from the sweep's own results.json kept as docs/runs/held-poll-peers.json, with t
 command, date, commit and machine added beside it ("provenance"), so that a figure and its
 provenance cannot part.
 
-    python -m bench.peer_ratios_results docs/runs/held-poll-peers.json
+    python -m results.peer_ratios docs/runs/held-poll-peers.json
 
 Paste what it prints between the entry's markers; tests/test_docs.py fails when the two differ.
 """

@@ -4,27 +4,15 @@ each with its command, date, commit and machine), so that a figure and its prove
 cannot part. It does not import bench.anatomy, which patches the standard library for
 gevent as it is imported.
 
-    python -m bench.anatomy_results docs/runs/held-poll-anatomy.json
+    python -m results.held_poll docs/runs/held-poll-anatomy.json
 
 Paste what it prints between the entry's markers; tests/test_docs.py fails when the two differ.
 """
 
 import sys
 
+from instruments.held_poll_parts import PARTS
 from instruments.page import print_results_entry
-
-# Where each traced allocation site of a held poll belongs, by the file it is in (the first
-# match wins); the park's own line in chattle_rooms.py is the saved C stack and the parked
-# frame's object, which greenlet allocates there.
-PARTS = (("saved C stack and the parked frame", ("chattle_rooms.py:PARK",)),
-         ("greenlet (object, start arguments)", ("gevent/hub.py",)),
-         ("socket objects (gevent socket, _socket, read and write watchers, address)",
-          ("gevent/server.py", "gevent/_socket3.py")),
-         ("connection reader and request body (RequestReader, pywsgi.Input)",
-          ("chattle_request.py", "chattle_http.py:READER", "chattle_http.py:INPUT")),
-         ("Event link and the wait (bound switch, Event, deadline)", ("chattle_rooms.py",)),
-         ("handler, WSGI environ, Bottle's request state, the held poll",
-          ("chattle_http.py", "gevent/pywsgi.py", "bottle.py", "chattle.py")))
 
 
 def provenance(run):
