@@ -562,6 +562,11 @@ return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]),
             return None
         return seconds + microseconds / 1e6
 
+    def reader_lag(self):
+        """None: each master has its own shard reader, and no one figure says how far behind
+        they are (/stats gives each shard's state)."""
+        return None
+
     def close(self):
         self.closing = True
         self.reader.kill(block=True, timeout=1)

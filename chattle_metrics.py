@@ -25,6 +25,7 @@ is kept RENDER_EVERY, so scrapes in a hurry cost no more than one render per tha
 import fcntl
 import json
 import os
+import sys
 import time
 
 import gevent
@@ -297,15 +298,20 @@ def share_through(directory, figures, every=SNAPSHOT_EVERY):
     """Write this worker's figures() into `directory` now and every `every` seconds, from a
     greenlet; scrapes then sum every worker writing there."""
     _shared["directory"] = directory
-    write_snapshot(directory, figures())
+
+    def write_now():
+        try:
+            write_snapshot(directory, figures())
+        except Exception as error:  # noqa: BLE001  (monitoring must never stop or end a worker)
+            print("chattle: /metrics could not write this worker's figures (%s: %s); the next write "
+                  "tries again" % (type(error).__name__, error), file=sys.stderr)
 
     def keep_writing():
         while True:
             gevent.sleep(every)
-            try:
-                write_snapshot(directory, figures())
-            except OSError:
-                pass  # a full disk must not end the worker; the next write tries again
+            write_now()
+
+    write_now()
 
     return gevent.spawn(keep_writing)
 

@@ -711,7 +711,7 @@ def write_report(report_dir, results, args, slo, info, notes, elapsed):
             "lag_share": CLIENT_LAG_SHARE, "lag_floor_share": LAG_FLOOR_SHARE,
             "start": args.start, "max_polls": args.max_polls, "max_probes": args.max_probes,
             "time_limit_s": args.time_limit, "elapsed_s": elapsed, "machine": info, "load_average": load,
-            "other_work_cores_median": busy, "provenance": args.provenance,
+            "other_work_cores_median": busy, "provenance": getattr(args, "provenance", None),
             "preflight": notes, "verdict": text, "servers": results}
     write_json(os.path.join(report_dir, "results.json"), data)
     rows = [("verdict", text, "")]
