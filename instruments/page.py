@@ -45,10 +45,14 @@ def machine_description():
         info["memory_gib"] = round(psutil.virtual_memory().total / 2 ** 30, 1)
     except ImportError:
         pass
+    # The installed versions, read from the packages' metadata: importing locust to ask would
+    # monkey-patch the asking process (an orchestrator's waits then hung until their timeouts).
+    from importlib import metadata
+
     for module in ("gevent", "bottle", "gunicorn", "locust", "redis"):
         try:
-            info[module] = __import__(module).__version__
-        except (ImportError, AttributeError):
+            info[module] = metadata.version(module)
+        except metadata.PackageNotFoundError:
             pass
     return info
 

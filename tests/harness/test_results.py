@@ -92,3 +92,14 @@ def test_provenance_names_the_command_the_commit_and_the_machine():
     recorded = provenance(command="make bench", started=0)
     assert recorded["command"] == "make bench" and recorded["date"] == "1970-01-01 00:00 UTC"
     assert len(recorded["commit"]) == 40 and "cores" in recorded["machine"]
+
+
+def test_asking_the_machine_imports_no_package_it_names():
+    """provenance() runs at the start of every load run, in the orchestrator: importing locust
+    there to read its version monkey-patched the orchestrator, and its waits at the end of a
+    run then hung until their timeouts."""
+    probe = ("import sys; from instruments.provenance import provenance; provenance(); "
+             "print(sorted(name for name in ('locust', 'gunicorn', 'gevent.monkey') if name in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
