@@ -313,7 +313,8 @@ class FanOutTimes:
         self.total_seconds += seconds
 
     def figures(self):
-        """{"buckets": [[upper bound, fan-outs within it, cumulative], ...], "count", "sum"}."""
+        """{"buckets": [[upper bound, fan-outs that took at most that], ...] (cumulative, as
+        Prometheus counts them), "count": every fan-out, "sum": their seconds}."""
         buckets, within = [], 0
         for bound, count in zip(self.BUCKETS, self.counts):
             within += count
